@@ -1,0 +1,1 @@
+//! desc (to be implemented).

@@ -1,0 +1,38 @@
+//! `kvxfer-core`: the `no_std`, allocation-free heart of kvxfer.
+//!
+//! kvxfer moves KV-cache blocks (and any other registered memory) between
+//! inference-engine processes with one-sided RMA READ and WRITE. This crate
+//! holds everything that does not need an operating system:
+//!
+//! * [`mem`]: memory kinds, regions, descriptors;
+//! * [`registry`]: the sorted, non-overlapping table of local registrations;
+//! * [`desc`]: descriptor validation, resolution and coalescing;
+//! * [`engine`]: the transfer table and its lifecycle
+//!   (`Prepared → InProgress → Done | Failed`), remote agents, notifications;
+//! * [`wire`]: the versioned, checksummed metadata format;
+//! * [`transport`]: the [`Transport`](transport::Transport) trait that the
+//!   UCX, libfabric and CUDA-IPC crates implement, an in-memory loopback
+//!   transport for tests and a fault-injecting middleware.
+//!
+//! The core is sans-IO, in the manner of `quinn-proto` and `smoltcp`: it owns
+//! no thread, socket or clock. The caller passes time in as
+//! [`Instant`](time::Instant) and drives progress with
+//! [`Engine::poll`](engine::Engine::poll).
+#![no_std]
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod desc;
+pub mod engine;
+pub mod error;
+pub mod mem;
+pub mod registry;
+pub mod time;
+pub mod transport;
+pub mod wire;
+
+pub use engine::{Engine, EngineConfig, XferHandle, XferState, XferTelemetry};
+pub use error::{DescError, Error, MetaError, Side};
+pub use mem::{Desc, MemKind, Region};
+pub use time::Instant;
+pub use transport::{Capabilities, Completion, PostStatus, Segment, Token, Transport, XferOp};

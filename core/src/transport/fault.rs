@@ -1,0 +1,1 @@
+//! Fault injector (to be implemented).

@@ -1,0 +1,1 @@
+//! Loopback transport (to be implemented).

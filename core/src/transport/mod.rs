@@ -1,0 +1,204 @@
+//! The [`Transport`] trait and the transports that live in the core.
+//!
+//! Transports come in three kinds, as smoltcp sorts its devices:
+//!
+//! * a **loopback** ([`loopback::Loopback`]): an in-memory transport whose
+//!   "remote" memory is a pair of caller-owned byte arenas, for tests and for
+//!   measuring the core's own overhead without any library;
+//! * **middleware** ([`fault::FaultInjector`]) that wraps any transport and
+//!   fails, delays or reorders its completions by a seeded plan;
+//! * **adapters** to real libraries, in their own crates: `kvxfer-ucx`,
+//!   `kvxfer-libfabric` and `kvxfer-cuda` (CUDA IPC).
+//!
+//! # Contract
+//!
+//! The core calls the transport; the transport never calls back. A transport
+//! reports **one** [`Completion`] per posted transfer (not per segment), and
+//! only once the data is visible at the target: for a WRITE, after the
+//! remote side has the bytes (a flush or delivery-complete), not when the
+//! local buffer may be reused. A notification passed to [`Transport::post`]
+//! is delivered to the target after the transfer's data.
+
+pub mod fault;
+pub mod loopback;
+
+use crate::error::Error;
+use crate::mem::{MemKinds, Region};
+
+/// Identifies a posted transfer to its transport; handed back in the
+/// [`Completion`]. The core builds it from the transfer's slot and
+/// generation, so it is unique among live transfers.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Token(pub u64);
+
+/// Direction of a transfer, seen from the initiator.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum XferOp {
+    /// Copy remote memory into local memory.
+    Read,
+    /// Copy local memory into remote memory.
+    Write,
+}
+
+impl XferOp {
+    /// "READ" or "WRITE".
+    pub const fn name(self) -> &'static str {
+        match self {
+            XferOp::Read => "READ",
+            XferOp::Write => "WRITE",
+        }
+    }
+}
+
+/// One contiguous piece of a transfer, resolved against both registries.
+#[derive(Debug)]
+pub struct Segment<'a, L, K> {
+    /// Local address.
+    pub local_addr: u64,
+    /// Remote address.
+    pub remote_addr: u64,
+    /// Bytes to move.
+    pub len: u64,
+    /// The transport's registration of the local region holding the segment.
+    pub local: &'a L,
+    /// The transport's unpacked key of the remote region holding the segment.
+    pub remote: &'a K,
+    /// Start address of the remote region (for transports whose keys are
+    /// offset-based rather than virtual-address based).
+    pub remote_region_addr: u64,
+}
+
+impl<L, K> Clone for Segment<'_, L, K> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<L, K> Copy for Segment<'_, L, K> {}
+
+/// What a transport can do; filled in by each transport.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Memory kinds it can register and move.
+    pub mem_kinds: MemKinds,
+    /// Most segments in one [`Transport::post`]; 0 means no limit.
+    pub max_segments: u32,
+    /// Longest notification in bytes.
+    pub max_notification: u32,
+    /// Whether [`Transport::cancel`] works.
+    pub can_cancel: bool,
+    /// Whether [`Transport::post`] may return [`PostStatus::Done`].
+    pub may_complete_inline: bool,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Capabilities {
+            mem_kinds: MemKinds::DRAM,
+            max_segments: 0,
+            max_notification: 4096,
+            can_cancel: false,
+            may_complete_inline: false,
+        }
+    }
+}
+
+/// Outcome of a successful [`Transport::post`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum PostStatus {
+    /// All data is already visible at the target (and the notification, if
+    /// any, sent). No [`Completion`] will follow.
+    Done,
+    /// A [`Completion`] with the same token will come from
+    /// [`Transport::poll`].
+    InProgress,
+}
+
+/// The end of one posted transfer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// The token given to [`Transport::post`].
+    pub token: Token,
+    /// Success, or why it failed.
+    pub result: Result<(), Error>,
+}
+
+/// A way to move bytes between agents: UCX, libfabric, CUDA IPC, or an
+/// in-memory loopback.
+///
+/// Handles are owned values: the core keeps each [`Transport::LocalReg`],
+/// [`Transport::Peer`] and [`Transport::RemoteKey`] until it hands it back
+/// through [`deregister`](Transport::deregister),
+/// [`disconnect`](Transport::disconnect) or
+/// [`release_key`](Transport::release_key). The core never hands back a
+/// registration or key while a posted transfer still uses it.
+pub trait Transport {
+    /// A local registration (memory handle).
+    type LocalReg;
+    /// A connection to a peer (endpoint, address-vector entry…).
+    type Peer;
+    /// A peer's unpacked remote key for one of its regions.
+    type RemoteKey;
+
+    /// The backend name, upper case: "UCX", "LIBFABRIC", "CUDA_IPC",
+    /// "LOOPBACK". Metadata made by another backend is refused.
+    fn name(&self) -> &'static str;
+
+    /// What this transport can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Registers `region` with the library.
+    fn register(&mut self, region: &Region) -> Result<Self::LocalReg, Error>;
+
+    /// Releases a registration.
+    fn deregister(&mut self, reg: Self::LocalReg);
+
+    /// Writes the packed remote key of `reg` into `out`; returns its length.
+    /// Fails with [`Error::BufferTooSmall`] if `out` is too short.
+    fn pack_key(&self, reg: &Self::LocalReg, out: &mut [u8]) -> Result<usize, Error>;
+
+    /// Writes this transport's address (worker address, endpoint name, …)
+    /// into `out`; returns its length.
+    fn local_address(&self, out: &mut [u8]) -> Result<usize, Error>;
+
+    /// Connects to the peer whose address is `address` (as its
+    /// [`local_address`](Transport::local_address) wrote it).
+    fn connect(&mut self, address: &[u8]) -> Result<Self::Peer, Error>;
+
+    /// Drops a connection. Transfers on it have completed or been cancelled.
+    fn disconnect(&mut self, peer: Self::Peer);
+
+    /// Unpacks a key the peer packed for its region `region`.
+    fn unpack_key(&mut self, peer: &Self::Peer, region: &Region, key: &[u8]) -> Result<Self::RemoteKey, Error>;
+
+    /// Releases an unpacked key.
+    fn release_key(&mut self, key: Self::RemoteKey);
+
+    /// Starts moving `segments` to or from `peer`. `notification`, when
+    /// given, must reach the peer after the data. Must not block.
+    fn post(
+        &mut self,
+        op: XferOp,
+        peer: &Self::Peer,
+        segments: &[Segment<'_, Self::LocalReg, Self::RemoteKey>],
+        notification: Option<&[u8]>,
+        token: Token,
+    ) -> Result<PostStatus, Error>;
+
+    /// Makes progress and returns one finished transfer, if any. Must not
+    /// block.
+    fn poll(&mut self) -> Option<Completion>;
+
+    /// Stops the transfer `token`. On `Ok`, the transport no longer touches
+    /// the transfer's memory and will never report a completion for it.
+    /// Transports that cannot cancel return [`Error::Unsupported`].
+    fn cancel(&mut self, token: Token) -> Result<(), Error>;
+
+    /// Sends a notification to `peer`, outside any transfer.
+    fn send_notification(&mut self, peer: &Self::Peer, msg: &[u8]) -> Result<(), Error>;
+
+    /// Copies one received notification into `buf` and returns its length,
+    /// if one has arrived. A message longer than `buf` yields
+    /// [`Error::BufferTooSmall`] and stays queued.
+    fn poll_notification(&mut self, buf: &mut [u8]) -> Option<Result<usize, Error>>;
+}

@@ -1,0 +1,1 @@
+//! Helpers for kvxfer's multi-process integration tests.

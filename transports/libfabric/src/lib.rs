@@ -1,0 +1,1 @@
+//! libfabric transport for kvxfer: FI_EP_RDM endpoints with RMA.

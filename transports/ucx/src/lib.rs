@@ -1,0 +1,1 @@
+//! UCX transport for kvxfer: one-sided RMA READ/WRITE over libucp.
