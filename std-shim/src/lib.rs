@@ -1,1 +1,36 @@
-//! kvxfer: move KV-cache blocks between inference-engine processes over UCX, libfabric or CUDA IPC.
+//! kvxfer: move KV-cache blocks between inference-engine processes over UCX,
+//! libfabric or CUDA IPC.
+//!
+//! This crate is what applications depend on. It wraps the `no_std` core
+//! (`kvxfer-core`) and a transport into a thread-safe [`Agent`]:
+//!
+//! * backend selection from [`AgentConfig`] or the environment
+//!   (`KVXFER_BACKEND`, then TensorRT-LLM's `TRTLLM_NIXL_KVCACHE_BACKEND`,
+//!   then UCX), see [`config`];
+//! * metadata exchange through a small TCP [side channel](side_channel)
+//!   each agent serves, optionally authenticated with `KVXFER_AUTH_KEY`;
+//! * an optional progress thread, and blocking [`XferRequest::wait`] with a
+//!   timeout;
+//! * the `kvxfer` command-line tool (`info`, `target`, `bench`), see
+//!   [`bench`].
+//!
+//! Logging goes through the `log` facade: nothing is printed unless the
+//! application installs a logger.
+//!
+//! Cargo features: `ucx` and `libfabric` (default) build those backends in;
+//! `cuda` is reserved for the CUDA-IPC backend; `cli` (default) builds the
+//! command-line tool.
+#![deny(missing_docs)]
+// Without any backend the agent's dispatch has no variant and its code is
+// unreachable; such a build still offers configuration and the side channel.
+#![cfg_attr(not(any(feature = "ucx", feature = "libfabric")), allow(unreachable_code, unused))]
+
+mod agent;
+pub mod bench;
+pub mod clock;
+pub mod config;
+pub mod side_channel;
+
+pub use agent::{Agent, AgentEngine, WaitOutcome, XferRequest, MAX_PEERS, MAX_REGIONS, MAX_SEGMENTS, MAX_XFERS};
+pub use config::{AgentConfig, BackendKind, BackendSource};
+pub use kvxfer_core::{Desc, Error, MemKind, Region, XferHandle, XferOp, XferState, XferTelemetry};

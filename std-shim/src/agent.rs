@@ -1,0 +1,760 @@
+//! The thread-safe [`Agent`] and its transfer requests.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant as StdInstant};
+
+use kvxfer_core::engine::XferHandle;
+use kvxfer_core::{Desc, Engine, EngineConfig, Error, MemKind, Region, XferOp, XferState, XferTelemetry};
+
+use crate::clock::now;
+use crate::config::{select_backend_from_env, AgentConfig, BackendKind};
+use crate::side_channel::{self, Client, Server};
+
+/// Most local registrations of one agent (and remote regions per peer).
+pub const MAX_REGIONS: usize = 256;
+/// Most remote agents loaded at once.
+pub const MAX_PEERS: usize = 64;
+/// Most live transfer requests (prepared or posted, not yet released).
+pub const MAX_XFERS: usize = 256;
+/// Most segments per transfer after coalescing.
+pub const MAX_SEGMENTS: usize = 1024;
+
+/// The engine over transport `T` with the agent's capacities.
+///
+/// The capacities are const generics, so the engine is one large value
+/// (tables of fixed size). It lives on the heap, and is built on a thread
+/// with a stack sized after it, so that unoptimised builds, which copy the
+/// value on the stack a few times while constructing it, cannot overflow
+/// the caller's stack.
+pub type AgentEngine<T> = Engine<T, MAX_REGIONS, MAX_PEERS, MAX_XFERS, MAX_SEGMENTS>;
+
+/// Bytes of stack for the thread that builds an engine of `bytes` bytes.
+fn build_stack(bytes: usize) -> usize {
+    bytes.saturating_mul(4).saturating_add(8 << 20)
+}
+
+/// One engine per backend built into this kvxfer.
+enum Backend {
+    #[cfg(feature = "ucx")]
+    Ucx(Box<AgentEngine<kvxfer_ucx::UcxTransport>>),
+    #[cfg(feature = "libfabric")]
+    Fabric(Box<AgentEngine<kvxfer_libfabric::FabricTransport>>),
+    // The CUDA-IPC backend joins here behind the `cuda` feature:
+    // #[cfg(feature = "cuda")]
+    // CudaIpc(Box<AgentEngine<kvxfer_cuda::CudaIpcTransport>>),
+}
+
+/// Runs `$body` with `$e` bound to the backend's engine (`&mut`).
+macro_rules! on_engine {
+    ($backend:expr, $e:ident => $body:expr) => {
+        match *$backend {
+            #[cfg(feature = "ucx")]
+            Backend::Ucx(ref mut $e) => $body,
+            #[cfg(feature = "libfabric")]
+            Backend::Fabric(ref mut $e) => $body,
+        }
+    };
+}
+
+/// Builds the engine for `kind` on a thread with a stack large enough for
+/// it (see [`AgentEngine`]).
+fn build_backend(kind: BackendKind, name: &str, cfg: &AgentConfig) -> Result<Backend, Error> {
+    #[allow(unused_variables)]
+    let (name, provider) = (name.to_string(), cfg.provider.clone());
+    let build = move || -> Result<Backend, Error> {
+        match kind {
+            #[cfg(feature = "ucx")]
+            BackendKind::Ucx => {
+                let t = kvxfer_ucx::UcxTransport::new(&kvxfer_ucx::UcxConfig::default())?;
+                Ok(Backend::Ucx(Box::new(Engine::new(&name, t, EngineConfig::default())?)))
+            }
+            #[cfg(feature = "libfabric")]
+            BackendKind::Libfabric => {
+                let mut fc = kvxfer_libfabric::FabricConfig::default();
+                fc.provider = provider;
+                let t = kvxfer_libfabric::FabricTransport::new(&fc)?;
+                Ok(Backend::Fabric(Box::new(Engine::new(&name, t, EngineConfig::default())?)))
+            }
+            #[allow(unreachable_patterns)]
+            other => Err(Error::backend(
+                other.name(),
+                0,
+                &format!("backend {other} is not built in; built in: {}", BackendKind::built_in_names()),
+            )),
+        }
+    };
+    let size = match kind {
+        #[cfg(feature = "ucx")]
+        BackendKind::Ucx => std::mem::size_of::<AgentEngine<kvxfer_ucx::UcxTransport>>(),
+        #[cfg(feature = "libfabric")]
+        BackendKind::Libfabric => std::mem::size_of::<AgentEngine<kvxfer_libfabric::FabricTransport>>(),
+        #[allow(unreachable_patterns)]
+        _ => 0,
+    };
+    let builder = std::thread::Builder::new().name("kvxfer-build".into()).stack_size(build_stack(size));
+    let thread = builder.spawn(build).map_err(|e| {
+        Error::backend(kind.name(), i64::from(e.raw_os_error().unwrap_or(-1)), &format!("spawn engine builder: {e}"))
+    })?;
+    thread
+        .join()
+        .unwrap_or_else(|_| Err(Error::backend(kind.name(), -1, "engine construction panicked")))
+}
+
+/// Everything behind the agent's one lock.
+struct State {
+    /// `None` once shut down.
+    backend: Option<Backend>,
+    /// Received notifications, by sending peer, oldest first.
+    notifs: HashMap<String, Vec<Vec<u8>>>,
+    /// Buffer notifications are received into; grows on demand.
+    notif_buf: Vec<u8>,
+    /// Transfers posted and not yet seen complete (drives the progress
+    /// thread's spin/back-off choice).
+    inflight: usize,
+}
+
+/// Longest notification buffer the agent grows to (16 MiB).
+const MAX_NOTIF_BUF: usize = 16 << 20;
+
+impl State {
+    fn backend(&mut self) -> Result<&mut Backend, Error> {
+        self.backend.as_mut().ok_or(Error::ShutDown)
+    }
+
+    /// Polls the engine once and collects notifications; returns how many
+    /// transfers finished.
+    fn progress(&mut self) -> usize {
+        let State { backend, notifs, notif_buf, inflight } = self;
+        let Some(backend) = backend.as_mut() else { return 0 };
+        let n = on_engine!(backend, e => {
+            let n = e.poll(now());
+            loop {
+                match e.poll_notification(notif_buf) {
+                    None => break,
+                    Some(Ok(note)) => {
+                        let msg = notif_buf.get(..note.len).unwrap_or(&[]).to_vec();
+                        notifs.entry(note.peer.as_str().to_string()).or_default().push(msg);
+                    }
+                    Some(Err(Error::BufferTooSmall { needed, .. }))
+                        if (needed as usize) > notif_buf.len() && (needed as usize) <= MAX_NOTIF_BUF =>
+                    {
+                        notif_buf.resize(needed as usize, 0);
+                    }
+                    Some(Err(err)) => {
+                        log::warn!("receiving a notification failed: {err}");
+                        break;
+                    }
+                }
+            }
+            n
+        });
+        *inflight = inflight.saturating_sub(n);
+        n
+    }
+}
+
+/// What the agent's threads and requests share.
+struct Shared {
+    name: String,
+    kind: BackendKind,
+    cfg: AgentConfig,
+    progress_thread: bool,
+    state: Mutex<State>,
+    /// Signalled when transfers finish (by the progress thread) and on
+    /// shutdown.
+    done: Condvar,
+    closed: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state stays consistent across a panic elsewhere: the core
+        // returns errors instead of panicking midway.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn metadata(&self) -> Result<Vec<u8>, Error> {
+        let mut st = self.lock();
+        let b = st.backend()?;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let r = on_engine!(b, e => e.local_metadata(&mut buf));
+            match r {
+                Ok(n) => {
+                    buf.truncate(n);
+                    return Ok(buf);
+                }
+                Err(Error::BufferTooSmall { needed, .. }) if needed as usize > buf.len() => {
+                    buf.resize(needed as usize, 0);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn load(&self, blob: &[u8]) -> Result<String, Error> {
+        let mut st = self.lock();
+        let b = st.backend()?;
+        let loaded: Result<kvxfer_core::error::Name, Error> = on_engine!(b, e => e.load_remote(blob));
+        let name = loaded?;
+        log::debug!("agent {}: loaded metadata of {name:?}", self.name);
+        Ok(name.as_str().to_string())
+    }
+}
+
+impl side_channel::Handler for Shared {
+    fn metadata(&self) -> Result<Vec<u8>, Error> {
+        Shared::metadata(self)
+    }
+    fn load(&self, blob: &[u8]) -> Result<String, Error> {
+        Shared::load(self, blob)
+    }
+}
+
+/// Owns the threads; shuts the agent down when the last [`Agent`] clone
+/// goes.
+struct Owner {
+    shared: Arc<Shared>,
+    server: Mutex<Option<Server>>,
+    listen_addr: Option<SocketAddr>,
+    progress: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Owner {
+    fn shutdown(&self) {
+        if self.shared.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        log::info!("agent {}: shutting down", self.shared.name);
+        // No new metadata from outside, then no progress, then the engine.
+        if let Some(mut s) = self.server.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            s.stop();
+        }
+        if let Some(t) = self.progress.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            let _ = t.join();
+        }
+        let backend = self.shared.lock().backend.take();
+        drop(backend);
+        self.shared.done.notify_all();
+    }
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn progress_loop(shared: Arc<Shared>) {
+    // Spin while transfers are in flight (yielding the lock and the CPU
+    // between polls); back off to `progress_idle_sleep` when idle.
+    let max_sleep = shared.cfg.progress_idle_sleep;
+    let mut idle_rounds: u32 = 0;
+    while !shared.closed.load(Ordering::Acquire) {
+        let (finished, inflight) = {
+            let mut st = shared.lock();
+            let n = st.progress();
+            (n, st.inflight)
+        };
+        if finished > 0 {
+            shared.done.notify_all();
+        }
+        if finished > 0 || inflight > 0 {
+            idle_rounds = 0;
+            std::thread::yield_now();
+        } else {
+            idle_rounds = idle_rounds.saturating_add(1);
+            if idle_rounds < 64 {
+                std::thread::yield_now();
+            } else {
+                let step = Duration::from_micros(u64::from(idle_rounds - 63).min(1000) * 10);
+                std::thread::sleep(step.min(max_sleep));
+            }
+        }
+    }
+}
+
+/// An agent: registers memory, exchanges metadata with peers and moves
+/// bytes to and from their registered memory with one-sided READ and
+/// WRITE.
+///
+/// `Agent` is `Send + Sync`; clones share one agent. The agent shuts down
+/// when [`shutdown`](Agent::shutdown) is called or the last clone is
+/// dropped; afterwards every call returns [`Error::ShutDown`].
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use kvxfer::{Agent, AgentConfig, Desc, WaitOutcome, XferOp};
+///
+/// let agent = Agent::new("prefill-0", AgentConfig::default())?;
+/// let buf = vec![7u8; 4096];
+/// // SAFETY: `buf` outlives its registration (deregistered below) and no
+/// // Rust reference reads it while a transfer runs.
+/// unsafe { agent.register_slice(&buf)? };
+/// let peer = agent.connect("10.0.0.2:5555")?;
+/// let local = [Desc::new(buf.as_ptr() as u64, 4096)];
+/// let remote = [Desc::new(0x7f00_0000_0000, 4096)];
+/// let req = agent.submit(XferOp::Write, &local, &remote, &peer, Some(b"block 0"))?;
+/// match req.wait(Duration::from_secs(5)) {
+///     WaitOutcome::Done => {}
+///     WaitOutcome::Failed(e) => return Err(e),
+///     WaitOutcome::InProgress => eprintln!("still moving"),
+/// }
+/// drop(req);
+/// agent.deregister(buf.as_ptr() as u64)?;
+/// # Ok::<(), kvxfer::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Agent {
+    owner: Arc<Owner>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("name", &self.owner.shared.name)
+            .field("backend", &self.owner.shared.kind)
+            .field("listen_addr", &self.owner.listen_addr)
+            .finish()
+    }
+}
+
+impl Agent {
+    /// Creates the agent `name`: chooses the backend (see
+    /// [`config`](crate::config)), opens the transport, starts the side
+    /// channel on [`AgentConfig::listen`] and, if configured, the progress
+    /// thread.
+    pub fn new(name: &str, cfg: AgentConfig) -> Result<Agent, Error> {
+        let (kind, source) = select_backend_from_env(cfg.backend.as_deref())?;
+        log::info!("agent {name}: backend {kind} (from {})", source.name());
+        let backend = build_backend(kind, name, &cfg)?;
+        let shared = Arc::new(Shared {
+            name: name.to_string(),
+            kind,
+            progress_thread: cfg.progress_thread,
+            cfg,
+            state: Mutex::new(State {
+                backend: Some(backend),
+                notifs: HashMap::new(),
+                notif_buf: vec![0u8; 4096],
+                inflight: 0,
+            }),
+            done: Condvar::new(),
+            closed: AtomicBool::new(false),
+        });
+        let server = match &shared.cfg.listen {
+            Some(listen) => {
+                let opts = side_channel::Options {
+                    io_timeout: shared.cfg.io_timeout,
+                    idle_timeout: shared.cfg.idle_timeout,
+                    key: shared.cfg.effective_auth_key(),
+                };
+                let handler: Arc<dyn side_channel::Handler> = shared.clone();
+                Some(Server::start(listen, handler, opts)?)
+            }
+            None => None,
+        };
+        let listen_addr = server.as_ref().map(Server::local_addr);
+        if let Some(a) = listen_addr {
+            log::info!("agent {name}: side channel on {a}");
+        }
+        let progress = if shared.progress_thread {
+            let s = Arc::clone(&shared);
+            let t = std::thread::Builder::new()
+                .name("kvxfer-progress".into())
+                .spawn(move || progress_loop(s))
+                .map_err(|e| {
+                    Error::backend(kind.name(), i64::from(e.raw_os_error().unwrap_or(-1)), &format!("spawn progress thread: {e}"))
+                })?;
+            Some(t)
+        } else {
+            None
+        };
+        Ok(Agent {
+            owner: Arc::new(Owner { shared, server: Mutex::new(server), listen_addr, progress: Mutex::new(progress) }),
+        })
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.owner.shared
+    }
+
+    /// This agent's name.
+    pub fn name(&self) -> &str {
+        &self.shared().name
+    }
+
+    /// The backend in use.
+    pub fn backend(&self) -> BackendKind {
+        self.shared().kind
+    }
+
+    /// Where the side channel listens (with the port chosen), if it runs.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.owner.listen_addr
+    }
+
+    /// Registers `[addr, addr + len)` on device `dev` as memory of `kind`,
+    /// so that transfers may use it locally and peers remotely (once they
+    /// have loaded metadata fetched after this call).
+    ///
+    /// # Safety
+    ///
+    /// The memory must stay allocated until it is
+    /// [deregistered](Agent::deregister) (or the agent shut down), and the
+    /// caller must accept that transfers — READs this agent posts, WRITEs
+    /// peers post — change it at any time: no Rust reference may read it
+    /// while such a transfer can run.
+    pub unsafe fn register(&self, addr: u64, len: u64, dev: u32, kind: MemKind) -> Result<(), Error> {
+        let mut st = self.shared().lock();
+        let b = st.backend()?;
+        on_engine!(b, e => e.register(Region { addr, len, dev, kind }))
+    }
+
+    /// Registers the host memory of `buf` (device 0).
+    ///
+    /// # Safety
+    ///
+    /// As for [`register`](Agent::register): `buf`'s memory must outlive
+    /// the registration, and transfers may write into it although it is
+    /// borrowed immutably here.
+    pub unsafe fn register_slice(&self, buf: &[u8]) -> Result<(), Error> {
+        // SAFETY: the caller upholds `register`'s contract for `buf`.
+        unsafe { self.register(buf.as_ptr() as u64, buf.len() as u64, 0, MemKind::Dram) }
+    }
+
+    /// Deregisters the region starting at `addr`; refused with
+    /// [`Error::RegionBusy`] while live transfers use it.
+    pub fn deregister(&self, addr: u64) -> Result<Region, Error> {
+        let mut st = self.shared().lock();
+        let b = st.backend()?;
+        on_engine!(b, e => e.deregister(addr))
+    }
+
+    /// This agent's metadata: name, backend, transport address, registered
+    /// regions and their keys.
+    pub fn local_metadata(&self) -> Result<Vec<u8>, Error> {
+        self.shared().metadata()
+    }
+
+    /// Loads a peer's metadata (replacing an earlier load under the same
+    /// name) and returns the peer's name.
+    pub fn load_remote(&self, blob: &[u8]) -> Result<String, Error> {
+        self.shared().load(blob)
+    }
+
+    /// Connects to the agent whose side channel listens on `addr`
+    /// (`host:port`): fetches and loads its metadata, then pushes ours so
+    /// that it can reach us too. Returns the peer's name.
+    ///
+    /// Fetch again (call `connect` again) after the peer registers more
+    /// memory.
+    pub fn connect(&self, addr: &str) -> Result<String, Error> {
+        if self.shared().closed.load(Ordering::Acquire) {
+            return Err(Error::ShutDown);
+        }
+        let cfg = &self.shared().cfg;
+        let key = cfg.effective_auth_key();
+        let mut client = Client::connect(addr, key.as_deref(), cfg.io_timeout)?;
+        let theirs = client.get_metadata()?;
+        let peer = self.load_remote(&theirs)?;
+        let ours = self.local_metadata()?;
+        let as_seen = client.push_metadata(&ours)?;
+        log::info!("agent {}: connected to {peer:?} at {addr} (it knows us as {as_seen:?})", self.name());
+        Ok(peer)
+    }
+
+    /// Checks that every descriptor lies in a region the peer registered.
+    pub fn check_remote(&self, peer: &str, descs: &[Desc]) -> Result<(), Error> {
+        let mut st = self.shared().lock();
+        let b = st.backend()?;
+        on_engine!(b, e => e.check_remote(peer, descs))
+    }
+
+    /// Whether a peer of this name is loaded.
+    pub fn has_remote(&self, peer: &str) -> Result<bool, Error> {
+        let mut st = self.shared().lock();
+        let b = st.backend()?;
+        Ok(on_engine!(b, e => e.has_remote(peer)))
+    }
+
+    /// Forgets a peer: its connection and keys are released.
+    pub fn invalidate_remote(&self, peer: &str) -> Result<(), Error> {
+        let mut st = self.shared().lock();
+        let b = st.backend()?;
+        on_engine!(b, e => e.invalidate_remote(peer))
+    }
+
+    /// Validates and resolves a transfer without starting it; start it
+    /// with [`XferRequest::post`], as often as needed (a request reused
+    /// this way allocates nothing per post).
+    ///
+    /// `local[i]` and `remote[i]` are paired and must have equal lengths.
+    /// `notification`, if given, reaches the peer after the data.
+    pub fn prepare(
+        &self,
+        op: XferOp,
+        local: &[Desc],
+        remote: &[Desc],
+        peer: &str,
+        notification: Option<&[u8]>,
+    ) -> Result<XferRequest, Error> {
+        let mut st = self.shared().lock();
+        let b = st.backend()?;
+        let prepared: Result<XferHandle, Error> = on_engine!(b, e => e.prepare(op, local, remote, peer, notification));
+        let handle = prepared?;
+        Ok(XferRequest { shared: Arc::clone(self.shared()), handle, released: false })
+    }
+
+    /// Prepares and posts a transfer (see [`prepare`](Agent::prepare)).
+    pub fn submit(
+        &self,
+        op: XferOp,
+        local: &[Desc],
+        remote: &[Desc],
+        peer: &str,
+        notification: Option<&[u8]>,
+    ) -> Result<XferRequest, Error> {
+        let req = self.prepare(op, local, remote, peer, notification)?;
+        req.post()?;
+        Ok(req)
+    }
+
+    /// Sends `msg` to `peer` outside any transfer.
+    pub fn notify(&self, peer: &str, msg: &[u8]) -> Result<(), Error> {
+        let mut st = self.shared().lock();
+        let b = st.backend()?;
+        on_engine!(b, e => e.notify(peer, msg))
+    }
+
+    /// Takes every notification received so far, grouped by sending peer,
+    /// oldest first.
+    pub fn take_notifications(&self) -> Result<HashMap<String, Vec<Vec<u8>>>, Error> {
+        let mut st = self.shared().lock();
+        st.backend()?;
+        if !self.shared().progress_thread {
+            st.progress();
+        }
+        Ok(std::mem::take(&mut st.notifs))
+    }
+
+    /// Polls the transport once (completions and notifications). Needed
+    /// only without a progress thread, by an agent that is the target of
+    /// transfers over a backend that serves RMA in software.
+    pub fn make_progress(&self) -> Result<usize, Error> {
+        let mut st = self.shared().lock();
+        st.backend()?;
+        let n = st.progress();
+        drop(st);
+        if n > 0 {
+            self.shared().done.notify_all();
+        }
+        Ok(n)
+    }
+
+    /// Shuts the agent down: stops the side channel and the progress
+    /// thread, then closes the transport. Idempotent; afterwards every
+    /// other call returns [`Error::ShutDown`].
+    pub fn shutdown(&self) {
+        self.owner.shutdown();
+    }
+}
+
+/// The outcome of [`XferRequest::wait`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WaitOutcome {
+    /// All data is at its destination.
+    Done,
+    /// The transfer failed (or the request is no longer valid), and why.
+    Failed(Error),
+    /// The timeout passed first (or the request was never posted).
+    InProgress,
+}
+
+/// A transfer of an [`Agent`]. Dropping it releases the transfer: one in
+/// progress is cancelled where the transport can cancel, and otherwise
+/// waited for up to [`AgentConfig::release_timeout`].
+#[derive(Debug)]
+pub struct XferRequest {
+    shared: Arc<Shared>,
+    handle: XferHandle,
+    released: bool,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("name", &self.name).finish()
+    }
+}
+
+impl XferRequest {
+    /// The core's handle of this transfer.
+    pub fn handle(&self) -> XferHandle {
+        self.handle
+    }
+
+    /// Posts (or re-posts) the transfer; returns its state right after
+    /// (`Done` when the transport completed it inline). Refused with
+    /// [`Error::InProgress`] while a previous post runs.
+    pub fn post(&self) -> Result<XferState, Error> {
+        let mut st = self.shared.lock();
+        let b = st.backend()?;
+        let state = on_engine!(b, e => {
+            let s = e.post(self.handle, now())?;
+            e.post_finished(self.handle, now());
+            s
+        });
+        if state == XferState::InProgress {
+            st.inflight += 1;
+        }
+        Ok(state)
+    }
+
+    /// Re-posts the transfer (same as [`post`](XferRequest::post)).
+    pub fn repost(&self) -> Result<XferState, Error> {
+        self.post()
+    }
+
+    /// The transfer's state. Without a progress thread, polls first.
+    pub fn status(&self) -> Result<XferState, Error> {
+        let mut st = self.shared.lock();
+        st.backend()?;
+        if !self.shared.progress_thread {
+            st.progress();
+        }
+        let b = st.backend()?;
+        on_engine!(b, e => e.state(self.handle))
+    }
+
+    /// Whether the transfer has finished, successfully or not.
+    pub fn is_completed(&self) -> bool {
+        matches!(self.status(), Ok(XferState::Done | XferState::Failed(_)))
+    }
+
+    /// The transfer's telemetry (bytes, segments, post and completion
+    /// times).
+    pub fn telemetry(&self) -> Result<XferTelemetry, Error> {
+        let mut st = self.shared.lock();
+        let b = st.backend()?;
+        on_engine!(b, e => e.telemetry(self.handle))
+    }
+
+    /// Waits up to `timeout` for the transfer to finish.
+    pub fn wait(&self, timeout: Duration) -> WaitOutcome {
+        let deadline = StdInstant::now() + timeout;
+        let mut st = self.shared.lock();
+        let mut spins: u32 = 0;
+        loop {
+            if !self.shared.progress_thread {
+                st.progress();
+            }
+            let state = match st.backend() {
+                Ok(b) => on_engine!(b, e => e.state(self.handle)),
+                Err(e) => Err(e),
+            };
+            match state {
+                Ok(XferState::Done) => return WaitOutcome::Done,
+                Ok(XferState::Failed(e)) | Err(e) => return WaitOutcome::Failed(e),
+                Ok(XferState::Prepared) => return WaitOutcome::InProgress,
+                Ok(XferState::InProgress) => {}
+            }
+            let left = deadline.saturating_duration_since(StdInstant::now());
+            if left.is_zero() {
+                return WaitOutcome::InProgress;
+            }
+            if self.shared.progress_thread {
+                // Woken by the progress thread when transfers finish; the
+                // cap guards against a wake-up lost to a shutdown race.
+                let (g, _) = self
+                    .shared
+                    .done
+                    .wait_timeout(st, left.min(Duration::from_millis(1)))
+                    .unwrap_or_else(PoisonError::into_inner);
+                st = g;
+            } else {
+                drop(st);
+                spins = spins.saturating_add(1);
+                if spins < 1000 {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(Duration::from_micros(20).min(left));
+                }
+                st = self.shared.lock();
+            }
+        }
+    }
+
+    /// Releases the transfer now, reporting what dropping it would only
+    /// log. See the type's docs.
+    pub fn release(mut self) -> Result<(), Error> {
+        self.release_inner()
+    }
+
+    fn release_inner(&mut self) -> Result<(), Error> {
+        if self.released {
+            return Ok(());
+        }
+        self.released = true;
+        let mut st = self.shared.lock();
+        let Ok(b) = st.backend() else { return Ok(()) };
+        let state: Result<XferState, Error> = on_engine!(b, e => e.state(self.handle));
+        let was_running = matches!(state, Ok(XferState::InProgress));
+        let first: Result<(), Error> = on_engine!(b, e => e.release(self.handle));
+        match first {
+            Ok(()) => {
+                if was_running {
+                    st.inflight = st.inflight.saturating_sub(1);
+                }
+                Ok(())
+            }
+            Err(Error::InProgress { .. }) => {
+                // The transport cannot cancel: wait for the end, bounded.
+                drop(st);
+                let limit = self.shared.cfg.release_timeout;
+                let outcome = self.wait(limit);
+                let mut st = self.shared.lock();
+                let Ok(b) = st.backend() else { return Ok(()) };
+                let r: Result<(), Error> = on_engine!(b, e => e.release(self.handle));
+                if r.is_err() {
+                    log::warn!(
+                        "transfer {} still in progress {} ms after release ({outcome:?}); its slot stays taken",
+                        self.handle,
+                        limit.as_millis()
+                    );
+                }
+                r
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for XferRequest {
+    fn drop(&mut self) {
+        if let Err(e) = self.release_inner() {
+            log::warn!("releasing transfer {}: {e}", self.handle);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_is_send_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Agent>();
+        check::<XferRequest>();
+    }
+
+    #[test]
+    fn build_stack_covers_engine() {
+        assert_eq!(build_stack(0), 8 << 20);
+        assert_eq!(build_stack(usize::MAX), usize::MAX);
+    }
+}
