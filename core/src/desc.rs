@@ -1,1 +1,413 @@
-//! desc (to be implemented).
+//! Descriptor validation, resolution and coalescing.
+//!
+//! A descriptor is resolved against a sorted table of regions (the local
+//! [`Registry`](crate::registry::Registry) or a remote agent's regions) by
+//! bisection. Resolved pairs become [`SegRec`]s: compact records naming the
+//! local region by registry slot and the remote region by index, which the
+//! engine turns into the transport's [`Segment`](crate::transport::Segment)s
+//! at post time. Neighbours contiguous on both sides and inside the same
+//! pair of regions are merged into one record when coalescing is on.
+
+use crate::error::{DescError, Error, Side};
+use crate::mem::{Desc, Region};
+use crate::registry::{bisect, Registry};
+
+/// One resolved piece of a transfer.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SegRec {
+    /// Registry slot of the local region.
+    pub local: u16,
+    /// Index of the remote region in the peer's region list.
+    pub remote: u16,
+    /// Local address.
+    pub local_addr: u64,
+    /// Remote address.
+    pub remote_addr: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
+/// One descriptor resolved against one side's regions.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Resolved {
+    /// Registry slot (local) or region index (remote).
+    pub region: u16,
+    /// First byte.
+    pub addr: u64,
+    /// Length.
+    pub len: u64,
+}
+
+/// Checks `desc` (number `index` of the `side` list) and finds the region
+/// that holds it among `count` regions sorted by address, given by `at`.
+/// Returns the region's position in that order.
+pub fn resolve_sorted(
+    side: Side,
+    index: usize,
+    desc: &Desc,
+    count: usize,
+    at: impl Fn(usize) -> Region,
+) -> Result<usize, Error> {
+    let fail = |reason| Error::InvalidDesc {
+        side,
+        index: index as u32,
+        addr: desc.addr,
+        len: desc.len,
+        reason,
+    };
+    if desc.len == 0 {
+        return Err(fail(DescError::ZeroLength));
+    }
+    if desc.addr.checked_add(desc.len).is_none() {
+        return Err(fail(DescError::AddressOverflow));
+    }
+    let pos =
+        bisect(count, desc.addr, |i| at(i).addr).ok_or_else(|| fail(DescError::NotRegistered))?;
+    let region = at(pos);
+    if desc.addr - region.addr >= region.len {
+        return Err(fail(DescError::NotRegistered));
+    }
+    if !region.contains(desc.addr, desc.len) {
+        return Err(fail(DescError::OutsideRegistration {
+            region_addr: region.addr,
+            region_len: region.len,
+        }));
+    }
+    if region.dev != desc.dev {
+        return Err(fail(DescError::DeviceMismatch {
+            region_dev: region.dev,
+        }));
+    }
+    Ok(pos)
+}
+
+/// Resolves a local descriptor against `registry`; returns the region's slot.
+pub fn resolve_local<R, const N: usize>(
+    registry: &Registry<R, N>,
+    index: usize,
+    desc: &Desc,
+) -> Result<Resolved, Error> {
+    // Same rules as `resolve_sorted`, through the registry's own lookup.
+    let fail = |reason| Error::InvalidDesc {
+        side: Side::Local,
+        index: index as u32,
+        addr: desc.addr,
+        len: desc.len,
+        reason,
+    };
+    if desc.len == 0 {
+        return Err(fail(DescError::ZeroLength));
+    }
+    if desc.addr.checked_add(desc.len).is_none() {
+        return Err(fail(DescError::AddressOverflow));
+    }
+    let slot = registry
+        .find_addr(desc.addr)
+        .ok_or_else(|| fail(DescError::NotRegistered))?;
+    let region = registry
+        .get(slot)
+        .map(|e| e.region)
+        .ok_or_else(|| fail(DescError::NotRegistered))?;
+    if !region.contains(desc.addr, desc.len) {
+        return Err(fail(DescError::OutsideRegistration {
+            region_addr: region.addr,
+            region_len: region.len,
+        }));
+    }
+    if region.dev != desc.dev {
+        return Err(fail(DescError::DeviceMismatch {
+            region_dev: region.dev,
+        }));
+    }
+    Ok(Resolved {
+        region: slot,
+        addr: desc.addr,
+        len: desc.len,
+    })
+}
+
+/// Resolves a remote descriptor against a peer's sorted `regions`.
+pub fn resolve_remote(regions: &[Region], index: usize, desc: &Desc) -> Result<Resolved, Error> {
+    let pos = resolve_sorted(Side::Remote, index, desc, regions.len(), |i| regions[i])?;
+    Ok(Resolved {
+        region: pos as u16,
+        addr: desc.addr,
+        len: desc.len,
+    })
+}
+
+/// Checks that the lists have the same length.
+pub fn check_counts(local: usize, remote: usize) -> Result<(), Error> {
+    if local != remote {
+        return Err(Error::CountMismatch {
+            local: local as u32,
+            remote: remote as u32,
+        });
+    }
+    Ok(())
+}
+
+/// Pairs a resolved local and remote descriptor (number `index`) into a
+/// segment; their lengths must agree.
+pub fn pair(index: usize, local: &Resolved, remote: &Resolved) -> Result<SegRec, Error> {
+    if local.len != remote.len {
+        return Err(Error::LengthMismatch {
+            index: index as u32,
+            local: local.len,
+            remote: remote.len,
+        });
+    }
+    Ok(SegRec {
+        local: local.region,
+        remote: remote.region,
+        local_addr: local.addr,
+        remote_addr: remote.addr,
+        len: local.len,
+    })
+}
+
+/// Appends `seg` to `segs`, merging it into the last record when
+/// `coalesce` is on and the two are contiguous on both sides inside the
+/// same regions.
+pub fn push_segment<const S: usize>(
+    segs: &mut heapless::Vec<SegRec, S>,
+    seg: SegRec,
+    coalesce: bool,
+) -> Result<(), Error> {
+    if coalesce {
+        if let Some(last) = segs.last_mut() {
+            if last.local == seg.local
+                && last.remote == seg.remote
+                && last.local_addr.checked_add(last.len) == Some(seg.local_addr)
+                && last.remote_addr.checked_add(last.len) == Some(seg.remote_addr)
+            {
+                if let Some(len) = last.len.checked_add(seg.len) {
+                    last.len = len;
+                    return Ok(());
+                }
+            }
+        }
+    }
+    segs.push(seg).map_err(|_| Error::CapacityExceeded {
+        what: "segments",
+        capacity: S as u32,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    extern crate std;
+    use std::vec::Vec;
+
+    fn registry() -> Registry<(), 4> {
+        let mut r = Registry::new();
+        r.insert(Region::dram(0x1000, 0x100), ()).unwrap();
+        r.insert(Region::vram(0x2000, 0x100, 3), ()).unwrap();
+        r
+    }
+
+    #[test]
+    fn every_desc_error_names_side_index_and_reason() {
+        let r = registry();
+        let err = |index, addr, len, reason| Error::InvalidDesc {
+            side: Side::Local,
+            index,
+            addr,
+            len,
+            reason,
+        };
+        assert_eq!(
+            resolve_local(&r, 4, &Desc::new(0x1000, 0)),
+            Err(err(4, 0x1000, 0, DescError::ZeroLength))
+        );
+        assert_eq!(
+            resolve_local(&r, 1, &Desc::new(u64::MAX, 2)),
+            Err(err(1, u64::MAX, 2, DescError::AddressOverflow))
+        );
+        assert_eq!(
+            resolve_local(&r, 2, &Desc::new(0x10, 1)),
+            Err(err(2, 0x10, 1, DescError::NotRegistered))
+        );
+        assert_eq!(
+            resolve_local(&r, 2, &Desc::new(0x1100, 1)),
+            Err(err(2, 0x1100, 1, DescError::NotRegistered))
+        );
+        assert_eq!(
+            resolve_local(&r, 3, &Desc::new(0x10f0, 0x20)),
+            Err(err(
+                3,
+                0x10f0,
+                0x20,
+                DescError::OutsideRegistration {
+                    region_addr: 0x1000,
+                    region_len: 0x100
+                }
+            ))
+        );
+        assert_eq!(
+            resolve_local(&r, 0, &Desc::on_dev(0x2000, 8, 1)),
+            Err(err(
+                0,
+                0x2000,
+                8,
+                DescError::DeviceMismatch { region_dev: 3 }
+            ))
+        );
+        assert!(resolve_local(&r, 0, &Desc::on_dev(0x2000, 0x100, 3)).is_ok());
+
+        let regions = [Region::dram(0x1000, 0x100), Region::dram(0x3000, 0x10)];
+        assert_eq!(
+            resolve_remote(&regions, 7, &Desc::new(0x3008, 0x10)),
+            Err(Error::InvalidDesc {
+                side: Side::Remote,
+                index: 7,
+                addr: 0x3008,
+                len: 0x10,
+                reason: DescError::OutsideRegistration {
+                    region_addr: 0x3000,
+                    region_len: 0x10
+                },
+            })
+        );
+        assert_eq!(
+            resolve_remote(&regions, 0, &Desc::new(0x3000, 0x10))
+                .unwrap()
+                .region,
+            1
+        );
+    }
+
+    #[test]
+    fn counts_and_lengths_must_match() {
+        assert_eq!(
+            check_counts(2, 3),
+            Err(Error::CountMismatch {
+                local: 2,
+                remote: 3
+            })
+        );
+        let l = Resolved {
+            region: 0,
+            addr: 0,
+            len: 8,
+        };
+        let r = Resolved {
+            region: 0,
+            addr: 0,
+            len: 9,
+        };
+        assert_eq!(
+            pair(5, &l, &r),
+            Err(Error::LengthMismatch {
+                index: 5,
+                local: 8,
+                remote: 9
+            })
+        );
+    }
+
+    #[test]
+    fn coalescing_merges_only_neighbours_in_the_same_regions() {
+        let s = |local, remote, la, ra, len| SegRec {
+            local,
+            remote,
+            local_addr: la,
+            remote_addr: ra,
+            len,
+        };
+        let mut v: heapless::Vec<SegRec, 8> = heapless::Vec::new();
+        push_segment(&mut v, s(0, 0, 0, 100, 10), true).unwrap();
+        push_segment(&mut v, s(0, 0, 10, 110, 10), true).unwrap(); // merged
+        push_segment(&mut v, s(0, 0, 20, 130, 10), true).unwrap(); // remote gap
+        push_segment(&mut v, s(1, 0, 30, 140, 10), true).unwrap(); // other local region
+        push_segment(&mut v, s(1, 1, 40, 150, 10), true).unwrap(); // other remote region
+        assert_eq!(
+            v.as_slice(),
+            &[
+                s(0, 0, 0, 100, 20),
+                s(0, 0, 20, 130, 10),
+                s(1, 0, 30, 140, 10),
+                s(1, 1, 40, 150, 10)
+            ]
+        );
+        let mut off: heapless::Vec<SegRec, 2> = heapless::Vec::new();
+        push_segment(&mut off, s(0, 0, 0, 100, 10), false).unwrap();
+        push_segment(&mut off, s(0, 0, 10, 110, 10), false).unwrap();
+        assert_eq!(
+            push_segment(&mut off, s(0, 0, 20, 120, 10), false),
+            Err(Error::CapacityExceeded {
+                what: "segments",
+                capacity: 2
+            })
+        );
+    }
+
+    fn apply(segs: &[SegRec], src: &[u8], dst: &mut [u8]) {
+        for s in segs {
+            for k in 0..s.len as usize {
+                dst[s.remote_addr as usize + k] = src[s.local_addr as usize + k];
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn coalesced_list_moves_the_same_bytes(
+            pieces in proptest::collection::vec((0u64..3, 0u64..3, 1u64..16, any::<bool>()), 1..40),
+        ) {
+            // Local region k is [k*256, +256); remote region k likewise. Each
+            // piece either continues the previous one on both sides or jumps.
+            let mut segs = Vec::new();
+            let (mut la, mut ra) = (0u64, 0u64);
+            for (lr, rr, len, cont) in pieces {
+                if !cont || segs.is_empty() {
+                    la = lr * 256 + (len * 7) % 64;
+                    ra = rr * 256 + (len * 5) % 64;
+                }
+                if la + len > (la / 256) * 256 + 256 || ra + len > (ra / 256) * 256 + 256 {
+                    continue;
+                }
+                segs.push(SegRec { local: (la / 256) as u16, remote: (ra / 256) as u16, local_addr: la, remote_addr: ra, len });
+                la += len;
+                ra += len;
+            }
+            let mut merged: heapless::Vec<SegRec, 64> = heapless::Vec::new();
+            for s in &segs {
+                push_segment(&mut merged, *s, true).unwrap();
+            }
+            prop_assert!(merged.len() <= segs.len());
+            let src: Vec<u8> = (0..768u32).map(|i| (i * 31 % 251) as u8).collect();
+            let mut a = std::vec![0u8; 768];
+            let mut b = std::vec![0u8; 768];
+            apply(&segs, &src, &mut a);
+            apply(&merged, &src, &mut b);
+            prop_assert_eq!(a, b);
+            let total: u64 = segs.iter().map(|s| s.len).sum();
+            prop_assert_eq!(total, merged.iter().map(|s| s.len).sum::<u64>());
+        }
+
+        #[test]
+        fn registry_lookup_equals_linear_scan(
+            regions in proptest::collection::vec((0u64..2000, 1u64..100), 0..16),
+            probes in proptest::collection::vec((0u64..2200, 1u64..120), 1..40),
+        ) {
+            let mut reg: Registry<usize, 16> = Registry::new();
+            let mut kept: Vec<Region> = Vec::new();
+            for (i, (a, l)) in regions.into_iter().enumerate() {
+                let r = Region::dram(a, l);
+                let overlaps = kept.iter().any(|k| a < k.addr + k.len && k.addr < a + l);
+                let res = reg.insert(r, i);
+                prop_assert_eq!(res.is_ok(), !overlaps);
+                if !overlaps { kept.push(r); }
+            }
+            for (a, l) in probes {
+                let linear = kept.iter().find(|k| k.contains(a, l)).copied();
+                let found = reg.find(a, l).map(|s| reg.get(s).unwrap().region);
+                prop_assert_eq!(linear, found);
+            }
+        }
+    }
+}

@@ -149,10 +149,16 @@ impl fmt::Display for MetaError {
             }
             MetaError::BadMagic => f.write_str("not kvxfer metadata (bad magic)"),
             MetaError::UnsupportedVersion { found, supported } => {
-                write!(f, "format version {found} is newer than supported version {supported}")
+                write!(
+                    f,
+                    "format version {found} is newer than supported version {supported}"
+                )
             }
             MetaError::ChecksumMismatch { stored, computed } => {
-                write!(f, "checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")
+                write!(
+                    f,
+                    "checksum mismatch: stored {stored:#010x}, computed {computed:#010x}"
+                )
             }
             MetaError::BackendMismatch { expected, found } => {
                 write!(f, "made by backend {found:?}, this agent uses {expected}")
@@ -319,22 +325,67 @@ pub enum Error {
     },
     /// The agent was shut down.
     ShutDown,
+    /// A backend name that kvxfer does not know.
+    UnsupportedBackend {
+        /// The value given (bounded).
+        value: heapless::String<32>,
+        /// The names accepted, comma separated.
+        supported: &'static str,
+    },
+    /// The peer's metadata was reloaded or invalidated after the transfer
+    /// or prepared list was made against it; prepare it again.
+    StalePeer {
+        /// The peer's name.
+        peer: Name,
+    },
+    /// A prepared descriptor list handle names a released list or was never
+    /// issued.
+    StalePrepared {
+        /// Slot of the handle given.
+        index: u32,
+        /// Generation of the handle given.
+        generation: u32,
+    },
+    /// An index into a prepared descriptor list is out of range.
+    IndexOutOfRange {
+        /// Local or remote list.
+        side: Side,
+        /// Position of the bad index in the caller's index list.
+        index: u32,
+        /// The index given.
+        value: u32,
+        /// Length of the prepared list.
+        len: u32,
+    },
+    /// A received notification frame is malformed (bad sender name).
+    MalformedNotification {
+        /// Length of the frame.
+        len: u64,
+    },
 }
 
 impl Error {
     /// A backend error with `text` bounded to [`TEXT_CAP`] bytes.
     pub fn backend(backend: &'static str, code: i64, text: &str) -> Error {
-        Error::Backend { backend, code, text: bounded(text) }
+        Error::Backend {
+            backend,
+            code,
+            text: bounded(text),
+        }
     }
 
     /// An unknown-peer error for `peer`.
     pub fn unknown_peer(peer: &str) -> Error {
-        Error::UnknownPeer { peer: bounded(peer) }
+        Error::UnknownPeer {
+            peer: bounded(peer),
+        }
     }
 
     /// A remote-disconnected error for `peer`.
     pub fn disconnected(peer: &str) -> Error {
-        Error::RemoteDisconnected { peer: bounded(peer) }
+        Error::RemoteDisconnected {
+            peer: bounded(peer),
+        }
     }
 }
 
@@ -409,6 +460,23 @@ impl fmt::Display for Error {
                 write!(f, "agent name of {len} bytes: must be 1 to {NAME_CAP} bytes")
             }
             Error::ShutDown => f.write_str("agent is shut down"),
+            Error::UnsupportedBackend { value, supported } => {
+                write!(f, "unsupported backend {value:?}; supported: {supported}")
+            }
+            Error::StalePeer { peer } => write!(
+                f,
+                "metadata of remote agent {peer:?} was reloaded or invalidated since this request was prepared; prepare it again"
+            ),
+            Error::StalePrepared { index, generation } => {
+                write!(f, "prepared list handle #{index}.{generation} is stale or released")
+            }
+            Error::IndexOutOfRange { side, index, value, len } => write!(
+                f,
+                "{side} index {index}: {value} is out of range for a prepared list of {len}"
+            ),
+            Error::MalformedNotification { len } => {
+                write!(f, "malformed notification frame of {len} bytes")
+            }
         }
     }
 }

@@ -22,6 +22,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod backend;
 pub mod desc;
 pub mod engine;
 pub mod error;
@@ -31,7 +32,11 @@ pub mod time;
 pub mod transport;
 pub mod wire;
 
-pub use engine::{Engine, EngineConfig, XferHandle, XferState, XferTelemetry};
+pub use backend::BackendKind;
+pub use engine::{
+    Engine, EngineConfig, Notification, PreparedLocal, PreparedRemote, XferHandle, XferState,
+    XferTelemetry,
+};
 pub use error::{DescError, Error, MetaError, Side};
 pub use mem::{Desc, MemKind, Region};
 pub use time::Instant;

@@ -56,7 +56,8 @@ impl MemKinds {
     /// Host memory only.
     pub const DRAM: MemKinds = MemKinds(1 << MemKind::Dram as u8);
     /// Host and GPU memory.
-    pub const DRAM_VRAM: MemKinds = MemKinds((1 << MemKind::Dram as u8) | (1 << MemKind::Vram as u8));
+    pub const DRAM_VRAM: MemKinds =
+        MemKinds((1 << MemKind::Dram as u8) | (1 << MemKind::Vram as u8));
 
     /// Whether `kind` is in the set.
     pub const fn contains(self, kind: MemKind) -> bool {
@@ -87,12 +88,22 @@ pub struct Region {
 impl Region {
     /// A DRAM region on device 0.
     pub const fn dram(addr: u64, len: u64) -> Region {
-        Region { addr, len, dev: 0, kind: MemKind::Dram }
+        Region {
+            addr,
+            len,
+            dev: 0,
+            kind: MemKind::Dram,
+        }
     }
 
     /// A VRAM region on GPU `dev`.
     pub const fn vram(addr: u64, len: u64, dev: u32) -> Region {
-        Region { addr, len, dev, kind: MemKind::Vram }
+        Region {
+            addr,
+            len,
+            dev,
+            kind: MemKind::Vram,
+        }
     }
 
     /// One past the last byte, or `None` if that overflows `u64`.

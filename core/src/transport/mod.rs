@@ -169,7 +169,12 @@ pub trait Transport {
     fn disconnect(&mut self, peer: Self::Peer);
 
     /// Unpacks a key the peer packed for its region `region`.
-    fn unpack_key(&mut self, peer: &Self::Peer, region: &Region, key: &[u8]) -> Result<Self::RemoteKey, Error>;
+    fn unpack_key(
+        &mut self,
+        peer: &Self::Peer,
+        region: &Region,
+        key: &[u8],
+    ) -> Result<Self::RemoteKey, Error>;
 
     /// Releases an unpacked key.
     fn release_key(&mut self, key: Self::RemoteKey);
