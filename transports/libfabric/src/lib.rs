@@ -1,1 +1,133 @@
-//! libfabric transport for kvxfer: FI_EP_RDM endpoints with RMA.
+//! libfabric transport for kvxfer: `FI_EP_RDM` endpoints with RMA.
+//!
+//! [`FabricTransport`] implements [`kvxfer_core::Transport`] over one
+//! reliable-datagram endpoint. Every segment is one `fi_writemsg` /
+//! `fi_readmsg`; WRITEs ask for `FI_DELIVERY_COMPLETE`, so a transfer is
+//! reported done only once its bytes are at the target. Notifications are
+//! messages (`fi_send`) sent after all of a transfer's data is delivered and
+//! received into pre-posted buffers.
+//!
+//! # Provider
+//!
+//! [`FabricConfig::provider`] names the provider in libfabric's spelling
+//! (`tcp;ofi_rxm`, `shm`, `verbs;ofi_rxm`, `efa`, `sockets`). When it is
+//! `None`, the environment variable `KVXFER_LIBFABRIC_PROVIDER` is used, and
+//! when that is unset too, the first usable provider of
+//! [`PROVIDER_PREFERENCE`]: `efa`, `verbs;ofi_rxm`, `tcp;ofi_rxm`, `shm`,
+//! `sockets`.
+//!
+//! # Memory registration
+//!
+//! Every `mr_mode` bit a provider may ask for is honoured except
+//! `FI_MR_RAW`, `FI_MR_HMEM`, `FI_MR_MMU_NOTIFY` and `FI_MR_RMA_EVENT`
+//! (providers requiring those are not selected): `FI_MR_LOCAL` (descriptors
+//! are passed for every local buffer, notification buffers are registered),
+//! `FI_MR_VIRT_ADDR` (remote addresses are virtual, otherwise offsets from
+//! the start of the remote region), `FI_MR_PROV_KEY` (the provider's key is
+//! used; otherwise a key unique in the process is requested),
+//! `FI_MR_ALLOCATED` and `FI_MR_ENDPOINT` (registrations are bound to the
+//! endpoint and enabled).
+//!
+//! # Progress
+//!
+//! Providers such as `tcp;ofi_rxm` use manual progress: incoming RMA is
+//! served, and delivery acknowledged, only while the target process drives
+//! the completion queue. [`Transport::poll`](kvxfer_core::Transport::poll)
+//! does that; a target must call it regularly (the std shim runs a progress
+//! thread for this).
+//!
+//! # Failure
+//!
+//! A transfer whose operations fail completes with the provider's error
+//! text; one towards a peer that died completes with
+//! [`Error::RemoteDisconnected`]. A transfer not finished within
+//! [`FabricConfig::op_timeout`] completes with [`Error::TimedOut`]; its
+//! operations are cancelled with `fi_cancel` where the provider allows.
+
+// The core's `Error` is deliberately a large inline value (no_std, no
+// allocation), so every fallible function here returns a large `Err`.
+#![allow(clippy::result_large_err)]
+
+mod fabric;
+mod transport;
+
+use std::time::Duration;
+
+pub use transport::{FabricPeer, FabricReg, FabricRemoteKey, FabricTransport};
+
+/// The backend name: "LIBFABRIC".
+pub const BACKEND: &str = "LIBFABRIC";
+
+/// Environment variable naming the provider when
+/// [`FabricConfig::provider`] is `None`.
+pub const PROVIDER_ENV: &str = "KVXFER_LIBFABRIC_PROVIDER";
+
+/// Providers tried, in this order, when none is named.
+pub const PROVIDER_PREFERENCE: [&str; 5] =
+    ["efa", "verbs;ofi_rxm", "tcp;ofi_rxm", "shm", "sockets"];
+
+/// Settings of a [`FabricTransport`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FabricConfig {
+    /// Provider in libfabric's spelling (`tcp;ofi_rxm`, `shm`, …); `None`:
+    /// `KVXFER_LIBFABRIC_PROVIDER`, else the first usable one of
+    /// [`PROVIDER_PREFERENCE`].
+    pub provider: Option<String>,
+    /// How long a posted transfer may take before it fails with
+    /// [`kvxfer_core::Error::TimedOut`]. Default 5 s.
+    pub op_timeout: Duration,
+    /// Most transfers in flight at once. Default 1024.
+    pub max_transfers: usize,
+    /// Most libfabric operations in flight at once; further segments wait
+    /// in the transport and are issued from `poll`. Default 4096.
+    pub max_ops: usize,
+    /// Receive buffers kept posted for notifications. Default 64.
+    pub notification_buffers: usize,
+    /// Longest notification in bytes. Default 4096.
+    pub max_notification: usize,
+}
+
+impl Default for FabricConfig {
+    fn default() -> Self {
+        FabricConfig {
+            provider: None,
+            op_timeout: Duration::from_secs(5),
+            max_transfers: 1024,
+            max_ops: 4096,
+            notification_buffers: 64,
+            max_notification: 4096,
+        }
+    }
+}
+
+impl FabricConfig {
+    /// This configuration with provider `name`.
+    pub fn with_provider(mut self, name: &str) -> Self {
+        self.provider = Some(name.to_owned());
+        self
+    }
+
+    /// This configuration with transfer timeout `timeout`.
+    pub fn with_op_timeout(mut self, timeout: Duration) -> Self {
+        self.op_timeout = timeout;
+        self
+    }
+}
+
+/// The providers of [`PROVIDER_PREFERENCE`] that libfabric offers on this
+/// machine with the capabilities kvxfer needs (an `FI_EP_RDM` endpoint
+/// with RMA and messaging), in preference order.
+pub fn usable_providers() -> Vec<String> {
+    PROVIDER_PREFERENCE
+        .iter()
+        .filter(|p| fabric::Info::get(p).is_ok())
+        .map(|p| (*p).to_owned())
+        .collect()
+}
+
+/// Whether libfabric offers provider `name` with the capabilities kvxfer
+/// needs.
+pub fn provider_usable(name: &str) -> bool {
+    fabric::Info::get(name).is_ok()
+}

@@ -1,0 +1,1376 @@
+//! [`FabricTransport`]: the [`Transport`] implementation.
+
+use std::cell::UnsafeCell;
+use std::collections::VecDeque;
+use std::ffi::{c_void, CStr};
+use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use kvxfer_core::error::{bounded, Name};
+use kvxfer_core::mem::MemKinds;
+use kvxfer_core::{
+    Capabilities, Completion, Error, MemKind, PostStatus, Region, Segment, Token, Transport, XferOp,
+};
+use libfabric_sys as sys;
+
+use crate::fabric::{fi_error, strerror, Desc, Info, Shared};
+use crate::{FabricConfig, BACKEND, PROVIDER_ENV, PROVIDER_PREFERENCE};
+
+const EAGAIN: i64 = -(sys::FI_EAGAIN as i64);
+const EAVAIL: i64 = -(sys::FI_EAVAIL as i64);
+const ENOKEY: i64 = -(sys::FI_ENOKEY as i64);
+
+/// Length of a packed remote key: the 64-bit key and a flags byte.
+const PACKED_KEY_LEN: usize = 9;
+/// Flag in a packed key: the region is addressed by virtual address.
+const KEY_FLAG_VIRT_ADDR: u8 = 1;
+/// Version byte leading a transport address.
+const ADDRESS_VERSION: u8 = 1;
+/// Completion-queue entries read per `fi_cq_read`.
+const CQ_BATCH: usize = 64;
+
+/// Process-wide counter for requested memory keys.
+static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
+
+/// A key that no registration of this process has used: the process id in
+/// the upper half (when the provider takes 64-bit keys) and a counter in
+/// the lower half, cut to the provider's key size.
+fn fresh_key(key_size: usize) -> u64 {
+    let n = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
+    if key_size >= 8 {
+        (u64::from(std::process::id()) << 32) | (n & 0xffff_ffff)
+    } else {
+        let bits = (key_size.max(1) * 8) as u32;
+        n & ((1u64 << bits) - 1)
+    }
+}
+
+/// A registration of local memory with libfabric.
+#[derive(Debug)]
+pub struct FabricReg {
+    mr: *mut sys::fid_mr,
+    desc: Desc,
+    key: u64,
+    virt_addr: bool,
+    region: Region,
+    /// Keeps the domain open until this registration is closed.
+    _shared: Arc<Shared>,
+}
+
+// SAFETY: the MR handle is only read after creation and closed once in
+// Drop; the domain it belongs to stays alive through `shared`. Calls are
+// serialised by the owner of the transport (see `Shared`).
+unsafe impl Send for FabricReg {}
+// SAFETY: shared references only read plain fields.
+unsafe impl Sync for FabricReg {}
+
+impl FabricReg {
+    /// The memory key peers use for this region.
+    pub fn key(&self) -> u64 {
+        self.key
+    }
+
+    /// The registered region.
+    pub fn region(&self) -> &Region {
+        &self.region
+    }
+}
+
+impl Drop for FabricReg {
+    fn drop(&mut self) {
+        // SAFETY: mr is an open registration of shared.domain, which is
+        // still open because we hold `shared`; it is closed exactly once.
+        let ret = unsafe { sys::kvxfer_fi_close(&mut (*self.mr).fid) };
+        if ret != 0 {
+            log::warn!(
+                "LIBFABRIC: closing the registration of {:#x}+{} failed: {}",
+                self.region.addr,
+                self.region.len,
+                strerror(ret as i64)
+            );
+        }
+    }
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("provider", &self.info.provider())
+            .finish()
+    }
+}
+
+/// A peer inserted into the address vector.
+#[derive(Debug)]
+pub struct FabricPeer {
+    addr: sys::fi_addr_t,
+    label: Name,
+}
+
+impl FabricPeer {
+    /// The peer's address as libfabric prints it.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+}
+
+/// A peer's key for one of its regions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FabricRemoteKey {
+    key: u64,
+    virt_addr: bool,
+}
+
+/// What a libfabric operation context belongs to.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum OpKind {
+    /// Not in use.
+    Free,
+    /// A segment of transfer slot `xfer`, generation `gen`.
+    Rma { xfer: u32, gen: u32 },
+    /// The notification of transfer `xfer`, in send buffer `buf`.
+    XferNotif { xfer: u32, gen: u32, buf: u32 },
+    /// A notification outside any transfer, in send buffer `buf`.
+    Notif { buf: u32 },
+    /// A receive into notification buffer `buf`.
+    Recv { buf: u32 },
+    /// The operation of a transfer that already ended (timed out); its
+    /// completion is dropped.
+    Orphan,
+}
+
+/// One libfabric operation of a segment.
+#[derive(Copy, Clone, Debug)]
+struct SegOp {
+    local: u64,
+    len: u64,
+    desc: Desc,
+    remote: u64,
+    key: u64,
+}
+
+/// A posted transfer.
+#[derive(Debug)]
+struct Xfer {
+    gen: u32,
+    live: bool,
+    token: Token,
+    op: XferOp,
+    peer: sys::fi_addr_t,
+    peer_label: Name,
+    segs: Vec<SegOp>,
+    next: usize,
+    outstanding: u32,
+    error: Option<Error>,
+    notif: Vec<u8>,
+    has_notif: bool,
+    notif_sent: bool,
+    started: Instant,
+}
+
+impl Xfer {
+    fn empty() -> Xfer {
+        Xfer {
+            gen: 0,
+            live: false,
+            token: Token(0),
+            op: XferOp::Write,
+            peer: 0,
+            peer_label: Name::new(),
+            segs: Vec::new(),
+            next: 0,
+            outstanding: 0,
+            error: None,
+            notif: Vec::new(),
+            has_notif: false,
+            notif_sent: false,
+            started: Instant::now(),
+        }
+    }
+}
+
+/// A notification waiting for a send slot in the provider.
+#[derive(Debug)]
+struct PendingSend {
+    peer: sys::fi_addr_t,
+    buf: u32,
+    len: usize,
+}
+
+/// A buffer area registered for messages; written by libfabric, so only
+/// accessed through raw pointers.
+struct MsgBufs {
+    mem: Box<[UnsafeCell<u8>]>,
+    slot: usize,
+    reg: FabricReg,
+}
+
+impl MsgBufs {
+    fn ptr(&self, i: u32) -> *mut u8 {
+        // SAFETY: i < count (checked by callers' construction of indices),
+        // so the offset stays inside `mem`.
+        unsafe { UnsafeCell::raw_get(self.mem.as_ptr()).add(i as usize * self.slot) }
+    }
+}
+
+/// The libfabric transport. See the [crate documentation](crate).
+pub struct FabricTransport {
+    shared: Arc<Shared>,
+    provider: String,
+    mr_mode: u32,
+    key_size: usize,
+    max_msg: u64,
+    address: Vec<u8>,
+    config: FabricConfig,
+    /// Operation contexts handed to libfabric (`struct fi_context2`, which
+    /// also satisfies `FI_CONTEXT`); never read by Rust.
+    ctxs: Box<[UnsafeCell<sys::fi_context2>]>,
+    ops: Vec<OpKind>,
+    free_ops: Vec<u32>,
+    xfers: Vec<Xfer>,
+    free_xfers: Vec<u32>,
+    active: Vec<u32>,
+    done: VecDeque<Completion>,
+    recv: MsgBufs,
+    recv_ops: Vec<u32>,
+    ready: VecDeque<(u32, usize)>,
+    repost: Vec<u32>,
+    send: MsgBufs,
+    free_sends: Vec<u32>,
+    pending_sends: VecDeque<PendingSend>,
+    cq_entries: Vec<sys::fi_cq_data_entry>,
+}
+
+// SAFETY: all libfabric objects are opened with FI_THREAD_DOMAIN and used
+// only through `&mut self`, so calls are serialised; the raw pointers in
+// the operation contexts and buffers are owned by this value. The
+// transport is not `Sync`.
+unsafe impl Send for FabricTransport {}
+
+impl std::fmt::Debug for FabricTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FabricTransport")
+            .field("provider", &self.provider)
+            .field("mr_mode", &self.mr_mode)
+            .field("active", &self.active.len())
+            .finish()
+    }
+}
+
+/// The provider names `config` asks for, in the order to try them.
+fn candidates(config: &FabricConfig) -> Vec<String> {
+    if let Some(p) = &config.provider {
+        return vec![p.clone()];
+    }
+    match std::env::var(PROVIDER_ENV) {
+        Ok(p) if !p.trim().is_empty() => vec![p.trim().to_owned()],
+        _ => PROVIDER_PREFERENCE
+            .iter()
+            .map(|p| (*p).to_owned())
+            .collect(),
+    }
+}
+
+impl FabricTransport {
+    /// Opens an `FI_EP_RDM` endpoint on the provider `config` selects (see
+    /// the [crate documentation](crate)), registers and posts the
+    /// notification buffers.
+    ///
+    /// Fails with [`Error::Backend`] naming LIBFABRIC, the provider(s) tried
+    /// and libfabric's reason when no provider is usable.
+    pub fn new(config: &FabricConfig) -> Result<FabricTransport, Error> {
+        if config.max_transfers == 0 || config.max_ops == 0 || config.max_notification == 0 {
+            return Err(Error::backend(
+                BACKEND,
+                -(sys::FI_EINVAL as i64),
+                &format!(
+                    "max_transfers {}, max_ops {} and max_notification {} must be positive",
+                    config.max_transfers, config.max_ops, config.max_notification
+                ),
+            ));
+        }
+        let tried = candidates(config);
+        let mut last = 0i64;
+        let mut info = None;
+        for p in &tried {
+            match Info::get(p) {
+                Ok(i) => {
+                    info = Some(i);
+                    break;
+                }
+                Err(code) => {
+                    log::debug!("LIBFABRIC: provider {p} not usable: {}", strerror(code));
+                    last = code;
+                }
+            }
+        }
+        let Some(info) = info else {
+            return Err(Error::backend(
+                BACKEND,
+                last,
+                &format!(
+                    "no usable provider (tried {}): {}",
+                    tried.join(", "),
+                    strerror(last)
+                ),
+            ));
+        };
+        let provider = info.provider();
+        let fi = info.first();
+        // SAFETY: fi is the valid first entry of `info`; its attribute
+        // structs are filled in by fi_getinfo.
+        let (mr_mode, key_size, max_msg, tx_size) = unsafe {
+            let d = &*(*fi).domain_attr;
+            let e = &*(*fi).ep_attr;
+            let t = &*(*fi).tx_attr;
+            (
+                d.mr_mode as u32,
+                d.mr_key_size,
+                e.max_msg_size as u64,
+                t.size,
+            )
+        };
+        if mr_mode & sys::FI_MR_RAW != 0 {
+            return Err(Error::backend(
+                BACKEND,
+                -(sys::FI_ENOSYS as i64),
+                &format!(
+                    "provider {provider} requires FI_MR_RAW keys, which kvxfer does not support"
+                ),
+            ));
+        }
+        let cq_size = (config.max_ops + config.notification_buffers + 64).max(tx_size);
+        let shared = Shared::open(info, cq_size)?;
+
+        let mut name = [0u8; 256];
+        let mut len = name.len();
+        // SAFETY: the endpoint is open; name/len describe a writable buffer.
+        let ret =
+            unsafe { sys::kvxfer_fi_getname(shared.ep_fid(), name.as_mut_ptr().cast(), &mut len) };
+        if ret != 0 {
+            return Err(fi_error(ret as i64, "fi_getname"));
+        }
+        let mut address = Vec::with_capacity(2 + provider.len() + len);
+        address.push(ADDRESS_VERSION);
+        address.push(provider.len().min(255) as u8);
+        address.extend_from_slice(&provider.as_bytes()[..provider.len().min(255)]);
+        address.extend_from_slice(&name[..len.min(name.len())]);
+
+        let slot = config.max_notification;
+        let nrecv = config.notification_buffers.max(1);
+        let nsend = 64usize;
+        let recv_mem: Box<[UnsafeCell<u8>]> =
+            (0..slot * nrecv).map(|_| UnsafeCell::new(0)).collect();
+        let send_mem: Box<[UnsafeCell<u8>]> =
+            (0..slot * nsend).map(|_| UnsafeCell::new(0)).collect();
+        let msg_access = (sys::FI_SEND | sys::FI_RECV) as u64;
+        let recv_reg = register_raw(
+            &shared,
+            mr_mode,
+            key_size,
+            Region::dram(recv_mem.as_ptr() as u64, (slot * nrecv) as u64),
+            msg_access,
+        )?;
+        let send_reg = register_raw(
+            &shared,
+            mr_mode,
+            key_size,
+            Region::dram(send_mem.as_ptr() as u64, (slot * nsend) as u64),
+            msg_access,
+        )?;
+
+        let nops = config.max_ops + nrecv + nsend;
+        let ctxs: Box<[UnsafeCell<sys::fi_context2>]> = (0..nops)
+            .map(|_| UnsafeCell::new(sys::fi_context2::default()))
+            .collect();
+        let mut t = FabricTransport {
+            shared,
+            provider,
+            mr_mode,
+            key_size,
+            max_msg: max_msg.max(1),
+            address,
+            config: config.clone(),
+            ctxs,
+            ops: vec![OpKind::Free; nops],
+            free_ops: (0..nops as u32).rev().collect(),
+            xfers: (0..config.max_transfers).map(|_| Xfer::empty()).collect(),
+            free_xfers: (0..config.max_transfers as u32).rev().collect(),
+            active: Vec::with_capacity(config.max_transfers),
+            done: VecDeque::with_capacity(config.max_transfers),
+            recv: MsgBufs {
+                mem: recv_mem,
+                slot,
+                reg: recv_reg,
+            },
+            recv_ops: Vec::with_capacity(nrecv),
+            ready: VecDeque::with_capacity(nrecv),
+            repost: Vec::with_capacity(nrecv),
+            send: MsgBufs {
+                mem: send_mem,
+                slot,
+                reg: send_reg,
+            },
+            free_sends: (0..nsend as u32).rev().collect(),
+            pending_sends: VecDeque::with_capacity(nsend),
+            cq_entries: vec![sys::fi_cq_data_entry::default(); CQ_BATCH],
+        };
+        for b in 0..nrecv as u32 {
+            let op = t
+                .alloc_op(OpKind::Recv { buf: b })
+                .expect("the pool holds an op per receive buffer");
+            t.recv_ops.push(op);
+            t.repost.push(b);
+        }
+        // Post the receives, progressing the queue if the provider pushes back.
+        let start = Instant::now();
+        while !t.repost.is_empty() {
+            t.post_receives()?;
+            if t.repost.is_empty() {
+                break;
+            }
+            if start.elapsed() > t.config.op_timeout {
+                return Err(Error::backend(
+                    BACKEND,
+                    EAGAIN,
+                    "fi_recv: provider keeps refusing receive buffers",
+                ));
+            }
+            t.read_cq();
+        }
+        log::debug!(
+            "LIBFABRIC: provider {} (mr_mode {:#x}, key size {})",
+            t.provider,
+            t.mr_mode,
+            t.key_size
+        );
+        Ok(t)
+    }
+
+    /// The provider in use, in libfabric's spelling (e.g. `tcp;ofi_rxm`).
+    pub fn provider_name(&self) -> &str {
+        &self.provider
+    }
+
+    /// The `mr_mode` bits the provider asked for.
+    pub fn mr_mode(&self) -> u32 {
+        self.mr_mode
+    }
+
+    /// Transfers posted and not yet reported.
+    pub fn in_flight(&self) -> usize {
+        self.active.len()
+    }
+
+    fn ctx_ptr(&self, op: u32) -> *mut c_void {
+        self.ctxs[op as usize].get().cast()
+    }
+
+    /// The operation index of a context pointer libfabric handed back.
+    fn op_of(&self, ctx: *mut c_void) -> Option<u32> {
+        let base = self.ctxs.as_ptr() as usize;
+        let size = std::mem::size_of::<UnsafeCell<sys::fi_context2>>();
+        let p = ctx as usize;
+        if p < base || (p - base) % size != 0 || (p - base) / size >= self.ctxs.len() {
+            return None;
+        }
+        Some(((p - base) / size) as u32)
+    }
+
+    fn alloc_op(&mut self, kind: OpKind) -> Option<u32> {
+        let op = self.free_ops.pop()?;
+        self.ops[op as usize] = kind;
+        Some(op)
+    }
+
+    fn free_op(&mut self, op: u32) {
+        self.ops[op as usize] = OpKind::Free;
+        self.free_ops.push(op);
+    }
+
+    /// Posts the receive buffers listed in `repost`.
+    fn post_receives(&mut self) -> Result<(), Error> {
+        while let Some(&b) = self.repost.last() {
+            let op = self.recv_ops[b as usize];
+            // SAFETY: the endpoint is open; the buffer lies in the registered
+            // receive area and stays allocated and untouched by Rust until
+            // its completion; the context is this buffer's stable slot.
+            let ret = unsafe {
+                sys::kvxfer_fi_recv(
+                    self.shared.ep(),
+                    self.recv.ptr(b).cast(),
+                    self.recv.slot,
+                    self.recv.reg.desc.0,
+                    libfabric_sys::FI_ADDR_UNSPEC,
+                    self.ctx_ptr(op),
+                )
+            } as i64;
+            if ret == EAGAIN {
+                return Ok(());
+            }
+            if ret != 0 {
+                return Err(fi_error(ret, "fi_recv (notification buffer)"));
+            }
+            self.repost.pop();
+        }
+        Ok(())
+    }
+
+    /// Reads the completion queue until it is empty (bounded).
+    fn read_cq(&mut self) {
+        let cq = self.shared.cq();
+        if cq.is_null() {
+            return;
+        }
+        for _ in 0..64 {
+            // SAFETY: cq is open and was opened with FI_CQ_FORMAT_DATA;
+            // cq_entries holds CQ_BATCH such entries.
+            let n = unsafe {
+                sys::kvxfer_fi_cq_read(cq, self.cq_entries.as_mut_ptr().cast(), CQ_BATCH)
+            } as i64;
+            if n > 0 {
+                for i in 0..n as usize {
+                    let e = self.cq_entries[i];
+                    self.on_completion(e.op_context, e.len, None);
+                }
+                if (n as usize) < CQ_BATCH {
+                    return;
+                }
+            } else if n == EAVAIL {
+                let mut err = sys::fi_cq_err_entry::default();
+                // SAFETY: cq is open; err is a zeroed entry (err_data_size
+                // 0 asks libfabric to use its own buffer for err_data).
+                let r = unsafe { sys::kvxfer_fi_cq_readerr(cq, &mut err, 0) };
+                if r != 1 {
+                    return;
+                }
+                let text = self.cq_error_text(&err);
+                self.on_completion(err.op_context, err.len, Some((err.err, text)));
+            } else {
+                if n != EAGAIN {
+                    log::warn!("LIBFABRIC: fi_cq_read failed: {}", strerror(n));
+                }
+                return;
+            }
+        }
+    }
+
+    /// libfabric's text for an error entry, with the provider's own text.
+    fn cq_error_text(&self, err: &sys::fi_cq_err_entry) -> String {
+        let generic = strerror(err.err as i64);
+        let mut buf = [0 as std::ffi::c_char; 128];
+        // SAFETY: the cq is open; err_data/prov_errno come from the entry
+        // just read; buf is writable for its length.
+        let p = unsafe {
+            sys::kvxfer_fi_cq_strerror(
+                self.shared.cq(),
+                err.prov_errno,
+                err.err_data,
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        if p.is_null() {
+            return generic;
+        }
+        // SAFETY: fi_cq_strerror returns a NUL-terminated string (buf or a
+        // static one).
+        let prov = unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
+        if prov.is_empty() || prov == generic {
+            generic
+        } else {
+            format!(
+                "{generic} (provider: {prov}, prov_errno {})",
+                err.prov_errno
+            )
+        }
+    }
+
+    fn xfer_error(xfer: &Xfer, errno: i32, text: &str) -> Error {
+        let e = errno.unsigned_abs();
+        if [
+            sys::FI_ECONNRESET,
+            sys::FI_ECONNREFUSED,
+            sys::FI_ECONNABORTED,
+            sys::FI_ENOTCONN,
+            sys::FI_EHOSTUNREACH,
+            libc::EPIPE as u32,
+        ]
+        .contains(&e)
+        {
+            return Error::RemoteDisconnected {
+                peer: xfer.peer_label.clone(),
+            };
+        }
+        Error::backend(
+            BACKEND,
+            -(errno.unsigned_abs() as i64),
+            &format!("{} {text}", xfer.op.name()),
+        )
+    }
+
+    fn on_completion(&mut self, ctx: *mut c_void, len: usize, error: Option<(i32, String)>) {
+        let Some(op) = self.op_of(ctx) else {
+            log::warn!("LIBFABRIC: completion with unknown context {ctx:p}");
+            return;
+        };
+        let kind = self.ops[op as usize];
+        match kind {
+            OpKind::Free => log::warn!("LIBFABRIC: completion for an unused context"),
+            OpKind::Orphan => self.free_op(op),
+            OpKind::Rma { xfer, gen } | OpKind::XferNotif { xfer, gen, .. } => {
+                self.free_op(op);
+                if let OpKind::XferNotif { buf, .. } = kind {
+                    self.free_sends.push(buf);
+                }
+                let x = &mut self.xfers[xfer as usize];
+                if !x.live || x.gen != gen {
+                    return;
+                }
+                x.outstanding -= 1;
+                if let Some((errno, text)) = error {
+                    if x.error.is_none() {
+                        x.error = Some(Self::xfer_error(x, errno, &text));
+                    }
+                    // Stop issuing further segments.
+                    x.next = x.segs.len();
+                }
+            }
+            OpKind::Notif { buf } => {
+                self.free_op(op);
+                self.free_sends.push(buf);
+                if let Some((_, text)) = error {
+                    log::warn!("LIBFABRIC: a notification could not be sent: {text}");
+                }
+            }
+            OpKind::Recv { buf } => match error {
+                None => self.ready.push_back((buf, len.min(self.recv.slot))),
+                Some((errno, text)) => {
+                    if errno.unsigned_abs() != sys::FI_ECANCELED {
+                        log::warn!("LIBFABRIC: notification receive failed: {text}");
+                        self.repost.push(buf);
+                    }
+                }
+            },
+        }
+    }
+
+    /// Issues the not yet issued segments of transfer `slot` until the
+    /// provider or the operation pool pushes back. Returns the error of a
+    /// failed issue.
+    fn issue(&mut self, slot: u32) -> Result<(), Error> {
+        let ep = self.shared.ep();
+        loop {
+            let x = &self.xfers[slot as usize];
+            if x.next >= x.segs.len() || x.error.is_some() {
+                return Ok(());
+            }
+            let seg = x.segs[x.next];
+            let (peer, op_kind, gen) = (x.peer, x.op, x.gen);
+            let Some(op) = self.alloc_op(OpKind::Rma { xfer: slot, gen }) else {
+                return Ok(());
+            };
+            let iov = libc::iovec {
+                iov_base: seg.local as *mut c_void,
+                iov_len: seg.len as usize,
+            };
+            let rma = sys::fi_rma_iov {
+                addr: seg.remote,
+                len: seg.len as usize,
+                key: seg.key,
+            };
+            let mut desc = seg.desc.0;
+            let msg = sys::fi_msg_rma {
+                msg_iov: ptr::addr_of!(iov).cast(),
+                desc: &mut desc,
+                iov_count: 1,
+                addr: peer,
+                rma_iov: &rma,
+                rma_iov_count: 1,
+                context: self.ctx_ptr(op),
+                data: 0,
+            };
+            // SAFETY: the endpoint is open; the local buffer lies in a
+            // registration the core keeps alive until the transfer ends;
+            // msg and the arrays it points to live across the call (the
+            // provider copies them); the context is a stable pool slot.
+            let ret = unsafe {
+                match op_kind {
+                    XferOp::Write => sys::kvxfer_fi_writemsg(
+                        ep,
+                        &msg,
+                        (sys::FI_COMPLETION | sys::FI_DELIVERY_COMPLETE) as u64,
+                    ),
+                    XferOp::Read => sys::kvxfer_fi_readmsg(ep, &msg, sys::FI_COMPLETION as u64),
+                }
+            } as i64;
+            if ret == EAGAIN {
+                self.free_op(op);
+                return Ok(());
+            }
+            if ret != 0 {
+                self.free_op(op);
+                let x = &mut self.xfers[slot as usize];
+                let what = if op_kind == XferOp::Write {
+                    "fi_writemsg"
+                } else {
+                    "fi_readmsg"
+                };
+                let e = fi_error(
+                    ret,
+                    &format!("{what} of segment at {:#x}+{}", seg.local, seg.len),
+                );
+                x.error = Some(e.clone());
+                x.next = x.segs.len();
+                return Err(e);
+            }
+            let x = &mut self.xfers[slot as usize];
+            x.outstanding += 1;
+            x.next += 1;
+        }
+    }
+
+    /// Sends `len` bytes of send buffer `buf` to `peer` with operation kind
+    /// `kind`. Returns `Ok(false)` when the provider asks to retry.
+    fn try_send(
+        &mut self,
+        peer: sys::fi_addr_t,
+        buf: u32,
+        len: usize,
+        kind: OpKind,
+    ) -> Result<bool, Error> {
+        let Some(op) = self.alloc_op(kind) else {
+            return Ok(false);
+        };
+        // SAFETY: the endpoint is open; the buffer lies in the registered
+        // send area and is not written by Rust until its completion; the
+        // context is a stable pool slot.
+        let ret = unsafe {
+            sys::kvxfer_fi_send(
+                self.shared.ep(),
+                self.send.ptr(buf).cast(),
+                len,
+                self.send.reg.desc.0,
+                peer,
+                self.ctx_ptr(op),
+            )
+        } as i64;
+        if ret == EAGAIN {
+            self.free_op(op);
+            return Ok(false);
+        }
+        if ret != 0 {
+            self.free_op(op);
+            return Err(fi_error(ret, "fi_send (notification)"));
+        }
+        Ok(true)
+    }
+
+    fn copy_to_send_buf(&mut self, buf: u32, msg: &[u8]) {
+        // SAFETY: buf is a free send buffer (not posted to libfabric) of
+        // `slot` bytes and msg.len() <= slot (checked by callers).
+        unsafe { ptr::copy_nonoverlapping(msg.as_ptr(), self.send.ptr(buf), msg.len()) };
+    }
+
+    fn flush_pending_sends(&mut self) {
+        while let Some(p) = self.pending_sends.front() {
+            let (peer, buf, len) = (p.peer, p.buf, p.len);
+            match self.try_send(peer, buf, len, OpKind::Notif { buf }) {
+                Ok(true) => {
+                    self.pending_sends.pop_front();
+                }
+                Ok(false) => return,
+                Err(e) => {
+                    log::warn!("LIBFABRIC: a queued notification could not be sent: {e}");
+                    self.pending_sends.pop_front();
+                    self.free_sends.push(buf);
+                }
+            }
+        }
+    }
+
+    /// Finishes what can be finished among the active transfers.
+    fn advance(&mut self) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.active.len() {
+            let slot = self.active[i];
+            if self.xfers[slot as usize].error.is_none() {
+                if let Err(e) = self.issue(slot) {
+                    log::debug!(
+                        "LIBFABRIC: transfer {:?} failed: {e}",
+                        self.xfers[slot as usize].token
+                    );
+                }
+            }
+            let x = &self.xfers[slot as usize];
+            let elapsed = now.saturating_duration_since(x.started);
+            if x.error.is_none() && elapsed > self.config.op_timeout {
+                self.time_out(slot, elapsed.as_millis() as u64);
+                continue;
+            }
+            let x = &self.xfers[slot as usize];
+            let data_done = x.outstanding == 0 && (x.next >= x.segs.len() || x.error.is_some());
+            if !data_done {
+                i += 1;
+                continue;
+            }
+            if x.error.is_none() && x.has_notif && !x.notif_sent {
+                self.send_xfer_notification(slot);
+                i += 1;
+                continue;
+            }
+            self.finish(slot, i);
+        }
+    }
+
+    fn send_xfer_notification(&mut self, slot: u32) {
+        let Some(buf) = self.free_sends.pop() else {
+            return;
+        };
+        let x = &self.xfers[slot as usize];
+        let (peer, gen, len) = (x.peer, x.gen, x.notif.len());
+        let msg = std::mem::take(&mut self.xfers[slot as usize].notif);
+        self.copy_to_send_buf(buf, &msg);
+        self.xfers[slot as usize].notif = msg;
+        match self.try_send(
+            peer,
+            buf,
+            len,
+            OpKind::XferNotif {
+                xfer: slot,
+                gen,
+                buf,
+            },
+        ) {
+            Ok(true) => {
+                let x = &mut self.xfers[slot as usize];
+                x.notif_sent = true;
+                x.outstanding += 1;
+            }
+            Ok(false) => self.free_sends.push(buf),
+            Err(e) => {
+                self.free_sends.push(buf);
+                self.xfers[slot as usize].error = Some(e);
+            }
+        }
+    }
+
+    /// Fails transfer `slot` with a timeout; its operations still in flight
+    /// are cancelled where possible and their completions dropped.
+    fn time_out(&mut self, slot: u32, after_ms: u64) {
+        let gen = self.xfers[slot as usize].gen;
+        let ep_fid = self.shared.ep_fid();
+        for op in 0..self.ops.len() as u32 {
+            let owned = matches!(self.ops[op as usize],
+                OpKind::Rma { xfer, gen: g } | OpKind::XferNotif { xfer, gen: g, .. } if xfer == slot && g == gen);
+            if !owned {
+                continue;
+            }
+            if let OpKind::XferNotif { buf, .. } = self.ops[op as usize] {
+                // The buffer stays with the orphaned operation; it is
+                // reused only after the completion, which frees the op.
+                log::debug!("LIBFABRIC: notification buffer {buf} orphaned by a timeout");
+            }
+            self.ops[op as usize] = OpKind::Orphan;
+            if !ep_fid.is_null() {
+                // SAFETY: the endpoint is open; the context was handed to
+                // one of its operations.
+                let ret = unsafe { sys::kvxfer_fi_cancel(ep_fid, self.ctx_ptr(op)) };
+                if ret != 0 && ret as i64 != -(sys::FI_ENOENT as i64) {
+                    log::debug!("LIBFABRIC: fi_cancel: {}", strerror(ret as i64));
+                }
+            }
+        }
+        let x = &mut self.xfers[slot as usize];
+        log::warn!(
+            "LIBFABRIC: {} to {} timed out after {after_ms} ms",
+            x.op.name(),
+            x.peer_label
+        );
+        x.outstanding = 0;
+        x.next = x.segs.len();
+        x.error = Some(Error::TimedOut { after_ms });
+        let idx = self
+            .active
+            .iter()
+            .position(|&s| s == slot)
+            .expect("a timed-out transfer is active");
+        self.finish(slot, idx);
+    }
+
+    /// Reports transfer `slot` (at `active[idx]`) and frees its slot.
+    fn finish(&mut self, slot: u32, idx: usize) {
+        self.active.swap_remove(idx);
+        let x = &mut self.xfers[slot as usize];
+        let result = match x.error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        };
+        x.live = false;
+        x.segs.clear();
+        x.notif.clear();
+        self.done.push_back(Completion {
+            token: x.token,
+            result,
+        });
+        self.free_xfers.push(slot);
+    }
+}
+
+/// Registers `region` with `shared`'s domain, honouring `mr_mode`.
+fn register_raw(
+    shared: &Arc<Shared>,
+    mr_mode: u32,
+    key_size: usize,
+    region: Region,
+    access: u64,
+) -> Result<FabricReg, Error> {
+    let prov_key = mr_mode & sys::FI_MR_PROV_KEY != 0;
+    let len = usize::try_from(region.len).map_err(|_| Error::InvalidRegion {
+        addr: region.addr,
+        len: region.len,
+    })?;
+    let mut attempts = 0;
+    let mr = loop {
+        let requested = if prov_key { 0 } else { fresh_key(key_size) };
+        let mut mr: *mut sys::fid_mr = ptr::null_mut();
+        // SAFETY: the domain is open; [addr, addr+len) is memory of this
+        // process that the caller keeps alive while registered.
+        let ret = unsafe {
+            sys::kvxfer_fi_mr_reg(
+                shared.domain,
+                region.addr as *const c_void,
+                len,
+                access,
+                0,
+                requested,
+                0,
+                &mut mr,
+                ptr::null_mut(),
+            )
+        } as i64;
+        if ret == ENOKEY && !prov_key && attempts < 16 {
+            attempts += 1;
+            continue;
+        }
+        if ret != 0 {
+            return Err(fi_error(
+                ret,
+                &format!("fi_mr_reg of {:#x}+{}", region.addr, region.len),
+            ));
+        }
+        break mr;
+    };
+    let mut reg = FabricReg {
+        mr,
+        desc: Desc(ptr::null_mut()),
+        key: 0,
+        virt_addr: mr_mode & sys::FI_MR_VIRT_ADDR != 0,
+        region,
+        _shared: shared.clone(),
+    };
+    if mr_mode & sys::FI_MR_ENDPOINT != 0 {
+        // SAFETY: mr and the endpoint are open objects of the same domain.
+        let ret = unsafe { sys::kvxfer_fi_mr_bind(mr, shared.ep_fid(), 0) };
+        if ret != 0 {
+            return Err(fi_error(ret as i64, "fi_mr_bind"));
+        }
+        // SAFETY: mr is bound.
+        let ret = unsafe { sys::kvxfer_fi_mr_enable(mr) };
+        if ret != 0 {
+            return Err(fi_error(ret as i64, "fi_mr_enable"));
+        }
+    }
+    // SAFETY: mr is an open, enabled registration.
+    unsafe {
+        reg.key = sys::kvxfer_fi_mr_key(mr);
+        reg.desc = Desc(sys::kvxfer_fi_mr_desc(mr));
+    }
+    if reg.key == sys::FI_KEY_NOTAVAIL {
+        return Err(Error::backend(
+            BACKEND,
+            -(sys::FI_ENOSYS as i64),
+            "fi_mr_key: provider needs raw keys (FI_MR_RAW), not supported",
+        ));
+    }
+    Ok(reg)
+}
+
+impl Drop for FabricTransport {
+    fn drop(&mut self) {
+        // Close the endpoint first: libfabric then touches none of the
+        // contexts and buffers freed with this value. Registrations still
+        // held elsewhere keep the domain open.
+        self.shared.close_endpoint();
+    }
+}
+
+impl Transport for FabricTransport {
+    type LocalReg = FabricReg;
+    type Peer = FabricPeer;
+    type RemoteKey = FabricRemoteKey;
+
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut c = Capabilities::default();
+        c.mem_kinds = MemKinds::DRAM;
+        c.max_segments = 0;
+        c.max_notification = self.config.max_notification.min(u32::MAX as usize) as u32;
+        c.can_cancel = false;
+        c.may_complete_inline = false;
+        c
+    }
+
+    fn register(&mut self, region: &Region) -> Result<FabricReg, Error> {
+        if region.kind != MemKind::Dram {
+            return Err(Error::UnsupportedMemKind {
+                backend: BACKEND,
+                kind: region.kind,
+            });
+        }
+        if region.len == 0 || region.end().is_none() || region.addr == 0 {
+            return Err(Error::InvalidRegion {
+                addr: region.addr,
+                len: region.len,
+            });
+        }
+        let access =
+            (sys::FI_READ | sys::FI_WRITE | sys::FI_REMOTE_READ | sys::FI_REMOTE_WRITE) as u64;
+        register_raw(&self.shared, self.mr_mode, self.key_size, *region, access)
+    }
+
+    fn deregister(&mut self, reg: FabricReg) {
+        drop(reg);
+    }
+
+    fn pack_key(&self, reg: &FabricReg, out: &mut [u8]) -> Result<usize, Error> {
+        if out.len() < PACKED_KEY_LEN {
+            return Err(Error::BufferTooSmall {
+                needed: PACKED_KEY_LEN as u64,
+                available: out.len() as u64,
+            });
+        }
+        out[..8].copy_from_slice(&reg.key.to_le_bytes());
+        out[8] = if reg.virt_addr { KEY_FLAG_VIRT_ADDR } else { 0 };
+        Ok(PACKED_KEY_LEN)
+    }
+
+    fn local_address(&self, out: &mut [u8]) -> Result<usize, Error> {
+        let n = self.address.len();
+        if out.len() < n {
+            return Err(Error::BufferTooSmall {
+                needed: n as u64,
+                available: out.len() as u64,
+            });
+        }
+        out[..n].copy_from_slice(&self.address);
+        Ok(n)
+    }
+
+    fn connect(&mut self, address: &[u8]) -> Result<FabricPeer, Error> {
+        let einval = -(sys::FI_EINVAL as i64);
+        if address.len() < 2 || address[0] != ADDRESS_VERSION {
+            return Err(Error::backend(
+                BACKEND,
+                einval,
+                &format!(
+                    "peer address of {} bytes is not a kvxfer libfabric address",
+                    address.len()
+                ),
+            ));
+        }
+        let plen = address[1] as usize;
+        if address.len() <= 2 + plen {
+            return Err(Error::backend(
+                BACKEND,
+                einval,
+                &format!("peer address of {} bytes is truncated", address.len()),
+            ));
+        }
+        let prov = String::from_utf8_lossy(&address[2..2 + plen]);
+        if prov != self.provider {
+            return Err(Error::backend(
+                BACKEND,
+                einval,
+                &format!("peer uses provider {prov}, this agent {}", self.provider),
+            ));
+        }
+        let name = &address[2 + plen..];
+        let av = self.shared.av();
+        let mut fi_addr: sys::fi_addr_t = sys::FI_ADDR_NOTAVAIL;
+        // SAFETY: av is open; name is an endpoint name of this provider
+        // (checked above) and readable for its length; one address is
+        // written into fi_addr.
+        let ret = unsafe {
+            sys::kvxfer_fi_av_insert(
+                av,
+                name.as_ptr().cast(),
+                1,
+                &mut fi_addr,
+                0,
+                ptr::null_mut(),
+            )
+        };
+        if ret != 1 || fi_addr == sys::FI_ADDR_NOTAVAIL {
+            let code = if ret < 0 { ret as i64 } else { einval };
+            return Err(fi_error(code, "fi_av_insert of the peer address"));
+        }
+        let mut text = [0 as std::ffi::c_char; 128];
+        let mut tlen = text.len();
+        // SAFETY: av is open; text/tlen describe a writable buffer.
+        let p = unsafe {
+            sys::kvxfer_fi_av_straddr(av, name.as_ptr().cast(), text.as_mut_ptr(), &mut tlen)
+        };
+        let label = if p.is_null() {
+            format!("fi_addr {fi_addr}")
+        } else {
+            // SAFETY: fi_av_straddr wrote a NUL-terminated string into text
+            // (truncated to its size).
+            unsafe { CStr::from_ptr(text.as_ptr()) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        Ok(FabricPeer {
+            addr: fi_addr,
+            label: bounded(&label),
+        })
+    }
+
+    fn disconnect(&mut self, peer: FabricPeer) {
+        let av = self.shared.av();
+        if av.is_null() {
+            return;
+        }
+        let mut addr = peer.addr;
+        // SAFETY: av is open; addr came from fi_av_insert on it.
+        let ret = unsafe { sys::kvxfer_fi_av_remove(av, &mut addr, 1, 0) };
+        if ret != 0 {
+            log::debug!(
+                "LIBFABRIC: fi_av_remove({}): {}",
+                peer.label,
+                strerror(ret as i64)
+            );
+        }
+    }
+
+    fn unpack_key(
+        &mut self,
+        _peer: &FabricPeer,
+        region: &Region,
+        key: &[u8],
+    ) -> Result<FabricRemoteKey, Error> {
+        if key.len() != PACKED_KEY_LEN || key[8] & !KEY_FLAG_VIRT_ADDR != 0 {
+            return Err(Error::backend(
+                BACKEND,
+                -(sys::FI_EINVAL as i64),
+                &format!(
+                    "packed key of {} bytes for region {:#x}+{}: expected {PACKED_KEY_LEN}",
+                    key.len(),
+                    region.addr,
+                    region.len
+                ),
+            ));
+        }
+        let mut k = [0u8; 8];
+        k.copy_from_slice(&key[..8]);
+        Ok(FabricRemoteKey {
+            key: u64::from_le_bytes(k),
+            virt_addr: key[8] & KEY_FLAG_VIRT_ADDR != 0,
+        })
+    }
+
+    fn release_key(&mut self, _key: FabricRemoteKey) {}
+
+    fn post(
+        &mut self,
+        op: XferOp,
+        peer: &FabricPeer,
+        segments: &[Segment<'_, FabricReg, FabricRemoteKey>],
+        notification: Option<&[u8]>,
+        token: Token,
+    ) -> Result<PostStatus, Error> {
+        if let Some(n) = notification {
+            if n.len() > self.config.max_notification {
+                return Err(Error::NotificationTooLong {
+                    len: n.len() as u64,
+                    max: self.config.max_notification as u64,
+                });
+            }
+        }
+        if self.shared.ep().is_null() {
+            return Err(Error::ShutDown);
+        }
+        for (i, s) in segments.iter().enumerate() {
+            let ok_local = s.local.region.contains(s.local_addr, s.len);
+            let ok_remote = s.remote_addr >= s.remote_region_addr;
+            if s.len == 0 || !ok_local || !ok_remote || usize::try_from(s.len).is_err() {
+                return Err(Error::backend(
+                    BACKEND,
+                    -(sys::FI_EINVAL as i64),
+                    &format!(
+                        "segment {i}: local {:#x}+{} remote {:#x} is outside its registrations",
+                        s.local_addr, s.len, s.remote_addr
+                    ),
+                ));
+            }
+        }
+        let Some(slot) = self.free_xfers.pop() else {
+            return Err(Error::CapacityExceeded {
+                what: "transfers",
+                capacity: self.config.max_transfers as u32,
+            });
+        };
+        let max_msg = self.max_msg;
+        let x = &mut self.xfers[slot as usize];
+        x.gen = x.gen.wrapping_add(1);
+        x.live = true;
+        x.token = token;
+        x.op = op;
+        x.peer = peer.addr;
+        x.peer_label = peer.label.clone();
+        x.segs.clear();
+        x.next = 0;
+        x.outstanding = 0;
+        x.error = None;
+        x.notif.clear();
+        x.has_notif = notification.is_some();
+        x.notif_sent = false;
+        if let Some(n) = notification {
+            x.notif.extend_from_slice(n);
+        }
+        x.started = Instant::now();
+        for s in segments {
+            let base = if s.remote.virt_addr {
+                s.remote_addr
+            } else {
+                s.remote_addr - s.remote_region_addr
+            };
+            let mut off = 0u64;
+            while off < s.len {
+                let len = (s.len - off).min(max_msg);
+                x.segs.push(SegOp {
+                    local: s.local_addr + off,
+                    len,
+                    desc: s.local.desc,
+                    remote: base + off,
+                    key: s.remote.key,
+                });
+                off += len;
+            }
+        }
+        self.active.push(slot);
+        if let Err(e) = self.issue(slot) {
+            if self.xfers[slot as usize].outstanding == 0 {
+                // Nothing reached the provider: refuse the post outright.
+                let idx = self
+                    .active
+                    .iter()
+                    .position(|&s| s == slot)
+                    .expect("just pushed");
+                self.active.swap_remove(idx);
+                let x = &mut self.xfers[slot as usize];
+                x.live = false;
+                x.error = None;
+                x.segs.clear();
+                self.free_xfers.push(slot);
+                return Err(e);
+            }
+        }
+        Ok(PostStatus::InProgress)
+    }
+
+    fn poll(&mut self) -> Option<Completion> {
+        if let Some(c) = self.done.pop_front() {
+            return Some(c);
+        }
+        self.read_cq();
+        if let Err(e) = self.post_receives() {
+            log::warn!("LIBFABRIC: re-posting notification buffers failed: {e}");
+        }
+        self.flush_pending_sends();
+        self.advance();
+        self.done.pop_front()
+    }
+
+    fn cancel(&mut self, _token: Token) -> Result<(), Error> {
+        Err(Error::Unsupported {
+            backend: BACKEND,
+            what: "cancel",
+        })
+    }
+
+    fn send_notification(&mut self, peer: &FabricPeer, msg: &[u8]) -> Result<(), Error> {
+        if msg.len() > self.config.max_notification {
+            return Err(Error::NotificationTooLong {
+                len: msg.len() as u64,
+                max: self.config.max_notification as u64,
+            });
+        }
+        if self.shared.ep().is_null() {
+            return Err(Error::ShutDown);
+        }
+        if self.free_sends.is_empty() {
+            self.read_cq();
+        }
+        let Some(buf) = self.free_sends.pop() else {
+            return Err(Error::CapacityExceeded {
+                what: "notifications",
+                capacity: self.send.mem.len() as u32 / self.send.slot as u32,
+            });
+        };
+        self.copy_to_send_buf(buf, msg);
+        if !self.pending_sends.is_empty() {
+            // Keep the order of notifications to the same peer.
+            self.pending_sends.push_back(PendingSend {
+                peer: peer.addr,
+                buf,
+                len: msg.len(),
+            });
+            self.flush_pending_sends();
+            return Ok(());
+        }
+        match self.try_send(peer.addr, buf, msg.len(), OpKind::Notif { buf }) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                self.pending_sends.push_back(PendingSend {
+                    peer: peer.addr,
+                    buf,
+                    len: msg.len(),
+                });
+                Ok(())
+            }
+            Err(e) => {
+                self.free_sends.push(buf);
+                Err(e)
+            }
+        }
+    }
+
+    fn poll_notification(&mut self, buf: &mut [u8]) -> Option<Result<usize, Error>> {
+        if self.ready.is_empty() {
+            self.read_cq();
+        }
+        let &(b, len) = self.ready.front()?;
+        if len > buf.len() {
+            return Some(Err(Error::BufferTooSmall {
+                needed: len as u64,
+                available: buf.len() as u64,
+            }));
+        }
+        // SAFETY: buffer b has completed its receive and is not posted;
+        // len <= slot size.
+        unsafe { ptr::copy_nonoverlapping(self.recv.ptr(b), buf.as_mut_ptr(), len) };
+        self.ready.pop_front();
+        self.repost.push(b);
+        if let Err(e) = self.post_receives() {
+            log::warn!("LIBFABRIC: re-posting a notification buffer failed: {e}");
+        }
+        Some(Ok(len))
+    }
+}
