@@ -1,1 +1,32 @@
-//! CUDA memory for kvxfer: VRAM registration, staging through pinned host memory, and a CUDA-IPC transport.
+//! CUDA memory for kvxfer: VRAM registration, staging through pinned host
+//! memory, and a CUDA-IPC transport.
+//!
+//! * [`driver`]: loads `libcuda` at run time (no GPU or no driver gives the
+//!   error "no CUDA driver found", never a panic), device count and
+//!   [`DeviceInfo`], primary [`Context`]s, and [`pointer_info`]: the memory
+//!   kind and GPU of any pointer.
+//! * [`memory`]: [`DeviceBuffer`] (VRAM) and [`PinnedBuffer`] (page-locked
+//!   host memory), both freed in `Drop`.
+//! * [`ipc`]: [`CudaIpcTransport`], the `CUDA_IPC` backend: VRAM to VRAM
+//!   between processes on one host with CUDA IPC handles, asynchronous
+//!   device-to-device copies and CUDA events; notifications over a per-host
+//!   Unix datagram socket, delivered after the data.
+//! * [`wire`]: the byte layouts of the transport address and packed keys.
+//! * [`notify`]: the notification channel.
+#![deny(missing_docs)]
+// Every function returns kvxfer-core's `Error`, the type the `Transport`
+// contract uses; it is large by design (bounded texts, no allocation).
+#![allow(clippy::result_large_err)]
+
+pub mod driver;
+pub mod ipc;
+pub mod memory;
+pub mod notify;
+pub mod wire;
+
+pub use driver::{
+    device_count, device_info, devices, driver_present, driver_version, pointer_info, Context,
+    DeviceInfo, PointerInfo, BACKEND, NO_DRIVER,
+};
+pub use ipc::{CudaIpcTransport, IpcPeer, IpcReg, IpcRemoteKey};
+pub use memory::{DeviceBuffer, PinnedBuffer};
