@@ -1,1 +1,78 @@
 //! UCX transport for kvxfer: one-sided RMA READ/WRITE over libucp.
+//!
+//! [`UcxTransport`] implements the core's
+//! [`Transport`](kvxfer_core::Transport) trait on one UCP context and one
+//! worker:
+//!
+//! * memory is registered per region with `ucp_mem_map`; its remote key is
+//!   packed once at registration and copied out by `pack_key`;
+//! * peers are endpoints created from the peer's packed worker address
+//!   (`ucp_worker_get_address`), with peer error handling so that a dead
+//!   peer fails its in-flight transfers instead of hanging them;
+//! * a transfer is one `ucp_put_nbx`/`ucp_get_nbx` per segment; a WRITE is
+//!   reported done only after an endpoint flush, so its data is visible at
+//!   the target before the completion and before its notification;
+//! * notifications are eager active messages on [`NOTIFICATION_AM_ID`],
+//!   copied on arrival into a bounded queue;
+//! * progress happens in [`Transport::poll`](kvxfer_core::Transport::poll)
+//!   through `ucp_worker_progress`.
+//!
+//! UCX reads its usual `UCX_*` environment variables (for example
+//! `UCX_TLS=tcp`) when the transport is created; [`UcxConfig`] can override
+//! the transport list and the keepalive interval that bounds how long a dead
+//! peer goes unnoticed.
+
+mod status;
+mod transport;
+
+pub use transport::{UcxPeer, UcxReg, UcxRemoteKey, UcxTransport};
+
+/// The backend name this transport reports and puts in its errors.
+pub const BACKEND: &str = "UCX";
+
+/// The active-message id notifications travel on.
+pub const NOTIFICATION_AM_ID: u32 = 0x6b76;
+
+/// Settings of a [`UcxTransport`].
+///
+/// Build it with [`UcxConfig::default`] and change the fields you need.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UcxConfig {
+    /// UCX transport list (as `UCX_TLS`, e.g. `"tcp"` or `"shm,cma"`).
+    /// `None` (the default) keeps `UCX_TLS` from the environment, else
+    /// UCX's default (`all`).
+    pub tls: Option<String>,
+    /// Interval of UCX's endpoint keepalive, in milliseconds, which bounds
+    /// how long a dead peer goes unnoticed (UCX's own default is 20 s).
+    /// Applied only when `UCX_KEEPALIVE_INTERVAL` is not set in the
+    /// environment; `None` keeps UCX's setting. Default: 1000.
+    pub keepalive_interval_ms: Option<u32>,
+    /// Longest notification sent or accepted, in bytes (sent eagerly, so
+    /// keep it small). Default: 4096.
+    pub max_notification: u32,
+    /// Received notifications kept until the application takes them;
+    /// further ones are dropped and reported once as
+    /// [`Error::CapacityExceeded`](kvxfer_core::Error::CapacityExceeded).
+    /// Default: 1024.
+    pub notification_queue: u32,
+    /// How long closing an endpoint may wait for its flush, in
+    /// milliseconds. Default: 1000.
+    pub close_timeout_ms: u32,
+    /// How long [`cancel`](kvxfer_core::Transport::cancel) waits for the
+    /// cancelled requests to be released, in milliseconds. Default: 5000.
+    pub cancel_timeout_ms: u32,
+}
+
+impl Default for UcxConfig {
+    fn default() -> Self {
+        UcxConfig {
+            tls: None,
+            keepalive_interval_ms: Some(1000),
+            max_notification: 4096,
+            notification_queue: 1024,
+            close_timeout_ms: 1000,
+            cancel_timeout_ms: 5000,
+        }
+    }
+}

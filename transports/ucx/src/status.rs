@@ -1,0 +1,72 @@
+//! UCS status codes turned into kvxfer errors.
+
+use core::ffi::CStr;
+use core::fmt::Write;
+
+use kvxfer_core::error::{Text, TEXT_CAP};
+use kvxfer_core::Error;
+use ucx_sys as sys;
+
+use crate::BACKEND;
+
+/// UCX's own text for `status` (`ucs_status_string`).
+pub(crate) fn status_text(status: sys::ucs_status_t) -> &'static str {
+    // SAFETY: ucs_status_string accepts any status value and returns a
+    // pointer to a static, NUL-terminated string (or "Unknown error").
+    let ptr = unsafe { sys::ucs_status_string(status) };
+    if ptr.is_null() {
+        return "unknown UCS status";
+    }
+    // SAFETY: non-null, NUL-terminated, static storage (see above).
+    let s = unsafe { CStr::from_ptr(ptr) };
+    s.to_str().unwrap_or("non-UTF-8 UCS status text")
+}
+
+/// Whether `status` says the connection to the peer is gone.
+pub(crate) fn is_peer_failure(status: sys::ucs_status_t) -> bool {
+    let s = status as i32;
+    s == sys::UCS_ERR_CONNECTION_RESET as i32
+        || s == sys::UCS_ERR_ENDPOINT_TIMEOUT as i32
+        || s == sys::UCS_ERR_UNREACHABLE as i32
+        || s == sys::UCS_ERR_NOT_CONNECTED as i32
+        || (sys::UCS_ERR_LAST_ENDPOINT_FAILURE as i32..=sys::UCS_ERR_FIRST_LINK_FAILURE as i32)
+            .contains(&s)
+}
+
+/// A [`Error::Backend`] for `status`, saying what was being done.
+pub(crate) fn ucs_error(what: &str, status: sys::ucs_status_t) -> Error {
+    let mut text: Text = Text::new();
+    // Truncation is fine: `Text` is bounded and a cut message is still useful.
+    let _ = write!(BoundedWriter(&mut text), "{what}: {}", status_text(status));
+    Error::Backend { backend: BACKEND, code: i64::from(status), text }
+}
+
+/// The error reported for a transfer that ended with `status`: a dead peer
+/// gives [`Error::RemoteDisconnected`] (the engine knows the peer's name),
+/// a cancelled request [`Error::Cancelled`], anything else a backend error
+/// with UCX's text.
+pub(crate) fn xfer_error(what: &str, status: sys::ucs_status_t, peer_failed: bool) -> Error {
+    if peer_failed || is_peer_failure(status) {
+        log::warn!("UCX: {what} failed, peer unreachable: {}", status_text(status));
+        Error::disconnected("")
+    } else if status as i32 == sys::UCS_ERR_CANCELED as i32 {
+        Error::Cancelled
+    } else {
+        ucs_error(what, status)
+    }
+}
+
+/// Writes into a bounded string, dropping what does not fit.
+struct BoundedWriter<'a>(&'a mut Text);
+
+impl Write for BoundedWriter<'_> {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        for ch in s.chars() {
+            if self.0.len() + ch.len_utf8() > TEXT_CAP {
+                return Ok(());
+            }
+            let _ = self.0.push(ch);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,1161 @@
+//! The UCP context, worker, endpoints, registrations and the `Transport`
+//! implementation.
+
+use std::cell::{Cell, UnsafeCell};
+use std::collections::VecDeque;
+use std::ffi::{c_void, CString};
+use std::fmt;
+use std::marker::PhantomData;
+use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use kvxfer_core::mem::MemKinds;
+use kvxfer_core::{
+    Capabilities, Completion, Error, MemKind, PostStatus, Region, Segment, Token, Transport,
+    XferOp,
+};
+use ucx_sys as sys;
+
+use crate::status::{status_text, ucs_error, xfer_error};
+use crate::{UcxConfig, BACKEND, NOTIFICATION_AM_ID};
+
+const UCS_OK: sys::ucs_status_t = sys::UCS_OK as sys::ucs_status_t;
+const UCS_INPROGRESS: sys::ucs_status_t = sys::UCS_INPROGRESS as sys::ucs_status_t;
+
+/// Distinguishes transports, so that a handle given out by one is refused
+/// by another.
+static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
+
+/// A registered local region (a `ucp_mem_h` and its packed remote key,
+/// kept in the transport's table). Hand it back with
+/// [`Transport::deregister`].
+#[derive(Debug)]
+pub struct UcxReg {
+    owner: u64,
+    index: u32,
+}
+
+/// A connection to a peer (a `ucp_ep_h`, kept in the transport's table).
+/// Hand it back with [`Transport::disconnect`].
+#[derive(Debug)]
+pub struct UcxPeer {
+    owner: u64,
+    index: u32,
+}
+
+/// A peer's unpacked remote key (a `ucp_rkey_h`, kept in the transport's
+/// table). Hand it back with [`Transport::release_key`].
+#[derive(Debug)]
+pub struct UcxRemoteKey {
+    owner: u64,
+    index: u32,
+}
+
+/// A slot table with a free list; indices stay valid until removed.
+struct Table<T> {
+    items: Vec<Option<T>>,
+    free: Vec<u32>,
+}
+
+impl<T> Table<T> {
+    fn new() -> Self {
+        Table { items: Vec::new(), free: Vec::new() }
+    }
+
+    fn insert(&mut self, item: T) -> u32 {
+        if let Some(i) = self.free.pop() {
+            self.items[i as usize] = Some(item);
+            i
+        } else {
+            self.items.push(Some(item));
+            (self.items.len() - 1) as u32
+        }
+    }
+
+    fn get(&self, i: u32) -> Option<&T> {
+        self.items.get(i as usize).and_then(Option::as_ref)
+    }
+
+    fn remove(&mut self, i: u32) -> Option<T> {
+        let item = self.items.get_mut(i as usize)?.take();
+        if item.is_some() {
+            self.free.push(i);
+        }
+        item
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = T> + '_ {
+        self.free.clear();
+        self.items.drain(..).flatten()
+    }
+}
+
+struct RegEntry {
+    memh: sys::ucp_mem_h,
+    packed: Vec<u8>,
+}
+
+/// An endpoint and what its error handler learnt. Boxed so that the error
+/// handler's `arg` stays valid while the box lives.
+struct EpState {
+    ep: sys::ucp_ep_h,
+    /// `UCS_OK`, or the status the error handler reported.
+    failed: sys::ucs_status_t,
+}
+
+struct KeyEntry {
+    /// Null once the key's endpoint was disconnected (the key was destroyed
+    /// then, before the endpoint).
+    rkey: sys::ucp_rkey_h,
+    ep: u32,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Puts or gets in flight.
+    Data,
+    /// The WRITE's endpoint flush in flight (a no-op step for READ).
+    Flush,
+    /// The notification's active message in flight.
+    Notify,
+}
+
+/// One posted transfer (or a stand-alone notification). Boxed so that
+/// request callbacks can reach it through `user_data`.
+struct XferSlot {
+    token: Token,
+    op: XferOp,
+    ep: u32,
+    phase: Phase,
+    /// Requests in flight (their callbacks have not run yet).
+    outstanding: u32,
+    /// First failure, or `UCS_OK`.
+    status: sys::ucs_status_t,
+    /// The request handles in flight, for cancellation.
+    requests: Vec<*mut c_void>,
+    /// The notification to send after the data (or the stand-alone one).
+    note: Vec<u8>,
+    has_note: bool,
+    /// A stand-alone notification: no completion is reported.
+    internal: bool,
+}
+
+/// Received notifications, filled by the active-message handler.
+struct NoteQueue {
+    bufs: Vec<Vec<u8>>,
+    head: usize,
+    len: usize,
+    max_len: usize,
+    dropped: u64,
+}
+
+impl NoteQueue {
+    fn push(&mut self, data: &[u8]) {
+        if self.len == self.bufs.len() || data.len() > self.max_len {
+            self.dropped += 1;
+            return;
+        }
+        let i = (self.head + self.len) % self.bufs.len();
+        let buf = &mut self.bufs[i];
+        buf.clear();
+        buf.extend_from_slice(data);
+        self.len += 1;
+    }
+}
+
+/// The UCX transport: one UCP context and one worker, with tables of
+/// registrations, endpoints and remote keys.
+///
+/// # Threads
+///
+/// `UcxTransport` is [`Send`]: the worker runs in
+/// `UCS_THREAD_MODE_SERIALIZED`, which allows any thread to use it as long
+/// as calls never overlap, and every call into UCX (and every callback UCX
+/// makes, which only runs inside `ucp_worker_progress` and the other calls
+/// made here) happens through `&mut self` or, for the read-only
+/// `pack_key`/`local_address`, without touching UCX at all. It is not
+/// [`Sync`]: sharing it between threads needs a lock around it (the std
+/// shim's `Agent` keeps it in a `Mutex`), because two overlapping calls on
+/// a serialized worker are undefined behaviour in UCX.
+///
+/// # Handles
+///
+/// [`UcxReg`], [`UcxPeer`] and [`UcxRemoteKey`] are index newtypes into
+/// this transport's tables, stamped with the transport's identity. They
+/// cannot be copied, so a handle is live until it is handed back; a handle
+/// of another transport is refused. Everything still in the tables is
+/// released in `Drop`, in the order UCX needs: in-flight requests, remote
+/// keys, endpoints, memory handles, worker, context.
+pub struct UcxTransport {
+    owner: u64,
+    config: UcxConfig,
+    context: sys::ucp_context_h,
+    worker: sys::ucp_worker_h,
+    address: Vec<u8>,
+    regs: Table<RegEntry>,
+    eps: Table<Box<UnsafeCell<EpState>>>,
+    keys: Table<KeyEntry>,
+    slots: Vec<Box<UnsafeCell<XferSlot>>>,
+    free_slots: Vec<u32>,
+    active: Vec<u32>,
+    completions: VecDeque<Completion>,
+    notes: Box<UnsafeCell<NoteQueue>>,
+    /// Endpoint states whose close did not finish in time: UCX may still
+    /// call their error handler, so they live until the worker is gone.
+    graveyard: Vec<Box<UnsafeCell<EpState>>>,
+    scratch: Vec<*mut c_void>,
+    _not_sync: PhantomData<Cell<()>>,
+}
+
+// SAFETY: see the type's documentation: the worker is in serialized mode
+// and every UCX call and callback happens under `&mut self` (or touches no
+// UCX state), so moving the transport to another thread is sound. The raw
+// pointers inside are owned by this value alone.
+unsafe impl Send for UcxTransport {}
+
+impl fmt::Debug for UcxTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UcxTransport")
+            .field("owner", &self.owner)
+            .field("address_len", &self.address.len())
+            .field("in_flight", &self.active.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Releases a `ucp_config_t` read by `ucp_config_read`.
+struct ConfigGuard(*mut sys::ucp_config_t);
+
+impl Drop for ConfigGuard {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from a successful ucp_config_read and is
+        // released exactly once, here.
+        unsafe { sys::ucp_config_release(self.0) }
+    }
+}
+
+fn config_modify(config: &ConfigGuard, name: &str, value: &str) -> Result<(), Error> {
+    let (Ok(n), Ok(v)) = (CString::new(name), CString::new(value)) else {
+        return Err(Error::backend(
+            BACKEND,
+            i64::from(sys::UCS_ERR_INVALID_PARAM as sys::ucs_status_t),
+            "configuration value contains a NUL byte",
+        ));
+    };
+    // SAFETY: the config is live (owned by the guard); both strings are
+    // NUL-terminated and outlive the call, which copies them.
+    let st = unsafe { sys::ucp_config_modify(config.0, n.as_ptr(), v.as_ptr()) };
+    if st != UCS_OK {
+        let what = format!("setting UCX_{name}={value:?}");
+        return Err(ucs_error(&what, st));
+    }
+    Ok(())
+}
+
+/// Completion callback of every request (put, get, flush, active message).
+/// `user_data` is the request's `XferSlot`.
+unsafe extern "C" fn request_done(
+    request: *mut c_void,
+    status: sys::ucs_status_t,
+    user_data: *mut c_void,
+) {
+    let slot = user_data.cast::<XferSlot>();
+    // SAFETY: `user_data` is the address of a boxed XferSlot owned by the
+    // transport, which outlives every request (slots are freed only once
+    // their outstanding count is zero, and the boxes outlive the worker).
+    // UCX runs this callback inside a call the transport makes under
+    // `&mut self`, when no reference to the slot is held.
+    unsafe {
+        let reqs = &mut (*slot).requests;
+        if let Some(pos) = reqs.iter().position(|&r| r == request) {
+            reqs.swap_remove(pos);
+        }
+        (*slot).outstanding = (*slot).outstanding.saturating_sub(1);
+        if status != UCS_OK && (*slot).status == UCS_OK {
+            (*slot).status = status;
+        }
+    }
+    // SAFETY: the request is complete and nobody else frees it: it was
+    // removed from the slot's list above.
+    unsafe { sys::ucp_request_free(request) }
+}
+
+/// Error handler of every endpoint; `arg` is its `EpState`.
+unsafe extern "C" fn ep_failed(arg: *mut c_void, _ep: sys::ucp_ep_h, status: sys::ucs_status_t) {
+    log::warn!("UCX: endpoint failed: {}", status_text(status));
+    let state = arg.cast::<EpState>();
+    // SAFETY: `arg` is a boxed EpState kept alive until its endpoint is
+    // closed (or, if the close did not finish, until the worker is
+    // destroyed); the handler runs inside progress under `&mut self`.
+    unsafe {
+        if (*state).failed == UCS_OK {
+            (*state).failed = status;
+        }
+    }
+}
+
+/// Active-message handler for notifications; `arg` is the `NoteQueue`.
+unsafe extern "C" fn notification_received(
+    arg: *mut c_void,
+    _header: *const c_void,
+    _header_length: usize,
+    data: *mut c_void,
+    length: usize,
+    param: *const sys::ucp_am_recv_param_t,
+) -> sys::ucs_status_t {
+    let queue = arg.cast::<NoteQueue>();
+    // SAFETY: UCX passes a valid parameter block for the duration of the
+    // call.
+    let attr = unsafe { (*param).recv_attr };
+    if attr & u64::from(sys::UCP_AM_RECV_ATTR_FLAG_RNDV) != 0 {
+        // Notifications are sent eagerly; a rendezvous one is not ours.
+        log::warn!("UCX: dropped a rendezvous active message of {length} bytes");
+        // SAFETY: as above; the queue box outlives the worker's handlers.
+        unsafe { (*queue).dropped += 1 };
+        return UCS_OK;
+    }
+    let bytes = if length == 0 || data.is_null() {
+        &[][..]
+    } else {
+        // SAFETY: for an eager message UCX hands `length` readable bytes at
+        // `data`, valid until this handler returns.
+        unsafe { std::slice::from_raw_parts(data.cast::<u8>(), length) }
+    };
+    // SAFETY: `arg` is the transport's boxed NoteQueue, alive as long as
+    // the worker; the handler runs inside progress under `&mut self`.
+    unsafe { (*queue).push(bytes) };
+    UCS_OK
+}
+
+impl UcxTransport {
+    /// Creates a UCP context (RMA and active messages, configured from the
+    /// `UCX_*` environment variables and `config`) and a serialized worker.
+    pub fn new(config: &UcxConfig) -> Result<UcxTransport, Error> {
+        let mut raw_config: *mut sys::ucp_config_t = ptr::null_mut();
+        // SAFETY: null prefix and file name select the defaults ("UCX_"
+        // environment variables, no file); the out pointer is valid.
+        let st = unsafe { sys::ucp_config_read(ptr::null(), ptr::null(), &mut raw_config) };
+        if st != UCS_OK {
+            return Err(ucs_error("reading the UCX configuration", st));
+        }
+        let ucp_config = ConfigGuard(raw_config);
+        if let Some(tls) = &config.tls {
+            config_modify(&ucp_config, "TLS", tls)?;
+        }
+        if let Some(ms) = config.keepalive_interval_ms {
+            if std::env::var_os("UCX_KEEPALIVE_INTERVAL").is_none() {
+                config_modify(&ucp_config, "KEEPALIVE_INTERVAL", &format!("{ms}ms"))?;
+            }
+        }
+
+        let queue_len = config.notification_queue.max(1) as usize;
+        let mut transport = UcxTransport {
+            owner: NEXT_OWNER.fetch_add(1, Ordering::Relaxed),
+            config: config.clone(),
+            context: ptr::null_mut(),
+            worker: ptr::null_mut(),
+            address: Vec::new(),
+            regs: Table::new(),
+            eps: Table::new(),
+            keys: Table::new(),
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            active: Vec::new(),
+            completions: VecDeque::with_capacity(64),
+            notes: Box::new(UnsafeCell::new(NoteQueue {
+                bufs: vec![Vec::new(); queue_len],
+                head: 0,
+                len: 0,
+                max_len: config.max_notification as usize,
+                dropped: 0,
+            })),
+            graveyard: Vec::new(),
+            scratch: Vec::new(),
+            _not_sync: PhantomData,
+        };
+
+        let params = sys::ucp_params_t {
+            field_mask: u64::from(sys::UCP_PARAM_FIELD_FEATURES),
+            features: u64::from(sys::UCP_FEATURE_RMA | sys::UCP_FEATURE_AM),
+            ..Default::default()
+        };
+        // SAFETY: params and config are valid for the call; the out pointer
+        // is valid. ucp_init (a static inline) is exactly this call.
+        let st = unsafe {
+            sys::ucp_init_version(
+                sys::UCP_API_MAJOR,
+                sys::UCP_API_MINOR,
+                &params,
+                ucp_config.0,
+                &mut transport.context,
+            )
+        };
+        if st != UCS_OK {
+            transport.context = ptr::null_mut();
+            return Err(ucs_error("creating the UCP context", st));
+        }
+        drop(ucp_config);
+
+        let wparams = sys::ucp_worker_params_t {
+            field_mask: u64::from(sys::UCP_WORKER_PARAM_FIELD_THREAD_MODE),
+            thread_mode: sys::UCS_THREAD_MODE_SERIALIZED,
+            ..Default::default()
+        };
+        // SAFETY: the context is live; params and out pointer are valid.
+        let st = unsafe { sys::ucp_worker_create(transport.context, &wparams, &mut transport.worker) };
+        if st != UCS_OK {
+            transport.worker = ptr::null_mut();
+            return Err(ucs_error("creating the UCP worker", st));
+        }
+
+        let mut addr: *mut sys::ucp_address_t = ptr::null_mut();
+        let mut addr_len: usize = 0;
+        // SAFETY: the worker is live; out pointers are valid.
+        let st = unsafe { sys::ucp_worker_get_address(transport.worker, &mut addr, &mut addr_len) };
+        if st != UCS_OK {
+            return Err(ucs_error("getting the worker address", st));
+        }
+        // SAFETY: UCX returned `addr_len` readable bytes at `addr`, which we
+        // copy and then release exactly once.
+        unsafe {
+            transport.address = std::slice::from_raw_parts(addr.cast::<u8>(), addr_len).to_vec();
+            sys::ucp_worker_release_address(transport.worker, addr);
+        }
+
+        let am = sys::ucp_am_handler_param_t {
+            field_mask: u64::from(
+                sys::UCP_AM_HANDLER_PARAM_FIELD_ID
+                    | sys::UCP_AM_HANDLER_PARAM_FIELD_CB
+                    | sys::UCP_AM_HANDLER_PARAM_FIELD_ARG
+                    | sys::UCP_AM_HANDLER_PARAM_FIELD_FLAGS,
+            ),
+            id: NOTIFICATION_AM_ID,
+            flags: sys::UCP_AM_FLAG_WHOLE_MSG,
+            cb: Some(notification_received),
+            arg: transport.notes.get().cast::<c_void>(),
+        };
+        // SAFETY: the worker is live; the handler's arg is the boxed queue,
+        // which lives as long as the transport (and so the worker).
+        let st = unsafe { sys::ucp_worker_set_am_recv_handler(transport.worker, &am) };
+        if st != UCS_OK {
+            return Err(ucs_error("setting the notification handler", st));
+        }
+        log::debug!("UCX: transport ready, worker address of {} bytes", transport.address.len());
+        Ok(transport)
+    }
+
+    /// The settings this transport was created with.
+    pub fn config(&self) -> &UcxConfig {
+        &self.config
+    }
+
+    /// This transport's packed worker address (what
+    /// [`Transport::local_address`] writes).
+    pub fn worker_address(&self) -> &[u8] {
+        &self.address
+    }
+
+    /// Runs `ucp_worker_progress` once; returns whether anything happened.
+    pub fn progress(&mut self) -> bool {
+        // SAFETY: the worker is live (new() fails otherwise) and `&mut self`
+        // serializes calls.
+        unsafe { sys::ucp_worker_progress(self.worker) != 0 }
+    }
+
+    fn foreign(&self, what: &'static str) -> Error {
+        let _ = self;
+        Error::backend(
+            BACKEND,
+            i64::from(sys::UCS_ERR_INVALID_PARAM as sys::ucs_status_t),
+            what,
+        )
+    }
+
+    fn ep_state(&self, index: u32) -> Option<*mut EpState> {
+        self.eps.get(index).map(|b| b.get())
+    }
+
+    fn slot_ptr(&self, index: u32) -> *mut XferSlot {
+        self.slots[index as usize].get()
+    }
+
+    fn alloc_slot(&mut self, token: Token, op: XferOp, ep: u32, note: Option<&[u8]>) -> u32 {
+        let index = match self.free_slots.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(Box::new(UnsafeCell::new(XferSlot {
+                    token,
+                    op,
+                    ep,
+                    phase: Phase::Data,
+                    outstanding: 0,
+                    status: UCS_OK,
+                    requests: Vec::with_capacity(16),
+                    note: Vec::new(),
+                    has_note: false,
+                    internal: false,
+                })));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        // SAFETY: a free slot has no request in flight, so no callback can
+        // touch it; no other reference to it exists.
+        let slot = unsafe { &mut *self.slot_ptr(index) };
+        slot.token = token;
+        slot.op = op;
+        slot.ep = ep;
+        slot.phase = Phase::Data;
+        slot.outstanding = 0;
+        slot.status = UCS_OK;
+        slot.requests.clear();
+        slot.note.clear();
+        slot.has_note = note.is_some();
+        slot.internal = false;
+        if let Some(n) = note {
+            slot.note.extend_from_slice(n);
+        }
+        index
+    }
+
+    fn free_slot(&mut self, index: u32) {
+        self.free_slots.push(index);
+    }
+
+    /// Request parameters whose callback reports to slot `slot`.
+    fn request_param(slot: *mut XferSlot, flags: u32) -> sys::ucp_request_param_t {
+        let mut p = sys::ucp_request_param_t {
+            op_attr_mask: sys::UCP_OP_ATTR_FIELD_CALLBACK | sys::UCP_OP_ATTR_FIELD_USER_DATA,
+            user_data: slot.cast::<c_void>(),
+            ..Default::default()
+        };
+        p.cb.send = Some(request_done);
+        if flags != 0 {
+            p.op_attr_mask |= sys::UCP_OP_ATTR_FIELD_FLAGS;
+            p.flags = flags;
+        }
+        p
+    }
+
+    /// Records what a `*_nbx` call returned for slot `slot`; false if it
+    /// failed at once.
+    fn track(slot: *mut XferSlot, ret: sys::ucs_status_ptr_t) -> bool {
+        if sys::ucs_ptr_is_ptr(ret) {
+            // SAFETY: the slot is live and no reference to it is held; the
+            // request's callback cannot have run yet (UCX calls it only from
+            // progress, after this call returned it).
+            unsafe {
+                (*slot).outstanding += 1;
+                (*slot).requests.push(ret);
+            }
+            true
+        } else if sys::ucs_ptr_is_err(ret) {
+            // SAFETY: as above.
+            unsafe {
+                if (*slot).status == UCS_OK {
+                    (*slot).status = sys::ucs_ptr_status(ret);
+                }
+            }
+            false
+        } else {
+            true
+        }
+    }
+
+    /// Issues the endpoint flush of a WRITE.
+    fn issue_flush(&mut self, slot: *mut XferSlot, ep: sys::ucp_ep_h) {
+        let param = Self::request_param(slot, 0);
+        // SAFETY: the endpoint is live (the core disconnects a peer only
+        // after its transfers ended); param is valid for the call and its
+        // user_data slot outlives the request.
+        let ret = unsafe { sys::ucp_ep_flush_nbx(ep, &param) };
+        Self::track(slot, ret);
+    }
+
+    /// Sends the slot's notification as an eager active message.
+    fn issue_note(&mut self, slot: *mut XferSlot, ep: sys::ucp_ep_h) {
+        let param = Self::request_param(slot, sys::UCP_AM_SEND_FLAG_EAGER);
+        // SAFETY: the slot is live; we only read the note's address and
+        // length, and the buffer is not touched until the request completes
+        // (the slot is not reused before its outstanding count is zero).
+        let (buf, len) = unsafe { ((*slot).note.as_ptr(), (*slot).note.len()) };
+        // SAFETY: the endpoint is live; header is empty; the buffer stays
+        // valid until completion (see above); param is valid for the call.
+        let ret = unsafe {
+            sys::ucp_am_send_nbx(
+                ep,
+                NOTIFICATION_AM_ID,
+                ptr::null(),
+                0,
+                buf.cast::<c_void>(),
+                len,
+                &param,
+            )
+        };
+        Self::track(slot, ret);
+    }
+
+    /// Moves slot `index` through its phases as far as it can go without
+    /// waiting; returns its result once it has ended.
+    fn advance(&mut self, index: u32) -> Option<Result<(), Error>> {
+        let slot = self.slot_ptr(index);
+        loop {
+            // SAFETY: the slot is live and no reference to it is held while
+            // UCX runs (the issue_* calls below re-read through the pointer).
+            let (outstanding, status, phase, op, ep_index, has_note) = unsafe {
+                let s = &*slot;
+                (s.outstanding, s.status, s.phase, s.op, s.ep, s.has_note)
+            };
+            if outstanding > 0 {
+                return None;
+            }
+            let ep = self.ep_state(ep_index);
+            if status != UCS_OK {
+                // SAFETY: the state box is live while it is in the table.
+                let failed = ep.is_some_and(|e| unsafe { (*e).failed } != UCS_OK);
+                let what = match phase {
+                    Phase::Data => op.name(),
+                    Phase::Flush => "flushing the endpoint after WRITE",
+                    Phase::Notify => "sending the notification",
+                };
+                return Some(Err(xfer_error(what, status, failed)));
+            }
+            let Some(ep) = ep else {
+                return Some(Err(Error::disconnected("")));
+            };
+            // SAFETY: the state box is live while it is in the table.
+            let ep_handle = unsafe { (*ep).ep };
+            match phase {
+                Phase::Data => {
+                    // SAFETY: no other reference to the slot exists.
+                    unsafe { (*slot).phase = Phase::Flush };
+                    if op == XferOp::Write {
+                        self.issue_flush(slot, ep_handle);
+                    }
+                }
+                Phase::Flush => {
+                    if !has_note {
+                        return Some(Ok(()));
+                    }
+                    // SAFETY: no other reference to the slot exists.
+                    unsafe { (*slot).phase = Phase::Notify };
+                    self.issue_note(slot, ep_handle);
+                }
+                Phase::Notify => return Some(Ok(())),
+            }
+        }
+    }
+
+    /// Looks up the endpoint of `peer`, refusing a failed one.
+    fn live_ep(&self, peer: &UcxPeer) -> Result<(u32, sys::ucp_ep_h), Error> {
+        if peer.owner != self.owner {
+            return Err(self.foreign("peer handle belongs to another UCX transport"));
+        }
+        let Some(state) = self.ep_state(peer.index) else {
+            return Err(self.foreign("peer handle was disconnected"));
+        };
+        // SAFETY: the state box is live while it is in the table.
+        let (ep, failed) = unsafe { ((*state).ep, (*state).failed) };
+        if failed != UCS_OK {
+            return Err(Error::disconnected(""));
+        }
+        Ok((peer.index, ep))
+    }
+
+    /// Progresses until `done()` or `timeout`; returns whether `done()`.
+    fn progress_until(&mut self, timeout: Duration, mut done: impl FnMut(&Self) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if done(self) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            if !self.progress() {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// Closes an endpoint (flush, or force if it failed) and waits for the
+    /// close up to the close timeout.
+    fn close_ep(&mut self, state: Box<UnsafeCell<EpState>>) {
+        // SAFETY: the box is live; nobody else holds a reference.
+        let (ep, failed) = unsafe { ((*state.get()).ep, (*state.get()).failed) };
+        let param = sys::ucp_request_param_t {
+            op_attr_mask: sys::UCP_OP_ATTR_FIELD_FLAGS,
+            flags: if failed != UCS_OK { sys::UCP_EP_CLOSE_FLAG_FORCE } else { 0 },
+            ..Default::default()
+        };
+        // SAFETY: the endpoint is live and closed exactly once, here.
+        let req = unsafe { sys::ucp_ep_close_nbx(ep, &param) };
+        if !sys::ucs_ptr_is_ptr(req) {
+            if sys::ucs_ptr_is_err(req) {
+                log::debug!("UCX: closing endpoint: {}", status_text(sys::ucs_ptr_status(req)));
+            }
+            return;
+        }
+        let timeout = Duration::from_millis(u64::from(self.config.close_timeout_ms));
+        // SAFETY (closure): the request is live until freed below.
+        let done = self.progress_until(timeout, |_| unsafe {
+            sys::ucp_request_check_status(req) != UCS_INPROGRESS
+        });
+        // SAFETY: the request came from ucp_ep_close_nbx and is freed once;
+        // if it is still running UCX releases it when it completes.
+        unsafe { sys::ucp_request_free(req) };
+        if !done {
+            log::warn!("UCX: endpoint close did not finish in {timeout:?}");
+            self.graveyard.push(state);
+        }
+    }
+}
+
+impl Transport for UcxTransport {
+    type LocalReg = UcxReg;
+    type Peer = UcxPeer;
+    type RemoteKey = UcxRemoteKey;
+
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut caps = Capabilities::default();
+        caps.mem_kinds = MemKinds::DRAM;
+        caps.max_segments = 0;
+        caps.max_notification = self.config.max_notification;
+        caps.can_cancel = true;
+        caps.may_complete_inline = true;
+        caps
+    }
+
+    fn register(&mut self, region: &Region) -> Result<UcxReg, Error> {
+        if region.kind != MemKind::Dram {
+            return Err(Error::UnsupportedMemKind { backend: BACKEND, kind: region.kind });
+        }
+        let len = usize::try_from(region.len).ok();
+        if region.len == 0 || region.end().is_none() || len.is_none() || region.addr == 0 {
+            return Err(Error::InvalidRegion { addr: region.addr, len: region.len });
+        }
+        let params = sys::ucp_mem_map_params_t {
+            field_mask: u64::from(
+                sys::UCP_MEM_MAP_PARAM_FIELD_ADDRESS | sys::UCP_MEM_MAP_PARAM_FIELD_LENGTH,
+            ),
+            address: region.addr as usize as *mut c_void,
+            length: len.unwrap_or(0),
+            ..Default::default()
+        };
+        let mut memh: sys::ucp_mem_h = ptr::null_mut();
+        // SAFETY: the context is live; UCX only registers (pins/records) the
+        // given range, which the caller owns for the registration's life.
+        let st = unsafe { sys::ucp_mem_map(self.context, &params, &mut memh) };
+        if st != UCS_OK {
+            let what = format!("registering [{:#x}, +{})", region.addr, region.len);
+            return Err(ucs_error(&what, st));
+        }
+        let mut buf: *mut c_void = ptr::null_mut();
+        let mut size: usize = 0;
+        // SAFETY: context and memh are live; out pointers are valid.
+        let st = unsafe { sys::ucp_rkey_pack(self.context, memh, &mut buf, &mut size) };
+        if st != UCS_OK {
+            // SAFETY: memh was mapped above and is unmapped once.
+            unsafe { sys::ucp_mem_unmap(self.context, memh) };
+            return Err(ucs_error("packing the remote key", st));
+        }
+        // SAFETY: UCX returned `size` readable bytes at `buf`, copied and
+        // then released exactly once.
+        let packed = unsafe {
+            let v = std::slice::from_raw_parts(buf.cast::<u8>(), size).to_vec();
+            sys::ucp_rkey_buffer_release(buf);
+            v
+        };
+        let index = self.regs.insert(RegEntry { memh, packed });
+        Ok(UcxReg { owner: self.owner, index })
+    }
+
+    fn deregister(&mut self, reg: UcxReg) {
+        if reg.owner != self.owner {
+            log::error!("UCX: deregister: registration belongs to another transport; ignored");
+            return;
+        }
+        if let Some(entry) = self.regs.remove(reg.index) {
+            // SAFETY: memh was mapped by this context and is unmapped once;
+            // the core hands a registration back only when no transfer uses it.
+            let st = unsafe { sys::ucp_mem_unmap(self.context, entry.memh) };
+            if st != UCS_OK {
+                log::warn!("UCX: unmapping memory: {}", status_text(st));
+            }
+        }
+    }
+
+    fn pack_key(&self, reg: &UcxReg, out: &mut [u8]) -> Result<usize, Error> {
+        if reg.owner != self.owner {
+            return Err(self.foreign("registration belongs to another UCX transport"));
+        }
+        let Some(entry) = self.regs.get(reg.index) else {
+            return Err(self.foreign("registration was released"));
+        };
+        let n = entry.packed.len();
+        if out.len() < n {
+            return Err(Error::BufferTooSmall { needed: n as u64, available: out.len() as u64 });
+        }
+        out[..n].copy_from_slice(&entry.packed);
+        Ok(n)
+    }
+
+    fn local_address(&self, out: &mut [u8]) -> Result<usize, Error> {
+        let n = self.address.len();
+        if out.len() < n {
+            return Err(Error::BufferTooSmall { needed: n as u64, available: out.len() as u64 });
+        }
+        out[..n].copy_from_slice(&self.address);
+        Ok(n)
+    }
+
+    fn connect(&mut self, address: &[u8]) -> Result<UcxPeer, Error> {
+        if address.is_empty() {
+            return Err(self.foreign("empty worker address"));
+        }
+        let state = Box::new(UnsafeCell::new(EpState { ep: ptr::null_mut(), failed: UCS_OK }));
+        let params = sys::ucp_ep_params_t {
+            field_mask: u64::from(
+                sys::UCP_EP_PARAM_FIELD_REMOTE_ADDRESS
+                    | sys::UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE
+                    | sys::UCP_EP_PARAM_FIELD_ERR_HANDLER,
+            ),
+            address: address.as_ptr().cast::<sys::ucp_address_t>(),
+            err_mode: sys::UCP_ERR_HANDLING_MODE_PEER,
+            err_handler: sys::ucp_err_handler_t {
+                cb: Some(ep_failed),
+                arg: state.get().cast::<c_void>(),
+            },
+            ..Default::default()
+        };
+        let mut ep: sys::ucp_ep_h = ptr::null_mut();
+        // SAFETY: the worker is live; the address bytes are valid for the
+        // call (UCX copies what it needs); the error handler's arg is the
+        // boxed state, kept alive until the endpoint is closed.
+        let st = unsafe { sys::ucp_ep_create(self.worker, &params, &mut ep) };
+        if st != UCS_OK {
+            return Err(ucs_error("creating an endpoint from the peer's worker address", st));
+        }
+        // SAFETY: no other reference to the new state exists.
+        unsafe { (*state.get()).ep = ep };
+        let index = self.eps.insert(state);
+        Ok(UcxPeer { owner: self.owner, index })
+    }
+
+    fn disconnect(&mut self, peer: UcxPeer) {
+        if peer.owner != self.owner {
+            log::error!("UCX: disconnect: peer belongs to another transport; ignored");
+            return;
+        }
+        let Some(state) = self.eps.remove(peer.index) else {
+            return;
+        };
+        // Remote keys unpacked on this endpoint go first.
+        for key in self.keys.items.iter_mut().flatten() {
+            if key.ep == peer.index && !key.rkey.is_null() {
+                // SAFETY: the rkey is live and destroyed once; it is nulled so
+                // release_key does not destroy it again.
+                unsafe { sys::ucp_rkey_destroy(key.rkey) };
+                key.rkey = ptr::null_mut();
+            }
+        }
+        self.close_ep(state);
+    }
+
+    fn unpack_key(&mut self, peer: &UcxPeer, region: &Region, key: &[u8]) -> Result<UcxRemoteKey, Error> {
+        if peer.owner != self.owner {
+            return Err(self.foreign("peer handle belongs to another UCX transport"));
+        }
+        let Some(state) = self.ep_state(peer.index) else {
+            return Err(self.foreign("peer handle was disconnected"));
+        };
+        if key.is_empty() {
+            return Err(self.foreign("empty remote key"));
+        }
+        // SAFETY: the state box is live while in the table.
+        let ep = unsafe { (*state).ep };
+        let mut rkey: sys::ucp_rkey_h = ptr::null_mut();
+        // SAFETY: the endpoint is live; the key bytes are valid for the call
+        // (UCX copies what it needs); the out pointer is valid.
+        let st = unsafe { sys::ucp_ep_rkey_unpack(ep, key.as_ptr().cast::<c_void>(), &mut rkey) };
+        if st != UCS_OK {
+            let what = format!("unpacking the remote key of [{:#x}, +{})", region.addr, region.len);
+            return Err(ucs_error(&what, st));
+        }
+        let index = self.keys.insert(KeyEntry { rkey, ep: peer.index });
+        Ok(UcxRemoteKey { owner: self.owner, index })
+    }
+
+    fn release_key(&mut self, key: UcxRemoteKey) {
+        if key.owner != self.owner {
+            log::error!("UCX: release_key: key belongs to another transport; ignored");
+            return;
+        }
+        if let Some(entry) = self.keys.remove(key.index) {
+            if !entry.rkey.is_null() {
+                // SAFETY: the rkey is live and destroyed once; the core hands
+                // a key back only when no transfer uses it.
+                unsafe { sys::ucp_rkey_destroy(entry.rkey) };
+            }
+        }
+    }
+
+    fn post(
+        &mut self,
+        op: XferOp,
+        peer: &UcxPeer,
+        segments: &[Segment<'_, UcxReg, UcxRemoteKey>],
+        notification: Option<&[u8]>,
+        token: Token,
+    ) -> Result<PostStatus, Error> {
+        let (ep_index, ep) = self.live_ep(peer)?;
+        if let Some(n) = notification {
+            if n.len() > self.config.max_notification as usize {
+                return Err(Error::NotificationTooLong {
+                    len: n.len() as u64,
+                    max: u64::from(self.config.max_notification),
+                });
+            }
+        }
+        // Check every segment before anything is issued.
+        for seg in segments {
+            if seg.local.owner != self.owner || self.regs.get(seg.local.index).is_none() {
+                return Err(self.foreign("segment's local registration is not this transport's"));
+            }
+            if seg.remote.owner != self.owner {
+                return Err(self.foreign("segment's remote key is not this transport's"));
+            }
+            match self.keys.get(seg.remote.index) {
+                Some(k) if k.ep == ep_index && !k.rkey.is_null() => {}
+                _ => return Err(self.foreign("segment's remote key was not unpacked for this peer")),
+            }
+            if seg.len == 0 || usize::try_from(seg.len).is_err() {
+                return Err(Error::InvalidRegion { addr: seg.local_addr, len: seg.len });
+            }
+        }
+
+        let index = self.alloc_slot(token, op, ep_index, notification);
+        let slot = self.slot_ptr(index);
+        let param = Self::request_param(slot, 0);
+        for seg in segments {
+            let rkey = self.keys.get(seg.remote.index).map_or(ptr::null_mut(), |k| k.rkey);
+            let len = seg.len as usize;
+            // SAFETY: the endpoint and rkey are live (checked above); the
+            // local range lies in a registration the core keeps until the
+            // transfer ends, and the remote range in the peer's region the
+            // rkey covers; param's user_data slot outlives the request.
+            let ret = unsafe {
+                match op {
+                    XferOp::Write => sys::ucp_put_nbx(
+                        ep,
+                        seg.local_addr as usize as *const c_void,
+                        len,
+                        seg.remote_addr,
+                        rkey,
+                        &param,
+                    ),
+                    XferOp::Read => sys::ucp_get_nbx(
+                        ep,
+                        seg.local_addr as usize as *mut c_void,
+                        len,
+                        seg.remote_addr,
+                        rkey,
+                        &param,
+                    ),
+                }
+            };
+            if !Self::track(slot, ret) {
+                break;
+            }
+        }
+        match self.advance(index) {
+            Some(result) => {
+                self.free_slot(index);
+                result.map(|()| PostStatus::Done)
+            }
+            None => {
+                self.active.push(index);
+                Ok(PostStatus::InProgress)
+            }
+        }
+    }
+
+    fn poll(&mut self) -> Option<Completion> {
+        self.progress();
+        let mut i = 0;
+        while i < self.active.len() {
+            let index = self.active[i];
+            match self.advance(index) {
+                Some(result) => {
+                    self.active.swap_remove(i);
+                    // SAFETY: the slot has ended; no request refers to it.
+                    let (token, internal) = unsafe {
+                        let s = &*self.slot_ptr(index);
+                        (s.token, s.internal)
+                    };
+                    self.free_slot(index);
+                    if internal {
+                        if let Err(e) = result {
+                            log::warn!("UCX: notification failed: {e}");
+                        }
+                    } else {
+                        self.completions.push_back(Completion { token, result });
+                    }
+                }
+                None => i += 1,
+            }
+        }
+        self.completions.pop_front()
+    }
+
+    fn cancel(&mut self, token: Token) -> Result<(), Error> {
+        if let Some(pos) = self.completions.iter().position(|c| c.token == token) {
+            self.completions.remove(pos);
+            return Ok(());
+        }
+        let found = self.active.iter().position(|&i| {
+            // SAFETY: active slots are live; only plain fields are read.
+            let s = unsafe { &*self.slot_ptr(i) };
+            s.token == token && !s.internal
+        });
+        let Some(pos) = found else {
+            return Ok(());
+        };
+        let index = self.active[pos];
+        let slot = self.slot_ptr(index);
+        self.scratch.clear();
+        // SAFETY: no callback runs while we copy the request list.
+        self.scratch.extend_from_slice(unsafe { &(*slot).requests });
+        for &req in &self.scratch {
+            // SAFETY: the request is in flight (its callback, which frees it,
+            // has not run: it would have removed it from the list); the
+            // worker is live.
+            unsafe { sys::ucp_request_cancel(self.worker, req) };
+        }
+        let timeout = Duration::from_millis(u64::from(self.config.cancel_timeout_ms));
+        // SAFETY (closure): the slot is live; only its counter is read.
+        let released = self.progress_until(timeout, |_| unsafe { (*slot).outstanding == 0 });
+        if !released {
+            return Err(Error::TimedOut { after_ms: timeout.as_millis() as u64 });
+        }
+        self.active.swap_remove(pos);
+        self.free_slot(index);
+        Ok(())
+    }
+
+    fn send_notification(&mut self, peer: &UcxPeer, msg: &[u8]) -> Result<(), Error> {
+        let (ep_index, ep) = self.live_ep(peer)?;
+        if msg.len() > self.config.max_notification as usize {
+            return Err(Error::NotificationTooLong {
+                len: msg.len() as u64,
+                max: u64::from(self.config.max_notification),
+            });
+        }
+        let index = self.alloc_slot(Token(u64::MAX), XferOp::Write, ep_index, Some(msg));
+        let slot = self.slot_ptr(index);
+        // SAFETY: the slot was just allocated; no request refers to it.
+        unsafe {
+            (*slot).internal = true;
+            (*slot).phase = Phase::Notify;
+        }
+        self.issue_note(slot, ep);
+        match self.advance(index) {
+            Some(result) => {
+                self.free_slot(index);
+                result
+            }
+            None => {
+                self.active.push(index);
+                Ok(())
+            }
+        }
+    }
+
+    fn poll_notification(&mut self, buf: &mut [u8]) -> Option<Result<usize, Error>> {
+        // SAFETY: the queue is only touched by the handler, which runs inside
+        // progress; no progress runs while this reference lives.
+        let empty = unsafe { (*self.notes.get()).len == 0 };
+        if empty {
+            self.progress();
+        }
+        // SAFETY: as above.
+        let q = unsafe { &mut *self.notes.get() };
+        if q.dropped > 0 {
+            q.dropped = 0;
+            return Some(Err(Error::CapacityExceeded {
+                what: "notifications",
+                capacity: q.bufs.len() as u32,
+            }));
+        }
+        if q.len == 0 {
+            return None;
+        }
+        let msg = &q.bufs[q.head];
+        if buf.len() < msg.len() {
+            return Some(Err(Error::BufferTooSmall {
+                needed: msg.len() as u64,
+                available: buf.len() as u64,
+            }));
+        }
+        let n = msg.len();
+        buf[..n].copy_from_slice(msg);
+        q.head = (q.head + 1) % q.bufs.len();
+        q.len -= 1;
+        Some(Ok(n))
+    }
+}
+
+impl Drop for UcxTransport {
+    fn drop(&mut self) {
+        if !self.worker.is_null() {
+            // 1. In-flight requests: cancel, and let them be released.
+            self.scratch.clear();
+            for &index in &self.active {
+                // SAFETY: active slots are live; no callback runs meanwhile.
+                self.scratch.extend_from_slice(unsafe { &(*self.slot_ptr(index)).requests });
+            }
+            for &req in &self.scratch {
+                // SAFETY: the request is in flight; the worker is live.
+                unsafe { sys::ucp_request_cancel(self.worker, req) };
+            }
+            let timeout = Duration::from_millis(u64::from(self.config.close_timeout_ms));
+            self.progress_until(timeout, |t| {
+                t.active.iter().all(|&i| {
+                    // SAFETY: active slots are live; only the counter is read.
+                    unsafe { (*t.slot_ptr(i)).outstanding == 0 }
+                })
+            });
+            // 2. Remote keys.
+            for key in self.keys.drain() {
+                if !key.rkey.is_null() {
+                    // SAFETY: live rkey, destroyed once.
+                    unsafe { sys::ucp_rkey_destroy(key.rkey) };
+                }
+            }
+            // 3. Endpoints.
+            let eps: Vec<_> = self.eps.drain().collect();
+            for state in eps {
+                self.close_ep(state);
+            }
+            // 4. Memory handles.
+            for reg in self.regs.drain() {
+                // SAFETY: memh mapped by this context, unmapped once.
+                unsafe { sys::ucp_mem_unmap(self.context, reg.memh) };
+            }
+            // 5. The worker.
+            // SAFETY: every endpoint is closed; destroyed once.
+            unsafe { sys::ucp_worker_destroy(self.worker) };
+            self.worker = ptr::null_mut();
+        }
+        // 6. The context.
+        if !self.context.is_null() {
+            // SAFETY: the worker is gone; the context is released once.
+            unsafe { sys::ucp_cleanup(self.context) };
+            self.context = ptr::null_mut();
+        }
+    }
+}
