@@ -21,6 +21,10 @@
 //! `UCX_TLS=tcp`) when the transport is created; [`UcxConfig`] can override
 //! the transport list and the keepalive interval that bounds how long a dead
 //! peer goes unnoticed.
+#![deny(missing_docs)]
+// `kvxfer_core::Error` is the project's one error type: bounded and
+// allocation-free by design, so it is returned by value.
+#![allow(clippy::result_large_err)]
 
 mod status;
 mod transport;

@@ -38,7 +38,11 @@ pub(crate) fn ucs_error(what: &str, status: sys::ucs_status_t) -> Error {
     let mut text: Text = Text::new();
     // Truncation is fine: `Text` is bounded and a cut message is still useful.
     let _ = write!(BoundedWriter(&mut text), "{what}: {}", status_text(status));
-    Error::Backend { backend: BACKEND, code: i64::from(status), text }
+    Error::Backend {
+        backend: BACKEND,
+        code: i64::from(status),
+        text,
+    }
 }
 
 /// The error reported for a transfer that ended with `status`: a dead peer
@@ -47,7 +51,10 @@ pub(crate) fn ucs_error(what: &str, status: sys::ucs_status_t) -> Error {
 /// with UCX's text.
 pub(crate) fn xfer_error(what: &str, status: sys::ucs_status_t, peer_failed: bool) -> Error {
     if peer_failed || is_peer_failure(status) {
-        log::warn!("UCX: {what} failed, peer unreachable: {}", status_text(status));
+        log::warn!(
+            "UCX: {what} failed, peer unreachable: {}",
+            status_text(status)
+        );
         Error::disconnected("")
     } else if status as i32 == sys::UCS_ERR_CANCELED as i32 {
         Error::Cancelled

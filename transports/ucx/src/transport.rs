@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 
 use kvxfer_core::mem::MemKinds;
 use kvxfer_core::{
-    Capabilities, Completion, Error, MemKind, PostStatus, Region, Segment, Token, Transport,
-    XferOp,
+    Capabilities, Completion, Error, MemKind, PostStatus, Region, Segment, Token, Transport, XferOp,
 };
 use ucx_sys as sys;
 
@@ -60,7 +59,10 @@ struct Table<T> {
 
 impl<T> Table<T> {
     fn new() -> Self {
-        Table { items: Vec::new(), free: Vec::new() }
+        Table {
+            items: Vec::new(),
+            free: Vec::new(),
+        }
     }
 
     fn insert(&mut self, item: T) -> u32 {
@@ -196,6 +198,9 @@ pub struct UcxTransport {
     regs: Table<RegEntry>,
     eps: Table<Box<UnsafeCell<EpState>>>,
     keys: Table<KeyEntry>,
+    /// Boxed so that each slot keeps its address while the vector grows:
+    /// request callbacks hold it as `user_data`.
+    #[allow(clippy::vec_box)]
     slots: Vec<Box<UnsafeCell<XferSlot>>>,
     free_slots: Vec<u32>,
     active: Vec<u32>,
@@ -203,6 +208,7 @@ pub struct UcxTransport {
     notes: Box<UnsafeCell<NoteQueue>>,
     /// Endpoint states whose close did not finish in time: UCX may still
     /// call their error handler, so they live until the worker is gone.
+    #[allow(clippy::vec_box)]
     graveyard: Vec<Box<UnsafeCell<EpState>>>,
     scratch: Vec<*mut c_void>,
     _not_sync: PhantomData<Cell<()>>,
@@ -403,7 +409,8 @@ impl UcxTransport {
             ..Default::default()
         };
         // SAFETY: the context is live; params and out pointer are valid.
-        let st = unsafe { sys::ucp_worker_create(transport.context, &wparams, &mut transport.worker) };
+        let st =
+            unsafe { sys::ucp_worker_create(transport.context, &wparams, &mut transport.worker) };
         if st != UCS_OK {
             transport.worker = ptr::null_mut();
             return Err(ucs_error("creating the UCP worker", st));
@@ -441,7 +448,10 @@ impl UcxTransport {
         if st != UCS_OK {
             return Err(ucs_error("setting the notification handler", st));
         }
-        log::debug!("UCX: transport ready, worker address of {} bytes", transport.address.len());
+        log::debug!(
+            "UCX: transport ready, worker address of {} bytes",
+            transport.address.len()
+        );
         Ok(transport)
     }
 
@@ -685,14 +695,21 @@ impl UcxTransport {
         let (ep, failed) = unsafe { ((*state.get()).ep, (*state.get()).failed) };
         let param = sys::ucp_request_param_t {
             op_attr_mask: sys::UCP_OP_ATTR_FIELD_FLAGS,
-            flags: if failed != UCS_OK { sys::UCP_EP_CLOSE_FLAG_FORCE } else { 0 },
+            flags: if failed != UCS_OK {
+                sys::UCP_EP_CLOSE_FLAG_FORCE
+            } else {
+                0
+            },
             ..Default::default()
         };
         // SAFETY: the endpoint is live and closed exactly once, here.
         let req = unsafe { sys::ucp_ep_close_nbx(ep, &param) };
         if !sys::ucs_ptr_is_ptr(req) {
             if sys::ucs_ptr_is_err(req) {
-                log::debug!("UCX: closing endpoint: {}", status_text(sys::ucs_ptr_status(req)));
+                log::debug!(
+                    "UCX: closing endpoint: {}",
+                    status_text(sys::ucs_ptr_status(req))
+                );
             }
             return;
         }
@@ -732,11 +749,17 @@ impl Transport for UcxTransport {
 
     fn register(&mut self, region: &Region) -> Result<UcxReg, Error> {
         if region.kind != MemKind::Dram {
-            return Err(Error::UnsupportedMemKind { backend: BACKEND, kind: region.kind });
+            return Err(Error::UnsupportedMemKind {
+                backend: BACKEND,
+                kind: region.kind,
+            });
         }
         let len = usize::try_from(region.len).ok();
         if region.len == 0 || region.end().is_none() || len.is_none() || region.addr == 0 {
-            return Err(Error::InvalidRegion { addr: region.addr, len: region.len });
+            return Err(Error::InvalidRegion {
+                addr: region.addr,
+                len: region.len,
+            });
         }
         let params = sys::ucp_mem_map_params_t {
             field_mask: u64::from(
@@ -771,7 +794,10 @@ impl Transport for UcxTransport {
             v
         };
         let index = self.regs.insert(RegEntry { memh, packed });
-        Ok(UcxReg { owner: self.owner, index })
+        Ok(UcxReg {
+            owner: self.owner,
+            index,
+        })
     }
 
     fn deregister(&mut self, reg: UcxReg) {
@@ -798,7 +824,10 @@ impl Transport for UcxTransport {
         };
         let n = entry.packed.len();
         if out.len() < n {
-            return Err(Error::BufferTooSmall { needed: n as u64, available: out.len() as u64 });
+            return Err(Error::BufferTooSmall {
+                needed: n as u64,
+                available: out.len() as u64,
+            });
         }
         out[..n].copy_from_slice(&entry.packed);
         Ok(n)
@@ -807,7 +836,10 @@ impl Transport for UcxTransport {
     fn local_address(&self, out: &mut [u8]) -> Result<usize, Error> {
         let n = self.address.len();
         if out.len() < n {
-            return Err(Error::BufferTooSmall { needed: n as u64, available: out.len() as u64 });
+            return Err(Error::BufferTooSmall {
+                needed: n as u64,
+                available: out.len() as u64,
+            });
         }
         out[..n].copy_from_slice(&self.address);
         Ok(n)
@@ -817,7 +849,10 @@ impl Transport for UcxTransport {
         if address.is_empty() {
             return Err(self.foreign("empty worker address"));
         }
-        let state = Box::new(UnsafeCell::new(EpState { ep: ptr::null_mut(), failed: UCS_OK }));
+        let state = Box::new(UnsafeCell::new(EpState {
+            ep: ptr::null_mut(),
+            failed: UCS_OK,
+        }));
         let params = sys::ucp_ep_params_t {
             field_mask: u64::from(
                 sys::UCP_EP_PARAM_FIELD_REMOTE_ADDRESS
@@ -838,12 +873,18 @@ impl Transport for UcxTransport {
         // boxed state, kept alive until the endpoint is closed.
         let st = unsafe { sys::ucp_ep_create(self.worker, &params, &mut ep) };
         if st != UCS_OK {
-            return Err(ucs_error("creating an endpoint from the peer's worker address", st));
+            return Err(ucs_error(
+                "creating an endpoint from the peer's worker address",
+                st,
+            ));
         }
         // SAFETY: no other reference to the new state exists.
         unsafe { (*state.get()).ep = ep };
         let index = self.eps.insert(state);
-        Ok(UcxPeer { owner: self.owner, index })
+        Ok(UcxPeer {
+            owner: self.owner,
+            index,
+        })
     }
 
     fn disconnect(&mut self, peer: UcxPeer) {
@@ -866,7 +907,12 @@ impl Transport for UcxTransport {
         self.close_ep(state);
     }
 
-    fn unpack_key(&mut self, peer: &UcxPeer, region: &Region, key: &[u8]) -> Result<UcxRemoteKey, Error> {
+    fn unpack_key(
+        &mut self,
+        peer: &UcxPeer,
+        region: &Region,
+        key: &[u8],
+    ) -> Result<UcxRemoteKey, Error> {
         if peer.owner != self.owner {
             return Err(self.foreign("peer handle belongs to another UCX transport"));
         }
@@ -883,11 +929,20 @@ impl Transport for UcxTransport {
         // (UCX copies what it needs); the out pointer is valid.
         let st = unsafe { sys::ucp_ep_rkey_unpack(ep, key.as_ptr().cast::<c_void>(), &mut rkey) };
         if st != UCS_OK {
-            let what = format!("unpacking the remote key of [{:#x}, +{})", region.addr, region.len);
+            let what = format!(
+                "unpacking the remote key of [{:#x}, +{})",
+                region.addr, region.len
+            );
             return Err(ucs_error(&what, st));
         }
-        let index = self.keys.insert(KeyEntry { rkey, ep: peer.index });
-        Ok(UcxRemoteKey { owner: self.owner, index })
+        let index = self.keys.insert(KeyEntry {
+            rkey,
+            ep: peer.index,
+        });
+        Ok(UcxRemoteKey {
+            owner: self.owner,
+            index,
+        })
     }
 
     fn release_key(&mut self, key: UcxRemoteKey) {
@@ -931,10 +986,15 @@ impl Transport for UcxTransport {
             }
             match self.keys.get(seg.remote.index) {
                 Some(k) if k.ep == ep_index && !k.rkey.is_null() => {}
-                _ => return Err(self.foreign("segment's remote key was not unpacked for this peer")),
+                _ => {
+                    return Err(self.foreign("segment's remote key was not unpacked for this peer"))
+                }
             }
             if seg.len == 0 || usize::try_from(seg.len).is_err() {
-                return Err(Error::InvalidRegion { addr: seg.local_addr, len: seg.len });
+                return Err(Error::InvalidRegion {
+                    addr: seg.local_addr,
+                    len: seg.len,
+                });
             }
         }
 
@@ -942,7 +1002,10 @@ impl Transport for UcxTransport {
         let slot = self.slot_ptr(index);
         let param = Self::request_param(slot, 0);
         for seg in segments {
-            let rkey = self.keys.get(seg.remote.index).map_or(ptr::null_mut(), |k| k.rkey);
+            let rkey = self
+                .keys
+                .get(seg.remote.index)
+                .map_or(ptr::null_mut(), |k| k.rkey);
             let len = seg.len as usize;
             // SAFETY: the endpoint and rkey are live (checked above); the
             // local range lies in a registration the core keeps until the
@@ -1040,7 +1103,9 @@ impl Transport for UcxTransport {
         // SAFETY (closure): the slot is live; only its counter is read.
         let released = self.progress_until(timeout, |_| unsafe { (*slot).outstanding == 0 });
         if !released {
-            return Err(Error::TimedOut { after_ms: timeout.as_millis() as u64 });
+            return Err(Error::TimedOut {
+                after_ms: timeout.as_millis() as u64,
+            });
         }
         self.active.swap_remove(pos);
         self.free_slot(index);
@@ -1116,7 +1181,8 @@ impl Drop for UcxTransport {
             self.scratch.clear();
             for &index in &self.active {
                 // SAFETY: active slots are live; no callback runs meanwhile.
-                self.scratch.extend_from_slice(unsafe { &(*self.slot_ptr(index)).requests });
+                self.scratch
+                    .extend_from_slice(unsafe { &(*self.slot_ptr(index)).requests });
             }
             for &req in &self.scratch {
                 // SAFETY: the request is in flight; the worker is live.
