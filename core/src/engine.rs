@@ -1077,3 +1077,7 @@ impl<
             .drain(|_, handle| transport.deregister(handle));
     }
 }
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;

@@ -154,6 +154,15 @@ impl<T: Transport> FaultInjector<T> {
         self.disconnected = true;
     }
 
+    /// Queues a completion the wrapped transport never produced, as a
+    /// misbehaving library might (e.g. a late one for a cancelled
+    /// transfer). It is handed out by the next [`Transport::poll`].
+    pub fn inject_completion(&mut self, completion: Completion) -> Result<(), Error> {
+        self.held
+            .push(Held { completion, polls_left: 0 })
+            .map_err(|_| Error::CapacityExceeded { what: "held completions", capacity: HELD_CAP as u32 })
+    }
+
     fn next_random(&mut self) -> u64 {
         let mut x = self.rng;
         x ^= x << 13;

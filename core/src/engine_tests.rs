@@ -1,0 +1,950 @@
+//! Engine tests over the loopback transport, with and without faults.
+
+use super::*;
+use crate::error::DescError;
+use crate::mem::{MemKind, MemKinds};
+use crate::transport::fault::{FaultInjector, FaultPlan};
+use crate::transport::loopback::{Loopback, LoopbackMemory};
+use crate::transport::Completion;
+
+const ARENA: usize = 4096;
+const BASE: u64 = 0x10000;
+/// Alice's region.
+const A: u64 = BASE;
+/// Bob's region.
+const B: u64 = BASE + 0x800;
+const LEN: u64 = 1024;
+
+type Mem = LoopbackMemory<ARENA>;
+type Eng<'m> = Engine<Loopback<'m, ARENA>, 8, 4, 8, 16, 128, 4>;
+type FEng<'m> = Engine<FaultInjector<Loopback<'m, ARENA>>, 8, 4, 8, 16, 128, 4>;
+
+fn now(n: u64) -> Instant {
+    Instant::from_nanos(n)
+}
+
+fn pattern(seed: u8, len: usize) -> [u8; 256] {
+    let mut p = [0u8; 256];
+    for (i, b) in p.iter_mut().take(len).enumerate() {
+        *b = seed.wrapping_add((i as u8).wrapping_mul(7));
+    }
+    p
+}
+
+fn metadata<
+    E: Transport,
+    const R: usize,
+    const P: usize,
+    const X: usize,
+    const S: usize,
+    const N: usize,
+    const Q: usize,
+>(
+    e: &Engine<E, R, P, X, S, N, Q>,
+    buf: &mut [u8; 1024],
+) -> usize {
+    e.local_metadata(buf).unwrap()
+}
+
+fn engines(mem: &Mem) -> (Eng<'_>, Eng<'_>) {
+    let mut a = Eng::new("alice", Loopback::new(mem, 1), EngineConfig::default()).unwrap();
+    let mut b = Eng::new("bob", Loopback::new(mem, 2), EngineConfig::default()).unwrap();
+    a.register(Region::dram(A, LEN)).unwrap();
+    b.register(Region::dram(B, LEN)).unwrap();
+    let mut buf = [0u8; 1024];
+    let n = metadata(&b, &mut buf);
+    assert_eq!(a.load_remote(&buf[..n]).unwrap().as_str(), "bob");
+    let n = metadata(&a, &mut buf);
+    b.load_remote(&buf[..n]).unwrap();
+    (a, b)
+}
+
+fn faulty(mem: &Mem, plan: FaultPlan) -> (FEng<'_>, Eng<'_>) {
+    let mut a = FEng::new(
+        "alice",
+        FaultInjector::new(Loopback::new(mem, 1), plan),
+        EngineConfig::default(),
+    )
+    .unwrap();
+    let mut b = Eng::new("bob", Loopback::new(mem, 2), EngineConfig::default()).unwrap();
+    a.register(Region::dram(A, LEN)).unwrap();
+    b.register(Region::dram(B, LEN)).unwrap();
+    let mut buf = [0u8; 1024];
+    let n = metadata(&b, &mut buf);
+    a.load_remote(&buf[..n]).unwrap();
+    (a, b)
+}
+
+fn read(mem: &Mem, addr: u64, len: usize) -> [u8; 256] {
+    let mut out = [0u8; 256];
+    mem.read(addr, &mut out[..len]).unwrap();
+    out
+}
+
+#[test]
+fn write_moves_bytes_completes_on_poll_and_can_be_reposted() {
+    let mem = Mem::new(BASE);
+    let (mut a, _b) = engines(&mem);
+    let data = pattern(3, 128);
+    mem.write(A, &data[..128]).unwrap();
+    let h = a
+        .prepare(
+            XferOp::Write,
+            &[Desc::new(A, 100), Desc::new(A + 100, 28)],
+            &[Desc::new(B + 8, 100), Desc::new(B + 108, 28)],
+            "bob",
+            None,
+        )
+        .unwrap();
+    assert_eq!(a.state(h), Ok(XferState::Prepared));
+    let t = a.telemetry(h).unwrap();
+    assert_eq!((t.bytes, t.descs, t.segments), (128, 2, 1));
+    assert_eq!(a.post(h, now(10)), Ok(XferState::InProgress));
+    a.post_finished(h, now(15));
+    assert_eq!(a.state(h), Ok(XferState::InProgress));
+    assert_eq!(a.post(h, now(11)), Err(Error::InProgress { handle: h }));
+    assert_eq!(a.in_flight(), 1);
+    assert_eq!(a.poll(now(20)), 1);
+    assert_eq!(a.state(h), Ok(XferState::Done));
+    assert_eq!(&read(&mem, B + 8, 128)[..128], &data[..128]);
+    let t = a.telemetry(h).unwrap();
+    assert_eq!(
+        (t.posted_at, t.post_nanos, t.completed_at),
+        (Some(now(10)), 5, Some(now(20)))
+    );
+    // Re-post from Done moves the (new) bytes again.
+    let data2 = pattern(99, 128);
+    mem.write(A, &data2[..128]).unwrap();
+    assert_eq!(a.post(h, now(30)), Ok(XferState::InProgress));
+    assert_eq!(a.poll(now(40)), 1);
+    assert_eq!(&read(&mem, B + 8, 128)[..128], &data2[..128]);
+    a.release(h).unwrap();
+    assert_eq!(a.state(h), Err(Error::StaleHandle { handle: h }));
+    assert_eq!(a.post(h, now(50)), Err(Error::StaleHandle { handle: h }));
+    assert_eq!(a.release(h), Err(Error::StaleHandle { handle: h }));
+    let never = XferHandle {
+        index: 77,
+        generation: 0,
+    };
+    assert_eq!(a.state(never), Err(Error::StaleHandle { handle: never }));
+}
+
+#[test]
+fn read_pulls_remote_bytes_and_coalescing_can_be_off() {
+    let mem = Mem::new(BASE);
+    let (_a, _b) = engines(&mem);
+    let mut config = EngineConfig::default();
+    config.coalesce = false;
+    let mut c = Eng::new("carol", Loopback::new(&mem, 3), config).unwrap();
+    c.register(Region::dram(BASE + 0x400, 256)).unwrap();
+    let mut buf = [0u8; 1024];
+    let n = metadata(&_b, &mut buf);
+    c.load_remote(&buf[..n]).unwrap();
+    let data = pattern(42, 64);
+    mem.write(B + 500, &data[..64]).unwrap();
+    let h = c
+        .prepare(
+            XferOp::Read,
+            &[Desc::new(BASE + 0x400, 32), Desc::new(BASE + 0x420, 32)],
+            &[Desc::new(B + 500, 32), Desc::new(B + 532, 32)],
+            "bob",
+            None,
+        )
+        .unwrap();
+    assert_eq!(c.telemetry(h).unwrap().segments, 2);
+    c.post(h, now(0)).unwrap();
+    assert_eq!(c.poll(now(1)), 1);
+    assert_eq!(&read(&mem, BASE + 0x400, 64)[..64], &data[..64]);
+}
+
+#[test]
+fn request_errors_name_the_bad_value() {
+    let mem = Mem::new(BASE);
+    let (mut a, _b) = engines(&mem);
+    let ok = [Desc::new(A, 8)];
+    let rok = [Desc::new(B, 8)];
+    assert_eq!(
+        a.prepare(XferOp::Write, &ok, &rok, "eve", None),
+        Err(Error::unknown_peer("eve"))
+    );
+    assert_eq!(
+        a.prepare(
+            XferOp::Write,
+            &ok,
+            &[Desc::new(B, 8), Desc::new(B + 8, 8)],
+            "bob",
+            None
+        ),
+        Err(Error::CountMismatch {
+            local: 1,
+            remote: 2
+        })
+    );
+    assert_eq!(
+        a.prepare(XferOp::Write, &ok, &[Desc::new(B, 9)], "bob", None),
+        Err(Error::LengthMismatch {
+            index: 0,
+            local: 8,
+            remote: 9
+        })
+    );
+    assert_eq!(
+        a.prepare(
+            XferOp::Write,
+            &[Desc::new(A, 8), Desc::new(A + LEN - 4, 8)],
+            &[Desc::new(B, 8), Desc::new(B, 8)],
+            "bob",
+            None
+        ),
+        Err(Error::InvalidDesc {
+            side: Side::Local,
+            index: 1,
+            addr: A + LEN - 4,
+            len: 8,
+            reason: DescError::OutsideRegistration {
+                region_addr: A,
+                region_len: LEN
+            },
+        })
+    );
+    assert_eq!(
+        a.prepare(XferOp::Write, &ok, &[Desc::on_dev(B, 8, 1)], "bob", None),
+        Err(Error::InvalidDesc {
+            side: Side::Remote,
+            index: 0,
+            addr: B,
+            len: 8,
+            reason: DescError::DeviceMismatch { region_dev: 0 },
+        })
+    );
+    assert_eq!(
+        a.check_remote("bob", &[Desc::new(B, 8), Desc::new(A, 8)]),
+        Err(Error::InvalidDesc {
+            side: Side::Remote,
+            index: 1,
+            addr: A,
+            len: 8,
+            reason: DescError::NotRegistered
+        })
+    );
+    assert_eq!(a.check_remote("bob", &rok), Ok(()));
+    // Nothing was left behind by the failures: all 8 slots are free.
+    let hs: heapless::Vec<XferHandle, 8> = (0..8)
+        .map(|_| a.prepare(XferOp::Write, &ok, &rok, "bob", None).unwrap())
+        .collect();
+    assert_eq!(
+        a.prepare(XferOp::Write, &ok, &rok, "bob", None),
+        Err(Error::CapacityExceeded {
+            what: "transfers",
+            capacity: 8
+        })
+    );
+    for h in hs {
+        a.release(h).unwrap();
+    }
+    let many = [Desc::new(A, 1); 17];
+    let rmany = [Desc::new(B, 1); 17];
+    assert_eq!(
+        a.prepare(XferOp::Write, &many, &rmany, "bob", None),
+        Err(Error::CapacityExceeded {
+            what: "segments",
+            capacity: 16
+        })
+    );
+    assert_eq!(
+        a.deregister(A).map(|r| r.addr),
+        Ok(A),
+        "failed prepares leave no users behind"
+    );
+}
+
+#[test]
+fn registration_rules() {
+    let mem = Mem::new(BASE);
+    let mut lb = Loopback::new(&mem, 1);
+    let mut caps = lb.capabilities();
+    caps.mem_kinds = MemKinds::DRAM;
+    lb.set_capabilities(caps);
+    let mut a = Eng::new("alice", lb, EngineConfig::default()).unwrap();
+    assert_eq!(
+        a.register(Region::vram(A, 64, 0)),
+        Err(Error::UnsupportedMemKind {
+            backend: "LOOPBACK",
+            kind: MemKind::Vram
+        })
+    );
+    a.register(Region::dram(A, 64)).unwrap();
+    assert!(matches!(
+        a.register(Region::dram(A + 32, 64)),
+        Err(Error::OverlappingRegistration { .. })
+    ));
+    assert!(matches!(
+        a.register(Region::dram(0, 64)),
+        Err(Error::Backend {
+            backend: "LOOPBACK",
+            code: -1,
+            ..
+        })
+    ));
+    assert_eq!(
+        a.deregister(A + 1),
+        Err(Error::NotRegistered {
+            addr: A + 1,
+            len: 0
+        })
+    );
+    assert_eq!(a.regions().count(), 1);
+    assert_eq!(
+        Eng::new("", Loopback::new(&mem, 1), EngineConfig::default()).err(),
+        Some(Error::InvalidName { len: 0 })
+    );
+    let long = [b'x'; 65];
+    assert_eq!(
+        Eng::new(
+            core::str::from_utf8(&long).unwrap(),
+            Loopback::new(&mem, 1),
+            EngineConfig::default()
+        )
+        .err(),
+        Some(Error::InvalidName { len: 65 })
+    );
+}
+
+#[test]
+fn busy_regions_cannot_be_deregistered() {
+    let mem = Mem::new(BASE);
+    let (mut a, _b) = engines(&mem);
+    let h = a
+        .prepare(
+            XferOp::Write,
+            &[Desc::new(A, 8), Desc::new(A + 16, 8)],
+            &[Desc::new(B, 8), Desc::new(B + 16, 8)],
+            "bob",
+            None,
+        )
+        .unwrap();
+    assert_eq!(
+        a.deregister(A),
+        Err(Error::RegionBusy { addr: A, users: 2 })
+    );
+    a.release(h).unwrap();
+    assert_eq!(a.deregister(A), Ok(Region::dram(A, LEN)));
+}
+
+#[test]
+fn release_in_progress_cancels_or_is_refused() {
+    let mem = Mem::new(BASE);
+    let (mut a, mut b) = engines(&mem);
+    let h = a
+        .prepare(
+            XferOp::Write,
+            &[Desc::new(A, 8)],
+            &[Desc::new(B, 8)],
+            "bob",
+            Some(b"done"),
+        )
+        .unwrap();
+    a.post(h, now(0)).unwrap();
+    a.release(h).unwrap();
+    assert_eq!(a.poll(now(1)), 0, "a cancelled transfer reports nothing");
+    let mut buf = [0u8; 128];
+    assert_eq!(
+        b.poll_notification(&mut buf),
+        None,
+        "a cancelled transfer's notification is not sent"
+    );
+
+    let mut caps = a.transport().capabilities();
+    caps.can_cancel = false;
+    a.transport_mut().set_capabilities(caps);
+    let h = a
+        .prepare(
+            XferOp::Write,
+            &[Desc::new(A, 8)],
+            &[Desc::new(B, 8)],
+            "bob",
+            None,
+        )
+        .unwrap();
+    a.post(h, now(0)).unwrap();
+    assert_eq!(a.release(h), Err(Error::InProgress { handle: h }));
+    assert_eq!(a.state(h), Ok(XferState::InProgress));
+    assert_eq!(a.poll(now(1)), 1);
+    a.release(h).unwrap();
+}
+
+#[test]
+fn late_completion_for_a_reused_slot_is_ignored() {
+    let mem = Mem::new(BASE);
+    let (mut a, _b) = faulty(&mem, FaultPlan::default());
+    let h1 = a
+        .prepare(
+            XferOp::Write,
+            &[Desc::new(A, 8)],
+            &[Desc::new(B, 8)],
+            "bob",
+            None,
+        )
+        .unwrap();
+    a.post(h1, now(0)).unwrap();
+    assert_eq!(a.poll(now(1)), 1);
+    a.release(h1).unwrap();
+    let h2 = a
+        .prepare(
+            XferOp::Write,
+            &[Desc::new(A, 8)],
+            &[Desc::new(B, 8)],
+            "bob",
+            None,
+        )
+        .unwrap();
+    assert_eq!(h2.index, h1.index);
+    assert_ne!(h2.generation, h1.generation);
+    a.transport_mut().delay_next_completion(2);
+    a.post(h2, now(2)).unwrap();
+    let old = token_of(h1.index as usize, h1.generation);
+    a.transport_mut()
+        .inject_completion(Completion {
+            token: old,
+            result: Err(Error::Cancelled),
+        })
+        .unwrap();
+    a.transport_mut()
+        .inject_completion(Completion {
+            token: Token(u64::MAX),
+            result: Ok(()),
+        })
+        .unwrap();
+    assert_eq!(a.poll(now(3)), 0);
+    assert_eq!(a.state(h2), Ok(XferState::InProgress));
+    assert_eq!(a.poll(now(4)), 0);
+    assert_eq!(a.poll(now(5)), 1);
+    assert_eq!(a.state(h2), Ok(XferState::Done));
+    assert_eq!(a.state(h1), Err(Error::StaleHandle { handle: h1 }));
+}
+
+#[test]
+fn failed_posts_and_completions_leave_failed_state_and_can_be_reposted() {
+    let mem = Mem::new(BASE);
+    let (mut a, _b) = faulty(&mem, FaultPlan::default());
+    let e = Error::backend("LOOPBACK", -42, "injected");
+    let h = a
+        .prepare(
+            XferOp::Write,
+            &[Desc::new(A, 8)],
+            &[Desc::new(B, 8)],
+            "bob",
+            None,
+        )
+        .unwrap();
+    a.transport_mut().fail_next_post(e.clone());
+    assert_eq!(a.post(h, now(0)), Err(e.clone()));
+    assert_eq!(a.state(h), Ok(XferState::Failed(e.clone())));
+    a.transport_mut().fail_next_completion(e.clone());
+    assert_eq!(a.post(h, now(1)), Ok(XferState::InProgress));
+    assert_eq!(a.poll(now(2)), 1);
+    assert_eq!(a.state(h), Ok(XferState::Failed(e)));
+    assert_eq!(a.post(h, now(3)), Ok(XferState::InProgress));
+    assert_eq!(a.poll(now(4)), 1);
+    assert_eq!(a.state(h), Ok(XferState::Done));
+    assert_eq!(a.transport().stats().posts_failed, 1);
+    assert_eq!(a.transport().stats().completions_failed, 1);
+}
+
+#[test]
+fn disconnection_names_the_peer() {
+    let mem = Mem::new(BASE);
+    let (mut a, _b) = faulty(&mem, FaultPlan::default());
+    let h = a
+        .prepare(
+            XferOp::Write,
+            &[Desc::new(A, 8)],
+            &[Desc::new(B, 8)],
+            "bob",
+            None,
+        )
+        .unwrap();
+    a.transport_mut().delay_next_completion(5);
+    a.post(h, now(0)).unwrap();
+    a.poll(now(1));
+    a.transport_mut().disconnect();
+    assert_eq!(a.poll(now(2)), 1);
+    assert_eq!(
+        a.state(h),
+        Ok(XferState::Failed(Error::disconnected("bob")))
+    );
+    assert_eq!(a.post(h, now(3)), Err(Error::disconnected("bob")));
+    assert_eq!(a.notify("bob", b"x"), Err(Error::disconnected("bob")));
+}
+
+#[test]
+fn reordered_and_delayed_completions_all_land_on_their_transfers() {
+    let mem = Mem::new(BASE);
+    let plan = FaultPlan {
+        seed: 7,
+        max_delay_polls: 3,
+        reorder: true,
+        ..FaultPlan::default()
+    };
+    let (mut a, _b) = faulty(&mem, plan);
+    let mut hs: heapless::Vec<XferHandle, 8> = heapless::Vec::new();
+    for k in 0..8u64 {
+        mem.write(A + k * 16, &pattern(k as u8, 16)[..16]).unwrap();
+        let h = a
+            .prepare(
+                XferOp::Write,
+                &[Desc::new(A + k * 16, 16)],
+                &[Desc::new(B + k * 16, 16)],
+                "bob",
+                None,
+            )
+            .unwrap();
+        a.post(h, now(k)).unwrap();
+        hs.push(h).unwrap();
+    }
+    let mut done = 0;
+    for t in 0..40 {
+        done += a.poll(now(100 + t));
+    }
+    assert_eq!(done, 8);
+    for (k, h) in hs.iter().enumerate() {
+        assert_eq!(a.state(*h), Ok(XferState::Done));
+        assert_eq!(
+            &read(&mem, B + k as u64 * 16, 16)[..16],
+            &pattern(k as u8, 16)[..16]
+        );
+    }
+    let s = a.transport().stats();
+    assert!(
+        s.completions_delayed > 0 && s.completions_reordered > 0,
+        "{s:?}"
+    );
+}
+
+#[test]
+fn inline_completion_is_done_at_once() {
+    let mem = Mem::new(BASE);
+    let (mut a, mut b) = engines(&mem);
+    let mut caps = a.transport().capabilities();
+    caps.may_complete_inline = true;
+    a.transport_mut().set_capabilities(caps);
+    mem.write(A, b"inline!!").unwrap();
+    let h = a
+        .prepare(
+            XferOp::Write,
+            &[Desc::new(A, 8)],
+            &[Desc::new(B, 8)],
+            "bob",
+            Some(b"n"),
+        )
+        .unwrap();
+    assert_eq!(a.post(h, now(5)), Ok(XferState::Done));
+    assert_eq!(a.telemetry(h).unwrap().completed_at, Some(now(5)));
+    assert_eq!(&read(&mem, B, 8)[..8], b"inline!!");
+    let mut buf = [0u8; 128];
+    let n = b.poll_notification(&mut buf).unwrap().unwrap();
+    assert_eq!((n.peer.as_str(), &buf[..n.len]), ("alice", &b"n"[..]));
+}
+
+#[test]
+fn notifications_carry_the_sender_and_follow_the_data() {
+    let mem = Mem::new(BASE);
+    let (mut a, mut b) = engines(&mem);
+    let mut buf = [0u8; 128];
+    assert_eq!(b.poll_notification(&mut buf), None);
+    a.notify("bob", b"hello").unwrap();
+    let n = b.poll_notification(&mut buf).unwrap().unwrap();
+    assert_eq!((n.peer.as_str(), &buf[..n.len]), ("alice", &b"hello"[..]));
+    // NOTIF is 128: 1 length byte + "alice" leaves 122 bytes of payload.
+    assert_eq!(
+        a.notify("bob", &[0u8; 123]),
+        Err(Error::NotificationTooLong { len: 123, max: 122 })
+    );
+    a.notify("bob", &[7u8; 122]).unwrap();
+    let mut small = [0u8; 100];
+    assert_eq!(
+        b.poll_notification(&mut small),
+        Some(Err(Error::BufferTooSmall {
+            needed: 128,
+            available: 100
+        }))
+    );
+    let n = b.poll_notification(&mut buf).unwrap().unwrap();
+    assert_eq!(&buf[..n.len], &[7u8; 122][..]);
+    assert_eq!(a.notify("eve", b"x"), Err(Error::unknown_peer("eve")));
+    assert_eq!(
+        a.prepare(
+            XferOp::Write,
+            &[Desc::new(A, 8)],
+            &[Desc::new(B, 8)],
+            "bob",
+            Some(&[0u8; 123])
+        ),
+        Err(Error::NotificationTooLong { len: 123, max: 122 })
+    );
+
+    mem.write(A, b"kv-block").unwrap();
+    let h = a
+        .prepare(
+            XferOp::Write,
+            &[Desc::new(A, 8)],
+            &[Desc::new(B, 8)],
+            "bob",
+            Some(b"block 0 ready"),
+        )
+        .unwrap();
+    a.post(h, now(0)).unwrap();
+    assert_eq!(
+        b.poll_notification(&mut buf),
+        None,
+        "no notification before completion"
+    );
+    assert_eq!(a.poll(now(1)), 1);
+    let n = b.poll_notification(&mut buf).unwrap().unwrap();
+    assert_eq!(
+        (n.peer.as_str(), &buf[..n.len]),
+        ("alice", &b"block 0 ready"[..])
+    );
+    assert_eq!(&read(&mem, B, 8)[..8], b"kv-block");
+}
+
+#[test]
+fn malformed_notification_frames_are_reported() {
+    let mem = Mem::new(BASE);
+    let (mut a, mut b) = engines(&mem);
+    let bob = a.transport_mut().connect(&2u32.to_le_bytes()).unwrap();
+    a.transport_mut()
+        .send_notification(&bob, &[9, b'a'])
+        .unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(
+        b.poll_notification(&mut buf),
+        Some(Err(Error::MalformedNotification { len: 2 }))
+    );
+}
+
+#[test]
+fn reload_retires_the_old_load_and_invalidate_forgets() {
+    let mem = Mem::new(BASE);
+    let (mut a, mut b) = engines(&mem);
+    let prepared = a
+        .prepare(
+            XferOp::Write,
+            &[Desc::new(A, 8)],
+            &[Desc::new(B, 8)],
+            "bob",
+            None,
+        )
+        .unwrap();
+    let flying = a
+        .prepare(
+            XferOp::Write,
+            &[Desc::new(A, 8)],
+            &[Desc::new(B + 8, 8)],
+            "bob",
+            None,
+        )
+        .unwrap();
+    a.post(flying, now(0)).unwrap();
+    // Bob registers more memory and republishes.
+    b.register(Region::dram(BASE + 0xc00, 64)).unwrap();
+    let mut buf = [0u8; 1024];
+    let n = metadata(&b, &mut buf);
+    a.load_remote(&buf[..n]).unwrap();
+    assert_eq!(a.remote_regions("bob").unwrap().len(), 2);
+    assert_eq!(
+        a.post(prepared, now(1)),
+        Err(Error::StalePeer {
+            peer: bounded("bob")
+        })
+    );
+    assert_eq!(
+        a.poll(now(2)),
+        1,
+        "the transfer in flight finishes on the old load"
+    );
+    assert_eq!(a.state(flying), Ok(XferState::Done));
+    a.release(prepared).unwrap();
+    a.release(flying).unwrap();
+    let h = a
+        .prepare(
+            XferOp::Write,
+            &[Desc::new(A, 8)],
+            &[Desc::new(BASE + 0xc00, 8)],
+            "bob",
+            None,
+        )
+        .unwrap();
+    a.post(h, now(3)).unwrap();
+    a.poll(now(4));
+    assert_eq!(a.state(h), Ok(XferState::Done));
+    a.release(h).unwrap();
+    // Retired loads do not pile up: reloading many times fits in 4 peer slots.
+    for _ in 0..10 {
+        a.load_remote(&buf[..n]).unwrap();
+    }
+    a.invalidate_remote("bob").unwrap();
+    assert!(!a.has_remote("bob"));
+    assert_eq!(a.invalidate_remote("bob"), Err(Error::unknown_peer("bob")));
+    assert_eq!(
+        a.prepare(
+            XferOp::Write,
+            &[Desc::new(A, 8)],
+            &[Desc::new(B, 8)],
+            "bob",
+            None
+        ),
+        Err(Error::unknown_peer("bob"))
+    );
+}
+
+#[test]
+fn load_remote_refuses_foreign_self_oversized_and_bad_keys() {
+    let mem = Mem::new(BASE);
+    let (mut a, _b) = engines(&mem);
+    let mut buf = [0u8; 1024];
+    let n = metadata(&a, &mut buf);
+    assert_eq!(
+        a.load_remote(&buf[..n]),
+        Err(Error::BadMetadata(MetaError::SelfReference))
+    );
+    assert_eq!(
+        a.load_remote(&buf[..n - 1])
+            .err()
+            .map(|e| matches!(e, Error::BadMetadata(MetaError::Truncated { .. }))),
+        Some(true)
+    );
+
+    let mut enc = Encoder::new(&mut buf, "ucx-peer", "UCX", |_| Ok(0)).unwrap();
+    enc.region(&Region::dram(0, 8), |_| Ok(0)).unwrap();
+    let n = enc.finish().unwrap();
+    assert_eq!(
+        a.load_remote(&buf[..n]),
+        Err(Error::BadMetadata(MetaError::BackendMismatch {
+            expected: "LOOPBACK",
+            found: bounded("UCX")
+        }))
+    );
+
+    let mut enc = Encoder::new(&mut buf, "big", "LOOPBACK", |b| {
+        crate::wire::copy_into(b, &9u32.to_le_bytes())
+    })
+    .unwrap();
+    for k in 0..9 {
+        enc.region(&Region::dram(k * 8, 8), |_| Ok(0)).unwrap();
+    }
+    let n = enc.finish().unwrap();
+    assert_eq!(
+        a.load_remote(&buf[..n]),
+        Err(Error::BadMetadata(MetaError::TooLarge {
+            field: "region count",
+            value: 9,
+            max: 8
+        }))
+    );
+
+    let mut enc = Encoder::new(&mut buf, "forger", "LOOPBACK", |b| {
+        crate::wire::copy_into(b, &9u32.to_le_bytes())
+    })
+    .unwrap();
+    enc.region(&Region::dram(B, 8), |b| {
+        crate::wire::copy_into(b, b"not-a-key")
+    })
+    .unwrap();
+    let n = enc.finish().unwrap();
+    assert!(matches!(
+        a.load_remote(&buf[..n]),
+        Err(Error::Backend {
+            backend: "LOOPBACK",
+            code: -3,
+            ..
+        })
+    ));
+    assert!(!a.has_remote("forger"));
+
+    let mut small = [0u8; 10];
+    assert!(matches!(
+        a.local_metadata(&mut small),
+        Err(Error::BufferTooSmall { available: 10, .. })
+    ));
+}
+
+#[test]
+fn prepared_lists_make_transfers_by_index() {
+    let mem = Mem::new(BASE);
+    let (mut a, mut b) = engines(&mem);
+    let blocks: [Desc; 4] = core::array::from_fn(|k| Desc::new(A + k as u64 * 64, 64));
+    let remote: [Desc; 4] = core::array::from_fn(|k| Desc::new(B + k as u64 * 64, 64));
+    let l = a.prep_local(&blocks).unwrap();
+    let r = a.prep_remote("bob", &remote).unwrap();
+    for k in 0..4u64 {
+        mem.write(A + k * 64, &pattern(k as u8 + 10, 64)[..64])
+            .unwrap();
+    }
+    // Blocks 2 and 3 go to remote blocks 0 and 1: contiguous on both sides.
+    let h = a
+        .make_xfer(XferOp::Write, l, &[2, 3], r, &[0, 1], Some(b"kv"))
+        .unwrap();
+    let t = a.telemetry(h).unwrap();
+    assert_eq!((t.bytes, t.descs, t.segments), (128, 2, 1));
+    a.post(h, now(0)).unwrap();
+    a.poll(now(1));
+    assert_eq!(a.state(h), Ok(XferState::Done));
+    assert_eq!(&read(&mem, B, 64)[..64], &pattern(12, 64)[..64]);
+    assert_eq!(&read(&mem, B + 64, 64)[..64], &pattern(13, 64)[..64]);
+    let mut buf = [0u8; 64];
+    assert_eq!(b.poll_notification(&mut buf).unwrap().unwrap().len, 2);
+    a.release(h).unwrap();
+
+    assert_eq!(
+        a.make_xfer(XferOp::Write, l, &[0, 4], r, &[0, 1], None),
+        Err(Error::IndexOutOfRange {
+            side: Side::Local,
+            index: 1,
+            value: 4,
+            len: 4
+        })
+    );
+    assert_eq!(
+        a.make_xfer(XferOp::Write, l, &[0], r, &[9], None),
+        Err(Error::IndexOutOfRange {
+            side: Side::Remote,
+            index: 0,
+            value: 9,
+            len: 4
+        })
+    );
+    assert_eq!(
+        a.make_xfer(XferOp::Write, l, &[0], r, &[], None),
+        Err(Error::CountMismatch {
+            local: 1,
+            remote: 0
+        })
+    );
+    assert_eq!(
+        a.deregister(A),
+        Err(Error::RegionBusy { addr: A, users: 4 })
+    );
+    assert_eq!(
+        a.prep_local(&[Desc::new(A, 0)]),
+        Err(Error::InvalidDesc {
+            side: Side::Local,
+            index: 0,
+            addr: A,
+            len: 0,
+            reason: DescError::ZeroLength
+        })
+    );
+    assert_eq!(
+        a.prep_remote("eve", &remote),
+        Err(Error::unknown_peer("eve"))
+    );
+
+    // A reload of the peer makes the remote list stale.
+    let mut md = [0u8; 1024];
+    let n = metadata(&b, &mut md);
+    a.load_remote(&md[..n]).unwrap();
+    assert_eq!(
+        a.make_xfer(XferOp::Write, l, &[0], r, &[0], None),
+        Err(Error::StalePeer {
+            peer: bounded("bob")
+        })
+    );
+    a.release_remote(r).unwrap();
+    assert_eq!(
+        a.release_remote(r),
+        Err(Error::StalePrepared {
+            index: r.index,
+            generation: r.generation
+        })
+    );
+    let stale_as_local = PreparedLocal {
+        index: r.index,
+        generation: r.generation,
+    };
+    assert!(matches!(
+        a.release_local(stale_as_local),
+        Err(Error::StalePrepared { .. })
+    ));
+    a.release_local(l).unwrap();
+    assert_eq!(a.deregister(A).map(|r| r.len), Ok(LEN));
+    let lists: heapless::Vec<PreparedRemote, 4> = (0..4)
+        .map(|_| a.prep_remote("bob", &remote).unwrap())
+        .collect();
+    assert_eq!(
+        a.prep_remote("bob", &remote),
+        Err(Error::CapacityExceeded {
+            what: "prepared lists",
+            capacity: 4
+        })
+    );
+    assert_eq!(lists.len(), 4);
+}
+
+#[test]
+fn seeded_fault_plans_never_break_the_lifecycle() {
+    for seed in 1..20u64 {
+        let mem = Mem::new(BASE);
+        let plan = FaultPlan {
+            seed,
+            fail_post_per_mille: 150,
+            fail_completion_per_mille: 150,
+            max_delay_polls: 2,
+            reorder: true,
+            ..FaultPlan::default()
+        };
+        let (mut a, _b) = faulty(&mem, plan);
+        let mut live: heapless::Vec<XferHandle, 8> = heapless::Vec::new();
+        let mut rng = seed;
+        for step in 0..300u64 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            match rng % 4 {
+                0 if !live.is_full() => {
+                    let k = rng % 8;
+                    let h = a
+                        .prepare(
+                            XferOp::Write,
+                            &[Desc::new(A + k * 8, 8)],
+                            &[Desc::new(B + k * 8, 8)],
+                            "bob",
+                            None,
+                        )
+                        .unwrap();
+                    live.push(h).unwrap();
+                }
+                1 if !live.is_empty() => {
+                    let h = live[(rng >> 8) as usize % live.len()];
+                    let before = a.state(h).unwrap();
+                    match a.post(h, now(step)) {
+                        Ok(s) => assert_eq!(s, XferState::InProgress),
+                        Err(Error::InProgress { .. }) => assert_eq!(before, XferState::InProgress),
+                        Err(e) => assert_eq!(a.state(h), Ok(XferState::Failed(e))),
+                    }
+                }
+                2 if !live.is_empty() => {
+                    let i = (rng >> 8) as usize % live.len();
+                    a.release(live[i]).unwrap();
+                    assert!(a.state(live[i]).is_err());
+                    live.swap_remove(i);
+                }
+                _ => {
+                    a.poll(now(step));
+                }
+            }
+        }
+        for _ in 0..10 {
+            a.poll(now(1000));
+        }
+        for h in live {
+            assert!(matches!(
+                a.state(h),
+                Ok(XferState::Prepared | XferState::Done | XferState::Failed(_))
+            ));
+            a.release(h).unwrap();
+        }
+        assert_eq!(a.transport().held(), 0);
+        assert_eq!(a.deregister(A).map(|r| r.addr), Ok(A));
+    }
+}
