@@ -8,10 +8,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant as StdInstant};
 
 use kvxfer_core::engine::XferHandle;
-use kvxfer_core::{Desc, Engine, EngineConfig, Error, MemKind, Region, XferOp, XferState, XferTelemetry};
+use kvxfer_core::{
+    Desc, Engine, EngineConfig, Error, MemKind, Region, XferOp, XferState, XferTelemetry,
+};
 
 use crate::clock::now;
-use crate::config::{select_backend_from_env, AgentConfig, BackendKind};
+use crate::config::{select_backend_from_env, AgentConfig, BackendKind, BUILT_IN};
 use crate::side_channel::{self, Client, Server};
 
 /// Most local registrations of one agent (and remote regions per peer).
@@ -20,8 +22,13 @@ pub const MAX_REGIONS: usize = 256;
 pub const MAX_PEERS: usize = 64;
 /// Most live transfer requests (prepared or posted, not yet released).
 pub const MAX_XFERS: usize = 256;
-/// Most segments per transfer after coalescing.
+/// Most segments per transfer after coalescing (and entries per prepared
+/// descriptor list).
 pub const MAX_SEGMENTS: usize = 1024;
+/// Longest framed notification, in bytes: 1 + sender name + payload.
+pub const MAX_NOTIFICATION: usize = 4096;
+/// Most prepared descriptor lists.
+pub const MAX_PREPARED: usize = 64;
 
 /// The engine over transport `T` with the agent's capacities.
 ///
@@ -30,11 +37,15 @@ pub const MAX_SEGMENTS: usize = 1024;
 /// with a stack sized after it, so that unoptimised builds, which copy the
 /// value on the stack a few times while constructing it, cannot overflow
 /// the caller's stack.
-pub type AgentEngine<T> = Engine<T, MAX_REGIONS, MAX_PEERS, MAX_XFERS, MAX_SEGMENTS>;
+pub type AgentEngine<T> =
+    Engine<T, MAX_REGIONS, MAX_PEERS, MAX_XFERS, MAX_SEGMENTS, MAX_NOTIFICATION, MAX_PREPARED>;
 
-/// Bytes of stack for the thread that builds an engine of `bytes` bytes.
+/// Bytes of stack for the thread that builds an engine of `bytes` bytes:
+/// room for the handful of copies an unoptimised build makes (the value
+/// returned by the core, the `Result` around it, the argument to
+/// `Box::new`), plus the usual 8 MiB. Only touched pages cost memory.
 fn build_stack(bytes: usize) -> usize {
-    bytes.saturating_mul(4).saturating_add(8 << 20)
+    bytes.saturating_mul(8).saturating_add(8 << 20)
 }
 
 /// One engine per backend built into this kvxfer.
@@ -60,6 +71,40 @@ macro_rules! on_engine {
     };
 }
 
+/// Moves a new engine over `transport` to the heap. Not inlined, so that
+/// the engine's temporary copies live in this frame alone.
+#[inline(never)]
+fn boxed_engine<T: kvxfer_core::Transport>(
+    name: &str,
+    transport: T,
+) -> Result<Box<AgentEngine<T>>, Error> {
+    Ok(Box::new(Engine::new(
+        name,
+        transport,
+        EngineConfig::default(),
+    )?))
+}
+
+/// Size of the largest engine built in.
+const fn largest_engine() -> usize {
+    let mut n = 0;
+    #[cfg(feature = "ucx")]
+    {
+        let s = std::mem::size_of::<AgentEngine<kvxfer_ucx::UcxTransport>>();
+        if s > n {
+            n = s;
+        }
+    }
+    #[cfg(feature = "libfabric")]
+    {
+        let s = std::mem::size_of::<AgentEngine<kvxfer_libfabric::FabricTransport>>();
+        if s > n {
+            n = s;
+        }
+    }
+    n
+}
+
 /// Builds the engine for `kind` on a thread with a stack large enough for
 /// it (see [`AgentEngine`]).
 fn build_backend(kind: BackendKind, name: &str, cfg: &AgentConfig) -> Result<Backend, Error> {
@@ -70,38 +115,39 @@ fn build_backend(kind: BackendKind, name: &str, cfg: &AgentConfig) -> Result<Bac
             #[cfg(feature = "ucx")]
             BackendKind::Ucx => {
                 let t = kvxfer_ucx::UcxTransport::new(&kvxfer_ucx::UcxConfig::default())?;
-                Ok(Backend::Ucx(Box::new(Engine::new(&name, t, EngineConfig::default())?)))
+                Ok(Backend::Ucx(boxed_engine(&name, t)?))
             }
             #[cfg(feature = "libfabric")]
             BackendKind::Libfabric => {
                 let mut fc = kvxfer_libfabric::FabricConfig::default();
                 fc.provider = provider;
                 let t = kvxfer_libfabric::FabricTransport::new(&fc)?;
-                Ok(Backend::Fabric(Box::new(Engine::new(&name, t, EngineConfig::default())?)))
+                Ok(Backend::Fabric(boxed_engine(&name, t)?))
             }
             #[allow(unreachable_patterns)]
-            other => Err(Error::backend(
-                other.name(),
-                0,
-                &format!("backend {other} is not built in; built in: {}", BackendKind::built_in_names()),
-            )),
+            other => Err(Error::UnsupportedBackend {
+                value: kvxfer_core::error::bounded(other.name()),
+                supported: BUILT_IN,
+            }),
         }
     };
-    let size = match kind {
-        #[cfg(feature = "ucx")]
-        BackendKind::Ucx => std::mem::size_of::<AgentEngine<kvxfer_ucx::UcxTransport>>(),
-        #[cfg(feature = "libfabric")]
-        BackendKind::Libfabric => std::mem::size_of::<AgentEngine<kvxfer_libfabric::FabricTransport>>(),
-        #[allow(unreachable_patterns)]
-        _ => 0,
-    };
-    let builder = std::thread::Builder::new().name("kvxfer-build".into()).stack_size(build_stack(size));
+    let builder = std::thread::Builder::new()
+        .name("kvxfer-build".into())
+        .stack_size(build_stack(largest_engine()));
     let thread = builder.spawn(build).map_err(|e| {
-        Error::backend(kind.name(), i64::from(e.raw_os_error().unwrap_or(-1)), &format!("spawn engine builder: {e}"))
+        Error::backend(
+            kind.name(),
+            i64::from(e.raw_os_error().unwrap_or(-1)),
+            &format!("spawn engine builder: {e}"),
+        )
     })?;
-    thread
-        .join()
-        .unwrap_or_else(|_| Err(Error::backend(kind.name(), -1, "engine construction panicked")))
+    thread.join().unwrap_or_else(|_| {
+        Err(Error::backend(
+            kind.name(),
+            -1,
+            "engine construction panicked",
+        ))
+    })
 }
 
 /// Everything behind the agent's one lock.
@@ -112,9 +158,6 @@ struct State {
     notifs: HashMap<String, Vec<Vec<u8>>>,
     /// Buffer notifications are received into; grows on demand.
     notif_buf: Vec<u8>,
-    /// Transfers posted and not yet seen complete (drives the progress
-    /// thread's spin/back-off choice).
-    inflight: usize,
 }
 
 /// Longest notification buffer the agent grows to (16 MiB).
@@ -128,9 +171,21 @@ impl State {
     /// Polls the engine once and collects notifications; returns how many
     /// transfers finished.
     fn progress(&mut self) -> usize {
-        let State { backend, notifs, notif_buf, inflight } = self;
-        let Some(backend) = backend.as_mut() else { return 0 };
-        let n = on_engine!(backend, e => {
+        self.progress_counting().0
+    }
+
+    /// [`progress`](State::progress), also returning how many transfers
+    /// are still in flight.
+    fn progress_counting(&mut self) -> (usize, usize) {
+        let State {
+            backend,
+            notifs,
+            notif_buf,
+        } = self;
+        let Some(backend) = backend.as_mut() else {
+            return (0, 0);
+        };
+        on_engine!(backend, e => {
             let n = e.poll(now());
             loop {
                 match e.poll_notification(notif_buf) {
@@ -150,10 +205,8 @@ impl State {
                     }
                 }
             }
-            n
-        });
-        *inflight = inflight.saturating_sub(n);
-        n
+            (n, e.in_flight())
+        })
     }
 }
 
@@ -199,7 +252,8 @@ impl Shared {
     fn load(&self, blob: &[u8]) -> Result<String, Error> {
         let mut st = self.lock();
         let b = st.backend()?;
-        let loaded: Result<kvxfer_core::error::Name, Error> = on_engine!(b, e => e.load_remote(blob));
+        let loaded: Result<kvxfer_core::error::Name, Error> =
+            on_engine!(b, e => e.load_remote(blob));
         let name = loaded?;
         log::debug!("agent {}: loaded metadata of {name:?}", self.name);
         Ok(name.as_str().to_string())
@@ -231,10 +285,20 @@ impl Owner {
         }
         log::info!("agent {}: shutting down", self.shared.name);
         // No new metadata from outside, then no progress, then the engine.
-        if let Some(mut s) = self.server.lock().unwrap_or_else(PoisonError::into_inner).take() {
+        if let Some(mut s) = self
+            .server
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
             s.stop();
         }
-        if let Some(t) = self.progress.lock().unwrap_or_else(PoisonError::into_inner).take() {
+        if let Some(t) = self
+            .progress
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
             let _ = t.join();
         }
         let backend = self.shared.lock().backend.take();
@@ -255,11 +319,7 @@ fn progress_loop(shared: Arc<Shared>) {
     let max_sleep = shared.cfg.progress_idle_sleep;
     let mut idle_rounds: u32 = 0;
     while !shared.closed.load(Ordering::Acquire) {
-        let (finished, inflight) = {
-            let mut st = shared.lock();
-            let n = st.progress();
-            (n, st.inflight)
-        };
+        let (finished, inflight) = shared.lock().progress_counting();
         if finished > 0 {
             shared.done.notify_all();
         }
@@ -340,8 +400,7 @@ impl Agent {
             state: Mutex::new(State {
                 backend: Some(backend),
                 notifs: HashMap::new(),
-                notif_buf: vec![0u8; 4096],
-                inflight: 0,
+                notif_buf: vec![0u8; MAX_NOTIFICATION],
             }),
             done: Condvar::new(),
             closed: AtomicBool::new(false),
@@ -368,14 +427,23 @@ impl Agent {
                 .name("kvxfer-progress".into())
                 .spawn(move || progress_loop(s))
                 .map_err(|e| {
-                    Error::backend(kind.name(), i64::from(e.raw_os_error().unwrap_or(-1)), &format!("spawn progress thread: {e}"))
+                    Error::backend(
+                        kind.name(),
+                        i64::from(e.raw_os_error().unwrap_or(-1)),
+                        &format!("spawn progress thread: {e}"),
+                    )
                 })?;
             Some(t)
         } else {
             None
         };
         Ok(Agent {
-            owner: Arc::new(Owner { shared, server: Mutex::new(server), listen_addr, progress: Mutex::new(progress) }),
+            owner: Arc::new(Owner {
+                shared,
+                server: Mutex::new(server),
+                listen_addr,
+                progress: Mutex::new(progress),
+            }),
         })
     }
 
@@ -409,7 +477,13 @@ impl Agent {
     /// caller must accept that transfers — READs this agent posts, WRITEs
     /// peers post — change it at any time: no Rust reference may read it
     /// while such a transfer can run.
-    pub unsafe fn register(&self, addr: u64, len: u64, dev: u32, kind: MemKind) -> Result<(), Error> {
+    pub unsafe fn register(
+        &self,
+        addr: u64,
+        len: u64,
+        dev: u32,
+        kind: MemKind,
+    ) -> Result<(), Error> {
         let mut st = self.shared().lock();
         let b = st.backend()?;
         on_engine!(b, e => e.register(Region { addr, len, dev, kind }))
@@ -464,7 +538,10 @@ impl Agent {
         let peer = self.load_remote(&theirs)?;
         let ours = self.local_metadata()?;
         let as_seen = client.push_metadata(&ours)?;
-        log::info!("agent {}: connected to {peer:?} at {addr} (it knows us as {as_seen:?})", self.name());
+        log::info!(
+            "agent {}: connected to {peer:?} at {addr} (it knows us as {as_seen:?})",
+            self.name()
+        );
         Ok(peer)
     }
 
@@ -505,9 +582,14 @@ impl Agent {
     ) -> Result<XferRequest, Error> {
         let mut st = self.shared().lock();
         let b = st.backend()?;
-        let prepared: Result<XferHandle, Error> = on_engine!(b, e => e.prepare(op, local, remote, peer, notification));
+        let prepared: Result<XferHandle, Error> =
+            on_engine!(b, e => e.prepare(op, local, remote, peer, notification));
         let handle = prepared?;
-        Ok(XferRequest { shared: Arc::clone(self.shared()), handle, released: false })
+        Ok(XferRequest {
+            shared: Arc::clone(self.shared()),
+            handle,
+            released: false,
+        })
     }
 
     /// Prepares and posts a transfer (see [`prepare`](Agent::prepare)).
@@ -608,9 +690,6 @@ impl XferRequest {
             e.post_finished(self.handle, now());
             s
         });
-        if state == XferState::InProgress {
-            st.inflight += 1;
-        }
         Ok(state)
     }
 
@@ -701,16 +780,9 @@ impl XferRequest {
         self.released = true;
         let mut st = self.shared.lock();
         let Ok(b) = st.backend() else { return Ok(()) };
-        let state: Result<XferState, Error> = on_engine!(b, e => e.state(self.handle));
-        let was_running = matches!(state, Ok(XferState::InProgress));
         let first: Result<(), Error> = on_engine!(b, e => e.release(self.handle));
         match first {
-            Ok(()) => {
-                if was_running {
-                    st.inflight = st.inflight.saturating_sub(1);
-                }
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err(Error::InProgress { .. }) => {
                 // The transport cannot cancel: wait for the end, bounded.
                 drop(st);
@@ -753,8 +825,23 @@ mod tests {
     }
 
     #[test]
+    fn engine_sizes() {
+        #[cfg(feature = "ucx")]
+        eprintln!(
+            "UCX engine: {} bytes",
+            std::mem::size_of::<AgentEngine<kvxfer_ucx::UcxTransport>>()
+        );
+        #[cfg(feature = "libfabric")]
+        eprintln!(
+            "LIBFABRIC engine: {} bytes",
+            std::mem::size_of::<AgentEngine<kvxfer_libfabric::FabricTransport>>()
+        );
+    }
+
+    #[test]
     fn build_stack_covers_engine() {
         assert_eq!(build_stack(0), 8 << 20);
+        assert!(build_stack(largest_engine()) > 8 * largest_engine());
         assert_eq!(build_stack(usize::MAX), usize::MAX);
     }
 }

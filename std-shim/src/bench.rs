@@ -1,1 +1,696 @@
-//! bench placeholder
+//! `kvxfer bench` and `kvxfer target`: a transfer benchmark between two
+//! agents, by default two processes on loopback.
+//!
+//! The *target* registers one buffer and answers a small protocol carried
+//! by notifications:
+//!
+//! * `bench:region` → `bench:region <addr> <len>`: where its buffer is;
+//! * `bench:sum <len>` → `bench:sum <hex>`: the checksum (64-bit FNV-1a) of
+//!   the first `len` bytes of its buffer.
+//!
+//! The *initiator* connects through the target's side channel, asks for the
+//! region, moves `blocks` blocks of `block_size` bytes per request with
+//! `inflight` requests outstanding, and finally compares the checksum of
+//! its buffer with the target's: a WRITE must have left the initiator's
+//! (random) bytes at the target, a READ the target's (random) bytes at the
+//! initiator. A mismatch fails the run.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvxfer_core::{Desc, Error, XferOp, XferState};
+
+use crate::{Agent, AgentConfig, XferRequest};
+
+/// Errors of the benchmark's own protocol carry this backend name.
+pub const BENCH: &str = "BENCH";
+
+fn bench_err(text: &str) -> Error {
+    Error::backend(BENCH, -1, text)
+}
+
+/// Parses a byte size: a number with an optional unit, `B`, `K`/`KiB`
+/// (1024), `KB` (1000), `M`/`MiB`, `MB`, `G`/`GiB`, `GB`, any case.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("size {s:?}: expected a number with an optional unit"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "kb" => 1000,
+        "m" | "mib" => 1 << 20,
+        "mb" => 1_000_000,
+        "g" | "gib" => 1 << 30,
+        "gb" => 1_000_000_000,
+        u => {
+            return Err(format!(
+                "size {s:?}: unknown unit {u:?} (B, KiB, MiB, GiB, KB, MB, GB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} overflows 64 bits"))
+}
+
+/// Parses a duration: a number with `ms`, `s` (default) or `m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("duration {s:?}: expected a number with ms, s or m"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" | "min" => n * 60.0,
+        u => return Err(format!("duration {s:?}: unknown unit {u:?} (ms, s, m)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("duration {s:?}: {e}"))
+}
+
+/// Formats a byte count with a binary unit ("16 KiB").
+pub fn format_size(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = n;
+    let mut i = 0;
+    while i + 1 < UNITS.len() && v >= 1024 && v % 1024 == 0 {
+        v /= 1024;
+        i += 1;
+    }
+    format!("{v} {}", UNITS[i])
+}
+
+/// 64-bit FNV-1a.
+pub fn checksum(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in data {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Fills `buf` with xorshift64* bytes from `seed`.
+pub fn fill_random(buf: &mut [u8], seed: u64) {
+    let mut x = seed | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let v = x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+}
+
+fn seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (t.as_nanos() as u64) ^ u64::from(std::process::id()).rotate_left(32)
+}
+
+/// A registered host buffer, deregistered before it is freed.
+struct Buffer {
+    agent: Agent,
+    mem: Vec<u8>,
+}
+
+impl Buffer {
+    fn new(agent: &Agent, len: usize, seed: Option<u64>) -> Result<Buffer, Error> {
+        let mut mem = vec![0u8; len];
+        if let Some(s) = seed {
+            fill_random(&mut mem, s);
+        }
+        // SAFETY: `mem` lives in this struct and is deregistered in `Drop`
+        // before it is freed; the heap block never moves. Its bytes are read
+        // only through `checksum` after the transfers that write it are done.
+        unsafe { agent.register_slice(&mem)? };
+        Ok(Buffer {
+            agent: agent.clone(),
+            mem,
+        })
+    }
+
+    fn addr(&self) -> u64 {
+        self.mem.as_ptr() as u64
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        match self.agent.deregister(self.addr()) {
+            Ok(_) | Err(Error::ShutDown) => {}
+            // Never free memory a peer could still write into.
+            Err(e) => {
+                log::error!("deregistering the bench buffer failed ({e}); leaking it");
+                std::mem::forget(std::mem::take(&mut self.mem));
+            }
+        }
+    }
+}
+
+/// Settings of `kvxfer target`.
+#[derive(Clone, Debug)]
+pub struct TargetOptions {
+    /// Side-channel address.
+    pub listen: String,
+    /// Backend name, else from the environment.
+    pub backend: Option<String>,
+    /// libfabric provider.
+    pub provider: Option<String>,
+    /// Buffer size in bytes.
+    pub size: u64,
+    /// Agent name.
+    pub name: String,
+}
+
+/// Runs a target until `stop` is set: registers a buffer of random bytes,
+/// announces `listening <addr>` through `ready` and answers the bench
+/// protocol.
+pub fn run_target(
+    opts: &TargetOptions,
+    stop: &AtomicBool,
+    ready: impl FnOnce(&str),
+) -> Result<(), Error> {
+    let mut cfg = AgentConfig::default().with_listen(Some(&opts.listen));
+    cfg.backend = opts.backend.clone();
+    cfg.provider = opts.provider.clone();
+    let agent = Agent::new(&opts.name, cfg)?;
+    let len = usize::try_from(opts.size)
+        .map_err(|_| bench_err(&format!("buffer size {} too large", opts.size)))?;
+    let buf = Buffer::new(&agent, len, Some(seed()))?;
+    let addr = agent
+        .listen_addr()
+        .ok_or_else(|| bench_err("target has no side channel"))?;
+    ready(&addr.to_string());
+    while !stop.load(Ordering::Acquire) {
+        for (peer, msgs) in agent.take_notifications()? {
+            for m in msgs {
+                let reply = if m == b"bench:region" {
+                    format!("bench:region {} {}", buf.addr(), buf.mem.len())
+                } else if let Some(n) = m.strip_prefix(b"bench:sum ") {
+                    let n: usize = std::str::from_utf8(n)
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(usize::MAX);
+                    match buf.mem.get(..n) {
+                        Some(d) => format!("bench:sum {:016x}", checksum(d)),
+                        None => format!(
+                            "bench:error sum of {n} bytes asked, buffer has {}",
+                            buf.mem.len()
+                        ),
+                    }
+                } else {
+                    log::debug!(
+                        "target: ignoring notification of {} bytes from {peer}",
+                        m.len()
+                    );
+                    continue;
+                };
+                if let Err(e) = agent.notify(&peer, reply.as_bytes()) {
+                    log::warn!("target: answering {peer}: {e}");
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    drop(buf);
+    agent.shutdown();
+    Ok(())
+}
+
+/// Settings of `kvxfer bench`.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Target's side channel; `None` spawns `kvxfer target` on loopback.
+    pub peer: Option<String>,
+    /// Backend name, else from the environment.
+    pub backend: Option<String>,
+    /// libfabric provider.
+    pub provider: Option<String>,
+    /// READ or WRITE.
+    pub op: XferOp,
+    /// Bytes per block.
+    pub block_size: u64,
+    /// Blocks per request.
+    pub blocks: u64,
+    /// Requests in flight.
+    pub inflight: usize,
+    /// Measured requests; with `duration` unset and this unset, 1000.
+    pub iters: Option<u64>,
+    /// Measure for this long instead of a request count.
+    pub duration: Option<Duration>,
+    /// Requests completed before measuring.
+    pub warmup: u64,
+    /// Longest wait for one request.
+    pub request_timeout: Duration,
+    /// The executable spawned as target (default: this one).
+    pub target_exe: Option<std::path::PathBuf>,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            peer: None,
+            backend: None,
+            provider: None,
+            op: XferOp::Write,
+            block_size: 16 << 10,
+            blocks: 128,
+            inflight: 4,
+            iters: None,
+            duration: None,
+            warmup: 16,
+            request_timeout: Duration::from_secs(10),
+            target_exe: None,
+        }
+    }
+}
+
+/// What a benchmark measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BenchReport {
+    /// Backend used.
+    pub backend: String,
+    /// READ or WRITE.
+    pub op: &'static str,
+    /// Bytes per block.
+    pub block_size: u64,
+    /// Blocks per request.
+    pub blocks: u64,
+    /// Requests in flight.
+    pub inflight: usize,
+    /// Measured requests.
+    pub requests: u64,
+    /// Measured bytes.
+    pub bytes: u64,
+    /// Measured seconds.
+    pub seconds: f64,
+    /// Gigabytes (10^9 bytes) per second.
+    pub gb_per_s: f64,
+    /// Requests per second.
+    pub requests_per_s: f64,
+    /// Median request latency, microseconds.
+    pub p50_us: f64,
+    /// 99th percentile latency, microseconds.
+    pub p99_us: f64,
+    /// Largest latency, microseconds.
+    pub max_us: f64,
+    /// The checksum both sides agreed on.
+    pub checksum: u64,
+}
+
+impl BenchReport {
+    /// The report as a table with a header line.
+    pub fn table(&self) -> String {
+        format!(
+            "{:<10} {:<6} {:>10} {:>10} {:>8} {:>9} {:>8} {:>10} {:>9} {:>9} {:>9}\n{:<10} {:<6} {:>10} {:>10} {:>8} {:>9} {:>8.3} {:>10.0} {:>9.1} {:>9.1} {:>9.1}\ndata verified: checksum {:016x} matches the target",
+            "backend", "op", "block", "blocks/req", "inflight", "requests", "GB/s", "req/s", "p50 us", "p99 us", "max us",
+            self.backend, self.op, format_size(self.block_size), self.blocks, self.inflight, self.requests,
+            self.gb_per_s, self.requests_per_s, self.p50_us, self.p99_us, self.max_us, self.checksum,
+        )
+    }
+
+    /// The report as one JSON object.
+    pub fn json(&self) -> String {
+        format!(
+            "{{\"backend\":\"{}\",\"op\":\"{}\",\"block_size\":{},\"blocks\":{},\"inflight\":{},\"requests\":{},\"bytes\":{},\"seconds\":{:.6},\"gb_per_s\":{:.6},\"requests_per_s\":{:.3},\"latency_us\":{{\"p50\":{:.3},\"p99\":{:.3},\"max\":{:.3}}},\"checksum\":\"{:016x}\",\"verified\":true}}",
+            self.backend, self.op, self.block_size, self.blocks, self.inflight, self.requests, self.bytes,
+            self.seconds, self.gb_per_s, self.requests_per_s, self.p50_us, self.p99_us, self.max_us, self.checksum
+        )
+    }
+}
+
+/// A spawned `kvxfer target`, killed when dropped.
+struct TargetChild {
+    child: Child,
+}
+
+impl TargetChild {
+    fn spawn(opts: &BenchOptions, size: u64) -> Result<(TargetChild, String), Error> {
+        let exe = match &opts.target_exe {
+            Some(p) => p.clone(),
+            None => {
+                std::env::current_exe().map_err(|e| bench_err(&format!("locating kvxfer: {e}")))?
+            }
+        };
+        let mut cmd = Command::new(&exe);
+        cmd.args([
+            "target",
+            "--listen",
+            "127.0.0.1:0",
+            "--size",
+            &size.to_string(),
+        ]);
+        if let Some(b) = &opts.backend {
+            cmd.args(["--backend", b]);
+        }
+        if let Some(p) = &opts.provider {
+            cmd.args(["--provider", p]);
+        }
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let child = cmd
+            .spawn()
+            .map_err(|e| bench_err(&format!("spawning {}: {e}", exe.display())))?;
+        let mut guard = TargetChild { child };
+        let stdout = guard
+            .child
+            .stdout
+            .take()
+            .ok_or_else(|| bench_err("target has no stdout"))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let mut r = BufReader::new(stdout);
+            let _ = tx.send(r.read_line(&mut line).map(|_| line));
+            // Keep draining so the child never blocks on a full pipe.
+            let _ = std::io::copy(&mut r, &mut std::io::sink());
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| bench_err("target did not report its address within 30 s"))?
+            .map_err(|e| bench_err(&format!("reading the target's address: {e}")))?;
+        let addr = line
+            .trim()
+            .strip_prefix("listening ")
+            .ok_or_else(|| {
+                bench_err(&format!(
+                    "target said {:?}, expected \"listening ADDR\"",
+                    line.trim()
+                ))
+            })?
+            .to_string();
+        Ok((guard, addr))
+    }
+}
+
+impl Drop for TargetChild {
+    fn drop(&mut self) {
+        // Closing stdin asks it to stop; kill it if it has not.
+        drop(self.child.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits for one notification from `peer` that starts with `prefix`.
+fn await_reply(
+    agent: &Agent,
+    peer: &str,
+    prefix: &str,
+    timeout: Duration,
+) -> Result<String, Error> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut all = agent.take_notifications()?;
+        if let Some(msgs) = all.remove(peer) {
+            for m in msgs {
+                let s = String::from_utf8_lossy(&m).into_owned();
+                if s.starts_with("bench:error") {
+                    return Err(bench_err(&format!("target: {s}")));
+                }
+                if let Some(rest) = s.strip_prefix(prefix) {
+                    return Ok(rest.trim().to_string());
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::TimedOut {
+                after_ms: timeout.as_millis() as u64,
+            });
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)] as f64 / 1000.0
+}
+
+/// Runs the benchmark and verifies the data.
+pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
+    if opts.block_size == 0 || opts.blocks == 0 || opts.inflight == 0 {
+        return Err(bench_err(&format!(
+            "block size ({}), blocks ({}) and inflight ({}) must be positive",
+            opts.block_size, opts.blocks, opts.inflight
+        )));
+    }
+    let total = opts
+        .block_size
+        .checked_mul(opts.blocks)
+        .filter(|&t| usize::try_from(t).is_ok())
+        .ok_or_else(|| {
+            bench_err(&format!(
+                "{} blocks of {} bytes do not fit in memory",
+                opts.blocks, opts.block_size
+            ))
+        })?;
+    let (_child, addr) = match &opts.peer {
+        Some(p) => (None, p.clone()),
+        None => {
+            let (c, a) = TargetChild::spawn(opts, total)?;
+            (Some(c), a)
+        }
+    };
+    let mut cfg = AgentConfig::default();
+    cfg.backend = opts.backend.clone();
+    cfg.provider = opts.provider.clone();
+    let agent = Agent::new("kvxfer-bench", cfg)?;
+    let buf = Buffer::new(
+        &agent,
+        total as usize,
+        (opts.op == XferOp::Write).then(seed),
+    )?;
+    let peer = agent.connect(&addr)?;
+    let t = Duration::from_secs(10);
+    agent.notify(&peer, b"bench:region")?;
+    let region = await_reply(&agent, &peer, "bench:region ", t)?;
+    let mut it = region.split_whitespace().map(str::parse::<u64>);
+    let (raddr, rlen) = match (it.next(), it.next()) {
+        (Some(Ok(a)), Some(Ok(l))) => (a, l),
+        _ => {
+            return Err(bench_err(&format!(
+                "target's region reply {region:?} is malformed"
+            )))
+        }
+    };
+    if rlen < total {
+        return Err(bench_err(&format!(
+            "target buffer is {rlen} bytes, {total} needed"
+        )));
+    }
+    let local: Vec<Desc> = (0..opts.blocks)
+        .map(|i| Desc::new(buf.addr() + i * opts.block_size, opts.block_size))
+        .collect();
+    let remote: Vec<Desc> = (0..opts.blocks)
+        .map(|i| Desc::new(raddr + i * opts.block_size, opts.block_size))
+        .collect();
+    agent.check_remote(&peer, &remote)?;
+
+    let reqs: Vec<XferRequest> = (0..opts.inflight)
+        .map(|_| agent.prepare(opts.op, &local, &remote, &peer, None))
+        .collect::<Result<_, _>>()?;
+    let mut started: Vec<Instant> = Vec::with_capacity(reqs.len());
+    for r in &reqs {
+        started.push(Instant::now());
+        r.post()?;
+    }
+    let iters = match (opts.iters, opts.duration) {
+        (Some(n), _) => n,
+        (None, Some(_)) => u64::MAX,
+        (None, None) => 1000,
+    };
+    let mut lat: Vec<u64> = Vec::with_capacity(iters.min(1 << 20) as usize);
+    let mut completed: u64 = 0;
+    let mut measured: u64 = 0;
+    let mut posted = reqs.len() as u64;
+    let mut t0 = Instant::now();
+    let mut end: Option<Instant> = None;
+    let mut outstanding = reqs.len();
+    let mut live = vec![true; reqs.len()];
+    let wanted = opts.warmup.saturating_add(iters);
+    while outstanding > 0 {
+        let mut progressed = false;
+        for (i, r) in reqs.iter().enumerate() {
+            if !live[i] {
+                continue;
+            }
+            match r.status()? {
+                XferState::Done => {}
+                XferState::Failed(e) => return Err(e),
+                XferState::InProgress | XferState::Prepared => {
+                    if started[i].elapsed() > opts.request_timeout {
+                        return Err(Error::TimedOut {
+                            after_ms: opts.request_timeout.as_millis() as u64,
+                        });
+                    }
+                    continue;
+                }
+            }
+            progressed = true;
+            let now = Instant::now();
+            completed += 1;
+            if completed == opts.warmup {
+                t0 = now;
+            }
+            if completed > opts.warmup {
+                measured += 1;
+                lat.push(now.duration_since(started[i]).as_nanos() as u64);
+            }
+            let time_up = opts
+                .duration
+                .is_some_and(|d| completed > opts.warmup && t0.elapsed() >= d);
+            if posted < wanted && !time_up {
+                started[i] = Instant::now();
+                r.post()?;
+                posted += 1;
+            } else {
+                live[i] = false;
+                outstanding -= 1;
+                if outstanding == 0 {
+                    end = Some(now);
+                }
+            }
+        }
+        if !progressed {
+            std::thread::yield_now();
+        }
+    }
+    let secs = end
+        .unwrap_or_else(Instant::now)
+        .duration_since(t0)
+        .as_secs_f64()
+        .max(1e-9);
+    drop(reqs);
+
+    // Verify: both buffers must now hold the same bytes.
+    agent.notify(&peer, format!("bench:sum {total}").as_bytes())?;
+    let theirs = await_reply(&agent, &peer, "bench:sum ", t)?;
+    let theirs = u64::from_str_radix(&theirs, 16)
+        .map_err(|_| bench_err(&format!("target's checksum {theirs:?} is malformed")))?;
+    let ours = checksum(&buf.mem);
+    if theirs != ours {
+        return Err(bench_err(&format!(
+            "DATA MISMATCH after {}: local checksum {ours:016x}, target {theirs:016x}",
+            opts.op.name()
+        )));
+    }
+    drop(buf);
+    let backend = agent.backend().name().to_string();
+    agent.shutdown();
+
+    lat.sort_unstable();
+    let bytes = measured * total;
+    Ok(BenchReport {
+        backend,
+        op: opts.op.name(),
+        block_size: opts.block_size,
+        blocks: opts.blocks,
+        inflight: opts.inflight,
+        requests: measured,
+        bytes,
+        seconds: secs,
+        gb_per_s: bytes as f64 / secs / 1e9,
+        requests_per_s: measured as f64 / secs,
+        p50_us: percentile(&lat, 0.50),
+        p99_us: percentile(&lat, 0.99),
+        max_us: lat.last().map_or(0.0, |&m| m as f64 / 1000.0),
+        checksum: ours,
+    })
+}
+
+/// Sets `flag` when standard input reaches its end (the parent closed it
+/// or went away).
+pub fn stop_on_stdin_eof(flag: Arc<AtomicBool>) {
+    std::thread::spawn(move || {
+        let mut sink = [0u8; 256];
+        let mut stdin = std::io::stdin();
+        loop {
+            match stdin.read(&mut sink) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        flag.store(true, Ordering::Release);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("16KiB"), Ok(16384));
+        assert_eq!(parse_size("16k"), Ok(16384));
+        assert_eq!(parse_size("16KB"), Ok(16000));
+        assert_eq!(parse_size("64 MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert!(parse_size("16XB")
+            .unwrap_err()
+            .contains("unknown unit \"xb\""));
+        assert!(parse_size("KiB").is_err());
+        assert!(parse_size("99999999999999G")
+            .unwrap_err()
+            .contains("overflows"));
+        assert_eq!(format_size(16384), "16 KiB");
+        assert_eq!(format_size(1000), "1000 B");
+        assert_eq!(format_size(64 << 20), "64 MiB");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn checksum_and_fill() {
+        assert_eq!(checksum(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(checksum(b"a"), 0xaf63_dc4c_8601_ec8c);
+        let mut a = vec![0u8; 1001];
+        let mut b = vec![0u8; 1001];
+        fill_random(&mut a, 7);
+        fill_random(&mut b, 7);
+        assert_eq!(a, b);
+        fill_random(&mut b, 8);
+        assert_ne!(checksum(&a), checksum(&b));
+        assert!(a.iter().any(|&x| x != 0));
+    }
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<u64> = (1..=100).map(|x| x * 1000).collect();
+        assert_eq!(percentile(&v, 0.5), 51.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+}

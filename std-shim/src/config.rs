@@ -9,8 +9,8 @@
 //! 4. UCX.
 //!
 //! Values are matched without regard to case; an empty variable counts as
-//! unset. A value that names no backend built into this kvxfer is an error
-//! naming the value, where it came from, and the backends that are built in.
+//! unset. A value that names no backend built into this kvxfer is
+//! [`Error::UnsupportedBackend`], naming the value and the backends built in.
 
 use std::fmt;
 use std::time::Duration;
@@ -24,63 +24,23 @@ pub const ENV_TRTLLM_BACKEND: &str = "TRTLLM_NIXL_KVCACHE_BACKEND";
 /// The environment variable holding the side channel's shared key.
 pub const ENV_AUTH_KEY: &str = "KVXFER_AUTH_KEY";
 
-/// A transport kvxfer can move bytes with.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
-pub enum BackendKind {
-    /// UCX one-sided RMA (libucp).
-    Ucx,
-    /// libfabric `FI_EP_RDM` endpoints with `FI_RMA`.
-    Libfabric,
-    /// CUDA IPC between GPUs of one host.
-    CudaIpc,
-}
+pub use kvxfer_core::BackendKind;
 
-impl BackendKind {
-    /// Every backend kvxfer knows of, built in or not.
-    pub const ALL: [BackendKind; 3] = [BackendKind::Ucx, BackendKind::Libfabric, BackendKind::CudaIpc];
+/// The backends built into this kvxfer (cargo features `ucx`, `libfabric`,
+/// `cuda`), comma separated, as named in [`Error::UnsupportedBackend`].
+pub const BUILT_IN: &str = match (cfg!(feature = "ucx"), cfg!(feature = "libfabric")) {
+    (true, true) => "UCX, LIBFABRIC",
+    (true, false) => "UCX",
+    (false, true) => "LIBFABRIC",
+    (false, false) => "none",
+};
 
-    /// The upper-case name used in the environment, in metadata and in errors.
-    pub const fn name(self) -> &'static str {
-        match self {
-            BackendKind::Ucx => "UCX",
-            BackendKind::Libfabric => "LIBFABRIC",
-            BackendKind::CudaIpc => "CUDA_IPC",
-        }
-    }
-
-    /// Whether this build of kvxfer contains the backend (cargo features
-    /// `ucx`, `libfabric`, `cuda`).
-    pub const fn is_built_in(self) -> bool {
-        match self {
-            BackendKind::Ucx => cfg!(feature = "ucx"),
-            BackendKind::Libfabric => cfg!(feature = "libfabric"),
-            BackendKind::CudaIpc => false,
-        }
-    }
-
-    /// The backend named `s` (any case), built in or not.
-    pub fn parse(s: &str) -> Option<BackendKind> {
-        BackendKind::ALL.into_iter().find(|b| b.name().eq_ignore_ascii_case(s.trim()))
-    }
-
-    /// The names of the built-in backends, comma separated.
-    pub fn built_in_names() -> String {
-        let names: Vec<&str> = BackendKind::ALL
-            .into_iter()
-            .filter(|b| b.is_built_in())
-            .map(BackendKind::name)
-            .collect();
-        if names.is_empty() {
-            "none".to_string()
-        } else {
-            names.join(", ")
-        }
-    }
-}
-
-impl fmt::Display for BackendKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+/// Whether this build of kvxfer contains `kind`.
+pub const fn is_built_in(kind: BackendKind) -> bool {
+    match kind {
+        BackendKind::Ucx => cfg!(feature = "ucx"),
+        BackendKind::Libfabric => cfg!(feature = "libfabric"),
+        BackendKind::CudaIpc => false,
     }
 }
 
@@ -112,52 +72,37 @@ impl BackendSource {
 /// Chooses the backend from the configured value and the two environment
 /// variables' values (pass `None` for unset). Pure: reads no environment.
 ///
-/// An unknown value, or one naming a backend not built in, is an
-/// [`Error::Backend`] whose `backend` field names the source
-/// (`"KVXFER_BACKEND"`, …) and whose text names the value and the
-/// built-in backends.
+/// The first value set and not blank decides, even when it is invalid. A
+/// value that names no backend, or one not built in, is
+/// [`Error::UnsupportedBackend`] naming the value and [`BUILT_IN`].
 pub fn select_backend(
     config: Option<&str>,
     env_kvxfer: Option<&str>,
     env_trtllm: Option<&str>,
 ) -> Result<(BackendKind, BackendSource), Error> {
-    fn nonempty(v: Option<&str>) -> Option<&str> {
-        v.map(str::trim).filter(|v| !v.is_empty())
-    }
-    let (value, source) = if let Some(v) = nonempty(config) {
-        (v, BackendSource::Config)
-    } else if let Some(v) = nonempty(env_kvxfer) {
-        (v, BackendSource::EnvKvxfer)
-    } else if let Some(v) = nonempty(env_trtllm) {
-        (v, BackendSource::EnvTrtllm)
-    } else {
-        return if BackendKind::Ucx.is_built_in() {
-            Ok((BackendKind::Ucx, BackendSource::Default))
-        } else {
-            Err(Error::backend(
-                "UCX",
-                0,
-                &format!("default backend UCX is not built in; built in: {}", BackendKind::built_in_names()),
-            ))
-        };
+    let sources = [
+        (config, BackendSource::Config),
+        (env_kvxfer, BackendSource::EnvKvxfer),
+        (env_trtllm, BackendSource::EnvTrtllm),
+    ];
+    let (value, source) = sources
+        .into_iter()
+        .find_map(|(v, s)| v.filter(|v| !v.trim().is_empty()).map(|v| (v, s)))
+        .unwrap_or(("UCX", BackendSource::Default));
+    let unsupported = || Error::UnsupportedBackend {
+        value: kvxfer_core::error::bounded(value),
+        supported: BUILT_IN,
     };
     match BackendKind::parse(value) {
-        Some(kind) if kind.is_built_in() => Ok((kind, source)),
-        Some(kind) => Err(Error::backend(
-            source.name(),
-            0,
-            &format!("backend {kind} is not built in; built in: {}", BackendKind::built_in_names()),
-        )),
-        None => Err(Error::backend(
-            source.name(),
-            0,
-            &format!("unsupported backend {value:?}; supported: {}", BackendKind::built_in_names()),
-        )),
+        Ok(kind) if is_built_in(kind) => Ok((kind, source)),
+        _ => Err(unsupported()),
     }
 }
 
 /// Chooses the backend from `config` and the process environment.
-pub fn select_backend_from_env(config: Option<&str>) -> Result<(BackendKind, BackendSource), Error> {
+pub fn select_backend_from_env(
+    config: Option<&str>,
+) -> Result<(BackendKind, BackendSource), Error> {
     let kv = std::env::var(ENV_BACKEND).ok();
     let trt = std::env::var(ENV_TRTLLM_BACKEND).ok();
     select_backend(config, kv.as_deref(), trt.as_deref())
@@ -319,7 +264,9 @@ impl AgentConfig {
     pub fn effective_auth_key(&self) -> Option<Vec<u8>> {
         let key = match &self.auth_key {
             Some(k) => k.clone(),
-            None => std::env::var_os(ENV_AUTH_KEY).map(|v| v.into_encoded_bytes()).unwrap_or_default(),
+            None => std::env::var_os(ENV_AUTH_KEY)
+                .map(|v| v.into_encoded_bytes())
+                .unwrap_or_default(),
         };
         (!key.is_empty()).then_some(key)
     }
@@ -329,16 +276,19 @@ impl AgentConfig {
 mod tests {
     use super::*;
 
-    fn backend_err(r: Result<(BackendKind, BackendSource), Error>) -> (&'static str, String) {
-        match r {
-            Err(Error::Backend { backend, text, .. }) => (backend, text.as_str().to_string()),
-            other => panic!("expected a backend error, got {other:?}"),
+    fn unsupported(value: &str) -> Error {
+        Error::UnsupportedBackend {
+            value: kvxfer_core::error::bounded(value),
+            supported: "UCX, LIBFABRIC",
         }
     }
 
     #[test]
     fn default_is_ucx() {
-        assert_eq!(select_backend(None, None, None).unwrap(), (BackendKind::Ucx, BackendSource::Default));
+        assert_eq!(
+            select_backend(None, None, None).unwrap(),
+            (BackendKind::Ucx, BackendSource::Default)
+        );
         assert_eq!(
             select_backend(Some(""), Some("  "), None).unwrap(),
             (BackendKind::Ucx, BackendSource::Default)
@@ -356,32 +306,46 @@ mod tests {
             (BackendKind::Libfabric, BackendSource::EnvKvxfer)
         );
         assert_eq!(
-            select_backend(None, None, Some("LIBFABRIC")).unwrap(),
+            select_backend(None, None, Some(" LIBFABRIC ")).unwrap(),
             (BackendKind::Libfabric, BackendSource::EnvTrtllm)
         );
-        assert_eq!(select_backend(None, Some("ucx"), None).unwrap(), (BackendKind::Ucx, BackendSource::EnvKvxfer));
+        assert_eq!(
+            select_backend(None, Some("ucx"), None).unwrap(),
+            (BackendKind::Ucx, BackendSource::EnvKvxfer)
+        );
     }
 
     #[test]
-    fn unknown_value_names_value_source_and_supported() {
-        let (src, text) = backend_err(select_backend(None, Some("NCCL"), None));
-        assert_eq!(src, "KVXFER_BACKEND");
-        assert_eq!(text, "unsupported backend \"NCCL\"; supported: UCX, LIBFABRIC");
-        let (src, text) = backend_err(select_backend(None, None, Some("mooncake")));
-        assert_eq!(src, "TRTLLM_NIXL_KVCACHE_BACKEND");
-        assert!(text.contains("\"mooncake\""), "{text}");
-        let (src, _) = backend_err(select_backend(Some("x"), None, None));
-        assert_eq!(src, "AgentConfig.backend");
+    fn unknown_value_is_an_error_naming_it() {
+        assert_eq!(
+            select_backend(None, Some("NCCL"), None),
+            Err(unsupported("NCCL"))
+        );
+        assert_eq!(
+            select_backend(None, None, Some("mooncake")),
+            Err(unsupported("mooncake"))
+        );
+        assert_eq!(select_backend(Some("x"), None, None), Err(unsupported("x")));
         // A bad higher-priority value is an error, not a fall-through.
-        let (src, _) = backend_err(select_backend(None, Some("bogus"), Some("UCX")));
-        assert_eq!(src, "KVXFER_BACKEND");
+        assert_eq!(
+            select_backend(None, Some("bogus"), Some("UCX")),
+            Err(unsupported("bogus"))
+        );
+        let text = select_backend(None, Some("NCCL"), None)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            text,
+            "unsupported backend \"NCCL\"; supported: UCX, LIBFABRIC"
+        );
     }
 
     #[test]
     fn known_but_not_built_in() {
-        let (src, text) = backend_err(select_backend(None, Some("cuda_ipc"), None));
-        assert_eq!(src, "KVXFER_BACKEND");
-        assert_eq!(text, "backend CUDA_IPC is not built in; built in: UCX, LIBFABRIC");
+        assert_eq!(
+            select_backend(None, Some("cuda_ipc"), None),
+            Err(unsupported("cuda_ipc"))
+        );
     }
 
     #[test]
@@ -390,12 +354,21 @@ mod tests {
         assert_eq!(c.listen.as_deref(), Some("127.0.0.1:0"));
         assert!(c.progress_thread);
         assert_eq!(c.io_timeout, Duration::from_secs(5));
-        let c = c.with_listen(None).with_progress_thread(false).with_provider("shm").with_auth_key("k");
+        let c = c
+            .with_listen(None)
+            .with_progress_thread(false)
+            .with_provider("shm")
+            .with_auth_key("k");
         assert_eq!(c.listen, None);
         assert!(!c.progress_thread);
         assert_eq!(c.provider.as_deref(), Some("shm"));
         assert_eq!(c.effective_auth_key().as_deref(), Some(&b"k"[..]));
-        assert_eq!(AgentConfig::default().with_auth_key("").effective_auth_key(), None);
+        assert_eq!(
+            AgentConfig::default()
+                .with_auth_key("")
+                .effective_auth_key(),
+            None
+        );
         assert!(!format!("{c:?}").contains("\"k\""));
     }
 }

@@ -23,7 +23,10 @@
 #![deny(missing_docs)]
 // Without any backend the agent's dispatch has no variant and its code is
 // unreachable; such a build still offers configuration and the side channel.
-#![cfg_attr(not(any(feature = "ucx", feature = "libfabric")), allow(unreachable_code, unused))]
+#![cfg_attr(
+    not(any(feature = "ucx", feature = "libfabric")),
+    allow(unreachable_code, unused)
+)]
 
 mod agent;
 pub mod bench;
@@ -31,6 +34,8 @@ pub mod clock;
 pub mod config;
 pub mod side_channel;
 
-pub use agent::{Agent, AgentEngine, WaitOutcome, XferRequest, MAX_PEERS, MAX_REGIONS, MAX_SEGMENTS, MAX_XFERS};
+pub use agent::{
+    Agent, AgentEngine, WaitOutcome, XferRequest, MAX_PEERS, MAX_REGIONS, MAX_SEGMENTS, MAX_XFERS,
+};
 pub use config::{AgentConfig, BackendKind, BackendSource};
 pub use kvxfer_core::{Desc, Error, MemKind, Region, XferHandle, XferOp, XferState, XferTelemetry};

@@ -81,7 +81,9 @@ fn ms(d: Duration) -> u64 {
 /// the peer and what was being done.
 fn io_error(e: &io::Error, peer: &str, what: &str, timeout: Duration) -> Error {
     match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Error::TimedOut { after_ms: ms(timeout) },
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Error::TimedOut {
+            after_ms: ms(timeout),
+        },
         _ => Error::backend(
             SIDE_CHANNEL,
             i64::from(e.raw_os_error().unwrap_or(-1)),
@@ -99,7 +101,12 @@ pub fn write_frame(w: &mut impl Write, payload: &[u8]) -> io::Result<()> {
     let len = u32::try_from(payload.len())
         .ok()
         .filter(|&l| l as usize <= MAX_FRAME)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("frame of {} bytes exceeds {MAX_FRAME}", payload.len())))?;
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("frame of {} bytes exceeds {MAX_FRAME}", payload.len()),
+            )
+        })?;
     let mut buf = Vec::with_capacity(4 + payload.len());
     buf.extend_from_slice(&len.to_le_bytes());
     buf.extend_from_slice(payload);
@@ -128,7 +135,10 @@ pub fn read_frame(r: &mut impl Read, max: usize) -> Result<Vec<u8>, FrameError> 
     r.read_exact(&mut hdr).map_err(FrameError::Io)?;
     let len = u32::from_le_bytes(hdr) as usize;
     if len > max {
-        return Err(FrameError::TooLarge { len: len as u64, max: max as u64 });
+        return Err(FrameError::TooLarge {
+            len: len as u64,
+            max: max as u64,
+        });
     }
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf).map_err(FrameError::Io)?;
@@ -148,13 +158,20 @@ fn frame_error(e: FrameError, peer: &str, what: &str, timeout: Duration) -> Erro
 
 fn nonce() -> Result<[u8; NONCE_LEN], Error> {
     let mut n = [0u8; NONCE_LEN];
-    getrandom::getrandom(&mut n).map_err(|e| Error::backend(SIDE_CHANNEL, i64::from(e.code().get()), &format!("random nonce: {e}")))?;
+    getrandom::getrandom(&mut n).map_err(|e| {
+        Error::backend(
+            SIDE_CHANNEL,
+            i64::from(e.code().get()),
+            &format!("random nonce: {e}"),
+        )
+    })?;
     Ok(n)
 }
 
 fn mac(key: &[u8], label: &[u8], nonce: &[u8]) -> HmacSha256 {
     // HMAC accepts keys of any length.
-    let mut m = <HmacSha256 as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    let mut m = <HmacSha256 as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
     m.update(label);
     m.update(nonce);
     m
@@ -172,8 +189,11 @@ pub struct Server {
 impl Server {
     /// Binds `listen` and starts serving `handler` on a thread.
     pub fn start(listen: &str, handler: Arc<dyn Handler>, opts: Options) -> Result<Server, Error> {
-        let listener = TcpListener::bind(listen).map_err(|e| io_error(&e, listen, "listen on", opts.io_timeout))?;
-        let addr = listener.local_addr().map_err(|e| io_error(&e, listen, "local address of", opts.io_timeout))?;
+        let listener = TcpListener::bind(listen)
+            .map_err(|e| io_error(&e, listen, "listen on", opts.io_timeout))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| io_error(&e, listen, "local address of", opts.io_timeout))?;
         let stop = Arc::new(AtomicBool::new(false));
         let conns: Arc<Mutex<HashMap<u64, TcpStream>>> = Arc::default();
         let thread = {
@@ -185,7 +205,12 @@ impl Server {
                 .map_err(|e| io_error(&e, listen, "spawn server thread for", Duration::ZERO))?
         };
         log::debug!("side channel listening on {addr}");
-        Ok(Server { addr, stop, conns, thread: Some(thread) })
+        Ok(Server {
+            addr,
+            stop,
+            conns,
+            thread: Some(thread),
+        })
     }
 
     /// The address the server listens on (with the chosen port).
@@ -245,7 +270,10 @@ fn accept_loop(
                 continue;
             }
         };
-        let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into());
         let id = next_id.fetch_add(1, Ordering::Relaxed);
         {
             let Ok(mut c) = conns.lock() else { break };
@@ -266,14 +294,16 @@ fn accept_loop(
         let handler = Arc::clone(&handler);
         let opts = opts.clone();
         let conns2 = Arc::clone(&conns);
-        let spawned = std::thread::Builder::new().name("kvxfer-side-conn".into()).spawn(move || {
-            if let Err(e) = serve(stream, &peer, &*handler, &opts) {
-                log::debug!("side channel connection from {peer} ended: {e}");
-            }
-            if let Ok(mut c) = conns2.lock() {
-                c.remove(&id);
-            }
-        });
+        let spawned = std::thread::Builder::new()
+            .name("kvxfer-side-conn".into())
+            .spawn(move || {
+                if let Err(e) = serve(stream, &peer, &*handler, &opts) {
+                    log::debug!("side channel connection from {peer} ended: {e}");
+                }
+                if let Ok(mut c) = conns2.lock() {
+                    c.remove(&id);
+                }
+            });
         if let Err(e) = spawned {
             log::warn!("side channel: cannot spawn a connection thread: {e}");
             if let Ok(mut c) = conns.lock() {
@@ -283,18 +313,33 @@ fn accept_loop(
     }
 }
 
-fn send(stream: &mut TcpStream, payload: &[u8], peer: &str, timeout: Duration) -> Result<(), Error> {
+fn send(
+    stream: &mut TcpStream,
+    payload: &[u8],
+    peer: &str,
+    timeout: Duration,
+) -> Result<(), Error> {
     write_frame(stream, payload).map_err(|e| io_error(&e, peer, "send to", timeout))
 }
 
-fn send_err(stream: &mut TcpStream, text: &str, peer: &str, timeout: Duration) -> Result<(), Error> {
+fn send_err(
+    stream: &mut TcpStream,
+    text: &str,
+    peer: &str,
+    timeout: Duration,
+) -> Result<(), Error> {
     let mut p = vec![STATUS_ERR];
     p.extend_from_slice(text.as_bytes());
     send(stream, &p, peer, timeout)
 }
 
 /// Serves one connection until it closes, idles out or misbehaves.
-fn serve(mut stream: TcpStream, peer: &str, handler: &dyn Handler, opts: &Options) -> Result<(), Error> {
+fn serve(
+    mut stream: TcpStream,
+    peer: &str,
+    handler: &dyn Handler,
+    opts: &Options,
+) -> Result<(), Error> {
     let io_t = opts.io_timeout;
     let setup = |s: &TcpStream, read: Duration| {
         s.set_read_timeout(Some(read))
@@ -316,17 +361,25 @@ fn serve(mut stream: TcpStream, peer: &str, handler: &dyn Handler, opts: &Option
     };
     send(&mut stream, &hello, peer, io_t)?;
     if let (Some(key), Some(nonce_s)) = (&opts.key, server_nonce) {
-        let msg = read_frame(&mut stream, MAX_FRAME).map_err(|e| frame_error(e, peer, "read auth from", io_t))?;
+        let msg = read_frame(&mut stream, MAX_FRAME)
+            .map_err(|e| frame_error(e, peer, "read auth from", io_t))?;
         if msg.len() != 1 + MAC_LEN + NONCE_LEN || msg[0] != OP_AUTH {
             let _ = send_err(&mut stream, "authentication required", peer, io_t);
             return Err(protocol_error(peer, "client did not authenticate"));
         }
-        if mac(key, b"kvxfer-client", &nonce_s).verify_slice(&msg[1..1 + MAC_LEN]).is_err() {
+        if mac(key, b"kvxfer-client", &nonce_s)
+            .verify_slice(&msg[1..1 + MAC_LEN])
+            .is_err()
+        {
             let _ = send_err(&mut stream, "authentication failed", peer, io_t);
             return Err(protocol_error(peer, "client authentication failed"));
         }
         let mut ok = vec![STATUS_OK];
-        ok.extend_from_slice(&mac(key, b"kvxfer-server", &msg[1 + MAC_LEN..]).finalize().into_bytes());
+        ok.extend_from_slice(
+            &mac(key, b"kvxfer-server", &msg[1 + MAC_LEN..])
+                .finalize()
+                .into_bytes(),
+        );
         send(&mut stream, &ok, peer, io_t)?;
     }
 
@@ -338,7 +391,14 @@ fn serve(mut stream: TcpStream, peer: &str, handler: &dyn Handler, opts: &Option
         match stream.read(&mut hdr[..1]) {
             Ok(0) => return Ok(()),
             Ok(_) => {}
-            Err(e) => return Err(io_error(&e, peer, "wait for a request from", opts.idle_timeout)),
+            Err(e) => {
+                return Err(io_error(
+                    &e,
+                    peer,
+                    "wait for a request from",
+                    opts.idle_timeout,
+                ))
+            }
         }
         setup(&stream, io_t)?;
         let mut chained = (&hdr[..1]).chain(&mut stream);
@@ -346,8 +406,18 @@ fn serve(mut stream: TcpStream, peer: &str, handler: &dyn Handler, opts: &Option
         let req = match req {
             Ok(r) => r,
             Err(FrameError::TooLarge { len, max }) => {
-                let _ = send_err(&mut stream, &format!("frame of {len} bytes exceeds the limit of {max}"), peer, io_t);
-                return Err(frame_error(FrameError::TooLarge { len, max }, peer, "", io_t));
+                let _ = send_err(
+                    &mut stream,
+                    &format!("frame of {len} bytes exceeds the limit of {max}"),
+                    peer,
+                    io_t,
+                );
+                return Err(frame_error(
+                    FrameError::TooLarge { len, max },
+                    peer,
+                    "",
+                    io_t,
+                ));
             }
             Err(e) => return Err(frame_error(e, peer, "read a request from", io_t)),
         };
@@ -392,9 +462,15 @@ impl Client {
     pub fn connect(addr: &str, key: Option<&[u8]>, timeout: Duration) -> Result<Client, Error> {
         let addrs: Vec<SocketAddr> = addr
             .to_socket_addrs()
-            .map_err(|e| Error::backend(SIDE_CHANNEL, -1, &format!("cannot resolve {addr:?}: {e}")))?
+            .map_err(|e| {
+                Error::backend(SIDE_CHANNEL, -1, &format!("cannot resolve {addr:?}: {e}"))
+            })?
             .collect();
-        let mut last = Error::backend(SIDE_CHANNEL, -1, &format!("{addr:?} resolves to no address"));
+        let mut last = Error::backend(
+            SIDE_CHANNEL,
+            -1,
+            &format!("{addr:?} resolves to no address"),
+        );
         let mut stream = None;
         for a in &addrs {
             match TcpStream::connect_timeout(a, timeout) {
@@ -411,13 +487,18 @@ impl Client {
             .and_then(|_| stream.set_write_timeout(Some(timeout)))
             .map_err(|e| io_error(&e, addr, "set timeouts on", timeout))?;
         let _ = stream.set_nodelay(true);
-        let mut c = Client { stream, peer: addr.to_string(), timeout };
+        let mut c = Client {
+            stream,
+            peer: addr.to_string(),
+            timeout,
+        };
         c.handshake(key)?;
         Ok(c)
     }
 
     fn recv(&mut self, what: &str) -> Result<Vec<u8>, Error> {
-        read_frame(&mut self.stream, MAX_FRAME).map_err(|e| frame_error(e, &self.peer, what, self.timeout))
+        read_frame(&mut self.stream, MAX_FRAME)
+            .map_err(|e| frame_error(e, &self.peer, what, self.timeout))
     }
 
     fn handshake(&mut self, key: Option<&[u8]>) -> Result<(), Error> {
@@ -426,20 +507,36 @@ impl Client {
             return Err(protocol_error(&self.peer, "not a kvxfer side channel"));
         }
         if hello[2] != VERSION {
-            return Err(protocol_error(&self.peer, &format!("side channel version {} (this build speaks {VERSION})", hello[2])));
+            return Err(protocol_error(
+                &self.peer,
+                &format!(
+                    "side channel version {} (this build speaks {VERSION})",
+                    hello[2]
+                ),
+            ));
         }
         let wants_auth = hello[3] != 0;
         match (wants_auth, key) {
             (false, None) => Ok(()),
-            (false, Some(_)) => Err(protocol_error(&self.peer, "server does not authenticate but a key is set")),
-            (true, None) => Err(protocol_error(&self.peer, "server requires KVXFER_AUTH_KEY")),
+            (false, Some(_)) => Err(protocol_error(
+                &self.peer,
+                "server does not authenticate but a key is set",
+            )),
+            (true, None) => Err(protocol_error(
+                &self.peer,
+                "server requires KVXFER_AUTH_KEY",
+            )),
             (true, Some(key)) => {
                 if hello.len() != 4 + NONCE_LEN {
                     return Err(protocol_error(&self.peer, "malformed hello"));
                 }
                 let nonce_c = nonce()?;
                 let mut msg = vec![OP_AUTH];
-                msg.extend_from_slice(&mac(key, b"kvxfer-client", &hello[4..]).finalize().into_bytes());
+                msg.extend_from_slice(
+                    &mac(key, b"kvxfer-client", &hello[4..])
+                        .finalize()
+                        .into_bytes(),
+                );
                 msg.extend_from_slice(&nonce_c);
                 send(&mut self.stream, &msg, &self.peer, self.timeout)?;
                 let reply = self.recv("read auth reply from")?;
@@ -471,7 +568,10 @@ impl Client {
                 &self.peer,
                 &format!("{what}: {}", String::from_utf8_lossy(&reply[1..])),
             )),
-            _ => Err(protocol_error(&self.peer, &format!("{what}: malformed reply"))),
+            _ => Err(protocol_error(
+                &self.peer,
+                &format!("{what}: malformed reply"),
+            )),
         }
     }
 
@@ -523,7 +623,10 @@ mod tests {
     }
 
     fn server(key: Option<&[u8]>) -> (Server, Arc<Fixed>) {
-        let h = Arc::new(Fixed { md: b"metadata\0with zero".to_vec(), loaded: Mutex::default() });
+        let h = Arc::new(Fixed {
+            md: b"metadata\0with zero".to_vec(),
+            loaded: Mutex::default(),
+        });
         let s = Server::start("127.0.0.1:0", h.clone(), opts(key)).unwrap();
         (s, h)
     }
@@ -537,7 +640,9 @@ mod tests {
         let mut r = &buf[..];
         assert_eq!(read_frame(&mut r, 16).unwrap(), b"hello");
         assert_eq!(read_frame(&mut r, 16).unwrap(), b"");
-        assert!(matches!(read_frame(&mut r, 16), Err(FrameError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof));
+        assert!(
+            matches!(read_frame(&mut r, 16), Err(FrameError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof)
+        );
     }
 
     #[test]
@@ -556,14 +661,19 @@ mod tests {
     #[test]
     fn get_and_push() {
         let (s, h) = server(None);
-        let mut c = Client::connect(&s.local_addr().to_string(), None, Duration::from_secs(2)).unwrap();
+        let mut c =
+            Client::connect(&s.local_addr().to_string(), None, Duration::from_secs(2)).unwrap();
         assert_eq!(c.get_metadata().unwrap(), b"metadata\0with zero");
         assert_eq!(c.push_metadata(b"abc").unwrap(), "peer-3");
         assert_eq!(c.get_metadata().unwrap(), b"metadata\0with zero");
         assert_eq!(h.loaded.lock().unwrap().as_slice(), &[b"abc".to_vec()]);
         // The handler's error travels back as text.
         match c.push_metadata(b"") {
-            Err(Error::Backend { backend: SIDE_CHANNEL, text, .. }) => {
+            Err(Error::Backend {
+                backend: SIDE_CHANNEL,
+                text,
+                ..
+            }) => {
                 assert!(text.contains("bad magic"), "{text}")
             }
             other => panic!("{other:?}"),
@@ -576,7 +686,8 @@ mod tests {
         let mut raw = TcpStream::connect(s.local_addr()).unwrap();
         raw.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         let _hello = read_frame(&mut raw, 64).unwrap();
-        raw.write_all(&((MAX_FRAME + 1) as u32).to_le_bytes()).unwrap();
+        raw.write_all(&((MAX_FRAME + 1) as u32).to_le_bytes())
+            .unwrap();
         let reply = read_frame(&mut raw, 1024).unwrap();
         assert_eq!(reply[0], STATUS_ERR);
         assert!(String::from_utf8_lossy(&reply[1..]).contains("exceeds the limit"));
@@ -595,7 +706,10 @@ mod tests {
         let mut b = [0u8; 1];
         assert_eq!(raw.read(&mut b).unwrap_or(0), 0);
         let waited = t.elapsed();
-        assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(2), "{waited:?}");
+        assert!(
+            waited >= Duration::from_millis(250) && waited < Duration::from_secs(2),
+            "{waited:?}"
+        );
     }
 
     #[test]
@@ -630,7 +744,11 @@ mod tests {
         let addr = l.local_addr().unwrap().to_string();
         drop(l);
         match Client::connect(&addr, None, Duration::from_millis(500)) {
-            Err(Error::Backend { backend: SIDE_CHANNEL, text, .. }) => assert!(text.contains(&addr), "{text}"),
+            Err(Error::Backend {
+                backend: SIDE_CHANNEL,
+                text,
+                ..
+            }) => assert!(text.contains(&addr), "{text}"),
             other => panic!("{:?}", other.err()),
         }
     }
@@ -643,14 +761,24 @@ mod tests {
         let mut c = Client::connect(&addr, Some(b"secret"), t).unwrap();
         assert_eq!(c.get_metadata().unwrap(), b"metadata\0with zero");
         let err = |r: Result<Client, Error>| match r {
-            Err(Error::Backend { backend: SIDE_CHANNEL, text, .. }) => text.as_str().to_string(),
+            Err(Error::Backend {
+                backend: SIDE_CHANNEL,
+                text,
+                ..
+            }) => text.as_str().to_string(),
             Err(e) => panic!("{e:?}"),
             Ok(_) => panic!("connected"),
         };
-        assert!(err(Client::connect(&addr, Some(b"wrong"), t)).contains("refused: authentication failed"));
+        assert!(err(Client::connect(&addr, Some(b"wrong"), t))
+            .contains("refused: authentication failed"));
         assert!(err(Client::connect(&addr, None, t)).contains("requires KVXFER_AUTH_KEY"));
         let (open, _) = server(None);
-        assert!(err(Client::connect(&open.local_addr().to_string(), Some(b"secret"), t)).contains("does not authenticate"));
+        assert!(err(Client::connect(
+            &open.local_addr().to_string(),
+            Some(b"secret"),
+            t
+        ))
+        .contains("does not authenticate"));
         // A client that skips authentication gets nothing.
         let mut raw = TcpStream::connect(s.local_addr()).unwrap();
         raw.set_read_timeout(Some(t)).unwrap();
