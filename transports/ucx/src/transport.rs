@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use kvxfer_core::mem::MemKinds;
 use kvxfer_core::{
-    Capabilities, Completion, Error, MemKind, PostStatus, Region, Segment, Token, Transport, XferOp,
+    Capabilities, Completion, DescError, Error, MemKind, PostStatus, Region, Segment, Side, Token,
+    Transport, XferOp,
 };
 use ucx_sys as sys;
 
@@ -95,6 +96,7 @@ impl<T> Table<T> {
 
 struct RegEntry {
     memh: sys::ucp_mem_h,
+    region: Region,
     packed: Vec<u8>,
 }
 
@@ -111,6 +113,8 @@ struct KeyEntry {
     /// then, before the endpoint).
     rkey: sys::ucp_rkey_h,
     ep: u32,
+    /// The peer's region the key covers.
+    region: Region,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -793,7 +797,11 @@ impl Transport for UcxTransport {
             sys::ucp_rkey_buffer_release(buf);
             v
         };
-        let index = self.regs.insert(RegEntry { memh, packed });
+        let index = self.regs.insert(RegEntry {
+            memh,
+            region: *region,
+            packed,
+        });
         Ok(UcxReg {
             owner: self.owner,
             index,
@@ -938,6 +946,7 @@ impl Transport for UcxTransport {
         let index = self.keys.insert(KeyEntry {
             rkey,
             ep: peer.index,
+            region: *region,
         });
         Ok(UcxRemoteKey {
             owner: self.owner,
@@ -976,25 +985,49 @@ impl Transport for UcxTransport {
                 });
             }
         }
-        // Check every segment before anything is issued.
-        for seg in segments {
-            if seg.local.owner != self.owner || self.regs.get(seg.local.index).is_none() {
-                return Err(self.foreign("segment's local registration is not this transport's"));
+        // Check every segment before anything is issued: UCX writes where
+        // the segments say, so they must lie inside what was registered.
+        for (i, seg) in segments.iter().enumerate() {
+            let index = i as u32;
+            let bad = |side, addr, reason| Error::InvalidDesc {
+                side,
+                index,
+                addr,
+                len: seg.len,
+                reason,
+            };
+            if seg.len == 0 || usize::try_from(seg.len).is_err() {
+                return Err(bad(Side::Local, seg.local_addr, DescError::ZeroLength));
             }
-            if seg.remote.owner != self.owner {
-                return Err(self.foreign("segment's remote key is not this transport's"));
+            let local = match self.regs.get(seg.local.index) {
+                Some(r) if seg.local.owner == self.owner => r.region,
+                _ => {
+                    return Err(self.foreign("segment's local registration is not this transport's"))
+                }
+            };
+            if !local.contains(seg.local_addr, seg.len) {
+                let reason = DescError::OutsideRegistration {
+                    region_addr: local.addr,
+                    region_len: local.len,
+                };
+                return Err(bad(Side::Local, seg.local_addr, reason));
             }
-            match self.keys.get(seg.remote.index) {
-                Some(k) if k.ep == ep_index && !k.rkey.is_null() => {}
+            let remote = match self.keys.get(seg.remote.index) {
+                Some(k)
+                    if seg.remote.owner == self.owner && k.ep == ep_index && !k.rkey.is_null() =>
+                {
+                    k.region
+                }
                 _ => {
                     return Err(self.foreign("segment's remote key was not unpacked for this peer"))
                 }
-            }
-            if seg.len == 0 || usize::try_from(seg.len).is_err() {
-                return Err(Error::InvalidRegion {
-                    addr: seg.local_addr,
-                    len: seg.len,
-                });
+            };
+            if !remote.contains(seg.remote_addr, seg.len) {
+                let reason = DescError::OutsideRegistration {
+                    region_addr: remote.addr,
+                    region_len: remote.len,
+                };
+                return Err(bad(Side::Remote, seg.remote_addr, reason));
             }
         }
 

@@ -15,7 +15,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use kvxfer_core::{Error, PostStatus, Region, Segment, Token, Transport, XferOp};
+use kvxfer_core::{DescError, Error, PostStatus, Region, Segment, Side, Token, Transport, XferOp};
 use kvxfer_ucx::{UcxConfig, UcxPeer, UcxReg, UcxRemoteKey, UcxTransport};
 
 const ROLE_ENV: &str = "KVXFER_UCX_TEST_ROLE";
@@ -841,6 +841,94 @@ fn invalid_inputs_are_refused() {
             max: 4096
         })
     );
+
+    // Segments must lie inside the local registration and the remote key's
+    // region; the error names the side, index, address and registration.
+    let obuf = vec![0u8; 4096];
+    let oaddr_mem = obuf.as_ptr() as u64;
+    let oreg = other
+        .register(&Region::dram(oaddr_mem, 4096))
+        .expect("register");
+    let mut okey = [0u8; 4096];
+    let oklen = other.pack_key(&oreg, &mut okey).expect("pack");
+    let rkey = t
+        .unpack_key(&peer, &Region::dram(oaddr_mem, 4096), &okey[..oklen])
+        .expect("unpack");
+    let seg = |local_addr: u64, remote_addr: u64, len: u64| Segment {
+        local_addr,
+        remote_addr,
+        len,
+        local: &reg,
+        remote: &rkey,
+        remote_region_addr: oaddr_mem,
+    };
+    let outside = |region_addr, region_len| DescError::OutsideRegistration {
+        region_addr,
+        region_len,
+    };
+    assert_eq!(
+        t.post(
+            XferOp::Write,
+            &peer,
+            &[seg(addr + 4000, oaddr_mem, 200)],
+            None,
+            Token(1)
+        ),
+        Err(Error::InvalidDesc {
+            side: Side::Local,
+            index: 0,
+            addr: addr + 4000,
+            len: 200,
+            reason: outside(addr, 4096)
+        })
+    );
+    assert_eq!(
+        t.post(
+            XferOp::Read,
+            &peer,
+            &[seg(addr, oaddr_mem, 8), seg(addr + 8, oaddr_mem + 4090, 8)],
+            None,
+            Token(2)
+        ),
+        Err(Error::InvalidDesc {
+            side: Side::Remote,
+            index: 1,
+            addr: oaddr_mem + 4090,
+            len: 8,
+            reason: outside(oaddr_mem, 4096)
+        })
+    );
+    assert_eq!(
+        t.post(
+            XferOp::Write,
+            &peer,
+            &[seg(addr, oaddr_mem, 0)],
+            None,
+            Token(3)
+        ),
+        Err(Error::InvalidDesc {
+            side: Side::Local,
+            index: 0,
+            addr,
+            len: 0,
+            reason: DescError::ZeroLength
+        })
+    );
+    // A key unpacked for one peer is refused on another.
+    let peer2 = t.connect(&oaddr[..olen]).expect("second endpoint");
+    assert!(matches!(
+        t.post(
+            XferOp::Write,
+            &peer2,
+            &[seg(addr, oaddr_mem, 8)],
+            None,
+            Token(4)
+        ),
+        Err(Error::Backend { backend: "UCX", .. })
+    ));
+    t.release_key(rkey);
+    t.disconnect(peer2);
     t.disconnect(peer);
     t.deregister(reg);
+    other.deregister(oreg);
 }
