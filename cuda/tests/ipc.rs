@@ -116,8 +116,9 @@ impl Peer {
         let (tx, lines) = channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("KVX ") {
-                    if tx.send(rest.to_string()).is_err() {
+                // libtest may print "test name ... " before our output on one line.
+                if let Some(at) = line.find("KVX ") {
+                    if tx.send(line[at + 4..].to_string()).is_err() {
                         break;
                     }
                 }
@@ -346,6 +347,14 @@ fn read_test(test: &str, len: usize, seed: u64) {
         "READ data differs"
     );
     assert_eq!(unhex(&peer.expect("NOTE")), b"read done");
+    if len <= 4096 {
+        // Both sides copied back: the initiator's VRAM equals the target's.
+        assert_eq!(
+            unhex(&peer.expect("DATA")),
+            got,
+            "READ result differs from the target's VRAM"
+        );
+    }
     // The target's own copy is untouched by a READ.
     assert_eq!(peer.expect("VERIFY"), "ok");
     t.release_key(key);
