@@ -63,6 +63,14 @@ pub struct UcxConfig {
     /// How long closing an endpoint may wait for its flush, in
     /// milliseconds. Default: 1000.
     pub close_timeout_ms: u32,
+    /// Create endpoints with UCX's peer error handling (the default), so
+    /// that a dead peer fails its in-flight transfers within about the
+    /// keepalive interval instead of hanging them. UCX then uses only
+    /// transports that can detect a dead peer: in UCX 1.13 shared memory
+    /// (`sysv`, `posix`) cannot, so on one host RMA goes over `cma` and
+    /// messages over `tcp`. Turn it off to allow every transport, at the
+    /// price of transfers to a dead peer that may never end.
+    pub peer_failure_detection: bool,
     /// How long [`cancel`](kvxfer_core::Transport::cancel) waits for the
     /// cancelled requests to be released, in milliseconds. Default: 5000.
     pub cancel_timeout_ms: u32,
@@ -77,6 +85,7 @@ impl Default for UcxConfig {
             notification_queue: 1024,
             close_timeout_ms: 1000,
             cancel_timeout_ms: 5000,
+            peer_failure_detection: true,
         }
     }
 }

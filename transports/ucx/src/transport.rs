@@ -868,7 +868,11 @@ impl Transport for UcxTransport {
                     | sys::UCP_EP_PARAM_FIELD_ERR_HANDLER,
             ),
             address: address.as_ptr().cast::<sys::ucp_address_t>(),
-            err_mode: sys::UCP_ERR_HANDLING_MODE_PEER,
+            err_mode: if self.config.peer_failure_detection {
+                sys::UCP_ERR_HANDLING_MODE_PEER
+            } else {
+                sys::UCP_ERR_HANDLING_MODE_NONE
+            },
             err_handler: sys::ucp_err_handler_t {
                 cb: Some(ep_failed),
                 arg: state.get().cast::<c_void>(),
@@ -881,6 +885,13 @@ impl Transport for UcxTransport {
         // boxed state, kept alive until the endpoint is closed.
         let st = unsafe { sys::ucp_ep_create(self.worker, &params, &mut ep) };
         if st != UCS_OK {
+            if self.config.peer_failure_detection {
+                log::warn!(
+                    "UCX: no transport reaches the peer with peer failure detection; \
+                     UCX 1.13's sysv/posix cannot detect a dead peer, so UCX_TLS needs \
+                     tcp or cma too (or turn peer_failure_detection off)"
+                );
+            }
             return Err(ucs_error(
                 "creating an endpoint from the peer's worker address",
                 st,
