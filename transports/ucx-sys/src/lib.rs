@@ -11,7 +11,12 @@
 //! arithmetic. This crate holds no other logic and no safe API: see
 //! `kvxfer-ucx` for that.
 #![no_std]
-#![allow(non_upper_case_globals, non_camel_case_types, non_snake_case, dead_code)]
+#![allow(
+    non_upper_case_globals,
+    non_camel_case_types,
+    non_snake_case,
+    dead_code
+)]
 #![allow(clippy::all)]
 #![allow(missing_docs)]
 
