@@ -133,8 +133,7 @@ fn write_moves_bytes_completes_on_poll_and_can_be_reposted() {
 fn read_pulls_remote_bytes_and_coalescing_can_be_off() {
     let mem = Mem::new(BASE);
     let (_a, _b) = engines(&mem);
-    let mut config = EngineConfig::default();
-    config.coalesce = false;
+    let config = EngineConfig { coalesce: false };
     let mut c = Eng::new("carol", Loopback::new(&mem, 3), config).unwrap();
     c.register(Region::dram(BASE + 0x400, 256)).unwrap();
     let mut buf = [0u8; 1024];

@@ -135,11 +135,13 @@ impl<'m, const N: usize> Loopback<'m, N> {
     /// Agent `id` over `mem`. It moves DRAM and VRAM (both are arena
     /// bytes), can cancel, and completes on a later poll.
     pub fn new(mem: &'m LoopbackMemory<N>, id: u32) -> Self {
-        let mut caps = Capabilities::default();
-        caps.mem_kinds = MemKinds::DRAM_VRAM;
-        caps.max_notification = MAIL_CAP as u32;
-        caps.can_cancel = true;
-        caps.may_complete_inline = false;
+        let caps = Capabilities {
+            mem_kinds: MemKinds::DRAM_VRAM,
+            max_notification: MAIL_CAP as u32,
+            can_cancel: true,
+            may_complete_inline: false,
+            ..Capabilities::default()
+        };
         Loopback {
             mem,
             id,

@@ -1,0 +1,167 @@
+//! Random sequences of engine operations, over the loopback transport with
+//! seeded faults, checked against a simple model of the lifecycle.
+#![no_main]
+
+use kvxfer_core::transport::fault::{FaultInjector, FaultPlan};
+use kvxfer_core::transport::loopback::{Loopback, LoopbackMemory};
+use kvxfer_core::{
+    Desc, Engine, EngineConfig, Error, Instant, Region, XferHandle, XferOp, XferState,
+};
+use libfuzzer_sys::fuzz_target;
+
+const BASE: u64 = 0x1000;
+const SIZE: usize = 4096;
+const A: u64 = BASE;
+const B: u64 = BASE + 2048;
+const LEN: u64 = 1024;
+
+type Eng<'m> = Engine<FaultInjector<Loopback<'m, SIZE>>, 4, 2, 4, 8, 64, 2>;
+type Target<'m> = Engine<Loopback<'m, SIZE>, 4, 2, 4, 8, 64, 2>;
+
+#[derive(Clone, Debug, PartialEq)]
+enum Model {
+    Prepared,
+    InProgress,
+    Finished,
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&seed, ops)) = data.split_first() else {
+        return;
+    };
+    let mem: LoopbackMemory<SIZE> = LoopbackMemory::new(BASE);
+    let plan = FaultPlan {
+        seed: seed as u64 + 1,
+        fail_post_per_mille: 100,
+        fail_completion_per_mille: 100,
+        max_delay_polls: (seed % 3) as u32,
+        reorder: seed & 4 != 0,
+        ..FaultPlan::default()
+    };
+    let mut a = Eng::new(
+        "a",
+        FaultInjector::new(Loopback::new(&mem, 1), plan),
+        EngineConfig::default(),
+    )
+    .unwrap();
+    let mut b = Target::new("b", Loopback::new(&mem, 2), EngineConfig::default()).unwrap();
+    a.register(Region::dram(A, LEN)).unwrap();
+    b.register(Region::dram(B, LEN)).unwrap();
+    let mut md = [0u8; 256];
+    let n = b.local_metadata(&mut md).unwrap();
+    a.load_remote(&md[..n]).unwrap();
+
+    let mut live: Vec<(XferHandle, Model)> = Vec::new();
+    let mut released: Vec<XferHandle> = Vec::new();
+    let mut note = [0u8; 128];
+    for (t, pair) in ops.chunks(2).enumerate() {
+        let now = Instant::from_nanos(t as u64);
+        let (op, arg) = (pair[0] % 8, *pair.get(1).unwrap_or(&0) as u64);
+        match op {
+            0 => {
+                let off = (arg % 16) * 8;
+                let r = a.prepare(
+                    XferOp::Write,
+                    &[Desc::new(A + off, 8)],
+                    &[Desc::new(B + off, 8)],
+                    "b",
+                    None,
+                );
+                match r {
+                    Ok(h) => live.push((h, Model::Prepared)),
+                    Err(e) => {
+                        assert_eq!(live.len(), 4);
+                        assert_eq!(
+                            e,
+                            Error::CapacityExceeded {
+                                what: "transfers",
+                                capacity: 4
+                            }
+                        );
+                    }
+                }
+            }
+            1 if !live.is_empty() => {
+                let i = arg as usize % live.len();
+                let (h, m) = live[i].clone();
+                match a.post(h, now) {
+                    Ok(s) => {
+                        assert_ne!(m, Model::InProgress);
+                        assert_eq!(s, XferState::InProgress);
+                        live[i].1 = Model::InProgress;
+                    }
+                    Err(Error::InProgress { handle }) => {
+                        assert_eq!(handle, h);
+                        assert_eq!(m, Model::InProgress);
+                    }
+                    Err(e) => {
+                        assert_ne!(m, Model::InProgress);
+                        assert_eq!(a.state(h), Ok(XferState::Failed(e)));
+                        live[i].1 = Model::Finished;
+                    }
+                }
+            }
+            2 if !live.is_empty() => {
+                let i = arg as usize % live.len();
+                let (h, m) = live[i].clone();
+                match a.release(h) {
+                    Ok(()) => {
+                        live.swap_remove(i);
+                        released.push(h);
+                    }
+                    Err(Error::InProgress { .. }) => assert_eq!(m, Model::InProgress),
+                    Err(e) => panic!("release failed: {e}"),
+                }
+            }
+            3 => {
+                let before: Vec<XferState> =
+                    live.iter().map(|(h, _)| a.state(*h).unwrap()).collect();
+                let finished = a.poll(now);
+                let mut changed = 0;
+                for ((h, m), was) in live.iter_mut().zip(before) {
+                    let s = a.state(*h).unwrap();
+                    if s != was {
+                        assert_eq!(was, XferState::InProgress);
+                        assert!(matches!(s, XferState::Done | XferState::Failed(_)));
+                        *m = Model::Finished;
+                        changed += 1;
+                    }
+                }
+                assert_eq!(changed, finished);
+            }
+            4 => a.transport_mut().set_cancel_unsupported(arg & 1 == 1),
+            5 => {
+                let busy = !live.is_empty();
+                match a.deregister(A) {
+                    Err(Error::RegionBusy { addr, .. }) => assert!(busy && addr == A),
+                    Ok(_) => {
+                        assert!(!busy);
+                        a.register(Region::dram(A, LEN)).unwrap();
+                    }
+                    Err(e) => panic!("deregister failed: {e}"),
+                }
+            }
+            6 => {
+                if let Some(h) = released.get(arg as usize % released.len().max(1)) {
+                    assert_eq!(a.state(*h), Err(Error::StaleHandle { handle: *h }));
+                    assert_eq!(a.post(*h, now), Err(Error::StaleHandle { handle: *h }));
+                }
+            }
+            _ => {
+                let msg = [arg as u8; 3];
+                if a.notify("b", &msg).is_ok() {
+                    let n = b.poll_notification(&mut note).unwrap().unwrap();
+                    assert_eq!((n.peer.as_str(), &note[..n.len]), ("a", &msg[..]));
+                }
+            }
+        }
+        for (h, m) in &live {
+            let s = a.state(*h).unwrap();
+            match m {
+                Model::Prepared => assert_eq!(s, XferState::Prepared),
+                Model::InProgress => assert_eq!(s, XferState::InProgress),
+                Model::Finished => assert!(matches!(s, XferState::Done | XferState::Failed(_))),
+            }
+        }
+    }
+});
