@@ -220,6 +220,7 @@ pub struct FabricTransport {
     shared: Arc<Shared>,
     provider: String,
     mr_mode: u32,
+    prov_errno_is_errno: bool,
     key_size: usize,
     max_msg: u64,
     address: Vec<u8>,
@@ -385,10 +386,12 @@ impl FabricTransport {
         let ctxs: Box<[UnsafeCell<sys::fi_context2>]> = (0..nops)
             .map(|_| UnsafeCell::new(sys::fi_context2::default()))
             .collect();
+        let prov_errno_is_errno = provider.contains("tcp") || provider.contains("sockets");
         let mut t = FabricTransport {
             shared,
             provider,
             mr_mode,
+            prov_errno_is_errno,
             key_size,
             max_msg: max_msg.max(1),
             address,
@@ -547,7 +550,11 @@ impl FabricTransport {
                     return;
                 }
                 let text = self.cq_error_text(&err);
-                self.on_completion(err.op_context, err.len, Some((err.err, text)));
+                self.on_completion(
+                    err.op_context,
+                    err.len,
+                    Some((err.err, err.prov_errno, text)),
+                );
             } else {
                 if n != EAGAIN {
                     log::warn!("LIBFABRIC: fi_cq_read failed: {}", strerror(n));
@@ -588,18 +595,29 @@ impl FabricTransport {
         }
     }
 
-    fn xfer_error(xfer: &Xfer, errno: i32, text: &str) -> Error {
-        let e = errno.unsigned_abs();
-        if [
-            sys::FI_ECONNRESET,
-            sys::FI_ECONNREFUSED,
-            sys::FI_ECONNABORTED,
-            sys::FI_ENOTCONN,
-            sys::FI_EHOSTUNREACH,
-            libc::EPIPE as u32,
-        ]
-        .contains(&e)
-        {
+    /// The error of a failed operation of `xfer`. `prov_errno_is_errno`:
+    /// the provider reports socket errors as its `prov_errno` (tcp,
+    /// sockets), so a cancelled operation with `ENOTCONN` there means the
+    /// peer is gone.
+    fn xfer_error(
+        xfer: &Xfer,
+        errno: i32,
+        prov_errno: i32,
+        prov_errno_is_errno: bool,
+        text: &str,
+    ) -> Error {
+        let gone = |e: u32| {
+            [
+                sys::FI_ECONNRESET,
+                sys::FI_ECONNREFUSED,
+                sys::FI_ECONNABORTED,
+                sys::FI_ENOTCONN,
+                sys::FI_EHOSTUNREACH,
+                libc::EPIPE as u32,
+            ]
+            .contains(&e)
+        };
+        if gone(errno.unsigned_abs()) || (prov_errno_is_errno && gone(prov_errno.unsigned_abs())) {
             return Error::RemoteDisconnected {
                 peer: xfer.peer_label.clone(),
             };
@@ -611,7 +629,7 @@ impl FabricTransport {
         )
     }
 
-    fn on_completion(&mut self, ctx: *mut c_void, len: usize, error: Option<(i32, String)>) {
+    fn on_completion(&mut self, ctx: *mut c_void, len: usize, error: Option<(i32, i32, String)>) {
         let Some(op) = self.op_of(ctx) else {
             log::warn!("LIBFABRIC: completion with unknown context {ctx:p}");
             return;
@@ -630,9 +648,15 @@ impl FabricTransport {
                     return;
                 }
                 x.outstanding -= 1;
-                if let Some((errno, text)) = error {
+                if let Some((errno, prov_errno, text)) = error {
                     if x.error.is_none() {
-                        x.error = Some(Self::xfer_error(x, errno, &text));
+                        x.error = Some(Self::xfer_error(
+                            x,
+                            errno,
+                            prov_errno,
+                            self.prov_errno_is_errno,
+                            &text,
+                        ));
                     }
                     // Stop issuing further segments.
                     x.next = x.segs.len();
@@ -641,13 +665,13 @@ impl FabricTransport {
             OpKind::Notif { buf } => {
                 self.free_op(op);
                 self.free_sends.push(buf);
-                if let Some((_, text)) = error {
+                if let Some((_, _, text)) = error {
                     log::warn!("LIBFABRIC: a notification could not be sent: {text}");
                 }
             }
             OpKind::Recv { buf } => match error {
                 None => self.ready.push_back((buf, len.min(self.recv.slot))),
-                Some((errno, text)) => {
+                Some((errno, _, text)) => {
                     if errno.unsigned_abs() != sys::FI_ECANCELED {
                         log::warn!("LIBFABRIC: notification receive failed: {text}");
                         self.repost.push(buf);
