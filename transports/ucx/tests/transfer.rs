@@ -593,6 +593,66 @@ fn notification(tls: Option<&str>) {
     target.quit();
 }
 
+/// 64 WRITEs in flight at once, each to its own slice of the target, each
+/// completed exactly once; the target's buffer then matches byte for byte
+/// (by checksum) and a READ of every slice returns the data.
+fn many_in_flight(tls: Option<&str>) {
+    const XFERS: usize = 64;
+    const SLICE: usize = 64 * 1024;
+    let mut target = Target::spawn(tls, XFERS * SLICE);
+    let mut ini = Initiator::new(tls, &target);
+    let mut src = vec![0u8; XFERS * SLICE];
+    fill(&mut src, 64);
+    let back = vec![0u8; XFERS * SLICE];
+    let src_reg = ini.register(&src);
+    let back_reg = ini.register(&back);
+    for (op, reg, base) in [
+        (XferOp::Write, src_reg, src.as_ptr() as u64),
+        (XferOp::Read, back_reg, back.as_ptr() as u64),
+    ] {
+        let mut pending = std::collections::BTreeSet::new();
+        for i in 0..XFERS {
+            let off = (i * SLICE) as u64;
+            let parts = [(base + off, off, SLICE as u64)];
+            let token = Token(1000 + i as u64);
+            match ini
+                .post(op, reg, &target, &parts, None, token)
+                .expect("post")
+            {
+                PostStatus::Done => {}
+                PostStatus::InProgress => {
+                    pending.insert(token);
+                }
+            }
+        }
+        let deadline = Instant::now() + XFER_TIMEOUT;
+        while !pending.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "{} transfers never completed",
+                pending.len()
+            );
+            if let Some(c) = ini.t.poll() {
+                assert!(
+                    pending.remove(&c.token),
+                    "unexpected or repeated {:?}",
+                    c.token
+                );
+                c.result.expect("transfer");
+            }
+        }
+        if op == XferOp::Write {
+            assert_eq!(
+                target.cmd("SUM", "@SUM"),
+                format!("{:016x}", checksum(&src))
+            );
+        }
+    }
+    assert!(src == back, "data differ after 64 WRITEs and 64 READs");
+    ini.close();
+    target.quit();
+}
+
 /// Cancelling an in-flight transfer returns Ok, no completion follows, and
 /// the transport stays usable.
 fn cancel(tls: Option<&str>) {
@@ -772,6 +832,7 @@ both_transports!(
     kv_scattered,
     large_64mib,
     notification,
+    many_in_flight,
     cancel,
     peer_death,
 );
@@ -798,6 +859,10 @@ mod shm {
     #[test]
     fn notification() {
         super::notification(Some(super::SHM_ONLY))
+    }
+    #[test]
+    fn many_in_flight() {
+        super::many_in_flight(Some(super::SHM_ONLY))
     }
     #[test]
     fn cancel() {
