@@ -40,13 +40,14 @@
 //!
 //! A transfer whose operations fail completes with the provider's error
 //! text; one towards a peer that died completes with
-//! [`Error::RemoteDisconnected`]. A transfer not finished within
-//! [`FabricConfig::op_timeout`] completes with [`Error::TimedOut`]; its
+//! [`Error::RemoteDisconnected`](kvxfer_core::Error::RemoteDisconnected). A transfer not finished within
+//! [`FabricConfig::op_timeout`] completes with [`Error::TimedOut`](kvxfer_core::Error::TimedOut); its
 //! operations are cancelled with `fi_cancel` where the provider allows.
 
 // The core's `Error` is deliberately a large inline value (no_std, no
 // allocation), so every fallible function here returns a large `Err`.
 #![allow(clippy::result_large_err)]
+#![deny(missing_docs)]
 
 mod fabric;
 mod transport;
