@@ -159,6 +159,21 @@ impl Drop for Buffer {
     }
 }
 
+/// `cfg` with the backend and provider given on the command line, if any.
+fn agent_config(
+    mut cfg: AgentConfig,
+    backend: &Option<String>,
+    provider: &Option<String>,
+) -> AgentConfig {
+    if let Some(b) = backend {
+        cfg = cfg.with_backend(b.as_str());
+    }
+    if let Some(p) = provider {
+        cfg = cfg.with_provider(p.as_str());
+    }
+    cfg
+}
+
 /// Settings of `kvxfer target`.
 #[derive(Clone, Debug)]
 pub struct TargetOptions {
@@ -182,9 +197,11 @@ pub fn run_target(
     stop: &AtomicBool,
     ready: impl FnOnce(&str),
 ) -> Result<(), Error> {
-    let mut cfg = AgentConfig::default().with_listen(Some(&opts.listen));
-    cfg.backend = opts.backend.clone();
-    cfg.provider = opts.provider.clone();
+    let cfg = agent_config(
+        AgentConfig::default().with_listen(Some(&opts.listen)),
+        &opts.backend,
+        &opts.provider,
+    );
     let agent = Agent::new(&opts.name, cfg)?;
     let len = usize::try_from(opts.size)
         .map_err(|_| bench_err(&format!("buffer size {} too large", opts.size)))?;
@@ -475,9 +492,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
             (Some(c), a)
         }
     };
-    let mut cfg = AgentConfig::default();
-    cfg.backend = opts.backend.clone();
-    cfg.provider = opts.provider.clone();
+    let cfg = agent_config(AgentConfig::default(), &opts.backend, &opts.provider);
     let agent = Agent::new("kvxfer-bench", cfg)?;
     let buf = Buffer::new(
         &agent,

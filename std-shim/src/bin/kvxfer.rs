@@ -1,4 +1,5 @@
 //! The `kvxfer` command-line tool: `info`, `target` and `bench`.
+#![allow(clippy::result_large_err)]
 
 use std::io::Write;
 use std::process::ExitCode;
