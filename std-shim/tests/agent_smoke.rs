@@ -1,6 +1,7 @@
 //! End-to-end check of the Agent: two processes (this test binary, re-run
 //! as a child in the target role), metadata exchanged over the side
 //! channel, a 100-byte WRITE over UCX, compared byte for byte.
+#![cfg(feature = "ucx")]
 #![allow(clippy::result_large_err)]
 
 use std::io::{BufRead, BufReader};
@@ -109,11 +110,12 @@ fn write_100_bytes_between_processes_over_ucx() {
     let addr = parts.next().unwrap().to_string();
     let remote_buf: u64 = parts.next().unwrap().parse().unwrap();
 
-    let agent = Agent::new(
-        "smoke-initiator",
-        AgentConfig::default().with_backend("UCX"),
-    )
-    .unwrap();
+    // The target runs a progress thread; the initiator does without, so
+    // `wait` drives progress itself.
+    let cfg = AgentConfig::default()
+        .with_backend("UCX")
+        .with_progress_thread(false);
+    let agent = Agent::new("smoke-initiator", cfg).unwrap();
     let src: Vec<u8> = (0..LEN)
         .map(|i| (i as u8).wrapping_mul(37).wrapping_add(11))
         .collect();
