@@ -196,7 +196,7 @@ impl<const N: usize> Transport for Loopback<'_, N> {
         }
         self.mem
             .span(region.addr, region.len)
-            .ok_or(fail(-1, "region lies outside the loopback arena"))?;
+            .ok_or_else(|| fail(-1, "region lies outside the loopback arena"))?;
         Ok(*region)
     }
 
@@ -288,10 +288,10 @@ impl<const N: usize> Transport for Loopback<'_, N> {
             }
             self.mem
                 .span(s.local_addr, s.len)
-                .ok_or(fail(-6, "local segment outside the arena"))?;
+                .ok_or_else(|| fail(-6, "local segment outside the arena"))?;
             self.mem
                 .span(s.remote_addr, s.len)
-                .ok_or(fail(-6, "remote segment outside the arena"))?;
+                .ok_or_else(|| fail(-6, "remote segment outside the arena"))?;
         }
         {
             let mut bytes = self.mem.bytes.lock();
@@ -345,7 +345,7 @@ impl<const N: usize> Transport for Loopback<'_, N> {
             .pending
             .iter()
             .position(|p| p.token == token)
-            .ok_or(fail(-7, "no transfer with this token is in flight"))?;
+            .ok_or_else(|| fail(-7, "no transfer with this token is in flight"))?;
         self.pending.remove(i);
         Ok(())
     }
