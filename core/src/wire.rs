@@ -452,6 +452,31 @@ mod tests {
     }
 
     #[test]
+    fn decodes_a_blob_written_from_the_format_description() {
+        // Written by an independent encoder following the module docs.
+        let blob = include_bytes!("../../fuzz/seeds/metadata_decode/two_regions");
+        let m = Metadata::decode(blob).unwrap();
+        assert_eq!(
+            (m.name, m.backend, m.address),
+            ("prefill-0", "UCX", &b"worker-address"[..])
+        );
+        let regions: Vec<_> = m.regions().collect();
+        assert_eq!(
+            regions,
+            [
+                RegionRecord {
+                    region: Region::dram(0x1000, 0x100),
+                    key: b"rkey"
+                },
+                RegionRecord {
+                    region: Region::vram(0x9000, 0x10, 2),
+                    key: b""
+                }
+            ]
+        );
+    }
+
+    #[test]
     fn encode_decode_round_trip() {
         let mut buf = [0u8; 256];
         let n = sample(&mut buf);

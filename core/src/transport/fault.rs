@@ -159,8 +159,14 @@ impl<T: Transport> FaultInjector<T> {
     /// transfer). It is handed out by the next [`Transport::poll`].
     pub fn inject_completion(&mut self, completion: Completion) -> Result<(), Error> {
         self.held
-            .push(Held { completion, polls_left: 0 })
-            .map_err(|_| Error::CapacityExceeded { what: "held completions", capacity: HELD_CAP as u32 })
+            .push(Held {
+                completion,
+                polls_left: 0,
+            })
+            .map_err(|_| Error::CapacityExceeded {
+                what: "held completions",
+                capacity: HELD_CAP as u32,
+            })
     }
 
     fn next_random(&mut self) -> u64 {
