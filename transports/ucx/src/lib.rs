@@ -31,6 +31,25 @@ mod transport;
 
 pub use transport::{UcxPeer, UcxReg, UcxRemoteKey, UcxTransport};
 
+/// Environment variable that turns [`UcxConfig::peer_failure_detection`]
+/// off (`0`, `off`, `false`, `no`) or on (`1`, `on`, `true`, `yes`) in
+/// [`UcxConfig::from_env`].
+pub const PEER_FAILURE_DETECTION_ENV: &str = "KVXFER_UCX_PEER_FAILURE_DETECTION";
+
+/// The version of the UCX library loaded, as UCX spells it (`"1.13.1"`).
+pub fn version() -> String {
+    // SAFETY: ucp_get_version_string takes no argument and returns a
+    // pointer to a static NUL-terminated string (or null, checked).
+    let p = unsafe { ucx_sys::ucp_get_version_string() };
+    if p.is_null() {
+        return String::from("unknown");
+    }
+    // SAFETY: non-null, NUL-terminated and static (see above).
+    unsafe { std::ffi::CStr::from_ptr(p) }
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// The backend name this transport reports and puts in its errors.
 pub const BACKEND: &str = "UCX";
 
@@ -74,6 +93,32 @@ pub struct UcxConfig {
     /// How long [`cancel`](kvxfer_core::Transport::cancel) waits for the
     /// cancelled requests to be released, in milliseconds. Default: 5000.
     pub cancel_timeout_ms: u32,
+}
+
+impl UcxConfig {
+    /// The defaults, with [`peer_failure_detection`](Self::peer_failure_detection)
+    /// taken from [`PEER_FAILURE_DETECTION_ENV`] when it is set. A value
+    /// that is not one of the accepted spellings is an error naming it.
+    pub fn from_env() -> Result<UcxConfig, kvxfer_core::Error> {
+        let mut cfg = UcxConfig::default();
+        if let Some(v) = std::env::var_os(PEER_FAILURE_DETECTION_ENV) {
+            let v = v.to_string_lossy();
+            cfg.peer_failure_detection = match v.trim().to_ascii_lowercase().as_str() {
+                "0" | "off" | "false" | "no" => false,
+                "1" | "on" | "true" | "yes" => true,
+                _ => {
+                    return Err(kvxfer_core::Error::backend(
+                        BACKEND,
+                        -1,
+                        &format!(
+                            "{PEER_FAILURE_DETECTION_ENV}={v:?}: expected 0/off/false/no or 1/on/true/yes"
+                        ),
+                    ))
+                }
+            };
+        }
+        Ok(cfg)
+    }
 }
 
 impl Default for UcxConfig {

@@ -215,6 +215,8 @@ pub struct UcxTransport {
     #[allow(clippy::vec_box)]
     graveyard: Vec<Box<UnsafeCell<EpState>>>,
     scratch: Vec<*mut c_void>,
+    /// Calls of `ucp_worker_progress` that did something.
+    progress_events: u64,
     _not_sync: PhantomData<Cell<()>>,
 }
 
@@ -382,6 +384,7 @@ impl UcxTransport {
             })),
             graveyard: Vec::new(),
             scratch: Vec::new(),
+            progress_events: 0,
             _not_sync: PhantomData,
         };
 
@@ -474,7 +477,57 @@ impl UcxTransport {
     pub fn progress(&mut self) -> bool {
         // SAFETY: the worker is live (new() fails otherwise) and `&mut self`
         // serializes calls.
-        unsafe { sys::ucp_worker_progress(self.worker) != 0 }
+        let busy = unsafe { sys::ucp_worker_progress(self.worker) != 0 };
+        if busy {
+            self.progress_events = self.progress_events.wrapping_add(1);
+        }
+        busy
+    }
+
+    /// How many calls of `ucp_worker_progress` (from [`progress`],
+    /// [`Transport::poll`] and the other calls that progress) did
+    /// something so far. A target serving a peer's RMA in software (UCX
+    /// emulates RMA over active messages on `tcp`) completes no transfer
+    /// of its own, so a progress loop watches this count to know that it
+    /// is busy and must keep polling.
+    ///
+    /// [`progress`]: UcxTransport::progress
+    pub fn progress_events(&self) -> u64 {
+        self.progress_events
+    }
+
+    /// The transports and devices this transport's UCP context may use
+    /// (`"tcp/lo"`, `"posix/memory"`, …), as UCX lists its resources after
+    /// applying `UCX_TLS`.
+    pub fn resources(&self) -> Vec<String> {
+        extern "C" {
+            fn open_memstream(ptr: *mut *mut std::ffi::c_char, size: *mut usize) -> *mut sys::FILE;
+            fn fclose(stream: *mut sys::FILE) -> std::ffi::c_int;
+            fn free(p: *mut c_void);
+        }
+        let mut buf: *mut std::ffi::c_char = ptr::null_mut();
+        let mut size: usize = 0;
+        // SAFETY: both out pointers are valid; the stream is closed below.
+        let stream = unsafe { open_memstream(&mut buf, &mut size) };
+        if stream.is_null() {
+            return Vec::new();
+        }
+        // SAFETY: the context is live and the stream open.
+        unsafe { sys::ucp_context_print_info(self.context, stream) };
+        // SAFETY: the stream is open and closed once; after fclose `buf`
+        // holds `size` bytes (NUL-terminated) owned by us.
+        let text = unsafe {
+            fclose(stream);
+            if buf.is_null() {
+                String::new()
+            } else {
+                let t = String::from_utf8_lossy(std::slice::from_raw_parts(buf.cast::<u8>(), size))
+                    .into_owned();
+                free(buf.cast::<c_void>());
+                t
+            }
+        };
+        parse_resources(&text)
     }
 
     fn foreign(&self, what: &'static str) -> Error {
@@ -730,6 +783,24 @@ impl UcxTransport {
             self.graveyard.push(state);
         }
     }
+}
+
+/// The `tl/dev` names of the resource lines of `ucp_context_print_info`
+/// (`#      resource 1  :  md 1  dev 1  flags -- tcp/lo`).
+fn parse_resources(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for line in text.lines() {
+        if !line.contains("resource") {
+            continue;
+        }
+        if let Some((_, r)) = line.rsplit_once("-- ") {
+            let r = r.trim().to_string();
+            if !r.is_empty() && !out.contains(&r) {
+                out.push(r);
+            }
+        }
+    }
+    out
 }
 
 impl Transport for UcxTransport {
@@ -1267,5 +1338,29 @@ impl Drop for UcxTransport {
             unsafe { sys::ucp_cleanup(self.context) };
             self.context = ptr::null_mut();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resources_parsed_from_context_info() {
+        let text = "#\n# UCP context\n#\n#            md 0  :  self\n#      resource 0  :  md 0  dev 0  flags -- self/memory\n#      resource 1  :  md 1  dev 1  flags -- tcp/lo\n#      resource 2  :  md 1  dev 1  flags -- tcp/lo\n";
+        assert_eq!(parse_resources(text), vec!["self/memory", "tcp/lo"]);
+        assert!(parse_resources("").is_empty());
+    }
+
+    #[test]
+    fn live_context_lists_the_transports_of_ucx_tls() {
+        let mut cfg = UcxConfig::default();
+        cfg.tls = Some("tcp".into());
+        let t = UcxTransport::new(&cfg).unwrap();
+        let r = t.resources();
+        assert!(r.iter().any(|x| x.starts_with("tcp/")), "{r:?}");
+        assert!(r.iter().all(|x| x.starts_with("tcp/")), "{r:?}");
+        assert_eq!(t.progress_events(), 0);
+        assert!(crate::version().starts_with("1."), "{}", crate::version());
     }
 }
