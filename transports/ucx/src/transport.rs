@@ -1354,8 +1354,10 @@ mod tests {
 
     #[test]
     fn live_context_lists_the_transports_of_ucx_tls() {
-        let mut cfg = UcxConfig::default();
-        cfg.tls = Some("tcp".into());
+        let cfg = UcxConfig {
+            tls: Some("tcp".into()),
+            ..UcxConfig::default()
+        };
         let t = UcxTransport::new(&cfg).unwrap();
         let r = t.resources();
         assert!(r.iter().any(|x| x.starts_with("tcp/")), "{r:?}");
