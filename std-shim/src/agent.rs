@@ -7,7 +7,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant as StdInstant};
 
-use kvxfer_core::engine::XferHandle;
+use kvxfer_core::engine::{PreparedLocal, PreparedRemote, XferHandle};
 use kvxfer_core::{
     Desc, Engine, EngineConfig, Error, MemKind, Region, XferOp, XferState, XferTelemetry,
 };
@@ -604,6 +604,67 @@ impl Agent {
         let req = self.prepare(op, local, remote, peer, notification)?;
         req.post()?;
         Ok(req)
+    }
+
+    /// Resolves `descs` against this agent's registrations once, for
+    /// [`make_xfer`](Agent::make_xfer): the low-latency path, where a
+    /// transfer is later built from list entries by index without
+    /// validating descriptors again. The list holds its regions (they
+    /// cannot be deregistered) until [`release_local`](Agent::release_local).
+    pub fn prep_local(&self, descs: &[Desc]) -> Result<PreparedLocal, Error> {
+        let mut st = self.shared().lock();
+        let b = st.backend()?;
+        on_engine!(b, e => e.prep_local(descs))
+    }
+
+    /// Resolves `descs` against the regions `peer` published, once, for
+    /// [`make_xfer`](Agent::make_xfer). The list goes stale when the peer
+    /// is reloaded or invalidated.
+    pub fn prep_remote(&self, peer: &str, descs: &[Desc]) -> Result<PreparedRemote, Error> {
+        let mut st = self.shared().lock();
+        let b = st.backend()?;
+        on_engine!(b, e => e.prep_remote(peer, descs))
+    }
+
+    /// Releases a list made by [`prep_local`](Agent::prep_local); using it
+    /// afterwards is [`Error::StalePrepared`].
+    pub fn release_local(&self, list: PreparedLocal) -> Result<(), Error> {
+        let mut st = self.shared().lock();
+        let b = st.backend()?;
+        on_engine!(b, e => e.release_local(list))
+    }
+
+    /// Releases a list made by [`prep_remote`](Agent::prep_remote); using
+    /// it afterwards is [`Error::StalePrepared`].
+    pub fn release_remote(&self, list: PreparedRemote) -> Result<(), Error> {
+        let mut st = self.shared().lock();
+        let b = st.backend()?;
+        on_engine!(b, e => e.release_remote(list))
+    }
+
+    /// Makes a transfer (not yet posted) from prepared lists: pair `k`
+    /// moves `local[local_idx[k]]` and `remote[remote_idx[k]]`, whose
+    /// lengths must agree. Start it with [`XferRequest::post`].
+    pub fn make_xfer(
+        &self,
+        op: XferOp,
+        local: PreparedLocal,
+        local_idx: &[u32],
+        remote: PreparedRemote,
+        remote_idx: &[u32],
+        notification: Option<&[u8]>,
+    ) -> Result<XferRequest, Error> {
+        let mut st = self.shared().lock();
+        let b = st.backend()?;
+        let made: Result<XferHandle, Error> = on_engine!(b, e => {
+            e.make_xfer(op, local, local_idx, remote, remote_idx, notification)
+        });
+        let handle = made?;
+        Ok(XferRequest {
+            shared: Arc::clone(self.shared()),
+            handle,
+            released: false,
+        })
     }
 
     /// Sends `msg` to `peer` outside any transfer.
