@@ -11,6 +11,9 @@
 //!   between processes on one host with CUDA IPC handles, asynchronous
 //!   device-to-device copies and CUDA events; notifications over a per-host
 //!   Unix datagram socket, delivered after the data.
+//! * [`staged`]: [`Staged`], VRAM for transports without GPU support (UCX,
+//!   libfabric) through pipelined copies into pinned, registered bounce
+//!   buffers.
 //! * [`wire`]: the byte layouts of the transport address and packed keys.
 //! * [`notify`]: the notification channel.
 #![deny(missing_docs)]
@@ -22,6 +25,7 @@ pub mod driver;
 pub mod ipc;
 pub mod memory;
 pub mod notify;
+pub mod staged;
 pub mod wire;
 
 pub use driver::{
@@ -30,3 +34,4 @@ pub use driver::{
 };
 pub use ipc::{CudaIpcTransport, IpcPeer, IpcReg, IpcRemoteKey};
 pub use memory::{DeviceBuffer, PinnedBuffer};
+pub use staged::{Staged, StagedKey, StagedReg, StagingConfig};

@@ -48,15 +48,38 @@ fn build_stack(bytes: usize) -> usize {
     bytes.saturating_mul(8).saturating_add(8 << 20)
 }
 
+/// The UCX transport as the agent uses it: with the `cuda` feature, VRAM
+/// is staged through pinned host memory ([`kvxfer_cuda::Staged`]).
+#[cfg(all(feature = "ucx", feature = "cuda"))]
+type UcxT = kvxfer_cuda::Staged<kvxfer_ucx::UcxTransport>;
+#[cfg(all(feature = "ucx", not(feature = "cuda")))]
+type UcxT = kvxfer_ucx::UcxTransport;
+/// The libfabric transport as the agent uses it (see [`UcxT`]).
+#[cfg(all(feature = "libfabric", feature = "cuda"))]
+type FabricT = kvxfer_cuda::Staged<kvxfer_libfabric::FabricTransport>;
+#[cfg(all(feature = "libfabric", not(feature = "cuda")))]
+type FabricT = kvxfer_libfabric::FabricTransport;
+
+/// Wraps a host-memory transport for VRAM staging (with the `cuda` feature).
+#[cfg(feature = "cuda")]
+#[allow(dead_code)]
+fn staged<T: kvxfer_core::Transport>(t: T) -> kvxfer_cuda::Staged<T> {
+    kvxfer_cuda::Staged::new(t)
+}
+#[cfg(not(feature = "cuda"))]
+#[allow(dead_code)]
+fn staged<T>(t: T) -> T {
+    t
+}
+
 /// One engine per backend built into this kvxfer.
 enum Backend {
     #[cfg(feature = "ucx")]
-    Ucx(Box<AgentEngine<kvxfer_ucx::UcxTransport>>),
+    Ucx(Box<AgentEngine<UcxT>>),
     #[cfg(feature = "libfabric")]
-    Fabric(Box<AgentEngine<kvxfer_libfabric::FabricTransport>>),
-    // The CUDA-IPC backend joins here behind the `cuda` feature:
-    // #[cfg(feature = "cuda")]
-    // CudaIpc(Box<AgentEngine<kvxfer_cuda::CudaIpcTransport>>),
+    Fabric(Box<AgentEngine<FabricT>>),
+    #[cfg(feature = "cuda")]
+    CudaIpc(Box<AgentEngine<kvxfer_cuda::CudaIpcTransport>>),
 }
 
 /// Runs `$body` with `$e` bound to the backend's engine (`&mut`).
@@ -67,6 +90,8 @@ macro_rules! on_engine {
             Backend::Ucx(ref mut $e) => $body,
             #[cfg(feature = "libfabric")]
             Backend::Fabric(ref mut $e) => $body,
+            #[cfg(feature = "cuda")]
+            Backend::CudaIpc(ref mut $e) => $body,
         }
     };
 }
@@ -90,14 +115,21 @@ const fn largest_engine() -> usize {
     let mut n = 0;
     #[cfg(feature = "ucx")]
     {
-        let s = std::mem::size_of::<AgentEngine<kvxfer_ucx::UcxTransport>>();
+        let s = std::mem::size_of::<AgentEngine<UcxT>>();
         if s > n {
             n = s;
         }
     }
     #[cfg(feature = "libfabric")]
     {
-        let s = std::mem::size_of::<AgentEngine<kvxfer_libfabric::FabricTransport>>();
+        let s = std::mem::size_of::<AgentEngine<FabricT>>();
+        if s > n {
+            n = s;
+        }
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let s = std::mem::size_of::<AgentEngine<kvxfer_cuda::CudaIpcTransport>>();
         if s > n {
             n = s;
         }
@@ -114,15 +146,20 @@ fn build_backend(kind: BackendKind, name: &str, cfg: &AgentConfig) -> Result<Bac
         match kind {
             #[cfg(feature = "ucx")]
             BackendKind::Ucx => {
-                let t = kvxfer_ucx::UcxTransport::new(&kvxfer_ucx::UcxConfig::default())?;
-                Ok(Backend::Ucx(boxed_engine(&name, t)?))
+                let t = kvxfer_ucx::UcxTransport::new(&kvxfer_ucx::UcxConfig::from_env()?)?;
+                Ok(Backend::Ucx(boxed_engine(&name, staged(t))?))
             }
             #[cfg(feature = "libfabric")]
             BackendKind::Libfabric => {
                 let mut fc = kvxfer_libfabric::FabricConfig::default();
                 fc.provider = provider;
                 let t = kvxfer_libfabric::FabricTransport::new(&fc)?;
-                Ok(Backend::Fabric(boxed_engine(&name, t)?))
+                Ok(Backend::Fabric(boxed_engine(&name, staged(t))?))
+            }
+            #[cfg(feature = "cuda")]
+            BackendKind::CudaIpc => {
+                let t = kvxfer_cuda::CudaIpcTransport::new()?;
+                Ok(Backend::CudaIpc(boxed_engine(&name, t)?))
             }
             #[allow(unreachable_patterns)]
             other => Err(Error::UnsupportedBackend {
@@ -164,6 +201,20 @@ struct State {
 const MAX_NOTIF_BUF: usize = 16 << 20;
 
 impl State {
+    /// A count that moves whenever the transport did work while polled
+    /// (UCX: `ucp_worker_progress` calls that did something); constant
+    /// for transports that do not report it.
+    fn activity(&self) -> u64 {
+        match self.backend.as_ref() {
+            #[cfg(all(feature = "ucx", feature = "cuda"))]
+            Some(Backend::Ucx(e)) => e.transport().inner().progress_events(),
+            #[cfg(all(feature = "ucx", not(feature = "cuda")))]
+            Some(Backend::Ucx(e)) => e.transport().progress_events(),
+            #[allow(unreachable_patterns)]
+            _ => 0,
+        }
+    }
+
     fn backend(&mut self) -> Result<&mut Backend, Error> {
         self.backend.as_mut().ok_or(Error::ShutDown)
     }
@@ -316,14 +367,24 @@ impl Drop for Owner {
 fn progress_loop(shared: Arc<Shared>) {
     // Spin while transfers are in flight (yielding the lock and the CPU
     // between polls); back off to `progress_idle_sleep` when idle.
+    // A target serving a peer's RMA in software (UCX over tcp) has no
+    // transfer of its own in flight: the transport's activity count keeps
+    // it polling while that traffic lasts.
     let max_sleep = shared.cfg.progress_idle_sleep;
     let mut idle_rounds: u32 = 0;
+    let mut last_activity: u64 = 0;
     while !shared.closed.load(Ordering::Acquire) {
-        let (finished, inflight) = shared.lock().progress_counting();
+        let (finished, inflight, activity) = {
+            let mut st = shared.lock();
+            let (f, i) = st.progress_counting();
+            (f, i, st.activity())
+        };
+        let active = activity != last_activity;
+        last_activity = activity;
         if finished > 0 {
             shared.done.notify_all();
         }
-        if finished > 0 || inflight > 0 {
+        if finished > 0 || inflight > 0 || active {
             idle_rounds = 0;
             std::thread::yield_now();
         } else {
@@ -896,6 +957,11 @@ mod tests {
         eprintln!(
             "LIBFABRIC engine: {} bytes",
             std::mem::size_of::<AgentEngine<kvxfer_libfabric::FabricTransport>>()
+        );
+        #[cfg(feature = "cuda")]
+        eprintln!(
+            "CUDA_IPC engine: {} bytes",
+            std::mem::size_of::<AgentEngine<kvxfer_cuda::CudaIpcTransport>>()
         );
     }
 

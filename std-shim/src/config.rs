@@ -28,11 +28,19 @@ pub use kvxfer_core::BackendKind;
 
 /// The backends built into this kvxfer (cargo features `ucx`, `libfabric`,
 /// `cuda`), comma separated, as named in [`Error::UnsupportedBackend`].
-pub const BUILT_IN: &str = match (cfg!(feature = "ucx"), cfg!(feature = "libfabric")) {
-    (true, true) => "UCX, LIBFABRIC",
-    (true, false) => "UCX",
-    (false, true) => "LIBFABRIC",
-    (false, false) => "none",
+pub const BUILT_IN: &str = match (
+    cfg!(feature = "ucx"),
+    cfg!(feature = "libfabric"),
+    cfg!(feature = "cuda"),
+) {
+    (true, true, true) => "UCX, LIBFABRIC, CUDA_IPC",
+    (true, true, false) => "UCX, LIBFABRIC",
+    (true, false, true) => "UCX, CUDA_IPC",
+    (true, false, false) => "UCX",
+    (false, true, true) => "LIBFABRIC, CUDA_IPC",
+    (false, true, false) => "LIBFABRIC",
+    (false, false, true) => "CUDA_IPC",
+    (false, false, false) => "none",
 };
 
 /// Whether this build of kvxfer contains `kind`.
@@ -40,7 +48,7 @@ pub const fn is_built_in(kind: BackendKind) -> bool {
     match kind {
         BackendKind::Ucx => cfg!(feature = "ucx"),
         BackendKind::Libfabric => cfg!(feature = "libfabric"),
-        BackendKind::CudaIpc => false,
+        BackendKind::CudaIpc => cfg!(feature = "cuda"),
     }
 }
 
@@ -336,11 +344,12 @@ mod tests {
             .to_string();
         assert_eq!(
             text,
-            "unsupported backend \"NCCL\"; supported: UCX, LIBFABRIC"
+            format!("unsupported backend \"NCCL\"; supported: {BUILT_IN}")
         );
     }
 
     #[test]
+    #[cfg(not(feature = "cuda"))]
     fn known_but_not_built_in() {
         assert_eq!(
             select_backend(None, Some("cuda_ipc"), None),

@@ -18,21 +18,17 @@
 //! application installs a logger.
 //!
 //! Cargo features: `ucx` and `libfabric` (default) build those backends in;
-//! `cuda` is reserved for the CUDA-IPC backend; `cli` (default) builds the
-//! command-line tool.
+//! `cuda` (off by default) adds the CUDA_IPC backend and VRAM staged through
+//! pinned host memory for UCX and libfabric (see `kvxfer_cuda::Staged`);
+//! `cli` (default) builds the command-line tool.
 #![deny(missing_docs)]
 // kvxfer's one error type is allocation-free (bounded strings), hence large.
 #![allow(clippy::result_large_err)]
 // Without any backend the agent's dispatch has no variant and its code is
 // unreachable; such a build still offers configuration and the side channel.
 #![cfg_attr(
-    not(any(feature = "ucx", feature = "libfabric")),
-    allow(
-        unreachable_code,
-        unused,
-        clippy::never_loop,
-        clippy::drop_non_drop
-    )
+    not(any(feature = "ucx", feature = "libfabric", feature = "cuda")),
+    allow(unreachable_code, unused, clippy::never_loop, clippy::drop_non_drop)
 )]
 
 mod agent;
