@@ -18,8 +18,9 @@
 //! 3. Requests, any number, one at a time:
 //!    `GET` → `OK metadata`; `PUSH metadata` → `OK peer-name` or `ERR text`.
 //!
-//! Every socket has read and write timeouts; a connection that sends no
-//! request for the idle timeout is closed. At most [`MAX_CONNECTIONS`]
+//! Every socket has read and write timeouts; a whole frame must arrive
+//! within the I/O timeout (a peer trickling bytes cannot stretch it); a
+//! connection that sends no request for the idle timeout is closed. At most [`MAX_CONNECTIONS`]
 //! connections are served at once; more are closed on accept.
 
 use std::collections::HashMap;
@@ -28,7 +29,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
 use kvxfer_core::Error;
@@ -143,6 +144,38 @@ pub fn read_frame(r: &mut impl Read, max: usize) -> Result<Vec<u8>, FrameError> 
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf).map_err(FrameError::Io)?;
     Ok(buf)
+}
+
+/// Reads from a stream under one deadline for the whole read: each read
+/// waits only for what is left of it, so a peer that trickles bytes cannot
+/// hold a read (and its connection) open past the deadline.
+struct DeadlineReader<'a> {
+    stream: &'a TcpStream,
+    deadline: Instant,
+}
+
+impl<'a> DeadlineReader<'a> {
+    fn new(stream: &'a TcpStream, timeout: Duration) -> Self {
+        DeadlineReader {
+            stream,
+            deadline: Instant::now() + timeout,
+        }
+    }
+}
+
+impl Read for DeadlineReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "deadline for the frame passed",
+            ));
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        let mut s = self.stream;
+        s.read(buf)
+    }
 }
 
 fn frame_error(e: FrameError, peer: &str, what: &str, timeout: Duration) -> Error {
@@ -361,7 +394,7 @@ fn serve(
     };
     send(&mut stream, &hello, peer, io_t)?;
     if let (Some(key), Some(nonce_s)) = (&opts.key, server_nonce) {
-        let msg = read_frame(&mut stream, MAX_FRAME)
+        let msg = read_frame(&mut DeadlineReader::new(&stream, io_t), MAX_FRAME)
             .map_err(|e| frame_error(e, peer, "read auth from", io_t))?;
         if msg.len() != 1 + MAC_LEN + NONCE_LEN || msg[0] != OP_AUTH {
             let _ = send_err(&mut stream, "authentication required", peer, io_t);
@@ -401,7 +434,7 @@ fn serve(
             }
         }
         setup(&stream, io_t)?;
-        let mut chained = (&hdr[..1]).chain(&mut stream);
+        let mut chained = (&hdr[..1]).chain(DeadlineReader::new(&stream, io_t));
         let req = read_frame(&mut chained, MAX_FRAME);
         let req = match req {
             Ok(r) => r,
@@ -497,8 +530,11 @@ impl Client {
     }
 
     fn recv(&mut self, what: &str) -> Result<Vec<u8>, Error> {
-        read_frame(&mut self.stream, MAX_FRAME)
-            .map_err(|e| frame_error(e, &self.peer, what, self.timeout))
+        read_frame(
+            &mut DeadlineReader::new(&self.stream, self.timeout),
+            MAX_FRAME,
+        )
+        .map_err(|e| frame_error(e, &self.peer, what, self.timeout))
     }
 
     fn handshake(&mut self, key: Option<&[u8]>) -> Result<(), Error> {
