@@ -127,8 +127,28 @@ pub fn usable_providers() -> Vec<String> {
         .collect()
 }
 
+/// The version of the libfabric library loaded, `(major, minor)`, from
+/// `fi_version()`.
+pub fn version() -> (u32, u32) {
+    // SAFETY: fi_version takes no argument, has no precondition and only
+    // returns the library's version number.
+    let v = unsafe { libfabric_sys::fi_version() };
+    (v >> 16, v & 0xffff)
+}
+
 /// Whether libfabric offers provider `name` with the capabilities kvxfer
 /// needs.
 pub fn provider_usable(name: &str) -> bool {
     fabric::Info::get(name).is_ok()
+}
+
+#[cfg(test)]
+mod version_tests {
+    #[test]
+    fn version_is_the_installed_one() {
+        let (major, minor) = super::version();
+        // Debian 12 ships 1.17; the docker image builds 1.21.
+        assert_eq!(major, 1);
+        assert!(minor >= 10, "libfabric 1.{minor}");
+    }
 }
