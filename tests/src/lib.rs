@@ -55,6 +55,8 @@
 //! be created.
 #![deny(missing_docs)]
 
+pub mod scenarios;
+
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;

@@ -244,7 +244,12 @@ impl Peer {
             }
             "notify" => {
                 let peer = it.next().unwrap_or_default().to_string();
-                self.agent.notify(&peer, &hex_arg(it.next())?)?;
+                // An empty payload is empty hex: no argument at all.
+                let msg = match it.next() {
+                    None => Vec::new(),
+                    some => hex_arg(some)?,
+                };
+                self.agent.notify(&peer, &msg)?;
                 Reply::Ok(String::new())
             }
             "await_notif" => {
