@@ -163,10 +163,7 @@ fn bad_metadata_and_descriptors_write_nothing() {
     ));
     // Our own metadata.
     let ours = agent.local_metadata().unwrap();
-    assert_eq!(
-        meta_err(agent.load_remote(&ours)),
-        MetaError::SelfReference
-    );
+    assert_eq!(meta_err(agent.load_remote(&ours)), MetaError::SelfReference);
     // Pushed through the side channel, bad metadata is refused by name.
     let err = client.push_metadata(&bad).unwrap_err();
     assert!(err.to_string().contains("checksum mismatch"), "{err}");
@@ -196,7 +193,9 @@ fn bad_metadata_and_descriptors_write_nothing() {
         &[t.desc(0, 16), t.desc(LEN - 15, 16)],
     ));
     assert_eq!((side, index), (Side::Remote, 1));
-    assert!(matches!(reason, DescError::OutsideRegistration { region_len, .. } if region_len == LEN as u64));
+    assert!(
+        matches!(reason, DescError::OutsideRegistration { region_len, .. } if region_len == LEN as u64)
+    );
     // Not registered at the target at all.
     let (side, _, reason) = invalid(w(&[src.desc(0, 16)], &[Desc::new(8, 16)]));
     assert_eq!((side, reason), (Side::Remote, DescError::NotRegistered));
@@ -208,15 +207,9 @@ fn bad_metadata_and_descriptors_write_nothing() {
     assert_eq!((index, reason), (0, DescError::ZeroLength));
     assert!(matches!(side, Side::Local | Side::Remote));
     // Address overflow.
-    let (_, _, reason) = invalid(w(
-        &[src.desc(0, 64)],
-        &[Desc::new(u64::MAX - 16, 64)],
-    ));
+    let (_, _, reason) = invalid(w(&[src.desc(0, 64)], &[Desc::new(u64::MAX - 16, 64)]));
     assert_eq!(reason, DescError::AddressOverflow);
-    let (_, _, reason) = invalid(w(
-        &[Desc::new(u64::MAX - 16, 64)],
-        &[t.desc(0, 64)],
-    ));
+    let (_, _, reason) = invalid(w(&[Desc::new(u64::MAX - 16, 64)], &[t.desc(0, 64)]));
     assert_eq!(reason, DescError::AddressOverflow);
     // Count and length mismatches.
     assert_eq!(
@@ -237,7 +230,13 @@ fn bad_metadata_and_descriptors_write_nothing() {
     // An unknown peer.
     assert_eq!(
         agent
-            .submit(XferOp::Write, &[src.desc(0, 8)], &[t.desc(0, 8)], "nobody", None)
+            .submit(
+                XferOp::Write,
+                &[src.desc(0, 8)],
+                &[t.desc(0, 8)],
+                "nobody",
+                None
+            )
             .map(|_| ())
             .unwrap_err(),
         Error::unknown_peer("nobody")
@@ -245,7 +244,13 @@ fn bad_metadata_and_descriptors_write_nothing() {
 
     // --- deregistration while in use; a full request table ------------
     let req = agent
-        .prepare(XferOp::Write, &[src.desc(0, 64)], &[t.desc(0, 64)], PEER, None)
+        .prepare(
+            XferOp::Write,
+            &[src.desc(0, 64)],
+            &[t.desc(0, 64)],
+            PEER,
+            None,
+        )
         .unwrap();
     match agent.deregister(src.addr()) {
         Err(Error::RegionBusy { addr, users }) => {
@@ -257,13 +262,7 @@ fn bad_metadata_and_descriptors_write_nothing() {
     drop(req);
     let mut reqs = Vec::new();
     for i in 0..MAX_XFERS {
-        let r = agent.prepare(
-            XferOp::Read,
-            &[dst.desc(i, 1)],
-            &[t.desc(i, 1)],
-            PEER,
-            None,
-        );
+        let r = agent.prepare(XferOp::Read, &[dst.desc(i, 1)], &[t.desc(i, 1)], PEER, None);
         match r {
             Ok(r) => reqs.push(r),
             Err(e) => panic!("request {i} of {MAX_XFERS}: {e}"),
@@ -282,8 +281,16 @@ fn bad_metadata_and_descriptors_write_nothing() {
     drop(reqs);
 
     // --- nothing was written anywhere --------------------------------
-    assert_eq!(src.snapshot(), pattern(32, LEN), "our source buffer changed");
-    assert_eq!(dst.snapshot(), vec![0u8; LEN], "our destination buffer changed");
+    assert_eq!(
+        src.snapshot(),
+        pattern(32, LEN),
+        "our source buffer changed"
+    );
+    assert_eq!(
+        dst.snapshot(),
+        vec![0u8; LEN],
+        "our destination buffer changed"
+    );
     assert!(
         read_all(&agent, &dst, t, PEER) == pattern(31, LEN),
         "the target's memory changed"

@@ -85,7 +85,10 @@ fn peer_death(backend: &'static str, provider: Option<&str>) {
     let mut seen_errors: Vec<String> = Vec::new();
     let start = Instant::now();
     loop {
-        assert!(start.elapsed() < Duration::from_secs(40), "stream did not end");
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "stream did not end"
+        );
         for to_a in [true, false] {
             let in_flight = flights.iter().filter(|f| f.to_a == to_a).count();
             let posting_a = to_a && (killed_at.is_none() || posted_after_kill < 4);
@@ -217,7 +220,10 @@ fn peer_death(backend: &'static str, provider: Option<&str>) {
     }
 
     // The live peer got every chunk, byte for byte.
-    assert!(read_all(&agent, &dst, &b, "pd-b") == src.snapshot(), "pd-b's data differs");
+    assert!(
+        read_all(&agent, &dst, &b, "pd-b") == src.snapshot(),
+        "pd-b's data differs"
+    );
 
     // Restart the dead peer under the same name; load its new metadata.
     let t = Instant::now();
@@ -237,7 +243,10 @@ fn peer_death(backend: &'static str, provider: Option<&str>) {
     )
     .expect("WRITE to the restarted peer");
     dst.fill(&vec![0; LEN]);
-    assert!(read_all(&agent, &dst, &a2, "pd-a") == src.snapshot(), "restarted pd-a's data differs");
+    assert!(
+        read_all(&agent, &dst, &a2, "pd-a") == src.snapshot(),
+        "restarted pd-a's data differs"
+    );
     println!(
         "RESULT peer_death {backend}{}: {a_in_flight_at_kill} in flight at the kill \
          ({a_done_after_kill} completed, rest failed); {a_failed} failed completions, {} posts refused; \

@@ -77,12 +77,18 @@ fn bounded_frames_idle_and_slow_connections() {
     let reply = read_frame(&mut s, 4096).expect("error reply");
     assert_eq!(reply[0], 1, "status ERR");
     let text = String::from_utf8_lossy(&reply[1..]).to_string();
-    assert!(text.contains(&format!("{}", u32::MAX)) && text.contains(&MAX_FRAME.to_string()), "{text}");
+    assert!(
+        text.contains(&format!("{}", u32::MAX)) && text.contains(&MAX_FRAME.to_string()),
+        "{text}"
+    );
     let oversized = closed_within(&mut s, limit).expect("closed after an oversized frame");
     // Idle: no request at all.
     let mut s = raw(&a);
     let idle = closed_within(&mut s, limit).expect("idle connection closed");
-    assert!(idle >= Duration::from_millis(400), "closed too early: {idle:?}");
+    assert!(
+        idle >= Duration::from_millis(400),
+        "closed too early: {idle:?}"
+    );
     // Slowloris: half a header, then silence.
     let mut s = raw(&a);
     s.write_all(&[8]).unwrap();
@@ -108,7 +114,10 @@ fn bounded_frames_idle_and_slow_connections() {
         }
     }
     let trickle = trickle_closed.expect("a trickling client is still served after 5 s");
-    assert!(trickle < Duration::from_secs(2), "trickling client served for {trickle:?}");
+    assert!(
+        trickle < Duration::from_secs(2),
+        "trickling client served for {trickle:?}"
+    );
     // The server still serves well-behaved clients.
     let md = Client::connect(&a.listen_addr().unwrap().to_string(), None, limit)
         .unwrap()
@@ -180,8 +189,10 @@ fn auth_key_required_both_ways() {
     assert!(!srv.has_remote("sec-wrong").unwrap());
     // The keyed agent refuses a server that does not ask for the key.
     let open = agent("sec-open", None);
-    assert!(side_err(srv.connect(&open.listen_addr().unwrap().to_string()))
-        .contains("does not authenticate"));
+    assert!(
+        side_err(srv.connect(&open.listen_addr().unwrap().to_string()))
+            .contains("does not authenticate")
+    );
     assert!(!srv.has_remote("sec-open").unwrap());
     assert!(!open.has_remote("sec-keyed").unwrap());
     // The right key: both sides load each other.
@@ -214,7 +225,10 @@ fn auth_key_from_environment_between_processes() {
     assert_eq!(good.connect(&t.addr).unwrap(), "sec-env-target");
     let dst = Buf::zeroed(4096);
     dst.register(&good);
-    assert_eq!(read_all(&good, &dst, &t, "sec-env-target"), pattern(41, 4096));
+    assert_eq!(
+        read_all(&good, &dst, &t, "sec-env-target"),
+        pattern(41, 4096)
+    );
     let _ = XferOp::Read;
     for a in [wrong, none, good] {
         a.shutdown();

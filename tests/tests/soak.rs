@@ -48,9 +48,17 @@ fn soak(run_for: Duration, max_transfers: u64, warmup: Duration) {
         // WRITE one block, READ it back elsewhere, compare now and then.
         let i = (n as usize / 2) % blocks;
         let (op, local, remote) = if n % 2 == 0 {
-            (XferOp::Write, src.desc(i * BLOCK, BLOCK), target.desc(i * BLOCK, BLOCK))
+            (
+                XferOp::Write,
+                src.desc(i * BLOCK, BLOCK),
+                target.desc(i * BLOCK, BLOCK),
+            )
         } else {
-            (XferOp::Read, dst.desc(i * BLOCK, BLOCK), target.desc(i * BLOCK, BLOCK))
+            (
+                XferOp::Read,
+                dst.desc(i * BLOCK, BLOCK),
+                target.desc(i * BLOCK, BLOCK),
+            )
         };
         // A fresh request each time (prepare, post, wait, release), plus a
         // notification every 64th, exercising every table.
@@ -87,13 +95,20 @@ fn soak(run_for: Duration, max_transfers: u64, warmup: Duration) {
     // Flat: a leak of even 16 bytes per transfer would exceed this over
     // hundreds of thousands of transfers; allocator noise stays below it.
     let growth = rss1.saturating_sub(rss0);
-    assert!(growth <= 8 * 1024, "VmRSS grew by {growth} KiB over {} transfers", n - n0);
+    assert!(
+        growth <= 8 * 1024,
+        "VmRSS grew by {growth} KiB over {} transfers",
+        n - n0
+    );
     assert!(fds1 <= fds0 + 2, "open fds grew from {fds0} to {fds1}");
     // The target ends cleanly.
     let mut t = target;
     t.proc.send("quit");
     let status = t.proc.wait_exit(Duration::from_secs(10));
-    assert!(status.is_some_and(|s| s.success()), "target exit: {status:?}");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "target exit: {status:?}"
+    );
     agent.shutdown();
 }
 

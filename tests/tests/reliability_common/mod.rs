@@ -325,7 +325,11 @@ impl Target {
             .unwrap_or_else(|| panic!("unexpected line from target: {ready:?}"))
             .split(' ');
         let addr = parts.next().expect("address").to_string();
-        let buf = parts.next().expect("buffer").parse().expect("buffer address");
+        let buf = parts
+            .next()
+            .expect("buffer")
+            .parse()
+            .expect("buffer address");
         Target {
             proc,
             addr,
