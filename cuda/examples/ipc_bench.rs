@@ -1,10 +1,15 @@
-//! CUDA-IPC bandwidth: VRAM→VRAM WRITE between two processes against a
-//! single-process `cuMemcpyDtoD`, at 64 MiB and 256 MiB (or the sizes in MiB
-//! given as arguments).
+//! CUDA-IPC bandwidth: VRAM→VRAM WRITE and READ between two processes
+//! against a single-process `cuMemcpyDtoD` between the same two GPUs, at
+//! 64 MiB and 256 MiB (or the sizes in MiB given as arguments); and, as the
+//! ceiling of the staging path, a `cuMemcpyDtoHAsync` into pinned memory.
 //!
 //! ```text
 //! cargo run --release -p kvxfer-cuda --example ipc_bench [-- 64 256 1024]
 //! ```
+//!
+//! `KVXFER_BENCH_SRC_DEV` (initiator, default 0) and `KVXFER_BENCH_DST_DEV`
+//! (target, default 0) pick the GPUs; on a two-GPU host `0` and `1` measure
+//! the peer path.
 //!
 //! The example re-runs itself as the target process
 //! (`KVXFER_CUDA_BENCH_ROLE=target:<bytes>`).
@@ -35,9 +40,24 @@ fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i.wrapping_mul(31) >> 3) as u8).collect()
 }
 
+fn env_dev(name: &str) -> u32 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn src_dev() -> u32 {
+    env_dev("KVXFER_BENCH_SRC_DEV")
+}
+
+fn dst_dev() -> u32 {
+    env_dev("KVXFER_BENCH_DST_DEV")
+}
+
 fn target(len: usize) -> Result<(), Error> {
     let mut t = CudaIpcTransport::new()?;
-    let mut buf = DeviceBuffer::new(0, len as u64)?;
+    let mut buf = DeviceBuffer::new(dst_dev(), len as u64)?;
     buf.fill(0)?;
     let reg = t.register(&buf.region())?;
     let mut b = [0u8; 256];
@@ -85,10 +105,35 @@ fn gbps(bytes: usize, iters: u32, d: Duration) -> f64 {
     bytes as f64 * iters as f64 / d.as_secs_f64() / 1e9
 }
 
-fn bench(len: usize) -> Result<(f64, f64), Error> {
-    // Single process: cuMemcpyDtoD + synchronise, back to back.
-    let src = DeviceBuffer::from_host(0, &pattern(len))?;
-    let mut dst = DeviceBuffer::new(0, len as u64)?;
+/// Pinned device-to-host copy of `len` bytes from GPU `dev`, GB/s.
+fn pinned_d2h(dev: u32, len: usize) -> Result<f64, Error> {
+    let src = DeviceBuffer::from_host(dev, &pattern(len))?;
+    let mut host = kvxfer_cuda::PinnedBuffer::new(dev, len)?;
+    let mut run = || src.copy_to_host(0, host.as_mut_slice());
+    for _ in 0..WARMUP {
+        run()?;
+    }
+    let start = Instant::now();
+    for _ in 0..ITERS {
+        run()?;
+    }
+    let d = start.elapsed();
+    if host.as_slice() != pattern(len).as_slice() {
+        return Err(Error::backend("CUDA_IPC", 1, "pinned copy differs"));
+    }
+    Ok(gbps(len, ITERS, d))
+}
+
+struct Numbers {
+    local: f64,
+    write: f64,
+    read: f64,
+}
+
+fn bench(len: usize) -> Result<Numbers, Error> {
+    // Single process: cuMemcpyDtoD (a peer copy across GPUs) + synchronise.
+    let src = DeviceBuffer::from_host(src_dev(), &pattern(len))?;
+    let mut dst = DeviceBuffer::new(dst_dev(), len as u64)?;
     for _ in 0..WARMUP {
         dst.copy_from_device(&src)?;
     }
@@ -124,7 +169,7 @@ fn bench(len: usize) -> Result<(f64, f64), Error> {
     let mut t = CudaIpcTransport::new()?;
     let reg = t.register(&src.region())?;
     let peer = t.connect(&addr)?;
-    let region = Region::vram(r[0], r[1], 0);
+    let region = Region::vram(r[0], r[1], dst_dev());
     let rkey = t.unpack_key(&peer, &region, &key)?;
     let seg = Segment {
         local_addr: src.ptr(),
@@ -143,8 +188,30 @@ fn bench(len: usize) -> Result<(f64, f64), Error> {
         t.post(XferOp::Write, &peer, &[seg], None, Token(i as u64))?;
         wait(&mut t, Token(i as u64))?;
     }
-    let ipc = gbps(len, ITERS, start.elapsed());
+    let write = gbps(len, ITERS, start.elapsed());
+    // READ the target's buffer back into a second local buffer.
+    let back = DeviceBuffer::new(src_dev(), len as u64)?;
+    let back_reg = t.register(&back.region())?;
+    let rseg = Segment {
+        local_addr: back.ptr(),
+        local: &back_reg,
+        ..seg
+    };
+    for i in 0..WARMUP {
+        t.post(XferOp::Read, &peer, &[rseg], None, Token(i as u64))?;
+        wait(&mut t, Token(i as u64))?;
+    }
+    let start = Instant::now();
+    for i in 0..ITERS {
+        t.post(XferOp::Read, &peer, &[rseg], None, Token(i as u64))?;
+        wait(&mut t, Token(i as u64))?;
+    }
+    let read = gbps(len, ITERS, start.elapsed());
+    if back.to_vec()? != pattern(len) {
+        return Err(Error::backend("CUDA_IPC", 1, "READ data differs"));
+    }
     t.release_key(rkey);
+    t.deregister(back_reg);
     t.deregister(reg);
     let mut stdin = child.0.stdin.take().expect("stdin");
     let _ = writeln!(stdin, "BYE");
@@ -152,7 +219,7 @@ fn bench(len: usize) -> Result<(f64, f64), Error> {
     let check = next("CHECK");
     drop(child);
     assert_eq!(check, "ok", "target data differs after the IPC writes");
-    Ok((local, ipc))
+    Ok(Numbers { local, write, read })
 }
 
 fn main() {
@@ -178,25 +245,43 @@ fn main() {
             a
         }
     };
-    match kvxfer_cuda::device_info(0) {
-        Ok(info) => println!("device 0: {} ({} MiB)", info.name, info.total_mem >> 20),
-        Err(e) => {
-            eprintln!("ipc_bench: {e}");
-            std::process::exit(1);
+    for dev in [src_dev(), dst_dev()] {
+        match kvxfer_cuda::device_info(dev) {
+            Ok(info) => println!(
+                "device {dev}: {} ({} MiB, PCI {})",
+                info.name,
+                info.total_mem >> 20,
+                info.pci_bus_id
+            ),
+            Err(e) => {
+                eprintln!("ipc_bench: {e}");
+                std::process::exit(1);
+            }
         }
     }
     println!(
-        "{:>9} {:>18} {:>22} {:>7}",
-        "size", "cuMemcpyDtoD GB/s", "CUDA_IPC 2-proc GB/s", "ratio"
+        "initiator on device {}, target on device {}",
+        src_dev(),
+        dst_dev()
+    );
+    println!(
+        "{:>9} {:>12} {:>11} {:>7} {:>10} {:>7} {:>13}",
+        "size", "DtoD GB/s", "WRITE GB/s", "ratio", "READ GB/s", "ratio", "pinned D2H"
     );
     for mib in sizes {
-        match bench(mib << 20) {
-            Ok((local, ipc)) => println!(
-                "{:>5} MiB {local:>18.1} {ipc:>22.1} {:>7.2}",
+        let d2h = pinned_d2h(src_dev(), mib << 20);
+        match (bench(mib << 20), d2h) {
+            (Ok(n), Ok(d2h)) => println!(
+                "{:>5} MiB {:>12.1} {:>11.1} {:>7.2} {:>10.1} {:>7.2} {:>13.1}",
                 mib,
-                ipc / local
+                n.local,
+                n.write,
+                n.write / n.local,
+                n.read,
+                n.read / n.local,
+                d2h
             ),
-            Err(e) => {
+            (Err(e), _) | (_, Err(e)) => {
                 eprintln!("ipc_bench {mib} MiB: {e}");
                 std::process::exit(1);
             }

@@ -1,0 +1,626 @@
+//! GPU tests of the Agent: VRAM over CUDA_IPC, and VRAM staged through
+//! pinned host memory over UCX and libfabric. Two processes each: this test
+//! binary re-runs itself as the target (`KVXFER_GPU_ROLE=target`).
+//!
+//! Ignored by default; on a GPU machine:
+//!
+//! ```text
+//! cargo test -p kvxfer --features cuda --test gpu -- --ignored --test-threads=1
+//! ```
+//!
+//! `KVXFER_GPU_INIT_DEV` and `KVXFER_GPU_TARGET_DEV` (default 0) pick the
+//! GPU of the initiator and of the target: on a two-GPU host, `0` and `1`
+//! move data between the GPUs. Both processes see every GPU.
+//!
+//! Without a GPU, the non-ignored tests check the errors.
+#![cfg(feature = "cuda")]
+#![allow(clippy::result_large_err)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use kvxfer::{Agent, AgentConfig, Desc, Error, MemKind, WaitOutcome, XferOp};
+use kvxfer_cuda::DeviceBuffer;
+
+const ROLE: &str = "KVXFER_GPU_ROLE";
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Deterministic bytes for `seed`; seed 0 is all zeroes.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    if seed == 0 {
+        return vec![0; len];
+    }
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let bytes = x.to_le_bytes();
+        let n = (len - v.len()).min(8);
+        v.extend_from_slice(&bytes[..n]);
+    }
+    v
+}
+
+/// The target's contents after the initiator WROTE `pattern(22)`'s blocks
+/// `[i * step, +block)` over `pattern(11)`.
+fn mixed(len: usize, block: usize, step: usize) -> Vec<u8> {
+    let mut want = pattern(11, len);
+    let src = pattern(22, len);
+    for i in 0..len / step {
+        let o = i * step;
+        want[o..o + block].copy_from_slice(&src[o..o + block]);
+    }
+    want
+}
+
+/// First offset where `got` and `want` differ, if any.
+fn first_diff(got: &[u8], want: &[u8]) -> Option<usize> {
+    if got.len() != want.len() {
+        return Some(got.len().min(want.len()));
+    }
+    got.iter().zip(want).position(|(a, b)| a != b)
+}
+
+fn env_u32(name: &str) -> u32 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn init_dev() -> u32 {
+    env_u32("KVXFER_GPU_INIT_DEV")
+}
+
+fn target_dev() -> u32 {
+    env_u32("KVXFER_GPU_TARGET_DEV")
+}
+
+/// Memory of one side: VRAM on a GPU, or host memory.
+enum Mem {
+    Vram(DeviceBuffer),
+    Dram(Vec<u8>),
+}
+
+impl Mem {
+    fn new(kind: MemKind, dev: u32, data: &[u8]) -> Result<Mem, Error> {
+        Ok(match kind {
+            MemKind::Vram => Mem::Vram(DeviceBuffer::from_host(dev, data)?),
+            MemKind::Dram => Mem::Dram(data.to_vec()),
+        })
+    }
+
+    fn addr(&self) -> u64 {
+        match self {
+            Mem::Vram(b) => b.ptr(),
+            Mem::Dram(v) => v.as_ptr() as u64,
+        }
+    }
+
+    fn len(&self) -> u64 {
+        match self {
+            Mem::Vram(b) => b.len(),
+            Mem::Dram(v) => v.len() as u64,
+        }
+    }
+
+    fn dev(&self) -> u32 {
+        match self {
+            Mem::Vram(b) => b.device(),
+            Mem::Dram(_) => 0,
+        }
+    }
+
+    fn kind(&self) -> MemKind {
+        match self {
+            Mem::Vram(_) => MemKind::Vram,
+            Mem::Dram(_) => MemKind::Dram,
+        }
+    }
+
+    /// A copy of the bytes (VRAM copied back to the host).
+    fn read(&self) -> Result<Vec<u8>, Error> {
+        match self {
+            Mem::Vram(b) => b.to_vec(),
+            // No transfer touches the buffer while it is read: the
+            // initiator finished (and said so) before asking.
+            Mem::Dram(v) => Ok(v.clone()),
+        }
+    }
+
+    fn register(&self, agent: &Agent) -> Result<(), Error> {
+        // SAFETY: the memory lives until the agent is shut down (both are
+        // dropped at the end of the role, the agent first).
+        unsafe { agent.register(self.addr(), self.len(), self.dev(), self.kind()) }
+    }
+}
+
+fn config(backend: &str, provider: Option<&str>) -> AgentConfig {
+    let mut c = AgentConfig::default();
+    c.backend = Some(backend.to_string());
+    c.provider = provider.map(str::to_string);
+    c
+}
+
+fn parse_kind(s: &str) -> MemKind {
+    if s.eq_ignore_ascii_case("vram") {
+        MemKind::Vram
+    } else {
+        MemKind::Dram
+    }
+}
+
+/// The target process: serves one buffer and answers commands on stdin.
+fn target_role() -> Result<(), Error> {
+    let get = |k: &str| std::env::var(k).unwrap_or_default();
+    let backend = get("KVXFER_GPU_BACKEND");
+    let provider = std::env::var("KVXFER_GPU_PROVIDER").ok();
+    let kind = parse_kind(&get("KVXFER_GPU_MEM"));
+    let len: usize = get("KVXFER_GPU_LEN").parse().unwrap_or(0);
+    let seed: u64 = get("KVXFER_GPU_SEED").parse().unwrap_or(0);
+    let mem = Mem::new(kind, target_dev(), &pattern(seed, len))?;
+    let agent = Agent::new("gpu-target", config(&backend, provider.as_deref()))?;
+    mem.register(&agent)?;
+    let addr = agent.listen_addr().expect("target listens");
+    println!("LISTEN {addr}");
+    println!("REGION {} {} {}", mem.addr(), mem.len(), mem.dev());
+    std::io::stdout().flush().ok();
+    for line in std::io::stdin().lock().lines() {
+        let line = line.unwrap_or_default();
+        let mut w = line.split_whitespace();
+        match (w.next(), w.next()) {
+            (Some("WAITNOTE"), Some(msg)) => {
+                let start = Instant::now();
+                let mut got = false;
+                while !got && start.elapsed() < TIMEOUT {
+                    let notes = agent.take_notifications()?;
+                    got = notes.values().flatten().any(|m| m == msg.as_bytes());
+                    if !got {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+                println!("NOTE {}", if got { "ok" } else { "timeout" });
+            }
+            (Some("CHECKMIX"), Some(block)) => {
+                let block: usize = block.parse().unwrap_or(len);
+                let step = w.next().and_then(|s| s.parse().ok()).unwrap_or(len);
+                let want = mixed(len, block, step);
+                match first_diff(&mem.read()?, &want) {
+                    None => println!("CHECK ok"),
+                    Some(i) => println!("CHECK mismatch at {i}"),
+                }
+            }
+            (Some("CHECK"), Some(seed)) => {
+                let want = pattern(seed.parse().unwrap_or(0), len);
+                match first_diff(&mem.read()?, &want) {
+                    None => println!("CHECK ok"),
+                    Some(i) => println!("CHECK mismatch at {i}"),
+                }
+            }
+            (Some("QUIT"), _) => break,
+            _ => println!("ERR unknown command {line:?}"),
+        }
+        std::io::stdout().flush().ok();
+    }
+    agent.shutdown();
+    drop(mem);
+    Ok(())
+}
+
+/// A running target, killed on drop.
+struct Target {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+    listen: String,
+    region: (u64, u64, u32),
+}
+
+impl Target {
+    fn spawn(backend: &str, provider: Option<&str>, kind: &str, len: usize, seed: u64) -> Target {
+        let mut cmd = Command::new(std::env::current_exe().expect("current_exe"));
+        cmd.args([
+            "--exact",
+            "target_entry",
+            "--nocapture",
+            "--include-ignored",
+        ])
+        .env(ROLE, "target")
+        .env("KVXFER_GPU_BACKEND", backend)
+        .env("KVXFER_GPU_MEM", kind)
+        .env("KVXFER_GPU_LEN", len.to_string())
+        .env("KVXFER_GPU_SEED", seed.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+        if let Some(p) = provider {
+            cmd.env("KVXFER_GPU_PROVIDER", p);
+        }
+        let mut child = cmd.spawn().expect("spawn target");
+        let stdout = child.stdout.take().expect("stdout");
+        let stdin = child.stdin.take().expect("stdin");
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                // Only protocol lines; the test harness prints its own.
+                if l.chars().next().is_some_and(|c| c.is_ascii_uppercase()) {
+                    let _ = tx.send(l);
+                }
+            }
+        });
+        let mut t = Target {
+            child,
+            stdin,
+            lines: rx,
+            listen: String::new(),
+            region: (0, 0, 0),
+        };
+        t.listen = t.expect("LISTEN");
+        let r: Vec<u64> = t
+            .expect("REGION")
+            .split(' ')
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        t.region = (r[0], r[1], r[2] as u32);
+        t
+    }
+
+    /// The next line starting with `tag`, without it; panics (killing the
+    /// child through Drop) after the timeout.
+    fn expect(&mut self, tag: &str) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let l = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("target: no {tag} line within {TIMEOUT:?}"));
+            if let Some(rest) = l.strip_prefix(tag) {
+                return rest.trim().to_string();
+            }
+            if l.starts_with("ERR") {
+                panic!("target: {l}");
+            }
+        }
+    }
+
+    fn ask(&mut self, cmd: &str, tag: &str) -> String {
+        writeln!(self.stdin, "{cmd}").expect("write to target");
+        self.stdin.flush().expect("flush to target");
+        self.expect(tag)
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "QUIT");
+        let _ = self.stdin.flush();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Entry point of the re-spawned target; does nothing in a normal run.
+#[test]
+fn target_entry() {
+    if std::env::var(ROLE).as_deref() == Ok("target") {
+        if let Err(e) = target_role() {
+            println!("ERR {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn wait_done(req: &kvxfer::XferRequest, what: &str) {
+    match req.wait(TIMEOUT) {
+        WaitOutcome::Done => {}
+        other => panic!("{what}: {other:?}"),
+    }
+}
+
+fn gbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / 1e9
+}
+
+/// One scenario: the target serves `tkind` memory of `len` bytes holding
+/// `pattern(11)`; the initiator, with `ikind` memory, WRITEs `pattern(22)`
+/// into the `blocks` x `block` layout (every other block of both sides)
+/// and checks it there, then READs the target's blocks back into a zeroed
+/// buffer and compares byte for byte.
+fn scenario(
+    backend: &str,
+    provider: Option<&str>,
+    ikind: MemKind,
+    tkind: MemKind,
+    len: usize,
+    block: usize,
+) {
+    let tk = if tkind == MemKind::Vram {
+        "vram"
+    } else {
+        "dram"
+    };
+    let mut target = Target::spawn(backend, provider, tk, len, 11);
+    let agent = Agent::new("gpu-init", config(backend, provider)).expect("initiator agent");
+    let src = pattern(22, len);
+    let mem = Mem::new(ikind, init_dev(), &src).expect("initiator memory");
+    mem.register(&agent).expect("register initiator memory");
+    let peer = agent.connect(&target.listen).expect("connect");
+    let (raddr, rlen, rdev) = target.region;
+    assert_eq!(rlen, len as u64);
+    // Every other block when the transfer is split, else the whole buffer.
+    let step = if block < len { 2 * block } else { len };
+    let descs = |base: u64, dev: u32| -> Vec<Desc> {
+        (0..len / step)
+            .map(|i| Desc::on_dev(base + (i * step) as u64, block as u64, dev))
+            .collect()
+    };
+    let local = descs(mem.addr(), mem.dev());
+    let remote = descs(raddr, rdev);
+    let moved = (local.len() * block) as u64;
+
+    // WRITE, with a notification that must arrive after the data.
+    let t0 = Instant::now();
+    let req = agent
+        .submit(XferOp::Write, &local, &remote, &peer, Some(b"written"))
+        .expect("post WRITE");
+    wait_done(&req, "WRITE");
+    let w = t0.elapsed();
+    drop(req);
+    assert_eq!(target.ask("WAITNOTE written", "NOTE"), "ok");
+    // Both sides copied back: the target holds the written blocks over
+    // its own pattern, byte for byte.
+    assert_eq!(
+        target.ask(&format!("CHECKMIX {block} {step}"), "CHECK"),
+        "ok",
+        "target after WRITE"
+    );
+    // The initiator's own memory is unchanged by a WRITE.
+    assert_eq!(first_diff(&mem.read().expect("read back"), &src), None);
+
+    // READ the target's blocks into a zeroed buffer.
+    let dst = Mem::new(ikind, init_dev(), &vec![0; len]).expect("READ buffer");
+    dst.register(&agent).expect("register READ buffer");
+    let local2 = descs(dst.addr(), dst.dev());
+    let t1 = Instant::now();
+    let req = agent
+        .submit(XferOp::Read, &local2, &remote, &peer, None)
+        .expect("post READ");
+    wait_done(&req, "READ");
+    let r = t1.elapsed();
+    drop(req);
+    let got = dst.read().expect("read back READ buffer");
+    // Blocks that were read hold what was written (pattern 22); the rest
+    // stays zero.
+    let mut want = vec![0u8; len];
+    for i in 0..len / step {
+        let o = i * step;
+        want[o..o + block].copy_from_slice(&src[o..o + block]);
+    }
+    // A whole-buffer READ matches the target's mixed contents.
+    if step != len {
+        let all = Mem::new(ikind, init_dev(), &vec![0; len]).expect("READ buffer");
+        all.register(&agent).expect("register READ buffer");
+        let req = agent
+            .submit(
+                XferOp::Read,
+                &[Desc::on_dev(all.addr(), len as u64, all.dev())],
+                &[Desc::on_dev(raddr, len as u64, rdev)],
+                &peer,
+                None,
+            )
+            .expect("post whole READ");
+        wait_done(&req, "whole READ");
+        drop(req);
+        let got = all.read().expect("read back");
+        assert_eq!(
+            first_diff(&got, &mixed(len, block, step)),
+            None,
+            "whole READ"
+        );
+        agent.deregister(all.addr()).expect("deregister");
+    }
+    assert_eq!(first_diff(&got, &want), None, "READ data differs");
+    eprintln!(
+        "{backend}{}: {ikind}(dev {}) <-> {tkind}(dev {}), {} x {} bytes: WRITE {:.2} GB/s, READ {:.2} GB/s",
+        provider.map(|p| format!(" ({p})")).unwrap_or_default(),
+        mem.dev(),
+        rdev,
+        local.len(),
+        block,
+        gbps(moved, w),
+        gbps(moved, r)
+    );
+    agent.deregister(dst.addr()).expect("deregister");
+    agent.deregister(mem.addr()).expect("deregister");
+    agent.shutdown();
+}
+
+const MIB: usize = 1 << 20;
+/// 256 blocks of 16 KiB: every other one moves, 128 x 16 KiB.
+const KV_LEN: usize = 256 * (16 << 10);
+
+#[test]
+#[ignore = "needs a GPU"]
+fn cuda_ipc_trtllm_device_memory_100_bytes() {
+    scenario("CUDA_IPC", None, MemKind::Vram, MemKind::Vram, 100, 100);
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn cuda_ipc_256_mib() {
+    scenario(
+        "CUDA_IPC",
+        None,
+        MemKind::Vram,
+        MemKind::Vram,
+        256 * MIB,
+        256 * MIB,
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn cuda_ipc_kv_shaped_128_x_16_kib() {
+    scenario(
+        "CUDA_IPC",
+        None,
+        MemKind::Vram,
+        MemKind::Vram,
+        KV_LEN,
+        16 << 10,
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn ucx_staged_vram_to_dram_64_mib() {
+    scenario(
+        "UCX",
+        None,
+        MemKind::Vram,
+        MemKind::Dram,
+        64 * MIB,
+        64 * MIB,
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn ucx_staged_kv_shaped_128_x_16_kib() {
+    scenario(
+        "UCX",
+        None,
+        MemKind::Vram,
+        MemKind::Dram,
+        KV_LEN,
+        16 << 10,
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn libfabric_staged_vram_to_dram_64_mib() {
+    scenario(
+        "LIBFABRIC",
+        Some("tcp;ofi_rxm"),
+        MemKind::Vram,
+        MemKind::Dram,
+        64 * MIB,
+        64 * MIB,
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn libfabric_staged_kv_shaped_128_x_16_kib() {
+    scenario(
+        "LIBFABRIC",
+        Some("tcp;ofi_rxm"),
+        MemKind::Vram,
+        MemKind::Dram,
+        KV_LEN,
+        16 << 10,
+    );
+}
+
+/// Remote VRAM through staging is refused at post, naming the backend.
+fn staged_remote_vram_refused(backend: &str, provider: Option<&str>) {
+    let mut target = Target::spawn(backend, provider, "vram", 4096, 11);
+    let agent = Agent::new("gpu-init", config(backend, provider)).expect("initiator agent");
+    let mem = Mem::new(MemKind::Vram, init_dev(), &pattern(22, 4096)).expect("VRAM");
+    mem.register(&agent).expect("register");
+    let peer = agent.connect(&target.listen).expect("connect");
+    let (raddr, _, rdev) = target.region;
+    for op in [XferOp::Write, XferOp::Read] {
+        let r = agent.submit(
+            op,
+            &[Desc::on_dev(mem.addr(), 4096, mem.dev())],
+            &[Desc::on_dev(raddr, 4096, rdev)],
+            &peer,
+            None,
+        );
+        assert_eq!(
+            r.err(),
+            Some(Error::UnsupportedMemKind {
+                backend: if backend == "UCX" { "UCX" } else { "LIBFABRIC" },
+                kind: MemKind::Vram
+            }),
+            "{} into remote VRAM over {backend}",
+            op.name()
+        );
+    }
+    assert_eq!(
+        target.ask("CHECK 11", "CHECK"),
+        "ok",
+        "remote VRAM untouched"
+    );
+    agent.deregister(mem.addr()).expect("deregister");
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn ucx_staged_remote_vram_is_refused() {
+    staged_remote_vram_refused("UCX", None);
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn libfabric_staged_remote_vram_is_refused() {
+    staged_remote_vram_refused("LIBFABRIC", Some("tcp;ofi_rxm"));
+}
+
+/// A host pointer registered as VRAM is refused by pointer attributes.
+#[test]
+#[ignore = "needs a GPU"]
+fn vram_registration_checks_pointer_attributes() {
+    for (backend, provider) in [("CUDA_IPC", None), ("UCX", None)] {
+        let agent = Agent::new("gpu-reg", config(backend, provider)).expect("agent");
+        let host = vec![0u8; 4096];
+        // SAFETY: the buffer outlives the agent; registration is refused.
+        let r = unsafe { agent.register(host.as_ptr() as u64, 4096, 0, MemKind::Vram) };
+        assert!(
+            matches!(r, Err(Error::Backend { .. })),
+            "{backend}: host memory as VRAM gave {r:?}"
+        );
+        // Wrong device id for real VRAM.
+        let count = kvxfer_cuda::device_count().expect("device count");
+        let buf = DeviceBuffer::new(0, 4096).expect("VRAM");
+        // SAFETY: as above.
+        let r = unsafe { agent.register(buf.ptr(), 4096, count, MemKind::Vram) };
+        assert!(r.is_err(), "{backend}: VRAM on device {count} accepted");
+        // SAFETY: `buf` lives until after the agent's shutdown below.
+        unsafe { agent.register(buf.ptr(), 4096, 0, MemKind::Vram) }.expect("register VRAM");
+        agent.shutdown();
+    }
+}
+
+/// Without a CUDA driver, CUDA_IPC and VRAM registration fail with a clear
+/// error; host memory still works over staged UCX.
+#[test]
+fn without_a_driver_errors_are_clear() {
+    if kvxfer_cuda::driver_present() {
+        eprintln!("a CUDA driver is present; the no-driver errors are not checked");
+        return;
+    }
+    let e = Agent::new("no-gpu", config("CUDA_IPC", None)).unwrap_err();
+    assert_eq!(e, kvxfer_cuda::driver::no_driver());
+    let agent = Agent::new("no-gpu", config("UCX", None)).expect("UCX agent");
+    let host = vec![0u8; 4096];
+    // SAFETY: the buffer outlives the agent; registration is refused.
+    let r = unsafe { agent.register(host.as_ptr() as u64, 4096, 0, MemKind::Vram) };
+    assert_eq!(r, Err(kvxfer_cuda::driver::no_driver()));
+    // SAFETY: as above; DRAM passes through to UCX.
+    unsafe { agent.register_slice(&host) }.expect("DRAM over staged UCX");
+    agent.deregister(host.as_ptr() as u64).expect("deregister");
+}
