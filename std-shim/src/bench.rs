@@ -187,6 +187,11 @@ pub struct TargetOptions {
     pub size: u64,
     /// Agent name.
     pub name: String,
+    /// etcd endpoints (comma separated) to publish the target in, by its
+    /// name (feature `etcd`).
+    pub etcd: Option<String>,
+    /// etcd namespace prefix; default `/kvxfer/`.
+    pub etcd_prefix: Option<String>,
 }
 
 /// Runs a target until `stop` is set: registers a buffer of random bytes,
@@ -206,6 +211,7 @@ pub fn run_target(
     let len = usize::try_from(opts.size)
         .map_err(|_| bench_err(&format!("buffer size {} too large", opts.size)))?;
     let buf = Buffer::new(&agent, len, Some(seed()))?;
+    let discovery = join_etcd(&agent, &opts.etcd, &opts.etcd_prefix)?;
     let addr = agent
         .listen_addr()
         .ok_or_else(|| bench_err("target has no side channel"))?;
@@ -234,13 +240,14 @@ pub fn run_target(
                     );
                     continue;
                 };
-                if let Err(e) = agent.notify(&peer, reply.as_bytes()) {
+                if let Err(e) = reply_to(&agent, discovery.as_ref(), &peer, reply.as_bytes()) {
                     log::warn!("target: answering {peer}: {e}");
                 }
             }
         }
         std::thread::sleep(Duration::from_millis(1));
     }
+    drop(discovery);
     drop(buf);
     agent.shutdown();
     Ok(())
@@ -273,6 +280,13 @@ pub struct BenchOptions {
     pub request_timeout: Duration,
     /// The executable spawned as target (default: this one).
     pub target_exe: Option<std::path::PathBuf>,
+    /// etcd endpoints (comma separated): find the target there by
+    /// `target_name` instead of `peer` (feature `etcd`).
+    pub etcd: Option<String>,
+    /// etcd namespace prefix; default `/kvxfer/`.
+    pub etcd_prefix: Option<String>,
+    /// Name of the target to find in etcd.
+    pub target_name: String,
 }
 
 impl Default for BenchOptions {
@@ -290,6 +304,9 @@ impl Default for BenchOptions {
             warmup: 16,
             request_timeout: Duration::from_secs(10),
             target_exe: None,
+            etcd: None,
+            etcd_prefix: None,
+            target_name: "kvxfer-target".to_string(),
         }
     }
 }
@@ -485,22 +502,32 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
                 opts.blocks, opts.block_size
             ))
         })?;
-    let (_child, addr) = match &opts.peer {
-        Some(p) => (None, p.clone()),
-        None => {
+    let (_child, addr) = match (&opts.peer, &opts.etcd) {
+        (_, Some(_)) => (None, String::new()),
+        (Some(p), None) => (None, p.clone()),
+        (None, None) => {
             let (c, a) = TargetChild::spawn(opts, total)?;
             (Some(c), a)
         }
     };
     let cfg = agent_config(AgentConfig::default(), &opts.backend, &opts.provider);
-    let agent = Agent::new("kvxfer-bench", cfg)?;
+    let name = match opts.etcd {
+        // Unique, so that benchmarks sharing an etcd never replace each other.
+        Some(_) => format!("kvxfer-bench-{:08x}", seed() as u32),
+        None => "kvxfer-bench".to_string(),
+    };
+    let agent = Agent::new(&name, cfg)?;
     let buf = Buffer::new(
         &agent,
         total as usize,
         (opts.op == XferOp::Write).then(seed),
     )?;
-    let peer = agent.connect(&addr)?;
     let t = Duration::from_secs(10);
+    let discovery = join_etcd(&agent, &opts.etcd, &opts.etcd_prefix)?;
+    let peer = match &discovery {
+        Some(d) => etcd_fetch(d, &opts.target_name, t)?,
+        None => agent.connect(&addr)?,
+    };
     agent.notify(&peer, b"bench:region")?;
     let region = await_reply(&agent, &peer, "bench:region ", t)?;
     let mut it = region.split_whitespace().map(str::parse::<u64>);
@@ -613,6 +640,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
             opts.op.name()
         )));
     }
+    drop(discovery);
     drop(buf);
     let backend = agent.backend().name().to_string();
     agent.shutdown();
@@ -651,6 +679,85 @@ pub fn stop_on_stdin_eof(flag: Arc<AtomicBool>) {
         }
         flag.store(true, Ordering::Release);
     });
+}
+
+/// The etcd presence of a bench agent (feature `etcd`).
+#[cfg(feature = "etcd")]
+type Discovery = crate::etcd::EtcdDiscovery;
+/// Without the `etcd` feature there is none.
+#[cfg(not(feature = "etcd"))]
+enum Discovery {}
+
+/// Withdrawing from etcd is what dropping a discovery means; keep the
+/// `drop` calls that order it meaningful in builds without etcd too.
+#[cfg(not(feature = "etcd"))]
+impl Drop for Discovery {
+    fn drop(&mut self) {
+        match *self {}
+    }
+}
+
+/// Publishes `agent` in the etcd at `endpoints`, if given.
+#[cfg(feature = "etcd")]
+fn join_etcd(
+    agent: &Agent,
+    endpoints: &Option<String>,
+    prefix: &Option<String>,
+) -> Result<Option<Discovery>, Error> {
+    let Some(endpoints) = endpoints else {
+        return Ok(None);
+    };
+    let mut cfg = crate::etcd::EtcdConfig::new(endpoints);
+    if let Some(p) = prefix {
+        cfg = cfg.with_prefix(p.as_str());
+    }
+    crate::etcd::EtcdDiscovery::start(agent, cfg).map(Some)
+}
+
+/// Without the `etcd` feature, asking for etcd is an error.
+#[cfg(not(feature = "etcd"))]
+fn join_etcd(
+    _agent: &Agent,
+    endpoints: &Option<String>,
+    _prefix: &Option<String>,
+) -> Result<Option<Discovery>, Error> {
+    match endpoints {
+        None => Ok(None),
+        Some(e) => Err(Error::backend(
+            "ETCD",
+            -1,
+            &format!("etcd {e:?} asked, but kvxfer was built without the `etcd` feature"),
+        )),
+    }
+}
+
+/// Finds and loads the target `name` through etcd.
+#[cfg(feature = "etcd")]
+fn etcd_fetch(d: &Discovery, name: &str, timeout: Duration) -> Result<String, Error> {
+    d.fetch(name, timeout)
+}
+
+#[cfg(not(feature = "etcd"))]
+fn etcd_fetch(d: &Discovery, _name: &str, _timeout: Duration) -> Result<String, Error> {
+    match *d {}
+}
+
+/// Notifies `peer`; a peer found through etcd whose metadata has not
+/// arrived yet is fetched first.
+fn reply_to(
+    agent: &Agent,
+    discovery: Option<&Discovery>,
+    peer: &str,
+    msg: &[u8],
+) -> Result<(), Error> {
+    match (agent.notify(peer, msg), discovery) {
+        #[cfg(feature = "etcd")]
+        (Err(Error::UnknownPeer { .. }), Some(d)) => {
+            d.fetch(peer, Duration::from_secs(5))?;
+            agent.notify(peer, msg)
+        }
+        (r, _) => r,
+    }
 }
 
 #[cfg(test)]

@@ -20,7 +20,8 @@
 //! Cargo features: `ucx` and `libfabric` (default) build those backends in;
 //! `cuda` (off by default) adds the CUDA_IPC backend and VRAM staged through
 //! pinned host memory for UCX and libfabric (see `kvxfer_cuda::Staged`);
-//! `cli` (default) builds the command-line tool.
+//! `cli` (default) builds the command-line tool; `etcd` (off by default)
+//! adds cluster discovery through etcd, see `etcd` (module).
 #![deny(missing_docs)]
 // kvxfer's one error type is allocation-free (bounded strings), hence large.
 #![allow(clippy::result_large_err)]
@@ -35,6 +36,8 @@ mod agent;
 pub mod bench;
 pub mod clock;
 pub mod config;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod side_channel;
 
 pub use agent::{

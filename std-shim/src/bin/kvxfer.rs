@@ -40,12 +40,27 @@ enum Cmd {
         /// Agent name.
         #[arg(long, default_value = "kvxfer-target")]
         name: String,
+        /// Publish the target in etcd under its name (URL[,URL...]).
+        #[arg(long, value_name = "URL")]
+        etcd: Option<String>,
+        /// etcd namespace prefix.
+        #[arg(long, default_value = "/kvxfer/", requires = "etcd")]
+        etcd_prefix: Option<String>,
     },
     /// Measure transfers against a target (spawned on loopback by default).
     Bench {
         /// A running target's side channel (host:port); default: spawn one.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "etcd")]
         peer: Option<String>,
+        /// Find the target in etcd by --target-name (URL[,URL...]).
+        #[arg(long, value_name = "URL")]
+        etcd: Option<String>,
+        /// etcd namespace prefix.
+        #[arg(long, default_value = "/kvxfer/", requires = "etcd")]
+        etcd_prefix: Option<String>,
+        /// Name of the target to find in etcd.
+        #[arg(long, default_value = "kvxfer-target", requires = "etcd")]
+        target_name: String,
         /// Backend (UCX, LIBFABRIC); default from KVXFER_BACKEND.
         #[arg(long)]
         backend: Option<String>,
@@ -152,6 +167,8 @@ fn main() -> ExitCode {
             provider,
             size,
             name,
+            etcd,
+            etcd_prefix,
         } => {
             let stop = Arc::new(AtomicBool::new(false));
             bench::stop_on_stdin_eof(Arc::clone(&stop));
@@ -161,6 +178,8 @@ fn main() -> ExitCode {
                 provider,
                 size,
                 name,
+                etcd,
+                etcd_prefix,
             };
             let r = bench::run_target(&opts, &stop, |addr| {
                 println!("listening {addr}");
@@ -176,6 +195,9 @@ fn main() -> ExitCode {
         }
         Cmd::Bench {
             peer,
+            etcd,
+            etcd_prefix,
+            target_name,
             backend,
             provider,
             op,
@@ -189,6 +211,9 @@ fn main() -> ExitCode {
         } => {
             let opts = BenchOptions {
                 peer,
+                etcd,
+                etcd_prefix,
+                target_name,
                 backend,
                 provider,
                 op: match op {
