@@ -86,13 +86,24 @@ pub struct UcxConfig {
     /// that a dead peer fails its in-flight transfers within about the
     /// keepalive interval instead of hanging them. UCX then uses only
     /// transports that can detect a dead peer: in UCX 1.13 shared memory
-    /// (`sysv`, `posix`) cannot, so on one host RMA goes over `cma` and
-    /// messages over `tcp`. Turn it off to allow every transport, at the
-    /// price of transfers to a dead peer that may never end.
+    /// (`sysv`, `posix`) cannot, and `cma` offers only zero-copy RMA, which
+    /// UCP does not pick for RMA lanes, so between processes UCX emulates
+    /// RMA with active messages over `tcp` (`ucx_info`'s `rma_am(tcp/lo)`),
+    /// which needs the target to progress. Turn it off (also through
+    /// [`PEER_FAILURE_DETECTION_ENV`] with [`UcxConfig::from_env`]) to
+    /// allow every transport, at the price of transfers to a dead peer
+    /// that may never end.
     pub peer_failure_detection: bool,
     /// How long [`cancel`](kvxfer_core::Transport::cancel) waits for the
     /// cancelled requests to be released, in milliseconds. Default: 5000.
     pub cancel_timeout_ms: u32,
+    /// Segment size of UCX's `tcp` transport in bytes, set as both
+    /// `UCX_TCP_TX_SEG_SIZE` and `UCX_TCP_RX_SEG_SIZE` unless either is in
+    /// the environment; `None` keeps UCX's (8 KiB send, 64 KiB receive).
+    /// Over `tcp` UCX emulates RMA with active messages of at most one
+    /// segment, each acknowledged by the target, so an 8 KiB segment caps
+    /// a large WRITE at a few hundred MB/s. Default: 64 KiB.
+    pub tcp_seg_size: Option<u32>,
 }
 
 impl UcxConfig {
@@ -131,6 +142,7 @@ impl Default for UcxConfig {
             close_timeout_ms: 1000,
             cancel_timeout_ms: 5000,
             peer_failure_detection: true,
+            tcp_seg_size: Some(64 << 10),
         }
     }
 }

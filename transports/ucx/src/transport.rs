@@ -355,6 +355,16 @@ impl UcxTransport {
         if let Some(tls) = &config.tls {
             config_modify(&ucp_config, "TLS", tls)?;
         }
+        // UCX 1.13 applies these names to the transports that have them:
+        // only `tcp` has TX_SEG_SIZE and RX_SEG_SIZE.
+        if let Some(seg) = config.tcp_seg_size {
+            if std::env::var_os("UCX_TCP_TX_SEG_SIZE").is_none()
+                && std::env::var_os("UCX_TCP_RX_SEG_SIZE").is_none()
+            {
+                config_modify(&ucp_config, "TX_SEG_SIZE", &seg.to_string())?;
+                config_modify(&ucp_config, "RX_SEG_SIZE", &seg.to_string())?;
+            }
+        }
         if let Some(ms) = config.keepalive_interval_ms {
             if std::env::var_os("UCX_KEEPALIVE_INTERVAL").is_none() {
                 config_modify(&ucp_config, "KEEPALIVE_INTERVAL", &format!("{ms}ms"))?;
