@@ -537,3 +537,77 @@ fn unreachable_etcd_is_an_etcd_backend_error() {
     }
     agent.shutdown();
 }
+
+#[test]
+fn registrations_are_republished_and_followed() {
+    if std::env::var(ROLE).is_ok() {
+        return;
+    }
+    let Some(etcd) = EtcdServer::start() else {
+        println!("SKIPPED: no etcd binary (Debian package etcd-server, see scripts/setup.sh)");
+        return;
+    };
+    let prefix = format!("/kvxfer-republish-{}/", std::process::id());
+    let cfg = || AgentConfig::default().with_backend("UCX").with_listen(None);
+    let ecfg = || {
+        EtcdConfig::new(&etcd.url)
+            .with_prefix(prefix.as_str())
+            .with_republish_interval(Duration::from_millis(50))
+    };
+    let x = Agent::new("republish-x", cfg()).unwrap();
+    let y = Agent::new("republish-y", cfg()).unwrap();
+    let first = Registered::new(&x, vec![1; SRC]);
+    let dx = EtcdDiscovery::start(&x, ecfg()).unwrap();
+    let dy = EtcdDiscovery::start(&y, ecfg()).unwrap();
+    assert_eq!(
+        dy.fetch("republish-x", Duration::from_secs(5)),
+        Ok("republish-x".into())
+    );
+    let regions = |d: &EtcdDiscovery| -> Vec<u64> {
+        let blob = d.peer_metadata("republish-x").unwrap_or_default();
+        Metadata::decode(&blob)
+            .map(|m| m.regions().map(|r| r.region.len).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(regions(&dy), vec![SRC as u64]);
+    // Nothing changed: nothing is written again.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(dx.publications(), 1);
+
+    // A new registration reaches the peer through etcd by itself...
+    let second = Registered::new(&x, vec![2; INBOX]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while regions(&dy).len() != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "new region not seen: {:?}",
+            regions(&dy)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(dx.publications(), 2);
+    // ...and so does a deregistration, pushed at once with `publish`.
+    drop(first);
+    dx.publish().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while regions(&dy) != vec![INBOX as u64] {
+        assert!(
+            Instant::now() < deadline,
+            "removal not seen: {:?}",
+            regions(&dy)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(y
+        .check_remote("republish-x", &[Desc::new(second.addr(), INBOX as u64)])
+        .is_ok());
+
+    // Shutting the agent down withdraws its entry.
+    drop(second);
+    x.shutdown();
+    assert!(dy.wait_gone("republish-x", Duration::from_secs(2)));
+    assert_eq!(y.has_remote("republish-x"), Ok(false));
+    drop(dx);
+    drop(dy);
+    y.shutdown();
+}
