@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvxfer_core::{Desc, Error, XferOp, XferState};
+use kvxfer_core::{Desc, Error, MemKind, XferOp, XferState, XferTelemetry};
 
 use crate::{Agent, AgentConfig, XferRequest};
 
@@ -119,41 +119,92 @@ fn seed() -> u64 {
     (t.as_nanos() as u64) ^ u64::from(std::process::id()).rotate_left(32)
 }
 
-/// A registered host buffer, deregistered before it is freed.
+/// The error for `--mem vram` in a kvxfer built without CUDA.
+pub const VRAM_NEEDS_CUDA: &str = "VRAM needs kvxfer built with the cuda feature (--features cuda)";
+
+/// Where a bench buffer lives.
+enum Storage {
+    Host(Vec<u8>),
+    #[cfg(feature = "cuda")]
+    Device(kvxfer_cuda::DeviceBuffer),
+}
+
+/// A registered buffer (host memory, or VRAM with the `cuda` feature),
+/// deregistered before it is freed.
 struct Buffer {
     agent: Agent,
-    mem: Vec<u8>,
+    storage: Storage,
+    addr: u64,
+    len: usize,
 }
 
 impl Buffer {
-    fn new(agent: &Agent, len: usize, seed: Option<u64>) -> Result<Buffer, Error> {
-        let mut mem = vec![0u8; len];
+    fn new(
+        agent: &Agent,
+        len: usize,
+        seed: Option<u64>,
+        mem: MemKind,
+        dev: u32,
+    ) -> Result<Buffer, Error> {
+        let mut host = vec![0u8; len];
         if let Some(s) = seed {
-            fill_random(&mut mem, s);
+            fill_random(&mut host, s);
         }
-        // SAFETY: `mem` lives in this struct and is deregistered in `Drop`
-        // before it is freed; the heap block never moves. Its bytes are read
-        // only through `checksum` after the transfers that write it are done.
-        unsafe { agent.register_slice(&mem)? };
+        let storage = match mem {
+            MemKind::Dram => Storage::Host(host),
+            #[cfg(feature = "cuda")]
+            MemKind::Vram => Storage::Device(kvxfer_cuda::DeviceBuffer::from_host(dev, &host)?),
+            #[cfg(not(feature = "cuda"))]
+            MemKind::Vram => return Err(bench_err(VRAM_NEEDS_CUDA)),
+        };
+        let addr = match &storage {
+            Storage::Host(v) => v.as_ptr() as u64,
+            #[cfg(feature = "cuda")]
+            Storage::Device(d) => d.ptr(),
+        };
+        // SAFETY: the memory lives in this struct and is deregistered in
+        // `Drop` before it is freed; it never moves (a heap block or a
+        // device allocation). Its bytes are read only through `checksum`,
+        // after the transfers that write it are done.
+        unsafe { agent.register(addr, len as u64, dev, mem)? };
         Ok(Buffer {
             agent: agent.clone(),
-            mem,
+            storage,
+            addr,
+            len,
         })
     }
 
     fn addr(&self) -> u64 {
-        self.mem.as_ptr() as u64
+        self.addr
+    }
+
+    /// Checksum of the first `n` bytes (`None` if the buffer is shorter).
+    fn checksum(&self, n: usize) -> Result<Option<u64>, Error> {
+        if n > self.len {
+            return Ok(None);
+        }
+        match &self.storage {
+            Storage::Host(v) => Ok(Some(checksum(&v[..n]))),
+            #[cfg(feature = "cuda")]
+            Storage::Device(d) => {
+                let mut host = vec![0u8; n];
+                d.copy_to_host(0, &mut host)?;
+                Ok(Some(checksum(&host)))
+            }
+        }
     }
 }
 
 impl Drop for Buffer {
     fn drop(&mut self) {
-        match self.agent.deregister(self.addr()) {
+        match self.agent.deregister(self.addr) {
             Ok(_) | Err(Error::ShutDown) => {}
             // Never free memory a peer could still write into.
             Err(e) => {
                 log::error!("deregistering the bench buffer failed ({e}); leaking it");
-                std::mem::forget(std::mem::take(&mut self.mem));
+                let storage = std::mem::replace(&mut self.storage, Storage::Host(Vec::new()));
+                std::mem::forget(storage);
             }
         }
     }
@@ -187,6 +238,10 @@ pub struct TargetOptions {
     pub size: u64,
     /// Agent name.
     pub name: String,
+    /// Memory kind of the served buffer.
+    pub mem: MemKind,
+    /// Device of the served buffer (GPU ordinal for VRAM).
+    pub device: u32,
     /// etcd endpoints (comma separated) to publish the target in, by its
     /// name (feature `etcd`).
     pub etcd: Option<String>,
@@ -210,7 +265,7 @@ pub fn run_target(
     let agent = Agent::new(&opts.name, cfg)?;
     let len = usize::try_from(opts.size)
         .map_err(|_| bench_err(&format!("buffer size {} too large", opts.size)))?;
-    let buf = Buffer::new(&agent, len, Some(seed()))?;
+    let buf = Buffer::new(&agent, len, Some(seed()), opts.mem, opts.device)?;
     let discovery = join_etcd(&agent, &opts.etcd, &opts.etcd_prefix)?;
     let addr = agent
         .listen_addr()
@@ -220,18 +275,18 @@ pub fn run_target(
         for (peer, msgs) in agent.take_notifications()? {
             for m in msgs {
                 let reply = if m == b"bench:region" {
-                    format!("bench:region {} {}", buf.addr(), buf.mem.len())
+                    format!("bench:region {} {}", buf.addr(), buf.len)
                 } else if let Some(n) = m.strip_prefix(b"bench:sum ") {
                     let n: usize = std::str::from_utf8(n)
                         .ok()
                         .and_then(|s| s.parse().ok())
                         .unwrap_or(usize::MAX);
-                    match buf.mem.get(..n) {
-                        Some(d) => format!("bench:sum {:016x}", checksum(d)),
-                        None => format!(
-                            "bench:error sum of {n} bytes asked, buffer has {}",
-                            buf.mem.len()
-                        ),
+                    match buf.checksum(n) {
+                        Ok(Some(c)) => format!("bench:sum {c:016x}"),
+                        Ok(None) => {
+                            format!("bench:error sum of {n} bytes asked, buffer has {}", buf.len)
+                        }
+                        Err(e) => format!("bench:error reading the buffer: {e}"),
                     }
                 } else {
                     log::debug!(
@@ -280,6 +335,18 @@ pub struct BenchOptions {
     pub request_timeout: Duration,
     /// The executable spawned as target (default: this one).
     pub target_exe: Option<std::path::PathBuf>,
+    /// Memory kind of both buffers (the spawned target's too).
+    pub mem: MemKind,
+    /// Device of the buffers (GPU ordinal for VRAM).
+    pub device: u32,
+    /// Run the initiator's agent with a progress thread. Off (the
+    /// default), the measuring thread drives progress itself while it
+    /// polls its requests, as `ucx_perftest` does.
+    pub progress_thread: bool,
+    /// Show a progress bar on standard error once a run takes longer
+    /// than two seconds, if standard error is a terminal (needs the `cli`
+    /// feature).
+    pub progress_bar: bool,
     /// etcd endpoints (comma separated): find the target there by
     /// `target_name` instead of `peer` (feature `etcd`).
     pub etcd: Option<String>,
@@ -304,6 +371,10 @@ impl Default for BenchOptions {
             warmup: 16,
             request_timeout: Duration::from_secs(10),
             target_exe: None,
+            mem: MemKind::Dram,
+            device: 0,
+            progress_thread: false,
+            progress_bar: false,
             etcd: None,
             etcd_prefix: None,
             target_name: "kvxfer-target".to_string(),
@@ -342,26 +413,129 @@ pub struct BenchReport {
     pub max_us: f64,
     /// The checksum both sides agreed on.
     pub checksum: u64,
+    /// Memory kind of the buffers.
+    pub mem: MemKind,
+    /// Per-transfer telemetry of the measured requests.
+    pub telemetry: TelemetrySummary,
+}
+
+/// What the core's per-transfer telemetry ([`XferTelemetry`]) said about
+/// the measured requests.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TelemetrySummary {
+    /// Bytes one request moves.
+    pub bytes: u64,
+    /// Descriptors per request as given.
+    pub descs: u32,
+    /// Segments per request after coalescing.
+    pub segments: u32,
+    /// Mean time spent in `post`, microseconds.
+    pub post_us_mean: f64,
+    /// Largest time spent in `post`, microseconds.
+    pub post_us_max: f64,
+    /// Median transfer duration (post to completion seen by the
+    /// engine), microseconds.
+    pub xfer_us_p50: f64,
+    /// 99th percentile transfer duration, microseconds.
+    pub xfer_us_p99: f64,
+}
+
+/// Collects telemetry of completed requests.
+#[derive(Default)]
+struct TelemetryAcc {
+    last: XferTelemetry,
+    post_ns: Vec<u64>,
+    xfer_ns: Vec<u64>,
+}
+
+impl TelemetryAcc {
+    fn add(&mut self, t: XferTelemetry) {
+        self.post_ns.push(t.post_nanos);
+        if let (Some(p), Some(c)) = (t.posted_at, t.completed_at) {
+            self.xfer_ns.push(c.saturating_nanos_since(p));
+        }
+        self.last = t;
+    }
+
+    fn summary(mut self) -> TelemetrySummary {
+        self.xfer_ns.sort_unstable();
+        let n = self.post_ns.len().max(1) as f64;
+        TelemetrySummary {
+            bytes: self.last.bytes,
+            descs: self.last.descs,
+            segments: self.last.segments,
+            post_us_mean: self.post_ns.iter().sum::<u64>() as f64 / n / 1000.0,
+            post_us_max: self.post_ns.iter().max().copied().unwrap_or(0) as f64 / 1000.0,
+            xfer_us_p50: percentile(&self.xfer_ns, 0.50),
+            xfer_us_p99: percentile(&self.xfer_ns, 0.99),
+        }
+    }
 }
 
 impl BenchReport {
-    /// The report as a table with a header line.
+    /// The report as a table with a header line, the telemetry line and
+    /// the verification line.
     pub fn table(&self) -> String {
+        let t = &self.telemetry;
         format!(
-            "{:<10} {:<6} {:>10} {:>10} {:>8} {:>9} {:>8} {:>10} {:>9} {:>9} {:>9}\n{:<10} {:<6} {:>10} {:>10} {:>8} {:>9} {:>8.3} {:>10.0} {:>9.1} {:>9.1} {:>9.1}\ndata verified: checksum {:016x} matches the target",
-            "backend", "op", "block", "blocks/req", "inflight", "requests", "GB/s", "req/s", "p50 us", "p99 us", "max us",
-            self.backend, self.op, format_size(self.block_size), self.blocks, self.inflight, self.requests,
-            self.gb_per_s, self.requests_per_s, self.p50_us, self.p99_us, self.max_us, self.checksum,
+            "{:<10} {:<6} {:<5} {:>8} {:>10} {:>8} {:>9} {:>8} {:>10} {:>9} {:>9} {:>9}\n\
+             {:<10} {:<6} {:<5} {:>8} {:>10} {:>8} {:>9} {:>8.3} {:>10.0} {:>9.1} {:>9.1} {:>9.1}\n\
+             telemetry: {} bytes/request, {} descriptors -> {} segments after coalescing, \
+             post {:.2} us mean ({:.2} max), transfer {:.1} us p50 ({:.1} p99)\n\
+             data verified: checksum {:016x} matches the target",
+            "backend",
+            "op",
+            "mem",
+            "block",
+            "blocks/req",
+            "inflight",
+            "requests",
+            "GB/s",
+            "req/s",
+            "p50 us",
+            "p99 us",
+            "max us",
+            self.backend,
+            self.op,
+            mem_name(self.mem),
+            format_size(self.block_size),
+            self.blocks,
+            self.inflight,
+            self.requests,
+            self.gb_per_s,
+            self.requests_per_s,
+            self.p50_us,
+            self.p99_us,
+            self.max_us,
+            t.bytes,
+            t.descs,
+            t.segments,
+            t.post_us_mean,
+            t.post_us_max,
+            t.xfer_us_p50,
+            t.xfer_us_p99,
+            self.checksum,
         )
     }
 
     /// The report as one JSON object.
     pub fn json(&self) -> String {
+        let t = &self.telemetry;
         format!(
-            "{{\"backend\":\"{}\",\"op\":\"{}\",\"block_size\":{},\"blocks\":{},\"inflight\":{},\"requests\":{},\"bytes\":{},\"seconds\":{:.6},\"gb_per_s\":{:.6},\"requests_per_s\":{:.3},\"latency_us\":{{\"p50\":{:.3},\"p99\":{:.3},\"max\":{:.3}}},\"checksum\":\"{:016x}\",\"verified\":true}}",
-            self.backend, self.op, self.block_size, self.blocks, self.inflight, self.requests, self.bytes,
-            self.seconds, self.gb_per_s, self.requests_per_s, self.p50_us, self.p99_us, self.max_us, self.checksum
+            "{{\"backend\":\"{}\",\"op\":\"{}\",\"mem\":\"{}\",\"block_size\":{},\"blocks\":{},\"inflight\":{},\"requests\":{},\"bytes\":{},\"seconds\":{:.6},\"gb_per_s\":{:.6},\"requests_per_s\":{:.3},\"latency_us\":{{\"p50\":{:.3},\"p99\":{:.3},\"max\":{:.3}}},\"telemetry\":{{\"bytes\":{},\"descs\":{},\"segments\":{},\"post_us_mean\":{:.3},\"post_us_max\":{:.3},\"xfer_us_p50\":{:.3},\"xfer_us_p99\":{:.3}}},\"checksum\":\"{:016x}\",\"verified\":true}}",
+            self.backend, self.op, mem_name(self.mem), self.block_size, self.blocks, self.inflight,
+            self.requests, self.bytes, self.seconds, self.gb_per_s, self.requests_per_s,
+            self.p50_us, self.p99_us, self.max_us, t.bytes, t.descs, t.segments, t.post_us_mean,
+            t.post_us_max, t.xfer_us_p50, t.xfer_us_p99, self.checksum
         )
+    }
+}
+
+/// "DRAM" or "VRAM" (the bench's spelling of a memory kind).
+pub fn mem_name(kind: MemKind) -> &'static str {
+    match kind {
+        MemKind::Vram => "VRAM",
+        _ => "DRAM",
     }
 }
 
@@ -391,6 +565,9 @@ impl TargetChild {
         }
         if let Some(p) = &opts.provider {
             cmd.args(["--provider", p]);
+        }
+        if opts.mem == MemKind::Vram {
+            cmd.args(["--mem", "vram", "--device", &opts.device.to_string()]);
         }
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -510,7 +687,11 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
             (Some(c), a)
         }
     };
-    let cfg = agent_config(AgentConfig::default(), &opts.backend, &opts.provider);
+    let cfg = agent_config(
+        AgentConfig::default().with_progress_thread(opts.progress_thread),
+        &opts.backend,
+        &opts.provider,
+    );
     let name = match opts.etcd {
         // Unique, so that benchmarks sharing an etcd never replace each other.
         Some(_) => format!("kvxfer-bench-{:08x}", seed() as u32),
@@ -521,6 +702,8 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
         &agent,
         total as usize,
         (opts.op == XferOp::Write).then(seed),
+        opts.mem,
+        opts.device,
     )?;
     let t = Duration::from_secs(10);
     let discovery = join_etcd(&agent, &opts.etcd, &opts.etcd_prefix)?;
@@ -574,6 +757,8 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
     let mut outstanding = reqs.len();
     let mut live = vec![true; reqs.len()];
     let wanted = opts.warmup.saturating_add(iters);
+    let mut telemetry = TelemetryAcc::default();
+    let mut bar = ProgressBar::new(opts, iters);
     while outstanding > 0 {
         let mut progressed = false;
         for (i, r) in reqs.iter().enumerate() {
@@ -601,6 +786,8 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
             if completed > opts.warmup {
                 measured += 1;
                 lat.push(now.duration_since(started[i]).as_nanos() as u64);
+                telemetry.add(r.telemetry()?);
+                bar.tick(measured, t0);
             }
             let time_up = opts
                 .duration
@@ -627,13 +814,16 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
         .as_secs_f64()
         .max(1e-9);
     drop(reqs);
+    bar.finish();
 
     // Verify: both buffers must now hold the same bytes.
     agent.notify(&peer, format!("bench:sum {total}").as_bytes())?;
     let theirs = await_reply(&agent, &peer, "bench:sum ", t)?;
     let theirs = u64::from_str_radix(&theirs, 16)
         .map_err(|_| bench_err(&format!("target's checksum {theirs:?} is malformed")))?;
-    let ours = checksum(&buf.mem);
+    let ours = buf
+        .checksum(total as usize)?
+        .ok_or_else(|| bench_err("local buffer shorter than the data moved"))?;
     if theirs != ours {
         return Err(bench_err(&format!(
             "DATA MISMATCH after {}: local checksum {ours:016x}, target {theirs:016x}",
@@ -662,7 +852,80 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
         p99_us: percentile(&lat, 0.99),
         max_us: lat.last().map_or(0.0, |&m| m as f64 / 1000.0),
         checksum: ours,
+        mem: opts.mem,
+        telemetry: telemetry.summary(),
     })
+}
+
+/// The progress bar of a run: shown on standard error once the run has
+/// taken two seconds, only if standard error is a terminal and
+/// [`BenchOptions::progress_bar`] is set; otherwise nothing is printed.
+struct ProgressBar {
+    enabled: bool,
+    /// Measured requests wanted, or the duration wanted in milliseconds.
+    total: u64,
+    by_time: Option<Duration>,
+    started: Instant,
+    #[cfg(feature = "cli")]
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl ProgressBar {
+    fn new(opts: &BenchOptions, iters: u64) -> ProgressBar {
+        use std::io::IsTerminal;
+        ProgressBar {
+            enabled: cfg!(feature = "cli") && opts.progress_bar && std::io::stderr().is_terminal(),
+            total: match opts.duration {
+                Some(d) => d.as_millis() as u64,
+                None => iters,
+            },
+            by_time: opts.duration,
+            started: Instant::now(),
+            #[cfg(feature = "cli")]
+            bar: None,
+        }
+    }
+
+    /// Records `measured` requests done, measuring since `t0`.
+    #[cfg_attr(not(feature = "cli"), allow(unused_variables))]
+    fn tick(&mut self, measured: u64, t0: Instant) {
+        if !self.enabled || measured % 16 != 0 {
+            return;
+        }
+        #[cfg(feature = "cli")]
+        {
+            if self.bar.is_none() {
+                if self.started.elapsed() < Duration::from_secs(2) {
+                    return;
+                }
+                let style = indicatif::ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+                let bar = indicatif::ProgressBar::new(self.total).with_style(style);
+                bar.set_message(if self.by_time.is_some() {
+                    "ms"
+                } else {
+                    "requests"
+                });
+                self.bar = Some(bar);
+            }
+            if let Some(b) = &self.bar {
+                let pos = match self.by_time {
+                    Some(_) => t0.elapsed().as_millis() as u64,
+                    None => measured,
+                };
+                b.set_position(pos.min(self.total));
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        #[cfg(feature = "cli")]
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
 }
 
 /// Sets `flag` when standard input reaches its end (the parent closed it

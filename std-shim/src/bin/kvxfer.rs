@@ -40,6 +40,12 @@ enum Cmd {
         /// Agent name.
         #[arg(long, default_value = "kvxfer-target")]
         name: String,
+        /// Memory of the served buffer (vram needs the cuda feature).
+        #[arg(long, value_enum, default_value = "dram")]
+        mem: Mem,
+        /// Device of the served buffer (GPU ordinal for vram).
+        #[arg(long, default_value_t = 0)]
+        device: u32,
         /// Publish the target in etcd under its name (URL[,URL...]).
         #[arg(long, value_name = "URL")]
         etcd: Option<String>,
@@ -88,10 +94,49 @@ enum Cmd {
         /// Requests before measuring.
         #[arg(long, default_value_t = 16)]
         warmup: u64,
+        /// Memory of both buffers (vram needs the cuda feature).
+        #[arg(long, value_enum, default_value = "dram")]
+        mem: Mem,
+        /// Device of the buffers (GPU ordinal for vram).
+        #[arg(long, default_value_t = 0)]
+        device: u32,
+        /// Give the initiator a progress thread instead of polling from
+        /// the measuring thread.
+        #[arg(long)]
+        progress_thread: bool,
         /// Print one JSON object instead of the table.
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum Mem {
+    /// Host memory.
+    Dram,
+    /// GPU memory (kvxfer built with --features cuda).
+    Vram,
+}
+
+impl Mem {
+    fn kind(self) -> kvxfer::MemKind {
+        match self {
+            Mem::Dram => kvxfer::MemKind::Dram,
+            Mem::Vram => kvxfer::MemKind::Vram,
+        }
+    }
+}
+
+/// Refuses VRAM in a kvxfer built without CUDA, saying how to get it.
+fn check_mem(mem: Mem, what: &str) -> Result<(), ExitCode> {
+    if matches!(mem, Mem::Vram) && !cfg!(feature = "cuda") {
+        eprintln!(
+            "kvxfer {what}: --mem vram needs a kvxfer built with CUDA support:\n  \
+             cargo build --release -p kvxfer --features cuda"
+        );
+        return Err(ExitCode::from(2));
+    }
+    Ok(())
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
@@ -108,37 +153,19 @@ fn info() -> ExitCode {
     }
     for kind in BackendKind::ALL {
         if !kvxfer::config::is_built_in(kind) {
-            println!("{kind}: not built in");
+            let how = match kind {
+                BackendKind::Ucx => "build with --features ucx (needs libucx-dev)",
+                BackendKind::Libfabric => "build with --features libfabric (needs libfabric-dev)",
+                _ => "build with --features cuda",
+            };
+            println!("{kind}: not built in ({how})");
             continue;
         }
         match kind {
-            BackendKind::Libfabric => {
-                #[cfg(feature = "libfabric")]
-                {
-                    let usable = kvxfer_libfabric::usable_providers();
-                    println!(
-                        "{kind}: built in; usable providers: {}",
-                        if usable.is_empty() {
-                            "none".to_string()
-                        } else {
-                            usable.join(", ")
-                        }
-                    );
-                    for p in usable {
-                        let cfg = kvxfer::AgentConfig::default()
-                            .with_backend(kind.name())
-                            .with_provider(p.clone())
-                            .with_listen(None);
-                        match kvxfer::Agent::new("kvxfer-info", cfg) {
-                            Ok(a) => {
-                                println!("  {p}: transport opens");
-                                a.shutdown();
-                            }
-                            Err(e) => println!("  {p}: transport fails: {e}"),
-                        }
-                    }
-                }
-            }
+            #[cfg(feature = "ucx")]
+            BackendKind::Ucx => info_ucx(),
+            #[cfg(feature = "libfabric")]
+            BackendKind::Libfabric => info_libfabric(),
             _ => {
                 let cfg = kvxfer::AgentConfig::default()
                     .with_backend(kind.name())
@@ -153,7 +180,102 @@ fn info() -> ExitCode {
             }
         }
     }
+    info_cuda();
     ExitCode::SUCCESS
+}
+
+#[cfg(feature = "ucx")]
+fn info_ucx() {
+    println!("UCX: built in; libucp {}", kvxfer_ucx::version());
+    let t = kvxfer_ucx::UcxConfig::from_env()
+        .and_then(|c| kvxfer_ucx::UcxTransport::new(&c).map(|t| (c, t)));
+    match t {
+        Ok((cfg, t)) => {
+            let r = t.resources();
+            if r.is_empty() {
+                println!("  no UCX transport usable (check UCX_TLS; Debian: apt-get install libucx0)");
+            } else {
+                println!("  transports (after UCX_TLS): {}", r.join(", "));
+            }
+            println!(
+                "  peer failure detection: {} ({}=0 turns it off; on, UCX 1.13 emulates RMA \
+                 between processes with tcp active messages, off lets it use sysv/posix shared memory)",
+                if cfg.peer_failure_detection { "on" } else { "off" },
+                kvxfer_ucx::PEER_FAILURE_DETECTION_ENV
+            );
+        }
+        Err(e) => println!(
+            "  transport fails: {e}\n  (Debian: apt-get install libucx0 ucx-utils; `ucx_info -d` lists devices)"
+        ),
+    }
+}
+
+#[cfg(feature = "libfabric")]
+fn info_libfabric() {
+    let (major, minor) = kvxfer_libfabric::version();
+    let usable = kvxfer_libfabric::usable_providers();
+    println!("LIBFABRIC: built in; libfabric {major}.{minor}");
+    if usable.is_empty() {
+        println!(
+            "  no provider offers FI_EP_RDM with FI_RMA here (Debian: apt-get install libfabric1; \
+             verbs/efa need their drivers; `fi_info -l` lists providers)"
+        );
+    }
+    for p in kvxfer_libfabric::PROVIDER_PREFERENCE {
+        if !usable.iter().any(|u| u == p) {
+            println!("  {p}: not offered here");
+            continue;
+        }
+        let cfg = kvxfer::AgentConfig::default()
+            .with_backend("LIBFABRIC")
+            .with_provider(p)
+            .with_listen(None);
+        match kvxfer::Agent::new("kvxfer-info", cfg) {
+            Ok(a) => {
+                println!("  {p}: usable (RDM + RMA), transport opens");
+                a.shutdown();
+            }
+            Err(e) => println!("  {p}: offered, but the transport fails: {e}"),
+        }
+    }
+}
+
+fn info_cuda() {
+    if !kvxfer_cuda::driver_present() {
+        println!(
+            "CUDA: no driver (libcuda.so.1 not found): VRAM and CUDA_IPC need an NVIDIA GPU and \
+             its driver (Debian: apt-get install nvidia-driver)"
+        );
+        return;
+    }
+    match kvxfer_cuda::driver_version() {
+        Ok((major, minor)) => println!("CUDA: driver API {major}.{minor}"),
+        Err(e) => println!("CUDA: driver present, version unknown: {e}"),
+    }
+    match kvxfer_cuda::devices() {
+        Ok(devs) if devs.is_empty() => println!("  no CUDA device visible (CUDA_VISIBLE_DEVICES?)"),
+        Ok(devs) => {
+            for d in devs {
+                println!(
+                    "  GPU {}: {} ({} MiB, sm_{}{}, {} SMs, PCI {}, {})",
+                    d.ordinal,
+                    d.name,
+                    d.total_mem >> 20,
+                    d.compute_capability.0,
+                    d.compute_capability.1,
+                    d.multiprocessors,
+                    d.pci_bus_id,
+                    d.uuid_string()
+                );
+            }
+        }
+        Err(e) => println!("  listing devices failed: {e}"),
+    }
+    if !cfg!(feature = "cuda") {
+        println!(
+            "  this kvxfer is built without the cuda feature: no VRAM transfers (--features cuda)"
+        );
+    }
 }
 
 fn main() -> ExitCode {
@@ -169,7 +291,12 @@ fn main() -> ExitCode {
             name,
             etcd,
             etcd_prefix,
+            mem,
+            device,
         } => {
+            if let Err(code) = check_mem(mem, "target") {
+                return code;
+            }
             let stop = Arc::new(AtomicBool::new(false));
             bench::stop_on_stdin_eof(Arc::clone(&stop));
             let opts = TargetOptions {
@@ -180,6 +307,8 @@ fn main() -> ExitCode {
                 name,
                 etcd,
                 etcd_prefix,
+                mem: mem.kind(),
+                device,
             };
             let r = bench::run_target(&opts, &stop, |addr| {
                 println!("listening {addr}");
@@ -207,8 +336,14 @@ fn main() -> ExitCode {
             iters,
             duration,
             warmup,
+            mem,
+            device,
+            progress_thread,
             json,
         } => {
+            if let Err(code) = check_mem(mem, "bench") {
+                return code;
+            }
             let opts = BenchOptions {
                 peer,
                 etcd,
@@ -226,6 +361,10 @@ fn main() -> ExitCode {
                 iters,
                 duration,
                 warmup,
+                mem: mem.kind(),
+                device,
+                progress_thread,
+                progress_bar: !json,
                 ..BenchOptions::default()
             };
             match bench::run_bench(&opts) {
