@@ -258,6 +258,41 @@ pub fn can_access_peer(a: u32, b: u32) -> Result<bool, Error> {
     Ok(v != 0)
 }
 
+/// Enables direct peer access (NVLink or PCIe peer-to-peer) between the
+/// primary contexts of `a` and `b`, in both directions. Returns `false`,
+/// changing nothing, where the devices cannot reach each other directly:
+/// copies between them then go through the host. Peer access lasts as long
+/// as both contexts do (callers that keep both alive may remember the
+/// answer). Leaves the context of `a` current.
+pub fn enable_peer_access(a: &Context, b: &Context) -> Result<bool, Error> {
+    let (x, y) = (a.ordinal(), b.ordinal());
+    if x == y {
+        a.bind()?;
+        return Ok(true);
+    }
+    if !can_access_peer(x, y)? || !can_access_peer(y, x)? {
+        a.bind()?;
+        return Ok(false);
+    }
+    for (from, to) in [(b, a), (a, b)] {
+        from.bind()?;
+        // SAFETY: `from` is current and `to` is a live primary context of
+        // another device; flags must be 0.
+        let res = unsafe { sys::cuCtxEnablePeerAccess(to.raw(), 0) };
+        if res != sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED {
+            check(
+                res,
+                &format!(
+                    "cuCtxEnablePeerAccess(device {} -> device {})",
+                    from.ordinal(),
+                    to.ordinal()
+                ),
+            )?;
+        }
+    }
+    Ok(true)
+}
+
 /// A retained primary context of one device; released in `Drop`.
 ///
 /// Shared through [`Arc`]: buffers and transports keep the context of their

@@ -131,7 +131,8 @@ impl DeviceBuffer {
     }
 
     /// Copies all of `src` (same length) into this buffer with one
-    /// `cuMemcpyDtoD` and waits for it: the single-process baseline.
+    /// `cuMemcpyDtoD` and waits for it: the single-process baseline. Across
+    /// GPUs, peer access is enabled first where the devices support it.
     pub fn copy_from_device(&mut self, src: &DeviceBuffer) -> Result<(), Error> {
         if src.len != self.len {
             return Err(Error::LengthMismatch {
@@ -140,6 +141,8 @@ impl DeviceBuffer {
                 remote: src.len,
             });
         }
+        // Across GPUs: a direct peer copy where the devices allow it.
+        crate::driver::enable_peer_access(&self.ctx, &src.ctx)?;
         self.ctx.bind()?;
         // SAFETY: both allocations are live and `len` bytes long.
         check(
