@@ -5,7 +5,9 @@
 //! by notifications:
 //!
 //! * `bench:region` → `bench:region <addr> <len>`: where its buffer is;
-//! * `bench:sum <len>` → `bench:sum <hex>`: the checksum (64-bit FNV-1a) of
+//! * `bench:sum <len> [<block> <stride>]` → `bench:sum <hex>`: the
+//!   checksum (64-bit FNV-1a) of the blocks of `block` bytes every `stride`
+//!   bytes in the first `len` bytes (default: all of them) of
 //!   the first `len` bytes of its buffer.
 //!
 //! The *initiator* connects through the target's side channel, asks for the
@@ -59,7 +61,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size {s:?} overflows 64 bits"))
 }
 
-/// Parses a duration: a number with `ms`, `s` (default) or `m`.
+/// Parses a duration: a number with `us`, `ms`, `s` (default) or `m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let split = t
@@ -70,10 +72,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("duration {s:?}: expected a number with ms, s or m"))?;
     let secs = match unit.trim() {
+        "us" | "µs" => n / 1e6,
         "ms" => n / 1000.0,
         "" | "s" => n,
         "m" | "min" => n * 60.0,
-        u => return Err(format!("duration {s:?}: unknown unit {u:?} (ms, s, m)")),
+        u => return Err(format!("duration {s:?}: unknown unit {u:?} (us, ms, s, m)")),
     };
     Duration::try_from_secs_f64(secs).map_err(|e| format!("duration {s:?}: {e}"))
 }
@@ -92,7 +95,11 @@ pub fn format_size(n: u64) -> String {
 
 /// 64-bit FNV-1a.
 pub fn checksum(data: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    fnv_update(0xcbf2_9ce4_8422_2325, data)
+}
+
+/// Continues a 64-bit FNV-1a hash `h` over `data`.
+fn fnv_update(mut h: u64, data: &[u8]) -> u64 {
     for &b in data {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
@@ -179,18 +186,29 @@ impl Buffer {
         self.addr
     }
 
-    /// Checksum of the first `n` bytes (`None` if the buffer is shorter).
-    fn checksum(&self, n: usize) -> Result<Option<u64>, Error> {
-        if n > self.len {
+    /// Checksum of the blocks of `block` bytes every `stride` bytes in
+    /// the first `n` bytes, hashed as one byte string (`None` if the
+    /// buffer is shorter or the layout is not one).
+    fn checksum(&self, n: usize, block: usize, stride: usize) -> Result<Option<u64>, Error> {
+        if n > self.len || block == 0 || stride < block {
             return Ok(None);
         }
+        let sum = |data: &[u8]| {
+            let mut h = checksum(b"");
+            let mut at = 0;
+            while at < n {
+                h = fnv_update(h, &data[at..(at + block).min(n)]);
+                at += stride;
+            }
+            h
+        };
         match &self.storage {
-            Storage::Host(v) => Ok(Some(checksum(&v[..n]))),
+            Storage::Host(v) => Ok(Some(sum(&v[..n]))),
             #[cfg(feature = "cuda")]
             Storage::Device(d) => {
                 let mut host = vec![0u8; n];
                 d.copy_to_host(0, &mut host)?;
-                Ok(Some(checksum(&host)))
+                Ok(Some(sum(&host)))
             }
         }
     }
@@ -238,6 +256,12 @@ pub struct TargetOptions {
     pub size: u64,
     /// Agent name.
     pub name: String,
+    /// Longest sleep of the target's progress thread while idle (see
+    /// [`AgentConfig::progress_idle_sleep`]). The bench's own target uses
+    /// zero: over UCX `tcp` and libfabric `tcp;ofi_rxm` a WRITE's data and
+    /// acknowledgements move only while the target polls, and a target
+    /// has no transfer of its own that would keep its poller awake.
+    pub idle_sleep: Duration,
     /// Memory kind of the served buffer.
     pub mem: MemKind,
     /// Device of the served buffer (GPU ordinal for VRAM).
@@ -258,7 +282,9 @@ pub fn run_target(
     ready: impl FnOnce(&str),
 ) -> Result<(), Error> {
     let cfg = agent_config(
-        AgentConfig::default().with_listen(Some(&opts.listen)),
+        AgentConfig::default()
+            .with_listen(Some(&opts.listen))
+            .with_progress_idle_sleep(opts.idle_sleep),
         &opts.backend,
         &opts.provider,
     );
@@ -276,15 +302,23 @@ pub fn run_target(
             for m in msgs {
                 let reply = if m == b"bench:region" {
                     format!("bench:region {} {}", buf.addr(), buf.len)
-                } else if let Some(n) = m.strip_prefix(b"bench:sum ") {
-                    let n: usize = std::str::from_utf8(n)
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(usize::MAX);
-                    match buf.checksum(n) {
+                } else if let Some(args) = m.strip_prefix(b"bench:sum ") {
+                    let nums: Vec<usize> = String::from_utf8_lossy(args)
+                        .split_whitespace()
+                        .map(|x| x.parse().unwrap_or(usize::MAX))
+                        .collect();
+                    let n = nums.first().copied().unwrap_or(usize::MAX);
+                    let (block, stride) = match nums.get(1..3) {
+                        Some(&[b, s]) => (b, s),
+                        _ => (n.max(1), n.max(1)),
+                    };
+                    match buf.checksum(n, block, stride) {
                         Ok(Some(c)) => format!("bench:sum {c:016x}"),
                         Ok(None) => {
-                            format!("bench:error sum of {n} bytes asked, buffer has {}", buf.len)
+                            format!(
+                                "bench:error sum of {n} bytes ({block} every {stride}) asked, buffer has {}",
+                                buf.len
+                            )
                         }
                         Err(e) => format!("bench:error reading the buffer: {e}"),
                     }
@@ -335,6 +369,11 @@ pub struct BenchOptions {
     pub request_timeout: Duration,
     /// The executable spawned as target (default: this one).
     pub target_exe: Option<std::path::PathBuf>,
+    /// Distance from one block's start to the next; `None` (or the block
+    /// size) packs blocks back to back, which coalesces a request into one
+    /// segment. Twice the block size keeps every block its own segment,
+    /// like scattered KV-cache blocks.
+    pub stride: Option<u64>,
     /// Memory kind of both buffers (the spawned target's too).
     pub mem: MemKind,
     /// Device of the buffers (GPU ordinal for VRAM).
@@ -371,6 +410,7 @@ impl Default for BenchOptions {
             warmup: 16,
             request_timeout: Duration::from_secs(10),
             target_exe: None,
+            stride: None,
             mem: MemKind::Dram,
             device: 0,
             progress_thread: false,
@@ -679,11 +719,23 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
                 opts.blocks, opts.block_size
             ))
         })?;
+    let stride = opts.stride.unwrap_or(opts.block_size);
+    // Bytes the blocks span in each buffer.
+    let span = stride
+        .checked_mul(opts.blocks - 1)
+        .and_then(|x| x.checked_add(opts.block_size))
+        .filter(|&t| stride >= opts.block_size && usize::try_from(t).is_ok())
+        .ok_or_else(|| {
+            bench_err(&format!(
+                "stride {stride} must be at least the block size {} and fit in memory",
+                opts.block_size
+            ))
+        })?;
     let (_child, addr) = match (&opts.peer, &opts.etcd) {
         (_, Some(_)) => (None, String::new()),
         (Some(p), None) => (None, p.clone()),
         (None, None) => {
-            let (c, a) = TargetChild::spawn(opts, total)?;
+            let (c, a) = TargetChild::spawn(opts, span)?;
             (Some(c), a)
         }
     };
@@ -700,7 +752,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
     let agent = Agent::new(&name, cfg)?;
     let buf = Buffer::new(
         &agent,
-        total as usize,
+        span as usize,
         (opts.op == XferOp::Write).then(seed),
         opts.mem,
         opts.device,
@@ -722,16 +774,16 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
             )))
         }
     };
-    if rlen < total {
+    if rlen < span {
         return Err(bench_err(&format!(
-            "target buffer is {rlen} bytes, {total} needed"
+            "target buffer is {rlen} bytes, {span} needed"
         )));
     }
     let local: Vec<Desc> = (0..opts.blocks)
-        .map(|i| Desc::new(buf.addr() + i * opts.block_size, opts.block_size))
+        .map(|i| Desc::new(buf.addr() + i * stride, opts.block_size))
         .collect();
     let remote: Vec<Desc> = (0..opts.blocks)
-        .map(|i| Desc::new(raddr + i * opts.block_size, opts.block_size))
+        .map(|i| Desc::new(raddr + i * stride, opts.block_size))
         .collect();
     agent.check_remote(&peer, &remote)?;
 
@@ -817,12 +869,13 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
     bar.finish();
 
     // Verify: both buffers must now hold the same bytes.
-    agent.notify(&peer, format!("bench:sum {total}").as_bytes())?;
+    let sum_req = format!("bench:sum {span} {} {stride}", opts.block_size);
+    agent.notify(&peer, sum_req.as_bytes())?;
     let theirs = await_reply(&agent, &peer, "bench:sum ", t)?;
     let theirs = u64::from_str_radix(&theirs, 16)
         .map_err(|_| bench_err(&format!("target's checksum {theirs:?} is malformed")))?;
     let ours = buf
-        .checksum(total as usize)?
+        .checksum(span as usize, opts.block_size as usize, stride as usize)?
         .ok_or_else(|| bench_err("local buffer shorter than the data moved"))?;
     if theirs != ours {
         return Err(bench_err(&format!(
@@ -1052,6 +1105,8 @@ mod tests {
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("100us"), Ok(Duration::from_micros(100)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
         assert!(parse_duration("5h").is_err());
         assert!(parse_duration("-1s").is_err());

@@ -40,6 +40,10 @@ enum Cmd {
         /// Agent name.
         #[arg(long, default_value = "kvxfer-target")]
         name: String,
+        /// Longest idle sleep of the progress thread (0: poll without
+        /// sleeping, as benchmarks do; applications default to 100us).
+        #[arg(long, default_value = "0", value_parser = bench::parse_duration)]
+        idle_sleep: Duration,
         /// Memory of the served buffer (vram needs the cuda feature).
         #[arg(long, value_enum, default_value = "dram")]
         mem: Mem,
@@ -94,6 +98,11 @@ enum Cmd {
         /// Requests before measuring.
         #[arg(long, default_value_t = 16)]
         warmup: u64,
+        /// Distance between block starts (default: the block size, blocks
+        /// back to back); twice the block size keeps 128 blocks 128
+        /// segments, like scattered KV-cache blocks.
+        #[arg(long, value_parser = bench::parse_size)]
+        stride: Option<u64>,
         /// Memory of both buffers (vram needs the cuda feature).
         #[arg(long, value_enum, default_value = "dram")]
         mem: Mem,
@@ -291,6 +300,7 @@ fn main() -> ExitCode {
             name,
             etcd,
             etcd_prefix,
+            idle_sleep,
             mem,
             device,
         } => {
@@ -307,6 +317,7 @@ fn main() -> ExitCode {
                 name,
                 etcd,
                 etcd_prefix,
+                idle_sleep,
                 mem: mem.kind(),
                 device,
             };
@@ -336,6 +347,7 @@ fn main() -> ExitCode {
             iters,
             duration,
             warmup,
+            stride,
             mem,
             device,
             progress_thread,
@@ -361,6 +373,7 @@ fn main() -> ExitCode {
                 iters,
                 duration,
                 warmup,
+                stride,
                 mem: mem.kind(),
                 device,
                 progress_thread,
