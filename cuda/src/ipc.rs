@@ -14,8 +14,7 @@
 //!   the transport is dropped. A peer in the same process needs no handle.
 //! * **Post** enqueues one asynchronous copy per segment on the stream of
 //!   the local GPU — `cuMemcpyDtoDAsync` when both sides are on one GPU,
-//!   `cuMemcpyPeerAsync` with both contexts otherwise, after enabling peer
-//!   access between the two GPUs where they support it — and records an event
+//!   `cuMemcpyPeerAsync` with both contexts otherwise — and records an event
 //!   on every stream it used. **Poll** reports the transfer only when all its
 //!   events are complete (`cuEventQuery`).
 //! * **Notifications** travel over a [`NotifyChannel`]. The one attached to
@@ -239,9 +238,6 @@ pub struct CudaIpcTransport {
     my_opens: HashMap<OpenKey, u32>,
     inflight: Vec<InFlight>,
     outbox: VecDeque<Outgoing>,
-    /// Device pairs whose peer access was set up (their states, and so
-    /// their contexts, live as long as the transport).
-    peer_pairs: Vec<(u32, u32)>,
 }
 
 // SAFETY: the raw CUDA handles (streams, events) may be used from any thread
@@ -278,7 +274,6 @@ impl CudaIpcTransport {
             my_opens: HashMap::new(),
             inflight: Vec::new(),
             outbox: VecDeque::new(),
-            peer_pairs: Vec::new(),
         })
     }
 
@@ -374,17 +369,7 @@ impl CudaIpcTransport {
                 XferOp::Read => (s.local_addr, ldev, remote_ptr, rdev),
             };
             let other_ctx = if ldev != rdev {
-                let other = self.device(rdev)?.ctx.clone();
-                let local = self.device(ldev)?.ctx.clone();
-                // Direct NVLink/PCIe peer copies where the GPUs allow it;
-                // once per pair, as the device states keep both contexts.
-                let pair = (ldev.min(rdev), ldev.max(rdev));
-                if !self.peer_pairs.contains(&pair) {
-                    let direct = driver::enable_peer_access(&local, &other)?;
-                    log::debug!("devices {ldev} and {rdev}: direct peer access {direct}");
-                    self.peer_pairs.push(pair);
-                }
-                Some(other)
+                Some(self.device(rdev)?.ctx.clone())
             } else {
                 None
             };
