@@ -913,6 +913,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
 /// The progress bar of a run: shown on standard error once the run has
 /// taken two seconds, only if standard error is a terminal and
 /// [`BenchOptions::progress_bar`] is set; otherwise nothing is printed.
+#[cfg_attr(not(feature = "cli"), allow(dead_code))]
 struct ProgressBar {
     enabled: bool,
     /// Measured requests wanted, or the duration wanted in milliseconds.
