@@ -32,6 +32,6 @@ pub use driver::{
     device_count, device_info, devices, driver_present, driver_version, pointer_info, Context,
     DeviceInfo, PointerInfo, BACKEND, NO_DRIVER,
 };
-pub use ipc::{CudaIpcTransport, IpcPeer, IpcReg, IpcRemoteKey};
+pub use ipc::{CudaIpcTransport, IpcPeer, IpcReg, IpcRemoteKey, PEER_ACCESS_ENV};
 pub use memory::{DeviceBuffer, PinnedBuffer};
 pub use staged::{Staged, StagedKey, StagedReg, StagingConfig};

@@ -96,7 +96,13 @@ impl DeviceBuffer {
         check(
             unsafe { sys::cuMemcpyHtoD_v2(self.ptr + offset, data.as_ptr().cast(), data.len()) },
             "cuMemcpyHtoD",
-        )
+        )?;
+        // From pageable memory, cuMemcpyHtoD may return once the bytes are in
+        // the driver's staging buffer, before the DMA into VRAM finished. A
+        // peer process reading this memory over IPC (directly over NVLink
+        // with peer access) could then see the old contents: wait for it.
+        // SAFETY: the context is current; waits for the copy.
+        check(unsafe { sys::cuCtxSynchronize() }, "cuCtxSynchronize")
     }
 
     /// Copies the bytes at `offset` into `out` (synchronous).
