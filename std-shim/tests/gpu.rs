@@ -498,14 +498,7 @@ fn ucx_staged_vram_to_dram_64_mib() {
 #[test]
 #[ignore = "needs a GPU"]
 fn ucx_staged_kv_shaped_128_x_16_kib() {
-    scenario(
-        "UCX",
-        None,
-        MemKind::Vram,
-        MemKind::Dram,
-        KV_LEN,
-        16 << 10,
-    );
+    scenario("UCX", None, MemKind::Vram, MemKind::Dram, KV_LEN, 16 << 10);
 }
 
 #[test]
