@@ -44,4 +44,5 @@ pub use agent::{
     Agent, AgentEngine, WaitOutcome, XferRequest, MAX_PEERS, MAX_REGIONS, MAX_SEGMENTS, MAX_XFERS,
 };
 pub use config::{AgentConfig, BackendKind, BackendSource};
+pub use kvxfer_core::engine::{PreparedLocal, PreparedRemote};
 pub use kvxfer_core::{Desc, Error, MemKind, Region, XferHandle, XferOp, XferState, XferTelemetry};
