@@ -24,9 +24,26 @@ step "shellcheck"
 shellcheck scripts/*.sh docker/*.sh .ci/run
 
 step "cargo test"
-cargo test --workspace --no-fail-fast
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
+# One closing line for the whole suite (cargo prints one per test binary).
+read -r passed failed ignored < <(awk '/^test result:/ {
+        for (i = 1; i <= NF; i++) {
+            if ($(i) ~ /^passed;?$/) p += $(i - 1)
+            if ($(i) ~ /^failed;?$/) f += $(i - 1)
+            if ($(i) ~ /^ignored;?$/) g += $(i - 1)
+        }
+    } END { print p + 0, f + 0, g + 0 }' "$log")
+if ((status != 0)); then
+    echo "cargo test: ${passed} passed, ${failed} failed, ${ignored} skipped"
+    exit "$status"
+fi
 
 if [[ -x scripts/fuzz-smoke.sh && "${KVXFER_SKIP_FUZZ:-0}" != 1 ]]; then
     step "fuzz smoke run"
     scripts/fuzz-smoke.sh
 fi
+
+echo "cargo test: ${passed} passed, ${failed} failed, ${ignored} skipped"
