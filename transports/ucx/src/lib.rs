@@ -15,7 +15,17 @@
 //! * notifications are eager active messages on [`NOTIFICATION_AM_ID`],
 //!   copied on arrival into a bounded queue;
 //! * progress happens in [`Transport::poll`](kvxfer_core::Transport::poll)
-//!   through `ucp_worker_progress`.
+//!   through `ucp_worker_progress`;
+//! * a transfer still in flight after [`UcxConfig::op_timeout`] fails with
+//!   [`Error::TimedOut`](kvxfer_core::Error::TimedOut): UCX 1.13 does not
+//!   notice a cut link over `tcp` (the kernel keeps the data queued and
+//!   keepalive does not fire), so without a deadline such a transfer would
+//!   stay in flight for good. Its endpoint is then treated as failed (later
+//!   posts to the peer fail at once with
+//!   [`Error::RemoteDisconnected`](kvxfer_core::Error::RemoteDisconnected)
+//!   until it is connected again) and closed without waiting, which ends
+//!   its requests; memory registrations and remote keys those requests
+//!   use are released only once UCX has let go of them.
 //!
 //! UCX reads its usual `UCX_*` environment variables (for example
 //! `UCX_TLS=tcp`) when the transport is created; [`UcxConfig`] can override
@@ -29,12 +39,18 @@
 mod status;
 mod transport;
 
+use std::time::Duration;
+
 pub use transport::{UcxPeer, UcxReg, UcxRemoteKey, UcxTransport};
 
 /// Environment variable that turns [`UcxConfig::peer_failure_detection`]
 /// off (`0`, `off`, `false`, `no`) or on (`1`, `on`, `true`, `yes`) in
 /// [`UcxConfig::from_env`].
 pub const PEER_FAILURE_DETECTION_ENV: &str = "KVXFER_UCX_PEER_FAILURE_DETECTION";
+
+/// Environment variable that sets [`UcxConfig::op_timeout`] in
+/// [`UcxConfig::from_env`], in milliseconds (`0` turns the deadline off).
+pub const OP_TIMEOUT_ENV: &str = "KVXFER_UCX_OP_TIMEOUT_MS";
 
 /// The version of the UCX library loaded, as UCX spells it (`"1.13.1"`).
 pub fn version() -> String {
@@ -62,6 +78,20 @@ pub const NOTIFICATION_AM_ID: u32 = 0x6b76;
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct UcxConfig {
+    /// Per-transfer deadline, from post to completion: a transfer (data,
+    /// WRITE flush and notification) still in flight after this long
+    /// completes with [`Error::TimedOut`](kvxfer_core::Error::TimedOut).
+    /// Its requests are cancelled without waiting, and its endpoint is
+    /// treated as failed: the endpoint's other transfers fail with
+    /// [`Error::RemoteDisconnected`](kvxfer_core::Error::RemoteDisconnected),
+    /// later posts to the peer are refused with it until the peer is
+    /// connected again, and (with
+    /// [`peer_failure_detection`](Self::peer_failure_detection)) the
+    /// endpoint is force-closed at once. `None` or zero: no deadline (a
+    /// transfer over a cut `tcp` link then stays in flight until the link
+    /// comes back). Also set through [`OP_TIMEOUT_ENV`] with
+    /// [`UcxConfig::from_env`]. Default: 5 s.
+    pub op_timeout: Option<Duration>,
     /// UCX transport list (as `UCX_TLS`, e.g. `"tcp"` or `"shm,cma"`).
     /// `None` (the default) keeps `UCX_TLS` from the environment, else
     /// UCX's default (`all`).
@@ -94,8 +124,12 @@ pub struct UcxConfig {
     /// allow every transport, at the price of transfers to a dead peer
     /// that may never end.
     pub peer_failure_detection: bool,
-    /// How long [`cancel`](kvxfer_core::Transport::cancel) waits for the
-    /// cancelled requests to be released, in milliseconds. Default: 5000.
+    /// How long [`deregister`](kvxfer_core::Transport::deregister) waits
+    /// for the requests of cancelled or timed-out transfers to be released
+    /// by UCX before it force-closes their endpoints, in milliseconds.
+    /// ([`cancel`](kvxfer_core::Transport::cancel) itself never waits: the
+    /// cancelled requests are left to end in the background, and memory
+    /// they use stays registered until they have.) Default: 5000.
     pub cancel_timeout_ms: u32,
     /// Segment size of UCX's `tcp` transport in bytes, set as both
     /// `UCX_TCP_TX_SEG_SIZE` and `UCX_TCP_RX_SEG_SIZE` unless either is in
@@ -108,10 +142,15 @@ pub struct UcxConfig {
 
 impl UcxConfig {
     /// The defaults, with [`peer_failure_detection`](Self::peer_failure_detection)
-    /// taken from [`PEER_FAILURE_DETECTION_ENV`] when it is set. A value
-    /// that is not one of the accepted spellings is an error naming it.
+    /// taken from [`PEER_FAILURE_DETECTION_ENV`] and
+    /// [`op_timeout`](Self::op_timeout) from [`OP_TIMEOUT_ENV`] when they
+    /// are set. A value that is not one of the accepted spellings is an
+    /// error naming it.
     pub fn from_env() -> Result<UcxConfig, kvxfer_core::Error> {
         let mut cfg = UcxConfig::default();
+        if let Some(v) = std::env::var_os(OP_TIMEOUT_ENV) {
+            cfg.op_timeout = parse_op_timeout(&v.to_string_lossy())?;
+        }
         if let Some(v) = std::env::var_os(PEER_FAILURE_DETECTION_ENV) {
             let v = v.to_string_lossy();
             cfg.peer_failure_detection = match v.trim().to_ascii_lowercase().as_str() {
@@ -136,6 +175,7 @@ impl Default for UcxConfig {
     fn default() -> Self {
         UcxConfig {
             tls: None,
+            op_timeout: Some(Duration::from_secs(5)),
             keepalive_interval_ms: Some(1000),
             max_notification: 4096,
             notification_queue: 1024,
@@ -143,6 +183,47 @@ impl Default for UcxConfig {
             cancel_timeout_ms: 5000,
             peer_failure_detection: true,
             tcp_seg_size: Some(64 << 10),
+        }
+    }
+}
+
+/// The deadline [`OP_TIMEOUT_ENV`] asks for: milliseconds, `0` for none.
+fn parse_op_timeout(v: &str) -> Result<Option<Duration>, kvxfer_core::Error> {
+    match v.trim().parse::<u64>() {
+        Ok(0) => Ok(None),
+        Ok(ms) => Ok(Some(Duration::from_millis(ms))),
+        Err(_) => Err(kvxfer_core::Error::backend(
+            BACKEND,
+            -1,
+            &format!("{OP_TIMEOUT_ENV}={v:?}: expected milliseconds (0 for no deadline)"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn op_timeout_spellings() {
+        assert_eq!(parse_op_timeout("0").unwrap(), None);
+        assert_eq!(
+            parse_op_timeout(" 1500 ").unwrap(),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            UcxConfig::default().op_timeout,
+            Some(Duration::from_secs(5))
+        );
+        for bad in ["", "-1", "5s", "1.5"] {
+            match parse_op_timeout(bad) {
+                Err(kvxfer_core::Error::Backend { backend, text, .. }) => {
+                    assert_eq!(backend, "UCX");
+                    assert!(text.contains(OP_TIMEOUT_ENV), "{text}");
+                    assert!(text.contains(&format!("{bad:?}")), "{text}");
+                }
+                other => panic!("{bad:?} gave {other:?}"),
+            }
         }
     }
 }

@@ -103,9 +103,13 @@ struct RegEntry {
 /// An endpoint and what its error handler learnt. Boxed so that the error
 /// handler's `arg` stays valid while the box lives.
 struct EpState {
+    /// Null once the endpoint was force-closed after a timeout.
     ep: sys::ucp_ep_h,
-    /// `UCS_OK`, or the status the error handler reported.
+    /// `UCS_OK`, or the status the error handler reported (or
+    /// `UCS_ERR_ENDPOINT_TIMEOUT` after a transfer on it timed out).
     failed: sys::ucs_status_t,
+    /// The force close started after a timeout, until UCX finished it.
+    closing: *mut c_void,
 }
 
 struct KeyEntry {
@@ -145,6 +149,8 @@ struct XferSlot {
     has_note: bool,
     /// A stand-alone notification: no completion is reported.
     internal: bool,
+    /// When the transfer was posted, for the deadline.
+    started: Instant,
 }
 
 /// Received notifications, filled by the active-message handler.
@@ -214,6 +220,18 @@ pub struct UcxTransport {
     /// call their error handler, so they live until the worker is gone.
     #[allow(clippy::vec_box)]
     graveyard: Vec<Box<UnsafeCell<EpState>>>,
+    /// Slots of cancelled or timed-out transfers whose requests UCX still
+    /// holds: reported (or dropped) already, freed once their outstanding
+    /// count is zero. While any exist, the unmapping of memory and the
+    /// destruction of remote keys wait in the two lists below.
+    zombies: Vec<u32>,
+    deferred_unmaps: Vec<sys::ucp_mem_h>,
+    deferred_rkeys: Vec<sys::ucp_rkey_h>,
+    /// Disconnected endpoints whose force close has not finished yet.
+    #[allow(clippy::vec_box)]
+    closing: Vec<Box<UnsafeCell<EpState>>>,
+    /// Force closes in flight (in the endpoint table or in `closing`).
+    open_closes: usize,
     scratch: Vec<*mut c_void>,
     /// Calls of `ucp_worker_progress` that did something.
     progress_events: u64,
@@ -393,6 +411,11 @@ impl UcxTransport {
                 dropped: 0,
             })),
             graveyard: Vec::new(),
+            zombies: Vec::new(),
+            deferred_unmaps: Vec::new(),
+            deferred_rkeys: Vec::new(),
+            closing: Vec::new(),
+            open_closes: 0,
             scratch: Vec::new(),
             progress_events: 0,
             _not_sync: PhantomData,
@@ -572,6 +595,7 @@ impl UcxTransport {
                     note: Vec::new(),
                     has_note: false,
                     internal: false,
+                    started: Instant::now(),
                 })));
                 (self.slots.len() - 1) as u32
             }
@@ -589,6 +613,7 @@ impl UcxTransport {
         slot.note.clear();
         slot.has_note = note.is_some();
         slot.internal = false;
+        slot.started = Instant::now();
         if let Some(n) = note {
             slot.note.extend_from_slice(n);
         }
@@ -702,6 +727,10 @@ impl UcxTransport {
             };
             // SAFETY: the state box is live while it is in the table.
             let ep_handle = unsafe { (*ep).ep };
+            if ep_handle.is_null() {
+                // Force-closed after a timeout: nothing more can be issued.
+                return Some(Err(Error::disconnected("")));
+            }
             match phase {
                 Phase::Data => {
                     // SAFETY: no other reference to the slot exists.
@@ -755,31 +784,50 @@ impl UcxTransport {
         }
     }
 
-    /// Closes an endpoint (flush, or force if it failed) and waits for the
-    /// close up to the close timeout.
-    fn close_ep(&mut self, state: Box<UnsafeCell<EpState>>) {
+    /// Closes an endpoint and waits for the close up to the close timeout:
+    /// a flush, or, with peer failure detection, a forced close (which
+    /// ends every outstanding request with `UCS_ERR_CANCELED`) when `force`
+    /// or when the endpoint failed. An endpoint force-closed earlier
+    /// (after a timeout) only has that close waited for.
+    fn close_ep(&mut self, state: Box<UnsafeCell<EpState>>, force: bool) {
+        let s = state.get();
         // SAFETY: the box is live; nobody else holds a reference.
-        let (ep, failed) = unsafe { ((*state.get()).ep, (*state.get()).failed) };
-        let param = sys::ucp_request_param_t {
-            op_attr_mask: sys::UCP_OP_ATTR_FIELD_FLAGS,
-            flags: if failed != UCS_OK {
-                sys::UCP_EP_CLOSE_FLAG_FORCE
-            } else {
-                0
-            },
-            ..Default::default()
-        };
-        // SAFETY: the endpoint is live and closed exactly once, here.
-        let req = unsafe { sys::ucp_ep_close_nbx(ep, &param) };
-        if !sys::ucs_ptr_is_ptr(req) {
-            if sys::ucs_ptr_is_err(req) {
-                log::debug!(
-                    "UCX: closing endpoint: {}",
-                    status_text(sys::ucs_ptr_status(req))
-                );
+        let (ep, failed, closing) = unsafe { ((*s).ep, (*s).failed, (*s).closing) };
+        let req = if !ep.is_null() {
+            let force = self.config.peer_failure_detection && (force || failed != UCS_OK);
+            let param = sys::ucp_request_param_t {
+                op_attr_mask: sys::UCP_OP_ATTR_FIELD_FLAGS,
+                flags: if force {
+                    sys::UCP_EP_CLOSE_FLAG_FORCE
+                } else {
+                    0
+                },
+                ..Default::default()
+            };
+            // SAFETY: the endpoint is live and closed exactly once, here
+            // (the pointer is nulled right after); callbacks it runs touch
+            // only slots and this state through raw pointers.
+            let req = unsafe { sys::ucp_ep_close_nbx(ep, &param) };
+            // SAFETY: as above.
+            unsafe { (*s).ep = ptr::null_mut() };
+            if !sys::ucs_ptr_is_ptr(req) {
+                if sys::ucs_ptr_is_err(req) {
+                    log::debug!(
+                        "UCX: closing endpoint: {}",
+                        status_text(sys::ucs_ptr_status(req))
+                    );
+                }
+                return;
             }
+            req
+        } else if !closing.is_null() {
+            // SAFETY: as above; the close request is handed over here.
+            unsafe { (*s).closing = ptr::null_mut() };
+            self.open_closes = self.open_closes.saturating_sub(1);
+            closing
+        } else {
             return;
-        }
+        };
         let timeout = Duration::from_millis(u64::from(self.config.close_timeout_ms));
         // SAFETY (closure): the request is live until freed below.
         let done = self.progress_until(timeout, |_| unsafe {
@@ -792,6 +840,229 @@ impl UcxTransport {
             log::warn!("UCX: endpoint close did not finish in {timeout:?}");
             self.graveyard.push(state);
         }
+    }
+
+    /// Marks endpoint `ep_index` failed with `status` (unless it failed
+    /// already) and, with peer failure detection, starts its forced close
+    /// without waiting: UCX ends its outstanding requests with
+    /// `UCS_ERR_CANCELED`, and their transfers fail on a later poll.
+    fn force_close(&mut self, ep_index: u32, status: sys::ucs_status_t) {
+        let Some(state) = self.ep_state(ep_index) else {
+            return;
+        };
+        // SAFETY: the state box is live while it is in the table; no
+        // reference to it is held.
+        let ep = unsafe {
+            if (*state).failed == UCS_OK {
+                (*state).failed = status;
+            }
+            (*state).ep
+        };
+        if ep.is_null() || !self.config.peer_failure_detection {
+            return;
+        }
+        let param = sys::ucp_request_param_t {
+            op_attr_mask: sys::UCP_OP_ATTR_FIELD_FLAGS,
+            flags: sys::UCP_EP_CLOSE_FLAG_FORCE,
+            ..Default::default()
+        };
+        // SAFETY: the endpoint is live and closed once (nulled below, so
+        // neither this nor close_ep closes it again); it was created with
+        // peer error handling, as a forced close requires. Callbacks run
+        // by the call reach slots and states through raw pointers only.
+        let req = unsafe { sys::ucp_ep_close_nbx(ep, &param) };
+        // SAFETY: the box is live; no reference to it is held.
+        unsafe { (*state).ep = ptr::null_mut() };
+        if sys::ucs_ptr_is_ptr(req) {
+            // SAFETY: as above.
+            unsafe { (*state).closing = req };
+            self.open_closes += 1;
+        } else if sys::ucs_ptr_is_err(req) {
+            log::debug!(
+                "UCX: force-closing endpoint: {}",
+                status_text(sys::ucs_ptr_status(req))
+            );
+        }
+    }
+
+    /// Asks UCX to cancel the requests of slot `slot` (for RMA and active
+    /// messages UCX 1.13 may let them run on; they end at the latest when
+    /// their endpoint is closed).
+    fn cancel_requests(&mut self, slot: *mut XferSlot) {
+        self.scratch.clear();
+        // SAFETY: the slot is live; no callback runs while the list is
+        // copied.
+        self.scratch.extend_from_slice(unsafe { &(*slot).requests });
+        for &req in &self.scratch {
+            // SAFETY: the request is in flight (its callback, which frees
+            // it, has not run: it would have removed it from the list); the
+            // worker is live.
+            unsafe { sys::ucp_request_cancel(self.worker, req) };
+        }
+    }
+
+    /// Turns slot `index` (already out of `active`) into a zombie if UCX
+    /// still holds requests of it, else frees it.
+    fn retire_slot(&mut self, index: u32) {
+        // SAFETY: the slot is live; only its counter is read.
+        if unsafe { (*self.slot_ptr(index)).outstanding } == 0 {
+            self.free_slot(index);
+        } else {
+            self.zombies.push(index);
+        }
+    }
+
+    /// Whether a zombie slot still uses endpoint `ep_index`.
+    fn zombies_on(&self, ep_index: u32) -> bool {
+        self.zombies.iter().any(|&z| {
+            // SAFETY: zombie slots are live; only plain fields are read.
+            let s = unsafe { &*self.slot_ptr(z) };
+            s.ep == ep_index && s.outstanding > 0
+        })
+    }
+
+    /// Fails the active transfer at `active[pos]`, `elapsed` after its
+    /// post, with [`Error::TimedOut`], and treats its endpoint as failed.
+    fn time_out(&mut self, pos: usize, elapsed: Duration) {
+        let index = self.active.swap_remove(pos);
+        let slot = self.slot_ptr(index);
+        self.cancel_requests(slot);
+        // SAFETY: the slot is live; only plain fields are read.
+        let (token, internal, op, ep) =
+            unsafe { ((*slot).token, (*slot).internal, (*slot).op, (*slot).ep) };
+        let after_ms = elapsed.as_millis() as u64;
+        if internal {
+            log::warn!("UCX: notification timed out after {after_ms} ms; endpoint closed");
+        } else {
+            log::warn!(
+                "UCX: {} timed out after {after_ms} ms; endpoint closed",
+                op.name()
+            );
+            self.completions.push_back(Completion {
+                token,
+                result: Err(Error::TimedOut { after_ms }),
+            });
+        }
+        self.retire_slot(index);
+        self.force_close(ep, sys::UCS_ERR_ENDPOINT_TIMEOUT as sys::ucs_status_t);
+    }
+
+    /// Fails the transfers in flight for longer than the deadline.
+    fn expire(&mut self) {
+        let Some(limit) = self.config.op_timeout.filter(|d| !d.is_zero()) else {
+            return;
+        };
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.active.len() {
+            // SAFETY: active slots are live; only a plain field is read.
+            let started = unsafe { (*self.slot_ptr(self.active[i])).started };
+            let elapsed = now.saturating_duration_since(started);
+            if elapsed > limit {
+                // Swaps the last entry into `i`, which is looked at next.
+                self.time_out(i, elapsed);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Frees zombie slots UCX has let go of, then (once none is left) the
+    /// memory handles and remote keys that waited for them, and finishes
+    /// forced closes. Never waits.
+    fn reap(&mut self) {
+        let mut i = 0;
+        while i < self.zombies.len() {
+            let index = self.zombies[i];
+            // SAFETY: zombie slots are live; only the counter is read.
+            if unsafe { (*self.slot_ptr(index)).outstanding } == 0 {
+                self.zombies.swap_remove(i);
+                self.free_slot(index);
+            } else {
+                i += 1;
+            }
+        }
+        if self.zombies.is_empty() {
+            for rkey in self.deferred_rkeys.drain(..) {
+                // SAFETY: the rkey is live, no request uses it any more,
+                // and it is destroyed once (it left the list).
+                unsafe { sys::ucp_rkey_destroy(rkey) };
+            }
+            for memh in self.deferred_unmaps.drain(..) {
+                // SAFETY: mapped by this context, no request uses it any
+                // more; unmapped once (it left the list).
+                let st = unsafe { sys::ucp_mem_unmap(self.context, memh) };
+                if st != UCS_OK {
+                    log::warn!("UCX: unmapping memory: {}", status_text(st));
+                }
+            }
+        }
+        if self.open_closes == 0 {
+            return;
+        }
+        let done = |req: *mut c_void| {
+            // SAFETY: a close request is live until freed, right after
+            // this check says it finished.
+            !req.is_null() && unsafe { sys::ucp_request_check_status(req) } != UCS_INPROGRESS
+        };
+        for state in self.eps.items.iter().flatten() {
+            let s = state.get();
+            // SAFETY: the box is live in the table; no reference is held.
+            let req = unsafe { (*s).closing };
+            if done(req) {
+                // SAFETY: finished close request, freed once (nulled).
+                unsafe {
+                    sys::ucp_request_free(req);
+                    (*s).closing = ptr::null_mut();
+                }
+                self.open_closes = self.open_closes.saturating_sub(1);
+            }
+        }
+        let mut i = 0;
+        while i < self.closing.len() {
+            let s = self.closing[i].get();
+            // SAFETY: as above.
+            let req = unsafe { (*s).closing };
+            if done(req) {
+                // SAFETY: finished close request, freed once; the state's
+                // error handler can no longer be called, so it may go.
+                unsafe { sys::ucp_request_free(req) };
+                self.closing.swap_remove(i);
+                self.open_closes = self.open_closes.saturating_sub(1);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Waits (up to the cancel timeout) for the zombies' requests to end;
+    /// force-closes the endpoints of those that do not, and waits up to the
+    /// close timeout for that.
+    fn drain_zombies(&mut self) {
+        let all_done = |t: &Self| {
+            t.zombies.iter().all(|&z| {
+                // SAFETY: zombie slots are live; only the counter is read.
+                unsafe { (*t.slot_ptr(z)).outstanding == 0 }
+            })
+        };
+        let timeout = Duration::from_millis(u64::from(self.config.cancel_timeout_ms));
+        if !self.progress_until(timeout, all_done) {
+            let mut eps: Vec<u32> = Vec::new();
+            for &z in &self.zombies {
+                // SAFETY: as above; plain fields only.
+                let s = unsafe { &*self.slot_ptr(z) };
+                if s.outstanding > 0 && !eps.contains(&s.ep) {
+                    eps.push(s.ep);
+                }
+            }
+            for ep in eps {
+                log::warn!("UCX: cancelled requests still running after {timeout:?}; closing their endpoint");
+                self.force_close(ep, sys::UCS_ERR_CANCELED as sys::ucs_status_t);
+            }
+            let timeout = Duration::from_millis(u64::from(self.config.close_timeout_ms));
+            self.progress_until(timeout, all_done);
+        }
+        self.reap();
     }
 }
 
@@ -895,8 +1166,24 @@ impl Transport for UcxTransport {
             return;
         }
         if let Some(entry) = self.regs.remove(reg.index) {
+            // Requests of cancelled or timed-out transfers may still use the
+            // memory: wait for them (bounded), else unmap it once they end.
+            if !self.zombies.is_empty() {
+                self.drain_zombies();
+            }
+            if !self.zombies.is_empty() {
+                log::warn!(
+                    "UCX: [{:#x}, +{}) stays mapped until UCX releases {} cancelled transfers",
+                    entry.region.addr,
+                    entry.region.len,
+                    self.zombies.len()
+                );
+                self.deferred_unmaps.push(entry.memh);
+                return;
+            }
             // SAFETY: memh was mapped by this context and is unmapped once;
-            // the core hands a registration back only when no transfer uses it.
+            // the core hands a registration back only when no transfer uses
+            // it, and no cancelled transfer's request is left (above).
             let st = unsafe { sys::ucp_mem_unmap(self.context, entry.memh) };
             if st != UCS_OK {
                 log::warn!("UCX: unmapping memory: {}", status_text(st));
@@ -941,6 +1228,7 @@ impl Transport for UcxTransport {
         let state = Box::new(UnsafeCell::new(EpState {
             ep: ptr::null_mut(),
             failed: UCS_OK,
+            closing: ptr::null_mut(),
         }));
         let params = sys::ucp_ep_params_t {
             field_mask: u64::from(
@@ -995,16 +1283,42 @@ impl Transport for UcxTransport {
         let Some(state) = self.eps.remove(peer.index) else {
             return;
         };
-        // Remote keys unpacked on this endpoint go first.
+        // Requests of cancelled or timed-out transfers still on this
+        // endpoint use its remote keys: a forced close ends them first.
+        let zombies = self.zombies_on(peer.index);
+        let state = if zombies {
+            self.close_ep(state, true);
+            self.reap();
+            None
+        } else {
+            Some(state)
+        };
+        let defer = zombies && self.zombies_on(peer.index);
+        // Remote keys unpacked on this endpoint go before the endpoint.
         for key in self.keys.items.iter_mut().flatten() {
             if key.ep == peer.index && !key.rkey.is_null() {
-                // SAFETY: the rkey is live and destroyed once; it is nulled so
-                // release_key does not destroy it again.
-                unsafe { sys::ucp_rkey_destroy(key.rkey) };
+                if defer {
+                    self.deferred_rkeys.push(key.rkey);
+                } else {
+                    // SAFETY: the rkey is live, no request uses it, and it
+                    // is destroyed once; it is nulled so release_key does
+                    // not destroy it again.
+                    unsafe { sys::ucp_rkey_destroy(key.rkey) };
+                }
                 key.rkey = ptr::null_mut();
             }
         }
-        self.close_ep(state);
+        if let Some(state) = state {
+            // SAFETY: the box is live; nobody else holds a reference.
+            let pending =
+                unsafe { (*state.get()).ep.is_null() && !(*state.get()).closing.is_null() };
+            if pending {
+                // Force-closed after a timeout: finished from later polls.
+                self.closing.push(state);
+            } else {
+                self.close_ep(state, false);
+            }
+        }
     }
 
     fn unpack_key(
@@ -1024,6 +1338,9 @@ impl Transport for UcxTransport {
         }
         // SAFETY: the state box is live while in the table.
         let ep = unsafe { (*state).ep };
+        if ep.is_null() {
+            return Err(Error::disconnected(""));
+        }
         let mut rkey: sys::ucp_rkey_h = ptr::null_mut();
         // SAFETY: the endpoint is live; the key bytes are valid for the call
         // (UCX copies what it needs); the out pointer is valid.
@@ -1052,9 +1369,16 @@ impl Transport for UcxTransport {
             return;
         }
         if let Some(entry) = self.keys.remove(key.index) {
-            if !entry.rkey.is_null() {
+            if entry.rkey.is_null() {
+                return;
+            }
+            if self.zombies_on(entry.ep) {
+                // A cancelled or timed-out transfer's request may use it.
+                self.deferred_rkeys.push(entry.rkey);
+            } else {
                 // SAFETY: the rkey is live and destroyed once; the core hands
-                // a key back only when no transfer uses it.
+                // a key back only when no transfer uses it, and no cancelled
+                // transfer's request on its endpoint is left.
                 unsafe { sys::ucp_rkey_destroy(entry.rkey) };
             }
         }
@@ -1197,6 +1521,16 @@ impl Transport for UcxTransport {
                 None => i += 1,
             }
         }
+        if !self.active.is_empty() {
+            self.expire();
+        }
+        if !self.zombies.is_empty()
+            || self.open_closes > 0
+            || !self.deferred_unmaps.is_empty()
+            || !self.deferred_rkeys.is_empty()
+        {
+            self.reap();
+        }
         self.completions.pop_front()
     }
 
@@ -1213,27 +1547,15 @@ impl Transport for UcxTransport {
         let Some(pos) = found else {
             return Ok(());
         };
-        let index = self.active[pos];
+        // Never waits: the slot leaves the active list (so it completes
+        // no more and issues nothing further) and stays a zombie until UCX
+        // has released its requests; the memory and keys they use stay
+        // until then (see deregister, release_key and disconnect).
+        let index = self.active.swap_remove(pos);
         let slot = self.slot_ptr(index);
-        self.scratch.clear();
-        // SAFETY: no callback runs while we copy the request list.
-        self.scratch.extend_from_slice(unsafe { &(*slot).requests });
-        for &req in &self.scratch {
-            // SAFETY: the request is in flight (its callback, which frees it,
-            // has not run: it would have removed it from the list); the
-            // worker is live.
-            unsafe { sys::ucp_request_cancel(self.worker, req) };
-        }
-        let timeout = Duration::from_millis(u64::from(self.config.cancel_timeout_ms));
-        // SAFETY (closure): the slot is live; only its counter is read.
-        let released = self.progress_until(timeout, |_| unsafe { (*slot).outstanding == 0 });
-        if !released {
-            return Err(Error::TimedOut {
-                after_ms: timeout.as_millis() as u64,
-            });
-        }
-        self.active.swap_remove(pos);
-        self.free_slot(index);
+        self.cancel_requests(slot);
+        self.progress();
+        self.retire_slot(index);
         Ok(())
     }
 
@@ -1302,40 +1624,60 @@ impl Transport for UcxTransport {
 impl Drop for UcxTransport {
     fn drop(&mut self) {
         if !self.worker.is_null() {
-            // 1. In-flight requests: cancel, and let them be released.
-            self.scratch.clear();
-            for &index in &self.active {
-                // SAFETY: active slots are live; no callback runs meanwhile.
-                self.scratch
-                    .extend_from_slice(unsafe { &(*self.slot_ptr(index)).requests });
+            // 1. In-flight requests (and those of cancelled or timed-out
+            //    transfers): cancel, and let them be released.
+            let slots: Vec<u32> = self.active.drain(..).collect();
+            for index in slots {
+                self.cancel_requests(self.slot_ptr(index));
+                self.retire_slot(index);
             }
-            for &req in &self.scratch {
-                // SAFETY: the request is in flight; the worker is live.
-                unsafe { sys::ucp_request_cancel(self.worker, req) };
+            for i in 0..self.zombies.len() {
+                self.cancel_requests(self.slot_ptr(self.zombies[i]));
             }
             let timeout = Duration::from_millis(u64::from(self.config.close_timeout_ms));
-            self.progress_until(timeout, |t| {
-                t.active.iter().all(|&i| {
-                    // SAFETY: active slots are live; only the counter is read.
+            let released = self.progress_until(timeout, |t| {
+                t.zombies.iter().all(|&i| {
+                    // SAFETY: zombie slots are live; only the counter is read.
                     unsafe { (*t.slot_ptr(i)).outstanding == 0 }
                 })
             });
-            // 2. Remote keys.
-            for key in self.keys.drain() {
-                if !key.rkey.is_null() {
-                    // SAFETY: live rkey, destroyed once.
-                    unsafe { sys::ucp_rkey_destroy(key.rkey) };
+            // Requests still running end with their endpoints' forced close,
+            // before the keys and memory they use go.
+            let force = !released;
+            // 2. Remote keys (with peer failure detection the forced close
+            //    comes first when requests are still running).
+            if force && self.config.peer_failure_detection {
+                let eps: Vec<_> = self.eps.drain().collect();
+                for state in eps {
+                    self.close_ep(state, true);
                 }
             }
-            // 3. Endpoints.
+            for key in self.keys.drain() {
+                if !key.rkey.is_null() {
+                    self.deferred_rkeys.push(key.rkey);
+                }
+            }
+            for rkey in self.deferred_rkeys.drain(..) {
+                // SAFETY: live rkey, destroyed once (it left the list).
+                unsafe { sys::ucp_rkey_destroy(rkey) };
+            }
+            // 3. Endpoints, and the forced closes still running.
             let eps: Vec<_> = self.eps.drain().collect();
             for state in eps {
-                self.close_ep(state);
+                self.close_ep(state, force);
+            }
+            let closing: Vec<_> = self.closing.drain(..).collect();
+            for state in closing {
+                self.close_ep(state, true);
             }
             // 4. Memory handles.
             for reg in self.regs.drain() {
-                // SAFETY: memh mapped by this context, unmapped once.
-                unsafe { sys::ucp_mem_unmap(self.context, reg.memh) };
+                self.deferred_unmaps.push(reg.memh);
+            }
+            for memh in self.deferred_unmaps.drain(..) {
+                // SAFETY: memh mapped by this context, unmapped once (it
+                // left the list).
+                unsafe { sys::ucp_mem_unmap(self.context, memh) };
             }
             // 5. The worker.
             // SAFETY: every endpoint is closed; destroyed once.

@@ -293,17 +293,37 @@ struct Initiator {
 
 impl Initiator {
     fn new(tls: Option<&str>, target: &Target) -> Initiator {
-        let mut t = UcxTransport::new(&config(tls)).expect("initiator transport");
-        let peer = t.connect(&target.addr).expect("connect");
-        let rkey = t
+        Initiator::with_config(&config(tls), target)
+    }
+
+    fn with_config(cfg: &UcxConfig, target: &Target) -> Initiator {
+        let t = UcxTransport::new(cfg).expect("initiator transport");
+        let mut ini = Initiator {
+            t,
+            peer: None,
+            rkey: None,
+            regs: Vec::new(),
+        };
+        ini.reconnect(target);
+        ini
+    }
+
+    /// Drops the current connection (if any) and connects to `target`
+    /// again: a new endpoint and a new remote key.
+    fn reconnect(&mut self, target: &Target) {
+        if let Some(k) = self.rkey.take() {
+            self.t.release_key(k);
+        }
+        if let Some(p) = self.peer.take() {
+            self.t.disconnect(p);
+        }
+        let peer = self.t.connect(&target.addr).expect("connect");
+        let rkey = self
+            .t
             .unpack_key(&peer, &target.region, &target.key)
             .expect("unpack key");
-        Initiator {
-            t,
-            peer: Some(peer),
-            rkey: Some(rkey),
-            regs: Vec::new(),
-        }
+        self.peer = Some(peer);
+        self.rkey = Some(rkey);
     }
 
     /// Registers `buf`; returns the registration's index in `regs`.
@@ -815,6 +835,210 @@ fn peer_death(tls: Option<&str>) {
     drop(target);
 }
 
+/// Sends `sig` (`-STOP`, `-CONT`) to process `pid`.
+fn signal(pid: u32, sig: &str) {
+    let st = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(st.success(), "kill {sig} {pid}: {st}");
+}
+
+/// Resumes a stopped process when dropped (also when the test fails).
+struct Resume(u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+/// A target that stops answering (SIGSTOP; its kernel still accepts the
+/// connection's bytes): transfers in flight fail within the deadline plus
+/// slack, one with `TimedOut`, none earlier than the deadline; later posts
+/// and notifications to the peer fail at once with `RemoteDisconnected`;
+/// a cancel on a new endpoint returns at once and deregistering its
+/// memory is bounded; after SIGCONT a new endpoint moves data correctly.
+fn deadline(tls: Option<&str>) {
+    const LEN: usize = 4 << 20;
+    const DEADLINE: Duration = Duration::from_millis(1000);
+    const SLACK: Duration = Duration::from_millis(1500);
+    let mut target = Target::spawn(tls, LEN);
+    let mut cfg = config(tls);
+    cfg.op_timeout = Some(DEADLINE);
+    cfg.cancel_timeout_ms = 300;
+    let mut ini = Initiator::with_config(&cfg, &target);
+    let mut src = vec![0u8; LEN];
+    fill(&mut src, 21);
+    let mut dst = vec![0u8; LEN];
+    let reg = ini.register(&src);
+    let dreg = ini.register(&dst);
+    let whole = [(src.as_ptr() as u64, 0, LEN as u64)];
+    ini.run(XferOp::Write, reg, &target, &whole, None)
+        .expect("WRITE while the target runs");
+    assert_eq!(
+        target.cmd("SUM", "@SUM"),
+        format!("{:016x}", checksum(&src))
+    );
+
+    let pid = target.child.id();
+    let resume = Resume(pid);
+    signal(pid, "-STOP");
+    std::thread::sleep(Duration::from_millis(50));
+    let t0 = Instant::now();
+    let st = ini
+        .post(
+            XferOp::Write,
+            reg,
+            &target,
+            &whole,
+            Some(b"late"),
+            Token(31),
+        )
+        .expect("post WRITE");
+    assert_eq!(
+        st,
+        PostStatus::InProgress,
+        "WRITE done with the target stopped"
+    );
+    let read = [(dst.as_ptr() as u64, 0, 4096)];
+    let st = ini
+        .post(XferOp::Read, dreg, &target, &read, None, Token(32))
+        .expect("post READ");
+    assert_eq!(
+        st,
+        PostStatus::InProgress,
+        "READ done with the target stopped"
+    );
+    let mut results = Vec::new();
+    while results.len() < 2 {
+        if let Some(c) = ini.t.poll() {
+            assert!(
+                c.token == Token(31) || c.token == Token(32),
+                "unexpected token {:?}",
+                c.token
+            );
+            results.push((c.token, c.result, t0.elapsed()));
+        }
+        assert!(
+            t0.elapsed() < DEADLINE + SLACK,
+            "transfers unfinished {:?} after the stop: {results:?}",
+            t0.elapsed()
+        );
+    }
+    eprintln!("deadline over {tls:?}: {results:?}");
+    assert!(results[0].0 != results[1].0, "{results:?}");
+    let mut timed_out = 0;
+    for (token, result, at) in &results {
+        assert!(
+            *at >= DEADLINE,
+            "{token:?} ended after {at:?}, before the deadline"
+        );
+        match result {
+            Err(Error::TimedOut { after_ms }) => {
+                assert!(
+                    (1000..1000 + SLACK.as_millis() as u64).contains(after_ms),
+                    "{token:?}: after_ms {after_ms}"
+                );
+                timed_out += 1;
+            }
+            // The peer's other transfer, ended by the forced close.
+            Err(Error::RemoteDisconnected { .. }) => {}
+            other => panic!("{token:?} ended with {other:?}"),
+        }
+    }
+    assert!(timed_out >= 1, "{results:?}");
+    // The tokens never complete again.
+    let quiet = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < quiet {
+        assert_eq!(ini.t.poll(), None, "completion after the timeout");
+    }
+    // The endpoint is treated as failed: refused at once.
+    let at = Instant::now();
+    assert!(matches!(
+        ini.post(XferOp::Write, reg, &target, &whole, None, Token(33)),
+        Err(Error::RemoteDisconnected { .. })
+    ));
+    assert!(matches!(
+        ini.t
+            .send_notification(ini.peer.as_ref().expect("peer"), b"x"),
+        Err(Error::RemoteDisconnected { .. })
+    ));
+    assert!(
+        at.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        at.elapsed()
+    );
+
+    // A cancel does not wait for the stopped target.
+    let at = Instant::now();
+    ini.reconnect(&target);
+    assert!(
+        at.elapsed() < Duration::from_secs(2),
+        "reconnect took {:?}",
+        at.elapsed()
+    );
+    let st = ini
+        .post(XferOp::Read, dreg, &target, &read, None, Token(34))
+        .expect("post READ on the new endpoint");
+    assert_eq!(
+        st,
+        PostStatus::InProgress,
+        "READ done with the target stopped"
+    );
+    let at = Instant::now();
+    ini.t.cancel(Token(34)).expect("cancel");
+    let took = at.elapsed();
+    assert!(took < Duration::from_millis(200), "cancel took {took:?}");
+    let quiet = Instant::now() + Duration::from_millis(200);
+    while Instant::now() < quiet {
+        assert_eq!(ini.t.poll(), None, "completion after cancel");
+    }
+    // Its memory goes once the request is ended (the endpoint is closed
+    // after the cancel timeout), not never.
+    let at = Instant::now();
+    ini.t.deregister(ini.regs.remove(dreg));
+    let took = at.elapsed();
+    assert!(took < Duration::from_secs(3), "deregister took {took:?}");
+    assert!(matches!(
+        ini.post(XferOp::Write, reg, &target, &read, None, Token(35)),
+        Err(Error::RemoteDisconnected { .. })
+    ));
+
+    // Resumed and reconnected: data moves again, byte for byte, and the
+    // timed-out WRITE's notification was never sent.
+    signal(pid, "-CONT");
+    drop(resume);
+    ini.reconnect(&target);
+    let mut fresh = vec![0u8; 100];
+    fill(&mut fresh, 22);
+    let freg = ini.register(&fresh);
+    ini.run(
+        XferOp::Write,
+        freg,
+        &target,
+        &[(fresh.as_ptr() as u64, 0, 100)],
+        None,
+    )
+    .expect("WRITE after reconnect");
+    assert_eq!(target.cmd("HEX 0 100", "@HEX"), hex(&fresh));
+    dst.fill(0);
+    let back = ini.register(&dst);
+    ini.run(
+        XferOp::Read,
+        back,
+        &target,
+        &[(dst.as_ptr() as u64, 0, 100)],
+        None,
+    )
+    .expect("READ after reconnect");
+    assert_eq!(dst[..100], fresh[..]);
+    ini.close();
+    target.quit();
+}
+
 macro_rules! both_transports {
     ($($name:ident),* $(,)?) => {
         mod default_tls {
@@ -835,6 +1059,7 @@ both_transports!(
     many_in_flight,
     cancel,
     peer_death,
+    deadline,
 );
 
 /// Shared memory only, without peer failure detection (no peer-death test:
