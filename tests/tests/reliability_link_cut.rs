@@ -2,9 +2,12 @@
 //! pair (10.213.0.1/30 and 10.213.0.2/30, the only addresses used besides
 //! loopback). The target agent runs in one namespace, the initiator in the
 //! other; over `UCX_TLS=tcp` and over libfabric's `tcp;ofi_rxm`, the link
-//! is taken down during a stream of WRITEs (failures are reported, nothing
-//! hangs) and brought up again (the peer is reloaded and new transfers
-//! succeed, compared byte for byte).
+//! is taken down during a stream of WRITEs and brought up again. With the
+//! link down, every transfer in flight or posted after the cut ends (or is
+//! refused at post) within the transport's per-transfer deadline plus
+//! slack, with `TimedOut` or `RemoteDisconnected`; nothing stays in flight
+//! and nothing hangs. With the link up, the peer is reloaded and new
+//! transfers succeed, compared byte for byte.
 //!
 //! Needs root (network namespaces); without it the test prints
 //! `SKIPPED: needs root` and returns.
@@ -26,9 +29,14 @@ const LEN: usize = 4 << 20;
 const CHUNK: usize = 256 << 10;
 const IP_A: &str = "10.213.0.1";
 const IP_B: &str = "10.213.0.2";
-/// Longest any transfer may stay unfinished after the cut before the test
-/// stops waiting for it and releases it.
-const CUT_BOUND: Duration = Duration::from_secs(8);
+/// UCX's per-transfer deadline in this test (`KVXFER_UCX_OP_TIMEOUT_MS`).
+const UCX_DEADLINE: Duration = Duration::from_millis(2000);
+/// libfabric's per-transfer deadline (`FabricConfig::op_timeout`'s
+/// default, which the Agent uses).
+const LIBFABRIC_DEADLINE: Duration = Duration::from_secs(5);
+/// How much later than the deadline after the cut a failure may be
+/// reported (a transfer posted just after the cut, a loaded machine).
+const SLACK: Duration = Duration::from_secs(2);
 
 #[test]
 fn child_entry() {
@@ -135,9 +143,19 @@ fn link_cut(backend: &str, provider: Option<&str>) {
         env,
         prefix: vec!["ip", "netns", "exec", &net.ns[0]],
     });
+    let deadline = if backend == "UCX" {
+        UCX_DEADLINE
+    } else {
+        LIBFABRIC_DEADLINE
+    };
     let mut env = transport_env(&net.dev[1]);
     env.extend([
         (ROLE, "initiator".to_string()),
+        (
+            "KVXFER_UCX_OP_TIMEOUT_MS",
+            UCX_DEADLINE.as_millis().to_string(),
+        ),
+        ("KVXFER_REL_DEADLINE_MS", deadline.as_millis().to_string()),
         ("KVXFER_REL_BACKEND", backend.to_string()),
         ("KVXFER_REL_TARGET", target.addr.clone()),
         ("KVXFER_REL_TARGET_BUF", target.buf.to_string()),
@@ -180,6 +198,8 @@ fn initiator() {
         seed: 61,
     };
     let (ns_a, dev_a) = (var("KVXFER_REL_NS_A"), var("KVXFER_REL_DEV_A"));
+    let deadline = Duration::from_millis(var("KVXFER_REL_DEADLINE_MS").parse().unwrap());
+    let bound = deadline + SLACK;
     let agent = Agent::new("cut-ini", config(&backend, provider.as_deref())).expect("agent");
     let src = Buf::from_vec(pattern(62, LEN));
     let dst = Buf::zeroed(LEN);
@@ -221,6 +241,10 @@ fn initiator() {
         });
     }
     // Cut the link with transfers in flight, then post four more.
+    while flights.len() < 4 {
+        flights.push(post(n).expect("post before the cut"));
+        n += 1;
+    }
     ip(&["-n", &ns_a, "link", "set", "dev", &dev_a, "down"]).expect("link down");
     let cut = Instant::now();
     let in_flight_at_cut = flights.len();
@@ -232,35 +256,69 @@ fn initiator() {
         }
         n += 1;
     }
-    // Every transfer ends or is given up on within the bound; no call
-    // blocks past it.
+    // Every transfer ends within the deadline (+ slack) after the cut: done
+    // if it was delivered before, else failed with TimedOut (the deadline)
+    // or RemoteDisconnected (the peer's endpoint was given up on); no call
+    // blocks past the bound.
     let (mut failed, mut ok) = (Vec::new(), 0);
-    let mut stalled: Vec<XferRequest> = Vec::new();
+    let mut unfinished = 0;
     let mut last_end = Duration::ZERO;
     for r in flights.drain(..) {
-        let left = CUT_BOUND.saturating_sub(cut.elapsed());
+        let left = bound.saturating_sub(cut.elapsed());
         match r.wait(left) {
             WaitOutcome::Done => ok += 1,
             WaitOutcome::Failed(e) => {
                 last_end = last_end.max(cut.elapsed());
+                assert!(
+                    matches!(
+                        e,
+                        kvxfer::Error::TimedOut { .. } | kvxfer::Error::RemoteDisconnected { .. }
+                    ),
+                    "{backend}: unexpected failure after the cut: {e:?}"
+                );
                 failed.push(format!("{e}"));
             }
-            // Reported as not finished when the wait's timeout passed;
-            // kept (not released) until the link is back.
-            WaitOutcome::InProgress => stalled.push(r),
+            WaitOutcome::InProgress => unfinished += 1,
         }
     }
     let waited = cut.elapsed();
     assert!(
-        waited < CUT_BOUND + Duration::from_secs(1),
+        waited < bound + Duration::from_secs(1),
         "waiting took {waited:?}"
     );
-    let n_failed = failed.len();
-    let unfinished = stalled.len();
-    assert!(
-        n_failed + refused.len() + unfinished > 0,
-        "no transfer failed or stalled with the link down"
+    assert_eq!(
+        unfinished, 0,
+        "{backend}: {unfinished} transfers unfinished {bound:?} after the cut \
+         (deadline {deadline:?}); failed so far: {failed:?}"
     );
+    let n_failed = failed.len();
+    assert!(
+        n_failed + refused.len() > 0,
+        "no transfer failed with the link down"
+    );
+    assert!(
+        last_end <= bound,
+        "last failure {last_end:?} after the cut, deadline {deadline:?}"
+    );
+    // A post now fails too: over UCX it is refused at once (the endpoint
+    // that timed out is given up on until the peer is reloaded); libfabric
+    // fails it at its deadline.
+    let at = Instant::now();
+    match post(n) {
+        Err(e) => refused.push(e.to_string()),
+        Ok(r) => {
+            assert!(
+                backend != "UCX",
+                "UCX accepted a post to a peer whose transfer timed out"
+            );
+            match r.wait(bound) {
+                WaitOutcome::Failed(e) => failed.push(format!("{e}")),
+                other => panic!("{backend}: a post with the link down gave {other:?}"),
+            }
+        }
+    }
+    let late_post = at.elapsed();
+    assert!(late_post <= bound, "post with the link down: {late_post:?}");
     // Bring the link up, reload the peer, and transfer again.
     ip(&["-n", &ns_a, "link", "set", "dev", &dev_a, "up"]).expect("link up");
     let up = Instant::now();
@@ -285,27 +343,17 @@ fn initiator() {
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     };
-    // The stalled transfers end once the link is back.
-    let (mut late_done, mut late_failed) = (0, 0);
-    for r in stalled {
-        match r.wait(Duration::from_secs(10)) {
-            WaitOutcome::Done => late_done += 1,
-            WaitOutcome::Failed(_) => late_failed += 1,
-            WaitOutcome::InProgress => panic!("a transfer is unfinished 10 s after link up"),
-        }
-    }
     dst.fill(&vec![0; LEN]);
     assert!(read_all(&agent, &dst, &target, "cut-target") == pattern(62, LEN));
     failed.sort();
     failed.dedup();
     println!(
-        "{TAG}{in_flight_at_cut} in flight at the cut + 4 posted after: {ok} done, {} failed \
-         (last {last_end:?} after the cut: {failed:?}), {} refused at post {refused:?}, \
-         {unfinished} unfinished after {:?} (after link up: {late_done} done, {late_failed} failed); \
+        "{TAG}deadline {deadline:?}: {in_flight_at_cut} in flight at the cut + 4 posted after: \
+         {ok} done, {n_failed} failed (last {last_end:?} after the cut: {failed:?}), {} refused \
+         at post {refused:?}; a post {:?} after the cut ended in {late_post:?}; \
          recovered {recovered:?} after link up",
-        n_failed,
         refused.len(),
-        CUT_BOUND
+        at.duration_since(cut),
     );
     agent.shutdown();
 }
