@@ -46,16 +46,28 @@ fn metadata<
     e.local_metadata(buf).unwrap()
 }
 
-fn engines(mem: &Mem) -> (Eng<'_>, Eng<'_>) {
-    let mut a = Eng::new("alice", Loopback::new(mem, 1), EngineConfig::default()).unwrap();
-    let mut b = Eng::new("bob", Loopback::new(mem, 2), EngineConfig::default()).unwrap();
+/// Registers alice's region at `A` and bob's at `B`, and loads bob's
+/// metadata into alice (and alice's into bob when `both`).
+fn connect<T: Transport, U: Transport>(
+    a: &mut Engine<T, 8, 4, 8, 16, 128, 4>,
+    b: &mut Engine<U, 8, 4, 8, 16, 128, 4>,
+    both: bool,
+) {
     a.register(Region::dram(A, LEN)).unwrap();
     b.register(Region::dram(B, LEN)).unwrap();
     let mut buf = [0u8; 1024];
-    let n = metadata(&b, &mut buf);
+    let n = metadata(b, &mut buf);
     assert_eq!(a.load_remote(&buf[..n]).unwrap().as_str(), "bob");
-    let n = metadata(&a, &mut buf);
-    b.load_remote(&buf[..n]).unwrap();
+    if both {
+        let n = metadata(a, &mut buf);
+        b.load_remote(&buf[..n]).unwrap();
+    }
+}
+
+fn engines(mem: &Mem) -> (Eng<'_>, Eng<'_>) {
+    let mut a = Eng::new("alice", Loopback::new(mem, 1), EngineConfig::default()).unwrap();
+    let mut b = Eng::new("bob", Loopback::new(mem, 2), EngineConfig::default()).unwrap();
+    connect(&mut a, &mut b, true);
     (a, b)
 }
 
@@ -67,12 +79,24 @@ fn faulty(mem: &Mem, plan: FaultPlan) -> (FEng<'_>, Eng<'_>) {
     )
     .unwrap();
     let mut b = Eng::new("bob", Loopback::new(mem, 2), EngineConfig::default()).unwrap();
-    a.register(Region::dram(A, LEN)).unwrap();
-    b.register(Region::dram(B, LEN)).unwrap();
-    let mut buf = [0u8; 1024];
-    let n = metadata(&b, &mut buf);
-    a.load_remote(&buf[..n]).unwrap();
+    connect(&mut a, &mut b, false);
     (a, b)
+}
+
+/// Prepares a WRITE of the 8 bytes at `A` to the 8 bytes at `remote` on bob,
+/// carrying `notification`.
+fn write8<T: Transport>(
+    e: &mut Engine<T, 8, 4, 8, 16, 128, 4>,
+    remote: u64,
+    notification: Option<&[u8]>,
+) -> Result<XferHandle, Error> {
+    e.prepare(
+        XferOp::Write,
+        &[Desc::new(A, 8)],
+        &[Desc::new(remote, 8)],
+        "bob",
+        notification,
+    )
 }
 
 fn read(mem: &Mem, addr: u64, len: usize) -> [u8; 256] {
@@ -334,15 +358,7 @@ fn busy_regions_cannot_be_deregistered() {
 fn release_in_progress_cancels_or_is_refused() {
     let mem = Mem::new(BASE);
     let (mut a, mut b) = engines(&mem);
-    let h = a
-        .prepare(
-            XferOp::Write,
-            &[Desc::new(A, 8)],
-            &[Desc::new(B, 8)],
-            "bob",
-            Some(b"done"),
-        )
-        .unwrap();
+    let h = write8(&mut a, B, Some(b"done")).unwrap();
     a.post(h, now(0)).unwrap();
     a.release(h).unwrap();
     assert_eq!(a.poll(now(1)), 0, "a cancelled transfer reports nothing");
@@ -356,15 +372,7 @@ fn release_in_progress_cancels_or_is_refused() {
     let mut caps = a.transport().capabilities();
     caps.can_cancel = false;
     a.transport_mut().set_capabilities(caps);
-    let h = a
-        .prepare(
-            XferOp::Write,
-            &[Desc::new(A, 8)],
-            &[Desc::new(B, 8)],
-            "bob",
-            None,
-        )
-        .unwrap();
+    let h = write8(&mut a, B, None).unwrap();
     a.post(h, now(0)).unwrap();
     assert_eq!(a.release(h), Err(Error::InProgress { handle: h }));
     assert_eq!(a.state(h), Ok(XferState::InProgress));
@@ -376,27 +384,11 @@ fn release_in_progress_cancels_or_is_refused() {
 fn late_completion_for_a_reused_slot_is_ignored() {
     let mem = Mem::new(BASE);
     let (mut a, _b) = faulty(&mem, FaultPlan::default());
-    let h1 = a
-        .prepare(
-            XferOp::Write,
-            &[Desc::new(A, 8)],
-            &[Desc::new(B, 8)],
-            "bob",
-            None,
-        )
-        .unwrap();
+    let h1 = write8(&mut a, B, None).unwrap();
     a.post(h1, now(0)).unwrap();
     assert_eq!(a.poll(now(1)), 1);
     a.release(h1).unwrap();
-    let h2 = a
-        .prepare(
-            XferOp::Write,
-            &[Desc::new(A, 8)],
-            &[Desc::new(B, 8)],
-            "bob",
-            None,
-        )
-        .unwrap();
+    let h2 = write8(&mut a, B, None).unwrap();
     assert_eq!(h2.index, h1.index);
     assert_ne!(h2.generation, h1.generation);
     a.transport_mut().delay_next_completion(2);
@@ -427,15 +419,7 @@ fn failed_posts_and_completions_leave_failed_state_and_can_be_reposted() {
     let mem = Mem::new(BASE);
     let (mut a, _b) = faulty(&mem, FaultPlan::default());
     let e = Error::backend("LOOPBACK", -42, "injected");
-    let h = a
-        .prepare(
-            XferOp::Write,
-            &[Desc::new(A, 8)],
-            &[Desc::new(B, 8)],
-            "bob",
-            None,
-        )
-        .unwrap();
+    let h = write8(&mut a, B, None).unwrap();
     a.transport_mut().fail_next_post(e.clone());
     assert_eq!(a.post(h, now(0)), Err(e.clone()));
     assert_eq!(a.state(h), Ok(XferState::Failed(e.clone())));
@@ -454,15 +438,7 @@ fn failed_posts_and_completions_leave_failed_state_and_can_be_reposted() {
 fn disconnection_names_the_peer() {
     let mem = Mem::new(BASE);
     let (mut a, _b) = faulty(&mem, FaultPlan::default());
-    let h = a
-        .prepare(
-            XferOp::Write,
-            &[Desc::new(A, 8)],
-            &[Desc::new(B, 8)],
-            "bob",
-            None,
-        )
-        .unwrap();
+    let h = write8(&mut a, B, None).unwrap();
     a.transport_mut().delay_next_completion(5);
     a.post(h, now(0)).unwrap();
     a.poll(now(1));
@@ -528,15 +504,7 @@ fn inline_completion_is_done_at_once() {
     caps.may_complete_inline = true;
     a.transport_mut().set_capabilities(caps);
     mem.write(A, b"inline!!").unwrap();
-    let h = a
-        .prepare(
-            XferOp::Write,
-            &[Desc::new(A, 8)],
-            &[Desc::new(B, 8)],
-            "bob",
-            Some(b"n"),
-        )
-        .unwrap();
+    let h = write8(&mut a, B, Some(b"n")).unwrap();
     assert_eq!(a.post(h, now(5)), Ok(XferState::Done));
     assert_eq!(a.telemetry(h).unwrap().completed_at, Some(now(5)));
     assert_eq!(&read(&mem, B, 8)[..8], b"inline!!");
@@ -572,26 +540,12 @@ fn notifications_carry_the_sender_and_follow_the_data() {
     assert_eq!(&buf[..n.len], &[7u8; 122][..]);
     assert_eq!(a.notify("eve", b"x"), Err(Error::unknown_peer("eve")));
     assert_eq!(
-        a.prepare(
-            XferOp::Write,
-            &[Desc::new(A, 8)],
-            &[Desc::new(B, 8)],
-            "bob",
-            Some(&[0u8; 123])
-        ),
+        write8(&mut a, B, Some(&[0u8; 123])),
         Err(Error::NotificationTooLong { len: 123, max: 122 })
     );
 
     mem.write(A, b"kv-block").unwrap();
-    let h = a
-        .prepare(
-            XferOp::Write,
-            &[Desc::new(A, 8)],
-            &[Desc::new(B, 8)],
-            "bob",
-            Some(b"block 0 ready"),
-        )
-        .unwrap();
+    let h = write8(&mut a, B, Some(b"block 0 ready")).unwrap();
     a.post(h, now(0)).unwrap();
     assert_eq!(
         b.poll_notification(&mut buf),
@@ -626,24 +580,8 @@ fn malformed_notification_frames_are_reported() {
 fn reload_retires_the_old_load_and_invalidate_forgets() {
     let mem = Mem::new(BASE);
     let (mut a, mut b) = engines(&mem);
-    let prepared = a
-        .prepare(
-            XferOp::Write,
-            &[Desc::new(A, 8)],
-            &[Desc::new(B, 8)],
-            "bob",
-            None,
-        )
-        .unwrap();
-    let flying = a
-        .prepare(
-            XferOp::Write,
-            &[Desc::new(A, 8)],
-            &[Desc::new(B + 8, 8)],
-            "bob",
-            None,
-        )
-        .unwrap();
+    let prepared = write8(&mut a, B, None).unwrap();
+    let flying = write8(&mut a, B + 8, None).unwrap();
     a.post(flying, now(0)).unwrap();
     // Bob registers more memory and republishes.
     b.register(Region::dram(BASE + 0xc00, 64)).unwrap();
@@ -665,15 +603,7 @@ fn reload_retires_the_old_load_and_invalidate_forgets() {
     assert_eq!(a.state(flying), Ok(XferState::Done));
     a.release(prepared).unwrap();
     a.release(flying).unwrap();
-    let h = a
-        .prepare(
-            XferOp::Write,
-            &[Desc::new(A, 8)],
-            &[Desc::new(BASE + 0xc00, 8)],
-            "bob",
-            None,
-        )
-        .unwrap();
+    let h = write8(&mut a, BASE + 0xc00, None).unwrap();
     a.post(h, now(3)).unwrap();
     a.poll(now(4));
     assert_eq!(a.state(h), Ok(XferState::Done));
@@ -685,16 +615,7 @@ fn reload_retires_the_old_load_and_invalidate_forgets() {
     a.invalidate_remote("bob").unwrap();
     assert!(!a.has_remote("bob"));
     assert_eq!(a.invalidate_remote("bob"), Err(Error::unknown_peer("bob")));
-    assert_eq!(
-        a.prepare(
-            XferOp::Write,
-            &[Desc::new(A, 8)],
-            &[Desc::new(B, 8)],
-            "bob",
-            None
-        ),
-        Err(Error::unknown_peer("bob"))
-    );
+    assert_eq!(write8(&mut a, B, None), Err(Error::unknown_peer("bob")));
 }
 
 #[test]
