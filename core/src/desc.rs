@@ -194,6 +194,23 @@ pub fn push_segment<const S: usize>(
     })
 }
 
+/// Clears `segs` and fills it from `pairs` through [`push_segment`];
+/// returns the bytes in all, or the first error.
+pub fn fill_segments<const S: usize>(
+    segs: &mut heapless::Vec<SegRec, S>,
+    pairs: impl Iterator<Item = Result<SegRec, Error>>,
+    coalesce: bool,
+) -> Result<u64, Error> {
+    segs.clear();
+    let mut bytes = 0u64;
+    for seg in pairs {
+        let seg = seg?;
+        bytes = bytes.saturating_add(seg.len);
+        push_segment(segs, seg, coalesce)?;
+    }
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

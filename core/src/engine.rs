@@ -204,6 +204,17 @@ fn token_of(index: usize, generation: u32) -> Token {
     Token(((generation as u64) << 32) | index as u64)
 }
 
+/// Takes a free slot from `free`, a list of `N` slots of `what`.
+fn take_slot<const N: usize>(
+    free: &mut heapless::Vec<u16, N>,
+    what: &'static str,
+) -> Result<usize, Error> {
+    free.pop().map(usize::from).ok_or(Error::CapacityExceeded {
+        what,
+        capacity: N as u32,
+    })
+}
+
 fn name_error(name: &str) -> Error {
     Error::InvalidName {
         len: name.len() as u64,
@@ -534,17 +545,15 @@ impl<
         Ok(())
     }
 
-    fn take_xfer_slot(&mut self) -> Result<usize, Error> {
-        self.free_xfers
-            .pop()
-            .map(|i| i as usize)
-            .ok_or(Error::CapacityExceeded {
-                what: "transfers",
-                capacity: XFERS as u32,
-            })
+    /// Gives back slot `i`, taken but never committed.
+    fn untake_xfer(&mut self, i: usize) {
+        self.xfers[i].segs.clear();
+        let _ = self.free_xfers.push(i as u16);
     }
 
-    /// Readies slot `i`, whose segments are filled in, for posting.
+    /// Readies slot `i`, whose segments were filled in with `bytes` in all,
+    /// for posting. If filling failed, or the transfer exceeds the
+    /// transport's limits, the slot is given back and the error returned.
     fn commit_xfer(
         &mut self,
         i: usize,
@@ -552,8 +561,15 @@ impl<
         peer: usize,
         notification: Option<&[u8]>,
         descs: usize,
-        bytes: u64,
+        bytes: Result<u64, Error>,
     ) -> Result<XferHandle, Error> {
+        let bytes = match bytes {
+            Ok(b) => b,
+            Err(e) => {
+                self.untake_xfer(i);
+                return Err(e);
+            }
+        };
         let slot = &mut self.xfers[i];
         let check =
             if self.caps.max_segments != 0 && slot.segs.len() > self.caps.max_segments as usize {
@@ -568,8 +584,7 @@ impl<
                 }
             };
         if let Err(e) = check {
-            slot.segs.clear();
-            let _ = self.free_xfers.push(i as u16);
+            self.untake_xfer(i);
             return Err(e);
         }
         slot.has_notification = notification.is_some();
@@ -606,37 +621,21 @@ impl<
     ) -> Result<XferHandle, Error> {
         let p = self.peer_index(peer)?;
         desc::check_counts(local.len(), remote.len())?;
-        let i = self.take_xfer_slot()?;
-        let regions = &self.peers[p].regions;
-        let segs = &mut self.xfers[i].segs;
-        segs.clear();
-        let mut bytes = 0u64;
-        let mut resolve = || -> Result<(), Error> {
-            for (k, (l, r)) in local.iter().zip(remote).enumerate() {
-                let l = desc::resolve_local(&self.registry, k, l)?;
-                let r = desc::resolve_remote(regions, k, r)?;
-                let seg = desc::pair(k, &l, &r)?;
-                bytes = bytes.saturating_add(seg.len);
-                desc::push_segment(segs, seg, self.config.coalesce)?;
-            }
-            Ok(())
-        };
-        if let Err(e) = resolve() {
-            self.xfers[i].segs.clear();
-            let _ = self.free_xfers.push(i as u16);
-            return Err(e);
-        }
+        let i = take_slot(&mut self.free_xfers, "transfers")?;
+        let (registry, regions) = (&self.registry, &self.peers[p].regions);
+        let pairs = local.iter().zip(remote).enumerate().map(|(k, (l, r))| {
+            let l = desc::resolve_local(registry, k, l)?;
+            let r = desc::resolve_remote(regions, k, r)?;
+            desc::pair(k, &l, &r)
+        });
+        let bytes = desc::fill_segments(&mut self.xfers[i].segs, pairs, self.config.coalesce);
         self.commit_xfer(i, op, p, notification, local.len(), bytes)
     }
 
-    fn take_prep_slot(&mut self) -> Result<usize, Error> {
-        self.free_preps
-            .pop()
-            .map(|i| i as usize)
-            .ok_or(Error::CapacityExceeded {
-                what: "prepared lists",
-                capacity: PREPS as u32,
-            })
+    /// Gives back prepared-list slot `i`, taken but never made live.
+    fn untake_prep(&mut self, i: usize) {
+        self.preps[i].entries.clear();
+        let _ = self.free_preps.push(i as u16);
     }
 
     fn fill_prep(
@@ -649,14 +648,12 @@ impl<
             let r = match resolve(self, k, d) {
                 Ok(r) => r,
                 Err(e) => {
-                    self.preps[i].entries.clear();
-                    let _ = self.free_preps.push(i as u16);
+                    self.untake_prep(i);
                     return Err(e);
                 }
             };
             if self.preps[i].entries.push(r).is_err() {
-                self.preps[i].entries.clear();
-                let _ = self.free_preps.push(i as u16);
+                self.untake_prep(i);
                 return Err(Error::CapacityExceeded {
                     what: "prepared list entries",
                     capacity: SEGS as u32,
@@ -670,7 +667,7 @@ impl<
     /// [`make_xfer`](Engine::make_xfer). The list counts as a user of its
     /// regions until [`release_local`](Engine::release_local).
     pub fn prep_local(&mut self, descs: &[Desc]) -> Result<PreparedLocal, Error> {
-        let i = self.take_prep_slot()?;
+        let i = take_slot(&mut self.free_preps, "prepared lists")?;
         self.preps[i].entries.clear();
         self.fill_prep(i, descs, |e, k, d| desc::resolve_local(&e.registry, k, d))?;
         let slot = &mut self.preps[i];
@@ -690,7 +687,7 @@ impl<
     /// reloaded or invalidated.
     pub fn prep_remote(&mut self, peer: &str, descs: &[Desc]) -> Result<PreparedRemote, Error> {
         let p = self.peer_index(peer)?;
-        let i = self.take_prep_slot()?;
+        let i = take_slot(&mut self.free_preps, "prepared lists")?;
         self.preps[i].entries.clear();
         self.fill_prep(i, descs, |e, k, d| {
             desc::resolve_remote(&e.peers[p].regions, k, d)
@@ -764,13 +761,13 @@ impl<
             });
         }
         desc::check_counts(local_idx.len(), remote_idx.len())?;
-        let i = self.take_xfer_slot()?;
+        let i = take_slot(&mut self.free_xfers, "transfers")?;
         let (l_entries, r_entries) = (&self.preps[li].entries, &self.preps[ri].entries);
-        let segs = &mut self.xfers[i].segs;
-        segs.clear();
-        let mut bytes = 0u64;
-        let mut resolve = || -> Result<(), Error> {
-            for (k, (&lx, &rx)) in local_idx.iter().zip(remote_idx).enumerate() {
+        let pairs = local_idx
+            .iter()
+            .zip(remote_idx)
+            .enumerate()
+            .map(|(k, (&lx, &rx))| {
                 let range = |side, value: u32, len: usize| Error::IndexOutOfRange {
                     side,
                     index: k as u32,
@@ -783,17 +780,9 @@ impl<
                 let r = r_entries
                     .get(rx as usize)
                     .ok_or_else(|| range(Side::Remote, rx, r_entries.len()))?;
-                let seg = desc::pair(k, l, r)?;
-                bytes = bytes.saturating_add(seg.len);
-                desc::push_segment(segs, seg, self.config.coalesce)?;
-            }
-            Ok(())
-        };
-        if let Err(e) = resolve() {
-            self.xfers[i].segs.clear();
-            let _ = self.free_xfers.push(i as u16);
-            return Err(e);
-        }
+                desc::pair(k, l, r)
+            });
+        let bytes = desc::fill_segments(&mut self.xfers[i].segs, pairs, self.config.coalesce);
         self.commit_xfer(i, op, p, notification, local_idx.len(), bytes)
     }
 
