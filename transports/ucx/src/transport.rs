@@ -1308,6 +1308,19 @@ impl Transport for UcxTransport {
                 key.rkey = ptr::null_mut();
             }
         }
+        if defer {
+            // The index may go to a new endpoint: detach the zombies that
+            // outlived the close (they end with the worker at the latest).
+            for &z in &self.zombies {
+                // SAFETY: zombie slots are live; no reference is held and no
+                // callback runs meanwhile.
+                unsafe {
+                    if (*self.slot_ptr(z)).ep == peer.index {
+                        (*self.slot_ptr(z)).ep = u32::MAX;
+                    }
+                }
+            }
+        }
         if let Some(state) = state {
             // SAFETY: the box is live; nobody else holds a reference.
             let pending =
