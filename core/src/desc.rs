@@ -38,6 +38,56 @@ pub struct Resolved {
     pub len: u64,
 }
 
+/// Checks what `desc` (number `index` of the `side` list) must be before
+/// any lookup: not empty, not past the end of the address space.
+fn check_span(side: Side, index: usize, desc: &Desc) -> Result<(), Error> {
+    if desc.len == 0 {
+        return Err(invalid(side, index, desc, DescError::ZeroLength));
+    }
+    if desc.addr.checked_add(desc.len).is_none() {
+        return Err(invalid(side, index, desc, DescError::AddressOverflow));
+    }
+    Ok(())
+}
+
+/// Checks that `region`, found for `desc`'s first byte, holds the whole of
+/// `desc` on `desc`'s device.
+fn check_fits(side: Side, index: usize, desc: &Desc, region: Region) -> Result<(), Error> {
+    if !region.contains(desc.addr, desc.len) {
+        return Err(invalid(
+            side,
+            index,
+            desc,
+            DescError::OutsideRegistration {
+                region_addr: region.addr,
+                region_len: region.len,
+            },
+        ));
+    }
+    if region.dev != desc.dev {
+        return Err(invalid(
+            side,
+            index,
+            desc,
+            DescError::DeviceMismatch {
+                region_dev: region.dev,
+            },
+        ));
+    }
+    Ok(())
+}
+
+/// The error for `desc`, number `index` of the `side` list, and its `reason`.
+fn invalid(side: Side, index: usize, desc: &Desc, reason: DescError) -> Error {
+    Error::InvalidDesc {
+        side,
+        index: index as u32,
+        addr: desc.addr,
+        len: desc.len,
+        reason,
+    }
+}
+
 /// Checks `desc` (number `index` of the `side` list) and finds the region
 /// that holds it among `count` regions sorted by address, given by `at`.
 /// Returns the region's position in that order.
@@ -48,36 +98,14 @@ pub fn resolve_sorted(
     count: usize,
     at: impl Fn(usize) -> Region,
 ) -> Result<usize, Error> {
-    let fail = |reason| Error::InvalidDesc {
-        side,
-        index: index as u32,
-        addr: desc.addr,
-        len: desc.len,
-        reason,
-    };
-    if desc.len == 0 {
-        return Err(fail(DescError::ZeroLength));
-    }
-    if desc.addr.checked_add(desc.len).is_none() {
-        return Err(fail(DescError::AddressOverflow));
-    }
-    let pos =
-        bisect(count, desc.addr, |i| at(i).addr).ok_or_else(|| fail(DescError::NotRegistered))?;
+    check_span(side, index, desc)?;
+    let unregistered = || invalid(side, index, desc, DescError::NotRegistered);
+    let pos = bisect(count, desc.addr, |i| at(i).addr).ok_or_else(unregistered)?;
     let region = at(pos);
     if desc.addr - region.addr >= region.len {
-        return Err(fail(DescError::NotRegistered));
+        return Err(unregistered());
     }
-    if !region.contains(desc.addr, desc.len) {
-        return Err(fail(DescError::OutsideRegistration {
-            region_addr: region.addr,
-            region_len: region.len,
-        }));
-    }
-    if region.dev != desc.dev {
-        return Err(fail(DescError::DeviceMismatch {
-            region_dev: region.dev,
-        }));
-    }
+    check_fits(side, index, desc, region)?;
     Ok(pos)
 }
 
@@ -88,37 +116,14 @@ pub fn resolve_local<R, const N: usize>(
     desc: &Desc,
 ) -> Result<Resolved, Error> {
     // Same rules as `resolve_sorted`, through the registry's own lookup.
-    let fail = |reason| Error::InvalidDesc {
-        side: Side::Local,
-        index: index as u32,
-        addr: desc.addr,
-        len: desc.len,
-        reason,
-    };
-    if desc.len == 0 {
-        return Err(fail(DescError::ZeroLength));
-    }
-    if desc.addr.checked_add(desc.len).is_none() {
-        return Err(fail(DescError::AddressOverflow));
-    }
-    let slot = registry
-        .find_addr(desc.addr)
-        .ok_or_else(|| fail(DescError::NotRegistered))?;
+    check_span(Side::Local, index, desc)?;
+    let unregistered = || invalid(Side::Local, index, desc, DescError::NotRegistered);
+    let slot = registry.find_addr(desc.addr).ok_or_else(unregistered)?;
     let region = registry
         .get(slot)
         .map(|e| e.region)
-        .ok_or_else(|| fail(DescError::NotRegistered))?;
-    if !region.contains(desc.addr, desc.len) {
-        return Err(fail(DescError::OutsideRegistration {
-            region_addr: region.addr,
-            region_len: region.len,
-        }));
-    }
-    if region.dev != desc.dev {
-        return Err(fail(DescError::DeviceMismatch {
-            region_dev: region.dev,
-        }));
-    }
+        .ok_or_else(unregistered)?;
+    check_fits(Side::Local, index, desc, region)?;
     Ok(Resolved {
         region: slot,
         addr: desc.addr,
