@@ -316,15 +316,7 @@ impl<'b> Encoder<'b> {
         enc.put(name.as_bytes())?;
         enc.put(&[backend.len() as u8])?;
         enc.put(backend.as_bytes())?;
-        let len_at = enc.pos;
-        enc.put(&[0, 0])?;
-        let n = enc.write_with(address)?;
-        let n16 = u16::try_from(n).map_err(|_| MetaError::TooLarge {
-            field: "transport address length",
-            value: n as u64,
-            max: u16::MAX as u64,
-        })?;
-        enc.buf[len_at..len_at + 2].copy_from_slice(&n16.to_le_bytes());
+        enc.put_prefixed("transport address length", address)?;
         enc.count_at = enc.pos;
         enc.put(&[0, 0])?;
         Ok(enc)
@@ -344,6 +336,25 @@ impl<'b> Encoder<'b> {
     fn put(&mut self, bytes: &[u8]) -> Result<(), Error> {
         self.room(bytes.len())?.copy_from_slice(bytes);
         self.pos += bytes.len();
+        Ok(())
+    }
+
+    /// Appends what `f` writes, after its length as a little-endian `u16`;
+    /// a longer write is refused as too large a `field`.
+    fn put_prefixed(
+        &mut self,
+        field: &'static str,
+        f: impl FnOnce(&mut [u8]) -> Result<usize, Error>,
+    ) -> Result<(), Error> {
+        let len_at = self.pos;
+        self.put(&[0, 0])?;
+        let n = self.write_with(f)?;
+        let n16 = u16::try_from(n).map_err(|_| MetaError::TooLarge {
+            field,
+            value: n as u64,
+            max: u16::MAX as u64,
+        })?;
+        self.buf[len_at..len_at + 2].copy_from_slice(&n16.to_le_bytes());
         Ok(())
     }
 
@@ -399,15 +410,7 @@ impl<'b> Encoder<'b> {
         self.put(&region.len.to_le_bytes())?;
         self.put(&region.dev.to_le_bytes())?;
         self.put(&[region.kind.code()])?;
-        let len_at = self.pos;
-        self.put(&[0, 0])?;
-        let n = self.write_with(key)?;
-        let n16 = u16::try_from(n).map_err(|_| MetaError::TooLarge {
-            field: "key length",
-            value: n as u64,
-            max: u16::MAX as u64,
-        })?;
-        self.buf[len_at..len_at + 2].copy_from_slice(&n16.to_le_bytes());
+        self.put_prefixed("key length", key)?;
         self.count += 1;
         self.last_end = Some(end);
         Ok(())
