@@ -943,11 +943,8 @@ impl ProgressBar {
     /// Records `measured` requests done, measuring since `t0`.
     #[cfg_attr(not(feature = "cli"), allow(unused_variables))]
     fn tick(&mut self, measured: u64, t0: Instant) {
-        if !self.enabled || measured % 16 != 0 {
-            return;
-        }
         #[cfg(feature = "cli")]
-        {
+        if self.enabled && measured % 16 == 0 {
             if self.bar.is_none() {
                 if self.started.elapsed() < Duration::from_secs(2) {
                     return;
