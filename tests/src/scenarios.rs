@@ -18,6 +18,55 @@ pub const IN_FLIGHT: u64 = 64;
 /// Bytes per transfer in [`many_in_flight`].
 pub const IN_FLIGHT_LEN: u64 = 64 << 10;
 
+/// Defines module `$modname` with one test per scenario that every fabric
+/// runs (Basic2 READ, SyncMessage, KV-shaped, 64 MiB, many in flight), over
+/// the [`Fabric`] that `$fabric` makes, plus the `$extra` items given. In
+/// the module, `run(scenario)` runs any scenario over that fabric with a
+/// fresh seed, printed first so that a failure can be replayed.
+#[macro_export]
+macro_rules! scenario_suite {
+    ($modname:ident, $fabric:expr, { $($extra:item)* }) => {
+        mod $modname {
+            #[allow(unused_imports)]
+            use super::*;
+
+            fn run(f: fn(&$crate::Fabric, u64)) {
+                let fabric: $crate::Fabric = $fabric;
+                let seed = $crate::random_seed();
+                eprintln!("fabric {:?}, seed {seed}", fabric.label);
+                f(&fabric, seed);
+            }
+
+            #[test]
+            fn basic2_read() {
+                run($crate::scenarios::basic_read);
+            }
+
+            #[test]
+            fn sync_message() {
+                run($crate::scenarios::sync_message);
+            }
+
+            #[test]
+            fn kv_shaped_128_scattered_blocks() {
+                run($crate::scenarios::kv_shaped);
+            }
+
+            #[test]
+            fn large_64_mib() {
+                run($crate::scenarios::large);
+            }
+
+            #[test]
+            fn many_in_flight() {
+                run($crate::scenarios::many_in_flight);
+            }
+
+            $($extra)*
+        }
+    };
+}
+
 fn names(f: &Fabric, roles: &[&str]) -> Vec<String> {
     roles
         .iter()

@@ -7,55 +7,24 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kvxfer::{Agent, AgentConfig, BackendKind, Desc, WaitOutcome, XferOp};
-use kvxfer_tests::{fill_pattern, random_seed, scenarios, AlignedBuf, Fabric, Peer};
+use kvxfer_tests::{
+    fill_pattern, random_seed, scenario_suite, scenarios, AlignedBuf, Fabric, Peer,
+};
 
+/// The shared scenarios plus LibfabricBackendBasic and three agents.
 macro_rules! suite {
     ($modname:ident, $provider:expr) => {
-        mod $modname {
-            use super::*;
-
-            fn run(f: fn(&Fabric, u64)) {
-                let fabric = Fabric::libfabric($provider);
-                let seed = random_seed();
-                eprintln!("fabric {:?}, seed {seed}", fabric.label);
-                f(&fabric, seed);
-            }
-
+        scenario_suite!($modname, Fabric::libfabric($provider), {
             #[test]
             fn libfabric_backend_basic() {
                 super::libfabric_backend_basic($provider);
             }
 
             #[test]
-            fn basic2_read() {
-                run(scenarios::basic_read);
-            }
-
-            #[test]
             fn connect_three_agents() {
                 run(scenarios::connect_three);
             }
-
-            #[test]
-            fn sync_message() {
-                run(scenarios::sync_message);
-            }
-
-            #[test]
-            fn kv_shaped_128_scattered_blocks() {
-                run(scenarios::kv_shaped);
-            }
-
-            #[test]
-            fn large_64_mib() {
-                run(scenarios::large);
-            }
-
-            #[test]
-            fn many_in_flight() {
-                run(scenarios::many_in_flight);
-            }
-        }
+        });
     };
 }
 
