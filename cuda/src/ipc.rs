@@ -37,7 +37,6 @@ use kvxfer_core::{
 
 use crate::driver::{self, check, Context, BACKEND, INVALID_VALUE};
 use crate::notify::{channel_addr, NotifyChannel};
-use crate::stream::GpuStream;
 use crate::wire::{host_id, IpcAddress, IpcKey};
 
 /// Longest notification, in bytes.
@@ -86,19 +85,78 @@ fn unref_opened(key: &OpenKey, count: u32) {
     }
 }
 
-/// Per-GPU state: the GPU's UUID and its stream with the event pool.
+/// Per-GPU state: the retained context, one non-blocking stream and a pool
+/// of events. Destroyed in `Drop` after the stream drained.
 struct DeviceState {
     uuid: [u8; 16],
-    gpu: GpuStream,
+    stream: sys::CUstream,
+    free_events: Vec<sys::CUevent>,
+    ctx: Arc<Context>,
 }
 
 impl DeviceState {
     fn new(ordinal: u32) -> Result<DeviceState, Error> {
-        let gpu = GpuStream::new(ordinal)?;
-        Ok(DeviceState {
-            uuid: driver::device_uuid(ordinal)?,
-            gpu,
-        })
+        let ctx = Context::new(ordinal)?;
+        ctx.bind()?;
+        let mut stream = std::ptr::null_mut();
+        // SAFETY: the context is current; `stream` is a valid out-parameter.
+        check(
+            unsafe {
+                sys::cuStreamCreate(
+                    &mut stream,
+                    sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+                )
+            },
+            "cuStreamCreate",
+        )?;
+        let mut state = DeviceState {
+            uuid: [0; 16],
+            stream,
+            free_events: Vec::new(),
+            ctx,
+        };
+        state.uuid = driver::device_uuid(ordinal)?;
+        Ok(state)
+    }
+
+    fn event(&mut self) -> Result<sys::CUevent, Error> {
+        if let Some(e) = self.free_events.pop() {
+            return Ok(e);
+        }
+        self.ctx.bind()?;
+        let mut ev = std::ptr::null_mut();
+        // SAFETY: the context is current; `ev` is a valid out-parameter.
+        check(
+            unsafe {
+                sys::cuEventCreate(&mut ev, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
+            },
+            "cuEventCreate",
+        )?;
+        Ok(ev)
+    }
+
+    fn synchronize(&self) -> Result<(), Error> {
+        self.ctx.bind()?;
+        // SAFETY: `stream` is live in this context.
+        check(
+            unsafe { sys::cuStreamSynchronize(self.stream) },
+            "cuStreamSynchronize",
+        )
+    }
+}
+
+impl Drop for DeviceState {
+    fn drop(&mut self) {
+        if let Err(e) = self.synchronize() {
+            log::warn!("draining stream of device {}: {e}", self.ctx.ordinal());
+        }
+        for ev in self.free_events.drain(..) {
+            // SAFETY: pooled events are not recorded on any pending work.
+            unsafe { sys::cuEventDestroy_v2(ev) };
+        }
+        // SAFETY: the stream has drained and is destroyed once; the context
+        // (`self.ctx`) is released after this, when the field drops.
+        unsafe { sys::cuStreamDestroy_v2(self.stream) };
     }
 }
 
@@ -279,14 +337,16 @@ impl CudaIpcTransport {
     /// Queries the events of in-flight transfer `i`; `Ok(true)` when all completed.
     fn events_done(&mut self, i: usize) -> Result<bool, Error> {
         while let Some(&(dev, ev)) = self.inflight[i].events.last() {
-            let gpu = &mut self.device(dev)?.gpu;
-            gpu.ctx().bind()?;
-            let done = gpu.query_bound(ev);
-            if let Ok(false) = done {
+            let state = self.device(dev)?;
+            state.ctx.bind()?;
+            // SAFETY: `ev` is a live event recorded in this context.
+            let res = unsafe { sys::cuEventQuery(ev) };
+            if res == sys::CUresult::CUDA_ERROR_NOT_READY {
                 return Ok(false);
             }
+            state.free_events.push(ev);
             self.inflight[i].events.pop();
-            done?;
+            check(res, "cuEventQuery")?;
         }
         Ok(true)
     }
@@ -324,8 +384,8 @@ impl CudaIpcTransport {
                 XferOp::Read => (s.local_addr, ldev, remote_ptr, rdev),
             };
             let other_ctx = if ldev != rdev {
-                let other = self.device(rdev)?.gpu.ctx().clone();
-                let local = self.device(ldev)?.gpu.ctx().clone();
+                let other = self.device(rdev)?.ctx.clone();
+                let local = self.device(ldev)?.ctx.clone();
                 // Direct NVLink/PCIe peer copies where the GPUs allow it;
                 // once per pair, as the device states keep both contexts.
                 let pair = (ldev.min(rdev), ldev.max(rdev));
@@ -338,9 +398,9 @@ impl CudaIpcTransport {
             } else {
                 None
             };
-            let local = &self.device(ldev)?.gpu;
-            local.ctx().bind()?;
-            let stream = local.raw();
+            let local = self.device(ldev)?;
+            local.ctx.bind()?;
+            let stream = local.stream;
             let what = || {
                 format!(
                     "{} segment {i}: {:#x} -> {:#x}, {} bytes",
@@ -362,9 +422,9 @@ impl CudaIpcTransport {
                 }
                 Some(other) => {
                     let (dst_ctx, src_ctx) = if dst_dev == ldev {
-                        (local.ctx().raw(), other.raw())
+                        (local.ctx.raw(), other.raw())
                     } else {
-                        (other.raw(), local.ctx().raw())
+                        (other.raw(), local.ctx.raw())
                     };
                     // SAFETY: as above, each pointer paired with the context
                     // of the GPU that holds it.
@@ -395,15 +455,15 @@ impl Drop for CudaIpcTransport {
     fn drop(&mut self) {
         // 1. Let every copy finish: nothing may touch peer memory after this.
         for state in self.devices.iter().flatten() {
-            if let Err(e) = state.gpu.synchronize() {
-                log::warn!("draining device {}: {e}", state.gpu.ctx().ordinal());
+            if let Err(e) = state.synchronize() {
+                log::warn!("draining device {}: {e}", state.ctx.ordinal());
             }
         }
         // 2. Return in-flight events to their pools.
         for f in std::mem::take(&mut self.inflight) {
             for (dev, ev) in f.events {
                 if let Some(Some(state)) = self.devices.get_mut(dev as usize) {
-                    state.gpu.recycle(ev);
+                    state.free_events.push(ev);
                 }
             }
         }
@@ -449,7 +509,7 @@ impl Transport for CudaIpcTransport {
             });
         }
         let state = self.device(region.dev)?;
-        state.gpu.ctx().bind()?;
+        state.ctx.bind()?;
         let uuid = state.uuid;
         let info = driver::pointer_info(region.addr)?;
         if info.kind != MemKind::Vram || info.dev != region.dev {
@@ -553,7 +613,7 @@ impl Transport for CudaIpcTransport {
                 open: None,
             });
         }
-        let ctx = self.device(dev)?.gpu.ctx().clone();
+        let ctx = self.device(dev)?.ctx.clone();
         let open_key: OpenKey = (peer.addr.pid, key.handle);
         let base = {
             let mut table = opened_table().lock().unwrap_or_else(|p| p.into_inner());
@@ -625,20 +685,21 @@ impl Transport for CudaIpcTransport {
         let result = self.enqueue(op, segments, &mut used).and_then(|()| {
             let mut events = Vec::with_capacity(used.len());
             for &dev in &used {
-                let gpu = &mut self.device(dev)?.gpu;
-                let ev = gpu.event()?;
-                let bound = gpu.ctx().bind();
-                match gpu.record_after(ev, bound) {
-                    Ok(ev) => events.push((dev, ev)),
-                    Err(e) => {
-                        for (d, ev) in events {
-                            if let Ok(s) = self.device(d) {
-                                s.gpu.recycle(ev);
-                            }
+                let state = self.device(dev)?;
+                let ev = state.event()?;
+                state.ctx.bind()?;
+                // SAFETY: `ev` and `stream` are live in the bound context.
+                let res = unsafe { sys::cuEventRecord(ev, state.stream) };
+                if let Err(e) = check(res, "cuEventRecord") {
+                    state.free_events.push(ev);
+                    for (d, ev) in events {
+                        if let Ok(s) = self.device(d) {
+                            s.free_events.push(ev);
                         }
-                        return Err(e);
                     }
+                    return Err(e);
                 }
+                events.push((dev, ev));
             }
             Ok(events)
         });
@@ -660,7 +721,7 @@ impl Transport for CudaIpcTransport {
                 // Copies already enqueued must not outlive the failed post.
                 for dev in used {
                     if let Ok(s) = self.device(dev) {
-                        let _ = s.gpu.synchronize();
+                        let _ = s.synchronize();
                     }
                 }
                 Err(e)

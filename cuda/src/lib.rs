@@ -26,7 +26,6 @@ pub mod ipc;
 pub mod memory;
 pub mod notify;
 pub mod staged;
-mod stream;
 pub mod wire;
 
 pub use driver::{

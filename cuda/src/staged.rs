@@ -35,9 +35,8 @@ use kvxfer_core::{
     Capabilities, Completion, Error, MemKind, PostStatus, Region, Segment, Token, Transport, XferOp,
 };
 
-use crate::driver::{self, check, INVALID_VALUE};
+use crate::driver::{self, check, Context, INVALID_VALUE};
 use crate::memory::PinnedBuffer;
-use crate::stream::GpuStream;
 
 /// Low 32 bits of every token [`Staged`] gives its inner transport for a
 /// chunk. The core's tokens carry a transfer slot index there (below
@@ -90,13 +89,11 @@ pub enum StagedKey<K> {
     Vram(Region),
 }
 
-/// Per-GPU staging state: stream, events and the bounce pool.
-///
-/// Fields drop in order: `gpu` first (the stream drains before anything
-/// else goes), then the pinned buffer, whose registration with the inner
-/// transport [`Staged`]'s `Drop` has taken back already.
+/// Per-GPU staging state: context, stream, events and the bounce pool.
 struct Pool<L> {
-    gpu: GpuStream,
+    ctx: Arc<Context>,
+    stream: sys::CUstream,
+    free_events: Vec<sys::CUevent>,
     /// The pinned bounce buffers, `chunk` bytes each, back to back.
     buf: PinnedBuffer,
     /// Its registration with the inner transport; taken back in
@@ -111,6 +108,22 @@ impl<L> Pool<L> {
         self.buf.addr() + (slot * self.chunk) as u64
     }
 
+    fn event(&mut self) -> Result<sys::CUevent, Error> {
+        if let Some(e) = self.free_events.pop() {
+            return Ok(e);
+        }
+        self.ctx.bind()?;
+        let mut ev = std::ptr::null_mut();
+        // SAFETY: the context is current; `ev` is a valid out-parameter.
+        check(
+            unsafe {
+                sys::cuEventCreate(&mut ev, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
+            },
+            "cuEventCreate",
+        )?;
+        Ok(ev)
+    }
+
     /// Enqueues a copy of `len` bytes between VRAM `dev_addr` and bounce
     /// slot `slot` (to the host when `to_host`), and records an event after it.
     fn copy(
@@ -121,34 +134,77 @@ impl<L> Pool<L> {
         len: usize,
     ) -> Result<sys::CUevent, Error> {
         let host = self.slot_addr(slot);
-        let ev = self.gpu.event()?;
-        self.gpu.ctx().bind()?;
-        let stream = self.gpu.raw();
+        let ev = self.event()?;
+        self.ctx.bind()?;
         let res = if to_host {
             // SAFETY: the slot holds `chunk >= len` bytes of the live pinned
             // buffer; `dev_addr..+len` lies in a registered VRAM region that
             // the core keeps until the transfer completes.
-            unsafe { sys::cuMemcpyDtoHAsync_v2(host as *mut _, dev_addr, len, stream) }
+            unsafe { sys::cuMemcpyDtoHAsync_v2(host as *mut _, dev_addr, len, self.stream) }
         } else {
             // SAFETY: as above, in the other direction.
-            unsafe { sys::cuMemcpyHtoDAsync_v2(dev_addr, host as *const _, len, stream) }
+            unsafe { sys::cuMemcpyHtoDAsync_v2(dev_addr, host as *const _, len, self.stream) }
         };
         let what = if to_host {
             "cuMemcpyDtoHAsync"
         } else {
             "cuMemcpyHtoDAsync"
         };
-        let enqueued = check(
+        let recorded = check(
             res,
             &format!("{what}({len} bytes, VRAM {dev_addr:#x}, bounce {host:#x})"),
-        );
-        self.gpu.record_after(ev, enqueued)
+        )
+        .and_then(|()| {
+            // SAFETY: `ev` and the stream are live in the bound context.
+            check(
+                unsafe { sys::cuEventRecord(ev, self.stream) },
+                "cuEventRecord",
+            )
+        });
+        match recorded {
+            Ok(()) => Ok(ev),
+            Err(e) => {
+                self.free_events.push(ev);
+                Err(e)
+            }
+        }
     }
 
     /// `Ok(true)` once `ev` completed (the event then goes back to the pool).
     fn query(&mut self, ev: sys::CUevent) -> Result<bool, Error> {
-        self.gpu.ctx().bind()?;
-        self.gpu.query_bound(ev)
+        self.ctx.bind()?;
+        // SAFETY: `ev` is a live event recorded in this context.
+        let res = unsafe { sys::cuEventQuery(ev) };
+        if res == sys::CUresult::CUDA_ERROR_NOT_READY {
+            return Ok(false);
+        }
+        self.free_events.push(ev);
+        check(res, "cuEventQuery").map(|()| true)
+    }
+}
+
+impl<L> Drop for Pool<L> {
+    fn drop(&mut self) {
+        let res = self.ctx.bind().and_then(|()| {
+            // SAFETY: the stream is live in this context.
+            check(
+                unsafe { sys::cuStreamSynchronize(self.stream) },
+                "cuStreamSynchronize",
+            )
+        });
+        if let Err(e) = res {
+            log::warn!(
+                "draining staging stream of device {}: {e}",
+                self.ctx.ordinal()
+            );
+        }
+        for ev in self.free_events.drain(..) {
+            // SAFETY: pooled events have no pending work (the stream drained).
+            unsafe { sys::cuEventDestroy_v2(ev) };
+        }
+        // SAFETY: the stream drained and is destroyed once; the pinned buffer
+        // and the context are freed after this, when the fields drop.
+        unsafe { sys::cuStreamDestroy_v2(self.stream) };
     }
 }
 
@@ -295,11 +351,25 @@ impl<T: Transport> Staged<T> {
         if self.pools[i].is_some() {
             return Ok(());
         }
-        let gpu = GpuStream::new(dev)?;
+        let ctx = Context::new(dev)?;
         let len = self.cfg.chunk.saturating_mul(self.cfg.chunks);
         let buf = PinnedBuffer::new(dev, len)?;
+        ctx.bind()?;
+        let mut stream = std::ptr::null_mut();
+        // SAFETY: the context is current; `stream` is a valid out-parameter.
+        check(
+            unsafe {
+                sys::cuStreamCreate(
+                    &mut stream,
+                    sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+                )
+            },
+            "cuStreamCreate",
+        )?;
         let mut pool = Pool {
-            gpu,
+            ctx,
+            stream,
+            free_events: Vec::new(),
             buf,
             reg: None,
             free_slots: (0..self.cfg.chunks).rev().collect(),
