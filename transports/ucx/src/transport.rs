@@ -1634,6 +1634,11 @@ impl Transport for UcxTransport {
     }
 }
 
+/// How long a dropped transport keeps progressing its worker before
+/// destroying it, so wire-up replies queued on UCX's internal endpoints are
+/// sent (see `Drop`).
+const WORKER_DRAIN: Duration = Duration::from_millis(50);
+
 impl Drop for UcxTransport {
     fn drop(&mut self) {
         if !self.worker.is_null() {
@@ -1692,7 +1697,18 @@ impl Drop for UcxTransport {
                 // left the list).
                 unsafe { sys::ucp_mem_unmap(self.context, memh) };
             }
-            // 5. The worker.
+            // 5. The worker. UCX keeps internal endpoints for connections
+            //    peers opened to us; a wire-up reply still queued on one
+            //    (its TCP connection not yet established) trips an
+            //    assertion inside ucp_worker_destroy in UCX 1.13, seen when
+            //    an agent is dropped right after a peer connected. Progress
+            //    a short, fixed time first so such replies go out.
+            let deadline = Instant::now() + WORKER_DRAIN;
+            while Instant::now() < deadline {
+                if !self.progress() {
+                    std::thread::yield_now();
+                }
+            }
             // SAFETY: every endpoint is closed; destroyed once.
             unsafe { sys::ucp_worker_destroy(self.worker) };
             self.worker = ptr::null_mut();
