@@ -1039,61 +1039,61 @@ fn deadline(tls: Option<&str>) {
     target.quit();
 }
 
-macro_rules! both_transports {
-    ($($name:ident),* $(,)?) => {
-        mod default_tls {
-            $(#[test] fn $name() { super::$name(None) })*
-        }
-        mod tcp {
-            $(#[test] fn $name() { super::$name(Some("tcp")) })*
+/// One module of tests, each calling the scenario of the same name with
+/// the given `UCX_TLS` (`None`: UCX's default).
+macro_rules! suite {
+    ($module:ident, $tls:expr, [$($name:ident),* $(,)?]) => {
+        mod $module {
+            $(#[test] fn $name() { super::$name($tls) })*
         }
     };
 }
 
-both_transports!(
-    write_100,
-    read_100,
-    kv_scattered,
-    large_64mib,
-    notification,
-    many_in_flight,
-    cancel,
-    peer_death,
-    deadline,
+suite!(
+    default_tls,
+    None,
+    [
+        write_100,
+        read_100,
+        kv_scattered,
+        large_64mib,
+        notification,
+        many_in_flight,
+        cancel,
+        peer_death,
+        deadline
+    ]
 );
-
-/// Shared memory only, without peer failure detection (no peer-death test:
-/// a dead peer is not detected there).
-mod shm {
-    #[test]
-    fn write_100() {
-        super::write_100(Some(super::SHM_ONLY))
-    }
-    #[test]
-    fn read_100() {
-        super::read_100(Some(super::SHM_ONLY))
-    }
-    #[test]
-    fn kv_scattered() {
-        super::kv_scattered(Some(super::SHM_ONLY))
-    }
-    #[test]
-    fn large_64mib() {
-        super::large_64mib(Some(super::SHM_ONLY))
-    }
-    #[test]
-    fn notification() {
-        super::notification(Some(super::SHM_ONLY))
-    }
-    #[test]
-    fn many_in_flight() {
-        super::many_in_flight(Some(super::SHM_ONLY))
-    }
-    #[test]
-    fn cancel() {
-        super::cancel(Some(super::SHM_ONLY))
-    }
-}
+suite!(
+    tcp,
+    Some("tcp"),
+    [
+        write_100,
+        read_100,
+        kv_scattered,
+        large_64mib,
+        notification,
+        many_in_flight,
+        cancel,
+        peer_death,
+        deadline
+    ]
+);
+// Shared memory only, without peer failure detection (no peer-death or
+// deadline test: a dead or stopped peer is not detected there).
+suite!(
+    shm,
+    Some(super::SHM_ONLY),
+    [
+        write_100,
+        read_100,
+        kv_scattered,
+        large_64mib,
+        notification,
+        many_in_flight,
+        cancel
+    ]
+);
 
 // ---------------------------------------------------------------- one process
 
