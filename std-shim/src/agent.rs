@@ -140,20 +140,32 @@ const fn largest_engine() -> usize {
 /// Builds the engine for `kind` on a thread with a stack large enough for
 /// it (see [`AgentEngine`]).
 fn build_backend(kind: BackendKind, name: &str, cfg: &AgentConfig) -> Result<Backend, Error> {
-    #[allow(unused_variables)]
-    let (name, provider) = (name.to_string(), cfg.provider.clone());
+    let name = name.to_string();
+    // The transport settings are resolved here, on the caller's thread, so
+    // that the builder thread owns everything it uses (see
+    // `AgentConfig::effective_ucx_config` for the order of precedence).
+    #[cfg(feature = "ucx")]
+    let ucx_cfg = match kind {
+        BackendKind::Ucx => Some(cfg.effective_ucx_config()?),
+        _ => None,
+    };
+    #[cfg(feature = "libfabric")]
+    let fabric_cfg = cfg.effective_fabric_config();
+    #[cfg(not(any(feature = "ucx", feature = "libfabric")))]
+    let _ = cfg;
     let build = move || -> Result<Backend, Error> {
         match kind {
             #[cfg(feature = "ucx")]
             BackendKind::Ucx => {
-                let t = kvxfer_ucx::UcxTransport::new(&kvxfer_ucx::UcxConfig::from_env()?)?;
+                let uc = ucx_cfg.unwrap_or_default();
+                log::debug!("{name}: UCX transport with {uc:?}");
+                let t = kvxfer_ucx::UcxTransport::new(&uc)?;
                 Ok(Backend::Ucx(boxed_engine(&name, staged(t))?))
             }
             #[cfg(feature = "libfabric")]
             BackendKind::Libfabric => {
-                let mut fc = kvxfer_libfabric::FabricConfig::default();
-                fc.provider = provider;
-                let t = kvxfer_libfabric::FabricTransport::new(&fc)?;
+                log::debug!("{name}: libfabric transport with {fabric_cfg:?}");
+                let t = kvxfer_libfabric::FabricTransport::new(&fabric_cfg)?;
                 Ok(Backend::Fabric(boxed_engine(&name, staged(t))?))
             }
             #[cfg(feature = "cuda")]

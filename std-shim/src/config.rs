@@ -11,6 +11,27 @@
 //! Values are matched without regard to case; an empty variable counts as
 //! unset. A value that names no backend built into this kvxfer is
 //! [`Error::UnsupportedBackend`], naming the value and the backends built in.
+//!
+//! # Transport settings
+//!
+//! The transport of the chosen backend is built from, field by field:
+//!
+//! 1. the backend-neutral settings of [`AgentConfig`] that are set:
+//!    [`transfer_timeout`](AgentConfig::transfer_timeout) (every backend)
+//!    and [`provider`](AgentConfig::provider) (libfabric);
+//! 2. the backend's own configuration when one is given
+//!    ([`AgentConfig::ucx`], [`AgentConfig::fabric`]), taken as it is: the
+//!    environment is then not consulted for its fields;
+//! 3. otherwise the backend's defaults with its environment variables
+//!    applied: for UCX [`UcxConfig::from_env`] (`KVXFER_UCX_OP_TIMEOUT_MS`,
+//!    `KVXFER_UCX_PEER_FAILURE_DETECTION`), for libfabric
+//!    `FabricConfig::default()` (the provider then comes from
+//!    `KVXFER_LIBFABRIC_PROVIDER`).
+//!
+//! Explicit configuration therefore beats the environment, and an
+//! application that sets nothing keeps the environment's behaviour. See
+//! [`AgentConfig::effective_ucx_config`] and
+//! [`AgentConfig::effective_fabric_config`] for the result.
 
 use std::fmt;
 use std::time::Duration;
@@ -25,6 +46,10 @@ pub const ENV_TRTLLM_BACKEND: &str = "TRTLLM_NIXL_KVCACHE_BACKEND";
 pub const ENV_AUTH_KEY: &str = "KVXFER_AUTH_KEY";
 
 pub use kvxfer_core::BackendKind;
+#[cfg(feature = "libfabric")]
+pub use kvxfer_libfabric::FabricConfig;
+#[cfg(feature = "ucx")]
+pub use kvxfer_ucx::UcxConfig;
 
 /// The backends built into this kvxfer (cargo features `ucx`, `libfabric`,
 /// `cuda`), comma separated, as named in [`Error::UnsupportedBackend`].
@@ -178,6 +203,32 @@ pub struct AgentConfig {
     /// challenge-response in both directions). `None` reads
     /// `KVXFER_AUTH_KEY`; an empty key turns authentication off.
     pub auth_key: Option<Vec<u8>>,
+    /// Per-transfer deadline of whichever backend is chosen, from post to
+    /// completion: a transfer still in flight after it fails with
+    /// [`Error::TimedOut`]. `Some(Some(d))`: deadline `d`; `Some(None)`: no
+    /// deadline (a transfer to a peer that stopped may then never end; a
+    /// zero duration means the same); `None` (the default): the backend decides — UCX takes
+    /// [`UcxConfig::op_timeout`] of [`ucx`](Self::ucx), else
+    /// `KVXFER_UCX_OP_TIMEOUT_MS`, else 5 s; libfabric takes
+    /// `FabricConfig::op_timeout` of [`fabric`](Self::fabric), else 5 s.
+    /// When set, it wins over both the backend configuration and the
+    /// environment. Not used by CUDA_IPC, whose copies do not wait on a
+    /// peer.
+    pub transfer_timeout: Option<Option<Duration>>,
+    /// The UCX transport's full configuration (keepalive, close and cancel
+    /// times, peer-failure detection, transports, …). `None` (the default):
+    /// [`UcxConfig::from_env`]. When given, the environment is not
+    /// consulted for its fields; [`transfer_timeout`](Self::transfer_timeout),
+    /// when set, still replaces its `op_timeout`.
+    #[cfg(feature = "ucx")]
+    pub ucx: Option<UcxConfig>,
+    /// The libfabric transport's full configuration (provider, transfer
+    /// timeout, queue sizes). `None` (the default): `FabricConfig::default()`.
+    /// [`provider`](Self::provider) and
+    /// [`transfer_timeout`](Self::transfer_timeout), when set, replace the
+    /// matching fields of it.
+    #[cfg(feature = "libfabric")]
+    pub fabric: Option<FabricConfig>,
 }
 
 impl Default for AgentConfig {
@@ -192,14 +243,19 @@ impl Default for AgentConfig {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             release_timeout: DEFAULT_RELEASE_TIMEOUT,
             auth_key: None,
+            transfer_timeout: None,
+            #[cfg(feature = "ucx")]
+            ucx: None,
+            #[cfg(feature = "libfabric")]
+            fabric: None,
         }
     }
 }
 
 impl fmt::Debug for AgentConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AgentConfig")
-            .field("backend", &self.backend)
+        let mut d = f.debug_struct("AgentConfig");
+        d.field("backend", &self.backend)
             .field("provider", &self.provider)
             .field("listen", &self.listen)
             .field("progress_thread", &self.progress_thread)
@@ -208,7 +264,12 @@ impl fmt::Debug for AgentConfig {
             .field("idle_timeout", &self.idle_timeout)
             .field("release_timeout", &self.release_timeout)
             .field("auth_key", &self.auth_key.as_ref().map(|_| "<set>"))
-            .finish()
+            .field("transfer_timeout", &self.transfer_timeout);
+        #[cfg(feature = "ucx")]
+        d.field("ucx", &self.ucx);
+        #[cfg(feature = "libfabric")]
+        d.field("fabric", &self.fabric);
+        d.finish()
     }
 }
 
@@ -265,6 +326,67 @@ impl AgentConfig {
     pub fn with_auth_key(mut self, key: impl Into<Vec<u8>>) -> Self {
         self.auth_key = Some(key.into());
         self
+    }
+
+    /// Sets [`transfer_timeout`](Self::transfer_timeout) to
+    /// `Some(timeout)`: `Some(d)` is a deadline of `d` for every transfer,
+    /// `None` no deadline. Either wins over the backend configuration and
+    /// the environment.
+    pub fn with_transfer_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.transfer_timeout = Some(timeout);
+        self
+    }
+
+    /// Sets [`ucx`](Self::ucx): the UCX transport is built from `config`
+    /// instead of [`UcxConfig::from_env`].
+    #[cfg(feature = "ucx")]
+    pub fn with_ucx_config(mut self, config: UcxConfig) -> Self {
+        self.ucx = Some(config);
+        self
+    }
+
+    /// Sets [`fabric`](Self::fabric): the libfabric transport is built from
+    /// `config` instead of `FabricConfig::default()`.
+    #[cfg(feature = "libfabric")]
+    pub fn with_fabric_config(mut self, config: FabricConfig) -> Self {
+        self.fabric = Some(config);
+        self
+    }
+
+    /// The configuration the UCX transport of an agent with these settings
+    /// is built with: [`ucx`](Self::ucx), else [`UcxConfig::from_env`]
+    /// (whose error, naming a malformed variable, is returned), with
+    /// [`transfer_timeout`](Self::transfer_timeout) applied when set.
+    #[cfg(feature = "ucx")]
+    pub fn effective_ucx_config(&self) -> Result<UcxConfig, Error> {
+        let mut c = match &self.ucx {
+            Some(c) => c.clone(),
+            None => UcxConfig::from_env()?,
+        };
+        if let Some(t) = self.transfer_timeout {
+            // The UCX transport reads zero as "no deadline" too.
+            c.op_timeout = t.filter(|d| !d.is_zero());
+        }
+        Ok(c)
+    }
+
+    /// The configuration the libfabric transport of an agent with these
+    /// settings is built with: [`fabric`](Self::fabric), else the
+    /// defaults, with [`provider`](Self::provider) and
+    /// [`transfer_timeout`](Self::transfer_timeout) applied when set. No
+    /// deadline is an `op_timeout` of [`Duration::MAX`]. A provider left
+    /// unset here is chosen by the transport (`KVXFER_LIBFABRIC_PROVIDER`,
+    /// else the first usable one).
+    #[cfg(feature = "libfabric")]
+    pub fn effective_fabric_config(&self) -> FabricConfig {
+        let mut c = self.fabric.clone().unwrap_or_default();
+        if let Some(p) = &self.provider {
+            c.provider = Some(p.clone());
+        }
+        if let Some(t) = self.transfer_timeout {
+            c.op_timeout = t.filter(|d| !d.is_zero()).unwrap_or(Duration::MAX);
+        }
+        c
     }
 
     /// The side-channel key in effect: the configured one, else
@@ -379,5 +501,75 @@ mod tests {
             None
         );
         assert!(!format!("{c:?}").contains("\"k\""));
+    }
+
+    #[test]
+    fn transport_settings_builder() {
+        let c = AgentConfig::default();
+        assert_eq!(c.transfer_timeout, None);
+        assert_eq!(c.ucx, None);
+        assert_eq!(c.fabric, None);
+        // Nothing set: libfabric's defaults, provider left to the transport.
+        assert_eq!(c.effective_fabric_config(), FabricConfig::default());
+
+        let ms300 = Duration::from_millis(300);
+        let c = AgentConfig::default().with_transfer_timeout(Some(ms300));
+        assert_eq!(c.transfer_timeout, Some(Some(ms300)));
+        assert_eq!(c.effective_fabric_config().op_timeout, ms300);
+        assert_eq!(
+            AgentConfig::default()
+                .with_transfer_timeout(None)
+                .transfer_timeout,
+            Some(None)
+        );
+
+        // An explicit UCX configuration is used as given ...
+        let mut uc = UcxConfig::default();
+        uc.op_timeout = Some(Duration::from_secs(9));
+        uc.cancel_timeout_ms = 123;
+        uc.close_timeout_ms = 45;
+        uc.keepalive_interval_ms = Some(250);
+        uc.peer_failure_detection = false;
+        let c = AgentConfig::default().with_ucx_config(uc.clone());
+        assert_eq!(c.ucx.as_ref(), Some(&uc));
+        assert_eq!(c.effective_ucx_config().unwrap(), uc);
+        // ... except for the deadline, when the neutral one is set.
+        let c = c.with_transfer_timeout(Some(ms300));
+        let eff = c.effective_ucx_config().unwrap();
+        assert_eq!(eff.op_timeout, Some(ms300));
+        assert_eq!(eff.cancel_timeout_ms, 123);
+        assert!(!eff.peer_failure_detection);
+        for none in [None, Some(Duration::ZERO)] {
+            let c = c.clone().with_transfer_timeout(none);
+            assert_eq!(c.effective_ucx_config().unwrap().op_timeout, None);
+            assert_eq!(c.effective_fabric_config().op_timeout, Duration::MAX);
+        }
+
+        // The same for libfabric, with the neutral provider on top.
+        let fc = FabricConfig::default()
+            .with_provider("shm")
+            .with_op_timeout(Duration::from_secs(2));
+        let c = AgentConfig::default().with_fabric_config(fc.clone());
+        assert_eq!(c.fabric.as_ref(), Some(&fc));
+        assert_eq!(c.effective_fabric_config(), fc);
+        let eff = c
+            .with_provider("tcp;ofi_rxm")
+            .with_transfer_timeout(Some(ms300))
+            .effective_fabric_config();
+        assert_eq!(eff.provider.as_deref(), Some("tcp;ofi_rxm"));
+        assert_eq!(eff.op_timeout, ms300);
+        assert_eq!(eff.max_transfers, fc.max_transfers);
+
+        let text = format!(
+            "{:?}",
+            AgentConfig::default()
+                .with_transfer_timeout(Some(ms300))
+                .with_ucx_config(uc)
+        );
+        assert!(
+            text.contains("transfer_timeout: Some(Some(300ms))"),
+            "{text}"
+        );
+        assert!(text.contains("cancel_timeout_ms: 123"), "{text}");
     }
 }
