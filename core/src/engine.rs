@@ -522,7 +522,10 @@ impl<
         Ok(())
     }
 
-    /// Frames `payload` with this agent's name into `out`.
+    /// Frames `payload` with this agent's name into `out`. The frame must
+    /// fit both `M` and the transport's notification limit; when not even
+    /// the frame around an empty payload fits, the error gives the framed
+    /// length and the limit.
     fn frame<const M: usize>(
         name: &Name,
         caps: &Capabilities,
@@ -530,7 +533,16 @@ impl<
         out: &mut heapless::Vec<u8, M>,
     ) -> Result<(), Error> {
         let limit = M.min(caps.max_notification as usize);
-        let max = limit.saturating_sub(1 + name.len());
+        let overhead = 1 + name.len();
+        if overhead > limit {
+            // Not even the frame around an empty payload fits: report the
+            // framed length against the limit.
+            return Err(Error::NotificationTooLong {
+                len: (overhead + payload.len()) as u64,
+                max: limit as u64,
+            });
+        }
+        let max = limit - overhead;
         if payload.len() > max {
             return Err(Error::NotificationTooLong {
                 len: payload.len() as u64,
@@ -993,6 +1005,10 @@ impl<
             return Some(Err(malformed));
         };
         let name_len = name_len as usize;
+        if name_len > NAME_CAP {
+            // No agent has such a name; cutting it would name another.
+            return Some(Err(malformed));
+        }
         let Some(name) = rest
             .get(..name_len)
             .and_then(|b| core::str::from_utf8(b).ok())

@@ -868,3 +868,61 @@ fn seeded_fault_plans_never_break_the_lifecycle() {
         assert_eq!(a.deregister(A).map(|r| r.addr), Ok(A));
     }
 }
+
+#[test]
+fn a_frame_that_cannot_fit_the_sender_name_is_refused() {
+    // The transport carries at most 4 bytes: the frame of "alice" (1 + 5
+    // bytes) does not fit even with an empty payload.
+    let mem = Mem::new(BASE);
+    let mut lb = Loopback::new(&mem, 1);
+    let mut caps = lb.capabilities();
+    caps.max_notification = 4;
+    lb.set_capabilities(caps);
+    let mut a = Eng::new("alice", lb, EngineConfig::default()).unwrap();
+    let mut b = Eng::new("bob", Loopback::new(&mem, 2), EngineConfig::default()).unwrap();
+    connect(&mut a, &mut b, true);
+    let too_long = Err(Error::NotificationTooLong { len: 6, max: 4 });
+    assert_eq!(a.notify("bob", b""), too_long);
+    assert_eq!(write8(&mut a, B, Some(b"")).map(|_| ()), too_long);
+    let mut buf = [0u8; 128];
+    assert_eq!(b.poll_notification(&mut buf), None, "nothing was sent");
+
+    // An engine whose NOTIF capacity is smaller than its name's frame.
+    let mut c = Engine::<Loopback<'_, ARENA>, 8, 4, 8, 16, 4, 4>::new(
+        "carol",
+        Loopback::new(&mem, 3),
+        EngineConfig::default(),
+    )
+    .unwrap();
+    let mut meta = [0u8; 1024];
+    let n = metadata(&b, &mut meta);
+    c.load_remote(&meta[..n]).unwrap();
+    assert_eq!(
+        c.notify("bob", b""),
+        Err(Error::NotificationTooLong { len: 6, max: 4 })
+    );
+    assert_eq!(b.poll_notification(&mut buf), None, "nothing was sent");
+}
+
+#[test]
+fn a_frame_naming_a_sender_longer_than_any_agent_name_is_malformed() {
+    let mem = Mem::new(BASE);
+    let (mut a, mut b) = engines(&mem);
+    let bob = a.transport_mut().connect(&2u32.to_le_bytes()).unwrap();
+    let mut frame = [b'x'; 1 + NAME_CAP + 1 + 3];
+    frame[0] = (NAME_CAP + 1) as u8;
+    a.transport_mut().send_notification(&bob, &frame).unwrap();
+    let mut buf = [0u8; 128];
+    assert_eq!(
+        b.poll_notification(&mut buf),
+        Some(Err(Error::MalformedNotification {
+            len: frame.len() as u64
+        }))
+    );
+    // A name of exactly NAME_CAP bytes is accepted whole.
+    let mut frame = [b'y'; 1 + NAME_CAP + 2];
+    frame[0] = NAME_CAP as u8;
+    a.transport_mut().send_notification(&bob, &frame).unwrap();
+    let n = b.poll_notification(&mut buf).unwrap().unwrap();
+    assert_eq!((n.peer.len(), &buf[..n.len]), (NAME_CAP, &b"yy"[..]));
+}
