@@ -20,18 +20,18 @@
 //!    [`transfer_timeout`](AgentConfig::transfer_timeout) (every backend)
 //!    and [`provider`](AgentConfig::provider) (libfabric);
 //! 2. the backend's own configuration when one is given
-//!    ([`AgentConfig::ucx`], [`AgentConfig::fabric`]), taken as it is: the
+//!    (`AgentConfig::ucx`, `AgentConfig::fabric`), taken as it is: the
 //!    environment is then not consulted for its fields;
 //! 3. otherwise the backend's defaults with its environment variables
-//!    applied: for UCX [`UcxConfig::from_env`] (`KVXFER_UCX_OP_TIMEOUT_MS`,
+//!    applied: for UCX `UcxConfig::from_env` (`KVXFER_UCX_OP_TIMEOUT_MS`,
 //!    `KVXFER_UCX_PEER_FAILURE_DETECTION`), for libfabric
 //!    `FabricConfig::default()` (the provider then comes from
 //!    `KVXFER_LIBFABRIC_PROVIDER`).
 //!
 //! Explicit configuration therefore beats the environment, and an
 //! application that sets nothing keeps the environment's behaviour. See
-//! [`AgentConfig::effective_ucx_config`] and
-//! [`AgentConfig::effective_fabric_config`] for the result.
+//! `AgentConfig::effective_ucx_config` and
+//! `AgentConfig::effective_fabric_config` for the result.
 
 use std::fmt;
 use std::time::Duration;
@@ -207,10 +207,10 @@ pub struct AgentConfig {
     /// completion: a transfer still in flight after it fails with
     /// [`Error::TimedOut`]. `Some(Some(d))`: deadline `d`; `Some(None)`: no
     /// deadline (a transfer to a peer that stopped may then never end; a
-    /// zero duration means the same); `None` (the default): the backend decides — UCX takes
-    /// [`UcxConfig::op_timeout`] of [`ucx`](Self::ucx), else
+    /// zero duration means the same); `None` (the default): the backend
+    /// decides — UCX takes `UcxConfig::op_timeout` of `ucx`, else
     /// `KVXFER_UCX_OP_TIMEOUT_MS`, else 5 s; libfabric takes
-    /// `FabricConfig::op_timeout` of [`fabric`](Self::fabric), else 5 s.
+    /// `FabricConfig::op_timeout` of `fabric`, else 5 s.
     /// When set, it wins over both the backend configuration and the
     /// environment. Not used by CUDA_IPC, whose copies do not wait on a
     /// peer.
