@@ -137,8 +137,9 @@ enum OpKind {
     /// A receive into notification buffer `buf`.
     Recv { buf: u32 },
     /// The operation of a transfer that already ended (timed out); its
-    /// completion is dropped.
-    Orphan,
+    /// completion is dropped, and the send buffer `buf` of an orphaned
+    /// notification goes back to the pool with it.
+    Orphan { buf: Option<u32> },
 }
 
 /// One libfabric operation of a segment.
@@ -642,7 +643,12 @@ impl FabricTransport {
         let kind = self.ops[op as usize];
         match kind {
             OpKind::Free => log::warn!("LIBFABRIC: completion for an unused context"),
-            OpKind::Orphan => self.free_op(op),
+            OpKind::Orphan { buf } => {
+                self.free_op(op);
+                if let Some(buf) = buf {
+                    self.free_sends.push(buf);
+                }
+            }
             OpKind::Rma { xfer, gen } | OpKind::XferNotif { xfer, gen, .. } => {
                 self.free_op(op);
                 if let OpKind::XferNotif { buf, .. } = kind {
@@ -898,12 +904,14 @@ impl FabricTransport {
             if !owned {
                 continue;
             }
-            if let OpKind::XferNotif { buf, .. } = self.ops[op as usize] {
-                // The buffer stays with the orphaned operation; it is
-                // reused only after the completion, which frees the op.
-                log::debug!("LIBFABRIC: notification buffer {buf} orphaned by a timeout");
-            }
-            self.ops[op as usize] = OpKind::Orphan;
+            // A notification's send buffer stays with the orphaned
+            // operation; it is reused only after the completion, which
+            // frees the op and gives the buffer back.
+            let buf = match self.ops[op as usize] {
+                OpKind::XferNotif { buf, .. } => Some(buf),
+                _ => None,
+            };
+            self.ops[op as usize] = OpKind::Orphan { buf };
             if !ep_fid.is_null() {
                 // SAFETY: the endpoint is open; the context was handed to
                 // one of its operations.
@@ -1401,5 +1409,51 @@ impl Transport for FabricTransport {
             log::warn!("LIBFABRIC: re-posting a notification buffer failed: {e}");
         }
         Some(Ok(len))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A transfer whose notification send is still with the provider when
+    /// it times out: the send buffer must come back when that send
+    /// completes, or the pool drains one buffer per such timeout.
+    #[test]
+    fn a_timed_out_notification_send_gives_its_buffer_back() {
+        let cfg = FabricConfig::default().with_provider("tcp;ofi_rxm");
+        let mut t = FabricTransport::new(&cfg).expect("tcp;ofi_rxm transport");
+        let sends = t.free_sends.len();
+        let slot = t.free_xfers.pop().unwrap();
+        let gen = {
+            let x = &mut t.xfers[slot as usize];
+            x.gen = x.gen.wrapping_add(1);
+            x.live = true;
+            x.token = Token(7);
+            x.has_notif = true;
+            x.notif_sent = true;
+            x.outstanding = 1;
+            x.gen
+        };
+        t.active.push(slot);
+        let buf = t.free_sends.pop().unwrap();
+        let op = t
+            .alloc_op(OpKind::XferNotif {
+                xfer: slot,
+                gen,
+                buf,
+            })
+            .unwrap();
+        t.time_out(slot, 1);
+        assert_eq!(
+            t.poll().map(|c| (c.token, c.result)),
+            Some((Token(7), Err(Error::TimedOut { after_ms: 1 })))
+        );
+        assert_eq!(t.free_sends.len(), sends - 1, "still with the provider");
+        // The provider reports the orphaned send at last.
+        let ctx = t.ctx_ptr(op);
+        t.on_completion(ctx, 0, None);
+        assert_eq!(t.ops[op as usize], OpKind::Free);
+        assert_eq!(t.free_sends.len(), sends, "the send buffer is back");
     }
 }
