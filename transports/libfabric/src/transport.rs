@@ -203,9 +203,11 @@ struct PendingSend {
 /// A buffer area registered for messages; written by libfabric, so only
 /// accessed through raw pointers.
 struct MsgBufs {
+    /// Declared before `mem` so that the registration is closed before the
+    /// memory it covers is freed.
+    reg: FabricReg,
     mem: Box<[UnsafeCell<u8>]>,
     slot: usize,
-    reg: FabricReg,
 }
 
 impl MsgBufs {
