@@ -43,6 +43,35 @@
 //! [`Error::RemoteDisconnected`](kvxfer_core::Error::RemoteDisconnected). A transfer not finished within
 //! [`FabricConfig::op_timeout`] completes with [`Error::TimedOut`](kvxfer_core::Error::TimedOut); its
 //! operations are cancelled with `fi_cancel` where the provider allows.
+//!
+//! `fi_cancel` does not stop RMA on most providers (`tcp;ofi_rxm` cancels
+//! receives only), so the operations of a timed-out transfer may still be
+//! with the provider, which would read a WRITE's source or write a READ's
+//! data when the peer resumes. Therefore:
+//!
+//! * The peer of a timed-out transfer is given up on at once: it is
+//!   removed from the address vector (`fi_av_remove`; over `tcp;ofi_rxm`
+//!   this closes the connection, and the provider reports every operation
+//!   on it as failed, because kvxfer sets `FI_AV_REMOVE_CLEANUP=1` before
+//!   opening its first transport unless the environment sets it already;
+//!   with `FI_AV_REMOVE_CLEANUP=0` the connection stays open and the
+//!   deregistration wait below runs into its bound). Its other transfers fail with
+//!   [`Error::RemoteDisconnected`](kvxfer_core::Error::RemoteDisconnected),
+//!   and so do later posts and notifications to it, at once, until the
+//!   peer is disconnected and connected again.
+//! * [`deregister`](kvxfer_core::Transport::deregister) of a region that an
+//!   operation of a timed-out transfer still references progresses the
+//!   completion queue until the provider has reported every such operation
+//!   (errors included), for at most [`FabricConfig::cancel_timeout`]. When
+//!   it returns within that bound, the provider no longer touches the
+//!   region, and the memory may be reused or freed.
+//! * If an operation is still outstanding after `cancel_timeout` (a
+//!   provider that neither completes nor flushes it, such as `shm`, whose
+//!   peer copies the data itself), an error naming the region is logged
+//!   and the registration is kept open until those operations are reported
+//!   or the transport is dropped (after its endpoint is closed). The memory
+//!   must then be kept alive, and not reused, until one of those happens:
+//!   the provider may still read or write it.
 
 // The core's `Error` is deliberately a large inline value (no_std, no
 // allocation), so every fallible function here returns a large `Err`.
@@ -87,6 +116,11 @@ pub struct FabricConfig {
     pub notification_buffers: usize,
     /// Longest notification in bytes. Default 4096.
     pub max_notification: usize,
+    /// How long [`deregister`](kvxfer_core::Transport::deregister) of a
+    /// region waits for the provider to give back the operations of timed
+    /// out transfers that still reference it. Default 3 s. See the
+    /// [crate documentation](crate#failure).
+    pub cancel_timeout: Duration,
 }
 
 impl Default for FabricConfig {
@@ -98,6 +132,7 @@ impl Default for FabricConfig {
             max_ops: 4096,
             notification_buffers: 64,
             max_notification: 4096,
+            cancel_timeout: Duration::from_secs(3),
         }
     }
 }
@@ -112,6 +147,13 @@ impl FabricConfig {
     /// This configuration with transfer timeout `timeout`.
     pub fn with_op_timeout(mut self, timeout: Duration) -> Self {
         self.op_timeout = timeout;
+        self
+    }
+
+    /// This configuration with deregistration wait `timeout` (see
+    /// [`FabricConfig::cancel_timeout`]).
+    pub fn with_cancel_timeout(mut self, timeout: Duration) -> Self {
+        self.cancel_timeout = timeout;
         self
     }
 }

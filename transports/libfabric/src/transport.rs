@@ -6,7 +6,7 @@ use std::ffi::{c_void, CStr};
 use std::ptr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvxfer_core::error::{bounded, Name};
 use kvxfer_core::mem::MemKinds;
@@ -30,6 +30,23 @@ const KEY_FLAG_VIRT_ADDR: u8 = 1;
 const ADDRESS_VERSION: u8 = 1;
 /// Completion-queue entries read per `fi_cq_read`.
 const CQ_BATCH: usize = 64;
+
+/// libfabric's setting that makes `fi_av_remove` close the connection to
+/// the removed peer (`tcp;ofi_rxm` keeps it open otherwise, and with it
+/// every operation still queued on it).
+const AV_REMOVE_CLEANUP_ENV: &str = "FI_AV_REMOVE_CLEANUP";
+
+/// Sets `FI_AV_REMOVE_CLEANUP=1` unless the environment sets it already,
+/// once per process, before the first address vector is opened (libfabric
+/// reads it then).
+fn enable_av_remove_cleanup() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os(AV_REMOVE_CLEANUP_ENV).is_none() {
+            std::env::set_var(AV_REMOVE_CLEANUP_ENV, "1");
+        }
+    });
+}
 
 /// Process-wide counter for requested memory keys.
 static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
@@ -107,6 +124,9 @@ impl std::fmt::Debug for Shared {
 pub struct FabricPeer {
     addr: sys::fi_addr_t,
     label: Name,
+    /// Unique in this transport: an address-vector slot may be reused by
+    /// a later `connect` once this peer was removed from it.
+    id: u64,
 }
 
 impl FabricPeer {
@@ -128,8 +148,8 @@ pub struct FabricRemoteKey {
 enum OpKind {
     /// Not in use.
     Free,
-    /// A segment of transfer slot `xfer`, generation `gen`.
-    Rma { xfer: u32, gen: u32 },
+    /// Segment `seg` of transfer slot `xfer`, generation `gen`.
+    Rma { xfer: u32, gen: u32, seg: u32 },
     /// The notification of transfer `xfer`, in send buffer `buf`.
     XferNotif { xfer: u32, gen: u32, buf: u32 },
     /// A notification outside any transfer, in send buffer `buf`.
@@ -138,8 +158,14 @@ enum OpKind {
     Recv { buf: u32 },
     /// The operation of a transfer that already ended (timed out); its
     /// completion is dropped, and the send buffer `buf` of an orphaned
-    /// notification goes back to the pool with it.
-    Orphan { buf: Option<u32> },
+    /// notification goes back to the pool with it. `local`/`len`: the
+    /// application memory an orphaned RMA operation may still touch (`len`
+    /// 0 for a notification).
+    Orphan {
+        buf: Option<u32>,
+        local: u64,
+        len: u64,
+    },
 }
 
 /// One libfabric operation of a segment.
@@ -160,6 +186,7 @@ struct Xfer {
     token: Token,
     op: XferOp,
     peer: sys::fi_addr_t,
+    peer_id: u64,
     peer_label: Name,
     segs: Vec<SegOp>,
     next: usize,
@@ -179,6 +206,7 @@ impl Xfer {
             token: Token(0),
             op: XferOp::Write,
             peer: 0,
+            peer_id: 0,
             peer_label: Name::new(),
             segs: Vec::new(),
             next: 0,
@@ -196,6 +224,7 @@ impl Xfer {
 #[derive(Debug)]
 struct PendingSend {
     peer: sys::fi_addr_t,
+    peer_id: u64,
     buf: u32,
     len: usize,
 }
@@ -245,6 +274,15 @@ pub struct FabricTransport {
     free_sends: Vec<u32>,
     pending_sends: VecDeque<PendingSend>,
     cq_entries: Vec<sys::fi_cq_data_entry>,
+    /// Id of the next peer `connect` makes.
+    next_peer_id: u64,
+    /// Peers given up on after a timeout: removed from the address
+    /// vector, until `disconnect`.
+    given_up: Vec<u64>,
+    /// Registrations whose deregistration timed out waiting for orphaned
+    /// operations; closed once those are reported, or after the endpoint
+    /// in `Drop`.
+    deferred: Vec<FabricReg>,
 }
 
 // SAFETY: all libfabric objects are opened with FI_THREAD_DOMAIN and used
@@ -295,6 +333,7 @@ impl FabricTransport {
                 ),
             ));
         }
+        enable_av_remove_cleanup();
         let tried = candidates(config);
         let mut last = 0i64;
         let mut info = None;
@@ -422,6 +461,9 @@ impl FabricTransport {
             free_sends: (0..nsend as u32).rev().collect(),
             pending_sends: VecDeque::with_capacity(nsend),
             cq_entries: vec![sys::fi_cq_data_entry::default(); CQ_BATCH],
+            next_peer_id: 1,
+            given_up: Vec::new(),
+            deferred: Vec::new(),
         };
         for b in 0..nrecv as u32 {
             let op = t
@@ -468,6 +510,70 @@ impl FabricTransport {
     /// Transfers posted and not yet reported.
     pub fn in_flight(&self) -> usize {
         self.active.len()
+    }
+
+    /// Registrations whose deregistration is still deferred: operations of
+    /// timed-out transfers referencing them were not reported within
+    /// [`FabricConfig::cancel_timeout`], so their memory must stay
+    /// allocated (see the [crate documentation](crate#failure)).
+    pub fn deferred_deregistrations(&self) -> usize {
+        self.deferred.len()
+    }
+
+    /// Whether an orphaned operation may still touch `[addr, addr+len)`.
+    fn orphans_touch(&self, addr: u64, len: u64) -> bool {
+        let end = addr.saturating_add(len);
+        self.ops.iter().any(|k| match *k {
+            OpKind::Orphan { local, len: l, .. } => {
+                l > 0 && local < end && addr < local.saturating_add(l)
+            }
+            _ => false,
+        })
+    }
+
+    /// Closes the deferred registrations no orphaned operation references
+    /// any more.
+    fn release_deferred(&mut self) {
+        let mut i = 0;
+        while i < self.deferred.len() {
+            let r = self.deferred[i].region;
+            if self.orphans_touch(r.addr, r.len) {
+                i += 1;
+            } else {
+                log::info!(
+                    "LIBFABRIC: deferred deregistration of {:#x}+{} done",
+                    r.addr,
+                    r.len
+                );
+                drop(self.deferred.swap_remove(i));
+            }
+        }
+    }
+
+    /// Removes peer `id` at `addr` from the address vector after a
+    /// timeout: the provider then drops its connection and reports the
+    /// operations on it. Transfers and notifications to it fail until it
+    /// is connected again.
+    fn give_up(&mut self, addr: sys::fi_addr_t, id: u64, label: &str) {
+        if self.given_up.contains(&id) {
+            return;
+        }
+        self.given_up.push(id);
+        let av = self.shared.av();
+        if av.is_null() {
+            return;
+        }
+        let mut a = addr;
+        // SAFETY: av is open; addr came from fi_av_insert on it and was not
+        // removed yet (peer ids are removed at most once, here or in
+        // disconnect).
+        let ret = unsafe { sys::kvxfer_fi_av_remove(av, &mut a, 1, 0) };
+        if ret != 0 {
+            log::warn!(
+                "LIBFABRIC: fi_av_remove({label}) after a timeout: {}",
+                strerror(ret as i64)
+            );
+        }
     }
 
     fn ctx_ptr(&self, op: u32) -> *mut c_void {
@@ -645,13 +751,13 @@ impl FabricTransport {
         let kind = self.ops[op as usize];
         match kind {
             OpKind::Free => log::warn!("LIBFABRIC: completion for an unused context"),
-            OpKind::Orphan { buf } => {
+            OpKind::Orphan { buf, .. } => {
                 self.free_op(op);
                 if let Some(buf) = buf {
                     self.free_sends.push(buf);
                 }
             }
-            OpKind::Rma { xfer, gen } | OpKind::XferNotif { xfer, gen, .. } => {
+            OpKind::Rma { xfer, gen, .. } | OpKind::XferNotif { xfer, gen, .. } => {
                 self.free_op(op);
                 if let OpKind::XferNotif { buf, .. } = kind {
                     self.free_sends.push(buf);
@@ -663,13 +769,12 @@ impl FabricTransport {
                 x.outstanding -= 1;
                 if let Some((errno, prov_errno, text)) = error {
                     if x.error.is_none() {
-                        x.error = Some(Self::xfer_error(
-                            x,
-                            errno,
-                            prov_errno,
-                            self.prov_errno_is_errno,
-                            &text,
-                        ));
+                        x.error = Some(if self.given_up.contains(&x.peer_id) {
+                            // Flushed by the removal of its peer.
+                            Error::disconnected("")
+                        } else {
+                            Self::xfer_error(x, errno, prov_errno, self.prov_errno_is_errno, &text)
+                        });
                     }
                     // Stop issuing further segments.
                     x.next = x.segs.len();
@@ -704,9 +809,20 @@ impl FabricTransport {
             if x.next >= x.segs.len() || x.error.is_some() {
                 return Ok(());
             }
+            if self.given_up.contains(&x.peer_id) {
+                // Its address may already belong to another peer.
+                let x = &mut self.xfers[slot as usize];
+                x.error = Some(Error::disconnected(""));
+                x.next = x.segs.len();
+                return Ok(());
+            }
             let seg = x.segs[x.next];
             let (peer, op_kind, gen) = (x.peer, x.op, x.gen);
-            let Some(op) = self.alloc_op(OpKind::Rma { xfer: slot, gen }) else {
+            let Some(op) = self.alloc_op(OpKind::Rma {
+                xfer: slot,
+                gen,
+                seg: x.next as u32,
+            }) else {
                 return Ok(());
             };
             let iov = libc::iovec {
@@ -814,6 +930,12 @@ impl FabricTransport {
     fn flush_pending_sends(&mut self) {
         while let Some(p) = self.pending_sends.front() {
             let (peer, buf, len) = (p.peer, p.buf, p.len);
+            if self.given_up.contains(&p.peer_id) {
+                log::warn!("LIBFABRIC: a queued notification is dropped: its peer timed out");
+                self.pending_sends.pop_front();
+                self.free_sends.push(buf);
+                continue;
+            }
             match self.try_send(peer, buf, len, OpKind::Notif { buf }) {
                 Ok(true) => {
                     self.pending_sends.pop_front();
@@ -901,19 +1023,29 @@ impl FabricTransport {
         let gen = self.xfers[slot as usize].gen;
         let ep_fid = self.shared.ep_fid();
         for op in 0..self.ops.len() as u32 {
-            let owned = matches!(self.ops[op as usize],
-                OpKind::Rma { xfer, gen: g } | OpKind::XferNotif { xfer, gen: g, .. } if xfer == slot && g == gen);
-            if !owned {
-                continue;
-            }
             // A notification's send buffer stays with the orphaned
             // operation; it is reused only after the completion, which
-            // frees the op and gives the buffer back.
-            let buf = match self.ops[op as usize] {
-                OpKind::XferNotif { buf, .. } => Some(buf),
-                _ => None,
+            // frees the op and gives the buffer back. An RMA operation
+            // keeps the range of application memory it may still touch.
+            let orphan = match self.ops[op as usize] {
+                OpKind::XferNotif { xfer, gen: g, buf } if xfer == slot && g == gen => {
+                    OpKind::Orphan {
+                        buf: Some(buf),
+                        local: 0,
+                        len: 0,
+                    }
+                }
+                OpKind::Rma { xfer, gen: g, seg } if xfer == slot && g == gen => {
+                    let s = self.xfers[slot as usize].segs[seg as usize];
+                    OpKind::Orphan {
+                        buf: None,
+                        local: s.local,
+                        len: s.len,
+                    }
+                }
+                _ => continue,
             };
-            self.ops[op as usize] = OpKind::Orphan { buf };
+            self.ops[op as usize] = orphan;
             if !ep_fid.is_null() {
                 // SAFETY: the endpoint is open; the context was handed to
                 // one of its operations.
@@ -923,12 +1055,15 @@ impl FabricTransport {
                 }
             }
         }
-        let x = &mut self.xfers[slot as usize];
+        let x = &self.xfers[slot as usize];
         log::warn!(
-            "LIBFABRIC: {} to {} timed out after {after_ms} ms",
+            "LIBFABRIC: {} to {} timed out after {after_ms} ms; the peer is given up on until it is connected again",
             x.op.name(),
             x.peer_label
         );
+        let (peer, peer_id, label) = (x.peer, x.peer_id, x.peer_label.clone());
+        self.give_up(peer, peer_id, &label);
+        let x = &mut self.xfers[slot as usize];
         x.outstanding = 0;
         x.next = x.segs.len();
         x.error = Some(Error::TimedOut { after_ms });
@@ -1044,6 +1179,8 @@ impl Drop for FabricTransport {
         // contexts and buffers freed with this value. Registrations still
         // held elsewhere keep the domain open.
         self.shared.close_endpoint();
+        // Deferred registrations: no operation is left to use them.
+        self.deferred.clear();
     }
 }
 
@@ -1085,6 +1222,41 @@ impl Transport for FabricTransport {
     }
 
     fn deregister(&mut self, reg: FabricReg) {
+        let r = reg.region;
+        if !self.orphans_touch(r.addr, r.len) {
+            drop(reg);
+            return;
+        }
+        // Operations of timed-out transfers may still touch this memory:
+        // wait until the provider reports them (their peers were removed
+        // from the address vector, which flushes them where the provider
+        // can).
+        let start = Instant::now();
+        while self.orphans_touch(r.addr, r.len) {
+            if start.elapsed() >= self.config.cancel_timeout || self.shared.cq().is_null() {
+                log::error!(
+                    "LIBFABRIC: provider {}: operations of timed-out transfers on {:#x}+{} \
+                     not reported within {:?}; the registration stays open and the provider \
+                     may still touch that memory",
+                    self.provider,
+                    r.addr,
+                    r.len,
+                    self.config.cancel_timeout
+                );
+                self.deferred.push(reg);
+                return;
+            }
+            self.read_cq();
+            if self.orphans_touch(r.addr, r.len) {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        log::debug!(
+            "LIBFABRIC: orphaned operations on {:#x}+{} reported after {:?}",
+            r.addr,
+            r.len,
+            start.elapsed()
+        );
         drop(reg);
     }
 
@@ -1175,13 +1347,38 @@ impl Transport for FabricTransport {
                 .to_string_lossy()
                 .into_owned()
         };
+        let id = self.next_peer_id;
+        self.next_peer_id += 1;
         Ok(FabricPeer {
             addr: fi_addr,
             label: bounded(&label),
+            id,
         })
     }
 
     fn disconnect(&mut self, peer: FabricPeer) {
+        if let Some(i) = self.given_up.iter().position(|&id| id == peer.id) {
+            // Removed from the address vector already. Nothing may refer
+            // to the peer once its id is forgotten.
+            self.given_up.swap_remove(i);
+            for &slot in &self.active {
+                let x = &mut self.xfers[slot as usize];
+                if x.peer_id == peer.id && x.error.is_none() {
+                    x.error = Some(Error::disconnected(""));
+                    x.next = x.segs.len();
+                }
+            }
+            let mut kept = VecDeque::with_capacity(self.pending_sends.capacity());
+            for p in self.pending_sends.drain(..) {
+                if p.peer_id == peer.id {
+                    self.free_sends.push(p.buf);
+                } else {
+                    kept.push_back(p);
+                }
+            }
+            self.pending_sends = kept;
+            return;
+        }
         let av = self.shared.av();
         if av.is_null() {
             return;
@@ -1245,6 +1442,9 @@ impl Transport for FabricTransport {
         if self.shared.ep().is_null() {
             return Err(Error::ShutDown);
         }
+        if self.given_up.contains(&peer.id) {
+            return Err(Error::disconnected(""));
+        }
         for (i, s) in segments.iter().enumerate() {
             let ok_local = s.local.region.contains(s.local_addr, s.len);
             let ok_remote = s.remote_addr >= s.remote_region_addr;
@@ -1272,6 +1472,7 @@ impl Transport for FabricTransport {
         x.token = token;
         x.op = op;
         x.peer = peer.addr;
+        x.peer_id = peer.id;
         x.peer_label = peer.label.clone();
         x.segs.clear();
         x.next = 0;
@@ -1334,6 +1535,9 @@ impl Transport for FabricTransport {
         }
         self.flush_pending_sends();
         self.advance();
+        if !self.deferred.is_empty() {
+            self.release_deferred();
+        }
         self.done.pop_front()
     }
 
@@ -1354,6 +1558,9 @@ impl Transport for FabricTransport {
         if self.shared.ep().is_null() {
             return Err(Error::ShutDown);
         }
+        if self.given_up.contains(&peer.id) {
+            return Err(Error::disconnected(""));
+        }
         if self.free_sends.is_empty() {
             self.read_cq();
         }
@@ -1368,6 +1575,7 @@ impl Transport for FabricTransport {
             // Keep the order of notifications to the same peer.
             self.pending_sends.push_back(PendingSend {
                 peer: peer.addr,
+                peer_id: peer.id,
                 buf,
                 len: msg.len(),
             });
@@ -1379,6 +1587,7 @@ impl Transport for FabricTransport {
             Ok(false) => {
                 self.pending_sends.push_back(PendingSend {
                     peer: peer.addr,
+                    peer_id: peer.id,
                     buf,
                     len: msg.len(),
                 });
@@ -1426,9 +1635,15 @@ mod tests {
         let cfg = FabricConfig::default().with_provider("tcp;ofi_rxm");
         let mut t = FabricTransport::new(&cfg).expect("tcp;ofi_rxm transport");
         let sends = t.free_sends.len();
+        // A real peer (this endpoint itself): the timeout removes it from
+        // the address vector.
+        let address = t.address.clone();
+        let peer = t.connect(&address).expect("connect to itself");
         let slot = t.free_xfers.pop().unwrap();
         let gen = {
             let x = &mut t.xfers[slot as usize];
+            x.peer = peer.addr;
+            x.peer_id = peer.id;
             x.gen = x.gen.wrapping_add(1);
             x.live = true;
             x.token = Token(7);
@@ -1457,5 +1672,6 @@ mod tests {
         t.on_completion(ctx, 0, None);
         assert_eq!(t.ops[op as usize], OpKind::Free);
         assert_eq!(t.free_sends.len(), sends, "the send buffer is back");
+        t.disconnect(peer);
     }
 }

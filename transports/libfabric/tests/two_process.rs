@@ -8,6 +8,8 @@
 //! * `SUM <offset> <len>`: checksum of its buffer, computed at once, with no
 //!   progress in between — so a WRITE reported done must already be there;
 //! * `FILL <seed>`: fill its buffer with a seeded pattern;
+//! * `WORDS <byte>`: how many aligned 8-byte words of its buffer hold
+//!   nothing but `<byte>` (hex);
 //! * `EXIT`.
 //!
 //! Notifications it receives are printed as `NOTIF <hex> <checksum of the
@@ -134,6 +136,14 @@ fn target_main() {
                         fill(&mut buf, seed.parse().unwrap());
                         writeln!(out, "OK").unwrap();
                     }
+                    ["WORDS", b] => {
+                        let b = u8::from_str_radix(b, 16).unwrap();
+                        let n = buf
+                            .chunks_exact(8)
+                            .filter(|w| w.iter().all(|&x| x == b))
+                            .count();
+                        writeln!(out, "WORDS {n}").unwrap();
+                    }
                     ["EXIT"] => break,
                     _ => panic!("unknown command {cmd:?}"),
                 }
@@ -230,10 +240,43 @@ impl Target {
         self.send(&format!("FILL {seed}"));
         self.expect("OK");
     }
+
+    /// Aligned 8-byte words of the target's buffer made only of `byte`.
+    fn words(&mut self, byte: u8) -> usize {
+        self.send(&format!("WORDS {byte:x}"));
+        let l = self.expect("WORDS ");
+        l.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// Sends `sig` to the target process.
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill has no memory effects; the pid is our own child,
+        // not yet reaped.
+        let ret = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(ret, 0, "kill({}, {sig})", self.child.id());
+        if sig == libc::SIGSTOP {
+            // kill returns before the process has stopped.
+            let status = format!("/proc/{}/stat", self.child.id());
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let stat = std::fs::read_to_string(&status).unwrap_or_default();
+                // The state follows the parenthesised command name.
+                let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+                if state.starts_with('T') {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "target did not stop: {stat}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
 }
 
 impl Drop for Target {
     fn drop(&mut self) {
+        // A target left stopped by a failed test must not outlive it.
+        // SAFETY: as in `signal`.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGCONT) };
         let _ = writeln!(self.stdin, "EXIT");
         let _ = self.stdin.flush();
         let deadline = Instant::now() + Duration::from_secs(3);
@@ -689,6 +732,86 @@ fn bad_inputs(provider: &str) {
     target.expect("SUM ");
 }
 
+/// The byte a timed-out transfer's local buffer is filled with after its
+/// registration is gone.
+const SENTINEL: u8 = 0xab;
+
+/// A transfer to a stopped target times out; its local region is then
+/// deregistered and overwritten with `SENTINEL`; the target resumes. No
+/// late READ data may land in the buffer, no late WRITE may carry the
+/// sentinel to the target, and later posts to that peer fail at once
+/// until it is connected again.
+fn no_memory_touched_after_timeout(provider: &str, op: XferOp) {
+    // A WRITE larger than the socket buffers keeps data in local memory
+    // that the provider would still have to read.
+    let len: usize = if op == XferOp::Write {
+        32 << 20
+    } else {
+        1 << 20
+    };
+    let mut target = Target::spawn(provider, len);
+    target.fill(5);
+    let cfg = config(provider).with_op_timeout(Duration::from_millis(500));
+    let mut ini = Initiator::with_config(cfg, &target, len);
+    let mut local = local_buf(len, 6);
+    let reg = ini
+        .t
+        .register(&Region::dram(local.as_mut_ptr() as u64, len as u64))
+        .unwrap();
+    // Connected and in use before the target stops.
+    ini.run(XferOp::Write, &reg, &local, &[(0, 0, 64)], 9);
+    target.signal(libc::SIGSTOP);
+    let st = ini.post(op, &reg, &local, &[(0, 0, len)], None, 1);
+    assert_eq!(st, Ok(kvxfer_core::PostStatus::InProgress));
+    let c = ini.wait(1, Duration::from_secs(5));
+    assert!(
+        matches!(c[0].result, Err(Error::TimedOut { after_ms }) if after_ms >= 500),
+        "{:?}",
+        c[0]
+    );
+    let start = Instant::now();
+    ini.t.deregister(reg);
+    let dereg = start.elapsed();
+    assert!(dereg < Duration::from_secs(4), "deregister took {dereg:?}");
+    local.fill(SENTINEL);
+    target.signal(libc::SIGCONT);
+    // The target serves what it had queued; keep progressing here too.
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        while ini.t.poll().is_some() {}
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let changed = local.iter().filter(|&&b| b != SENTINEL).count();
+    assert_eq!(
+        changed, 0,
+        "{provider}: {changed} bytes of the deregistered buffer changed after a timed-out {op:?}"
+    );
+    if op == XferOp::Write {
+        assert_eq!(
+            target.words(SENTINEL),
+            0,
+            "{provider}: a late WRITE read the deregistered buffer"
+        );
+    }
+    // The peer whose transfer timed out is given up on: a post fails at
+    // once until it is connected again.
+    let mut other = local_buf(64, 8);
+    let reg = ini
+        .t
+        .register(&Region::dram(other.as_mut_ptr() as u64, 64))
+        .unwrap();
+    assert_eq!(
+        ini.post(XferOp::Write, &reg, &other, &[(0, 0, 64)], None, 2),
+        Err(Error::disconnected(""))
+    );
+    let old = ini.peer.take().unwrap();
+    ini.t.disconnect(old);
+    ini.peer = Some(ini.t.connect(&target.addr).expect("reconnect"));
+    ini.run(XferOp::Write, &reg, &other, &[(0, 0, 64)], 3);
+    assert_eq!(target.sum(0, 64), checksum(&other), "WRITE after reconnect");
+    ini.t.deregister(reg);
+}
+
 // ------------------------------------------------------------------ tests
 
 /// The target side, run only in a re-spawned child.
@@ -718,6 +841,16 @@ per_provider! {
     tcp_rxm => "tcp;ofi_rxm",
     shm => "shm",
     sockets => "sockets",
+}
+
+#[test]
+fn tcp_rxm_no_late_read_data_after_timeout_and_deregister() {
+    no_memory_touched_after_timeout("tcp;ofi_rxm", XferOp::Read);
+}
+
+#[test]
+fn tcp_rxm_no_late_write_from_deregistered_memory() {
+    no_memory_touched_after_timeout("tcp;ofi_rxm", XferOp::Write);
 }
 
 #[test]
