@@ -30,6 +30,9 @@ const KEY_FLAG_VIRT_ADDR: u8 = 1;
 const ADDRESS_VERSION: u8 = 1;
 /// Completion-queue entries read per `fi_cq_read`.
 const CQ_BATCH: usize = 64;
+/// How long `FabricTransport::new` keeps trying to post the notification
+/// receive buffers while the provider asks to retry.
+const RECV_SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// libfabric's setting that makes `fi_av_remove` close the connection to
 /// the removed peer (`tcp;ofi_rxm` keeps it open otherwise, and with it
@@ -321,7 +324,9 @@ impl FabricTransport {
     /// notification buffers.
     ///
     /// Fails with [`Error::Backend`] naming LIBFABRIC, the provider(s) tried
-    /// and libfabric's reason when no provider is usable.
+    /// and libfabric's reason when no provider is usable, or naming the
+    /// provider when it keeps refusing (`FI_EAGAIN`) the notification
+    /// receive buffers for 5 s, whatever [`FabricConfig::op_timeout`] is.
     pub fn new(config: &FabricConfig) -> Result<FabricTransport, Error> {
         if config.max_transfers == 0 || config.max_ops == 0 || config.max_notification == 0 {
             return Err(Error::backend(
@@ -472,21 +477,28 @@ impl FabricTransport {
             t.recv_ops.push(op);
             t.repost.push(b);
         }
-        // Post the receives, progressing the queue if the provider pushes back.
+        // Post the receives, progressing the queue if the provider pushes
+        // back; bounded on its own (op_timeout may be unbounded).
         let start = Instant::now();
         while !t.repost.is_empty() {
             t.post_receives()?;
             if t.repost.is_empty() {
                 break;
             }
-            if start.elapsed() > t.config.op_timeout {
+            if start.elapsed() > RECV_SETUP_TIMEOUT {
                 return Err(Error::backend(
                     BACKEND,
                     EAGAIN,
-                    "fi_recv: provider keeps refusing receive buffers",
+                    &format!(
+                        "provider {}: fi_recv refused {} of {nrecv} notification buffers for {}s",
+                        t.provider,
+                        t.repost.len(),
+                        RECV_SETUP_TIMEOUT.as_secs()
+                    ),
                 ));
             }
             t.read_cq();
+            std::thread::yield_now();
         }
         log::debug!(
             "LIBFABRIC: provider {} (mr_mode {:#x}, key size {})",
@@ -1673,5 +1685,42 @@ mod tests {
         assert_eq!(t.ops[op as usize], OpKind::Free);
         assert_eq!(t.free_sends.len(), sends, "the send buffer is back");
         t.disconnect(peer);
+    }
+}
+
+#[cfg(test)]
+mod setup_tests {
+    use super::*;
+
+    /// More receive buffers than the provider's receive queue holds (rxm
+    /// answers FI_EAGAIN past its 2048 entries), and no transfer deadline:
+    /// `new` gives up after its own bound.
+    #[test]
+    fn refused_receive_buffers_fail_new_within_its_own_bound() {
+        let mut cfg = FabricConfig::default()
+            .with_provider("tcp;ofi_rxm")
+            .with_op_timeout(Duration::MAX);
+        cfg.notification_buffers = 100_000;
+        cfg.max_notification = 16;
+        let start = Instant::now();
+        let r = FabricTransport::new(&cfg);
+        let took = start.elapsed();
+        match r {
+            Err(Error::Backend {
+                backend,
+                code,
+                text,
+            }) => {
+                assert_eq!(backend, BACKEND);
+                assert_eq!(code, EAGAIN);
+                assert!(text.contains("provider tcp;ofi_rxm: fi_recv"), "{text}");
+                assert!(text.contains("of 100000 notification buffers"), "{text}");
+            }
+            other => panic!("gave {:?}", other.map(|t| t.provider_name().to_owned())),
+        }
+        assert!(
+            took >= RECV_SETUP_TIMEOUT && took < RECV_SETUP_TIMEOUT * 2,
+            "{took:?}"
+        );
     }
 }
