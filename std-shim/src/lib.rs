@@ -12,7 +12,7 @@
 //! * an optional progress thread, and blocking [`XferRequest::wait`] with a
 //!   timeout;
 //! * the `kvxfer` command-line tool (`info`, `target`, `bench`), see
-//!   [`bench`].
+//!   [`bench`](mod@bench).
 //!
 //! Logging goes through the `log` facade: nothing is printed unless the
 //! application installs a logger.
