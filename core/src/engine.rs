@@ -10,7 +10,10 @@
 //! completions: `InProgress → Done | Failed`. A `Done` or `Failed` transfer
 //! may be posted again; an `InProgress` one may not. [`Engine::release`]
 //! frees the slot and bumps its generation, so the old handle is stale and
-//! a late completion carrying the old token is ignored. Releasing an
+//! a late completion carrying the old token is ignored. Each post of a
+//! transfer gets a token of its own (slot, generation and post count), so a
+//! late or duplicate completion of an earlier post never finishes a re-post
+//! either; [`Engine::ignored_completions`] counts those dropped. Releasing an
 //! in-progress transfer asks the transport to cancel it; if it cannot, the
 //! release is refused with [`Error::InProgress`].
 //!
@@ -185,6 +188,9 @@ struct XferSlot<const S: usize, const NOTIF: usize> {
     has_notification: bool,
     notification: heapless::Vec<u8, NOTIF>,
     telemetry: XferTelemetry,
+    /// Posts of this slot so far (wrapping); the current post's token
+    /// carries it.
+    posts: u16,
 }
 
 struct PrepSlot<const S: usize> {
@@ -200,8 +206,21 @@ struct PrepSlot<const S: usize> {
 /// cannot be cancelled, before giving up on them.
 const DROP_DRAIN_POLLS: usize = 100_000;
 
-fn token_of(index: usize, generation: u32) -> Token {
-    Token(((generation as u64) << 32) | index as u64)
+/// A post's token: `[generation: 32][post count: 16][slot index: 16]`.
+/// Slot indices stay below `u16::MAX` (capacities fit in 16 bits), so the
+/// low 32 bits are never all ones, a value wrappers such as the staging
+/// transport keep for their own tokens.
+fn token_of(index: usize, generation: u32, post: u16) -> Token {
+    Token(((generation as u64) << 32) | ((post as u64) << 16) | (index as u64 & 0xffff))
+}
+
+/// Splits a token into slot index, generation and post count.
+fn token_parts(token: Token) -> (usize, u32, u16) {
+    (
+        (token.0 & 0xffff) as usize,
+        (token.0 >> 32) as u32,
+        ((token.0 >> 16) & 0xffff) as u16,
+    )
 }
 
 /// Takes a free slot from `free`, a list of `N` slots of `what`.
@@ -259,6 +278,7 @@ pub struct Engine<
     free_xfers: heapless::Vec<u16, XFERS>,
     preps: heapless::Vec<PrepSlot<SEGS>, PREPS>,
     free_preps: heapless::Vec<u16, PREPS>,
+    ignored_completions: u64,
 }
 
 impl<
@@ -299,6 +319,7 @@ impl<
             free_xfers: heapless::Vec::new(),
             preps: heapless::Vec::new(),
             free_preps: heapless::Vec::new(),
+            ignored_completions: 0,
         };
         for _ in 0..PEERS {
             let _ = engine.peers.push(PeerSlot {
@@ -323,6 +344,7 @@ impl<
                 has_notification: false,
                 notification: heapless::Vec::new(),
                 telemetry: XferTelemetry::default(),
+                posts: 0,
             });
             let _ = engine.free_xfers.push(i as u16);
         }
@@ -853,7 +875,8 @@ impl<
         let notification = slot
             .has_notification
             .then_some(slot.notification.as_slice());
-        let token = token_of(i, slot.generation);
+        slot.posts = slot.posts.wrapping_add(1);
+        let token = token_of(i, slot.generation, slot.posts);
         let result = self
             .transport
             .post(slot.op, endpoint, &segments, notification, token);
@@ -907,16 +930,27 @@ impl<
             .count()
     }
 
+    /// Completions ignored so far by [`poll`](Engine::poll): for released
+    /// or reused slots, for an earlier post of a re-posted transfer, for a
+    /// transfer not in progress, or with a token the engine never issued.
+    pub fn ignored_completions(&self) -> u64 {
+        self.ignored_completions
+    }
+
     /// Drains the transport's completions; returns how many transfers
-    /// finished. Completions for released or reused slots are ignored.
+    /// finished. Completions for released or reused slots, or for an
+    /// earlier post of the same transfer, are ignored (and counted in
+    /// [`ignored_completions`](Engine::ignored_completions)).
     pub fn poll(&mut self, now: Instant) -> usize {
         let mut finished = 0;
         while let Some(c) = self.transport.poll() {
-            let index = (c.token.0 & 0xffff_ffff) as usize;
-            let generation = (c.token.0 >> 32) as u32;
+            let (index, generation, post) = token_parts(c.token);
             match self.xfers.get_mut(index) {
                 Some(s)
-                    if s.live && s.generation == generation && s.state == XferState::InProgress =>
+                    if s.live
+                        && s.generation == generation
+                        && s.posts == post
+                        && s.state == XferState::InProgress =>
                 {
                     s.state = match c.result {
                         Ok(()) => XferState::Done,
@@ -927,11 +961,14 @@ impl<
                     s.telemetry.completed_at = Some(now);
                     finished += 1;
                 }
-                _ => log::debug!(
-                    "{}: ignoring completion for stale token {:#x}",
-                    self.name,
-                    c.token.0
-                ),
+                _ => {
+                    self.ignored_completions += 1;
+                    log::debug!(
+                        "{}: ignoring completion for stale token {:#x}",
+                        self.name,
+                        c.token.0
+                    );
+                }
             }
         }
         finished
@@ -962,7 +999,8 @@ impl<
     pub fn release(&mut self, handle: XferHandle) -> Result<(), Error> {
         let i = self.slot_index(handle)?;
         if self.xfers[i].state == XferState::InProgress {
-            match self.transport.cancel(token_of(i, handle.generation)) {
+            let token = token_of(i, handle.generation, self.xfers[i].posts);
+            match self.transport.cancel(token) {
                 Ok(()) => {}
                 Err(Error::Unsupported { .. }) => return Err(Error::InProgress { handle }),
                 Err(e) => return Err(e),
@@ -1045,7 +1083,10 @@ impl<
             let s = &self.xfers[i];
             if s.live
                 && s.state == XferState::InProgress
-                && self.transport.cancel(token_of(i, s.generation)).is_ok()
+                && self
+                    .transport
+                    .cancel(token_of(i, s.generation, s.posts))
+                    .is_ok()
             {
                 self.xfers[i].state = XferState::Failed(Error::Cancelled);
             }

@@ -386,6 +386,7 @@ fn late_completion_for_a_reused_slot_is_ignored() {
     let (mut a, _b) = faulty(&mem, FaultPlan::default());
     let h1 = write8(&mut a, B, None).unwrap();
     a.post(h1, now(0)).unwrap();
+    let old = current_token(&a, h1);
     assert_eq!(a.poll(now(1)), 1);
     a.release(h1).unwrap();
     let h2 = write8(&mut a, B, None).unwrap();
@@ -393,7 +394,6 @@ fn late_completion_for_a_reused_slot_is_ignored() {
     assert_ne!(h2.generation, h1.generation);
     a.transport_mut().delay_next_completion(2);
     a.post(h2, now(2)).unwrap();
-    let old = token_of(h1.index as usize, h1.generation);
     a.transport_mut()
         .inject_completion(Completion {
             token: old,
@@ -412,6 +412,64 @@ fn late_completion_for_a_reused_slot_is_ignored() {
     assert_eq!(a.poll(now(5)), 1);
     assert_eq!(a.state(h2), Ok(XferState::Done));
     assert_eq!(a.state(h1), Err(Error::StaleHandle { handle: h1 }));
+}
+
+/// The token of the transfer's current (latest) post.
+fn current_token<T: Transport>(e: &Engine<T, 8, 4, 8, 16, 128, 4>, h: XferHandle) -> Token {
+    let i = h.index as usize;
+    token_of(i, h.generation, e.xfers[i].posts)
+}
+
+#[test]
+fn each_post_has_its_own_token() {
+    let mem = Mem::new(BASE);
+    let (mut a, _b) = faulty(&mem, FaultPlan::default());
+    let h = write8(&mut a, B, None).unwrap();
+    a.post(h, now(0)).unwrap();
+    let first = current_token(&a, h);
+    assert_eq!(a.poll(now(1)), 1);
+    assert_eq!(a.state(h), Ok(XferState::Done));
+    assert_eq!(a.ignored_completions(), 0);
+
+    // Re-post; its own completion is held back two polls.
+    a.transport_mut().delay_next_completion(2);
+    assert_eq!(a.post(h, now(2)), Ok(XferState::InProgress));
+    let second = current_token(&a, h);
+    assert_ne!(second, first);
+    assert_eq!(token_parts(first).0, token_parts(second).0);
+    assert_eq!(token_parts(first).1, token_parts(second).1);
+    // A duplicate completion of the first post, success or failure, does
+    // not finish the re-post.
+    for result in [Ok(()), Err(Error::Cancelled)] {
+        a.transport_mut()
+            .inject_completion(Completion {
+                token: first,
+                result,
+            })
+            .unwrap();
+    }
+    assert_eq!(a.poll(now(3)), 0);
+    assert_eq!(a.state(h), Ok(XferState::InProgress));
+    assert_eq!(a.ignored_completions(), 2);
+    assert_eq!(a.telemetry(h).unwrap().completed_at, None);
+    assert_eq!(a.poll(now(4)), 0);
+    assert_eq!(a.state(h), Ok(XferState::InProgress));
+    // Its own completion finishes it.
+    assert_eq!(a.poll(now(5)), 1);
+    assert_eq!(a.state(h), Ok(XferState::Done));
+    assert_eq!(a.telemetry(h).unwrap().completed_at, Some(now(5)));
+    assert_eq!(a.ignored_completions(), 2);
+
+    // Releasing an in-progress re-post cancels its current post: nothing
+    // of it is reported afterwards.
+    a.transport_mut().delay_next_completion(5);
+    a.post(h, now(6)).unwrap();
+    a.release(h).unwrap();
+    for t in 7..15 {
+        assert_eq!(a.poll(now(t)), 0);
+    }
+    assert_eq!(a.transport().held(), 0);
+    assert_eq!(a.ignored_completions(), 2);
 }
 
 #[test]

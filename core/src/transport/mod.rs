@@ -26,8 +26,9 @@ use crate::error::Error;
 use crate::mem::{MemKinds, Region};
 
 /// Identifies a posted transfer to its transport; handed back in the
-/// [`Completion`]. The core builds it from the transfer's slot and
-/// generation, so it is unique among live transfers.
+/// [`Completion`]. The core builds it from the transfer's slot, generation
+/// and post count, so each post of a transfer has its own token, unique
+/// among live transfers.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Token(pub u64);
 
