@@ -223,13 +223,33 @@ impl Xfer {
     }
 }
 
-/// A notification waiting for a send slot in the provider.
+/// A notification waiting for a send slot in the provider. Notifications
+/// leave in the order they were issued: one issued while any other to the
+/// same peer waits here is queued behind it.
 #[derive(Debug)]
 struct PendingSend {
     peer: sys::fi_addr_t,
     peer_id: u64,
     buf: u32,
     len: usize,
+    /// The transfer (slot, generation) this is the notification of, which
+    /// counts it among its outstanding operations; `None` for a standalone
+    /// notification.
+    xfer: Option<(u32, u32)>,
+}
+
+impl PendingSend {
+    /// The operation that sends it.
+    fn op_kind(&self) -> OpKind {
+        match self.xfer {
+            Some((xfer, gen)) => OpKind::XferNotif {
+                xfer,
+                gen,
+                buf: self.buf,
+            },
+            None => OpKind::Notif { buf: self.buf },
+        }
+    }
 }
 
 /// A buffer area registered for messages; written by libfabric, so only
@@ -939,24 +959,47 @@ impl FabricTransport {
         unsafe { ptr::copy_nonoverlapping(msg.as_ptr(), self.send.ptr(buf), msg.len()) };
     }
 
+    /// Whether a notification to peer `peer_id` waits in `pending_sends`.
+    fn queued_for(&self, peer_id: u64) -> bool {
+        self.pending_sends.iter().any(|p| p.peer_id == peer_id)
+    }
+
+    /// A queued notification that will not be sent: its buffer goes back,
+    /// and a transfer it belongs to stops waiting for it, failing with
+    /// `error`.
+    fn drop_pending(&mut self, p: PendingSend, error: Error) {
+        self.free_sends.push(p.buf);
+        if let Some((xfer, gen)) = p.xfer {
+            let x = &mut self.xfers[xfer as usize];
+            if x.live && x.gen == gen {
+                x.outstanding = x.outstanding.saturating_sub(1);
+                if x.error.is_none() {
+                    x.error = Some(error);
+                }
+            }
+        }
+    }
+
     fn flush_pending_sends(&mut self) {
         while let Some(p) = self.pending_sends.front() {
-            let (peer, buf, len) = (p.peer, p.buf, p.len);
+            let (peer, buf, len, kind) = (p.peer, p.buf, p.len, p.op_kind());
             if self.given_up.contains(&p.peer_id) {
                 log::warn!("LIBFABRIC: a queued notification is dropped: its peer timed out");
-                self.pending_sends.pop_front();
-                self.free_sends.push(buf);
+                if let Some(p) = self.pending_sends.pop_front() {
+                    self.drop_pending(p, Error::disconnected(""));
+                }
                 continue;
             }
-            match self.try_send(peer, buf, len, OpKind::Notif { buf }) {
+            match self.try_send(peer, buf, len, kind) {
                 Ok(true) => {
                     self.pending_sends.pop_front();
                 }
                 Ok(false) => return,
                 Err(e) => {
                     log::warn!("LIBFABRIC: a queued notification could not be sent: {e}");
-                    self.pending_sends.pop_front();
-                    self.free_sends.push(buf);
+                    if let Some(p) = self.pending_sends.pop_front() {
+                        self.drop_pending(p, e);
+                    }
                 }
             }
         }
@@ -997,31 +1040,42 @@ impl FabricTransport {
         }
     }
 
+    /// Issues the notification of transfer `slot`, whose data has been
+    /// delivered: sent now, or queued in `pending_sends` behind the
+    /// notifications to the same peer issued before it (or when the
+    /// provider pushes back), so that none issued later overtakes it.
+    /// Either way it counts among the transfer's outstanding operations
+    /// until its send completes.
     fn send_xfer_notification(&mut self, slot: u32) {
         let Some(buf) = self.free_sends.pop() else {
             return;
         };
         let x = &self.xfers[slot as usize];
-        let (peer, gen, len) = (x.peer, x.gen, x.notif.len());
+        let (peer, peer_id, gen, len) = (x.peer, x.peer_id, x.gen, x.notif.len());
         let msg = std::mem::take(&mut self.xfers[slot as usize].notif);
         self.copy_to_send_buf(buf, &msg);
         self.xfers[slot as usize].notif = msg;
-        match self.try_send(
+        let pending = PendingSend {
             peer,
+            peer_id,
             buf,
             len,
-            OpKind::XferNotif {
-                xfer: slot,
-                gen,
-                buf,
-            },
-        ) {
-            Ok(true) => {
+            xfer: Some((slot, gen)),
+        };
+        let sent = if self.queued_for(peer_id) {
+            Ok(false)
+        } else {
+            self.try_send(peer, buf, len, pending.op_kind())
+        };
+        match sent {
+            Ok(sent) => {
+                if !sent {
+                    self.pending_sends.push_back(pending);
+                }
                 let x = &mut self.xfers[slot as usize];
                 x.notif_sent = true;
                 x.outstanding += 1;
             }
-            Ok(false) => self.free_sends.push(buf),
             Err(e) => {
                 self.free_sends.push(buf);
                 self.xfers[slot as usize].error = Some(e);
@@ -1065,6 +1119,17 @@ impl FabricTransport {
                 if ret != 0 && ret as i64 != -(sys::FI_ENOENT as i64) {
                     log::debug!("LIBFABRIC: fi_cancel: {}", strerror(ret as i64));
                 }
+            }
+        }
+        // A notification still queued is never sent; its buffer goes back.
+        let mut i = 0;
+        while i < self.pending_sends.len() {
+            if self.pending_sends[i].xfer == Some((slot, gen)) {
+                if let Some(p) = self.pending_sends.remove(i) {
+                    self.free_sends.push(p.buf);
+                }
+            } else {
+                i += 1;
             }
         }
         let x = &self.xfers[slot as usize];
@@ -1381,9 +1446,9 @@ impl Transport for FabricTransport {
                 }
             }
             let mut kept = VecDeque::with_capacity(self.pending_sends.capacity());
-            for p in self.pending_sends.drain(..) {
+            for p in std::mem::take(&mut self.pending_sends) {
                 if p.peer_id == peer.id {
-                    self.free_sends.push(p.buf);
+                    self.drop_pending(p, Error::disconnected(""));
                 } else {
                     kept.push_back(p);
                 }
@@ -1590,6 +1655,7 @@ impl Transport for FabricTransport {
                 peer_id: peer.id,
                 buf,
                 len: msg.len(),
+                xfer: None,
             });
             self.flush_pending_sends();
             return Ok(());
@@ -1602,6 +1668,7 @@ impl Transport for FabricTransport {
                     peer_id: peer.id,
                     buf,
                     len: msg.len(),
+                    xfer: None,
                 });
                 Ok(())
             }
@@ -1684,6 +1751,142 @@ mod tests {
         t.on_completion(ctx, 0, None);
         assert_eq!(t.ops[op as usize], OpKind::Free);
         assert_eq!(t.free_sends.len(), sends, "the send buffer is back");
+        t.disconnect(peer);
+    }
+
+    /// A transport connected to itself, over tcp;ofi_rxm, with the
+    /// connection set up by a first notification.
+    fn self_connected() -> (FabricTransport, FabricPeer) {
+        let cfg = FabricConfig::default().with_provider("tcp;ofi_rxm");
+        let mut t = FabricTransport::new(&cfg).expect("tcp;ofi_rxm transport");
+        let address = t.address.clone();
+        let peer = t.connect(&address).expect("connect to itself");
+        t.send_notification(&peer, b"hello").unwrap();
+        assert_eq!(collect(&mut t, 1, 0).0, [b"hello"]);
+        (t, peer)
+    }
+
+    /// Makes a transfer to `peer` whose data has been delivered and whose
+    /// notification `notif` is still to be issued (by the next `poll`).
+    fn data_delivered(t: &mut FabricTransport, peer: &FabricPeer, token: Token, notif: &[u8]) {
+        let slot = t.free_xfers.pop().unwrap();
+        let x = &mut t.xfers[slot as usize];
+        x.peer = peer.addr;
+        x.peer_id = peer.id;
+        x.gen = x.gen.wrapping_add(1);
+        x.live = true;
+        x.token = token;
+        x.started = Instant::now();
+        x.notif = notif.to_vec();
+        x.has_notif = true;
+        x.notif_sent = false;
+        t.active.push(slot);
+    }
+
+    /// Polls until `notifs` notifications and `completions` completions
+    /// arrived (5 s at most); returns them in arrival order.
+    fn collect(
+        t: &mut FabricTransport,
+        notifs: usize,
+        completions: usize,
+    ) -> (Vec<Vec<u8>>, Vec<Completion>) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (mut got, mut done) = (Vec::new(), Vec::new());
+        let mut buf = [0u8; 64];
+        while got.len() < notifs || done.len() < completions {
+            assert!(
+                Instant::now() < deadline,
+                "timed out with notifications {got:?} and completions {done:?}"
+            );
+            if let Some(c) = t.poll() {
+                done.push(c);
+            }
+            while let Some(n) = t.poll_notification(&mut buf) {
+                got.push(buf[..n.expect("notification")].to_vec());
+            }
+        }
+        (got, done)
+    }
+
+    /// A standalone notification the provider refused (the operation pool
+    /// was empty, as under FI_EAGAIN) is still queued when a transfer's
+    /// data is delivered: the transfer's notification is queued behind it,
+    /// and one issued after goes after both.
+    #[test]
+    fn a_transfer_notification_does_not_overtake_a_queued_one() {
+        let (mut t, peer) = self_connected();
+        let sends = t.free_sends.len();
+        let ops = std::mem::take(&mut t.free_ops);
+        t.send_notification(&peer, b"first").unwrap();
+        assert_eq!(t.pending_sends.len(), 1);
+        // The provider could take a send again, but "first" is still
+        // queued when the transfer's data is found delivered.
+        t.free_ops = ops;
+        data_delivered(&mut t, &peer, Token(7), b"transfer");
+        t.advance();
+        assert_eq!(t.pending_sends.len(), 2, "queued behind the first");
+        t.send_notification(&peer, b"last").unwrap();
+        let (got, done) = collect(&mut t, 3, 1);
+        assert_eq!(got, [&b"first"[..], b"transfer", b"last"]);
+        assert_eq!(
+            done.into_iter()
+                .map(|c| (c.token, c.result))
+                .collect::<Vec<_>>(),
+            [(Token(7), Ok(()))]
+        );
+        assert!(t.pending_sends.is_empty());
+        assert_eq!(t.free_sends.len(), sends);
+        t.disconnect(peer);
+    }
+
+    /// A transfer's notification refused by the provider is queued, so a
+    /// standalone notification issued after it cannot overtake it; the
+    /// transfer completes only once it is sent.
+    #[test]
+    fn a_refused_transfer_notification_keeps_its_place() {
+        let (mut t, peer) = self_connected();
+        let ops = std::mem::take(&mut t.free_ops);
+        data_delivered(&mut t, &peer, Token(9), b"transfer");
+        assert!(t.poll().is_none());
+        assert_eq!(t.pending_sends.len(), 1, "queued on pushback");
+        t.send_notification(&peer, b"after").unwrap();
+        for _ in 0..10 {
+            assert!(t.poll().is_none(), "complete before its notification left");
+        }
+        t.free_ops = ops;
+        let (got, done) = collect(&mut t, 2, 1);
+        assert_eq!(got, [&b"transfer"[..], b"after"]);
+        assert_eq!(done[0].token, Token(9));
+        assert_eq!(done[0].result, Ok(()));
+        t.disconnect(peer);
+    }
+
+    /// A transfer timing out with its notification still queued: the
+    /// notification is never sent and its buffer comes back.
+    #[test]
+    fn a_timed_out_transfer_drops_its_queued_notification() {
+        let (mut t, peer) = self_connected();
+        let sends = t.free_sends.len();
+        let ops = std::mem::take(&mut t.free_ops);
+        data_delivered(&mut t, &peer, Token(11), b"transfer");
+        assert!(t.poll().is_none());
+        assert_eq!(t.pending_sends.len(), 1);
+        assert_eq!(t.free_sends.len(), sends - 1);
+        let slot = t.active[0];
+        t.time_out(slot, 1);
+        assert!(t.pending_sends.is_empty());
+        assert_eq!(t.free_sends.len(), sends);
+        t.free_ops = ops;
+        assert_eq!(
+            t.poll().map(|c| (c.token, c.result)),
+            Some((Token(11), Err(Error::TimedOut { after_ms: 1 })))
+        );
+        let mut buf = [0u8; 64];
+        let deadline = Instant::now() + Duration::from_millis(200);
+        while Instant::now() < deadline {
+            t.poll();
+            assert!(t.poll_notification(&mut buf).is_none(), "it was sent");
+        }
         t.disconnect(peer);
     }
 }
