@@ -1,7 +1,7 @@
 //! Descriptor validation, resolution and coalescing.
 //!
 //! A descriptor is resolved against a sorted table of regions (the local
-//! [`Registry`](crate::registry::Registry) or a remote agent's regions) by
+//! [`Registry`] or a remote agent's regions) by
 //! bisection. Resolved pairs become [`SegRec`]s: compact records naming the
 //! local region by registry slot and the remote region by index, which the
 //! engine turns into the transport's [`Segment`](crate::transport::Segment)s

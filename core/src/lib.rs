@@ -10,13 +10,13 @@
 //! * [`engine`]: the transfer table and its lifecycle
 //!   (`Prepared → InProgress → Done | Failed`), remote agents, notifications;
 //! * [`wire`]: the versioned, checksummed metadata format;
-//! * [`transport`]: the [`Transport`](transport::Transport) trait that the
+//! * [`transport`]: the [`Transport`] trait that the
 //!   UCX, libfabric and CUDA-IPC crates implement, an in-memory loopback
 //!   transport for tests and a fault-injecting middleware.
 //!
 //! The core is sans-IO, in the manner of `quinn-proto` and `smoltcp`: it owns
 //! no thread, socket or clock. The caller passes time in as
-//! [`Instant`](time::Instant) and drives progress with
+//! [`Instant`] and drives progress with
 //! [`Engine::poll`](engine::Engine::poll).
 #![no_std]
 #![forbid(unsafe_code)]
