@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use kvxfer_core::error::{bounded, Name};
 use kvxfer_core::mem::MemKinds;
+use kvxfer_core::wire::copy_into;
 use kvxfer_core::{
     Capabilities, Completion, Error, MemKind, PostStatus, Region, Segment, Token, Transport, XferOp,
 };
@@ -1338,27 +1339,14 @@ impl Transport for FabricTransport {
     }
 
     fn pack_key(&self, reg: &FabricReg, out: &mut [u8]) -> Result<usize, Error> {
-        if out.len() < PACKED_KEY_LEN {
-            return Err(Error::BufferTooSmall {
-                needed: PACKED_KEY_LEN as u64,
-                available: out.len() as u64,
-            });
-        }
-        out[..8].copy_from_slice(&reg.key.to_le_bytes());
-        out[8] = if reg.virt_addr { KEY_FLAG_VIRT_ADDR } else { 0 };
-        Ok(PACKED_KEY_LEN)
+        let mut packed = [0u8; PACKED_KEY_LEN];
+        packed[..8].copy_from_slice(&reg.key.to_le_bytes());
+        packed[8] = if reg.virt_addr { KEY_FLAG_VIRT_ADDR } else { 0 };
+        copy_into(out, &packed)
     }
 
     fn local_address(&self, out: &mut [u8]) -> Result<usize, Error> {
-        let n = self.address.len();
-        if out.len() < n {
-            return Err(Error::BufferTooSmall {
-                needed: n as u64,
-                available: out.len() as u64,
-            });
-        }
-        out[..n].copy_from_slice(&self.address);
-        Ok(n)
+        copy_into(out, &self.address)
     }
 
     fn connect(&mut self, address: &[u8]) -> Result<FabricPeer, Error> {
