@@ -609,6 +609,25 @@ impl FabricTransport {
         }
     }
 
+    /// Whether a post or notification with a notification of
+    /// `notification_len` bytes may go to `peer`: the notification fits,
+    /// the transport is open and the peer was not given up on.
+    fn check_send(&self, peer: &FabricPeer, notification_len: usize) -> Result<(), Error> {
+        if notification_len > self.config.max_notification {
+            return Err(Error::NotificationTooLong {
+                len: notification_len as u64,
+                max: self.config.max_notification as u64,
+            });
+        }
+        if self.shared.ep().is_null() {
+            return Err(Error::ShutDown);
+        }
+        if self.given_up.contains(&peer.id) {
+            return Err(Error::disconnected(""));
+        }
+        Ok(())
+    }
+
     fn ctx_ptr(&self, op: u32) -> *mut c_void {
         self.ctxs[op as usize].get().cast()
     }
@@ -1496,20 +1515,7 @@ impl Transport for FabricTransport {
         notification: Option<&[u8]>,
         token: Token,
     ) -> Result<PostStatus, Error> {
-        if let Some(n) = notification {
-            if n.len() > self.config.max_notification {
-                return Err(Error::NotificationTooLong {
-                    len: n.len() as u64,
-                    max: self.config.max_notification as u64,
-                });
-            }
-        }
-        if self.shared.ep().is_null() {
-            return Err(Error::ShutDown);
-        }
-        if self.given_up.contains(&peer.id) {
-            return Err(Error::disconnected(""));
-        }
+        self.check_send(peer, notification.map_or(0, <[u8]>::len))?;
         for (i, s) in segments.iter().enumerate() {
             let ok_local = s.local.region.contains(s.local_addr, s.len);
             let ok_remote = s.remote_addr >= s.remote_region_addr;
@@ -1614,18 +1620,7 @@ impl Transport for FabricTransport {
     }
 
     fn send_notification(&mut self, peer: &FabricPeer, msg: &[u8]) -> Result<(), Error> {
-        if msg.len() > self.config.max_notification {
-            return Err(Error::NotificationTooLong {
-                len: msg.len() as u64,
-                max: self.config.max_notification as u64,
-            });
-        }
-        if self.shared.ep().is_null() {
-            return Err(Error::ShutDown);
-        }
-        if self.given_up.contains(&peer.id) {
-            return Err(Error::disconnected(""));
-        }
+        self.check_send(peer, msg.len())?;
         if self.free_sends.is_empty() {
             self.read_cq();
         }
