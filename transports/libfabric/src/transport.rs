@@ -973,9 +973,10 @@ impl FabricTransport {
         Ok(true)
     }
 
-    fn copy_to_send_buf(&mut self, buf: u32, msg: &[u8]) {
+    fn copy_to_send_buf(&self, buf: u32, msg: &[u8]) {
         // SAFETY: buf is a free send buffer (not posted to libfabric) of
-        // `slot` bytes and msg.len() <= slot (checked by callers).
+        // `slot` bytes and msg.len() <= slot (checked by callers); it lies
+        // in `send.mem`, written only through its UnsafeCells.
         unsafe { ptr::copy_nonoverlapping(msg.as_ptr(), self.send.ptr(buf), msg.len()) };
     }
 
@@ -1072,9 +1073,7 @@ impl FabricTransport {
         };
         let x = &self.xfers[slot as usize];
         let (peer, peer_id, gen, len) = (x.peer, x.peer_id, x.gen, x.notif.len());
-        let msg = std::mem::take(&mut self.xfers[slot as usize].notif);
-        self.copy_to_send_buf(buf, &msg);
-        self.xfers[slot as usize].notif = msg;
+        self.copy_to_send_buf(buf, &x.notif);
         let pending = PendingSend {
             peer,
             peer_id,
@@ -1631,28 +1630,28 @@ impl Transport for FabricTransport {
             });
         };
         self.copy_to_send_buf(buf, msg);
-        if !self.pending_sends.is_empty() {
-            // Keep the order of notifications to the same peer.
-            self.pending_sends.push_back(PendingSend {
-                peer: peer.addr,
-                peer_id: peer.id,
-                buf,
-                len: msg.len(),
-                xfer: None,
-            });
-            self.flush_pending_sends();
-            return Ok(());
-        }
-        match self.try_send(peer.addr, buf, msg.len(), OpKind::Notif { buf }) {
+        let pending = PendingSend {
+            peer: peer.addr,
+            peer_id: peer.id,
+            buf,
+            len: msg.len(),
+            xfer: None,
+        };
+        // Keep the order of notifications to the same peer: behind any
+        // queued one.
+        let queued = !self.pending_sends.is_empty();
+        let sent = if queued {
+            Ok(false)
+        } else {
+            self.try_send(peer.addr, buf, msg.len(), pending.op_kind())
+        };
+        match sent {
             Ok(true) => Ok(()),
             Ok(false) => {
-                self.pending_sends.push_back(PendingSend {
-                    peer: peer.addr,
-                    peer_id: peer.id,
-                    buf,
-                    len: msg.len(),
-                    xfer: None,
-                });
+                self.pending_sends.push_back(pending);
+                if queued {
+                    self.flush_pending_sends();
+                }
                 Ok(())
             }
             Err(e) => {
