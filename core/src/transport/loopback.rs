@@ -35,6 +35,17 @@ struct Mail {
     data: heapless::Vec<u8, MAIL_CAP>,
 }
 
+impl Mail {
+    /// A copy of `msg` for agent `to`, if it fits [`MAIL_CAP`].
+    fn new(to: u32, msg: &[u8]) -> Result<Mail, Error> {
+        let data = heapless::Vec::from_slice(msg).map_err(|_| Error::NotificationTooLong {
+            len: msg.len() as u64,
+            max: MAIL_CAP as u64,
+        })?;
+        Ok(Mail { to, data })
+    }
+}
+
 /// The address space `[base, base + N)` shared by loopback agents, and
 /// their mailbox.
 #[derive(Debug)]
@@ -93,14 +104,11 @@ impl<const N: usize> LoopbackMemory<N> {
         Ok(())
     }
 
-    fn send(&self, to: u32, msg: &[u8]) -> Result<(), Error> {
-        let data = heapless::Vec::from_slice(msg).map_err(|_| Error::NotificationTooLong {
-            len: msg.len() as u64,
-            max: MAIL_CAP as u64,
-        })?;
+    /// Puts `mail` in the mailbox.
+    fn deliver(&self, mail: Mail) -> Result<(), Error> {
         self.mailbox
             .lock()
-            .push(Mail { to, data })
+            .push(mail)
             .map_err(|_| Error::CapacityExceeded {
                 what: "notifications",
                 capacity: MAILBOX_CAP as u32,
@@ -261,16 +269,7 @@ impl<const N: usize> Transport for Loopback<'_, N> {
                 capacity: self.caps.max_segments,
             });
         }
-        let notify = match notification {
-            Some(n) => Some(Mail {
-                to: peer.id,
-                data: heapless::Vec::from_slice(n).map_err(|_| Error::NotificationTooLong {
-                    len: n.len() as u64,
-                    max: MAIL_CAP as u64,
-                })?,
-            }),
-            None => None,
-        };
+        let notify = notification.map(|n| Mail::new(peer.id, n)).transpose()?;
         let inline = self.caps.may_complete_inline;
         if !inline && self.pending.is_full() {
             return Err(Error::CapacityExceeded {
@@ -310,7 +309,7 @@ impl<const N: usize> Transport for Loopback<'_, N> {
         self.posts += 1;
         if inline {
             if let Some(m) = notify {
-                self.mem.send(m.to, &m.data)?;
+                self.mem.deliver(m)?;
             }
             return Ok(PostStatus::Done);
         }
@@ -325,7 +324,7 @@ impl<const N: usize> Transport for Loopback<'_, N> {
         }
         let p = self.pending.remove(0);
         let result = match p.notify {
-            Some(m) => self.mem.send(m.to, &m.data),
+            Some(m) => self.mem.deliver(m),
             None => Ok(()),
         };
         Some(Completion {
@@ -351,7 +350,7 @@ impl<const N: usize> Transport for Loopback<'_, N> {
     }
 
     fn send_notification(&mut self, peer: &LoopbackPeer, msg: &[u8]) -> Result<(), Error> {
-        self.mem.send(peer.id, msg)
+        self.mem.deliver(Mail::new(peer.id, msg)?)
     }
 
     fn poll_notification(&mut self, buf: &mut [u8]) -> Option<Result<usize, Error>> {

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kvxfer_core::mem::MemKinds;
-use kvxfer_core::wire::copy_into;
 use kvxfer_core::{
     Capabilities, Completion, DescError, Error, MemKind, PostStatus, Region, Segment, Side, Token,
     Transport, XferOp,
@@ -1201,11 +1200,27 @@ impl Transport for UcxTransport {
         let Some(entry) = self.regs.get(reg.index) else {
             return Err(self.foreign("registration was released"));
         };
-        copy_into(out, &entry.packed)
+        let n = entry.packed.len();
+        if out.len() < n {
+            return Err(Error::BufferTooSmall {
+                needed: n as u64,
+                available: out.len() as u64,
+            });
+        }
+        out[..n].copy_from_slice(&entry.packed);
+        Ok(n)
     }
 
     fn local_address(&self, out: &mut [u8]) -> Result<usize, Error> {
-        copy_into(out, &self.address)
+        let n = self.address.len();
+        if out.len() < n {
+            return Err(Error::BufferTooSmall {
+                needed: n as u64,
+                available: out.len() as u64,
+            });
+        }
+        out[..n].copy_from_slice(&self.address);
+        Ok(n)
     }
 
     fn connect(&mut self, address: &[u8]) -> Result<UcxPeer, Error> {
@@ -1606,13 +1621,18 @@ impl Transport for UcxTransport {
         if q.len == 0 {
             return None;
         }
-        // A message that does not fit stays queued.
-        let copied = copy_into(buf, &q.bufs[q.head]);
-        if copied.is_ok() {
-            q.head = (q.head + 1) % q.bufs.len();
-            q.len -= 1;
+        let msg = &q.bufs[q.head];
+        if buf.len() < msg.len() {
+            return Some(Err(Error::BufferTooSmall {
+                needed: msg.len() as u64,
+                available: buf.len() as u64,
+            }));
         }
-        Some(copied)
+        let n = msg.len();
+        buf[..n].copy_from_slice(msg);
+        q.head = (q.head + 1) % q.bufs.len();
+        q.len -= 1;
+        Some(Ok(n))
     }
 }
 
