@@ -29,3 +29,18 @@ pub const FI_KEY_NOTAVAIL: u64 = u64::MAX;
 pub const fn FI_VERSION(major: u32, minor: u32) -> u32 {
     (major << 16) | minor
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hand-written `FI_VERSION` packs versions as the C macro does.
+    #[test]
+    fn fi_version_matches_the_c_macro() {
+        for (major, minor) in [(1, 9), (1, 21), (2, 0), (0xffff, 0xffff)] {
+            // SAFETY: kvxfer_fi_version_make only evaluates FI_VERSION.
+            let c = unsafe { kvxfer_fi_version_make(major, minor) };
+            assert_eq!(FI_VERSION(major, minor), c, "FI_VERSION({major}, {minor})");
+        }
+    }
+}
