@@ -11,32 +11,12 @@ use std::time::{Duration, Instant};
 
 use kvxfer::{Agent, AgentConfig, Desc, Error, WaitOutcome, XferOp};
 
+mod common;
+use common::{hex, unhex, ChildGuard};
+
 const ROLE: &str = "KVXFER_SMOKE_ROLE";
 const LEN: usize = 100;
 const DONE_NOTE: &[u8] = b"written\0with a zero byte";
-
-/// Kills the child unless it has exited.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
-}
 
 /// The target role: serve a zeroed buffer, wait for the notification that
 /// follows the data, print what the buffer holds.

@@ -8,12 +8,15 @@
 #![allow(clippy::result_large_err)]
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use kvxfer::config::UcxConfig;
 use kvxfer::{Agent, AgentConfig, Desc, Error, WaitOutcome, XferOp};
+
+mod common;
+use common::{hex, unhex, ChildGuard};
 
 /// Selects the child's role: `target` or `env`.
 const ROLE: &str = "KVXFER_TIMEOUT_TEST_ROLE";
@@ -34,18 +37,6 @@ const SLACK: Duration = Duration::from_millis(1500);
 /// Longest any child may live.
 const CHILD_LIFETIME: Duration = Duration::from_secs(60);
 
-/// Kills the child unless it has exited.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
-}
-
 /// Resumes a stopped process when dropped (also when the test fails).
 struct Resume(u32);
 
@@ -64,17 +55,6 @@ fn signal(pid: u32, sig: &str) {
         .status()
         .expect("run kill");
     assert!(st.success(), "kill {sig} {pid}: {st}");
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
 }
 
 /// Reproducible bytes that differ from the target's zeroed buffer.
