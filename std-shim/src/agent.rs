@@ -657,12 +657,7 @@ impl Agent {
         let b = st.backend()?;
         let prepared: Result<XferHandle, Error> =
             on_engine!(b, e => e.prepare(op, local, remote, peer, notification));
-        let handle = prepared?;
-        Ok(XferRequest {
-            shared: Arc::clone(self.shared()),
-            handle,
-            released: false,
-        })
+        Ok(self.request(prepared?))
     }
 
     /// Prepares and posts a transfer (see [`prepare`](Agent::prepare)).
@@ -732,12 +727,16 @@ impl Agent {
         let made: Result<XferHandle, Error> = on_engine!(b, e => {
             e.make_xfer(op, local, local_idx, remote, remote_idx, notification)
         });
-        let handle = made?;
-        Ok(XferRequest {
+        Ok(self.request(made?))
+    }
+
+    /// The request that owns `handle`, a transfer of this agent's engine.
+    fn request(&self, handle: XferHandle) -> XferRequest {
+        XferRequest {
             shared: Arc::clone(self.shared()),
             handle,
             released: false,
-        })
+        }
     }
 
     /// Sends `msg` to `peer` outside any transfer.
