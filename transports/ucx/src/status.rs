@@ -1,9 +1,7 @@
 //! UCS status codes turned into kvxfer errors.
 
 use core::ffi::CStr;
-use core::fmt::Write;
 
-use kvxfer_core::error::{Text, TEXT_CAP};
 use kvxfer_core::Error;
 use ucx_sys as sys;
 
@@ -35,14 +33,11 @@ pub(crate) fn is_peer_failure(status: sys::ucs_status_t) -> bool {
 
 /// A [`Error::Backend`] for `status`, saying what was being done.
 pub(crate) fn ucs_error(what: &str, status: sys::ucs_status_t) -> Error {
-    let mut text: Text = Text::new();
-    // Truncation is fine: `Text` is bounded and a cut message is still useful.
-    let _ = write!(BoundedWriter(&mut text), "{what}: {}", status_text(status));
-    Error::Backend {
-        backend: BACKEND,
-        code: i64::from(status),
-        text,
-    }
+    Error::backend(
+        BACKEND,
+        i64::from(status),
+        &format!("{what}: {}", status_text(status)),
+    )
 }
 
 /// The error reported for a transfer that ended with `status`: a dead peer
@@ -60,20 +55,5 @@ pub(crate) fn xfer_error(what: &str, status: sys::ucs_status_t, peer_failed: boo
         Error::Cancelled
     } else {
         ucs_error(what, status)
-    }
-}
-
-/// Writes into a bounded string, dropping what does not fit.
-struct BoundedWriter<'a>(&'a mut Text);
-
-impl Write for BoundedWriter<'_> {
-    fn write_str(&mut self, s: &str) -> core::fmt::Result {
-        for ch in s.chars() {
-            if self.0.len() + ch.len_utf8() > TEXT_CAP {
-                return Ok(());
-            }
-            let _ = self.0.push(ch);
-        }
-        Ok(())
     }
 }
