@@ -7,7 +7,7 @@
 //! constants are generated.
 //!
 //! `UCS_PTR_IS_ERR`, `UCS_PTR_STATUS` and `UCS_PTR_IS_PTR` are macros in C;
-//! they are reimplemented here as `const fn`s because they are pure pointer
+//! they are reimplemented here as functions because they are pure pointer
 //! arithmetic. This crate holds no other logic and no safe API: see
 //! `kvxfer-ucx` for that.
 #![no_std]
