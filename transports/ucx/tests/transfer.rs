@@ -69,6 +69,13 @@ fn fill(buf: &mut [u8], seed: u64) {
     }
 }
 
+/// `len` pseudo-random bytes from `seed` (see [`fill`]).
+fn filled(len: usize, seed: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    fill(&mut buf, seed);
+    buf
+}
+
 /// The transport settings for a transport list. UCX 1.13's shared-memory
 /// transports cannot detect a dead peer, so a shared-memory-only list runs
 /// without peer failure detection.
@@ -413,8 +420,7 @@ fn wait(t: &mut UcxTransport, token: Token, timeout: Duration) -> Result<(), Err
 fn write_100(tls: Option<&str>) {
     let mut target = Target::spawn(tls, 4096);
     let mut ini = Initiator::new(tls, &target);
-    let mut data = vec![0u8; 100];
-    fill(&mut data, 1);
+    let data = filled(100, 1);
     let reg = ini.register(&data);
     ini.run(
         XferOp::Write,
@@ -437,8 +443,7 @@ fn write_100(tls: Option<&str>) {
 fn read_100(tls: Option<&str>) {
     let mut target = Target::spawn(tls, 4096);
     target.cmd("FILL 42", "@OK");
-    let mut expected = vec![0u8; 4096];
-    fill(&mut expected, 42);
+    let expected = filled(4096, 42);
     let mut ini = Initiator::new(tls, &target);
     let data = vec![0u8; 100];
     let reg = ini.register(&data);
@@ -463,8 +468,7 @@ fn kv_scattered(tls: Option<&str>) {
     let remote_len = 2 * BLOCKS * BLOCK;
     let mut target = Target::spawn(tls, remote_len);
     let mut ini = Initiator::new(tls, &target);
-    let mut src = vec![0u8; 3 * BLOCKS * BLOCK];
-    fill(&mut src, 7);
+    let src = filled(3 * BLOCKS * BLOCK, 7);
     let back = vec![0u8; 3 * BLOCKS * BLOCK];
     let src_reg = ini.register(&src);
     let back_reg = ini.register(&back);
@@ -518,8 +522,7 @@ fn large_64mib(tls: Option<&str>) {
     const LEN: usize = 64 << 20;
     let mut target = Target::spawn(tls, LEN);
     let mut ini = Initiator::new(tls, &target);
-    let mut src = vec![0u8; LEN];
-    fill(&mut src, 64);
+    let src = filled(LEN, 64);
     let back = vec![0u8; LEN];
     let src_reg = ini.register(&src);
     let back_reg = ini.register(&back);
@@ -561,8 +564,7 @@ fn notification(tls: Option<&str>) {
     const LEN: usize = 1 << 20;
     let mut target = Target::spawn(tls, LEN);
     let mut ini = Initiator::new(tls, &target);
-    let mut src = vec![0u8; LEN];
-    fill(&mut src, 99);
+    let src = filled(LEN, 99);
     let reg = ini.register(&src);
     let note = b"block\0ready\xff\x00\x01";
     ini.run(
@@ -581,8 +583,7 @@ fn notification(tls: Option<&str>) {
     );
 
     let peer = ini.peer.take().expect("peer");
-    let mut msg = vec![0u8; 4096];
-    fill(&mut msg, 5);
+    let mut msg = filled(4096, 5);
     msg[17] = 0;
     ini.t
         .send_notification(&peer, &msg)
@@ -621,8 +622,7 @@ fn many_in_flight(tls: Option<&str>) {
     const SLICE: usize = 64 * 1024;
     let mut target = Target::spawn(tls, XFERS * SLICE);
     let mut ini = Initiator::new(tls, &target);
-    let mut src = vec![0u8; XFERS * SLICE];
-    fill(&mut src, 64);
+    let src = filled(XFERS * SLICE, 64);
     let back = vec![0u8; XFERS * SLICE];
     let src_reg = ini.register(&src);
     let back_reg = ini.register(&back);
@@ -679,8 +679,7 @@ fn cancel(tls: Option<&str>) {
     const LEN: usize = 32 << 20;
     let mut target = Target::spawn(tls, LEN);
     let mut ini = Initiator::new(tls, &target);
-    let mut src = vec![0u8; LEN];
-    fill(&mut src, 3);
+    let src = filled(LEN, 3);
     let reg = ini.register(&src);
     let chunk = 512 * 1024;
     let parts: Vec<_> = (0..LEN / chunk)
@@ -744,8 +743,7 @@ fn peer_death(tls: Option<&str>) {
     const LEN: usize = 8 << 20;
     let mut target = Target::spawn(tls, LEN);
     let mut ini = Initiator::new(tls, &target);
-    let mut src = vec![0u8; LEN];
-    fill(&mut src, 8);
+    let src = filled(LEN, 8);
     let reg = ini.register(&src);
     let parts = [(src.as_ptr() as u64, 0, LEN as u64)];
     let mut in_flight: Vec<u64> = Vec::new();
@@ -870,8 +868,7 @@ fn deadline(tls: Option<&str>) {
     cfg.op_timeout = Some(DEADLINE);
     cfg.cancel_timeout_ms = 300;
     let mut ini = Initiator::with_config(&cfg, &target);
-    let mut src = vec![0u8; LEN];
-    fill(&mut src, 21);
+    let src = filled(LEN, 21);
     let mut dst = vec![0u8; LEN];
     let reg = ini.register(&src);
     let dreg = ini.register(&dst);
@@ -1012,8 +1009,7 @@ fn deadline(tls: Option<&str>) {
     signal(pid, "-CONT");
     drop(resume);
     ini.reconnect(&target);
-    let mut fresh = vec![0u8; 100];
-    fill(&mut fresh, 22);
+    let fresh = filled(100, 22);
     let freg = ini.register(&fresh);
     ini.run(
         XferOp::Write,
