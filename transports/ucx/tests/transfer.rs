@@ -1134,6 +1134,23 @@ fn invalid_inputs_are_refused() {
     let mut key = [0u8; 4096];
     let klen = t.pack_key(&reg, &mut key).expect("pack");
     assert!(klen > 0);
+    assert_eq!(
+        t.pack_key(&reg, &mut key[..klen - 1]),
+        Err(Error::BufferTooSmall {
+            needed: klen as u64,
+            available: klen as u64 - 1
+        })
+    );
+    let mut own = [0u8; 4096];
+    let alen = t.local_address(&mut own).expect("address");
+    assert_eq!(&own[..alen], t.worker_address());
+    assert_eq!(
+        t.local_address(&mut own[..alen - 1]),
+        Err(Error::BufferTooSmall {
+            needed: alen as u64,
+            available: alen as u64 - 1
+        })
+    );
     assert!(matches!(
         other.pack_key(&reg, &mut key),
         Err(Error::Backend { backend: "UCX", .. })
