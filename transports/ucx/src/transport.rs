@@ -754,6 +754,18 @@ impl UcxTransport {
         }
     }
 
+    /// Refuses a notification longer than the configured maximum.
+    fn check_note_len(&self, note: &[u8]) -> Result<(), Error> {
+        let max = self.config.max_notification;
+        if note.len() > max as usize {
+            return Err(Error::NotificationTooLong {
+                len: note.len() as u64,
+                max: u64::from(max),
+            });
+        }
+        Ok(())
+    }
+
     /// Looks up the endpoint of `peer`, refusing a failed one.
     fn live_ep(&self, peer: &UcxPeer) -> Result<(u32, sys::ucp_ep_h), Error> {
         if peer.owner != self.owner {
@@ -1409,12 +1421,7 @@ impl Transport for UcxTransport {
     ) -> Result<PostStatus, Error> {
         let (ep_index, ep) = self.live_ep(peer)?;
         if let Some(n) = notification {
-            if n.len() > self.config.max_notification as usize {
-                return Err(Error::NotificationTooLong {
-                    len: n.len() as u64,
-                    max: u64::from(self.config.max_notification),
-                });
-            }
+            self.check_note_len(n)?;
         }
         // Check every segment before anything is issued: UCX writes where
         // the segments say, so they must lie inside what was registered.
@@ -1576,12 +1583,7 @@ impl Transport for UcxTransport {
 
     fn send_notification(&mut self, peer: &UcxPeer, msg: &[u8]) -> Result<(), Error> {
         let (ep_index, ep) = self.live_ep(peer)?;
-        if msg.len() > self.config.max_notification as usize {
-            return Err(Error::NotificationTooLong {
-                len: msg.len() as u64,
-                max: u64::from(self.config.max_notification),
-            });
-        }
+        self.check_note_len(msg)?;
         let index = self.alloc_slot(Token(u64::MAX), XferOp::Write, ep_index, Some(msg));
         let slot = self.slot_ptr(index);
         // SAFETY: the slot was just allocated; no request refers to it.
