@@ -18,17 +18,14 @@ pub const TAG: &str = "RELTAG ";
 /// Longest a child process lives, whatever happens to its parent.
 pub const CHILD_LIFETIME: Duration = Duration::from_secs(180);
 
-/// Deterministic bytes: `len` bytes of a xorshift stream seeded by `seed`.
+/// Deterministic bytes: the first `len` bytes of pattern `seed` (see
+/// [`kvxfer_tests::fill_pattern`]). Seed 0, all zeros there, is refused:
+/// the buffers compared against a pattern start zeroed.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+    assert_ne!(seed, 0, "pattern seed 0 is all zeros");
+    let mut v = vec![0u8; len];
+    kvxfer_tests::fill_pattern(&mut v, seed, 0);
+    v
 }
 
 /// A heap buffer addressed only through its raw pointer, so that a
