@@ -502,6 +502,13 @@ impl UcxTransport {
         &self.config
     }
 
+    /// Changes the per-transfer deadline ([`UcxConfig::op_timeout`]) for
+    /// transfers posted from now on and those in flight (`None` or zero:
+    /// no deadline).
+    pub fn set_op_timeout(&mut self, op_timeout: Option<Duration>) {
+        self.config.op_timeout = op_timeout;
+    }
+
     /// This transport's packed worker address (what
     /// [`Transport::local_address`] writes).
     pub fn worker_address(&self) -> &[u8] {

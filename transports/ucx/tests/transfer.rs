@@ -1008,6 +1008,10 @@ fn deadline(tls: Option<&str>) {
     // timed-out WRITE's notification was never sent.
     signal(pid, "-CONT");
     drop(resume);
+    // The resumed target catches up first; on a loaded machine that can
+    // take longer than the short deadline used above, so the same
+    // transport goes back to the default deadline before reconnecting.
+    ini.t.set_op_timeout(UcxConfig::default().op_timeout);
     ini.reconnect(&target);
     let fresh = filled(100, 22);
     let freg = ini.register(&fresh);
