@@ -164,7 +164,7 @@ impl FabricConfig {
 pub fn usable_providers() -> Vec<String> {
     PROVIDER_PREFERENCE
         .iter()
-        .filter(|p| fabric::Info::get(p).is_ok())
+        .filter(|p| provider_usable(p))
         .map(|p| (*p).to_owned())
         .collect()
 }
