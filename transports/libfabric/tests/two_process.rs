@@ -705,6 +705,16 @@ fn bad_inputs(provider: &str) {
             available: 4
         })
     );
+    let mut address = [0u8; 512];
+    let n = ini.t.local_address(&mut address).expect("local address");
+    assert_eq!(address[0], 1, "address version");
+    assert_eq!(
+        ini.t.local_address(&mut address[..n - 1]),
+        Err(Error::BufferTooSmall {
+            needed: n as u64,
+            available: n as u64 - 1
+        })
+    );
     assert_eq!(
         ini.t.register(&Region::vram(0x1000, 64, 0)).unwrap_err(),
         Error::UnsupportedMemKind {
