@@ -8,15 +8,19 @@
 //!   UUID (ordinals differ between processes; UUIDs do not).
 //! * **Address** is an [`IpcAddress`]: host id, pid and instance. A peer on
 //!   another host is refused at [`connect`](Transport::connect).
+//! * **Direct peer access** (NVLink or PCIe peer-to-peer) between two GPUs
+//!   is enabled when a key on another GPU than a local registration is
+//!   unpacked, so the first transfer does not pay for it; without it the
+//!   driver moves cross-GPU copies through the host (about a tenth of the
+//!   bandwidth on NVLink-connected H100s). [`PEER_ACCESS_ENV`]`=0` turns it
+//!   off.
 //! * **Unpack** opens each peer allocation once per process
 //!   (`cuIpcOpenMemHandle`), reference-counted across keys and transports,
 //!   and closes it (`cuIpcCloseMemHandle`) when the last key is released or
 //!   the transport is dropped. A peer in the same process needs no handle.
 //! * **Post** enqueues one asynchronous copy per segment on the stream of
 //!   the local GPU — `cuMemcpyDtoDAsync` when both sides are on one GPU,
-//!   `cuMemcpyPeerAsync` with both contexts otherwise (after enabling direct
-//!   peer access between the two GPUs when [`PEER_ACCESS_ENV`] is `1`; see
-//!   the crate README for why it is opt-in) — and records an event
+//!   `cuMemcpyPeerAsync` with both contexts otherwise — and records an event
 //!   on every stream it used. **Poll** reports the transfer only when all its
 //!   events are complete (`cuEventQuery`).
 //! * **Notifications** travel over a [`NotifyChannel`]. The one attached to
@@ -247,8 +251,8 @@ pub struct CudaIpcTransport {
     peer_access: bool,
 }
 
-/// Environment variable that turns on direct peer access (NVLink/PCIe)
-/// for cross-GPU CUDA_IPC copies when set to `1`. Off by default: without
+/// Environment variable that turns off direct peer access (NVLink/PCIe)
+/// for cross-GPU CUDA_IPC copies when set to `0`. On by default: without
 /// it the driver stages cross-GPU copies through the host (correct, about
 /// a tenth of NVLink bandwidth on H100s).
 pub const PEER_ACCESS_ENV: &str = "KVXFER_CUDA_PEER_ACCESS";
@@ -288,7 +292,7 @@ impl CudaIpcTransport {
             inflight: Vec::new(),
             outbox: VecDeque::new(),
             peer_pairs: Vec::new(),
-            peer_access: std::env::var(PEER_ACCESS_ENV).is_ok_and(|v| v.trim() == "1"),
+            peer_access: !std::env::var(PEER_ACCESS_ENV).is_ok_and(|v| v.trim() == "0"),
         })
     }
 
@@ -315,6 +319,21 @@ impl CudaIpcTransport {
             *slot = Some(DeviceState::new(ordinal)?);
         }
         Ok(slot.as_mut().expect("slot was filled above"))
+    }
+
+    /// Enables direct peer access between the GPUs of `a` and `b` once per
+    /// pair (unless [`PEER_ACCESS_ENV`] is `0`); the device states keep both
+    /// contexts, and so the access, alive as long as the transport.
+    fn peer_pair(&mut self, a: &Context, b: &Context) -> Result<(), Error> {
+        let (x, y) = (a.ordinal(), b.ordinal());
+        let pair = (x.min(y), x.max(y));
+        if x == y || !self.peer_access || self.peer_pairs.contains(&pair) {
+            return Ok(());
+        }
+        let direct = driver::enable_peer_access(a, b)?;
+        log::debug!("devices {x} and {y}: direct peer access {direct}");
+        self.peer_pairs.push(pair);
+        Ok(())
     }
 
     fn disconnected(pid: u32, e: &std::io::Error) -> Error {
@@ -388,12 +407,7 @@ impl CudaIpcTransport {
                 let local = self.device(ldev)?.ctx.clone();
                 // Direct NVLink/PCIe peer copies where the GPUs allow it;
                 // once per pair, as the device states keep both contexts.
-                let pair = (ldev.min(rdev), ldev.max(rdev));
-                if self.peer_access && !self.peer_pairs.contains(&pair) {
-                    let direct = driver::enable_peer_access(&local, &other)?;
-                    log::debug!("devices {ldev} and {rdev}: direct peer access {direct}");
-                    self.peer_pairs.push(pair);
-                }
+                self.peer_pair(&local, &other)?;
                 Some(other)
             } else {
                 None
@@ -614,6 +628,16 @@ impl Transport for CudaIpcTransport {
             });
         }
         let ctx = self.device(dev)?.ctx.clone();
+        // Peer access now rather than in the first transfer's post.
+        let locals: Vec<Arc<Context>> = self
+            .devices
+            .iter()
+            .flatten()
+            .map(|d| d.ctx.clone())
+            .collect();
+        for local in &locals {
+            self.peer_pair(local, &ctx)?;
+        }
         let open_key: OpenKey = (peer.addr.pid, key.handle);
         let base = {
             let mut table = opened_table().lock().unwrap_or_else(|p| p.into_inner());
