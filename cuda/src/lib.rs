@@ -26,6 +26,7 @@ pub mod ipc;
 pub mod memory;
 pub mod notify;
 pub mod staged;
+pub mod staging_wire;
 pub mod wire;
 
 pub use driver::{

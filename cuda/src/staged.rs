@@ -3,31 +3,53 @@
 //!
 //! [`Staged`] wraps any [`Transport`] and adds [`MemKind::Vram`] to what it
 //! can register. DRAM-only transfers pass straight through. A transfer
-//! whose **local** side is VRAM is cut into chunks that move through a pool
-//! of pinned bounce buffers per GPU, registered once with the inner
-//! transport:
+//! with VRAM on either side is cut into chunks of at most
+//! [`StagingConfig::chunk`] bytes that move through a pool of pinned
+//! bounce buffers per GPU, registered once with the inner transport. Up to
+//! [`StagingConfig::chunks`] chunks per GPU are in flight at once, so the
+//! next chunk is copied while the previous one is on the wire.
 //!
-//! * **WRITE from local VRAM**: `cuMemcpyDtoHAsync` of a chunk into a bounce
-//!   buffer, then, once its CUDA event completed, an RMA WRITE from the
-//!   bounce buffer to the remote address;
-//! * **READ into local VRAM**: an RMA READ into a bounce buffer, then
-//!   `cuMemcpyHtoDAsync` into VRAM.
+//! **Local VRAM, remote DRAM**:
 //!
-//! Up to [`StagingConfig::chunks`] chunks per GPU are in flight at once, so
-//! the next chunk is copied while the previous one is on the wire. The
-//! transfer completes once every chunk's data is at its destination; a
+//! * WRITE: `cuMemcpyAsync` of a chunk into a bounce buffer, then, once its
+//!   CUDA event completed, an RMA WRITE from the bounce buffer;
+//! * READ: an RMA READ into a bounce buffer, then `cuMemcpyAsync` into VRAM.
+//!
+//! **Remote VRAM** (a region the peer registered through its own
+//! `Staged`): only the peer can copy between its bounce buffers and its
+//! VRAM, so the peer does the wire part. For each chunk the initiator sends
+//! a request (a notification of the inner transport, see
+//! [`staging_wire`](crate::staging_wire)) naming the VRAM range and one of
+//! the initiator's own bounce buffers:
+//!
+//! * WRITE: the initiator copies the chunk (from VRAM or DRAM) into its
+//!   bounce buffer and asks the peer to **pull** it: the peer READs it into
+//!   one of its bounce buffers and copies that into its VRAM;
+//! * READ: the initiator asks the peer to **push** the range: the peer
+//!   copies it from VRAM into one of its bounce buffers and WRITEs it into
+//!   the initiator's bounce buffer, from which the initiator copies it to
+//!   its destination.
+//!
+//! The peer answers each request once the data is at its destination; a
+//! chunk is done with that answer. The peer serves requests while its
+//! transport is polled (an `Agent` with its progress thread, the default,
+//! always is) and only for VRAM it registered; it connects back to the
+//! requester's address to move the data and to answer. A request without
+//! an answer within [`StagingConfig::reply_timeout`] fails the transfer
+//! with [`Error::TimedOut`]; its bounce buffer is not reused until the
+//! late answer arrives, so a late pull or push cannot mix into a later
+//! transfer.
+//!
+//! The transfer completes once every chunk's data is at its destination; a
 //! notification attached to it is sent after that, so it still reaches the
 //! target after the data.
 //!
-//! **Remote VRAM is not supported**: a peer's VRAM region (one it registered
-//! through its own `Staged` transport) can be loaded from its metadata, but
-//! a transfer that names it fails at post with
-//! [`Error::UnsupportedMemKind`] naming the inner backend, because the peer
-//! would have to copy between its bounce buffers and its VRAM on request.
-//! Use CUDA_IPC for VRAM→VRAM on one host.
+//! Staging needs a CUDA driver on both sides when either side is VRAM: a
+//! DRAM-only initiator moving to a peer's VRAM uses a bounce pool on GPU 0.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use cudarc::driver::sys;
 use kvxfer_core::mem::MemKinds;
@@ -37,6 +59,7 @@ use kvxfer_core::{
 
 use crate::driver::{self, check, Context, INVALID_VALUE};
 use crate::memory::PinnedBuffer;
+use crate::staging_wire::{self as msg, Direction, Message, Request};
 
 /// Low 32 bits of every token [`Staged`] gives its inner transport for a
 /// chunk. The core's tokens carry a transfer slot index there (below
@@ -54,14 +77,18 @@ pub struct StagingConfig {
     pub chunk: usize,
     /// Bounce buffers per GPU: chunks in flight at once.
     pub chunks: usize,
+    /// How long a request to a peer (a chunk into or out of the peer's
+    /// VRAM) may wait for its answer.
+    pub reply_timeout: Duration,
 }
 
 impl Default for StagingConfig {
-    /// 4 chunks of 4 MiB per GPU.
+    /// 4 chunks of 4 MiB per GPU; 5 s for a peer's answer.
     fn default() -> Self {
         StagingConfig {
             chunk: 4 << 20,
             chunks: 4,
+            reply_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -85,7 +112,8 @@ type StagedSegment<'a, T> =
 pub enum StagedKey<K> {
     /// A host region of the peer: the inner transport's key.
     Host(Arc<K>),
-    /// A VRAM region of the peer: loaded, but not a valid transfer target.
+    /// A VRAM region of the peer, moved through requests its `Staged`
+    /// serves (see the [module docs](self)).
     Vram(Region),
 }
 
@@ -99,6 +127,8 @@ struct Pool<L> {
     /// Its registration with the inner transport; taken back in
     /// [`Staged`]'s `Drop` before the buffer is freed.
     reg: Option<L>,
+    /// The registration's packed key, sent in requests to peers.
+    key: Vec<u8>,
     free_slots: Vec<usize>,
     chunk: usize,
 }
@@ -124,35 +154,27 @@ impl<L> Pool<L> {
         Ok(ev)
     }
 
-    /// Enqueues a copy of `len` bytes between VRAM `dev_addr` and bounce
-    /// slot `slot` (to the host when `to_host`), and records an event after it.
+    /// Enqueues a copy of `len` bytes between `addr` (VRAM, or host memory
+    /// through unified addressing) and bounce slot `slot` (into the slot
+    /// when `to_slot`), and records an event after it.
     fn copy(
         &mut self,
-        to_host: bool,
-        dev_addr: u64,
+        to_slot: bool,
+        addr: u64,
         slot: usize,
         len: usize,
     ) -> Result<sys::CUevent, Error> {
         let host = self.slot_addr(slot);
         let ev = self.event()?;
         self.ctx.bind()?;
-        let res = if to_host {
-            // SAFETY: the slot holds `chunk >= len` bytes of the live pinned
-            // buffer; `dev_addr..+len` lies in a registered VRAM region that
-            // the core keeps until the transfer completes.
-            unsafe { sys::cuMemcpyDtoHAsync_v2(host as *mut _, dev_addr, len, self.stream) }
-        } else {
-            // SAFETY: as above, in the other direction.
-            unsafe { sys::cuMemcpyHtoDAsync_v2(dev_addr, host as *const _, len, self.stream) }
-        };
-        let what = if to_host {
-            "cuMemcpyDtoHAsync"
-        } else {
-            "cuMemcpyHtoDAsync"
-        };
+        let (dst, src) = if to_slot { (host, addr) } else { (addr, host) };
+        // SAFETY: the slot holds `chunk >= len` bytes of the live pinned
+        // buffer; `addr..+len` lies in a registered region (VRAM, or host
+        // memory) that stays registered until the transfer completes.
+        let res = unsafe { sys::cuMemcpyAsync(dst, src, len, self.stream) };
         let recorded = check(
             res,
-            &format!("{what}({len} bytes, VRAM {dev_addr:#x}, bounce {host:#x})"),
+            &format!("cuMemcpyAsync({len} bytes, {src:#x} -> {dst:#x})"),
         )
         .and_then(|()| {
             // SAFETY: `ev` and the stream are live in the bound context.
@@ -214,28 +236,49 @@ enum LocalSide<L> {
     Vram(u32),
 }
 
+/// The remote side of one segment of a staged transfer.
+enum RemoteSide<K> {
+    /// Host memory of the peer, reached by the inner transport.
+    Host(Arc<K>),
+    /// VRAM of the peer, reached through requests.
+    Vram,
+}
+
 /// One segment of a staged transfer.
 struct Work<L, K> {
     local: LocalSide<L>,
     local_addr: u64,
     remote_addr: u64,
     len: u64,
-    remote: Arc<K>,
+    remote: RemoteSide<K>,
     remote_region_addr: u64,
+}
+
+/// What follows a CUDA copy.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Next {
+    /// The inner transport moves the bounce buffer (WRITE to host memory).
+    Wire,
+    /// The peer is asked to pull the bounce buffer (WRITE to its VRAM).
+    Request,
+    /// Nothing: the chunk is done.
+    Retire,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 enum Stage {
-    /// A CUDA copy runs; `then_wire` for WRITE (D2H first), else READ's last step.
-    Copy { ev: sys::CUevent, then_wire: bool },
-    /// The inner transport moves it; `then_copy` for READ into VRAM.
+    /// A CUDA copy runs.
+    Copy { ev: sys::CUevent, next: Next },
+    /// The inner transport moves it; `then_copy` for READ into a bounce slot.
     Wire { then_copy: bool },
+    /// A request is with the peer since `since`; `then_copy` for READ.
+    Await { since: Instant, then_copy: bool },
 }
 
 /// One piece in flight: a bounce slot (VRAM segments) or a whole host segment.
 struct Chunk {
     token: u64,
-    /// `(device, slot)` for VRAM pieces.
+    /// `(device, slot)` for pieces through a bounce buffer.
     slot: Option<(u32, usize)>,
     seg: usize,
     off: u64,
@@ -253,6 +296,9 @@ struct Op<T: Transport> {
     next_off: u64,
     chunks: Vec<Chunk>,
     error: Option<Error>,
+    /// For a transfer serving a peer's request: the request's id, answered
+    /// over `peer` instead of reporting a completion.
+    serves: Option<u64>,
 }
 
 impl<T: Transport> Op<T> {
@@ -267,15 +313,52 @@ impl<T: Transport> Op<T> {
     }
 }
 
+/// A bounce slot held back after its request timed out: the peer may
+/// still pull from or push into it. Freed when the late answer arrives.
+struct Quarantined {
+    id: u64,
+    dev: u32,
+    slot: usize,
+}
+
+/// A requester's bounce pool: its address, the pool's packed key, address
+/// and length.
+type PoolId = (Vec<u8>, Vec<u8>, u64, u64);
+
+/// Connections and keys of peers whose requests this side serves, by
+/// their address and by their bounce pool.
+struct Requesters<P, K> {
+    peers: HashMap<Vec<u8>, Arc<P>>,
+    keys: HashMap<PoolId, Arc<K>>,
+}
+
 /// A transport with VRAM staged through pinned host memory; see the
 /// [module docs](self).
 pub struct Staged<T: Transport> {
     cfg: StagingConfig,
     /// Per GPU ordinal, created on the first VRAM registration there.
     pools: Vec<Option<Pool<T::LocalReg>>>,
+    /// VRAM regions registered here: the only ones peers' requests may name.
+    vram: Vec<Region>,
     ops: Vec<Op<T>>,
     done: VecDeque<Completion>,
     next_chunk: u32,
+    /// This side's inner transport address, sent in requests.
+    my_addr: Option<Vec<u8>>,
+    requesters: Requesters<T::Peer, T::RemoteKey>,
+    quarantine: Vec<Quarantined>,
+    /// Notifications of the inner transport are received here first, so
+    /// that staging messages can be taken out.
+    note_buf: Vec<u8>,
+    /// Length of a user notification in `note_buf` that did not fit the
+    /// caller's buffer.
+    held: Option<usize>,
+    /// User notifications received while waiting for answers.
+    user_notes: VecDeque<Vec<u8>>,
+    /// Scratch buffer for outgoing staging messages.
+    out: Vec<u8>,
+    /// Moves whenever staging did work on a peer's behalf.
+    events: u64,
     inner: T,
 }
 
@@ -314,13 +397,32 @@ impl<T: Transport> Staged<T> {
             cfg: StagingConfig {
                 chunk: cfg.chunk.max(4096),
                 chunks: cfg.chunks.max(1),
+                reply_timeout: cfg.reply_timeout,
             },
             pools: Vec::new(),
+            vram: Vec::new(),
             ops: Vec::new(),
             done: VecDeque::new(),
             next_chunk: 0,
+            my_addr: None,
+            requesters: Requesters {
+                peers: HashMap::new(),
+                keys: HashMap::new(),
+            },
+            quarantine: Vec::new(),
+            note_buf: Vec::new(),
+            held: None,
+            user_notes: VecDeque::new(),
+            out: Vec::new(),
+            events: 0,
             inner,
         }
+    }
+
+    /// A count that moves whenever staging served a peer's request (or has
+    /// one in progress): a progress loop that sees it move keeps polling.
+    pub fn staging_events(&self) -> u64 {
+        self.events
     }
 
     /// The wrapped transport.
@@ -333,9 +435,10 @@ impl<T: Transport> Staged<T> {
         &mut self.inner
     }
 
-    /// Staged transfers posted and not yet reported.
+    /// Staged transfers posted and not yet reported (not counting the ones
+    /// serving peers' requests).
     pub fn staged_in_flight(&self) -> usize {
-        self.ops.len()
+        self.ops.iter().filter(|o| o.serves.is_none()).count()
     }
 
     fn bad(&self, text: &str) -> Error {
@@ -372,10 +475,29 @@ impl<T: Transport> Staged<T> {
             free_events: Vec::new(),
             buf,
             reg: None,
+            key: Vec::new(),
             free_slots: (0..self.cfg.chunks).rev().collect(),
             chunk: self.cfg.chunk,
         };
-        pool.reg = Some(self.inner.register(&pool.buf.region())?);
+        let reg = self.inner.register(&pool.buf.region())?;
+        let mut key = vec![0u8; 4096];
+        let packed = loop {
+            match self.inner.pack_key(&reg, &mut key) {
+                Err(Error::BufferTooSmall { needed, .. }) if needed as usize > key.len() => {
+                    key.resize(needed as usize, 0);
+                }
+                other => break other,
+            }
+        };
+        match packed {
+            Ok(n) => key.truncate(n),
+            Err(e) => {
+                self.inner.deregister(reg);
+                return Err(e);
+            }
+        }
+        pool.key = key;
+        pool.reg = Some(reg);
         log::debug!(
             "{}: staging pool on device {dev}: {} x {} bytes at {:#x}",
             self.inner.name(),
@@ -400,15 +522,18 @@ impl<T: Transport> Staged<T> {
         let op = &self.ops[oi];
         let ch = &op.chunks[c];
         let w = &op.segs[ch.seg];
+        let RemoteSide::Host(remote) = &w.remote else {
+            unreachable!("only chunks to remote host memory go on the wire")
+        };
         let (local_addr, local): (u64, &T::LocalReg) = match (&w.local, ch.slot) {
-            (LocalSide::Host(reg), _) => (w.local_addr + ch.off, reg),
-            (LocalSide::Vram(_), Some((dev, slot))) => {
+            (_, Some((dev, slot))) => {
                 let pool = self.pools[dev as usize]
                     .as_ref()
                     .expect("a slot is only taken from an existing pool");
                 let reg = pool.reg.as_ref().expect("pool registered at creation");
                 (pool.slot_addr(slot), reg)
             }
+            (LocalSide::Host(reg), None) => (w.local_addr + ch.off, &**reg),
             (LocalSide::Vram(_), None) => unreachable!("VRAM chunks always hold a slot"),
         };
         let seg = Segment {
@@ -416,7 +541,7 @@ impl<T: Transport> Staged<T> {
             remote_addr: w.remote_addr + ch.off,
             len: ch.len,
             local,
-            remote: &*w.remote,
+            remote: &**remote,
             remote_region_addr: w.remote_region_addr,
         };
         let st = self
@@ -425,33 +550,94 @@ impl<T: Transport> Staged<T> {
         Ok(st == PostStatus::Done)
     }
 
-    /// Chunk `c` of op `oi` left the wire (successfully).
-    fn wire_done(&mut self, oi: usize, c: usize) {
-        let ch = &self.ops[oi].chunks[c];
-        let then_copy = matches!(ch.stage, Stage::Wire { then_copy: true });
-        if !then_copy {
-            self.retire(oi, c);
-            return;
+    /// This side's inner transport address (fetched once).
+    fn my_addr(&mut self) -> Result<Vec<u8>, Error> {
+        if let Some(a) = &self.my_addr {
+            return Ok(a.clone());
         }
-        let (dev, slot) = ch.slot.expect("READ into VRAM holds a slot");
-        let w = &self.ops[oi].segs[ch.seg];
-        let dev_addr = w.local_addr + ch.off;
+        let mut buf = vec![0u8; 4096];
+        let n = loop {
+            match self.inner.local_address(&mut buf) {
+                Err(Error::BufferTooSmall { needed, .. }) if needed as usize > buf.len() => {
+                    buf.resize(needed as usize, 0);
+                }
+                other => break other?,
+            }
+        };
+        buf.truncate(n);
+        self.my_addr = Some(buf.clone());
+        Ok(buf)
+    }
+
+    /// Asks the peer to pull (WRITE) or push (READ) chunk `c` of op `oi`
+    /// through the chunk's bounce slot; the chunk then awaits the answer.
+    fn send_request(&mut self, oi: usize, c: usize) -> Result<(), Error> {
+        let addr = self.my_addr()?;
+        let op = &self.ops[oi];
+        let ch = &op.chunks[c];
+        let w = &op.segs[ch.seg];
+        let (dev, slot) = ch.slot.expect("requests go through a bounce slot");
+        let pool = self.pools[dev as usize]
+            .as_ref()
+            .expect("a slot is only taken from an existing pool");
+        let (dir, then_copy) = match op.op {
+            XferOp::Write => (Direction::Pull, false),
+            XferOp::Read => (Direction::Push, true),
+        };
+        let req = Request {
+            dir,
+            id: ch.token,
+            vram: w.remote_addr + ch.off,
+            len: ch.len,
+            host: pool.slot_addr(slot),
+            pool: pool.buf.addr(),
+            pool_len: pool.buf.len() as u64,
+            addr: &addr,
+            key: &pool.key,
+        };
+        msg::encode_request(&req, &mut self.out)?;
+        self.inner.send_notification(&op.peer, &self.out)?;
+        self.ops[oi].chunks[c].stage = Stage::Await {
+            since: Instant::now(),
+            then_copy,
+        };
+        Ok(())
+    }
+
+    /// Starts the copy of chunk `c` of op `oi` out of its bounce slot into
+    /// the local destination (READ's last step).
+    fn copy_out(&mut self, oi: usize, c: usize) {
+        let ch = &self.ops[oi].chunks[c];
+        let (dev, slot) = ch.slot.expect("READ through a bounce slot");
+        let addr = self.ops[oi].segs[ch.seg].local_addr + ch.off;
         let len = ch.len as usize;
         let res = match Self::pool_mut(&mut self.pools, dev) {
-            Some(p) => p.copy(false, dev_addr, slot, len),
+            Some(p) => p.copy(false, addr, slot, len),
             None => Err(driver::no_driver()),
         };
         match res {
             Ok(ev) => {
                 self.ops[oi].chunks[c].stage = Stage::Copy {
                     ev,
-                    then_wire: false,
+                    next: Next::Retire,
                 }
             }
             Err(e) => {
                 self.ops[oi].fail(e);
                 self.retire(oi, c);
             }
+        }
+    }
+
+    /// Chunk `c` of op `oi` left the wire (successfully).
+    fn wire_done(&mut self, oi: usize, c: usize) {
+        if matches!(
+            self.ops[oi].chunks[c].stage,
+            Stage::Wire { then_copy: true }
+        ) {
+            self.copy_out(oi, c);
+        } else {
+            self.retire(oi, c);
         }
     }
 
@@ -479,6 +665,16 @@ impl<T: Transport> Staged<T> {
         (u64::from(self.next_chunk) << 32) | CHUNK_MARK
     }
 
+    /// The GPU whose bounce pool moves segments with host memory on this
+    /// side and VRAM on the peer's: the first pool there is, else GPU 0's.
+    fn host_pool_dev(&mut self) -> Result<u32, Error> {
+        if let Some(d) = self.pools.iter().position(Option::is_some) {
+            return Ok(d as u32);
+        }
+        self.pool(0)?;
+        Ok(0)
+    }
+
     /// Starts as many new pieces of op `oi` as bounce slots allow.
     fn start_chunks(&mut self, oi: usize) {
         loop {
@@ -488,21 +684,36 @@ impl<T: Transport> Staged<T> {
             }
             let (seg, off) = (op.next_seg, op.next_off);
             let w = &op.segs[seg];
-            let (len, slot) = match w.local {
-                LocalSide::Host(_) => (w.len - off, None),
-                LocalSide::Vram(dev) => {
+            let remote_vram = matches!(w.remote, RemoteSide::Vram);
+            let slot_dev = match (&w.local, remote_vram) {
+                (LocalSide::Vram(dev), _) => Some(*dev),
+                (LocalSide::Host(_), true) => {
+                    Some(self.pools.iter().position(Option::is_some).unwrap_or(0) as u32)
+                }
+                (LocalSide::Host(_), false) => None,
+            };
+            let (len, slot) = match slot_dev {
+                None => (w.len - off, None),
+                Some(dev) => {
+                    let held = self.quarantine.iter().filter(|q| q.dev == dev).count();
                     let Some(p) = Self::pool_mut(&mut self.pools, dev) else {
                         self.ops[oi].fail(driver::no_driver());
                         return;
                     };
                     let Some(slot) = p.free_slots.pop() else {
+                        if held >= self.cfg.chunks {
+                            let e = self.bad(&format!(
+                                "all {held} bounce buffers of device {dev} wait for answers to requests that timed out"
+                            ));
+                            self.ops[oi].fail(e);
+                        }
                         return;
                     };
                     ((w.len - off).min(p.chunk as u64), Some((dev, slot)))
                 }
             };
             let op_kind = op.op;
-            let dev_addr = w.local_addr + off;
+            let local_addr = w.local_addr + off;
             let token = self.chunk_token();
             let op = &mut self.ops[oi];
             if off + len >= op.segs[seg].len {
@@ -511,7 +722,7 @@ impl<T: Transport> Staged<T> {
             } else {
                 op.next_off = off + len;
             }
-            let mut chunk = Chunk {
+            let chunk = Chunk {
                 token,
                 slot,
                 seg,
@@ -519,45 +730,301 @@ impl<T: Transport> Staged<T> {
                 len,
                 stage: Stage::Wire { then_copy: false },
             };
-            match (slot, op_kind) {
+            self.ops[oi].chunks.push(chunk);
+            let c = self.ops[oi].chunks.len() - 1;
+            let started = match (slot, op_kind) {
                 (Some((dev, s)), XferOp::Write) => {
                     let pool = Self::pool_mut(&mut self.pools, dev).expect("checked above");
-                    match pool.copy(true, dev_addr, s, len as usize) {
-                        Ok(ev) => {
-                            chunk.stage = Stage::Copy {
-                                ev,
-                                then_wire: true,
-                            };
-                            self.ops[oi].chunks.push(chunk);
-                        }
-                        Err(e) => {
-                            pool.free_slots.push(s);
-                            self.ops[oi].fail(e);
-                        }
-                    }
+                    pool.copy(true, local_addr, s, len as usize).map(|ev| {
+                        let next = if remote_vram {
+                            Next::Request
+                        } else {
+                            Next::Wire
+                        };
+                        self.ops[oi].chunks[c].stage = Stage::Copy { ev, next };
+                    })
                 }
+                (Some(_), XferOp::Read) if remote_vram => self.send_request(oi, c),
                 (slot, kind) => {
-                    chunk.stage = Stage::Wire {
+                    self.ops[oi].chunks[c].stage = Stage::Wire {
                         then_copy: slot.is_some() && kind == XferOp::Read,
                     };
-                    self.ops[oi].chunks.push(chunk);
-                    let c = self.ops[oi].chunks.len() - 1;
                     match self.post_wire(oi, c) {
-                        Ok(true) => self.wire_done(oi, c),
-                        Ok(false) => {}
-                        Err(e) => {
-                            self.ops[oi].fail(e);
-                            self.retire(oi, c);
+                        Ok(true) => {
+                            self.wire_done(oi, c);
+                            Ok(())
                         }
+                        Ok(false) => Ok(()),
+                        Err(e) => Err(e),
                     }
                 }
+            };
+            if let Err(e) = started {
+                self.ops[oi].fail(e);
+                self.retire(oi, c);
+            }
+        }
+    }
+
+    /// The connection back to a requester at `addr` (made once).
+    fn requester(&mut self, addr: &[u8]) -> Result<Arc<T::Peer>, Error> {
+        if let Some(p) = self.requesters.peers.get(addr) {
+            return Ok(Arc::clone(p));
+        }
+        let p = Arc::new(self.inner.connect(addr)?);
+        self.requesters.peers.insert(addr.to_vec(), Arc::clone(&p));
+        Ok(p)
+    }
+
+    /// Starts serving a peer's request: checks it names VRAM registered
+    /// here, then moves it with an internal transfer whose completion is
+    /// answered to the peer.
+    fn serve(&mut self, r: &Request<'_>, peer: Arc<T::Peer>) -> Result<(), Error> {
+        let end = r.vram.checked_add(r.len);
+        let region = self
+            .vram
+            .iter()
+            .find(|g| r.vram >= g.addr && end.is_some_and(|e| Some(e) <= g.end()))
+            .copied();
+        let Some(region) = region.filter(|_| r.len > 0) else {
+            return Err(self.bad(&format!(
+                "VRAM {:#x} (+{} bytes) is not inside a VRAM region registered here",
+                r.vram, r.len
+            )));
+        };
+        let host_fits = r.host >= r.pool
+            && r.host
+                .checked_add(r.len)
+                .is_some_and(|e| Some(e) <= r.pool.checked_add(r.pool_len));
+        if !host_fits {
+            return Err(self.bad(&format!(
+                "host range {:#x} (+{} bytes) leaves the requester's pool {:#x} (+{} bytes)",
+                r.host, r.len, r.pool, r.pool_len
+            )));
+        }
+        let ident = (r.addr.to_vec(), r.key.to_vec(), r.pool, r.pool_len);
+        let key = match self.requesters.keys.get(&ident) {
+            Some(k) => Arc::clone(k),
+            None => {
+                let pool = Region::dram(r.pool, r.pool_len);
+                let k = Arc::new(self.inner.unpack_key(&peer, &pool, r.key)?);
+                self.requesters.keys.insert(ident, Arc::clone(&k));
+                k
+            }
+        };
+        self.pool(region.dev)?;
+        self.ops.push(Op {
+            token: Token(0),
+            op: match r.dir {
+                Direction::Pull => XferOp::Read,
+                Direction::Push => XferOp::Write,
+            },
+            peer,
+            notification: None,
+            segs: vec![Work {
+                local: LocalSide::Vram(region.dev),
+                local_addr: r.vram,
+                remote_addr: r.host,
+                len: r.len,
+                remote: RemoteSide::Host(key),
+                remote_region_addr: r.pool,
+            }],
+            next_seg: 0,
+            next_off: 0,
+            chunks: Vec::new(),
+            error: None,
+            serves: Some(r.id),
+        });
+        let oi = self.ops.len() - 1;
+        self.start_chunks(oi);
+        Ok(())
+    }
+
+    /// Sends the answer to request `id` over `peer`.
+    fn answer(&mut self, peer: &T::Peer, id: u64, result: Result<(), &Error>) {
+        let text = result.map_err(|e| e.to_string());
+        msg::encode_done(
+            id,
+            text.as_ref().map(|_| ()).map_err(String::as_str),
+            &mut self.out,
+        );
+        if let Err(e) = self.inner.send_notification(peer, &self.out) {
+            log::warn!(
+                "{}: answering staging request {id:#x} failed: {e}",
+                self.inner.name()
+            );
+        }
+    }
+
+    /// Acts on a staging message received as a notification.
+    fn on_staging_message(&mut self, m: &[u8]) {
+        self.events = self.events.wrapping_add(1);
+        match msg::decode(m) {
+            Err(e) => log::warn!("{}: dropping a staging message: {e}", self.inner.name()),
+            Ok(Message::Request(r)) => {
+                let peer = match self.requester(r.addr) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        log::warn!(
+                            "{}: cannot connect back to a staging requester: {e}",
+                            self.inner.name()
+                        );
+                        return;
+                    }
+                };
+                if let Err(e) = self.serve(&r, Arc::clone(&peer)) {
+                    log::debug!(
+                        "{}: staging request {:#x} refused: {e}",
+                        self.inner.name(),
+                        r.id
+                    );
+                    self.answer(&peer, r.id, Err(&e));
+                }
+            }
+            Ok(Message::Done { id, result }) => self.on_answer(id, result),
+        }
+    }
+
+    /// The peer answered request `id` (a chunk awaiting it, or a
+    /// quarantined slot whose request timed out).
+    fn on_answer(&mut self, id: u64, result: Result<(), &str>) {
+        let found = self
+            .find_chunk(id)
+            .filter(|&(oi, c)| matches!(self.ops[oi].chunks[c].stage, Stage::Await { .. }));
+        let Some((oi, c)) = found else {
+            if let Some(i) = self.quarantine.iter().position(|q| q.id == id) {
+                let q = self.quarantine.swap_remove(i);
+                if let Some(p) = Self::pool_mut(&mut self.pools, q.dev) {
+                    p.free_slots.push(q.slot);
+                }
+            } else {
+                log::debug!("{}: answer to unknown request {id:#x}", self.inner.name());
+            }
+            return;
+        };
+        match result {
+            Ok(()) => {
+                if matches!(
+                    self.ops[oi].chunks[c].stage,
+                    Stage::Await {
+                        then_copy: true,
+                        ..
+                    }
+                ) {
+                    self.copy_out(oi, c);
+                } else {
+                    self.retire(oi, c);
+                }
+            }
+            Err(text) => {
+                let what = self.ops[oi].op.name();
+                let e = self.bad(&format!("the peer could not serve a staged {what}: {text}"));
+                self.ops[oi].fail(e);
+                self.retire(oi, c);
+            }
+        }
+    }
+
+    /// Receives notifications of the inner transport until none is left:
+    /// staging messages are acted on, user ones kept for
+    /// [`poll_notification`](Transport::poll_notification).
+    fn pump_notifications(&mut self) {
+        loop {
+            match self.receive() {
+                None => return,
+                Some(Err(e)) => {
+                    log::warn!(
+                        "{}: receiving a notification failed: {e}",
+                        self.inner.name()
+                    );
+                    return;
+                }
+                Some(Ok(n)) => self.user_notes.push_back(self.note_buf[..n].to_vec()),
+            }
+        }
+    }
+
+    /// The next user notification of the inner transport, in `note_buf`;
+    /// staging messages met on the way are acted on.
+    fn receive(&mut self) -> Option<Result<usize, Error>> {
+        if self.note_buf.is_empty() {
+            let max = self.inner.capabilities().max_notification as usize;
+            self.note_buf = vec![0; max.max(4096)];
+        }
+        loop {
+            let mut buf = std::mem::take(&mut self.note_buf);
+            let got = self.inner.poll_notification(&mut buf);
+            match got {
+                Some(Ok(n)) if msg::is_staging(&buf[..n]) => {
+                    self.on_staging_message(&buf[..n]);
+                    self.note_buf = buf;
+                }
+                Some(Err(Error::BufferTooSmall { needed, .. })) if needed as usize > buf.len() => {
+                    buf.resize(needed as usize, 0);
+                    self.note_buf = buf;
+                }
+                other => {
+                    self.note_buf = buf;
+                    return other;
+                }
+            }
+        }
+    }
+
+    /// Fails chunks whose request waited longer than the reply timeout;
+    /// their slots wait in quarantine for the late answer.
+    fn expire_requests(&mut self) {
+        let limit = self.cfg.reply_timeout;
+        for oi in 0..self.ops.len() {
+            let mut c = 0;
+            while c < self.ops[oi].chunks.len() {
+                let ch = &self.ops[oi].chunks[c];
+                let Stage::Await { since, .. } = ch.stage else {
+                    c += 1;
+                    continue;
+                };
+                let waited = since.elapsed();
+                if waited < limit {
+                    c += 1;
+                    continue;
+                }
+                let ch = self.ops[oi].chunks.swap_remove(c);
+                if let Some((dev, slot)) = ch.slot {
+                    self.quarantine.push(Quarantined {
+                        id: ch.token,
+                        dev,
+                        slot,
+                    });
+                }
+                log::warn!(
+                    "{}: no answer to staging request {:#x} within {waited:?}",
+                    self.inner.name(),
+                    ch.token
+                );
+                self.ops[oi].fail(Error::TimedOut {
+                    after_ms: waited.as_millis() as u64,
+                });
             }
         }
     }
 
     /// Moves every staged transfer forward; finished ones go to `done`.
     fn drive(&mut self) {
-        // 1. Completions of the inner transport.
+        // 1. Answers to requests (only looked for while some are awaited,
+        //    so that plain notifications stay with the caller otherwise).
+        let awaiting = self.ops.iter().any(|o| {
+            o.chunks
+                .iter()
+                .any(|c| matches!(c.stage, Stage::Await { .. }))
+        });
+        if awaiting || !self.quarantine.is_empty() {
+            self.pump_notifications();
+            self.expire_requests();
+        }
+        if self.ops.iter().any(|o| o.serves.is_some()) {
+            self.events = self.events.wrapping_add(1);
+        }
+        // 2. Completions of the inner transport.
         while let Some(c) = self.inner.poll() {
             if c.token.0 & 0xffff_ffff != CHUNK_MARK {
                 self.done.push_back(c);
@@ -575,13 +1042,13 @@ impl<T: Transport> Staged<T> {
                 }
             }
         }
-        // 2. CUDA copies, then new chunks, then finished transfers.
+        // 3. CUDA copies, then new chunks, then finished transfers.
         let mut oi = 0;
         while oi < self.ops.len() {
             let mut ci = 0;
             while ci < self.ops[oi].chunks.len() {
                 let ch = &self.ops[oi].chunks[ci];
-                let Stage::Copy { ev, then_wire } = ch.stage else {
+                let Stage::Copy { ev, next } = ch.stage else {
                     ci += 1;
                     continue;
                 };
@@ -590,20 +1057,24 @@ impl<T: Transport> Staged<T> {
                     Some(p) => p.query(ev),
                     None => Err(driver::no_driver()),
                 };
-                match q {
-                    Ok(false) => ci += 1,
-                    Ok(true) if then_wire => {
-                        self.ops[oi].chunks[ci].stage = Stage::Wire { then_copy: false };
-                        match self.post_wire(oi, ci) {
-                            Ok(true) => self.retire(oi, ci),
-                            Ok(false) => ci += 1,
-                            Err(e) => {
-                                self.ops[oi].fail(e);
-                                self.retire(oi, ci);
-                            }
-                        }
+                let step = match q {
+                    Ok(false) => {
+                        ci += 1;
+                        continue;
                     }
+                    Ok(true) => match next {
+                        Next::Wire => {
+                            self.ops[oi].chunks[ci].stage = Stage::Wire { then_copy: false };
+                            self.post_wire(oi, ci)
+                        }
+                        Next::Request => self.send_request(oi, ci).map(|()| false),
+                        Next::Retire => Ok(true),
+                    },
+                    Err(e) => Err(e),
+                };
+                match step {
                     Ok(true) => self.retire(oi, ci),
+                    Ok(false) => ci += 1,
                     Err(e) => {
                         self.ops[oi].fail(e);
                         self.retire(oi, ci);
@@ -620,10 +1091,13 @@ impl<T: Transport> Staged<T> {
                         None => Ok(()),
                     },
                 };
-                self.done.push_back(Completion {
-                    token: op.token,
-                    result,
-                });
+                match op.serves {
+                    Some(id) => self.answer(&op.peer, id, result.as_ref().map(|_| ())),
+                    None => self.done.push_back(Completion {
+                        token: op.token,
+                        result,
+                    }),
+                }
             } else {
                 oi += 1;
             }
@@ -674,9 +1148,21 @@ impl<T: Transport> Drop for Staged<T> {
                 self.ops.len()
             );
         }
-        // Copies finish (Pool's Drop synchronises too, but the bounce
-        // registrations go first), then registrations, then pools, then
-        // the inner transport (field order).
+        // Transfers go first (they share keys and connections with the
+        // requester tables), then the keys and connections of requesters,
+        // then the bounce registrations, then the pools (whose Drop waits
+        // for their copies), then the inner transport (field order).
+        self.ops.clear();
+        for (_, k) in std::mem::take(&mut self.requesters.keys) {
+            if let Some(k) = unwrap_arc(k, "requester key") {
+                self.inner.release_key(k);
+            }
+        }
+        for (_, p) in std::mem::take(&mut self.requesters.peers) {
+            if let Some(p) = unwrap_arc(p, "requester connection") {
+                self.inner.disconnect(p);
+            }
+        }
         for p in self.pools.iter_mut().flatten() {
             if let Some(reg) = p.reg.take() {
                 self.inner.deregister(reg);
@@ -748,13 +1234,40 @@ impl<T: Transport> Transport for Staged<T> {
             )));
         }
         self.pool(region.dev)?;
+        self.vram.push(*region);
         Ok(StagedReg::Vram(*region))
     }
 
     fn deregister(&mut self, reg: Self::LocalReg) {
-        if let StagedReg::Host(r) = reg {
-            if let Some(r) = unwrap_arc(r, "registration") {
-                self.inner.deregister(r);
+        match reg {
+            StagedReg::Host(r) => {
+                if let Some(r) = unwrap_arc(r, "registration") {
+                    self.inner.deregister(r);
+                }
+            }
+            StagedReg::Vram(region) => {
+                self.vram.retain(|g| *g != region);
+                // Peers' requests being served may still copy into or out
+                // of the region: let them finish first.
+                let touches = |o: &Op<T>| {
+                    o.serves.is_some()
+                        && o.segs.iter().any(|w| {
+                            w.local_addr >= region.addr && Some(w.local_addr) < region.end()
+                        })
+                };
+                let start = Instant::now();
+                while self.ops.iter().any(touches) {
+                    if start.elapsed() > self.cfg.reply_timeout {
+                        log::error!(
+                            "{}: VRAM {:#x} deregistered while a peer's request on it is still moving",
+                            self.inner.name(),
+                            region.addr
+                        );
+                        break;
+                    }
+                    self.drive();
+                    std::thread::yield_now();
+                }
             }
         }
     }
@@ -762,7 +1275,7 @@ impl<T: Transport> Transport for Staged<T> {
     fn pack_key(&self, reg: &Self::LocalReg, out: &mut [u8]) -> Result<usize, Error> {
         match reg {
             StagedReg::Host(r) => self.inner.pack_key(r, out),
-            StagedReg::Vram(_) => Ok(0),
+            StagedReg::Vram(_) => kvxfer_core::wire::copy_into(out, &msg::VRAM_KEY),
         }
     }
 
@@ -790,7 +1303,20 @@ impl<T: Transport> Transport for Staged<T> {
             MemKind::Dram => Ok(StagedKey::Host(Arc::new(
                 self.inner.unpack_key(peer, region, key)?,
             ))),
-            MemKind::Vram => Ok(StagedKey::Vram(*region)),
+            MemKind::Vram if key == msg::VRAM_KEY => {
+                // Transfers to the peer's VRAM go through a local bounce
+                // pool: make it now rather than in the first transfer.
+                if let Err(e) = self.host_pool_dev() {
+                    log::debug!("{}: no bounce pool yet: {e}", self.inner.name());
+                }
+                Ok(StagedKey::Vram(*region))
+            }
+            MemKind::Vram => Err(self.bad(&format!(
+                "the peer's key for VRAM {:#x} ({}) is not a staging key of version {}",
+                region.addr,
+                crate::wire::hex(key),
+                msg::VERSION
+            ))),
         }
     }
 
@@ -811,17 +1337,12 @@ impl<T: Transport> Transport for Staged<T> {
         token: Token,
     ) -> Result<PostStatus, Error> {
         let mut staged = false;
+        let mut host_to_vram = false;
         for s in segments {
-            match s.remote {
-                StagedKey::Vram(_) => {
-                    return Err(Error::UnsupportedMemKind {
-                        backend: self.inner.name(),
-                        kind: MemKind::Vram,
-                    })
-                }
-                StagedKey::Host(_) => {}
-            }
-            staged |= matches!(s.local, StagedReg::Vram(_));
+            let local_vram = matches!(s.local, StagedReg::Vram(_));
+            let remote_vram = matches!(s.remote, StagedKey::Vram(_));
+            staged |= local_vram || remote_vram;
+            host_to_vram |= remote_vram && !local_vram;
         }
         if !staged {
             return self.post_direct(op, peer, segments, notification, token);
@@ -835,21 +1356,25 @@ impl<T: Transport> Transport for Staged<T> {
                 });
             }
         }
+        if host_to_vram {
+            self.host_pool_dev()?;
+        }
         let mut segs = Vec::with_capacity(segments.len());
         for s in segments {
-            let StagedKey::Host(r) = s.remote else {
-                unreachable!("checked above")
-            };
             let local = match s.local {
                 StagedReg::Host(l) => LocalSide::Host(Arc::clone(l)),
                 StagedReg::Vram(region) => LocalSide::Vram(region.dev),
+            };
+            let remote = match s.remote {
+                StagedKey::Host(r) => RemoteSide::Host(Arc::clone(r)),
+                StagedKey::Vram(_) => RemoteSide::Vram,
             };
             segs.push(Work {
                 local,
                 local_addr: s.local_addr,
                 remote_addr: s.remote_addr,
                 len: s.len,
-                remote: Arc::clone(r),
+                remote,
                 remote_region_addr: s.remote_region_addr,
             });
         }
@@ -863,6 +1388,7 @@ impl<T: Transport> Transport for Staged<T> {
             next_off: 0,
             chunks: Vec::new(),
             error: None,
+            serves: None,
         });
         let oi = self.ops.len() - 1;
         self.start_chunks(oi);
@@ -892,6 +1418,230 @@ impl<T: Transport> Transport for Staged<T> {
     }
 
     fn poll_notification(&mut self, buf: &mut [u8]) -> Option<Result<usize, Error>> {
-        self.inner.poll_notification(buf)
+        let too_small = |n: usize, buf: &[u8]| Error::BufferTooSmall {
+            needed: n as u64,
+            available: buf.len() as u64,
+        };
+        if let Some(n) = self.held {
+            if n > buf.len() {
+                return Some(Err(too_small(n, buf)));
+            }
+            self.held = None;
+            buf[..n].copy_from_slice(&self.note_buf[..n]);
+            return Some(Ok(n));
+        }
+        if let Some(m) = self.user_notes.front() {
+            if m.len() > buf.len() {
+                return Some(Err(too_small(m.len(), buf)));
+            }
+            let n = m.len();
+            buf[..n].copy_from_slice(m);
+            self.user_notes.pop_front();
+            return Some(Ok(n));
+        }
+        match self.receive()? {
+            Ok(n) if n > buf.len() => {
+                // Kept in `note_buf` until a large enough buffer comes.
+                self.held = Some(n);
+                Some(Err(too_small(n, buf)))
+            }
+            Ok(n) => {
+                buf[..n].copy_from_slice(&self.note_buf[..n]);
+                Some(Ok(n))
+            }
+            Err(e) => Some(Err(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The staging protocol's receiving side over the core's in-memory
+    //! transport; the data paths need a GPU (`std-shim/tests/gpu.rs`).
+    use super::*;
+    use kvxfer_core::transport::loopback::{Loopback, LoopbackMemory};
+
+    const BASE: u64 = 0x1000;
+    type Mem = LoopbackMemory<4096>;
+
+    fn recv<T: Transport>(t: &mut T) -> Option<Vec<u8>> {
+        let mut b = vec![0; 4096];
+        t.poll_notification(&mut b).map(|r| {
+            let n = r.expect("notification");
+            b.truncate(n);
+            b
+        })
+    }
+
+    /// Sends `req` from plain loopback agent 2 to staged agent 1, lets
+    /// agent 1 poll its notifications (which must yield no user message),
+    /// and returns the answer agent 2 received.
+    fn ask(
+        a: &mut Staged<Loopback<'_, 4096>>,
+        b: &mut Loopback<'_, 4096>,
+        req: &Request<'_>,
+    ) -> String {
+        let to_a = b.connect(&1u32.to_le_bytes()).unwrap();
+        let mut out = Vec::new();
+        msg::encode_request(req, &mut out).unwrap();
+        b.send_notification(&to_a, &out).unwrap();
+        assert_eq!(recv(a), None, "a request is not a user notification");
+        let answer = recv(b).expect("an answer");
+        match msg::decode(&answer).unwrap() {
+            Message::Done { id, result } => {
+                assert_eq!(id, req.id);
+                match result {
+                    Ok(()) => "ok".to_string(),
+                    Err(t) => t.to_string(),
+                }
+            }
+            other => panic!("not an answer: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn user_notifications_pass_and_staging_messages_are_taken_out() {
+        let mem = Box::new(Mem::new(BASE));
+        let mut a = Staged::new(Loopback::new(&mem, 1));
+        let mut b = Loopback::new(&mem, 2);
+        let to_a = b.connect(&1u32.to_le_bytes()).unwrap();
+        let mut done = Vec::new();
+        msg::encode_done(42, Ok(()), &mut done);
+        b.send_notification(&to_a, b"\x05alicehello").unwrap();
+        // Malformed, and an answer to nothing asked: both dropped.
+        b.send_notification(&to_a, &msg::PREFIX).unwrap();
+        b.send_notification(&to_a, &done).unwrap();
+        b.send_notification(&to_a, b"\x03bobbye").unwrap();
+        assert_eq!(recv(&mut a).unwrap(), b"\x05alicehello");
+        assert_eq!(recv(&mut a).unwrap(), b"\x03bobbye");
+        assert_eq!(recv(&mut a), None);
+        assert_eq!(a.staging_events(), 2);
+    }
+
+    #[test]
+    fn a_notification_larger_than_the_buffer_waits_for_one_that_fits() {
+        let mem = Box::new(Mem::new(BASE));
+        let mut a = Staged::new(Loopback::new(&mem, 1));
+        let mut b = Loopback::new(&mem, 2);
+        let to_a = b.connect(&1u32.to_le_bytes()).unwrap();
+        let long = [7u8; 100];
+        b.send_notification(&to_a, &long).unwrap();
+        b.send_notification(&to_a, b"\x01xnext").unwrap();
+        let mut small = [0u8; 10];
+        for _ in 0..2 {
+            assert_eq!(
+                a.poll_notification(&mut small),
+                Some(Err(Error::BufferTooSmall {
+                    needed: 100,
+                    available: 10
+                }))
+            );
+        }
+        assert_eq!(recv(&mut a).unwrap(), long);
+        assert_eq!(recv(&mut a).unwrap(), b"\x01xnext");
+    }
+
+    #[test]
+    fn requests_outside_registered_vram_or_the_pool_are_answered_with_the_reason() {
+        let mem = Box::new(Mem::new(BASE));
+        let mut a = Staged::new(Loopback::new(&mem, 1));
+        let mut b = Loopback::new(&mem, 2);
+        let pool = Region::dram(0x1800, 512);
+        let reg = b.register(&pool).unwrap();
+        let mut key = [0u8; 64];
+        let n = b.pack_key(&reg, &mut key).unwrap();
+        let addr = 2u32.to_le_bytes();
+        let req = Request {
+            dir: Direction::Pull,
+            id: 7,
+            vram: 0x1100,
+            len: 256,
+            host: 0x1800,
+            pool: 0x1800,
+            pool_len: 512,
+            addr: &addr,
+            key: &key[..n],
+        };
+        assert_eq!(
+            ask(&mut a, &mut b, &req),
+            "LOOPBACK error 1: VRAM 0x1100 (+256 bytes) is not inside a VRAM region registered here"
+        );
+        // As if VRAM 0x1100 (+256) were registered (that needs a GPU).
+        a.vram.push(Region {
+            addr: 0x1100,
+            len: 256,
+            dev: 0,
+            kind: MemKind::Vram,
+        });
+        let past_end = Request {
+            id: 8,
+            vram: 0x1180,
+            ..req.clone()
+        };
+        assert_eq!(
+            ask(&mut a, &mut b, &past_end),
+            "LOOPBACK error 1: VRAM 0x1180 (+256 bytes) is not inside a VRAM region registered here"
+        );
+        let empty = Request {
+            id: 9,
+            len: 0,
+            ..req.clone()
+        };
+        assert_eq!(
+            ask(&mut a, &mut b, &empty),
+            "LOOPBACK error 1: VRAM 0x1100 (+0 bytes) is not inside a VRAM region registered here"
+        );
+        let outside_pool = Request {
+            dir: Direction::Push,
+            id: 10,
+            host: 0x1901,
+            ..req.clone()
+        };
+        assert_eq!(
+            ask(&mut a, &mut b, &outside_pool),
+            "LOOPBACK error 1: host range 0x1901 (+256 bytes) leaves the requester's pool 0x1800 (+512 bytes)"
+        );
+        let bad_key = Request {
+            id: 11,
+            key: b"not the key",
+            ..req.clone()
+        };
+        assert_eq!(
+            ask(&mut a, &mut b, &bad_key),
+            "LOOPBACK error -3: remote key does not match the peer's region"
+        );
+        if !driver::driver_present() {
+            // A valid request reaches the copy, which needs the driver.
+            let answer = ask(&mut a, &mut b, &Request { id: 12, ..req });
+            assert_eq!(answer, driver::no_driver().to_string());
+        }
+        assert_eq!(a.staged_in_flight(), 0);
+    }
+
+    #[test]
+    fn vram_keys_of_another_protocol_version_are_refused() {
+        let mem = Box::new(Mem::new(BASE));
+        let mut a = Staged::new(Loopback::new(&mem, 1));
+        let peer = a.connect(&2u32.to_le_bytes()).unwrap();
+        let region = Region {
+            addr: 0x1100,
+            len: 256,
+            dev: 1,
+            kind: MemKind::Vram,
+        };
+        assert!(matches!(
+            a.unpack_key(&peer, &region, &msg::VRAM_KEY),
+            Ok(StagedKey::Vram(r)) if r == region
+        ));
+        let mut v2 = msg::VRAM_KEY;
+        v2[5] = 2;
+        assert_eq!(
+            a.unpack_key(&peer, &region, &v2).unwrap_err().to_string(),
+            "LOOPBACK error 1: the peer's key for VRAM 0x1100 (004b58534702) is not a staging key of version 1"
+        );
+        assert_eq!(
+            a.unpack_key(&peer, &region, &[]).unwrap_err().to_string(),
+            "LOOPBACK error 1: the peer's key for VRAM 0x1100 () is not a staging key of version 1"
+        );
     }
 }

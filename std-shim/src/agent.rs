@@ -215,13 +215,19 @@ const MAX_NOTIF_BUF: usize = 16 << 20;
 impl State {
     /// A count that moves whenever the transport did work while polled
     /// (UCX: `ucp_worker_progress` calls that did something); constant
-    /// for transports that do not report it.
+    /// for transports that do not report it. Staged VRAM adds the requests it serves for peers, which the
+    /// engine does not see as transfers of its own.
     fn activity(&self) -> u64 {
         match self.backend.as_ref() {
             #[cfg(all(feature = "ucx", feature = "cuda"))]
-            Some(Backend::Ucx(e)) => e.transport().inner().progress_events(),
+            Some(Backend::Ucx(e)) => {
+                let t = e.transport();
+                t.inner().progress_events().wrapping_add(t.staging_events())
+            }
             #[cfg(all(feature = "ucx", not(feature = "cuda")))]
             Some(Backend::Ucx(e)) => e.transport().progress_events(),
+            #[cfg(all(feature = "libfabric", feature = "cuda"))]
+            Some(Backend::Fabric(e)) => e.transport().staging_events(),
             #[allow(unreachable_patterns)]
             _ => 0,
         }

@@ -527,50 +527,68 @@ fn libfabric_staged_kv_shaped_128_x_16_kib() {
     );
 }
 
-/// Remote VRAM through staging is refused at post, naming the backend.
-fn staged_remote_vram_refused(backend: &str, provider: Option<&str>) {
-    let mut target = Target::spawn(backend, provider, "vram", 4096, 11);
-    let agent = Agent::new("gpu-init", config(backend, provider)).expect("initiator agent");
-    let mem = Mem::new(MemKind::Vram, init_dev(), &pattern(22, 4096)).expect("VRAM");
-    mem.register(&agent).expect("register");
-    let peer = agent.connect(&target.listen).expect("connect");
-    let (raddr, _, rdev) = target.region;
-    for op in [XferOp::Write, XferOp::Read] {
-        let r = agent.submit(
-            op,
-            &[Desc::on_dev(mem.addr(), 4096, mem.dev())],
-            &[Desc::on_dev(raddr, 4096, rdev)],
-            &peer,
-            None,
-        );
-        assert_eq!(
-            r.err(),
-            Some(Error::UnsupportedMemKind {
-                backend: if backend == "UCX" { "UCX" } else { "LIBFABRIC" },
-                kind: MemKind::Vram
-            }),
-            "{} into remote VRAM over {backend}",
-            op.name()
-        );
-    }
-    assert_eq!(
-        target.ask("CHECK 11", "CHECK"),
-        "ok",
-        "remote VRAM untouched"
+const TCP_RXM: Option<&str> = Some("tcp;ofi_rxm");
+
+// Remote VRAM through staging: the target's staging serves each chunk.
+
+#[test]
+#[ignore = "needs a GPU"]
+fn ucx_staged_trtllm_device_memory_100_bytes() {
+    scenario("UCX", None, MemKind::Vram, MemKind::Vram, 100, 100);
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn ucx_staged_vram_to_vram_256_mib() {
+    let n = 256 * MIB;
+    scenario("UCX", None, MemKind::Vram, MemKind::Vram, n, n);
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn ucx_staged_vram_to_vram_kv_shaped_128_x_16_kib() {
+    scenario("UCX", None, MemKind::Vram, MemKind::Vram, KV_LEN, 16 << 10);
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn ucx_staged_dram_to_vram_64_mib() {
+    let n = 64 * MIB;
+    scenario("UCX", None, MemKind::Dram, MemKind::Vram, n, n);
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn libfabric_staged_trtllm_device_memory_100_bytes() {
+    scenario("LIBFABRIC", TCP_RXM, MemKind::Vram, MemKind::Vram, 100, 100);
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn libfabric_staged_vram_to_vram_256_mib() {
+    let n = 256 * MIB;
+    scenario("LIBFABRIC", TCP_RXM, MemKind::Vram, MemKind::Vram, n, n);
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn libfabric_staged_vram_to_vram_kv_shaped_128_x_16_kib() {
+    let block = 16 << 10;
+    scenario(
+        "LIBFABRIC",
+        TCP_RXM,
+        MemKind::Vram,
+        MemKind::Vram,
+        KV_LEN,
+        block,
     );
-    agent.deregister(mem.addr()).expect("deregister");
 }
 
 #[test]
 #[ignore = "needs a GPU"]
-fn ucx_staged_remote_vram_is_refused() {
-    staged_remote_vram_refused("UCX", None);
-}
-
-#[test]
-#[ignore = "needs a GPU"]
-fn libfabric_staged_remote_vram_is_refused() {
-    staged_remote_vram_refused("LIBFABRIC", Some("tcp;ofi_rxm"));
+fn libfabric_staged_dram_to_vram_64_mib() {
+    let n = 64 * MIB;
+    scenario("LIBFABRIC", TCP_RXM, MemKind::Dram, MemKind::Vram, n, n);
 }
 
 /// A host pointer registered as VRAM is refused by pointer attributes.

@@ -1,0 +1,401 @@
+//! Messages of the staging protocol: how a [`Staged`](crate::Staged)
+//! transport asks a peer's `Staged` to move data into or out of the peer's
+//! VRAM, and how the peer answers.
+//!
+//! They travel as notifications of the inner transport. Every message
+//! starts with [`PREFIX`], whose first byte is zero: a notification framed
+//! by the kvxfer engine starts with the sender's name length, which is
+//! never zero, so the two cannot be confused. Integers are little-endian.
+//!
+//! ```text
+//! request: PREFIX | version u8 | kind u8 (1 PULL, 2 PUSH) | 0 u8 | id u64
+//!          | vram u64 | len u64 | host u64 | pool u64 | pool_len u64
+//!          | addr_len u16 | key_len u16 | addr | key
+//! answer:  PREFIX | version u8 | 3 u8 | status u8 (0 ok, 1 failed) | id u64
+//!          | text_len u16 | text (UTF-8, why it failed)
+//! ```
+//!
+//! * **PULL**: the peer READs `len` bytes at `host` (in the requester's
+//!   bounce pool `pool..pool + pool_len`, reached with `key` over a
+//!   connection to `addr`) into its VRAM at `vram`.
+//! * **PUSH**: the peer WRITEs `len` bytes of its VRAM at `vram` to `host`.
+//! * The answer carries the request's `id` and is sent once the data is at
+//!   its destination (or the request failed).
+//!
+//! Decoding is total: any byte string gives a message or an error naming
+//! what is wrong, never a panic.
+
+use kvxfer_core::Error;
+
+/// First bytes of every staging message.
+pub const PREFIX: [u8; 5] = *b"\0KXSG";
+/// Protocol version this build speaks.
+pub const VERSION: u8 = 1;
+/// The packed key of a VRAM region registered through `Staged`: tells a
+/// peer that requests for it are served, and in which protocol version.
+pub const VRAM_KEY: [u8; 6] = [0, b'K', b'X', b'S', b'G', VERSION];
+
+const KIND_PULL: u8 = 1;
+const KIND_PUSH: u8 = 2;
+const KIND_DONE: u8 = 3;
+/// Bytes after the prefix of a request without its address and key:
+/// version, kind, status, id, five u64 fields and two lengths.
+const REQUEST_FIXED: usize = 3 + 8 + 5 * 8 + 4;
+/// Bytes after the prefix of an answer without its text.
+const DONE_FIXED: usize = 3 + 8 + 2;
+/// Longest failure text an answer carries.
+pub const MAX_TEXT: usize = 256;
+
+/// What a request asks the peer to do with its VRAM.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Fill VRAM from the requester's host memory.
+    Pull,
+    /// Copy VRAM to the requester's host memory.
+    Push,
+}
+
+/// A request to move data into or out of the receiver's VRAM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request<'a> {
+    /// Direction of the move.
+    pub dir: Direction,
+    /// Identifies the request in the answer.
+    pub id: u64,
+    /// VRAM address at the receiver.
+    pub vram: u64,
+    /// Bytes to move.
+    pub len: u64,
+    /// Host address at the requester.
+    pub host: u64,
+    /// The requester's registered bounce pool holding `host..host + len`.
+    pub pool: u64,
+    /// Length of that pool.
+    pub pool_len: u64,
+    /// The requester's transport address.
+    pub addr: &'a [u8],
+    /// The inner transport's packed key of the pool.
+    pub key: &'a [u8],
+}
+
+/// A decoded staging message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message<'a> {
+    /// A request to serve.
+    Request(Request<'a>),
+    /// The answer to request `id`: `Ok` or why it failed.
+    Done {
+        /// The request's id.
+        id: u64,
+        /// `Err` with the peer's reason when the request failed.
+        result: Result<(), &'a str>,
+    },
+}
+
+/// Whether a notification is a staging message (rather than a user's).
+pub fn is_staging(msg: &[u8]) -> bool {
+    msg.starts_with(&PREFIX)
+}
+
+fn malformed(what: &str) -> Error {
+    Error::backend(
+        "STAGING",
+        crate::driver::INVALID_VALUE,
+        &format!("malformed staging message: {what}"),
+    )
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], Error> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.buf.len());
+        let Some(end) = end else {
+            return Err(malformed(&format!(
+                "{} bytes end inside {what} (needs {} more)",
+                self.buf.len(),
+                self.at + n - self.buf.len()
+            )));
+        };
+        let s = &self.buf[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+
+    fn u8(&mut self, what: &str) -> Result<u8, Error> {
+        Ok(self.take(1, what)?[0])
+    }
+
+    fn u16(&mut self, what: &str) -> Result<u16, Error> {
+        let b = self.take(2, what)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64, Error> {
+        let b = self.take(8, what)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+}
+
+/// Decodes a staging message.
+pub fn decode(msg: &[u8]) -> Result<Message<'_>, Error> {
+    let mut r = Reader { buf: msg, at: 0 };
+    if r.take(PREFIX.len(), "the prefix")? != PREFIX {
+        return Err(malformed("wrong prefix"));
+    }
+    let version = r.u8("the version")?;
+    if version != VERSION {
+        return Err(malformed(&format!(
+            "version {version}, this build speaks {VERSION}"
+        )));
+    }
+    let kind = r.u8("the kind")?;
+    let status = r.u8("the status")?;
+    let id = r.u64("the id")?;
+    let msg = match kind {
+        KIND_PULL | KIND_PUSH => {
+            let vram = r.u64("the VRAM address")?;
+            let len = r.u64("the length")?;
+            let host = r.u64("the host address")?;
+            let pool = r.u64("the pool address")?;
+            let pool_len = r.u64("the pool length")?;
+            let addr_len = r.u16("the address length")?;
+            let key_len = r.u16("the key length")?;
+            let addr = r.take(usize::from(addr_len), "the address")?;
+            let key = r.take(usize::from(key_len), "the key")?;
+            Message::Request(Request {
+                dir: if kind == KIND_PULL {
+                    Direction::Pull
+                } else {
+                    Direction::Push
+                },
+                id,
+                vram,
+                len,
+                host,
+                pool,
+                pool_len,
+                addr,
+                key,
+            })
+        }
+        KIND_DONE => {
+            let text_len = r.u16("the text length")?;
+            let text = r.take(usize::from(text_len), "the text")?;
+            let result = match status {
+                0 => Ok(()),
+                1 => Err(std::str::from_utf8(text)
+                    .map_err(|_| malformed("failure text is not UTF-8"))?),
+                s => return Err(malformed(&format!("status {s}"))),
+            };
+            Message::Done { id, result }
+        }
+        k => return Err(malformed(&format!("kind {k}"))),
+    };
+    if r.at != r.buf.len() {
+        return Err(malformed(&format!(
+            "{} bytes after the message",
+            r.buf.len() - r.at
+        )));
+    }
+    Ok(msg)
+}
+
+fn header(out: &mut Vec<u8>, kind: u8, status: u8, id: u64) {
+    out.clear();
+    out.extend_from_slice(&PREFIX);
+    out.push(VERSION);
+    out.push(kind);
+    out.push(status);
+    out.extend_from_slice(&id.to_le_bytes());
+}
+
+/// Encodes `req` into `out` (cleared first). Fails when the address or the
+/// key is longer than 65535 bytes.
+pub fn encode_request(req: &Request<'_>, out: &mut Vec<u8>) -> Result<(), Error> {
+    let too_long = |what: &str, n: usize| {
+        Error::backend(
+            "STAGING",
+            crate::driver::INVALID_VALUE,
+            &format!("{what} of {n} bytes does not fit a staging request (at most 65535)"),
+        )
+    };
+    let addr_len =
+        u16::try_from(req.addr.len()).map_err(|_| too_long("address", req.addr.len()))?;
+    let key_len = u16::try_from(req.key.len()).map_err(|_| too_long("key", req.key.len()))?;
+    let kind = match req.dir {
+        Direction::Pull => KIND_PULL,
+        Direction::Push => KIND_PUSH,
+    };
+    header(out, kind, 0, req.id);
+    for v in [req.vram, req.len, req.host, req.pool, req.pool_len] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.extend_from_slice(&addr_len.to_le_bytes());
+    out.extend_from_slice(&key_len.to_le_bytes());
+    out.extend_from_slice(req.addr);
+    out.extend_from_slice(req.key);
+    debug_assert_eq!(
+        out.len(),
+        PREFIX.len() + REQUEST_FIXED + req.addr.len() + req.key.len()
+    );
+    Ok(())
+}
+
+/// Encodes the answer to request `id` into `out` (cleared first); a
+/// failure text is cut to [`MAX_TEXT`] bytes at a character boundary.
+pub fn encode_done(id: u64, result: Result<(), &str>, out: &mut Vec<u8>) {
+    let (status, text) = match result {
+        Ok(()) => (0, ""),
+        Err(t) => {
+            let mut end = t.len().min(MAX_TEXT);
+            while !t.is_char_boundary(end) {
+                end -= 1;
+            }
+            (1, &t[..end])
+        }
+    };
+    header(out, KIND_DONE, status, id);
+    out.extend_from_slice(&(text.len() as u16).to_le_bytes());
+    out.extend_from_slice(text.as_bytes());
+    debug_assert_eq!(out.len(), PREFIX.len() + DONE_FIXED + text.len());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> Request<'static> {
+        Request {
+            dir: Direction::Push,
+            id: 0x0102_0304_0506_0708,
+            vram: 0x7f00_0000_1000,
+            len: 4 << 20,
+            host: 0x5500_0040_0000,
+            pool: 0x5500_0000_0000,
+            pool_len: 16 << 20,
+            addr: b"address bytes",
+            key: b"key",
+        }
+    }
+
+    fn text(e: Error) -> String {
+        e.to_string()
+    }
+
+    #[test]
+    fn request_round_trips() {
+        let mut out = Vec::new();
+        for dir in [Direction::Pull, Direction::Push] {
+            let req = Request { dir, ..request() };
+            encode_request(&req, &mut out).unwrap();
+            assert!(is_staging(&out));
+            assert_eq!(out.len(), 5 + REQUEST_FIXED + 13 + 3);
+            assert_eq!(decode(&out).unwrap(), Message::Request(req));
+        }
+    }
+
+    #[test]
+    fn answers_round_trip_and_long_texts_are_cut_at_a_char_boundary() {
+        let mut out = Vec::new();
+        encode_done(7, Ok(()), &mut out);
+        assert_eq!(
+            decode(&out).unwrap(),
+            Message::Done {
+                id: 7,
+                result: Ok(())
+            }
+        );
+        encode_done(8, Err("VRAM 0x10 is not registered"), &mut out);
+        assert_eq!(
+            decode(&out).unwrap(),
+            Message::Done {
+                id: 8,
+                result: Err("VRAM 0x10 is not registered")
+            }
+        );
+        // 255 ASCII bytes then a 2-byte character: cut before it.
+        let long = format!("{}é{}", "a".repeat(255), "b".repeat(100));
+        encode_done(9, Err(&long), &mut out);
+        let Message::Done { result: Err(t), .. } = decode(&out).unwrap() else {
+            panic!("not a failed answer")
+        };
+        assert_eq!(t, "a".repeat(255));
+    }
+
+    #[test]
+    fn every_truncation_is_refused_with_the_missing_part() {
+        let mut out = Vec::new();
+        encode_request(&request(), &mut out).unwrap();
+        for n in 0..out.len() {
+            let e = decode(&out[..n]).unwrap_err();
+            assert!(
+                text(e.clone()).contains("malformed staging message"),
+                "{n}: {e}"
+            );
+        }
+        assert_eq!(
+            text(decode(&out[..5 + REQUEST_FIXED]).unwrap_err()),
+            "STAGING error 1: malformed staging message: 60 bytes end inside the address (needs 13 more)"
+        );
+    }
+
+    #[test]
+    fn wrong_prefix_version_kind_status_and_trailing_bytes_are_refused() {
+        let mut out = Vec::new();
+        encode_done(1, Ok(()), &mut out);
+        let with = |i: usize, v: u8| {
+            let mut m = out.clone();
+            m[i] = v;
+            decode(&m).map(|_| ()).map_err(text)
+        };
+        let err = |s: &str| Err(format!("STAGING error 1: malformed staging message: {s}"));
+        assert_eq!(with(1, b'Y'), err("wrong prefix"));
+        assert_eq!(with(5, 2), err("version 2, this build speaks 1"));
+        assert_eq!(with(6, 9), err("kind 9"));
+        assert_eq!(with(7, 4), err("status 4"));
+        let mut m = out.clone();
+        m.push(0);
+        assert_eq!(
+            decode(&m).map(|_| ()).map_err(text),
+            err("1 bytes after the message")
+        );
+        let mut m = out.clone();
+        m[7] = 1;
+        m.truncate(16);
+        m.extend_from_slice(&[1, 0, 0xff]);
+        assert_eq!(
+            decode(&m).map(|_| ()).map_err(text),
+            err("failure text is not UTF-8")
+        );
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for len in 0..200 {
+            let mut m = PREFIX.to_vec();
+            m.push(VERSION);
+            for _ in 0..len {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                m.push(x as u8);
+            }
+            let _ = decode(&m);
+        }
+    }
+
+    #[test]
+    fn vram_key_and_user_frames_are_not_staging_messages() {
+        // A frame from the engine starts with the sender's name length.
+        assert!(!is_staging(b"\x05alicehello"));
+        assert!(!is_staging(b""));
+        assert!(is_staging(&VRAM_KEY));
+    }
+}
