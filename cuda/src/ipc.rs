@@ -1,11 +1,19 @@
-//! The CUDA-IPC transport: VRAM to VRAM between processes on one host.
+//! The CUDA-IPC transport: VRAM and DRAM between processes on one host.
 //!
-//! * **Register** checks that the region is VRAM of the named GPU
-//!   (pointer attributes), finds the allocation holding it
-//!   (`cuMemGetAddressRange`) and takes the allocation's IPC handle
-//!   (`cuIpcGetMemHandle`). The packed key is an [`IpcKey`]: the handle plus
-//!   the region's offset in the allocation, the allocation size and the GPU
-//!   UUID (ordinals differ between processes; UUIDs do not).
+//! * **Register** accepts VRAM and DRAM.
+//!   - VRAM: checks that the region is VRAM of the named GPU (pointer
+//!     attributes), finds the allocation holding it (`cuMemGetAddressRange`)
+//!     and takes the allocation's IPC handle (`cuIpcGetMemHandle`). The
+//!     packed key is an [`IpcKey::Vram`]: the handle plus the region's offset
+//!     in the allocation, the allocation size and the GPU UUID (ordinals
+//!     differ between processes; UUIDs do not).
+//!   - DRAM: checks that CUDA does not report the region as VRAM and
+//!     page-locks it with `cuMemHostRegister` (portable), so copies to and
+//!     from VRAM are true asynchronous DMA; where that fails (e.g. a page
+//!     already registered through another region) the region stays pageable
+//!     and copies from it are staged by the driver. Deregistering unlocks
+//!     only what was locked here. The packed key is an [`IpcKey::Dram`]:
+//!     address and length in the owner's address space.
 //! * **Address** is an [`IpcAddress`]: host id, pid and instance. A peer on
 //!   another host is refused at [`connect`](Transport::connect).
 //! * **Direct peer access** (NVLink or PCIe peer-to-peer) between two GPUs
@@ -14,19 +22,40 @@
 //!   driver moves cross-GPU copies through the host (about a tenth of the
 //!   bandwidth on NVLink-connected H100s). [`PEER_ACCESS_ENV`]`=0` turns it
 //!   off.
-//! * **Unpack** opens each peer allocation once per process
+//! * **Unpack** of a VRAM key opens each peer allocation once per process
 //!   (`cuIpcOpenMemHandle`), reference-counted across keys and transports,
 //!   and closes it (`cuIpcCloseMemHandle`) when the last key is released or
 //!   the transport is dropped. A peer in the same process needs no handle.
-//! * **Post** enqueues one asynchronous copy per segment on the stream of
-//!   the local GPU — `cuMemcpyDtoDAsync` when both sides are on one GPU,
-//!   `cuMemcpyPeerAsync` with both contexts otherwise — and records an event
-//!   on every stream it used. **Poll** reports the transfer only when all its
-//!   events are complete (`cuEventQuery`).
+//!   A DRAM key needs nothing opened: the region must lie inside the range
+//!   the key names.
+//! * **Post** moves each segment by the kinds of its two sides:
+//!   - VRAM ↔ peer VRAM: one asynchronous copy on the stream of the local
+//!     GPU — `cuMemcpyDtoDAsync` when both sides are on one GPU,
+//!     `cuMemcpyPeerAsync` with both contexts otherwise;
+//!   - DRAM ↔ peer VRAM: `cuMemcpyHtoDAsync` / `cuMemcpyDtoHAsync` on the
+//!     stream of the peer's GPU;
+//!   - DRAM ↔ peer DRAM: cross-memory attach (`process_vm_writev` /
+//!     `process_vm_readv`) into the peer's address space, inside `post`;
+//!   - VRAM ↔ peer DRAM: through a pinned bounce buffer of the local GPU
+//!     ([`BOUNCE_SLOTS`] × [`BOUNCE_CHUNK`]), pipelined inside `post`:
+//!     device-to-host copy then `process_vm_writev` (WRITE), or
+//!     `process_vm_readv` then host-to-device copy (READ).
+//!
+//!   A short count from `process_vm_*` is continued from where it stopped;
+//!   an error names the call, the pid and the address. Asynchronous copies
+//!   record an event on every stream they used; **poll** reports the
+//!   transfer only when all its events are complete (`cuEventQuery`).
 //! * **Notifications** travel over a [`NotifyChannel`]. The one attached to
-//!   a transfer is sent only after the transfer's events completed, and the
+//!   a transfer is sent only after the transfer's copies completed, and the
 //!   transfer completes only once it is sent, so the target always sees the
 //!   data before the message.
+//!
+//! Cross-memory attach needs the kernel's ptrace permission over the peer
+//! (same user and a dumpable process, or `CAP_SYS_PTRACE`; with Yama
+//! `ptrace_scope` 1 only over descendants or processes that allowed it with
+//! `prctl(PR_SET_PTRACER)`), and a seccomp profile that lets the calls
+//! through. Where it is refused the transfer fails with `EPERM` naming the
+//! pid.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::unix::net::SocketAddr;
@@ -40,11 +69,24 @@ use kvxfer_core::{
 };
 
 use crate::driver::{self, check, Context, BACKEND, INVALID_VALUE};
+use crate::memory::PinnedBuffer;
 use crate::notify::{channel_addr, NotifyChannel};
-use crate::wire::{host_id, IpcAddress, IpcKey};
+use crate::wire::{host_id, DramKey, IpcAddress, IpcKey, VramKey};
 
 /// Longest notification, in bytes.
 pub const MAX_NOTIFICATION: usize = 4096;
+
+/// Bytes of one chunk of the pinned bounce buffer that moves VRAM to and
+/// from a peer's DRAM.
+pub const BOUNCE_CHUNK: usize = 8 << 20;
+
+/// Chunks of the bounce buffer per GPU: one is copied over cross-memory
+/// attach while the GPU fills or drains the other.
+pub const BOUNCE_SLOTS: usize = 2;
+
+/// Most bytes moved by one `process_vm_*` call (the kernel moves at most
+/// about 2 GiB per call anyway; longer ranges take several calls).
+const CMA_MAX_CALL: u64 = 1 << 30;
 
 static NEXT_INSTANCE: AtomicU32 = AtomicU32::new(0);
 
@@ -95,6 +137,9 @@ struct DeviceState {
     uuid: [u8; 16],
     stream: sys::CUstream,
     free_events: Vec<sys::CUevent>,
+    /// Pinned bounce buffer of [`BOUNCE_SLOTS`] × [`BOUNCE_CHUNK`] bytes,
+    /// allocated at the first transfer between this GPU and a peer's DRAM.
+    bounce: Option<PinnedBuffer>,
     ctx: Arc<Context>,
 }
 
@@ -117,6 +162,7 @@ impl DeviceState {
             uuid: [0; 16],
             stream,
             free_events: Vec::new(),
+            bounce: None,
             ctx,
         };
         state.uuid = driver::device_uuid(ordinal)?;
@@ -137,6 +183,17 @@ impl DeviceState {
             "cuEventCreate",
         )?;
         Ok(ev)
+    }
+
+    /// The bounce buffer's host address, allocating it on first use.
+    fn bounce(&mut self) -> Result<u64, Error> {
+        if self.bounce.is_none() {
+            self.bounce = Some(PinnedBuffer::new(
+                self.ctx.ordinal(),
+                BOUNCE_SLOTS * BOUNCE_CHUNK,
+            )?);
+        }
+        Ok(self.bounce.as_ref().map_or(0, |b| b.addr()))
     }
 
     fn synchronize(&self) -> Result<(), Error> {
@@ -164,11 +221,14 @@ impl Drop for DeviceState {
     }
 }
 
-/// A registered VRAM region.
+/// A registered VRAM or DRAM region.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IpcReg {
     region: Region,
     key: IpcKey,
+    /// Whether registration page-locked this DRAM region itself
+    /// (`cuMemHostRegister`); deregistration then unlocks it.
+    pinned: bool,
 }
 
 impl IpcReg {
@@ -180,6 +240,14 @@ impl IpcReg {
     /// The key a peer needs to reach it.
     pub fn key(&self) -> &IpcKey {
         &self.key
+    }
+
+    /// Whether this DRAM region was page-locked by its registration
+    /// (`cuMemHostRegister`). `false` for VRAM, and for DRAM the driver
+    /// would not lock (already registered, e.g. a page shared with another
+    /// registered region): such memory is copied as pageable memory.
+    pub fn pinned(&self) -> bool {
+        self.pinned
     }
 }
 
@@ -200,23 +268,38 @@ impl IpcPeer {
 /// A peer region, usable from this process.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IpcRemoteKey {
-    /// Pointer to the region's first byte in this process.
+    kind: MemKind,
+    /// VRAM: the region's first byte as a device pointer in this process.
+    /// DRAM: its first byte in the peer's address space.
     ptr: u64,
     len: u64,
-    /// Local ordinal of the GPU holding it.
+    /// Local ordinal of the GPU holding it (VRAM); 0 for DRAM.
     dev: u32,
+    /// The peer's process id.
+    pid: u32,
     open: Option<OpenKey>,
 }
 
 impl IpcRemoteKey {
-    /// Local ordinal of the GPU that holds the peer's region.
+    /// The kind of the peer's region.
+    pub fn kind(&self) -> MemKind {
+        self.kind
+    }
+
+    /// Local ordinal of the GPU that holds the peer's VRAM region (0 for DRAM).
     pub fn device(&self) -> u32 {
         self.dev
     }
 
-    /// The region's first byte as a device pointer valid in this process.
+    /// The region's first byte: for VRAM a device pointer valid in this
+    /// process, for DRAM an address in the peer's address space.
     pub fn ptr(&self) -> u64 {
         self.ptr
+    }
+
+    /// The process id of the peer that owns the region.
+    pub fn pid(&self) -> u32 {
+        self.pid
     }
 }
 
@@ -249,6 +332,9 @@ pub struct CudaIpcTransport {
     peer_pairs: Vec<(u32, u32)>,
     /// Whether cross-GPU copies enable direct peer access first.
     peer_access: bool,
+    /// DRAM regions this transport page-locked (address → length), unlocked
+    /// at deregistration or in `Drop`.
+    host_pinned: HashMap<u64, u64>,
 }
 
 /// Environment variable that turns off direct peer access (NVLink/PCIe)
@@ -293,6 +379,7 @@ impl CudaIpcTransport {
             outbox: VecDeque::new(),
             peer_pairs: Vec::new(),
             peer_access: !std::env::var(PEER_ACCESS_ENV).is_ok_and(|v| v.trim() == "0"),
+            host_pinned: HashMap::new(),
         })
     }
 
@@ -370,8 +457,10 @@ impl CudaIpcTransport {
         Ok(true)
     }
 
-    /// Enqueues the copies of `segments`; returns the devices whose streams
-    /// were used (as a bit set over ordinals < 64, plus a list).
+    /// Moves `segments`: enqueues the asynchronous copies (adding the
+    /// devices whose streams they used to `used`) and performs the
+    /// cross-memory-attach ones. Every segment is checked against both
+    /// registrations before any memory is touched.
     fn enqueue(
         &mut self,
         op: XferOp,
@@ -396,73 +485,475 @@ impl CudaIpcTransport {
                     ),
                 ));
             }
-            let remote_ptr = s.remote.ptr + off.unwrap_or(0);
-            let (ldev, rdev) = (s.local.region.dev, s.remote.dev);
-            let (dst, dst_dev, src, _src_dev) = match op {
-                XferOp::Write => (remote_ptr, rdev, s.local_addr, ldev),
-                XferOp::Read => (s.local_addr, ldev, remote_ptr, rdev),
-            };
-            let other_ctx = if ldev != rdev {
-                let other = self.device(rdev)?.ctx.clone();
-                let local = self.device(ldev)?.ctx.clone();
-                // Direct NVLink/PCIe peer copies where the GPUs allow it;
-                // once per pair, as the device states keep both contexts.
-                self.peer_pair(&local, &other)?;
-                Some(other)
-            } else {
-                None
-            };
-            let local = self.device(ldev)?;
-            local.ctx.bind()?;
-            let stream = local.stream;
-            let what = || {
-                format!(
-                    "{} segment {i}: {:#x} -> {:#x}, {} bytes",
-                    op.name(),
-                    src,
-                    dst,
-                    s.len
-                )
-            };
-            match other_ctx {
-                None => {
-                    // SAFETY: both ranges lie inside live allocations of this
-                    // GPU (registration / opened IPC mapping, bounds checked
-                    // above) that the core keeps until the transfer completes.
-                    check(
-                        unsafe { sys::cuMemcpyDtoDAsync_v2(dst, src, s.len as usize, stream) },
-                        &what(),
-                    )?;
+        }
+        for (i, s) in segments.iter().enumerate() {
+            let off = s.remote_addr - s.remote_region_addr;
+            let remote = s.remote.ptr + off;
+            match (s.local.region.kind, s.remote.kind) {
+                (MemKind::Vram, MemKind::Vram) => {
+                    self.copy_device_device(op, i, s, remote, used)?
                 }
-                Some(other) => {
-                    let (dst_ctx, src_ctx) = if dst_dev == ldev {
-                        (local.ctx.raw(), other.raw())
-                    } else {
-                        (other.raw(), local.ctx.raw())
-                    };
-                    // SAFETY: as above, each pointer paired with the context
-                    // of the GPU that holds it.
-                    check(
-                        unsafe {
-                            sys::cuMemcpyPeerAsync(
-                                dst,
-                                dst_ctx,
-                                src,
-                                src_ctx,
-                                s.len as usize,
-                                stream,
-                            )
-                        },
-                        &what(),
-                    )?;
+                (MemKind::Dram, MemKind::Vram) => self.copy_host_device(op, i, s, remote, used)?,
+                (MemKind::Vram, MemKind::Dram) => self.copy_bounced(
+                    op,
+                    s.local.region.dev,
+                    s.local_addr,
+                    s.remote.pid,
+                    remote,
+                    s.len,
+                )?,
+                (MemKind::Dram, MemKind::Dram) => {
+                    cma_copy(op, s.remote.pid, s.local_addr, remote, s.len)?
                 }
-            }
-            if !used.contains(&ldev) {
-                used.push(ldev);
             }
         }
         Ok(())
     }
+
+    /// VRAM ↔ peer VRAM: one copy on the local GPU's stream.
+    fn copy_device_device(
+        &mut self,
+        op: XferOp,
+        i: usize,
+        s: &Segment<'_, IpcReg, IpcRemoteKey>,
+        remote_ptr: u64,
+        used: &mut Vec<u32>,
+    ) -> Result<(), Error> {
+        let (ldev, rdev) = (s.local.region.dev, s.remote.dev);
+        let (dst, dst_dev, src) = match op {
+            XferOp::Write => (remote_ptr, rdev, s.local_addr),
+            XferOp::Read => (s.local_addr, ldev, remote_ptr),
+        };
+        let other_ctx = if ldev != rdev {
+            let other = self.device(rdev)?.ctx.clone();
+            let local = self.device(ldev)?.ctx.clone();
+            // Direct NVLink/PCIe peer copies where the GPUs allow it;
+            // once per pair, as the device states keep both contexts.
+            self.peer_pair(&local, &other)?;
+            Some(other)
+        } else {
+            None
+        };
+        let local = self.device(ldev)?;
+        local.ctx.bind()?;
+        let stream = local.stream;
+        let what = || {
+            format!(
+                "{} segment {i}: {:#x} -> {:#x}, {} bytes",
+                op.name(),
+                src,
+                dst,
+                s.len
+            )
+        };
+        match other_ctx {
+            None => {
+                // SAFETY: both ranges lie inside live allocations of this
+                // GPU (registration / opened IPC mapping, bounds checked
+                // by `enqueue`) that the core keeps until the transfer
+                // completes.
+                check(
+                    unsafe { sys::cuMemcpyDtoDAsync_v2(dst, src, s.len as usize, stream) },
+                    &what(),
+                )?;
+            }
+            Some(other) => {
+                let (dst_ctx, src_ctx) = if dst_dev == ldev {
+                    (local.ctx.raw(), other.raw())
+                } else {
+                    (other.raw(), local.ctx.raw())
+                };
+                // SAFETY: as above, each pointer paired with the context
+                // of the GPU that holds it.
+                check(
+                    unsafe {
+                        sys::cuMemcpyPeerAsync(dst, dst_ctx, src, src_ctx, s.len as usize, stream)
+                    },
+                    &what(),
+                )?;
+            }
+        }
+        if !used.contains(&ldev) {
+            used.push(ldev);
+        }
+        Ok(())
+    }
+
+    /// Local DRAM ↔ peer VRAM: one asynchronous host/device copy on the
+    /// stream of the GPU holding the peer's region (where its IPC mapping
+    /// was opened). Pageable host memory is staged by the driver; the event
+    /// recorded after it still completes only once the data has arrived.
+    fn copy_host_device(
+        &mut self,
+        op: XferOp,
+        i: usize,
+        s: &Segment<'_, IpcReg, IpcRemoteKey>,
+        remote_ptr: u64,
+        used: &mut Vec<u32>,
+    ) -> Result<(), Error> {
+        let rdev = s.remote.dev;
+        let state = self.device(rdev)?;
+        state.ctx.bind()?;
+        let stream = state.stream;
+        let host = s.local_addr as *mut std::ffi::c_void;
+        let len = s.len as usize;
+        let res = match op {
+            // SAFETY: the host range lies inside the local registration and
+            // the device range inside the peer's opened mapping (both checked
+            // by `enqueue`); the core keeps both until the transfer completes.
+            XferOp::Write => unsafe { sys::cuMemcpyHtoDAsync_v2(remote_ptr, host, len, stream) },
+            // SAFETY: as above; the driver writes only the `len` bytes of the
+            // local registration at `host`.
+            XferOp::Read => unsafe { sys::cuMemcpyDtoHAsync_v2(host, remote_ptr, len, stream) },
+        };
+        check(
+            res,
+            &format!(
+                "{} segment {i}: host {:#x}, device {remote_ptr:#x}, {} bytes",
+                op.name(),
+                s.local_addr,
+                s.len
+            ),
+        )?;
+        if !used.contains(&rdev) {
+            used.push(rdev);
+        }
+        Ok(())
+    }
+
+    /// Local VRAM ↔ peer DRAM through the pinned bounce buffer of GPU `dev`,
+    /// pipelined over [`BOUNCE_SLOTS`] chunks; returns once every byte has
+    /// arrived. On error the GPU's stream is drained first, so no copy into
+    /// or out of the bounce buffer outlives the call.
+    fn copy_bounced(
+        &mut self,
+        op: XferOp,
+        dev: u32,
+        vram: u64,
+        pid: u32,
+        remote: u64,
+        len: u64,
+    ) -> Result<(), Error> {
+        let state = self.device(dev)?;
+        let bounce = state.bounce()?;
+        state.ctx.bind()?;
+        let mut events = [std::ptr::null_mut(); BOUNCE_SLOTS];
+        for ev in &mut events {
+            match state.event() {
+                Ok(e) => *ev = e,
+                Err(e) => {
+                    state
+                        .free_events
+                        .extend(events.iter().filter(|e| !e.is_null()));
+                    return Err(e);
+                }
+            }
+        }
+        let result = match op {
+            XferOp::Write => bounce_write(state.stream, &events, bounce, vram, pid, remote, len),
+            XferOp::Read => bounce_read(state.stream, &events, bounce, vram, pid, remote, len),
+        };
+        if result.is_err() {
+            if let Err(e) = state.synchronize() {
+                log::warn!("draining device {dev} after a failed bounce copy: {e}");
+            }
+        }
+        state.free_events.extend(events);
+        result
+    }
+
+    /// Page-locks a DRAM region where the driver allows it; see [`IpcReg::pinned`].
+    fn register_dram(&mut self, region: &Region) -> Result<IpcReg, Error> {
+        let last = region.addr + (region.len - 1);
+        for at in [region.addr, last] {
+            let info = driver::pointer_info(at)?;
+            if info.kind != MemKind::Dram {
+                return Err(Error::backend(
+                    BACKEND,
+                    INVALID_VALUE,
+                    &format!(
+                        "{:#x} (+{}) is not DRAM: CUDA reports {} on device {}",
+                        region.addr, region.len, info.kind, info.dev
+                    ),
+                ));
+            }
+        }
+        // Any context will do: the portable flag locks the memory for all.
+        self.device(0)?.ctx.bind()?;
+        // SAFETY: the caller registers `len` bytes of its own memory at
+        // `addr`; page-locking changes no byte of it and is undone by
+        // cuMemHostUnregister at deregistration.
+        let res = unsafe {
+            sys::cuMemHostRegister_v2(
+                region.addr as *mut std::ffi::c_void,
+                region.len as usize,
+                sys::CU_MEMHOSTREGISTER_PORTABLE,
+            )
+        };
+        let pinned = match check(
+            res,
+            &format!("cuMemHostRegister({:#x}, {})", region.addr, region.len),
+        ) {
+            Ok(()) => {
+                self.host_pinned.insert(region.addr, region.len);
+                true
+            }
+            Err(e) => {
+                log::debug!("DRAM region stays pageable: {e}");
+                false
+            }
+        };
+        Ok(IpcReg {
+            region: *region,
+            key: IpcKey::Dram(DramKey {
+                addr: region.addr,
+                len: region.len,
+            }),
+            pinned,
+        })
+    }
+
+    /// Unlocks a DRAM region this transport page-locked.
+    fn unpin(&mut self, addr: u64) {
+        if self.host_pinned.remove(&addr).is_none() {
+            return;
+        }
+        let res = self.device(0).and_then(|s| s.ctx.bind()).and_then(|()| {
+            // SAFETY: `addr` was page-locked by cuMemHostRegister in this
+            // transport and is unlocked once (removed from `host_pinned`).
+            check(
+                unsafe { sys::cuMemHostUnregister(addr as *mut std::ffi::c_void) },
+                &format!("cuMemHostUnregister({addr:#x})"),
+            )
+        });
+        if let Err(e) = res {
+            log::warn!("unlocking DRAM at {addr:#x}: {e}");
+        }
+    }
+}
+
+/// Waits for `ev` (recorded in the current context).
+fn event_sync(ev: sys::CUevent) -> Result<(), Error> {
+    // SAFETY: `ev` is a live event of the current context.
+    check(unsafe { sys::cuEventSynchronize(ev) }, "cuEventSynchronize")
+}
+
+/// WRITE from VRAM at `vram` to `len` bytes at `remote` in process `pid`:
+/// chunk `c` goes device-to-host into slot `c % BOUNCE_SLOTS`, and is
+/// written to the peer once its event completed, while later chunks are
+/// already copying. The context of the stream's GPU is current.
+fn bounce_write(
+    stream: sys::CUstream,
+    events: &[sys::CUevent; BOUNCE_SLOTS],
+    bounce: u64,
+    vram: u64,
+    pid: u32,
+    remote: u64,
+    len: u64,
+) -> Result<(), Error> {
+    let chunk = BOUNCE_CHUNK as u64;
+    let mut pending: VecDeque<(usize, u64, u64)> = VecDeque::with_capacity(BOUNCE_SLOTS);
+    let (mut off, mut c) = (0u64, 0usize);
+    while off < len || !pending.is_empty() {
+        if off < len && pending.len() < BOUNCE_SLOTS {
+            let slot = c % BOUNCE_SLOTS;
+            let n = chunk.min(len - off);
+            let host = bounce + slot as u64 * chunk;
+            // SAFETY: the slot holds `chunk` >= `n` bytes of pinned memory
+            // that no other copy uses (its previous chunk was written out
+            // before it left `pending`); the device range lies inside the
+            // local registration.
+            check(
+                unsafe {
+                    sys::cuMemcpyDtoHAsync_v2(
+                        host as *mut std::ffi::c_void,
+                        vram + off,
+                        n as usize,
+                        stream,
+                    )
+                },
+                &format!("WRITE bounce: device {:#x} -> host, {n} bytes", vram + off),
+            )?;
+            // SAFETY: event and stream are live in the current context.
+            check(
+                unsafe { sys::cuEventRecord(events[slot], stream) },
+                "cuEventRecord",
+            )?;
+            pending.push_back((slot, off, n));
+            off += n;
+            c += 1;
+        } else if let Some((slot, at, n)) = pending.pop_front() {
+            event_sync(events[slot])?;
+            cma_copy(
+                XferOp::Write,
+                pid,
+                bounce + slot as u64 * chunk,
+                remote + at,
+                n,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// READ of `len` bytes at `remote` in process `pid` into VRAM at `vram`:
+/// chunk `c` is read into slot `c % BOUNCE_SLOTS` (once the slot's previous
+/// host-to-device copy completed) and copied to the GPU while the next
+/// chunk is read. Returns after the last copy completed.
+fn bounce_read(
+    stream: sys::CUstream,
+    events: &[sys::CUevent; BOUNCE_SLOTS],
+    bounce: u64,
+    vram: u64,
+    pid: u32,
+    remote: u64,
+    len: u64,
+) -> Result<(), Error> {
+    let chunk = BOUNCE_CHUNK as u64;
+    let mut busy = [false; BOUNCE_SLOTS];
+    let (mut off, mut c) = (0u64, 0usize);
+    while off < len {
+        let slot = c % BOUNCE_SLOTS;
+        let n = chunk.min(len - off);
+        let host = bounce + slot as u64 * chunk;
+        if busy[slot] {
+            event_sync(events[slot])?;
+        }
+        cma_copy(XferOp::Read, pid, host, remote + off, n)?;
+        // SAFETY: the slot holds `n` bytes just read and is not reused before
+        // this copy's event completed; the device range lies inside the local
+        // registration.
+        check(
+            unsafe {
+                sys::cuMemcpyHtoDAsync_v2(
+                    vram + off,
+                    host as *const std::ffi::c_void,
+                    n as usize,
+                    stream,
+                )
+            },
+            &format!("READ bounce: host -> device {:#x}, {n} bytes", vram + off),
+        )?;
+        // SAFETY: event and stream are live in the current context.
+        check(
+            unsafe { sys::cuEventRecord(events[slot], stream) },
+            "cuEventRecord",
+        )?;
+        busy[slot] = true;
+        off += n;
+        c += 1;
+    }
+    for (slot, b) in busy.iter().enumerate() {
+        if *b {
+            event_sync(events[slot])?;
+        }
+    }
+    Ok(())
+}
+
+/// Name of the cross-memory-attach call that moves data for `op`.
+fn cma_call(op: XferOp) -> &'static str {
+    match op {
+        XferOp::Write => "process_vm_writev",
+        XferOp::Read => "process_vm_readv",
+    }
+}
+
+/// The error for `errno` from a cross-memory-attach call on process `pid`
+/// that failed at `local` / `remote` after `moved` of `len` bytes.
+fn cma_error(
+    op: XferOp,
+    pid: u32,
+    errno: i32,
+    local: u64,
+    remote: u64,
+    moved: u64,
+    len: u64,
+) -> Error {
+    let call = cma_call(op);
+    match errno {
+        libc::EPERM => {
+            log::warn!(
+                "{call} on pid {pid} refused (EPERM): cross-memory attach needs ptrace \
+                 permission over the peer (same user and a dumpable process, or \
+                 CAP_SYS_PTRACE); Yama ptrace_scope >= 1 or a container's seccomp \
+                 profile can refuse it"
+            );
+            Error::backend(
+                BACKEND,
+                errno as i64,
+                &format!("{call}: cross-memory attach to pid {pid} refused (ptrace/Yama/seccomp)"),
+            )
+        }
+        libc::ESRCH => Error::disconnected(&format!("CUDA_IPC peer pid {pid} is gone")),
+        libc::EFAULT => Error::backend(
+            BACKEND,
+            errno as i64,
+            &format!("{call} pid {pid}: EFAULT at remote {remote:#x}, local {local:#x}"),
+        ),
+        _ => {
+            let e = std::io::Error::from_raw_os_error(errno);
+            Error::backend(
+                BACKEND,
+                errno as i64,
+                &format!("{call} pid {pid}, {moved} of {len} bytes moved: {e}"),
+            )
+        }
+    }
+}
+
+/// Moves `len` bytes between `local` in this process and `remote` in
+/// process `pid` with cross-memory attach: WRITE copies local to remote,
+/// READ remote to local. A short count is continued from where it stopped;
+/// a call that moves nothing or fails gives an error naming the pid and the
+/// address it stopped at.
+fn cma_copy(op: XferOp, pid: u32, local: u64, remote: u64, len: u64) -> Result<(), Error> {
+    let mut moved = 0u64;
+    while moved < len {
+        let n = (len - moved).min(CMA_MAX_CALL) as usize;
+        let (l, r) = (local + moved, remote + moved);
+        let liov = libc::iovec {
+            iov_base: l as *mut std::ffi::c_void,
+            iov_len: n,
+        };
+        let riov = libc::iovec {
+            iov_base: r as *mut std::ffi::c_void,
+            iov_len: n,
+        };
+        let res = match op {
+            // SAFETY: one iovec on each side, valid for the call. The kernel
+            // reads `n` bytes of this process at `l` (inside a registration
+            // that outlives the transfer) and checks the peer's range itself,
+            // failing with EFAULT rather than touching unmapped memory.
+            XferOp::Write => unsafe {
+                libc::process_vm_writev(pid as libc::pid_t, &liov, 1, &riov, 1, 0)
+            },
+            // SAFETY: as above; the kernel writes only the `n` bytes at `l`,
+            // memory of a registration no Rust reference reads meanwhile.
+            XferOp::Read => unsafe {
+                libc::process_vm_readv(pid as libc::pid_t, &liov, 1, &riov, 1, 0)
+            },
+        };
+        if res < 0 {
+            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            if errno == libc::EINTR {
+                continue;
+            }
+            return Err(cma_error(op, pid, errno, l, r, moved, len));
+        }
+        if res == 0 {
+            return Err(Error::backend(
+                BACKEND,
+                0,
+                &format!(
+                    "{} pid {pid}: stopped at remote {r:#x}, {moved} of {len} bytes moved",
+                    cma_call(op)
+                ),
+            ));
+        }
+        moved += res as u64;
+    }
+    Ok(())
 }
 
 impl Drop for CudaIpcTransport {
@@ -485,7 +976,12 @@ impl Drop for CudaIpcTransport {
         for (key, count) in std::mem::take(&mut self.my_opens) {
             unref_opened(&key, count);
         }
-        // 4. Events, streams, then contexts (DeviceState's Drop).
+        // 4. Unlock the DRAM still registered.
+        let pinned: Vec<u64> = self.host_pinned.keys().copied().collect();
+        for addr in pinned {
+            self.unpin(addr);
+        }
+        // 5. Bounce buffers, events, streams, then contexts (DeviceState's Drop).
         self.devices.clear();
     }
 }
@@ -501,7 +997,7 @@ impl Transport for CudaIpcTransport {
 
     fn capabilities(&self) -> Capabilities {
         let mut c = Capabilities::default();
-        c.mem_kinds = MemKinds::default().with(MemKind::Vram);
+        c.mem_kinds = MemKinds::DRAM_VRAM;
         c.max_segments = 0;
         c.max_notification = MAX_NOTIFICATION as u32;
         c.can_cancel = false;
@@ -510,17 +1006,14 @@ impl Transport for CudaIpcTransport {
     }
 
     fn register(&mut self, region: &Region) -> Result<IpcReg, Error> {
-        if region.kind != MemKind::Vram {
-            return Err(Error::UnsupportedMemKind {
-                backend: BACKEND,
-                kind: region.kind,
-            });
-        }
         if region.len == 0 || region.end().is_none() {
             return Err(Error::InvalidRegion {
                 addr: region.addr,
                 len: region.len,
             });
+        }
+        if region.kind == MemKind::Dram {
+            return self.register_dram(region);
         }
         let state = self.device(region.dev)?;
         state.ctx.bind()?;
@@ -561,17 +1054,22 @@ impl Transport for CudaIpcTransport {
         let handle = h.reserved.map(|b| b as u8);
         Ok(IpcReg {
             region: *region,
-            key: IpcKey {
+            key: IpcKey::Vram(VramKey {
                 handle,
                 offset,
                 alloc_len,
                 gpu_uuid: uuid,
-            },
+            }),
+            pinned: false,
         })
     }
 
-    fn deregister(&mut self, _reg: IpcReg) {
-        // An exported handle needs no release; peers close their mappings.
+    fn deregister(&mut self, reg: IpcReg) {
+        // An exported VRAM handle needs no release; peers close their
+        // mappings. DRAM locked at registration is unlocked.
+        if reg.pinned {
+            self.unpin(reg.region.addr);
+        }
     }
 
     fn pack_key(&self, reg: &IpcReg, out: &mut [u8]) -> Result<usize, Error> {
@@ -599,13 +1097,34 @@ impl Transport for CudaIpcTransport {
         region: &Region,
         key: &[u8],
     ) -> Result<IpcRemoteKey, Error> {
-        if region.kind != MemKind::Vram {
-            return Err(Error::UnsupportedMemKind {
-                backend: BACKEND,
-                kind: region.kind,
-            });
-        }
-        let key = IpcKey::decode(key)?;
+        let key = match IpcKey::decode(key)? {
+            k if k.kind() != region.kind => {
+                return Err(Error::backend(
+                    BACKEND,
+                    INVALID_VALUE,
+                    &format!(
+                        "key of pid {} is for {}, its region {:#x} says {}",
+                        peer.addr.pid,
+                        k.kind(),
+                        region.addr,
+                        region.kind
+                    ),
+                ))
+            }
+            IpcKey::Dram(k) => {
+                // Only the range the peer registered may be touched.
+                k.check_covers(region.addr, region.len)?;
+                return Ok(IpcRemoteKey {
+                    kind: MemKind::Dram,
+                    ptr: region.addr,
+                    len: region.len,
+                    dev: 0,
+                    pid: peer.addr.pid,
+                    open: None,
+                });
+            }
+            IpcKey::Vram(k) => k,
+        };
         key.check_fits(region.len)?;
         let dev = driver::ordinal_of_uuid(&key.gpu_uuid)?.ok_or_else(|| {
             Error::backend(
@@ -621,9 +1140,11 @@ impl Transport for CudaIpcTransport {
         if peer.addr.pid == self.addr.pid {
             // Same address space: the peer's pointer is valid here as is.
             return Ok(IpcRemoteKey {
+                kind: MemKind::Vram,
                 ptr: region.addr,
                 len: region.len,
                 dev,
+                pid: peer.addr.pid,
                 open: None,
             });
         }
@@ -671,9 +1192,11 @@ impl Transport for CudaIpcTransport {
         };
         *self.my_opens.entry(open_key).or_insert(0) += 1;
         Ok(IpcRemoteKey {
+            kind: MemKind::Vram,
             ptr: base + key.offset,
             len: region.len,
             dev,
+            pid: peer.addr.pid,
             open: Some(open_key),
         })
     }
@@ -818,5 +1341,178 @@ impl Transport for CudaIpcTransport {
 
     fn poll_notification(&mut self, buf: &mut [u8]) -> Option<Result<usize, Error>> {
         self.chan.recv(buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me() -> u32 {
+        std::process::id()
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    /// Two anonymous pages, the second unmapped again: a range that runs
+    /// off mapped memory after 4096 bytes. Unmapped in `Drop`.
+    struct HalfMapped(u64);
+
+    impl HalfMapped {
+        fn new(fill: u8) -> HalfMapped {
+            // SAFETY: a fresh private anonymous mapping; nothing else uses it.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    8192,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(p, libc::MAP_FAILED);
+            // SAFETY: the first page is ours; the second is unmapped and
+            // never touched again.
+            unsafe {
+                std::ptr::write_bytes(p.cast::<u8>(), fill, 4096);
+                assert_eq!(libc::munmap(p.cast::<u8>().add(4096).cast(), 4096), 0);
+            }
+            HalfMapped(p as u64)
+        }
+
+        fn first_page(&self) -> &[u8] {
+            // SAFETY: the first page stays mapped until `Drop`.
+            unsafe { std::slice::from_raw_parts(self.0 as *const u8, 4096) }
+        }
+    }
+
+    impl Drop for HalfMapped {
+        fn drop(&mut self) {
+            // SAFETY: unmaps the page mapped in `new`.
+            unsafe { libc::munmap(self.0 as *mut std::ffi::c_void, 4096) };
+        }
+    }
+
+    #[test]
+    fn cma_moves_bytes_both_ways() {
+        let src = pattern((1 << 20) + 13, 5);
+        let mut dst = vec![0u8; src.len()];
+        let (s, d) = (src.as_ptr() as u64, dst.as_mut_ptr() as u64);
+        cma_copy(XferOp::Write, me(), s, d, src.len() as u64).unwrap();
+        assert!(dst == src, "WRITE over cross-memory attach differs");
+        let mut back = vec![0u8; 1000];
+        cma_copy(XferOp::Read, me(), back.as_mut_ptr() as u64, s + 77, 1000).unwrap();
+        assert_eq!(&back[..], &src[77..1077]);
+    }
+
+    #[test]
+    fn cma_short_count_is_continued_then_reported_at_the_address() {
+        // READ: the remote range ends after one page. The first call moves
+        // 4096 bytes, the continuation fails at the unmapped page.
+        let remote = HalfMapped::new(0x5A);
+        let mut local = vec![0u8; 8192];
+        let l = local.as_mut_ptr() as u64;
+        let e = cma_copy(XferOp::Read, me(), l, remote.0, 8192).unwrap_err();
+        assert_eq!(
+            e,
+            Error::backend(
+                BACKEND,
+                libc::EFAULT as i64,
+                &format!(
+                    "process_vm_readv pid {}: EFAULT at remote {:#x}, local {:#x}",
+                    me(),
+                    remote.0 + 4096,
+                    l + 4096
+                )
+            )
+        );
+        assert!(
+            local[..4096].iter().all(|&b| b == 0x5A),
+            "first page not moved"
+        );
+        assert!(
+            local[4096..].iter().all(|&b| b == 0),
+            "bytes past the fault"
+        );
+        // WRITE into the same range: the first page is written, then EFAULT.
+        let src = pattern(8192, 9);
+        let e = cma_copy(XferOp::Write, me(), src.as_ptr() as u64, remote.0, 8192).unwrap_err();
+        assert_eq!(
+            e,
+            Error::backend(
+                BACKEND,
+                libc::EFAULT as i64,
+                &format!(
+                    "process_vm_writev pid {}: EFAULT at remote {:#x}, local {:#x}",
+                    me(),
+                    remote.0 + 4096,
+                    src.as_ptr() as u64 + 4096
+                )
+            )
+        );
+        assert_eq!(remote.first_page(), &src[..4096]);
+    }
+
+    #[test]
+    fn cma_to_a_gone_process_names_its_pid() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        let buf = [1u8; 64];
+        for op in [XferOp::Write, XferOp::Read] {
+            let p = buf.as_ptr() as u64;
+            assert_eq!(
+                cma_copy(op, pid, p, p, 64),
+                Err(Error::disconnected(&format!(
+                    "CUDA_IPC peer pid {pid} is gone"
+                )))
+            );
+        }
+    }
+
+    #[test]
+    fn cma_errors_name_the_call_the_pid_and_the_cause() {
+        let e = cma_error(XferOp::Write, 4194304, libc::EPERM, 0x10, 0x20, 0, 100);
+        assert_eq!(
+            e,
+            Error::backend(
+                BACKEND,
+                1,
+                "process_vm_writev: cross-memory attach to pid 4194304 refused (ptrace/Yama/seccomp)"
+            )
+        );
+        // The whole text fits the bounded error text.
+        match &e {
+            Error::Backend { text, .. } => assert!(text.ends_with("(ptrace/Yama/seccomp)")),
+            _ => unreachable!(),
+        }
+        assert_eq!(
+            cma_error(XferOp::Read, 77, libc::EPERM, 0, 0, 0, 1),
+            Error::backend(
+                BACKEND,
+                1,
+                "process_vm_readv: cross-memory attach to pid 77 refused (ptrace/Yama/seccomp)"
+            )
+        );
+        assert_eq!(
+            cma_error(XferOp::Read, 77, libc::ESRCH, 0, 0, 0, 1),
+            Error::disconnected("CUDA_IPC peer pid 77 is gone")
+        );
+        assert_eq!(
+            cma_error(XferOp::Read, 77, libc::ENOMEM, 0, 0, 4096, 8192),
+            Error::backend(
+                BACKEND,
+                libc::ENOMEM as i64,
+                &format!(
+                    "process_vm_readv pid 77, 4096 of 8192 bytes moved: {}",
+                    std::io::Error::from_raw_os_error(libc::ENOMEM)
+                )
+            )
+        );
     }
 }

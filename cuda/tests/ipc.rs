@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use kvxfer_core::{Error, MemKind, PostStatus, Region, Segment, Token, Transport, XferOp};
 use kvxfer_cuda::driver::{self, NO_DRIVER};
-use kvxfer_cuda::wire::{IpcAddress, IpcKey};
+use kvxfer_cuda::wire::{DramKey, IpcAddress, IpcKey};
 use kvxfer_cuda::{CudaIpcTransport, DeviceBuffer, PinnedBuffer};
 
 const ROLE: &str = "KVXFER_CUDA_TEST_ROLE";
@@ -55,6 +55,90 @@ fn first_mismatch(a: &[u8], b: &[u8]) -> Option<usize> {
             .position(|(x, y)| x != y)
             .unwrap_or(a.len().min(b.len())),
     )
+}
+
+/// Memory of either kind for the two-process tests, zeroed at creation.
+enum Mem {
+    Vram(DeviceBuffer),
+    Dram(Vec<u8>),
+}
+
+impl Mem {
+    fn new(kind: MemKind, len: usize) -> Mem {
+        match kind {
+            MemKind::Vram => {
+                let mut b = DeviceBuffer::new(0, len as u64).unwrap();
+                b.fill(0).unwrap();
+                Mem::Vram(b)
+            }
+            MemKind::Dram => Mem::Dram(vec![0u8; len]),
+        }
+    }
+
+    fn kind(&self) -> MemKind {
+        match self {
+            Mem::Vram(_) => MemKind::Vram,
+            Mem::Dram(_) => MemKind::Dram,
+        }
+    }
+
+    fn ptr(&self) -> u64 {
+        match self {
+            Mem::Vram(b) => b.ptr(),
+            Mem::Dram(v) => v.as_ptr() as u64,
+        }
+    }
+
+    /// `len` bytes at `off` as a region of this memory's kind.
+    fn region(&self, off: usize, len: usize) -> Region {
+        let addr = self.ptr() + off as u64;
+        match self {
+            Mem::Vram(b) => Region::vram(addr, len as u64, b.device()),
+            Mem::Dram(_) => Region::dram(addr, len as u64),
+        }
+    }
+
+    fn write(&mut self, off: usize, data: &[u8]) {
+        match self {
+            Mem::Vram(b) => b.copy_from_host(off as u64, data).unwrap(),
+            Mem::Dram(v) => v[off..off + data.len()].copy_from_slice(data),
+        }
+    }
+
+    /// A copy of the whole memory.
+    fn to_vec(&self) -> Vec<u8> {
+        match self {
+            Mem::Vram(b) => b.to_vec().unwrap(),
+            Mem::Dram(v) => v.clone(),
+        }
+    }
+}
+
+fn kind_name(k: MemKind) -> &'static str {
+    match k {
+        MemKind::Vram => "vram",
+        MemKind::Dram => "dram",
+    }
+}
+
+fn parse_kind(s: &str) -> MemKind {
+    match s {
+        "vram" => MemKind::Vram,
+        "dram" => MemKind::Dram,
+        _ => panic!("unknown memory kind {s:?}"),
+    }
+}
+
+/// Prints the bandwidth of one large transfer.
+fn report(what: &str, len: usize, took: Duration) {
+    if len >= MIB {
+        println!(
+            "RESULT {what}: {} MiB in {:.2} ms, {:.2} GB/s",
+            len / MIB,
+            took.as_secs_f64() * 1e3,
+            len as f64 / took.as_secs_f64() / 1e9
+        );
+    }
 }
 
 /// Polls until `token` completes; every other completion is an error.
@@ -196,7 +280,13 @@ fn publish(t: &CudaIpcTransport, reg: &kvxfer_cuda::IpcReg) {
     let n = t.local_address(&mut buf).unwrap();
     say(&format!("ADDR {}", hex(&buf[..n])));
     let r = reg.region();
-    say(&format!("REGION {} {} {}", r.addr, r.len, r.dev));
+    say(&format!(
+        "REGION {} {} {} {}",
+        r.addr,
+        r.len,
+        r.dev,
+        kind_name(r.kind)
+    ));
     let n = t.pack_key(reg, &mut buf).unwrap();
     say(&format!("KEY {}", hex(&buf[..n])));
 }
@@ -207,12 +297,15 @@ fn attach(
     peer: &Peer,
 ) -> (kvxfer_cuda::IpcPeer, Region, kvxfer_cuda::IpcRemoteKey) {
     let addr = unhex(&peer.expect("ADDR"));
-    let r: Vec<u64> = peer
-        .expect("REGION")
-        .split(' ')
-        .map(|x| x.parse().unwrap())
-        .collect();
-    let region = Region::vram(r[0], r[1], r[2] as u32);
+    let line = peer.expect("REGION");
+    let f: Vec<&str> = line.split(' ').collect();
+    let r: Vec<u64> = f[..3].iter().map(|x| x.parse().unwrap()).collect();
+    let region = Region {
+        addr: r[0],
+        len: r[1],
+        dev: r[2] as u32,
+        kind: parse_kind(f[3]),
+    };
     let key = unhex(&peer.expect("KEY"));
     let p = t.connect(&addr).expect("connect");
     let k = t.unpack_key(&p, &region, &key).expect("unpack_key");
@@ -223,25 +316,25 @@ fn role() -> Option<String> {
     std::env::var(ROLE).ok()
 }
 
-/// Target side: a region of `len` bytes at offset 4096 of a larger
-/// allocation (so the key's allocation offset matters), zeroed (WRITE) or
-/// holding the pattern (READ). Waits for the notification, then reports.
+/// Target side: a region of `len` bytes of the role's memory kind at
+/// offset 4096 of a larger allocation (so the key's allocation offset
+/// matters), zeroed (WRITE) or holding the pattern (READ). Waits for the
+/// notification, then checks its memory at once: the data must already be
+/// there.
 fn target(role: &str) {
     let parts: Vec<&str> = role.split(':').collect();
-    let (op, len, seed): (&str, usize, u64) = (
+    let (op, len, seed, kind): (&str, usize, u64, MemKind) = (
         parts[0],
         parts[1].parse().unwrap(),
         parts[2].parse().unwrap(),
+        parse_kind(parts[3]),
     );
     let mut t = CudaIpcTransport::new().unwrap();
-    let mut buf = DeviceBuffer::new(0, (len + 8192) as u64).unwrap();
-    buf.fill(0).unwrap();
+    let mut buf = Mem::new(kind, len + 8192);
     if op == "read" {
-        buf.copy_from_host(4096, &pattern(seed, len)).unwrap();
+        buf.write(4096, &pattern(seed, len));
     }
-    let reg = t
-        .register(&Region::vram(buf.ptr() + 4096, len as u64, 0))
-        .unwrap();
+    let reg = t.register(&buf.region(4096, len)).unwrap();
     publish(&t, &reg);
     let note = match wait_notification(&mut t) {
         Ok(n) => n,
@@ -251,7 +344,7 @@ fn target(role: &str) {
         }
     };
     // The notification came: the data must already be here.
-    let all = buf.to_vec().unwrap();
+    let all = buf.to_vec();
     let got = &all[4096..4096 + len];
     say(&format!("NOTE {}", hex(&note)));
     if len <= 4096 {
@@ -272,18 +365,18 @@ fn target(role: &str) {
     let _ = lines.recv_timeout(TIMEOUT); // "BYE"
 }
 
-/// Initiator side of a WRITE of `len` bytes into the child's VRAM.
-fn write_test(test: &str, len: usize, seed: u64) {
-    let mut peer = Peer::spawn(test, &format!("write:{len}:{seed}"));
+/// Initiator side of a WRITE of `len` bytes from local memory of kind
+/// `local` into the child's memory of kind `remote`.
+fn write_test(test: &str, local: MemKind, remote: MemKind, len: usize, seed: u64) {
+    let mut peer = Peer::spawn(test, &format!("write:{len}:{seed}:{}", kind_name(remote)));
     let mut t = CudaIpcTransport::new().unwrap();
     let data = pattern(seed, len);
     // The source also sits at an offset inside its allocation.
-    let mut src = DeviceBuffer::new(0, (len + 512) as u64).unwrap();
-    src.copy_from_host(512, &data).unwrap();
-    let reg = t
-        .register(&Region::vram(src.ptr() + 512, len as u64, 0))
-        .unwrap();
+    let mut src = Mem::new(local, len + 512);
+    src.write(512, &data);
+    let reg = t.register(&src.region(512, len)).unwrap();
     let (p, region, key) = attach(&mut t, &peer);
+    assert_eq!(key.kind(), remote);
     let seg = Segment {
         local_addr: src.ptr() + 512,
         remote_addr: region.addr,
@@ -292,14 +385,24 @@ fn write_test(test: &str, len: usize, seed: u64) {
         remote: &key,
         remote_region_addr: region.addr,
     };
+    let start = Instant::now();
     let status = t
         .post(XferOp::Write, &p, &[seg], Some(b"written"), Token(7))
         .unwrap();
     assert_eq!(status, PostStatus::InProgress);
     wait_done(&mut t, Token(7)).unwrap();
+    report(
+        &format!(
+            "WRITE {} -> remote {} (local pinned: {})",
+            kind_name(local),
+            kind_name(remote),
+            reg.pinned()
+        ),
+        len,
+        start.elapsed(),
+    );
     assert_eq!(t.in_flight(), 0);
-    let mut back = vec![0u8; len];
-    src.copy_to_host(512, &mut back).unwrap();
+    let back = src.to_vec()[512..].to_vec();
     assert!(back == data, "source changed");
     assert_eq!(unhex(&peer.expect("NOTE")), b"written");
     if len <= 4096 {
@@ -307,7 +410,7 @@ fn write_test(test: &str, len: usize, seed: u64) {
         assert_eq!(remote.len(), len);
         assert_eq!(
             remote, back,
-            "target VRAM differs from the source after WRITE"
+            "target memory differs from the source after WRITE"
         );
     }
     assert_eq!(peer.expect("VERIFY"), "ok");
@@ -318,14 +421,17 @@ fn write_test(test: &str, len: usize, seed: u64) {
     peer.finish();
 }
 
-/// Initiator side of a READ of `len` bytes from the child's VRAM.
-fn read_test(test: &str, len: usize, seed: u64) {
-    let mut peer = Peer::spawn(test, &format!("read:{len}:{seed}"));
+/// Initiator side of a READ of `len` bytes from the child's memory of kind
+/// `remote` into local memory of kind `local`.
+fn read_test(test: &str, local: MemKind, remote: MemKind, len: usize, seed: u64) {
+    let mut peer = Peer::spawn(test, &format!("read:{len}:{seed}:{}", kind_name(remote)));
     let mut t = CudaIpcTransport::new().unwrap();
-    let mut dst = DeviceBuffer::new(0, len as u64).unwrap();
-    dst.fill(0xEE).unwrap();
-    let reg = t.register(&dst.region()).unwrap();
+    let mut dst = Mem::new(local, len);
+    dst.write(0, &vec![0xEE; len]);
+    assert_eq!(dst.kind(), local);
+    let reg = t.register(&dst.region(0, len)).unwrap();
     let (p, region, key) = attach(&mut t, &peer);
+    assert_eq!(key.kind(), remote);
     // Two segments, second half first, to exercise per-segment offsets.
     let half = (len / 2) as u64;
     let seg = |off: u64, n: u64| Segment {
@@ -337,10 +443,21 @@ fn read_test(test: &str, len: usize, seed: u64) {
         remote_region_addr: region.addr,
     };
     let segs = [seg(half, len as u64 - half), seg(0, half)];
+    let start = Instant::now();
     t.post(XferOp::Read, &p, &segs, Some(b"read done"), Token(9))
         .unwrap();
     wait_done(&mut t, Token(9)).unwrap();
-    let got = dst.to_vec().unwrap();
+    report(
+        &format!(
+            "READ remote {} -> {} (local pinned: {})",
+            kind_name(remote),
+            kind_name(local),
+            reg.pinned()
+        ),
+        len,
+        start.elapsed(),
+    );
+    let got = dst.to_vec();
     assert_eq!(
         first_mismatch(&got, &pattern(seed, len)),
         None,
@@ -348,11 +465,11 @@ fn read_test(test: &str, len: usize, seed: u64) {
     );
     assert_eq!(unhex(&peer.expect("NOTE")), b"read done");
     if len <= 4096 {
-        // Both sides copied back: the initiator's VRAM equals the target's.
+        // Both sides copied back: the initiator's memory equals the target's.
         assert_eq!(
             unhex(&peer.expect("DATA")),
             got,
-            "READ result differs from the target's VRAM"
+            "READ result differs from the target's memory"
         );
     }
     // The target's own copy is untouched by a READ.
@@ -447,57 +564,154 @@ fn gpu_device_info_and_pointer_kinds() {
     ));
 }
 
-#[test]
-#[ignore = "needs a GPU"]
-fn gpu_register_refuses_what_is_not_vram() {
-    let mut t = CudaIpcTransport::new().unwrap();
-    assert_eq!(t.name(), "CUDA_IPC");
-    assert!(t.capabilities().mem_kinds.contains(MemKind::Vram));
-    assert!(!t.capabilities().mem_kinds.contains(MemKind::Dram));
-    let heap = vec![0u8; 4096];
-    assert_eq!(
-        t.register(&Region::dram(heap.as_ptr() as u64, 4096)),
-        Err(Error::UnsupportedMemKind {
-            backend: "CUDA_IPC",
-            kind: MemKind::Dram
-        })
-    );
-    match t.register(&Region::vram(heap.as_ptr() as u64, 4096, 0)) {
+/// Page-aligned host memory from the global allocator, freed in `Drop`.
+struct PageBuf {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+impl PageBuf {
+    fn new(len: usize) -> PageBuf {
+        let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null());
+        PageBuf { ptr, layout }
+    }
+
+    fn addr(&self) -> u64 {
+        self.ptr as u64
+    }
+}
+
+impl Drop for PageBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
+    }
+}
+
+fn backend_text(r: Result<impl std::fmt::Debug, Error>) -> String {
+    match r {
         Err(Error::Backend {
             backend: "CUDA_IPC",
             text,
             ..
-        }) => assert!(text.contains("is not VRAM"), "{text}"),
-        r => panic!("host memory registered as VRAM: {r:?}"),
+        }) => text.to_string(),
+        r => panic!("expected a CUDA_IPC backend error, got {r:?}"),
     }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_register_checks_kind_device_and_bounds() {
+    let mut t = CudaIpcTransport::new().unwrap();
+    assert_eq!(t.name(), "CUDA_IPC");
+    assert!(t.capabilities().mem_kinds.contains(MemKind::Vram));
+    assert!(t.capabilities().mem_kinds.contains(MemKind::Dram));
+
+    // DRAM is accepted and page-locked; its key is its address and length.
+    let host = PageBuf::new(3 * 4096);
+    let a = t.register(&Region::dram(host.addr(), 4096)).unwrap();
+    assert!(a.pinned(), "a page-aligned region was not page-locked");
+    assert!(driver::pointer_info(host.addr()).unwrap().cuda_known);
+    assert_eq!(
+        *a.key(),
+        IpcKey::Dram(DramKey {
+            addr: host.addr(),
+            len: 4096
+        })
+    );
+    let mut buf = [0u8; IpcKey::MAX_LEN];
+    assert_eq!(t.pack_key(&a, &mut buf), Ok(IpcKey::DRAM_LEN));
+    assert_eq!(IpcKey::decode(&buf[..IpcKey::DRAM_LEN]), Ok(*a.key()));
+    // A region not starting on a page boundary is locked too.
+    let odd = t
+        .register(&Region::dram(host.addr() + 4096 + 16, 100))
+        .unwrap();
+    assert!(odd.pinned(), "an unaligned region was not page-locked");
+    // A page already locked cannot be locked again: the region is still
+    // accepted, as pageable memory, and deregistering it unlocks nothing.
+    let shared = t.register(&Region::dram(host.addr() + 100, 50)).unwrap();
+    assert!(!shared.pinned());
+    t.deregister(shared);
+    assert!(driver::pointer_info(host.addr()).unwrap().cuda_known);
+    t.deregister(a);
+    assert!(!driver::pointer_info(host.addr()).unwrap().cuda_known);
+    t.deregister(odd);
+    assert!(
+        !driver::pointer_info(host.addr() + 4096 + 16)
+            .unwrap()
+            .cuda_known
+    );
+
+    // VRAM registered as DRAM, and DRAM as VRAM, are refused.
     let vram = DeviceBuffer::new(0, 4096).unwrap();
-    assert!(matches!(
-        t.register(&Region::vram(vram.ptr(), 4096, 7)),
-        Err(Error::Backend { .. })
-    ));
-    match t.register(&Region::vram(vram.ptr() + 4000, 200, 0)) {
-        Err(Error::Backend { text, .. }) => {
-            assert!(text.contains("leaves its allocation"), "{text}")
-        }
-        r => panic!("region beyond its allocation registered: {r:?}"),
+    assert_eq!(
+        backend_text(t.register(&Region::dram(vram.ptr(), 4096))),
+        format!(
+            "{:#x} (+4096) is not DRAM: CUDA reports VRAM on device 0",
+            vram.ptr()
+        )
+    );
+    assert_eq!(
+        backend_text(t.register(&Region::vram(host.addr(), 4096, 0))),
+        format!(
+            "{:#x} is not VRAM of device 0: CUDA reports DRAM on device 0",
+            host.addr()
+        )
+    );
+    // VRAM with a device id that does not hold it, or that does not exist.
+    let count = driver::device_count().unwrap();
+    if count >= 2 {
+        assert_eq!(
+            backend_text(t.register(&Region::vram(vram.ptr(), 4096, 1))),
+            format!(
+                "{:#x} is not VRAM of device 1: CUDA reports VRAM on device 0",
+                vram.ptr()
+            )
+        );
     }
     assert_eq!(
-        t.register(&Region::vram(vram.ptr(), 0, 0)),
+        backend_text(t.register(&Region::vram(vram.ptr(), 4096, 7))),
+        format!("device 7 does not exist ({count} device(s) visible)")
+    );
+    // A region leaving its allocation.
+    assert_eq!(
+        backend_text(t.register(&Region::vram(vram.ptr() + 4000, 200, 0))),
+        format!(
+            "region [{:#x}, +200) leaves its allocation [{:#x}, +4096)",
+            vram.ptr() + 4000,
+            vram.ptr()
+        )
+    );
+    for r in [Region::vram(vram.ptr(), 0, 0), Region::dram(host.addr(), 0)] {
+        assert_eq!(
+            t.register(&r),
+            Err(Error::InvalidRegion {
+                addr: r.addr,
+                len: 0
+            })
+        );
+    }
+    assert_eq!(
+        t.register(&Region::dram(u64::MAX - 10, 100)),
         Err(Error::InvalidRegion {
-            addr: vram.ptr(),
-            len: 0
+            addr: u64::MAX - 10,
+            len: 100
         })
     );
     let reg = t
         .register(&Region::vram(vram.ptr() + 1024, 1024, 0))
         .unwrap();
-    assert_eq!(reg.key().offset, 1024);
-    assert_eq!(reg.key().alloc_len, 4096);
+    let k = reg.key().vram().expect("a VRAM key");
+    assert_eq!((k.offset, k.alloc_len), (1024, 4096));
+    assert!(!reg.pinned());
     let mut small = [0u8; 10];
     assert_eq!(
         t.pack_key(&reg, &mut small),
         Err(Error::BufferTooSmall {
-            needed: IpcKey::LEN as u64,
+            needed: IpcKey::VRAM_LEN as u64,
             available: 10
         })
     );
@@ -509,6 +723,201 @@ fn gpu_register_refuses_what_is_not_vram() {
         })
     );
     t.deregister(reg);
+}
+
+/// `n` bytes from `local_addr` to `off` bytes into the remote region at `region_addr`.
+fn segment<'a>(
+    local: &'a kvxfer_cuda::IpcReg,
+    local_addr: u64,
+    remote: &'a kvxfer_cuda::IpcRemoteKey,
+    region_addr: u64,
+    off: u64,
+    n: u64,
+) -> Segment<'a, kvxfer_cuda::IpcReg, kvxfer_cuda::IpcRemoteKey> {
+    Segment {
+        local_addr,
+        remote_addr: region_addr + off,
+        len: n,
+        local,
+        remote,
+        remote_region_addr: region_addr,
+    }
+}
+
+/// DRAM on both sides and VRAM to a peer's DRAM, within one process (the
+/// peer's pid is this one), with the bounds of the peer's DRAM enforced.
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_same_process_dram_paths_and_bounds() {
+    let mut a = CudaIpcTransport::new().unwrap();
+    let mut b = CudaIpcTransport::new().unwrap();
+    let len = (20 << 20) + 3; // three bounce chunks, the last one short
+    let data = pattern(21, len);
+    let src_host = data.clone();
+    let src_vram = DeviceBuffer::from_host(0, &data).unwrap();
+    let target = vec![0u8; len + 8192];
+    let ra = a
+        .register(&Region::dram(src_host.as_ptr() as u64, len as u64))
+        .unwrap();
+    let rv = a.register(&src_vram.region()).unwrap();
+    let region = Region::dram(target.as_ptr() as u64 + 4096, len as u64);
+    let rb = b.register(&region).unwrap();
+    let mut buf = [0u8; 128];
+    let n = b.local_address(&mut buf).unwrap();
+    let pb = a.connect(&buf[..n]).unwrap();
+    let n = b.pack_key(&rb, &mut buf).unwrap();
+    let key = buf[..n].to_vec();
+    let kb = a.unpack_key(&pb, &region, &key).unwrap();
+    assert_eq!((kb.kind(), kb.pid()), (MemKind::Dram, std::process::id()));
+    let seg = |local, local_addr, off, n| segment(local, local_addr, &kb, region.addr, off, n);
+
+    // DRAM -> peer DRAM, 1000 bytes at offset 20.
+    a.post(
+        XferOp::Write,
+        &pb,
+        &[seg(&ra, src_host.as_ptr() as u64 + 10, 20, 1000)],
+        Some(b"dram"),
+        Token(1),
+    )
+    .unwrap();
+    wait_done(&mut a, Token(1)).unwrap();
+    assert_eq!(wait_notification(&mut b).unwrap(), b"dram");
+    assert_eq!(&target[4096 + 20..4096 + 1020], &data[10..1010]);
+    assert!(target[..4096 + 20].iter().all(|&x| x == 0));
+    assert!(target[4096 + 1020..].iter().all(|&x| x == 0));
+
+    // VRAM -> peer DRAM through the bounce buffer, the whole region.
+    a.post(
+        XferOp::Write,
+        &pb,
+        &[seg(&rv, src_vram.ptr(), 0, len as u64)],
+        Some(b"vram"),
+        Token(2),
+    )
+    .unwrap();
+    wait_done(&mut a, Token(2)).unwrap();
+    assert_eq!(wait_notification(&mut b).unwrap(), b"vram");
+    assert_eq!(first_mismatch(&target[4096..4096 + len], &data), None);
+    assert!(target[..4096]
+        .iter()
+        .chain(&target[4096 + len..])
+        .all(|&x| x == 0));
+
+    // Peer DRAM -> VRAM through the bounce buffer, into a zeroed buffer.
+    let mut dst = DeviceBuffer::new(0, len as u64).unwrap();
+    dst.fill(0).unwrap();
+    let rd = a.register(&dst.region()).unwrap();
+    a.post(
+        XferOp::Read,
+        &pb,
+        &[seg(&rd, dst.ptr(), 0, len as u64)],
+        None,
+        Token(3),
+    )
+    .unwrap();
+    wait_done(&mut a, Token(3)).unwrap();
+    assert_eq!(first_mismatch(&dst.to_vec().unwrap(), &data), None);
+
+    // A segment leaving the peer's region by one byte is refused before
+    // any byte moves.
+    let bad = seg(&ra, src_host.as_ptr() as u64, 1, len as u64);
+    assert_eq!(
+        backend_text(a.post(XferOp::Write, &pb, &[bad], None, Token(4))),
+        format!(
+            "segment 0 (local {:#x}, remote {:#x}, len {len}) leaves its registration",
+            src_host.as_ptr() as u64,
+            region.addr + 1
+        )
+    );
+    assert!(a.poll().is_none());
+    // A region wider than its key, and a kind that is not the key's.
+    let wider = Region::dram(region.addr, region.len + 1);
+    assert_eq!(
+        backend_text(a.unpack_key(&pb, &wider, &key)),
+        format!(
+            "DRAM region [{:#x}, +{}) is not inside its key's [{:#x}, +{len})",
+            region.addr,
+            len + 1,
+            region.addr
+        )
+    );
+    let as_vram = Region::vram(region.addr, region.len, 0);
+    assert_eq!(
+        backend_text(a.unpack_key(&pb, &as_vram, &key)),
+        format!(
+            "key of pid {} is for DRAM, its region {:#x} says VRAM",
+            std::process::id(),
+            region.addr
+        )
+    );
+    assert_eq!(
+        a.unpack_key(&pb, &region, &[9u8; 17]),
+        Err(Error::BadMetadata(kvxfer_core::MetaError::BadMemKind {
+            code: 9
+        }))
+    );
+    a.release_key(kb);
+    a.deregister(ra);
+    a.deregister(rv);
+    a.deregister(rd);
+    b.deregister(rb);
+}
+
+/// A peer whose process is gone: cross-memory attach fails with the pid
+/// named, from DRAM and from VRAM (bounce path), and nothing stays in flight.
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_dram_peer_gone_is_reported() {
+    let mut t = CudaIpcTransport::new().unwrap();
+    let mut child = Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    let gone = IpcAddress {
+        pid,
+        instance: 0,
+        ..*t.address()
+    };
+    let mut buf = [0u8; IpcAddress::LEN];
+    gone.encode(&mut buf).unwrap();
+    let p = t.connect(&buf).unwrap();
+    let region = Region::dram(0x7f00_0000_0000, 4096);
+    let mut kbuf = [0u8; IpcKey::MAX_LEN];
+    let n = IpcKey::Dram(DramKey {
+        addr: region.addr,
+        len: region.len,
+    })
+    .encode(&mut kbuf)
+    .unwrap();
+    let k = t.unpack_key(&p, &region, &kbuf[..n]).unwrap();
+    let host = vec![1u8; 4096];
+    let vram = DeviceBuffer::from_host(0, &host).unwrap();
+    let rh = t
+        .register(&Region::dram(host.as_ptr() as u64, 4096))
+        .unwrap();
+    let rv = t.register(&vram.region()).unwrap();
+    for (reg, addr) in [(&rh, host.as_ptr() as u64), (&rv, vram.ptr())] {
+        for op in [XferOp::Write, XferOp::Read] {
+            let seg = Segment {
+                local_addr: addr,
+                remote_addr: region.addr,
+                len: 4096,
+                local: reg,
+                remote: &k,
+                remote_region_addr: region.addr,
+            };
+            assert_eq!(
+                t.post(op, &p, &[seg], Some(b"never"), Token(5)),
+                Err(Error::disconnected(&format!(
+                    "CUDA_IPC peer pid {pid} is gone"
+                )))
+            );
+            assert_eq!(t.in_flight(), 0);
+        }
+    }
+    assert!(t.poll().is_none());
+    t.release_key(k);
+    t.deregister(rh);
+    t.deregister(rv);
 }
 
 #[test]
@@ -595,7 +1004,13 @@ fn gpu_two_process_write_100_bytes() {
     if dispatch() {
         return;
     }
-    write_test("gpu_two_process_write_100_bytes", 100, 11);
+    write_test(
+        "gpu_two_process_write_100_bytes",
+        MemKind::Vram,
+        MemKind::Vram,
+        100,
+        11,
+    );
 }
 
 #[test]
@@ -604,7 +1019,13 @@ fn gpu_two_process_write_256_mib() {
     if dispatch() {
         return;
     }
-    write_test("gpu_two_process_write_256_mib", 256 * MIB, 12);
+    write_test(
+        "gpu_two_process_write_256_mib",
+        MemKind::Vram,
+        MemKind::Vram,
+        256 * MIB,
+        12,
+    );
 }
 
 #[test]
@@ -613,7 +1034,13 @@ fn gpu_two_process_read_100_bytes() {
     if dispatch() {
         return;
     }
-    read_test("gpu_two_process_read_100_bytes", 100, 13);
+    read_test(
+        "gpu_two_process_read_100_bytes",
+        MemKind::Vram,
+        MemKind::Vram,
+        100,
+        13,
+    );
 }
 
 #[test]
@@ -622,5 +1049,191 @@ fn gpu_two_process_read_256_mib() {
     if dispatch() {
         return;
     }
-    read_test("gpu_two_process_read_256_mib", 256 * MIB, 14);
+    read_test(
+        "gpu_two_process_read_256_mib",
+        MemKind::Vram,
+        MemKind::Vram,
+        256 * MIB,
+        14,
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_two_process_dram_vram_write_100_bytes() {
+    if dispatch() {
+        return;
+    }
+    write_test(
+        "gpu_two_process_dram_vram_write_100_bytes",
+        MemKind::Dram,
+        MemKind::Vram,
+        100,
+        21,
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_two_process_dram_vram_write_256_mib() {
+    if dispatch() {
+        return;
+    }
+    write_test(
+        "gpu_two_process_dram_vram_write_256_mib",
+        MemKind::Dram,
+        MemKind::Vram,
+        256 * MIB,
+        22,
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_two_process_dram_vram_read_100_bytes() {
+    if dispatch() {
+        return;
+    }
+    read_test(
+        "gpu_two_process_dram_vram_read_100_bytes",
+        MemKind::Dram,
+        MemKind::Vram,
+        100,
+        23,
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_two_process_dram_vram_read_256_mib() {
+    if dispatch() {
+        return;
+    }
+    read_test(
+        "gpu_two_process_dram_vram_read_256_mib",
+        MemKind::Dram,
+        MemKind::Vram,
+        256 * MIB,
+        24,
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_two_process_vram_dram_write_100_bytes() {
+    if dispatch() {
+        return;
+    }
+    write_test(
+        "gpu_two_process_vram_dram_write_100_bytes",
+        MemKind::Vram,
+        MemKind::Dram,
+        100,
+        31,
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_two_process_vram_dram_write_256_mib() {
+    if dispatch() {
+        return;
+    }
+    write_test(
+        "gpu_two_process_vram_dram_write_256_mib",
+        MemKind::Vram,
+        MemKind::Dram,
+        256 * MIB,
+        32,
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_two_process_vram_dram_read_100_bytes() {
+    if dispatch() {
+        return;
+    }
+    read_test(
+        "gpu_two_process_vram_dram_read_100_bytes",
+        MemKind::Vram,
+        MemKind::Dram,
+        100,
+        33,
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_two_process_vram_dram_read_256_mib() {
+    if dispatch() {
+        return;
+    }
+    read_test(
+        "gpu_two_process_vram_dram_read_256_mib",
+        MemKind::Vram,
+        MemKind::Dram,
+        256 * MIB,
+        34,
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_two_process_dram_dram_write_100_bytes() {
+    if dispatch() {
+        return;
+    }
+    write_test(
+        "gpu_two_process_dram_dram_write_100_bytes",
+        MemKind::Dram,
+        MemKind::Dram,
+        100,
+        41,
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_two_process_dram_dram_write_256_mib() {
+    if dispatch() {
+        return;
+    }
+    write_test(
+        "gpu_two_process_dram_dram_write_256_mib",
+        MemKind::Dram,
+        MemKind::Dram,
+        256 * MIB,
+        42,
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_two_process_dram_dram_read_100_bytes() {
+    if dispatch() {
+        return;
+    }
+    read_test(
+        "gpu_two_process_dram_dram_read_100_bytes",
+        MemKind::Dram,
+        MemKind::Dram,
+        100,
+        43,
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_two_process_dram_dram_read_256_mib() {
+    if dispatch() {
+        return;
+    }
+    read_test(
+        "gpu_two_process_dram_dram_read_256_mib",
+        MemKind::Dram,
+        MemKind::Dram,
+        256 * MIB,
+        44,
+    );
 }
