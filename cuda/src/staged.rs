@@ -117,25 +117,38 @@ pub enum StagedKey<K> {
     Vram(Region),
 }
 
-/// Per-GPU staging state: context, stream, events and the bounce pool.
+/// One pinned bounce buffer, registered on its own with the inner
+/// transport so that it can be retired alone (see [`Lost`]).
+struct Slot<L> {
+    buf: PinnedBuffer,
+    /// Its registration; taken back in [`Staged`]'s `Drop` (or when a lost
+    /// slot is finally answered) before the buffer is freed.
+    reg: Option<L>,
+    /// The registration's packed key, sent in requests to peers.
+    key: Vec<u8>,
+}
+
+/// Per-GPU staging state: context, stream, events and the bounce buffers.
 struct Pool<L> {
     ctx: Arc<Context>,
     stream: sys::CUstream,
     free_events: Vec<sys::CUevent>,
-    /// The pinned bounce buffers, `chunk` bytes each, back to back.
-    buf: PinnedBuffer,
-    /// Its registration with the inner transport; taken back in
-    /// [`Staged`]'s `Drop` before the buffer is freed.
-    reg: Option<L>,
-    /// The registration's packed key, sent in requests to peers.
-    key: Vec<u8>,
+    /// `chunks` bounce buffers of `chunk` bytes; `None` while a lost slot
+    /// could not be replaced.
+    slots: Vec<Option<Slot<L>>>,
     free_slots: Vec<usize>,
     chunk: usize,
 }
 
 impl<L> Pool<L> {
+    fn slot(&self, slot: usize) -> &Slot<L> {
+        self.slots[slot]
+            .as_ref()
+            .expect("only slots that exist are handed out")
+    }
+
     fn slot_addr(&self, slot: usize) -> u64 {
-        self.buf.addr() + (slot * self.chunk) as u64
+        self.slot(slot).buf.addr()
     }
 
     fn event(&mut self) -> Result<sys::CUevent, Error> {
@@ -313,13 +326,18 @@ impl<T: Transport> Op<T> {
     }
 }
 
-/// A bounce slot held back after its request timed out: the peer may
-/// still pull from or push into it. Freed when the late answer arrives.
-struct Quarantined {
+/// A bounce buffer whose request timed out: the peer may still pull from
+/// or push into it, so it is never reused. A fresh buffer takes its place
+/// in the pool; this one is freed when the late answer arrives (or with
+/// the transport).
+struct Lost<L> {
     id: u64,
-    dev: u32,
-    slot: usize,
+    slot: Slot<L>,
 }
+
+/// Most bounce buffers kept for late answers; past this, a timed-out
+/// buffer is not replaced and its pool shrinks.
+const MAX_LOST: usize = 64;
 
 /// A requester's bounce pool: its address, the pool's packed key, address
 /// and length.
@@ -346,7 +364,7 @@ pub struct Staged<T: Transport> {
     /// This side's inner transport address, sent in requests.
     my_addr: Option<Vec<u8>>,
     requesters: Requesters<T::Peer, T::RemoteKey>,
-    quarantine: Vec<Quarantined>,
+    lost: Vec<Lost<T::LocalReg>>,
     /// Notifications of the inner transport are received here first, so
     /// that staging messages can be taken out.
     note_buf: Vec<u8>,
@@ -409,7 +427,7 @@ impl<T: Transport> Staged<T> {
                 peers: HashMap::new(),
                 keys: HashMap::new(),
             },
-            quarantine: Vec::new(),
+            lost: Vec::new(),
             note_buf: Vec::new(),
             held: None,
             user_notes: VecDeque::new(),
@@ -445,41 +463,11 @@ impl<T: Transport> Staged<T> {
         Error::backend(self.inner.name(), INVALID_VALUE, text)
     }
 
-    /// Makes sure GPU `dev` has a bounce pool.
-    fn pool(&mut self, dev: u32) -> Result<(), Error> {
-        let i = dev as usize;
-        if self.pools.len() <= i {
-            self.pools.resize_with(i + 1, || None);
-        }
-        if self.pools[i].is_some() {
-            return Ok(());
-        }
-        let ctx = Context::new(dev)?;
-        let len = self.cfg.chunk.saturating_mul(self.cfg.chunks);
-        let buf = PinnedBuffer::new(dev, len)?;
-        ctx.bind()?;
-        let mut stream = std::ptr::null_mut();
-        // SAFETY: the context is current; `stream` is a valid out-parameter.
-        check(
-            unsafe {
-                sys::cuStreamCreate(
-                    &mut stream,
-                    sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
-                )
-            },
-            "cuStreamCreate",
-        )?;
-        let mut pool = Pool {
-            ctx,
-            stream,
-            free_events: Vec::new(),
-            buf,
-            reg: None,
-            key: Vec::new(),
-            free_slots: (0..self.cfg.chunks).rev().collect(),
-            chunk: self.cfg.chunk,
-        };
-        let reg = self.inner.register(&pool.buf.region())?;
+    /// A new bounce buffer on GPU `dev`, registered with the inner
+    /// transport.
+    fn new_slot(&mut self, dev: u32) -> Result<Slot<T::LocalReg>, Error> {
+        let buf = PinnedBuffer::new(dev, self.cfg.chunk)?;
+        let reg = self.inner.register(&buf.region())?;
         let mut key = vec![0u8; 4096];
         let packed = loop {
             match self.inner.pack_key(&reg, &mut key) {
@@ -496,16 +484,74 @@ impl<T: Transport> Staged<T> {
                 return Err(e);
             }
         }
-        pool.key = key;
-        pool.reg = Some(reg);
+        Ok(Slot {
+            buf,
+            reg: Some(reg),
+            key,
+        })
+    }
+
+    /// Deregisters a bounce buffer; it is freed when dropped after this.
+    fn drop_slot(&mut self, mut slot: Slot<T::LocalReg>) {
+        if let Some(reg) = slot.reg.take() {
+            self.inner.deregister(reg);
+        }
+    }
+
+    /// Makes sure GPU `dev` has a bounce pool.
+    fn pool(&mut self, dev: u32) -> Result<(), Error> {
+        let i = dev as usize;
+        if self.pools.len() <= i {
+            self.pools.resize_with(i + 1, || None);
+        }
+        if self.pools[i].is_some() {
+            return Ok(());
+        }
+        let ctx = Context::new(dev)?;
+        let mut slots = Vec::with_capacity(self.cfg.chunks);
+        for _ in 0..self.cfg.chunks {
+            match self.new_slot(dev) {
+                Ok(slot) => slots.push(Some(slot)),
+                Err(e) => {
+                    for slot in slots.into_iter().flatten() {
+                        self.drop_slot(slot);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        ctx.bind()?;
+        let mut stream = std::ptr::null_mut();
+        // SAFETY: the context is current; `stream` is a valid out-parameter.
+        let created = check(
+            unsafe {
+                sys::cuStreamCreate(
+                    &mut stream,
+                    sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+                )
+            },
+            "cuStreamCreate",
+        );
+        if let Err(e) = created {
+            for slot in slots.into_iter().flatten() {
+                self.drop_slot(slot);
+            }
+            return Err(e);
+        }
         log::debug!(
-            "{}: staging pool on device {dev}: {} x {} bytes at {:#x}",
+            "{}: staging pool on device {dev}: {} x {} bytes",
             self.inner.name(),
             self.cfg.chunks,
             self.cfg.chunk,
-            pool.buf.addr()
         );
-        self.pools[i] = Some(pool);
+        self.pools[i] = Some(Pool {
+            ctx,
+            stream,
+            free_events: Vec::new(),
+            slots,
+            free_slots: (0..self.cfg.chunks).rev().collect(),
+            chunk: self.cfg.chunk,
+        });
         Ok(())
     }
 
@@ -530,8 +576,12 @@ impl<T: Transport> Staged<T> {
                 let pool = self.pools[dev as usize]
                     .as_ref()
                     .expect("a slot is only taken from an existing pool");
-                let reg = pool.reg.as_ref().expect("pool registered at creation");
-                (pool.slot_addr(slot), reg)
+                let sl = pool.slot(slot);
+                let reg = sl
+                    .reg
+                    .as_ref()
+                    .expect("slots are registered while in a pool");
+                (sl.buf.addr(), reg)
             }
             (LocalSide::Host(reg), None) => (w.local_addr + ch.off, &**reg),
             (LocalSide::Vram(_), None) => unreachable!("VRAM chunks always hold a slot"),
@@ -590,10 +640,10 @@ impl<T: Transport> Staged<T> {
             vram: w.remote_addr + ch.off,
             len: ch.len,
             host: pool.slot_addr(slot),
-            pool: pool.buf.addr(),
-            pool_len: pool.buf.len() as u64,
+            pool: pool.slot_addr(slot),
+            pool_len: pool.chunk as u64,
             addr: &addr,
-            key: &pool.key,
+            key: &pool.slot(slot).key,
         };
         msg::encode_request(&req, &mut self.out)?;
         self.inner.send_notification(&op.peer, &self.out)?;
@@ -695,15 +745,16 @@ impl<T: Transport> Staged<T> {
             let (len, slot) = match slot_dev {
                 None => (w.len - off, None),
                 Some(dev) => {
-                    let held = self.quarantine.iter().filter(|q| q.dev == dev).count();
                     let Some(p) = Self::pool_mut(&mut self.pools, dev) else {
                         self.ops[oi].fail(driver::no_driver());
                         return;
                     };
                     let Some(slot) = p.free_slots.pop() else {
-                        if held >= self.cfg.chunks {
+                        if p.slots.iter().all(Option::is_none) {
                             let e = self.bad(&format!(
-                                "all {held} bounce buffers of device {dev} wait for answers to requests that timed out"
+                                "every bounce buffer of device {dev} was lost to requests that timed out \
+                                 ({} kept for late answers; no more are replaced)",
+                                self.lost.len()
                             ));
                             self.ops[oi].fail(e);
                         }
@@ -840,6 +891,40 @@ impl<T: Transport> Staged<T> {
         Ok(())
     }
 
+    /// Drops the connection back to a requester, and the keys unpacked
+    /// through it, from the requester tables; released with the inner
+    /// transport where nothing else holds them.
+    fn forget_requester(&mut self, peer: &Arc<T::Peer>) {
+        let Some(addr) = self
+            .requesters
+            .peers
+            .iter()
+            .find(|(_, p)| Arc::ptr_eq(p, peer))
+            .map(|(a, _)| a.clone())
+        else {
+            return;
+        };
+        let keys: Vec<PoolId> = self
+            .requesters
+            .keys
+            .keys()
+            .filter(|id| id.0 == addr)
+            .cloned()
+            .collect();
+        for id in keys {
+            if let Some(k) = self.requesters.keys.remove(&id) {
+                if let Ok(k) = Arc::try_unwrap(k) {
+                    self.inner.release_key(k);
+                }
+            }
+        }
+        if let Some(p) = self.requesters.peers.remove(&addr) {
+            if let Ok(p) = Arc::try_unwrap(p) {
+                self.inner.disconnect(p);
+            }
+        }
+    }
+
     /// Sends the answer to request `id` over `peer`.
     fn answer(&mut self, peer: &T::Peer, id: u64, result: Result<(), &Error>) {
         let text = result.map_err(|e| e.to_string());
@@ -886,17 +971,15 @@ impl<T: Transport> Staged<T> {
     }
 
     /// The peer answered request `id` (a chunk awaiting it, or a
-    /// quarantined slot whose request timed out).
+    /// lost bounce buffer whose request timed out).
     fn on_answer(&mut self, id: u64, result: Result<(), &str>) {
         let found = self
             .find_chunk(id)
             .filter(|&(oi, c)| matches!(self.ops[oi].chunks[c].stage, Stage::Await { .. }));
         let Some((oi, c)) = found else {
-            if let Some(i) = self.quarantine.iter().position(|q| q.id == id) {
-                let q = self.quarantine.swap_remove(i);
-                if let Some(p) = Self::pool_mut(&mut self.pools, q.dev) {
-                    p.free_slots.push(q.slot);
-                }
+            if let Some(i) = self.lost.iter().position(|l| l.id == id) {
+                let l = self.lost.swap_remove(i);
+                self.drop_slot(l.slot);
             } else {
                 log::debug!("{}: answer to unknown request {id:#x}", self.inner.name());
             }
@@ -972,7 +1055,8 @@ impl<T: Transport> Staged<T> {
     }
 
     /// Fails chunks whose request waited longer than the reply timeout;
-    /// their slots wait in quarantine for the late answer.
+    /// their bounce buffers wait for the late answer in `lost`, and fresh
+    /// ones take their places (up to [`MAX_LOST`]).
     fn expire_requests(&mut self) {
         let limit = self.cfg.reply_timeout;
         for oi in 0..self.ops.len() {
@@ -990,11 +1074,7 @@ impl<T: Transport> Staged<T> {
                 }
                 let ch = self.ops[oi].chunks.swap_remove(c);
                 if let Some((dev, slot)) = ch.slot {
-                    self.quarantine.push(Quarantined {
-                        id: ch.token,
-                        dev,
-                        slot,
-                    });
+                    self.lose_slot(ch.token, dev, slot);
                 }
                 log::warn!(
                     "{}: no answer to staging request {:#x} within {waited:?}",
@@ -1008,6 +1088,38 @@ impl<T: Transport> Staged<T> {
         }
     }
 
+    /// Takes bounce buffer `slot` of GPU `dev` out of use for good (its
+    /// request `id` timed out) and puts a fresh one in its place.
+    fn lose_slot(&mut self, id: u64, dev: u32, slot: usize) {
+        let Some(pool) = Self::pool_mut(&mut self.pools, dev) else {
+            return;
+        };
+        let Some(old) = pool.slots[slot].take() else {
+            return;
+        };
+        self.lost.push(Lost { id, slot: old });
+        if self.lost.len() > MAX_LOST {
+            log::warn!(
+                "{}: {} bounce buffers wait for late answers; device {dev} is down one",
+                self.inner.name(),
+                self.lost.len()
+            );
+            return;
+        }
+        match self.new_slot(dev) {
+            Ok(fresh) => {
+                if let Some(pool) = Self::pool_mut(&mut self.pools, dev) {
+                    pool.slots[slot] = Some(fresh);
+                    pool.free_slots.push(slot);
+                }
+            }
+            Err(e) => log::warn!(
+                "{}: replacing a bounce buffer of device {dev} failed: {e}",
+                self.inner.name()
+            ),
+        }
+    }
+
     /// Moves every staged transfer forward; finished ones go to `done`.
     fn drive(&mut self) {
         // 1. Answers to requests (only looked for while some are awaited,
@@ -1017,7 +1129,7 @@ impl<T: Transport> Staged<T> {
                 .iter()
                 .any(|c| matches!(c.stage, Stage::Await { .. }))
         });
-        if awaiting || !self.quarantine.is_empty() {
+        if awaiting || !self.lost.is_empty() {
             self.pump_notifications();
             self.expire_requests();
         }
@@ -1062,6 +1174,8 @@ impl<T: Transport> Staged<T> {
                         ci += 1;
                         continue;
                     }
+                    // A failed transfer sends nothing more.
+                    Ok(true) if self.ops[oi].error.is_some() => Ok(true),
                     Ok(true) => match next {
                         Next::Wire => {
                             self.ops[oi].chunks[ci].stage = Stage::Wire { then_copy: false };
@@ -1092,7 +1206,17 @@ impl<T: Transport> Staged<T> {
                     },
                 };
                 match op.serves {
-                    Some(id) => self.answer(&op.peer, id, result.as_ref().map(|_| ())),
+                    Some(id) => {
+                        self.answer(&op.peer, id, result.as_ref().map(|_| ()));
+                        if result.is_err() {
+                            // The connection back may be dead (the
+                            // requester restarted or reset it): the next
+                            // request connects afresh.
+                            let peer = Arc::clone(&op.peer);
+                            drop(op);
+                            self.forget_requester(&peer);
+                        }
+                    }
                     None => self.done.push_back(Completion {
                         token: op.token,
                         result,
@@ -1163,12 +1287,16 @@ impl<T: Transport> Drop for Staged<T> {
                 self.inner.disconnect(p);
             }
         }
+        let mut slots: Vec<Slot<T::LocalReg>> = std::mem::take(&mut self.lost)
+            .into_iter()
+            .map(|l| l.slot)
+            .collect();
         for p in self.pools.iter_mut().flatten() {
-            if let Some(reg) = p.reg.take() {
-                self.inner.deregister(reg);
-            }
+            slots.extend(p.slots.iter_mut().filter_map(Option::take));
         }
-        self.ops.clear();
+        for slot in slots {
+            self.drop_slot(slot);
+        }
         self.pools.clear();
     }
 }

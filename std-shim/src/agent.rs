@@ -60,15 +60,21 @@ type FabricT = kvxfer_cuda::Staged<kvxfer_libfabric::FabricTransport>;
 #[cfg(all(feature = "libfabric", not(feature = "cuda")))]
 type FabricT = kvxfer_libfabric::FabricTransport;
 
-/// Wraps a host-memory transport for VRAM staging (with the `cuda` feature).
+/// Wraps a host-memory transport for VRAM staging (with the `cuda`
+/// feature). A peer's answer to a staging request gets the transport's
+/// per-transfer deadline (`None`: no deadline).
 #[cfg(feature = "cuda")]
 #[allow(dead_code)]
-fn staged<T: kvxfer_core::Transport>(t: T) -> kvxfer_cuda::Staged<T> {
-    kvxfer_cuda::Staged::new(t)
+fn staged<T: kvxfer_core::Transport>(t: T, deadline: Option<Duration>) -> kvxfer_cuda::Staged<T> {
+    let cfg = kvxfer_cuda::StagingConfig {
+        reply_timeout: deadline.unwrap_or(Duration::MAX),
+        ..kvxfer_cuda::StagingConfig::default()
+    };
+    kvxfer_cuda::Staged::with_config(t, cfg)
 }
 #[cfg(not(feature = "cuda"))]
 #[allow(dead_code)]
-fn staged<T>(t: T) -> T {
+fn staged<T>(t: T, _deadline: Option<Duration>) -> T {
     t
 }
 
@@ -160,13 +166,14 @@ fn build_backend(kind: BackendKind, name: &str, cfg: &AgentConfig) -> Result<Bac
                 let uc = ucx_cfg.unwrap_or_default();
                 log::debug!("{name}: UCX transport with {uc:?}");
                 let t = kvxfer_ucx::UcxTransport::new(&uc)?;
-                Ok(Backend::Ucx(boxed_engine(&name, staged(t))?))
+                Ok(Backend::Ucx(boxed_engine(&name, staged(t, uc.op_timeout))?))
             }
             #[cfg(feature = "libfabric")]
             BackendKind::Libfabric => {
                 log::debug!("{name}: libfabric transport with {fabric_cfg:?}");
                 let t = kvxfer_libfabric::FabricTransport::new(&fabric_cfg)?;
-                Ok(Backend::Fabric(boxed_engine(&name, staged(t))?))
+                let deadline = Some(fabric_cfg.op_timeout).filter(|d| !d.is_zero());
+                Ok(Backend::Fabric(boxed_engine(&name, staged(t, deadline))?))
             }
             #[cfg(feature = "cuda")]
             BackendKind::CudaIpc => {

@@ -482,6 +482,36 @@ fn cuda_ipc_kv_shaped_128_x_16_kib() {
     );
 }
 
+// CUDA_IPC with host memory on one side (peer DRAM through cross-memory
+// attach).
+
+#[test]
+#[ignore = "needs a GPU"]
+fn cuda_ipc_vram_to_dram_64_mib() {
+    let n = 64 * MIB;
+    scenario("CUDA_IPC", None, MemKind::Vram, MemKind::Dram, n, n);
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn cuda_ipc_dram_to_vram_64_mib() {
+    let n = 64 * MIB;
+    scenario("CUDA_IPC", None, MemKind::Dram, MemKind::Vram, n, n);
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn cuda_ipc_dram_to_vram_kv_shaped_128_x_16_kib() {
+    scenario(
+        "CUDA_IPC",
+        None,
+        MemKind::Dram,
+        MemKind::Vram,
+        KV_LEN,
+        16 << 10,
+    );
+}
+
 #[test]
 #[ignore = "needs a GPU"]
 fn ucx_staged_vram_to_dram_64_mib() {
@@ -589,6 +619,101 @@ fn libfabric_staged_vram_to_vram_kv_shaped_128_x_16_kib() {
 fn libfabric_staged_dram_to_vram_64_mib() {
     let n = 64 * MIB;
     scenario("LIBFABRIC", TCP_RXM, MemKind::Dram, MemKind::Vram, n, n);
+}
+
+/// Sends `sig` (`STOP`, `CONT`) to the target process.
+fn signal(target: &Target, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &target.child.id().to_string()])
+        .status()
+        .expect("run kill")
+        .success();
+    assert!(ok, "kill -{sig}");
+}
+
+/// The target is stopped (SIGSTOP) when a staged WRITE into its VRAM is
+/// posted: the WRITE fails with `TimedOut` at the transfer deadline instead
+/// of hanging. Once the target resumes and its late work drains, a new
+/// WRITE into the same VRAM lands whole: the bounce buffers of the
+/// timed-out chunks were held back until their late answers, not reused.
+fn staged_stopped_target(backend: &str, provider: Option<&str>) {
+    let n = 64 * MIB;
+    let mut target = Target::spawn(backend, provider, "vram", n, 11);
+    let deadline = Duration::from_secs(2);
+    let cfg = config(backend, provider).with_transfer_timeout(Some(deadline));
+    let agent = Agent::new("gpu-init", cfg).expect("initiator agent");
+    let first = Mem::new(MemKind::Vram, init_dev(), &pattern(22, n)).expect("VRAM");
+    first.register(&agent).expect("register");
+    let second = Mem::new(MemKind::Vram, init_dev(), &pattern(33, n)).expect("VRAM");
+    second.register(&agent).expect("register");
+    let peer = agent.connect(&target.listen).expect("connect");
+    let (raddr, _, rdev) = target.region;
+    let remote = [Desc::on_dev(raddr, n as u64, rdev)];
+    let whole = |m: &Mem| [Desc::on_dev(m.addr(), n as u64, m.dev())];
+
+    signal(&target, "STOP");
+    let t0 = Instant::now();
+    let req = agent
+        .submit(XferOp::Write, &whole(&first), &remote, &peer, None)
+        .expect("post WRITE");
+    let outcome = req.wait(Duration::from_secs(30));
+    let took = t0.elapsed();
+    signal(&target, "CONT");
+    match outcome {
+        WaitOutcome::Failed(Error::TimedOut { after_ms }) => {
+            assert!(after_ms >= 2000, "timed out after {after_ms} ms")
+        }
+        other => panic!("WRITE to a stopped target: {other:?}"),
+    }
+    assert!(
+        took < deadline + Duration::from_secs(3),
+        "failed only after {took:?}"
+    );
+    drop(req);
+
+    // Let the target finish what it had been asked before it stopped.
+    std::thread::sleep(Duration::from_secs(1));
+    let write = |peer: &str| {
+        let req = agent.submit(
+            XferOp::Write,
+            &whole(&second),
+            &remote,
+            peer,
+            Some(b"second"),
+        )?;
+        match req.wait(TIMEOUT) {
+            WaitOutcome::Done => Ok(()),
+            WaitOutcome::Failed(e) => Err(e),
+            WaitOutcome::InProgress => panic!("WRITE after the target resumed hangs"),
+        }
+    };
+    match write(&peer) {
+        Ok(()) => eprintln!("{backend}: the connection survived the timeout"),
+        // A transport that closes the connection of a timed-out transfer
+        // (UCX) refuses the peer until it is loaded again.
+        Err(Error::RemoteDisconnected { .. }) => {
+            eprintln!("{backend}: the connection was closed by the timeout; reconnecting");
+            let peer = agent.connect(&target.listen).expect("reconnect");
+            write(&peer).expect("WRITE after reconnecting");
+        }
+        Err(e) => panic!("WRITE after the target resumed: {e:?}"),
+    }
+    assert_eq!(target.ask("WAITNOTE second", "NOTE"), "ok");
+    assert_eq!(target.ask("CHECK 33", "CHECK"), "ok");
+    eprintln!("{backend}: stopped target: WRITE failed with TimedOut after {took:?}; after resume a 64 MiB WRITE landed whole");
+    agent.shutdown();
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn ucx_staged_stopped_target_times_out_then_recovers() {
+    staged_stopped_target("UCX", None);
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn libfabric_staged_stopped_target_times_out_then_recovers() {
+    staged_stopped_target("LIBFABRIC", TCP_RXM);
 }
 
 /// A host pointer registered as VRAM is refused by pointer attributes.
