@@ -59,7 +59,7 @@ use kvxfer_core::{
 
 use crate::driver::{self, check, Context, INVALID_VALUE};
 use crate::memory::PinnedBuffer;
-use crate::staging_wire::{self as msg, Direction, Message, Request};
+use crate::staging_wire::{self as msg, Direction, Message, Range, Request};
 
 /// Low 32 bits of every token [`Staged`] gives its inner transport for a
 /// chunk. The core's tokens carry a transfer slot index there (below
@@ -167,29 +167,40 @@ impl<L> Pool<L> {
         Ok(ev)
     }
 
-    /// Enqueues a copy of `len` bytes between `addr` (VRAM, or host memory
-    /// through unified addressing) and bounce slot `slot` (into the slot
-    /// when `to_slot`), and records an event after it.
-    fn copy(
+    /// Enqueues copies between bounce slot `slot` and the pieces' local
+    /// memory (VRAM, or host memory through unified addressing) — into the
+    /// slot when `to_slot` — and records one event after them.
+    fn copies(
         &mut self,
         to_slot: bool,
-        addr: u64,
         slot: usize,
-        len: usize,
+        pieces: &[Piece],
     ) -> Result<sys::CUevent, Error> {
-        let host = self.slot_addr(slot);
+        let base = self.slot_addr(slot);
         let ev = self.event()?;
         self.ctx.bind()?;
-        let (dst, src) = if to_slot { (host, addr) } else { (addr, host) };
-        // SAFETY: the slot holds `chunk >= len` bytes of the live pinned
-        // buffer; `addr..+len` lies in a registered region (VRAM, or host
-        // memory) that stays registered until the transfer completes.
-        let res = unsafe { sys::cuMemcpyAsync(dst, src, len, self.stream) };
-        let recorded = check(
-            res,
-            &format!("cuMemcpyAsync({len} bytes, {src:#x} -> {dst:#x})"),
-        )
-        .and_then(|()| {
+        let mut res = Ok(());
+        for p in pieces {
+            let host = base + p.slot_off;
+            let (dst, src) = if to_slot {
+                (host, p.local_addr)
+            } else {
+                (p.local_addr, host)
+            };
+            let len = p.len as usize;
+            // SAFETY: the piece lies inside the slot (`slot_off + len <=
+            // chunk` bytes of the live pinned buffer); `local_addr..+len`
+            // lies in a registered region (VRAM, or host memory) that stays
+            // registered until the transfer completes.
+            res = check(
+                unsafe { sys::cuMemcpyAsync(dst, src, len, self.stream) },
+                &format!("cuMemcpyAsync({len} bytes, {src:#x} -> {dst:#x})"),
+            );
+            if res.is_err() {
+                break;
+            }
+        }
+        let recorded = res.and_then(|()| {
             // SAFETY: `ev` and the stream are live in the bound context.
             check(
                 unsafe { sys::cuEventRecord(ev, self.stream) },
@@ -288,14 +299,25 @@ enum Stage {
     Await { since: Instant, then_copy: bool },
 }
 
-/// One piece in flight: a bounce slot (VRAM segments) or a whole host segment.
+/// Part of a segment that a chunk moves.
+#[derive(Copy, Clone, Debug)]
+struct Piece {
+    seg: usize,
+    /// Where the part starts in local and remote memory.
+    local_addr: u64,
+    remote_addr: u64,
+    len: u64,
+    /// Its offset in the chunk's bounce buffer.
+    slot_off: u64,
+}
+
+/// One unit in flight: a bounce buffer filled with the pieces of one or
+/// more segments (many small blocks share one), or a whole host segment.
 struct Chunk {
     token: u64,
-    /// `(device, slot)` for pieces through a bounce buffer.
+    /// `(device, slot)` for chunks through a bounce buffer.
     slot: Option<(u32, usize)>,
-    seg: usize,
-    off: u64,
-    len: u64,
+    pieces: Vec<Piece>,
     stage: Stage,
 }
 
@@ -562,41 +584,45 @@ impl<T: Transport> Staged<T> {
         pools.get_mut(dev as usize).and_then(Option::as_mut)
     }
 
-    /// Posts chunk `c` of op `oi` to the inner transport. `Ok(true)` when it
-    /// completed inline.
+    /// Posts chunk `c` of op `oi` to the inner transport, one segment per
+    /// piece. `Ok(true)` when it completed inline.
     fn post_wire(&mut self, oi: usize, c: usize) -> Result<bool, Error> {
         let op = &self.ops[oi];
         let ch = &op.chunks[c];
-        let w = &op.segs[ch.seg];
-        let RemoteSide::Host(remote) = &w.remote else {
-            unreachable!("only chunks to remote host memory go on the wire")
-        };
-        let (local_addr, local): (u64, &T::LocalReg) = match (&w.local, ch.slot) {
-            (_, Some((dev, slot))) => {
-                let pool = self.pools[dev as usize]
-                    .as_ref()
-                    .expect("a slot is only taken from an existing pool");
-                let sl = pool.slot(slot);
-                let reg = sl
-                    .reg
-                    .as_ref()
-                    .expect("slots are registered while in a pool");
-                (sl.buf.addr(), reg)
-            }
-            (LocalSide::Host(reg), None) => (w.local_addr + ch.off, &**reg),
-            (LocalSide::Vram(_), None) => unreachable!("VRAM chunks always hold a slot"),
-        };
-        let seg = Segment {
-            local_addr,
-            remote_addr: w.remote_addr + ch.off,
-            len: ch.len,
-            local,
-            remote: &**remote,
-            remote_region_addr: w.remote_region_addr,
-        };
+        let slot = ch.slot.map(|(dev, slot)| {
+            let pool = self.pools[dev as usize]
+                .as_ref()
+                .expect("a slot is only taken from an existing pool");
+            let sl = pool.slot(slot);
+            let reg = sl
+                .reg
+                .as_ref()
+                .expect("slots are registered while in a pool");
+            (sl.buf.addr(), reg)
+        });
+        let mut segs = Vec::with_capacity(ch.pieces.len());
+        for p in &ch.pieces {
+            let w = &op.segs[p.seg];
+            let RemoteSide::Host(remote) = &w.remote else {
+                unreachable!("only chunks to remote host memory go on the wire")
+            };
+            let (local_addr, local): (u64, &T::LocalReg) = match (&w.local, slot) {
+                (_, Some((base, reg))) => (base + p.slot_off, reg),
+                (LocalSide::Host(reg), None) => (p.local_addr, &**reg),
+                (LocalSide::Vram(_), None) => unreachable!("VRAM chunks always hold a slot"),
+            };
+            segs.push(Segment {
+                local_addr,
+                remote_addr: p.remote_addr,
+                len: p.len,
+                local,
+                remote: &**remote,
+                remote_region_addr: w.remote_region_addr,
+            });
+        }
         let st = self
             .inner
-            .post(op.op, &op.peer, &[seg], None, Token(ch.token))?;
+            .post(op.op, &op.peer, &segs, None, Token(ch.token))?;
         Ok(st == PostStatus::Done)
     }
 
@@ -625,7 +651,6 @@ impl<T: Transport> Staged<T> {
         let addr = self.my_addr()?;
         let op = &self.ops[oi];
         let ch = &op.chunks[c];
-        let w = &op.segs[ch.seg];
         let (dev, slot) = ch.slot.expect("requests go through a bounce slot");
         let pool = self.pools[dev as usize]
             .as_ref()
@@ -634,13 +659,20 @@ impl<T: Transport> Staged<T> {
             XferOp::Write => (Direction::Pull, false),
             XferOp::Read => (Direction::Push, true),
         };
+        let base = pool.slot_addr(slot);
         let req = Request {
             dir,
             id: ch.token,
-            vram: w.remote_addr + ch.off,
-            len: ch.len,
-            host: pool.slot_addr(slot),
-            pool: pool.slot_addr(slot),
+            ranges: ch
+                .pieces
+                .iter()
+                .map(|p| Range {
+                    vram: p.remote_addr,
+                    len: p.len,
+                    host: base + p.slot_off,
+                })
+                .collect(),
+            pool: base,
             pool_len: pool.chunk as u64,
             addr: &addr,
             key: &pool.slot(slot).key,
@@ -654,15 +686,13 @@ impl<T: Transport> Staged<T> {
         Ok(())
     }
 
-    /// Starts the copy of chunk `c` of op `oi` out of its bounce slot into
+    /// Starts the copies of chunk `c` of op `oi` out of its bounce slot into
     /// the local destination (READ's last step).
     fn copy_out(&mut self, oi: usize, c: usize) {
         let ch = &self.ops[oi].chunks[c];
         let (dev, slot) = ch.slot.expect("READ through a bounce slot");
-        let addr = self.ops[oi].segs[ch.seg].local_addr + ch.off;
-        let len = ch.len as usize;
         let res = match Self::pool_mut(&mut self.pools, dev) {
-            Some(p) => p.copy(false, addr, slot, len),
+            Some(p) => p.copies(false, slot, &ch.pieces),
             None => Err(driver::no_driver()),
         };
         match res {
@@ -725,25 +755,85 @@ impl<T: Transport> Staged<T> {
         Ok(0)
     }
 
-    /// Starts as many new pieces of op `oi` as bounce slots allow.
+    /// Where segment `seg` of op `oi` goes through a bounce buffer: the GPU
+    /// of that buffer (`None`: host to host, no buffer), and whether the
+    /// remote side is VRAM.
+    fn route(&self, oi: usize, seg: usize) -> (Option<u32>, bool) {
+        let w = &self.ops[oi].segs[seg];
+        let remote_vram = matches!(w.remote, RemoteSide::Vram);
+        let dev = match (&w.local, remote_vram) {
+            (LocalSide::Vram(dev), _) => Some(*dev),
+            (LocalSide::Host(_), true) => {
+                Some(self.pools.iter().position(Option::is_some).unwrap_or(0) as u32)
+            }
+            (LocalSide::Host(_), false) => None,
+        };
+        (dev, remote_vram)
+    }
+
+    /// Most pieces one request may carry so that it fits a notification.
+    fn max_request_pieces(&mut self, dev: u32, slot: usize) -> usize {
+        let addr = self.my_addr().map(|a| a.len()).unwrap_or(0);
+        let key = Self::pool_mut(&mut self.pools, dev).map_or(0, |p| p.slot(slot).key.len());
+        let max = self.inner.capabilities().max_notification as usize;
+        let fixed = msg::request_len(addr, key, 0);
+        (max.saturating_sub(fixed) / msg::RANGE_LEN).clamp(1, usize::from(u16::MAX))
+    }
+
+    /// Takes the next pieces of op `oi` for a chunk: the rest of one host
+    /// segment (no bounce buffer), or as many consecutive pieces as fit
+    /// bounce buffer `slot` of GPU `dev` (same route, at most `max`).
+    fn take_pieces(&mut self, oi: usize, slot: Option<(u32, usize)>, max: usize) -> Vec<Piece> {
+        let (dev, remote_vram) = self.route(oi, self.ops[oi].next_seg);
+        let cap = self.cfg.chunk as u64;
+        let mut pieces = Vec::new();
+        let mut used = 0;
+        loop {
+            let op = &self.ops[oi];
+            if op.next_seg >= op.segs.len() || pieces.len() >= max {
+                break;
+            }
+            if self.route(oi, op.next_seg) != (dev, remote_vram) {
+                break;
+            }
+            let w = &op.segs[op.next_seg];
+            let (off, seg_len) = (op.next_off, w.len);
+            let len = match slot {
+                None => w.len - off,
+                Some(_) => (w.len - off).min(cap - used),
+            };
+            pieces.push(Piece {
+                seg: op.next_seg,
+                local_addr: w.local_addr + off,
+                remote_addr: w.remote_addr + off,
+                len,
+                slot_off: used,
+            });
+            used += len;
+            let op = &mut self.ops[oi];
+            if off + len >= seg_len {
+                op.next_seg += 1;
+                op.next_off = 0;
+            } else {
+                op.next_off = off + len;
+            }
+            if slot.is_none() || used >= cap {
+                break;
+            }
+        }
+        pieces
+    }
+
+    /// Starts as many new chunks of op `oi` as bounce buffers allow.
     fn start_chunks(&mut self, oi: usize) {
         loop {
             let op = &self.ops[oi];
             if op.error.is_some() || op.next_seg >= op.segs.len() {
                 return;
             }
-            let (seg, off) = (op.next_seg, op.next_off);
-            let w = &op.segs[seg];
-            let remote_vram = matches!(w.remote, RemoteSide::Vram);
-            let slot_dev = match (&w.local, remote_vram) {
-                (LocalSide::Vram(dev), _) => Some(*dev),
-                (LocalSide::Host(_), true) => {
-                    Some(self.pools.iter().position(Option::is_some).unwrap_or(0) as u32)
-                }
-                (LocalSide::Host(_), false) => None,
-            };
-            let (len, slot) = match slot_dev {
-                None => (w.len - off, None),
+            let (slot_dev, remote_vram) = self.route(oi, op.next_seg);
+            let slot = match slot_dev {
+                None => None,
                 Some(dev) => {
                     let Some(p) = Self::pool_mut(&mut self.pools, dev) else {
                         self.ops[oi].fail(driver::no_driver());
@@ -760,40 +850,36 @@ impl<T: Transport> Staged<T> {
                         }
                         return;
                     };
-                    ((w.len - off).min(p.chunk as u64), Some((dev, slot)))
+                    Some((dev, slot))
                 }
             };
-            let op_kind = op.op;
-            let local_addr = w.local_addr + off;
+            let max = match slot {
+                Some((dev, s)) if remote_vram => self.max_request_pieces(dev, s),
+                _ => self.inner.capabilities().max_segments as usize,
+            };
+            let max = if max == 0 { usize::MAX } else { max };
+            let pieces = self.take_pieces(oi, slot, max);
+            let op_kind = self.ops[oi].op;
             let token = self.chunk_token();
-            let op = &mut self.ops[oi];
-            if off + len >= op.segs[seg].len {
-                op.next_seg += 1;
-                op.next_off = 0;
-            } else {
-                op.next_off = off + len;
-            }
-            let chunk = Chunk {
+            self.ops[oi].chunks.push(Chunk {
                 token,
                 slot,
-                seg,
-                off,
-                len,
+                pieces,
                 stage: Stage::Wire { then_copy: false },
-            };
-            self.ops[oi].chunks.push(chunk);
+            });
             let c = self.ops[oi].chunks.len() - 1;
             let started = match (slot, op_kind) {
                 (Some((dev, s)), XferOp::Write) => {
                     let pool = Self::pool_mut(&mut self.pools, dev).expect("checked above");
-                    pool.copy(true, local_addr, s, len as usize).map(|ev| {
-                        let next = if remote_vram {
-                            Next::Request
-                        } else {
-                            Next::Wire
-                        };
-                        self.ops[oi].chunks[c].stage = Stage::Copy { ev, next };
-                    })
+                    pool.copies(true, s, &self.ops[oi].chunks[c].pieces)
+                        .map(|ev| {
+                            let next = if remote_vram {
+                                Next::Request
+                            } else {
+                                Next::Wire
+                            };
+                            self.ops[oi].chunks[c].stage = Stage::Copy { ev, next };
+                        })
                 }
                 (Some(_), XferOp::Read) if remote_vram => self.send_request(oi, c),
                 (slot, kind) => {
@@ -831,27 +917,34 @@ impl<T: Transport> Staged<T> {
     /// here, then moves it with an internal transfer whose completion is
     /// answered to the peer.
     fn serve(&mut self, r: &Request<'_>, peer: Arc<T::Peer>) -> Result<(), Error> {
-        let end = r.vram.checked_add(r.len);
-        let region = self
-            .vram
-            .iter()
-            .find(|g| r.vram >= g.addr && end.is_some_and(|e| Some(e) <= g.end()))
-            .copied();
-        let Some(region) = region.filter(|_| r.len > 0) else {
-            return Err(self.bad(&format!(
-                "VRAM {:#x} (+{} bytes) is not inside a VRAM region registered here",
-                r.vram, r.len
-            )));
-        };
-        let host_fits = r.host >= r.pool
-            && r.host
-                .checked_add(r.len)
-                .is_some_and(|e| Some(e) <= r.pool.checked_add(r.pool_len));
-        if !host_fits {
-            return Err(self.bad(&format!(
-                "host range {:#x} (+{} bytes) leaves the requester's pool {:#x} (+{} bytes)",
-                r.host, r.len, r.pool, r.pool_len
-            )));
+        if r.ranges.is_empty() {
+            return Err(self.bad("a staging request without ranges"));
+        }
+        let mut segs = Vec::with_capacity(r.ranges.len());
+        for g in &r.ranges {
+            let end = g.vram.checked_add(g.len);
+            let region = self
+                .vram
+                .iter()
+                .find(|v| g.vram >= v.addr && end.is_some_and(|e| Some(e) <= v.end()))
+                .copied();
+            let Some(region) = region.filter(|_| g.len > 0) else {
+                return Err(self.bad(&format!(
+                    "VRAM {:#x} (+{} bytes) is not inside a VRAM region registered here",
+                    g.vram, g.len
+                )));
+            };
+            let host_fits = g.host >= r.pool
+                && g.host
+                    .checked_add(g.len)
+                    .is_some_and(|e| Some(e) <= r.pool.checked_add(r.pool_len));
+            if !host_fits {
+                return Err(self.bad(&format!(
+                    "host range {:#x} (+{} bytes) leaves the requester's buffer {:#x} (+{} bytes)",
+                    g.host, g.len, r.pool, r.pool_len
+                )));
+            }
+            segs.push((region.dev, *g));
         }
         let ident = (r.addr.to_vec(), r.key.to_vec(), r.pool, r.pool_len);
         let key = match self.requesters.keys.get(&ident) {
@@ -863,7 +956,20 @@ impl<T: Transport> Staged<T> {
                 k
             }
         };
-        self.pool(region.dev)?;
+        for &(dev, _) in &segs {
+            self.pool(dev)?;
+        }
+        let segs = segs
+            .into_iter()
+            .map(|(dev, g)| Work {
+                local: LocalSide::Vram(dev),
+                local_addr: g.vram,
+                remote_addr: g.host,
+                len: g.len,
+                remote: RemoteSide::Host(Arc::clone(&key)),
+                remote_region_addr: r.pool,
+            })
+            .collect();
         self.ops.push(Op {
             token: Token(0),
             op: match r.dir {
@@ -872,14 +978,7 @@ impl<T: Transport> Staged<T> {
             },
             peer,
             notification: None,
-            segs: vec![Work {
-                local: LocalSide::Vram(region.dev),
-                local_addr: r.vram,
-                remote_addr: r.host,
-                len: r.len,
-                remote: RemoteSide::Host(key),
-                remote_region_addr: r.pool,
-            }],
+            segs,
             next_seg: 0,
             next_off: 0,
             chunks: Vec::new(),
@@ -1518,8 +1617,9 @@ impl<T: Transport> Transport for Staged<T> {
             error: None,
             serves: None,
         });
-        let oi = self.ops.len() - 1;
-        self.start_chunks(oi);
+        // The copies into bounce buffers (one per block: many for
+        // KV-shaped transfers) start at the next poll, so that posting
+        // stays cheap for the caller.
         Ok(PostStatus::InProgress)
     }
 
@@ -1679,12 +1779,11 @@ mod tests {
         let mut key = [0u8; 64];
         let n = b.pack_key(&reg, &mut key).unwrap();
         let addr = 2u32.to_le_bytes();
+        let range = |vram, len, host| Range { vram, len, host };
         let req = Request {
             dir: Direction::Pull,
             id: 7,
-            vram: 0x1100,
-            len: 256,
-            host: 0x1800,
+            ranges: vec![range(0x1100, 128, 0x1800), range(0x1180, 128, 0x1880)],
             pool: 0x1800,
             pool_len: 512,
             addr: &addr,
@@ -1692,7 +1791,7 @@ mod tests {
         };
         assert_eq!(
             ask(&mut a, &mut b, &req),
-            "LOOPBACK error 1: VRAM 0x1100 (+256 bytes) is not inside a VRAM region registered here"
+            "LOOPBACK error 1: VRAM 0x1100 (+128 bytes) is not inside a VRAM region registered here"
         );
         // As if VRAM 0x1100 (+256) were registered (that needs a GPU).
         a.vram.push(Region {
@@ -1701,38 +1800,40 @@ mod tests {
             dev: 0,
             kind: MemKind::Vram,
         });
-        let past_end = Request {
-            id: 8,
-            vram: 0x1180,
+        let with = |id, ranges: Vec<Range>| Request {
+            id,
+            ranges,
             ..req.clone()
         };
+        // The second range runs past the region's end.
+        let past_end = with(
+            8,
+            vec![range(0x1100, 128, 0x1800), range(0x1180, 129, 0x1880)],
+        );
         assert_eq!(
             ask(&mut a, &mut b, &past_end),
-            "LOOPBACK error 1: VRAM 0x1180 (+256 bytes) is not inside a VRAM region registered here"
+            "LOOPBACK error 1: VRAM 0x1180 (+129 bytes) is not inside a VRAM region registered here"
         );
-        let empty = Request {
-            id: 9,
-            len: 0,
-            ..req.clone()
-        };
+        let empty = with(9, vec![range(0x1100, 0, 0x1800)]);
         assert_eq!(
             ask(&mut a, &mut b, &empty),
             "LOOPBACK error 1: VRAM 0x1100 (+0 bytes) is not inside a VRAM region registered here"
         );
+        assert_eq!(
+            ask(&mut a, &mut b, &with(10, Vec::new())),
+            "LOOPBACK error 1: a staging request without ranges"
+        );
         let outside_pool = Request {
             dir: Direction::Push,
-            id: 10,
-            host: 0x1901,
-            ..req.clone()
+            ..with(11, vec![range(0x1100, 256, 0x1901)])
         };
         assert_eq!(
             ask(&mut a, &mut b, &outside_pool),
-            "LOOPBACK error 1: host range 0x1901 (+256 bytes) leaves the requester's pool 0x1800 (+512 bytes)"
+            "LOOPBACK error 1: host range 0x1901 (+256 bytes) leaves the requester's buffer 0x1800 (+512 bytes)"
         );
         let bad_key = Request {
-            id: 11,
             key: b"not the key",
-            ..req.clone()
+            ..with(12, req.ranges.clone())
         };
         assert_eq!(
             ask(&mut a, &mut b, &bad_key),
@@ -1740,7 +1841,7 @@ mod tests {
         );
         if !driver::driver_present() {
             // A valid request reaches the copy, which needs the driver.
-            let answer = ask(&mut a, &mut b, &Request { id: 12, ..req });
+            let answer = ask(&mut a, &mut b, &with(13, req.ranges.clone()));
             assert_eq!(answer, driver::no_driver().to_string());
         }
         assert_eq!(a.staged_in_flight(), 0);

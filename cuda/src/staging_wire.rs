@@ -9,16 +9,20 @@
 //!
 //! ```text
 //! request: PREFIX | version u8 | kind u8 (1 PULL, 2 PUSH) | 0 u8 | id u64
-//!          | vram u64 | len u64 | host u64 | pool u64 | pool_len u64
-//!          | addr_len u16 | key_len u16 | addr | key
+//!          | pool u64 | pool_len u64 | addr_len u16 | key_len u16
+//!          | count u16 | addr | key | count × (vram u64, len u64, host u64)
 //! answer:  PREFIX | version u8 | 3 u8 | status u8 (0 ok, 1 failed) | id u64
 //!          | text_len u16 | text (UTF-8, why it failed)
 //! ```
 //!
-//! * **PULL**: the peer READs `len` bytes at `host` (in the requester's
-//!   bounce pool `pool..pool + pool_len`, reached with `key` over a
-//!   connection to `addr`) into its VRAM at `vram`.
-//! * **PUSH**: the peer WRITEs `len` bytes of its VRAM at `vram` to `host`.
+//! * **PULL**: for each range, the peer READs `len` bytes at `host` (in
+//!   the requester's bounce buffer `pool..pool + pool_len`, reached with
+//!   `key` over a connection to `addr`) into its VRAM at `vram`.
+//! * **PUSH**: for each range, the peer WRITEs `len` bytes of its VRAM at
+//!   `vram` to `host`.
+//!
+//! Several ranges share one request so that many small blocks (KV-cache
+//! pages) packed into one bounce buffer cost one round trip.
 //! * The answer carries the request's `id` and is sent once the data is at
 //!   its destination (or the request failed).
 //!
@@ -38,9 +42,11 @@ pub const VRAM_KEY: [u8; 6] = [0, b'K', b'X', b'S', b'G', VERSION];
 const KIND_PULL: u8 = 1;
 const KIND_PUSH: u8 = 2;
 const KIND_DONE: u8 = 3;
-/// Bytes after the prefix of a request without its address and key:
-/// version, kind, status, id, five u64 fields and two lengths.
-const REQUEST_FIXED: usize = 3 + 8 + 5 * 8 + 4;
+/// Bytes after the prefix of a request without its address, key and
+/// ranges: version, kind, status, id, pool, pool length and three counts.
+pub const REQUEST_FIXED: usize = 3 + 8 + 2 * 8 + 3 * 2;
+/// Bytes per range of a request.
+pub const RANGE_LEN: usize = 3 * 8;
 /// Bytes after the prefix of an answer without its text.
 const DONE_FIXED: usize = 3 + 8 + 2;
 /// Longest failure text an answer carries.
@@ -55,6 +61,18 @@ pub enum Direction {
     Push,
 }
 
+/// One range of a request: `len` bytes between the receiver's VRAM at
+/// `vram` and the requester's host memory at `host`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Range {
+    /// VRAM address at the receiver.
+    pub vram: u64,
+    /// Bytes to move.
+    pub len: u64,
+    /// Host address at the requester.
+    pub host: u64,
+}
+
 /// A request to move data into or out of the receiver's VRAM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Request<'a> {
@@ -62,13 +80,9 @@ pub struct Request<'a> {
     pub dir: Direction,
     /// Identifies the request in the answer.
     pub id: u64,
-    /// VRAM address at the receiver.
-    pub vram: u64,
-    /// Bytes to move.
-    pub len: u64,
-    /// Host address at the requester.
-    pub host: u64,
-    /// The requester's registered bounce pool holding `host..host + len`.
+    /// What to move; at most 65535 ranges.
+    pub ranges: Vec<Range>,
+    /// The requester's registered bounce buffer holding every `host` range.
     pub pool: u64,
     /// Length of that pool.
     pub pool_len: u64,
@@ -159,15 +173,29 @@ pub fn decode(msg: &[u8]) -> Result<Message<'_>, Error> {
     let id = r.u64("the id")?;
     let msg = match kind {
         KIND_PULL | KIND_PUSH => {
-            let vram = r.u64("the VRAM address")?;
-            let len = r.u64("the length")?;
-            let host = r.u64("the host address")?;
             let pool = r.u64("the pool address")?;
             let pool_len = r.u64("the pool length")?;
             let addr_len = r.u16("the address length")?;
             let key_len = r.u16("the key length")?;
+            let count = r.u16("the range count")?;
             let addr = r.take(usize::from(addr_len), "the address")?;
             let key = r.take(usize::from(key_len), "the key")?;
+            // Checked before allocating: the ranges must all be there.
+            let left = r.buf.len() - r.at;
+            let need = usize::from(count) * RANGE_LEN;
+            if left < need {
+                return Err(malformed(&format!(
+                    "{count} ranges need {need} bytes, {left} left"
+                )));
+            }
+            let mut ranges = Vec::with_capacity(usize::from(count));
+            for _ in 0..count {
+                ranges.push(Range {
+                    vram: r.u64("a range")?,
+                    len: r.u64("a range")?,
+                    host: r.u64("a range")?,
+                });
+            }
             Message::Request(Request {
                 dir: if kind == KIND_PULL {
                     Direction::Pull
@@ -175,9 +203,7 @@ pub fn decode(msg: &[u8]) -> Result<Message<'_>, Error> {
                     Direction::Push
                 },
                 id,
-                vram,
-                len,
-                host,
+                ranges,
                 pool,
                 pool_len,
                 addr,
@@ -228,23 +254,35 @@ pub fn encode_request(req: &Request<'_>, out: &mut Vec<u8>) -> Result<(), Error>
     let addr_len =
         u16::try_from(req.addr.len()).map_err(|_| too_long("address", req.addr.len()))?;
     let key_len = u16::try_from(req.key.len()).map_err(|_| too_long("key", req.key.len()))?;
+    let count = u16::try_from(req.ranges.len())
+        .map_err(|_| too_long("range list", req.ranges.len() * RANGE_LEN))?;
     let kind = match req.dir {
         Direction::Pull => KIND_PULL,
         Direction::Push => KIND_PUSH,
     };
     header(out, kind, 0, req.id);
-    for v in [req.vram, req.len, req.host, req.pool, req.pool_len] {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
+    out.extend_from_slice(&req.pool.to_le_bytes());
+    out.extend_from_slice(&req.pool_len.to_le_bytes());
     out.extend_from_slice(&addr_len.to_le_bytes());
     out.extend_from_slice(&key_len.to_le_bytes());
+    out.extend_from_slice(&count.to_le_bytes());
     out.extend_from_slice(req.addr);
     out.extend_from_slice(req.key);
+    for g in &req.ranges {
+        for v in [g.vram, g.len, g.host] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
     debug_assert_eq!(
         out.len(),
-        PREFIX.len() + REQUEST_FIXED + req.addr.len() + req.key.len()
+        request_len(req.addr.len(), req.key.len(), req.ranges.len())
     );
     Ok(())
+}
+
+/// Bytes of a request with an address, key and range list of these lengths.
+pub fn request_len(addr: usize, key: usize, ranges: usize) -> usize {
+    PREFIX.len() + REQUEST_FIXED + addr + key + ranges * RANGE_LEN
 }
 
 /// Encodes the answer to request `id` into `out` (cleared first); a
@@ -274,9 +312,18 @@ mod tests {
         Request {
             dir: Direction::Push,
             id: 0x0102_0304_0506_0708,
-            vram: 0x7f00_0000_1000,
-            len: 4 << 20,
-            host: 0x5500_0040_0000,
+            ranges: vec![
+                Range {
+                    vram: 0x7f00_0000_1000,
+                    len: 16 << 10,
+                    host: 0x5500_0000_0000,
+                },
+                Range {
+                    vram: 0x7f00_0000_9000,
+                    len: 4096,
+                    host: 0x5500_0000_4000,
+                },
+            ],
             pool: 0x5500_0000_0000,
             pool_len: 16 << 20,
             addr: b"address bytes",
@@ -295,7 +342,8 @@ mod tests {
             let req = Request { dir, ..request() };
             encode_request(&req, &mut out).unwrap();
             assert!(is_staging(&out));
-            assert_eq!(out.len(), 5 + REQUEST_FIXED + 13 + 3);
+            assert_eq!(out.len(), 5 + REQUEST_FIXED + 13 + 3 + 2 * 24);
+            assert_eq!(out.len(), request_len(13, 3, 2));
             assert_eq!(decode(&out).unwrap(), Message::Request(req));
         }
     }
@@ -341,7 +389,18 @@ mod tests {
         }
         assert_eq!(
             text(decode(&out[..5 + REQUEST_FIXED]).unwrap_err()),
-            "STAGING error 1: malformed staging message: 60 bytes end inside the address (needs 13 more)"
+            "STAGING error 1: malformed staging message: 38 bytes end inside the address (needs 13 more)"
+        );
+        assert_eq!(
+            text(decode(&out[..out.len() - 1]).unwrap_err()),
+            "STAGING error 1: malformed staging message: 2 ranges need 48 bytes, 47 left"
+        );
+        // A count far beyond the message is refused before allocating.
+        let mut huge = out.clone();
+        huge[36..38].copy_from_slice(&u16::MAX.to_le_bytes());
+        assert_eq!(
+            text(decode(&huge).unwrap_err()),
+            "STAGING error 1: malformed staging message: 65535 ranges need 1572840 bytes, 48 left"
         );
     }
 
