@@ -7,13 +7,16 @@
 //!   kind and GPU of any pointer.
 //! * [`memory`]: [`DeviceBuffer`] (VRAM) and [`PinnedBuffer`] (page-locked
 //!   host memory), both freed in `Drop`.
-//! * [`ipc`]: [`CudaIpcTransport`], the `CUDA_IPC` backend: VRAM to VRAM
-//!   between processes on one host with CUDA IPC handles, asynchronous
-//!   device-to-device copies and CUDA events; notifications over a per-host
-//!   Unix datagram socket, delivered after the data.
-//! * [`staged`]: [`Staged`], VRAM for transports without GPU support (UCX,
-//!   libfabric) through pipelined copies into pinned, registered bounce
-//!   buffers.
+//! * [`ipc`]: [`CudaIpcTransport`], the `CUDA_IPC` backend: VRAM and DRAM
+//!   between processes on one host — CUDA IPC handles and asynchronous
+//!   copies with CUDA events for VRAM, cross-memory attach for a peer's
+//!   DRAM; notifications over a per-host Unix datagram socket, delivered
+//!   after the data.
+//! * [`staged`]: [`Staged`], VRAM (local or the peer's) for transports
+//!   without GPU support (UCX, libfabric) through pipelined copies into
+//!   pinned, registered bounce buffers.
+//! * [`staging_wire`]: the requests and answers with which two `Staged`
+//!   move data into and out of each other's VRAM.
 //! * [`wire`]: the byte layouts of the transport address and packed keys.
 //! * [`notify`]: the notification channel.
 #![deny(missing_docs)]
