@@ -425,6 +425,17 @@ pub fn pointer_info(addr: u64) -> Result<PointerInfo, Error> {
 /// The allocation holding `addr`: `(base, size)` from `cuMemGetAddressRange`.
 pub fn address_range(addr: u64) -> Result<(u64, u64), Error> {
     init()?;
+    // cuMemGetAddressRange only finds allocations of the current context
+    // (CUDA_ERROR_NOT_FOUND otherwise): bind the one of the GPU holding
+    // `addr`, which in a process using several GPUs may not be current.
+    let info = pointer_info(addr)?;
+    let _ctx = if info.kind == MemKind::Vram {
+        let ctx = Context::new(info.dev)?;
+        ctx.bind()?;
+        Some(ctx)
+    } else {
+        None
+    };
     let (mut base, mut size) = (0u64, 0usize);
     // SAFETY: both out-parameters are valid; an unknown address gives an
     // error code.

@@ -66,6 +66,9 @@ use crate::staging_wire::{self as msg, Direction, Message, Range, Request};
 /// 2^16), so the two never collide.
 const CHUNK_MARK: u64 = 0xffff_ffff;
 
+/// Largest notification staging receives (as the Agent does): 16 MiB.
+const MAX_NOTE_BUF: u64 = 16 << 20;
+
 /// Most segments a DRAM-only transfer may have to pass through without
 /// allocating.
 const DIRECT_INLINE: usize = 64;
@@ -210,6 +213,11 @@ impl<L> Pool<L> {
         match recorded {
             Ok(()) => Ok(ev),
             Err(e) => {
+                // The copies queued before the failure must be over before
+                // the slot is handed out again.
+                if let Err(s) = self.synchronize() {
+                    log::warn!("after a failed copy: {s}");
+                }
                 self.free_events.push(ev);
                 Err(e)
             }
@@ -229,16 +237,22 @@ impl<L> Pool<L> {
     }
 }
 
-impl<L> Drop for Pool<L> {
-    fn drop(&mut self) {
-        let res = self.ctx.bind().and_then(|()| {
+impl<L> Pool<L> {
+    /// Waits until every copy queued on the pool's stream finished.
+    fn synchronize(&self) -> Result<(), Error> {
+        self.ctx.bind().and_then(|()| {
             // SAFETY: the stream is live in this context.
             check(
                 unsafe { sys::cuStreamSynchronize(self.stream) },
                 "cuStreamSynchronize",
             )
-        });
-        if let Err(e) = res {
+        })
+    }
+}
+
+impl<L> Drop for Pool<L> {
+    fn drop(&mut self) {
+        if let Err(e) = self.synchronize() {
             log::warn!(
                 "draining staging stream of device {}: {e}",
                 self.ctx.ordinal()
@@ -315,7 +329,7 @@ struct Piece {
 /// more segments (many small blocks share one), or a whole host segment.
 struct Chunk {
     token: u64,
-    /// `(device, slot)` for chunks through a bounce buffer.
+    /// `(pool index, slot)` for chunks through a bounce buffer.
     slot: Option<(u32, usize)>,
     pieces: Vec<Piece>,
     stage: Stage,
@@ -361,6 +375,12 @@ struct Lost<L> {
 /// buffer is not replaced and its pool shrinks.
 const MAX_LOST: usize = 64;
 
+/// Index in [`Staged`]'s pools of GPU `dev`'s pool for this side's own
+/// transfers (`serving` false) or for serving peers' requests.
+fn pool_index(dev: u32, serving: bool) -> u32 {
+    dev * 2 + u32::from(serving)
+}
+
 /// A requester's bounce pool: its address, the pool's packed key, address
 /// and length.
 type PoolId = (Vec<u8>, Vec<u8>, u64, u64);
@@ -370,13 +390,25 @@ type PoolId = (Vec<u8>, Vec<u8>, u64, u64);
 struct Requesters<P, K> {
     peers: HashMap<Vec<u8>, Arc<P>>,
     keys: HashMap<PoolId, Arc<K>>,
+    /// Taken out of the tables while transfers still held them: released
+    /// with the inner transport once those are done.
+    retired_peers: Vec<Arc<P>>,
+    retired_keys: Vec<Arc<K>>,
 }
+
+/// Most requester connections and unpacked keys kept; past these, ones no
+/// transfer uses are released, and a request that needs a new one while
+/// all are in use is refused.
+const MAX_REQUESTERS: usize = 64;
+const MAX_REQUESTER_KEYS: usize = 256;
 
 /// A transport with VRAM staged through pinned host memory; see the
 /// [module docs](self).
 pub struct Staged<T: Transport> {
     cfg: StagingConfig,
-    /// Per GPU ordinal, created on the first VRAM registration there.
+    /// Bounce pools by [`pool_index`]: per GPU, one for own transfers
+    /// (made at the first VRAM registration there) and one for serving
+    /// peers (made at the first request).
     pools: Vec<Option<Pool<T::LocalReg>>>,
     /// VRAM regions registered here: the only ones peers' requests may name.
     vram: Vec<Region>,
@@ -390,15 +422,15 @@ pub struct Staged<T: Transport> {
     /// Notifications of the inner transport are received here first, so
     /// that staging messages can be taken out.
     note_buf: Vec<u8>,
-    /// Length of a user notification in `note_buf` that did not fit the
-    /// caller's buffer.
-    held: Option<usize>,
     /// User notifications received while waiting for answers.
     user_notes: VecDeque<Vec<u8>>,
     /// Scratch buffer for outgoing staging messages.
     out: Vec<u8>,
     /// Moves whenever staging did work on a peer's behalf.
     events: u64,
+    /// Random; a request's id is its chunk's token XOR this, so that a
+    /// peer cannot guess the id of another peer's request and answer it.
+    salt: u64,
     inner: T,
 }
 
@@ -448,13 +480,20 @@ impl<T: Transport> Staged<T> {
             requesters: Requesters {
                 peers: HashMap::new(),
                 keys: HashMap::new(),
+                retired_peers: Vec::new(),
+                retired_keys: Vec::new(),
             },
             lost: Vec::new(),
             note_buf: Vec::new(),
-            held: None,
             user_notes: VecDeque::new(),
             out: Vec::new(),
             events: 0,
+            salt: {
+                use std::hash::{BuildHasher, Hasher};
+                std::collections::hash_map::RandomState::new()
+                    .build_hasher()
+                    .finish()
+            },
             inner,
         }
     }
@@ -520,9 +559,16 @@ impl<T: Transport> Staged<T> {
         }
     }
 
-    /// Makes sure GPU `dev` has a bounce pool.
+    /// Makes sure GPU `dev` has the bounce pool for this side's own
+    /// transfers.
     fn pool(&mut self, dev: u32) -> Result<(), Error> {
-        let i = dev as usize;
+        self.pool_at(pool_index(dev, false))
+    }
+
+    /// Makes sure pool `index` (see [`pool_index`]) exists.
+    fn pool_at(&mut self, index: u32) -> Result<(), Error> {
+        let i = index as usize;
+        let dev = index / 2;
         if self.pools.len() <= i {
             self.pools.resize_with(i + 1, || None);
         }
@@ -542,18 +588,20 @@ impl<T: Transport> Staged<T> {
                 }
             }
         }
-        ctx.bind()?;
         let mut stream = std::ptr::null_mut();
-        // SAFETY: the context is current; `stream` is a valid out-parameter.
-        let created = check(
-            unsafe {
-                sys::cuStreamCreate(
-                    &mut stream,
-                    sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
-                )
-            },
-            "cuStreamCreate",
-        );
+        let created = ctx.bind().and_then(|()| {
+            // SAFETY: the context is current; `stream` is a valid
+            // out-parameter.
+            check(
+                unsafe {
+                    sys::cuStreamCreate(
+                        &mut stream,
+                        sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+                    )
+                },
+                "cuStreamCreate",
+            )
+        });
         if let Err(e) = created {
             for slot in slots.into_iter().flatten() {
                 self.drop_slot(slot);
@@ -561,7 +609,7 @@ impl<T: Transport> Staged<T> {
             return Err(e);
         }
         log::debug!(
-            "{}: staging pool on device {dev}: {} x {} bytes",
+            "{}: staging pool {index} on device {dev}: {} x {} bytes",
             self.inner.name(),
             self.cfg.chunks,
             self.cfg.chunk,
@@ -579,9 +627,9 @@ impl<T: Transport> Staged<T> {
 
     fn pool_mut(
         pools: &mut [Option<Pool<T::LocalReg>>],
-        dev: u32,
+        index: u32,
     ) -> Option<&mut Pool<T::LocalReg>> {
-        pools.get_mut(dev as usize).and_then(Option::as_mut)
+        pools.get_mut(index as usize).and_then(Option::as_mut)
     }
 
     /// Posts chunk `c` of op `oi` to the inner transport, one segment per
@@ -589,8 +637,8 @@ impl<T: Transport> Staged<T> {
     fn post_wire(&mut self, oi: usize, c: usize) -> Result<bool, Error> {
         let op = &self.ops[oi];
         let ch = &op.chunks[c];
-        let slot = ch.slot.map(|(dev, slot)| {
-            let pool = self.pools[dev as usize]
+        let slot = ch.slot.map(|(index, slot)| {
+            let pool = self.pools[index as usize]
                 .as_ref()
                 .expect("a slot is only taken from an existing pool");
             let sl = pool.slot(slot);
@@ -651,8 +699,8 @@ impl<T: Transport> Staged<T> {
         let addr = self.my_addr()?;
         let op = &self.ops[oi];
         let ch = &op.chunks[c];
-        let (dev, slot) = ch.slot.expect("requests go through a bounce slot");
-        let pool = self.pools[dev as usize]
+        let (index, slot) = ch.slot.expect("requests go through a bounce slot");
+        let pool = self.pools[index as usize]
             .as_ref()
             .expect("a slot is only taken from an existing pool");
         let (dir, then_copy) = match op.op {
@@ -662,7 +710,7 @@ impl<T: Transport> Staged<T> {
         let base = pool.slot_addr(slot);
         let req = Request {
             dir,
-            id: ch.token,
+            id: ch.token ^ self.salt,
             ranges: ch
                 .pieces
                 .iter()
@@ -690,8 +738,8 @@ impl<T: Transport> Staged<T> {
     /// the local destination (READ's last step).
     fn copy_out(&mut self, oi: usize, c: usize) {
         let ch = &self.ops[oi].chunks[c];
-        let (dev, slot) = ch.slot.expect("READ through a bounce slot");
-        let res = match Self::pool_mut(&mut self.pools, dev) {
+        let (index, slot) = ch.slot.expect("READ through a bounce slot");
+        let res = match Self::pool_mut(&mut self.pools, index) {
             Some(p) => p.copies(false, slot, &ch.pieces),
             None => Err(driver::no_driver()),
         };
@@ -711,10 +759,12 @@ impl<T: Transport> Staged<T> {
 
     /// Chunk `c` of op `oi` left the wire (successfully).
     fn wire_done(&mut self, oi: usize, c: usize) {
-        if matches!(
+        let then_copy = matches!(
             self.ops[oi].chunks[c].stage,
             Stage::Wire { then_copy: true }
-        ) {
+        );
+        // A failed transfer copies nothing more (its VRAM may be gone).
+        if then_copy && self.ops[oi].error.is_none() {
             self.copy_out(oi, c);
         } else {
             self.retire(oi, c);
@@ -724,8 +774,8 @@ impl<T: Transport> Staged<T> {
     /// Removes chunk `c` of op `oi` and frees its slot.
     fn retire(&mut self, oi: usize, c: usize) {
         let ch = self.ops[oi].chunks.swap_remove(c);
-        if let Some((dev, slot)) = ch.slot {
-            if let Some(p) = Self::pool_mut(&mut self.pools, dev) {
+        if let Some((index, slot)) = ch.slot {
+            if let Some(p) = Self::pool_mut(&mut self.pools, index) {
                 p.free_slots.push(slot);
             }
         }
@@ -748,11 +798,19 @@ impl<T: Transport> Staged<T> {
     /// The GPU whose bounce pool moves segments with host memory on this
     /// side and VRAM on the peer's: the first pool there is, else GPU 0's.
     fn host_pool_dev(&mut self) -> Result<u32, Error> {
-        if let Some(d) = self.pools.iter().position(Option::is_some) {
-            return Ok(d as u32);
+        if let Some(d) = self.first_own_pool() {
+            return Ok(d);
         }
         self.pool(0)?;
         Ok(0)
+    }
+
+    /// The GPU of the first pool for own transfers, if any.
+    fn first_own_pool(&self) -> Option<u32> {
+        (0..self.pools.len())
+            .step_by(2)
+            .find(|&i| self.pools[i].is_some())
+            .map(|i| i as u32 / 2)
     }
 
     /// Where segment `seg` of op `oi` goes through a bounce buffer: the GPU
@@ -763,18 +821,16 @@ impl<T: Transport> Staged<T> {
         let remote_vram = matches!(w.remote, RemoteSide::Vram);
         let dev = match (&w.local, remote_vram) {
             (LocalSide::Vram(dev), _) => Some(*dev),
-            (LocalSide::Host(_), true) => {
-                Some(self.pools.iter().position(Option::is_some).unwrap_or(0) as u32)
-            }
+            (LocalSide::Host(_), true) => Some(self.first_own_pool().unwrap_or(0)),
             (LocalSide::Host(_), false) => None,
         };
         (dev, remote_vram)
     }
 
     /// Most pieces one request may carry so that it fits a notification.
-    fn max_request_pieces(&mut self, dev: u32, slot: usize) -> usize {
+    fn max_request_pieces(&mut self, index: u32, slot: usize) -> usize {
         let addr = self.my_addr().map(|a| a.len()).unwrap_or(0);
-        let key = Self::pool_mut(&mut self.pools, dev).map_or(0, |p| p.slot(slot).key.len());
+        let key = Self::pool_mut(&mut self.pools, index).map_or(0, |p| p.slot(slot).key.len());
         let max = self.inner.capabilities().max_notification as usize;
         let fixed = msg::request_len(addr, key, 0);
         (max.saturating_sub(fixed) / msg::RANGE_LEN).clamp(1, usize::from(u16::MAX))
@@ -832,10 +888,12 @@ impl<T: Transport> Staged<T> {
                 return;
             }
             let (slot_dev, remote_vram) = self.route(oi, op.next_seg);
+            let serving = op.serves.is_some();
             let slot = match slot_dev {
                 None => None,
                 Some(dev) => {
-                    let Some(p) = Self::pool_mut(&mut self.pools, dev) else {
+                    let index = pool_index(dev, serving);
+                    let Some(p) = Self::pool_mut(&mut self.pools, index) else {
                         self.ops[oi].fail(driver::no_driver());
                         return;
                     };
@@ -850,11 +908,11 @@ impl<T: Transport> Staged<T> {
                         }
                         return;
                     };
-                    Some((dev, slot))
+                    Some((index, slot))
                 }
             };
             let max = match slot {
-                Some((dev, s)) if remote_vram => self.max_request_pieces(dev, s),
+                Some((index, s)) if remote_vram => self.max_request_pieces(index, s),
                 _ => self.inner.capabilities().max_segments as usize,
             };
             let max = if max == 0 { usize::MAX } else { max };
@@ -869,8 +927,8 @@ impl<T: Transport> Staged<T> {
             });
             let c = self.ops[oi].chunks.len() - 1;
             let started = match (slot, op_kind) {
-                (Some((dev, s)), XferOp::Write) => {
-                    let pool = Self::pool_mut(&mut self.pools, dev).expect("checked above");
+                (Some((index, s)), XferOp::Write) => {
+                    let pool = Self::pool_mut(&mut self.pools, index).expect("checked above");
                     pool.copies(true, s, &self.ops[oi].chunks[c].pieces)
                         .map(|ev| {
                             let next = if remote_vram {
@@ -907,6 +965,14 @@ impl<T: Transport> Staged<T> {
     fn requester(&mut self, addr: &[u8]) -> Result<Arc<T::Peer>, Error> {
         if let Some(p) = self.requesters.peers.get(addr) {
             return Ok(Arc::clone(p));
+        }
+        if self.requesters.peers.len() >= MAX_REQUESTERS {
+            self.trim_requesters();
+        }
+        if self.requesters.peers.len() >= MAX_REQUESTERS {
+            return Err(self.bad(&format!(
+                "{MAX_REQUESTERS} peers' requests are being served; refusing a new peer"
+            )));
         }
         let p = Arc::new(self.inner.connect(addr)?);
         self.requesters.peers.insert(addr.to_vec(), Arc::clone(&p));
@@ -950,14 +1016,25 @@ impl<T: Transport> Staged<T> {
         let key = match self.requesters.keys.get(&ident) {
             Some(k) => Arc::clone(k),
             None => {
+                if self.requesters.keys.len() >= MAX_REQUESTER_KEYS {
+                    self.trim_requesters();
+                }
+                if self.requesters.keys.len() >= MAX_REQUESTER_KEYS {
+                    return Err(self.bad(&format!(
+                        "{MAX_REQUESTER_KEYS} requesters' buffers are in use; refusing another"
+                    )));
+                }
                 let pool = Region::dram(r.pool, r.pool_len);
                 let k = Arc::new(self.inner.unpack_key(&peer, &pool, r.key)?);
                 self.requesters.keys.insert(ident, Arc::clone(&k));
                 k
             }
         };
+        // Serving has pools of its own: a peer's requests must never wait
+        // for buffers this side's transfers hold while they wait for that
+        // same peer's answers.
         for &(dev, _) in &segs {
-            self.pool(dev)?;
+            self.pool_at(pool_index(dev, true))?;
         }
         let segs = segs
             .into_iter()
@@ -1003,25 +1080,69 @@ impl<T: Transport> Staged<T> {
         else {
             return;
         };
-        let keys: Vec<PoolId> = self
+        let ids: Vec<PoolId> = self
             .requesters
             .keys
             .keys()
             .filter(|id| id.0 == addr)
             .cloned()
             .collect();
-        for id in keys {
+        for id in ids {
             if let Some(k) = self.requesters.keys.remove(&id) {
-                if let Ok(k) = Arc::try_unwrap(k) {
-                    self.inner.release_key(k);
-                }
+                self.requesters.retired_keys.push(k);
             }
         }
         if let Some(p) = self.requesters.peers.remove(&addr) {
-            if let Ok(p) = Arc::try_unwrap(p) {
-                self.inner.disconnect(p);
+            self.requesters.retired_peers.push(p);
+        }
+        self.release_retired();
+    }
+
+    /// Releases retired keys and connections no transfer holds any more.
+    fn release_retired(&mut self) {
+        for k in std::mem::take(&mut self.requesters.retired_keys) {
+            match Arc::try_unwrap(k) {
+                Ok(k) => self.inner.release_key(k),
+                Err(k) => self.requesters.retired_keys.push(k),
             }
         }
+        for p in std::mem::take(&mut self.requesters.retired_peers) {
+            match Arc::try_unwrap(p) {
+                Ok(p) => self.inner.disconnect(p),
+                Err(p) => self.requesters.retired_peers.push(p),
+            }
+        }
+    }
+
+    /// Retires the requester keys and connections no transfer uses now
+    /// (keys first: a connection is kept while a key of its peer is).
+    fn trim_requesters(&mut self) {
+        let idle: Vec<PoolId> = self
+            .requesters
+            .keys
+            .iter()
+            .filter(|(_, k)| Arc::strong_count(k) == 1)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in idle {
+            if let Some(k) = self.requesters.keys.remove(&id) {
+                self.requesters.retired_keys.push(k);
+            }
+        }
+        let keys = &self.requesters.keys;
+        let idle: Vec<Vec<u8>> = self
+            .requesters
+            .peers
+            .iter()
+            .filter(|(a, p)| Arc::strong_count(p) == 1 && !keys.keys().any(|id| &id.0 == *a))
+            .map(|(a, _)| a.clone())
+            .collect();
+        for a in idle {
+            if let Some(p) = self.requesters.peers.remove(&a) {
+                self.requesters.retired_peers.push(p);
+            }
+        }
+        self.release_retired();
     }
 
     /// Sends the answer to request `id` over `peer`.
@@ -1072,6 +1193,7 @@ impl<T: Transport> Staged<T> {
     /// The peer answered request `id` (a chunk awaiting it, or a
     /// lost bounce buffer whose request timed out).
     fn on_answer(&mut self, id: u64, result: Result<(), &str>) {
+        let id = id ^ self.salt;
         let found = self
             .find_chunk(id)
             .filter(|&(oi, c)| matches!(self.ops[oi].chunks[c].stage, Stage::Await { .. }));
@@ -1086,13 +1208,14 @@ impl<T: Transport> Staged<T> {
         };
         match result {
             Ok(()) => {
-                if matches!(
+                let then_copy = matches!(
                     self.ops[oi].chunks[c].stage,
                     Stage::Await {
                         then_copy: true,
                         ..
                     }
-                ) {
+                );
+                if then_copy && self.ops[oi].error.is_none() {
                     self.copy_out(oi, c);
                 } else {
                     self.retire(oi, c);
@@ -1141,7 +1264,9 @@ impl<T: Transport> Staged<T> {
                     self.on_staging_message(&buf[..n]);
                     self.note_buf = buf;
                 }
-                Some(Err(Error::BufferTooSmall { needed, .. })) if needed as usize > buf.len() => {
+                Some(Err(Error::BufferTooSmall { needed, .. }))
+                    if needed as usize > buf.len() && needed <= MAX_NOTE_BUF =>
+                {
                     buf.resize(needed as usize, 0);
                     self.note_buf = buf;
                 }
@@ -1172,8 +1297,8 @@ impl<T: Transport> Staged<T> {
                     continue;
                 }
                 let ch = self.ops[oi].chunks.swap_remove(c);
-                if let Some((dev, slot)) = ch.slot {
-                    self.lose_slot(ch.token, dev, slot);
+                if let Some((index, slot)) = ch.slot {
+                    self.lose_slot(ch.token, index, slot);
                 }
                 log::warn!(
                     "{}: no answer to staging request {:#x} within {waited:?}",
@@ -1189,8 +1314,9 @@ impl<T: Transport> Staged<T> {
 
     /// Takes bounce buffer `slot` of GPU `dev` out of use for good (its
     /// request `id` timed out) and puts a fresh one in its place.
-    fn lose_slot(&mut self, id: u64, dev: u32, slot: usize) {
-        let Some(pool) = Self::pool_mut(&mut self.pools, dev) else {
+    fn lose_slot(&mut self, id: u64, index: u32, slot: usize) {
+        let dev = index / 2;
+        let Some(pool) = Self::pool_mut(&mut self.pools, index) else {
             return;
         };
         let Some(old) = pool.slots[slot].take() else {
@@ -1207,7 +1333,7 @@ impl<T: Transport> Staged<T> {
         }
         match self.new_slot(dev) {
             Ok(fresh) => {
-                if let Some(pool) = Self::pool_mut(&mut self.pools, dev) {
+                if let Some(pool) = Self::pool_mut(&mut self.pools, index) {
                     pool.slots[slot] = Some(fresh);
                     pool.free_slots.push(slot);
                 }
@@ -1228,7 +1354,9 @@ impl<T: Transport> Staged<T> {
                 .iter()
                 .any(|c| matches!(c.stage, Stage::Await { .. }))
         });
-        if awaiting || !self.lost.is_empty() {
+        // Once notifications are kept here, newer ones must queue behind
+        // them (and peers' requests still get served).
+        if awaiting || !self.lost.is_empty() || !self.user_notes.is_empty() {
             self.pump_notifications();
             self.expire_requests();
         }
@@ -1263,8 +1391,8 @@ impl<T: Transport> Staged<T> {
                     ci += 1;
                     continue;
                 };
-                let (dev, _) = ch.slot.expect("copies use a slot");
-                let q = match Self::pool_mut(&mut self.pools, dev) {
+                let (index, _) = ch.slot.expect("copies use a slot");
+                let q = match Self::pool_mut(&mut self.pools, index) {
                     Some(p) => p.query(ev),
                     None => Err(driver::no_driver()),
                 };
@@ -1325,6 +1453,9 @@ impl<T: Transport> Staged<T> {
                 oi += 1;
             }
         }
+        if !self.requesters.retired_keys.is_empty() || !self.requesters.retired_peers.is_empty() {
+            self.release_retired();
+        }
     }
 
     /// Posts a transfer with no VRAM on either side straight to the inner
@@ -1371,17 +1502,36 @@ impl<T: Transport> Drop for Staged<T> {
                 self.ops.len()
             );
         }
-        // Transfers go first (they share keys and connections with the
-        // requester tables), then the keys and connections of requesters,
-        // then the bounce registrations, then the pools (whose Drop waits
-        // for their copies), then the inner transport (field order).
-        self.ops.clear();
-        for (_, k) in std::mem::take(&mut self.requesters.keys) {
+        // Queued copies end first, and the events of the copies in flight
+        // go back to their pools; then the transfers (they share keys and
+        // connections with the requester tables), the keys and connections
+        // of requesters, the bounce registrations and buffers, the pools,
+        // and the inner transport (field order).
+        for p in self.pools.iter().flatten() {
+            if let Err(e) = p.synchronize() {
+                log::warn!("{}: {e}", self.inner.name());
+            }
+        }
+        for op in std::mem::take(&mut self.ops) {
+            for ch in op.chunks {
+                if let (Stage::Copy { ev, .. }, Some((index, _))) = (ch.stage, ch.slot) {
+                    if let Some(p) = Self::pool_mut(&mut self.pools, index) {
+                        p.free_events.push(ev);
+                    }
+                }
+            }
+        }
+        let r = &mut self.requesters;
+        let mut keys: Vec<Arc<T::RemoteKey>> = r.keys.drain().map(|(_, k)| k).collect();
+        keys.append(&mut r.retired_keys);
+        let mut peers: Vec<Arc<T::Peer>> = r.peers.drain().map(|(_, p)| p).collect();
+        peers.append(&mut r.retired_peers);
+        for k in keys {
             if let Some(k) = unwrap_arc(k, "requester key") {
                 self.inner.release_key(k);
             }
         }
-        for (_, p) in std::mem::take(&mut self.requesters.peers) {
+        for p in peers {
             if let Some(p) = unwrap_arc(p, "requester connection") {
                 self.inner.disconnect(p);
             }
@@ -1473,27 +1623,37 @@ impl<T: Transport> Transport for Staged<T> {
                 }
             }
             StagedReg::Vram(region) => {
-                self.vram.retain(|g| *g != region);
-                // Peers' requests being served may still copy into or out
-                // of the region: let them finish first.
-                let touches = |o: &Op<T>| {
-                    o.serves.is_some()
-                        && o.segs.iter().any(|w| {
-                            w.local_addr >= region.addr && Some(w.local_addr) < region.end()
-                        })
-                };
-                let start = Instant::now();
-                while self.ops.iter().any(touches) {
-                    if start.elapsed() > self.cfg.reply_timeout {
-                        log::error!(
-                            "{}: VRAM {:#x} deregistered while a peer's request on it is still moving",
-                            self.inner.name(),
-                            region.addr
-                        );
-                        break;
+                if let Some(i) = self.vram.iter().position(|g| *g == region) {
+                    self.vram.swap_remove(i);
+                }
+                // Peers' requests being served on the region fail: they
+                // start no further copy into or out of it...
+                let gone = self.bad(&format!(
+                    "VRAM {:#x} (+{} bytes) was deregistered while a request on it was served",
+                    region.addr, region.len
+                ));
+                let mut touched = false;
+                for op in self.ops.iter_mut().filter(|o| o.serves.is_some()) {
+                    let on_region = op
+                        .segs
+                        .iter()
+                        .any(|w| w.local_addr >= region.addr && Some(w.local_addr) < region.end());
+                    if on_region {
+                        op.fail(gone.clone());
+                        touched = true;
                     }
-                    self.drive();
-                    std::thread::yield_now();
+                }
+                // ...and the copies already queued end before the memory
+                // goes back to its owner.
+                if touched {
+                    for serving in [false, true] {
+                        let index = pool_index(region.dev, serving);
+                        if let Some(p) = Self::pool_mut(&mut self.pools, index) {
+                            if let Err(e) = p.synchronize() {
+                                log::warn!("{}: {e}", self.inner.name());
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -1632,7 +1792,11 @@ impl<T: Transport> Transport for Staged<T> {
     }
 
     fn cancel(&mut self, token: Token) -> Result<(), Error> {
-        if self.ops.iter().any(|o| o.token == token) {
+        if self
+            .ops
+            .iter()
+            .any(|o| o.token == token && o.serves.is_none())
+        {
             return Err(Error::Unsupported {
                 backend: self.inner.name(),
                 what: "cancel of a staged VRAM transfer",
@@ -1650,14 +1814,6 @@ impl<T: Transport> Transport for Staged<T> {
             needed: n as u64,
             available: buf.len() as u64,
         };
-        if let Some(n) = self.held {
-            if n > buf.len() {
-                return Some(Err(too_small(n, buf)));
-            }
-            self.held = None;
-            buf[..n].copy_from_slice(&self.note_buf[..n]);
-            return Some(Ok(n));
-        }
         if let Some(m) = self.user_notes.front() {
             if m.len() > buf.len() {
                 return Some(Err(too_small(m.len(), buf)));
@@ -1669,8 +1825,8 @@ impl<T: Transport> Transport for Staged<T> {
         }
         match self.receive()? {
             Ok(n) if n > buf.len() => {
-                // Kept in `note_buf` until a large enough buffer comes.
-                self.held = Some(n);
+                // Kept until a large enough buffer comes.
+                self.user_notes.push_front(self.note_buf[..n].to_vec());
                 Some(Err(too_small(n, buf)))
             }
             Ok(n) => {

@@ -173,6 +173,9 @@ pub fn decode(msg: &[u8]) -> Result<Message<'_>, Error> {
     let id = r.u64("the id")?;
     let msg = match kind {
         KIND_PULL | KIND_PUSH => {
+            if status != 0 {
+                return Err(malformed(&format!("status {status} in a request")));
+            }
             let pool = r.u64("the pool address")?;
             let pool_len = r.u64("the pool length")?;
             let addr_len = r.u16("the address length")?;
@@ -418,6 +421,13 @@ mod tests {
         assert_eq!(with(5, 2), err("version 2, this build speaks 1"));
         assert_eq!(with(6, 9), err("kind 9"));
         assert_eq!(with(7, 4), err("status 4"));
+        let mut req = Vec::new();
+        encode_request(&request(), &mut req).unwrap();
+        req[7] = 1;
+        assert_eq!(
+            decode(&req).map(|_| ()).map_err(text),
+            err("status 1 in a request")
+        );
         let mut m = out.clone();
         m.push(0);
         assert_eq!(

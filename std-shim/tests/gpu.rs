@@ -716,6 +716,76 @@ fn libfabric_staged_stopped_target_times_out_then_recovers() {
     staged_stopped_target("LIBFABRIC", TCP_RXM);
 }
 
+/// Two agents WRITE into each other's VRAM at the same time, each with
+/// more chunks than it has bounce buffers: every buffer of each side waits
+/// for the other's answers, so serving those requests must not need the
+/// same buffers. Both WRITEs complete and land whole.
+fn staged_crossing_writes(backend: &str, provider: Option<&str>) {
+    let n = 64 * MIB;
+    let a = Agent::new("cross-a", config(backend, provider)).expect("agent a");
+    let b = Agent::new("cross-b", config(backend, provider)).expect("agent b");
+    let a_src = Mem::new(MemKind::Vram, init_dev(), &pattern(1, n)).expect("VRAM");
+    let a_dst = Mem::new(MemKind::Vram, init_dev(), &vec![0; n]).expect("VRAM");
+    let b_src = Mem::new(MemKind::Vram, target_dev(), &pattern(2, n)).expect("VRAM");
+    let b_dst = Mem::new(MemKind::Vram, target_dev(), &vec![0; n]).expect("VRAM");
+    for (m, agent) in [(&a_src, &a), (&a_dst, &a), (&b_src, &b), (&b_dst, &b)] {
+        m.register(agent).expect("register");
+    }
+    let b_from_a = a
+        .connect(&b.listen_addr().expect("b listens").to_string())
+        .expect("a connects to b");
+    let a_from_b = b
+        .connect(&a.listen_addr().expect("a listens").to_string())
+        .expect("b connects to a");
+    let whole = |m: &Mem| [Desc::on_dev(m.addr(), n as u64, m.dev())];
+    let t0 = Instant::now();
+    let ab = a
+        .submit(
+            XferOp::Write,
+            &whole(&a_src),
+            &whole(&b_dst),
+            &b_from_a,
+            None,
+        )
+        .expect("post a -> b");
+    let ba = b
+        .submit(
+            XferOp::Write,
+            &whole(&b_src),
+            &whole(&a_dst),
+            &a_from_b,
+            None,
+        )
+        .expect("post b -> a");
+    wait_done(&ab, "WRITE a -> b");
+    wait_done(&ba, "WRITE b -> a");
+    let took = t0.elapsed();
+    drop((ab, ba));
+    assert_eq!(
+        first_diff(&b_dst.read().expect("read"), &pattern(1, n)),
+        None
+    );
+    assert_eq!(
+        first_diff(&a_dst.read().expect("read"), &pattern(2, n)),
+        None
+    );
+    eprintln!("{backend}: crossing 64 MiB VRAM WRITEs both landed in {took:?}");
+    a.shutdown();
+    b.shutdown();
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn ucx_staged_crossing_writes_do_not_deadlock() {
+    staged_crossing_writes("UCX", None);
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn libfabric_staged_crossing_writes_do_not_deadlock() {
+    staged_crossing_writes("LIBFABRIC", TCP_RXM);
+}
+
 /// A host pointer registered as VRAM is refused by pointer attributes.
 #[test]
 #[ignore = "needs a GPU"]
