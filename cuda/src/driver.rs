@@ -422,6 +422,24 @@ pub fn pointer_info(addr: u64) -> Result<PointerInfo, Error> {
     })
 }
 
+/// A new non-blocking stream in `ctx` (left current); the caller destroys it
+/// with `cuStreamDestroy`.
+pub fn create_stream(ctx: &Context) -> Result<sys::CUstream, Error> {
+    ctx.bind()?;
+    let mut stream = std::ptr::null_mut();
+    // SAFETY: the context is current; `stream` is a valid out-parameter.
+    check(
+        unsafe {
+            sys::cuStreamCreate(
+                &mut stream,
+                sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+            )
+        },
+        "cuStreamCreate",
+    )?;
+    Ok(stream)
+}
+
 /// The allocation holding `addr`: `(base, size)` from `cuMemGetAddressRange`.
 pub fn address_range(addr: u64) -> Result<(u64, u64), Error> {
     init()?;

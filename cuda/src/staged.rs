@@ -588,26 +588,15 @@ impl<T: Transport> Staged<T> {
                 }
             }
         }
-        let mut stream = std::ptr::null_mut();
-        let created = ctx.bind().and_then(|()| {
-            // SAFETY: the context is current; `stream` is a valid
-            // out-parameter.
-            check(
-                unsafe {
-                    sys::cuStreamCreate(
-                        &mut stream,
-                        sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
-                    )
-                },
-                "cuStreamCreate",
-            )
-        });
-        if let Err(e) = created {
-            for slot in slots.into_iter().flatten() {
-                self.drop_slot(slot);
+        let stream = match driver::create_stream(&ctx) {
+            Ok(stream) => stream,
+            Err(e) => {
+                for slot in slots.into_iter().flatten() {
+                    self.drop_slot(slot);
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         log::debug!(
             "{}: staging pool {index} on device {dev}: {} x {} bytes",
             self.inner.name(),
