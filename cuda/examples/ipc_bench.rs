@@ -11,8 +11,17 @@
 //! (target, default 0) pick the GPUs; on a two-GPU host `0` and `1` measure
 //! the peer path.
 //!
+//! With `--peer-dram` it measures the target's DRAM instead (cross-memory
+//! attach): WRITE and READ between local DRAM and the peer's DRAM, and
+//! between local VRAM and the peer's DRAM (through pinned bounce buffers),
+//! with the longest time one `post` took:
+//!
+//! ```text
+//! cargo run --release -p kvxfer-cuda --example ipc_bench -- --peer-dram 64 256
+//! ```
+//!
 //! The example re-runs itself as the target process
-//! (`KVXFER_CUDA_BENCH_ROLE=target:<bytes>`).
+//! (`KVXFER_CUDA_BENCH_ROLE=target:<bytes>[:dram]`).
 #![allow(clippy::result_large_err)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -55,22 +64,40 @@ fn dst_dev() -> u32 {
     env_dev("KVXFER_BENCH_DST_DEV")
 }
 
-fn target(len: usize) -> Result<(), Error> {
+/// The target's memory: VRAM of the target GPU, or DRAM.
+enum TargetMem {
+    Vram(DeviceBuffer),
+    Dram(Vec<u8>),
+}
+
+fn target(len: usize, dram: bool) -> Result<(), Error> {
     let mut t = CudaIpcTransport::new()?;
-    let mut buf = DeviceBuffer::new(dst_dev(), len as u64)?;
-    buf.fill(0)?;
-    let reg = t.register(&buf.region())?;
+    let buf = if dram {
+        TargetMem::Dram(vec![0u8; len])
+    } else {
+        let mut b = DeviceBuffer::new(dst_dev(), len as u64)?;
+        b.fill(0)?;
+        TargetMem::Vram(b)
+    };
+    let region = match &buf {
+        TargetMem::Vram(b) => b.region(),
+        TargetMem::Dram(v) => Region::dram(v.as_ptr() as u64, len as u64),
+    };
+    let reg = t.register(&region)?;
     let mut b = [0u8; 256];
     let n = t.local_address(&mut b)?;
     println!("ADDR {}", hex(&b[..n]));
-    println!("REGION {} {}", buf.ptr(), len);
+    println!("REGION {} {}", region.addr, len);
     let n = t.pack_key(&reg, &mut b)?;
     println!("KEY {}", hex(&b[..n]));
     std::io::stdout().flush().ok();
     // Wait for the initiator to finish (stdin closes or says BYE).
     let mut line = String::new();
     let _ = std::io::stdin().lock().read_line(&mut line);
-    let ok = buf.to_vec()? == pattern(len);
+    let ok = match &buf {
+        TargetMem::Vram(b) => b.to_vec()? == pattern(len),
+        TargetMem::Dram(v) => *v == pattern(len),
+    };
     println!("CHECK {}", if ok { "ok" } else { "MISMATCH" });
     t.deregister(reg);
     Ok(())
@@ -130,6 +157,178 @@ struct Numbers {
     read: f64,
 }
 
+/// The target process with its published address, region and key.
+struct Spawned {
+    child: Target,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    addr: Vec<u8>,
+    region_addr: u64,
+    key: Vec<u8>,
+}
+
+impl Spawned {
+    fn new(len: usize, dram: bool) -> Spawned {
+        let role = if dram {
+            format!("target:{len}:dram")
+        } else {
+            format!("target:{len}")
+        };
+        let mut child = Target(
+            Command::new(std::env::current_exe().expect("current_exe"))
+                .env(ROLE, role)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("spawn target"),
+        );
+        let mut lines = BufReader::new(child.0.stdout.take().expect("stdout")).lines();
+        let mut next = |tag: &str| -> String {
+            let l = lines.next().and_then(Result::ok).unwrap_or_default();
+            l.strip_prefix(tag)
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|| panic!("expected {tag}, got {l:?}"))
+        };
+        let addr = unhex(&next("ADDR"));
+        let r: Vec<u64> = next("REGION")
+            .split(' ')
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        let key = unhex(&next("KEY"));
+        Spawned {
+            child,
+            lines,
+            addr,
+            region_addr: r[0],
+            key,
+        }
+    }
+
+    /// Says BYE and returns the target's CHECK answer.
+    fn finish(mut self) -> String {
+        let mut stdin = self.child.0.stdin.take().expect("stdin");
+        let _ = writeln!(stdin, "BYE");
+        drop(stdin);
+        let l = self.lines.next().and_then(Result::ok).unwrap_or_default();
+        l.strip_prefix("CHECK")
+            .map(|s| s.trim().to_string())
+            .unwrap_or(l)
+    }
+}
+
+/// `WARMUP` then `ITERS` transfers of `seg`, each posted and polled to
+/// completion: GB/s over the timed ones and the longest single `post`.
+fn timed(
+    t: &mut CudaIpcTransport,
+    op: XferOp,
+    peer: &kvxfer_cuda::IpcPeer,
+    seg: Segment<'_, kvxfer_cuda::IpcReg, kvxfer_cuda::IpcRemoteKey>,
+    len: usize,
+) -> Result<(f64, Duration), Error> {
+    for i in 0..WARMUP {
+        t.post(op, peer, &[seg], None, Token(i as u64))?;
+        wait(t, Token(i as u64))?;
+    }
+    let mut post_max = Duration::ZERO;
+    let start = Instant::now();
+    for i in 0..ITERS {
+        let p = Instant::now();
+        t.post(op, peer, &[seg], None, Token(i as u64))?;
+        post_max = post_max.max(p.elapsed());
+        wait(t, Token(i as u64))?;
+    }
+    Ok((gbps(len, ITERS, start.elapsed()), post_max))
+}
+
+struct DramNumbers {
+    dram_write: f64,
+    dram_read: f64,
+    vram_write: f64,
+    vram_read: f64,
+    post_max: Duration,
+}
+
+/// Local DRAM and local VRAM to and from the peer's DRAM.
+fn bench_peer_dram(len: usize) -> Result<DramNumbers, Error> {
+    let data = pattern(len);
+    let src_host = data.clone();
+    let back_host = vec![0u8; len];
+    let src_vram = DeviceBuffer::from_host(src_dev(), &data)?;
+    let mut back_vram = DeviceBuffer::new(src_dev(), len as u64)?;
+    back_vram.fill(0)?;
+    let spawned = Spawned::new(len, true);
+    let mut t = CudaIpcTransport::new()?;
+    let host_region = |v: &Vec<u8>| Region::dram(v.as_ptr() as u64, len as u64);
+    let r_src_host = t.register(&host_region(&src_host))?;
+    let r_back_host = t.register(&host_region(&back_host))?;
+    let r_src_vram = t.register(&src_vram.region())?;
+    let r_back_vram = t.register(&back_vram.region())?;
+    let peer = t.connect(&spawned.addr)?;
+    let region = Region::dram(spawned.region_addr, len as u64);
+    let rkey = t.unpack_key(&peer, &region, &spawned.key)?;
+    fn seg<'a>(
+        local: &'a kvxfer_cuda::IpcReg,
+        remote: &'a kvxfer_cuda::IpcRemoteKey,
+        region: &Region,
+    ) -> Segment<'a, kvxfer_cuda::IpcReg, kvxfer_cuda::IpcRemoteKey> {
+        Segment {
+            local_addr: local.region().addr,
+            remote_addr: region.addr,
+            len: region.len,
+            local,
+            remote,
+            remote_region_addr: region.addr,
+        }
+    }
+    let (dram_write, p1) = timed(
+        &mut t,
+        XferOp::Write,
+        &peer,
+        seg(&r_src_host, &rkey, &region),
+        len,
+    )?;
+    let (dram_read, p2) = timed(
+        &mut t,
+        XferOp::Read,
+        &peer,
+        seg(&r_back_host, &rkey, &region),
+        len,
+    )?;
+    let (vram_write, p3) = timed(
+        &mut t,
+        XferOp::Write,
+        &peer,
+        seg(&r_src_vram, &rkey, &region),
+        len,
+    )?;
+    let (vram_read, p4) = timed(
+        &mut t,
+        XferOp::Read,
+        &peer,
+        seg(&r_back_vram, &rkey, &region),
+        len,
+    )?;
+    if back_host != data {
+        return Err(Error::backend("CUDA_IPC", 1, "READ into DRAM differs"));
+    }
+    if back_vram.to_vec()? != data {
+        return Err(Error::backend("CUDA_IPC", 1, "READ into VRAM differs"));
+    }
+    t.release_key(rkey);
+    for r in [r_src_host, r_back_host, r_src_vram, r_back_vram] {
+        t.deregister(r);
+    }
+    drop(t);
+    let check = spawned.finish();
+    assert_eq!(check, "ok", "target DRAM differs after the writes");
+    Ok(DramNumbers {
+        dram_write,
+        dram_read,
+        vram_write,
+        vram_read,
+        post_max: p1.max(p2).max(p3).max(p4),
+    })
+}
+
 fn bench(len: usize) -> Result<Numbers, Error> {
     // Single process: cuMemcpyDtoD (a peer copy across GPUs) + synchronise.
     let src = DeviceBuffer::from_host(src_dev(), &pattern(len))?;
@@ -145,27 +344,9 @@ fn bench(len: usize) -> Result<Numbers, Error> {
     drop(dst);
 
     // Two processes: CUDA_IPC WRITE, post + poll to completion, back to back.
-    let mut child = Target(
-        Command::new(std::env::current_exe().expect("current_exe"))
-            .env(ROLE, format!("target:{len}"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn target"),
-    );
-    let mut lines = BufReader::new(child.0.stdout.take().expect("stdout")).lines();
-    let mut next = |tag: &str| -> String {
-        let l = lines.next().and_then(Result::ok).unwrap_or_default();
-        l.strip_prefix(tag)
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|| panic!("expected {tag}, got {l:?}"))
-    };
-    let addr = unhex(&next("ADDR"));
-    let r: Vec<u64> = next("REGION")
-        .split(' ')
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    let key = unhex(&next("KEY"));
+    let spawned = Spawned::new(len, false);
+    let (addr, key) = (spawned.addr.clone(), spawned.key.clone());
+    let r = [spawned.region_addr, len as u64];
     let mut t = CudaIpcTransport::new()?;
     let reg = t.register(&src.region())?;
     let peer = t.connect(&addr)?;
@@ -213,27 +394,26 @@ fn bench(len: usize) -> Result<Numbers, Error> {
     t.release_key(rkey);
     t.deregister(back_reg);
     t.deregister(reg);
-    let mut stdin = child.0.stdin.take().expect("stdin");
-    let _ = writeln!(stdin, "BYE");
-    drop(stdin);
-    let check = next("CHECK");
-    drop(child);
+    let check = spawned.finish();
     assert_eq!(check, "ok", "target data differs after the IPC writes");
     Ok(Numbers { local, write, read })
 }
 
 fn main() {
     if let Ok(role) = std::env::var(ROLE) {
-        let len = role
-            .strip_prefix("target:")
-            .and_then(|s| s.parse().ok())
-            .expect("role target:<bytes>");
-        if let Err(e) = target(len) {
+        let spec = role.strip_prefix("target:").expect("role target:<bytes>");
+        let (len, dram) = match spec.strip_suffix(":dram") {
+            Some(l) => (l, true),
+            None => (spec, false),
+        };
+        let len = len.parse().expect("role target:<bytes>");
+        if let Err(e) = target(len, dram) {
             eprintln!("target: {e}");
             std::process::exit(1);
         }
         return;
     }
+    let peer_dram = std::env::args().any(|a| a == "--peer-dram");
     let sizes: Vec<usize> = {
         let a: Vec<usize> = std::env::args()
             .skip(1)
@@ -264,6 +444,35 @@ fn main() {
         src_dev(),
         dst_dev()
     );
+    if peer_dram {
+        println!(
+            "peer DRAM: {:>9} {:>16} {:>15} {:>16} {:>15} {:>13}",
+            "size",
+            "DRAM WRITE GB/s",
+            "DRAM READ GB/s",
+            "VRAM WRITE GB/s",
+            "VRAM READ GB/s",
+            "post max us"
+        );
+        for mib in sizes {
+            match bench_peer_dram(mib << 20) {
+                Ok(n) => println!(
+                    "peer DRAM: {:>5} MiB {:>16.2} {:>15.2} {:>16.2} {:>15.2} {:>13.0}",
+                    mib,
+                    n.dram_write,
+                    n.dram_read,
+                    n.vram_write,
+                    n.vram_read,
+                    n.post_max.as_secs_f64() * 1e6
+                ),
+                Err(e) => {
+                    eprintln!("ipc_bench --peer-dram {mib} MiB: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        return;
+    }
     println!(
         "{:>9} {:>12} {:>11} {:>7} {:>10} {:>7} {:>13}",
         "size", "DtoD GB/s", "WRITE GB/s", "ratio", "READ GB/s", "ratio", "pinned D2H"

@@ -35,20 +35,36 @@
 //!   - DRAM ↔ peer VRAM: `cuMemcpyHtoDAsync` / `cuMemcpyDtoHAsync` on the
 //!     stream of the peer's GPU;
 //!   - DRAM ↔ peer DRAM: cross-memory attach (`process_vm_writev` /
-//!     `process_vm_readv`) into the peer's address space, inside `post`;
-//!   - VRAM ↔ peer DRAM: through a pinned bounce buffer of the local GPU
-//!     ([`BOUNCE_SLOTS`] × [`BOUNCE_CHUNK`]), pipelined inside `post`:
-//!     device-to-host copy then `process_vm_writev` (WRITE), or
-//!     `process_vm_readv` then host-to-device copy (READ).
+//!     `process_vm_readv`) into the peer's address space;
+//!   - VRAM ↔ peer DRAM: through a pinned bounce buffer
+//!     ([`BOUNCE_SLOTS`] × [`BOUNCE_CHUNK`]), pipelined: device-to-host
+//!     copy then `process_vm_writev` (WRITE), or `process_vm_readv` then
+//!     host-to-device copy (READ).
+//!
+//!   The cross-memory-attach work does not run in `post`: it is cut into
+//!   parts of at most [`CMA_PART`] bytes (small segments share one part)
+//!   that [`CMA_WORKERS`] threads owned by the transport move in parallel;
+//!   each worker has, per GPU it touches, its own stream, events and
+//!   bounce buffer, with that GPU's context bound. `post` only queues the
+//!   parts and returns. A transfer whose peer-DRAM bytes total at most
+//!   [`CMA_INLINE_MAX`], all from local DRAM, is moved inside `post`
+//!   instead (a hand-off to a worker would cost more than the copy). A
+//!   peer process already gone fails the `post` at once.
 //!
 //!   A short count from `process_vm_*` is continued from where it stopped;
-//!   an error names the call, the pid and the address. Asynchronous copies
-//!   record an event on every stream they used; **poll** reports the
-//!   transfer only when all its events are complete (`cuEventQuery`).
+//!   an error names the call, the pid and the address. The first error of
+//!   a transfer's parts is its result; parts not started yet are skipped
+//!   after it. Asynchronous copies record an event on every stream they
+//!   used; **poll** reports the transfer only when all its events are
+//!   complete (`cuEventQuery`) and all its parts have finished, so no byte
+//!   of its memory is touched after it is reported, whether done or failed.
 //! * **Notifications** travel over a [`NotifyChannel`]. The one attached to
 //!   a transfer is sent only after the transfer's copies completed, and the
 //!   transfer completes only once it is sent, so the target always sees the
 //!   data before the message.
+//! * **Cancel** is unsupported. **Drop** stops the workers once their
+//!   current part is finished (queued parts are dropped) and joins them
+//!   before anything else is released.
 //!
 //! Cross-memory attach needs the kernel's ptrace permission over the peer
 //! (same user and a dumpable process, or `CAP_SYS_PTRACE`; with Yama
@@ -59,8 +75,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::unix::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 
 use cudarc::driver::sys;
 use kvxfer_core::mem::MemKinds;
@@ -78,11 +95,23 @@ pub const MAX_NOTIFICATION: usize = 4096;
 
 /// Bytes of one chunk of the pinned bounce buffer that moves VRAM to and
 /// from a peer's DRAM.
-pub const BOUNCE_CHUNK: usize = 8 << 20;
+pub const BOUNCE_CHUNK: usize = 4 << 20;
 
-/// Chunks of the bounce buffer per GPU: one is copied over cross-memory
-/// attach while the GPU fills or drains the other.
+/// Chunks of the bounce buffer of each worker and GPU: one is copied over
+/// cross-memory attach while the GPU fills or drains the other.
 pub const BOUNCE_SLOTS: usize = 2;
+
+/// Threads of a transport that move data to and from peers' DRAM, started
+/// at the first such transfer.
+pub const CMA_WORKERS: usize = 4;
+
+/// Most bytes of one part of a peer-DRAM transfer, the unit handed to a
+/// worker: longer segments are split, shorter ones share a part.
+pub const CMA_PART: u64 = 8 << 20;
+
+/// Largest peer-DRAM transfer, in bytes, all from local DRAM, that `post`
+/// moves itself instead of handing it to the workers.
+pub const CMA_INLINE_MAX: u64 = 64 << 10;
 
 /// Most bytes moved by one `process_vm_*` call (the kernel moves at most
 /// about 2 GiB per call anyway; longer ranges take several calls).
@@ -137,9 +166,6 @@ struct DeviceState {
     uuid: [u8; 16],
     stream: sys::CUstream,
     free_events: Vec<sys::CUevent>,
-    /// Pinned bounce buffer of [`BOUNCE_SLOTS`] × [`BOUNCE_CHUNK`] bytes,
-    /// allocated at the first transfer between this GPU and a peer's DRAM.
-    bounce: Option<PinnedBuffer>,
     ctx: Arc<Context>,
 }
 
@@ -162,7 +188,6 @@ impl DeviceState {
             uuid: [0; 16],
             stream,
             free_events: Vec::new(),
-            bounce: None,
             ctx,
         };
         state.uuid = driver::device_uuid(ordinal)?;
@@ -183,17 +208,6 @@ impl DeviceState {
             "cuEventCreate",
         )?;
         Ok(ev)
-    }
-
-    /// The bounce buffer's host address, allocating it on first use.
-    fn bounce(&mut self) -> Result<u64, Error> {
-        if self.bounce.is_none() {
-            self.bounce = Some(PinnedBuffer::new(
-                self.ctx.ordinal(),
-                BOUNCE_SLOTS * BOUNCE_CHUNK,
-            )?);
-        }
-        Ok(self.bounce.as_ref().map_or(0, |b| b.addr()))
     }
 
     fn synchronize(&self) -> Result<(), Error> {
@@ -218,6 +232,352 @@ impl Drop for DeviceState {
         // SAFETY: the stream has drained and is destroyed once; the context
         // (`self.ctx`) is released after this, when the field drops.
         unsafe { sys::cuStreamDestroy_v2(self.stream) };
+    }
+}
+
+/// Progress of the parts of one transfer handed to the workers.
+#[derive(Debug, Default)]
+struct CmaParts {
+    /// Parts not finished (or skipped) yet.
+    left: AtomicUsize,
+    /// Set at the first error: parts not started yet are skipped.
+    failed: AtomicBool,
+    /// The first error.
+    error: Mutex<Option<Error>>,
+}
+
+impl CmaParts {
+    fn new(parts: usize) -> CmaParts {
+        CmaParts {
+            left: AtomicUsize::new(parts),
+            ..CmaParts::default()
+        }
+    }
+
+    /// Whether every part has finished: nothing touches the transfer's
+    /// memory any more.
+    fn done(&self) -> bool {
+        self.left.load(Ordering::Acquire) == 0
+    }
+
+    /// Records `e` unless an earlier error was recorded.
+    fn fail(&self, e: Error) {
+        let mut first = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if first.is_none() {
+            *first = Some(e);
+        }
+        self.failed.store(true, Ordering::Release);
+    }
+
+    /// The first error, once [`done`](Self::done).
+    fn take_error(&self) -> Option<Error> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// One contiguous range between local memory and a peer's DRAM.
+#[derive(Debug)]
+struct Piece {
+    /// The peer's process id.
+    pid: u32,
+    local: u64,
+    remote: u64,
+    len: u64,
+    /// The context of the local GPU when the local side is VRAM (moved
+    /// through a bounce buffer); `None` for local DRAM.
+    vram: Option<Arc<Context>>,
+}
+
+/// The unit of work of a worker: pieces of one transfer, at most
+/// [`CMA_PART`] bytes in all.
+#[derive(Debug)]
+struct Part {
+    op: XferOp,
+    pieces: Vec<Piece>,
+    parts: Arc<CmaParts>,
+}
+
+impl Part {
+    /// Moves the pieces in order, stopping at the first error, unless the
+    /// transfer already failed; then counts the part as finished.
+    fn run(self, gpus: &mut Vec<WorkerGpu>) {
+        if !self.parts.failed.load(Ordering::Acquire) {
+            for p in &self.pieces {
+                let res = match &p.vram {
+                    None => cma_copy(self.op, p.pid, p.local, p.remote, p.len),
+                    Some(ctx) => WorkerGpu::get(gpus, ctx)
+                        .and_then(|g| g.bounce(self.op, p.local, p.pid, p.remote, p.len)),
+                };
+                if let Err(e) = res {
+                    self.parts.fail(e);
+                    break;
+                }
+            }
+        }
+        self.parts.left.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Appends `len` bytes between `local` and `remote` to `out` as pieces of
+/// at most [`CMA_PART`] bytes, so that several workers share a long range.
+fn split_into(
+    out: &mut Vec<Piece>,
+    pid: u32,
+    local: u64,
+    remote: u64,
+    len: u64,
+    vram: Option<Arc<Context>>,
+) {
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(CMA_PART);
+        out.push(Piece {
+            pid,
+            local: local + at,
+            remote: remote + at,
+            len: n,
+            vram: vram.clone(),
+        });
+        at += n;
+    }
+}
+
+/// Groups `pieces` in order into parts of at most [`CMA_PART`] bytes (a
+/// piece is never split here), all counted by the returned [`CmaParts`].
+fn into_parts(op: XferOp, pieces: Vec<Piece>) -> (Arc<CmaParts>, Vec<Part>) {
+    let mut groups: Vec<Vec<Piece>> = Vec::new();
+    let mut bytes = 0;
+    for p in pieces {
+        match groups.last_mut() {
+            Some(g) if bytes + p.len <= CMA_PART => {
+                bytes += p.len;
+                g.push(p);
+            }
+            _ => {
+                bytes = p.len;
+                groups.push(vec![p]);
+            }
+        }
+    }
+    let parts = Arc::new(CmaParts::new(groups.len()));
+    let work = groups
+        .into_iter()
+        .map(|pieces| Part {
+            op,
+            pieces,
+            parts: parts.clone(),
+        })
+        .collect();
+    (parts, work)
+}
+
+/// What a worker holds for one GPU: a stream, one event per bounce slot
+/// and a pinned bounce buffer of [`BOUNCE_SLOTS`] × [`BOUNCE_CHUNK`]
+/// bytes. Used only on the worker's thread; released in `Drop` after the
+/// stream drained.
+struct WorkerGpu {
+    ctx: Arc<Context>,
+    stream: sys::CUstream,
+    events: [sys::CUevent; BOUNCE_SLOTS],
+    /// Dropped after `Drop::drop` destroyed the stream and events.
+    bounce: PinnedBuffer,
+}
+
+impl WorkerGpu {
+    fn new(ctx: &Arc<Context>) -> Result<WorkerGpu, Error> {
+        let bounce = PinnedBuffer::new(ctx.ordinal(), BOUNCE_SLOTS * BOUNCE_CHUNK)?;
+        let stream = driver::create_stream(ctx)?;
+        let mut g = WorkerGpu {
+            ctx: ctx.clone(),
+            stream,
+            events: [std::ptr::null_mut(); BOUNCE_SLOTS],
+            bounce,
+        };
+        // On an error `g` drops, destroying the stream and the events made.
+        for i in 0..BOUNCE_SLOTS {
+            let mut ev = std::ptr::null_mut();
+            // SAFETY: the context is current (create_stream left it so);
+            // `ev` is a valid out-parameter.
+            check(
+                unsafe {
+                    sys::cuEventCreate(&mut ev, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
+                },
+                "cuEventCreate",
+            )?;
+            g.events[i] = ev;
+        }
+        Ok(g)
+    }
+
+    /// This worker's state for the GPU of `ctx`, made on first use.
+    fn get<'a>(
+        gpus: &'a mut Vec<WorkerGpu>,
+        ctx: &Arc<Context>,
+    ) -> Result<&'a mut WorkerGpu, Error> {
+        let at = match gpus.iter().position(|g| g.ctx.ordinal() == ctx.ordinal()) {
+            Some(at) => at,
+            None => {
+                gpus.push(WorkerGpu::new(ctx)?);
+                gpus.len() - 1
+            }
+        };
+        Ok(&mut gpus[at])
+    }
+
+    /// Moves `len` bytes between VRAM at `vram` and `remote` in process
+    /// `pid` through the bounce buffer; returns once every byte arrived.
+    /// On error the stream is drained first, so no copy into or out of the
+    /// bounce buffer or the VRAM outlives the call.
+    fn bounce(
+        &mut self,
+        op: XferOp,
+        vram: u64,
+        pid: u32,
+        remote: u64,
+        len: u64,
+    ) -> Result<(), Error> {
+        self.ctx.bind()?;
+        let bounce = self.bounce.addr();
+        let res = match op {
+            XferOp::Write => {
+                bounce_write(self.stream, &self.events, bounce, vram, pid, remote, len)
+            }
+            XferOp::Read => bounce_read(self.stream, &self.events, bounce, vram, pid, remote, len),
+        };
+        if res.is_err() {
+            if let Err(e) = self.synchronize() {
+                log::warn!(
+                    "draining device {} after a failed bounce copy: {e}",
+                    self.ctx.ordinal()
+                );
+            }
+        }
+        res
+    }
+
+    fn synchronize(&self) -> Result<(), Error> {
+        self.ctx.bind()?;
+        // SAFETY: `stream` is live in this context.
+        check(
+            unsafe { sys::cuStreamSynchronize(self.stream) },
+            "cuStreamSynchronize",
+        )
+    }
+}
+
+impl Drop for WorkerGpu {
+    fn drop(&mut self) {
+        if let Err(e) = self.synchronize() {
+            log::warn!(
+                "draining a CMA worker's stream of device {}: {e}",
+                self.ctx.ordinal()
+            );
+        }
+        for ev in self.events {
+            if !ev.is_null() {
+                // SAFETY: the stream drained, so no pending work records
+                // the event; each is destroyed once.
+                unsafe { sys::cuEventDestroy_v2(ev) };
+            }
+        }
+        // SAFETY: the stream drained and is destroyed once; the bounce
+        // buffer and the context are released after this, with the fields.
+        unsafe { sys::cuStreamDestroy_v2(self.stream) };
+    }
+}
+
+/// The queue the workers take parts from.
+#[derive(Default)]
+struct PoolQueue {
+    parts: VecDeque<Part>,
+    /// Set by `Drop`: workers finish their current part and exit.
+    stop: bool,
+}
+
+#[derive(Default)]
+struct PoolShared {
+    queue: Mutex<PoolQueue>,
+    ready: Condvar,
+}
+
+/// [`CMA_WORKERS`] threads moving parts of peer-DRAM transfers; joined in
+/// `Drop` once their current part is finished.
+struct CmaPool {
+    shared: Arc<PoolShared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl CmaPool {
+    fn new() -> Result<CmaPool, Error> {
+        let mut pool = CmaPool {
+            shared: Arc::new(PoolShared::default()),
+            threads: Vec::with_capacity(CMA_WORKERS),
+        };
+        for i in 0..CMA_WORKERS {
+            let shared = pool.shared.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("kvxfer-cma-{i}"))
+                .spawn(move || worker(&shared))
+                .map_err(|e| {
+                    Error::backend(
+                        BACKEND,
+                        e.raw_os_error().unwrap_or(0) as i64,
+                        &format!("starting a cross-memory-attach worker: {e}"),
+                    )
+                })?; // on error `pool` drops and joins the ones started
+            pool.threads.push(t);
+        }
+        Ok(pool)
+    }
+
+    fn submit(&self, parts: Vec<Part>) {
+        let mut q = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let n = parts.len();
+        q.parts.extend(parts);
+        drop(q);
+        if n == 1 {
+            self.shared.ready.notify_one();
+        } else {
+            self.shared.ready.notify_all();
+        }
+    }
+}
+
+impl Drop for CmaPool {
+    fn drop(&mut self) {
+        {
+            let mut q = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+            q.stop = true;
+            // Their transfers are never reported: the transport is going.
+            q.parts.clear();
+        }
+        self.shared.ready.notify_all();
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                log::warn!("a cross-memory-attach worker panicked");
+            }
+        }
+    }
+}
+
+/// A worker: takes parts until told to stop, then releases its streams,
+/// events and bounce buffers.
+fn worker(shared: &PoolShared) {
+    let mut gpus: Vec<WorkerGpu> = Vec::new();
+    loop {
+        let part = {
+            let mut q = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if q.stop {
+                    return;
+                }
+                if let Some(p) = q.parts.pop_front() {
+                    break p;
+                }
+                q = shared.ready.wait(q).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        part.run(&mut gpus);
     }
 }
 
@@ -313,6 +673,8 @@ struct InFlight {
     token: Token,
     /// Events still to complete, with their device ordinal.
     events: Vec<(u32, sys::CUevent)>,
+    /// Parts moved by the workers (or inside `post`), if any.
+    cma: Option<Arc<CmaParts>>,
     /// Notification to send once the events completed.
     notify: Option<Outgoing>,
 }
@@ -335,6 +697,9 @@ pub struct CudaIpcTransport {
     /// DRAM regions this transport page-locked (address → length), unlocked
     /// at deregistration or in `Drop`.
     host_pinned: HashMap<u64, u64>,
+    /// Workers moving data to and from peers' DRAM, started at the first
+    /// such transfer; joined first in `Drop`.
+    pool: Option<CmaPool>,
 }
 
 /// Environment variable that turns off direct peer access (NVLink/PCIe)
@@ -380,6 +745,7 @@ impl CudaIpcTransport {
             peer_pairs: Vec::new(),
             peer_access: !std::env::var(PEER_ACCESS_ENV).is_ok_and(|v| v.trim() == "0"),
             host_pinned: HashMap::new(),
+            pool: None,
         })
     }
 
@@ -457,16 +823,18 @@ impl CudaIpcTransport {
         Ok(true)
     }
 
-    /// Moves `segments`: enqueues the asynchronous copies (adding the
-    /// devices whose streams they used to `used`) and performs the
-    /// cross-memory-attach ones. Every segment is checked against both
-    /// registrations before any memory is touched.
+    /// Enqueues the asynchronous copies of `segments` (adding the devices
+    /// whose streams they used to `used`) and returns the pieces that
+    /// involve a peer's DRAM, for the workers. Every segment is checked
+    /// against both registrations, and a peer process already gone is
+    /// refused, before any memory is touched.
     fn enqueue(
         &mut self,
         op: XferOp,
         segments: &[Segment<'_, IpcReg, IpcRemoteKey>],
         used: &mut Vec<u32>,
-    ) -> Result<(), Error> {
+    ) -> Result<Vec<Piece>, Error> {
+        let mut checked_pid = None;
         for (i, s) in segments.iter().enumerate() {
             let off = s.remote_addr.checked_sub(s.remote_region_addr);
             let fits = off
@@ -485,7 +853,12 @@ impl CudaIpcTransport {
                     ),
                 ));
             }
+            if s.remote.kind == MemKind::Dram && checked_pid != Some(s.remote.pid) {
+                check_alive(s.remote.pid)?;
+                checked_pid = Some(s.remote.pid);
+            }
         }
+        let mut pieces = Vec::new();
         for (i, s) in segments.iter().enumerate() {
             let off = s.remote_addr - s.remote_region_addr;
             let remote = s.remote.ptr + off;
@@ -494,20 +867,41 @@ impl CudaIpcTransport {
                     self.copy_device_device(op, i, s, remote, used)?
                 }
                 (MemKind::Dram, MemKind::Vram) => self.copy_host_device(op, i, s, remote, used)?,
-                (MemKind::Vram, MemKind::Dram) => self.copy_bounced(
-                    op,
-                    s.local.region.dev,
-                    s.local_addr,
-                    s.remote.pid,
-                    remote,
-                    s.len,
-                )?,
-                (MemKind::Dram, MemKind::Dram) => {
-                    cma_copy(op, s.remote.pid, s.local_addr, remote, s.len)?
+                (local_kind, MemKind::Dram) => {
+                    let vram = match local_kind {
+                        MemKind::Vram => Some(self.device(s.local.region.dev)?.ctx.clone()),
+                        MemKind::Dram => None,
+                    };
+                    split_into(&mut pieces, s.remote.pid, s.local_addr, remote, s.len, vram);
                 }
             }
         }
-        Ok(())
+        Ok(pieces)
+    }
+
+    /// Moves `pieces` (of a transfer to or from a peer's DRAM):
+    /// inside this call where they are few bytes of local DRAM, otherwise
+    /// grouped into parts of at most [`CMA_PART`] bytes for the workers.
+    fn start_cma(&mut self, op: XferOp, pieces: Vec<Piece>) -> Result<Arc<CmaParts>, Error> {
+        let total: u64 = pieces.iter().map(|p| p.len).sum();
+        if total <= CMA_INLINE_MAX && pieces.iter().all(|p| p.vram.is_none()) {
+            let parts = CmaParts::new(0);
+            for p in &pieces {
+                if let Err(e) = cma_copy(op, p.pid, p.local, p.remote, p.len) {
+                    parts.fail(e);
+                    break;
+                }
+            }
+            return Ok(Arc::new(parts));
+        }
+        let (parts, work) = into_parts(op, pieces);
+        if self.pool.is_none() {
+            self.pool = Some(CmaPool::new()?);
+        }
+        if let Some(pool) = &self.pool {
+            pool.submit(work);
+        }
+        Ok(parts)
     }
 
     /// VRAM ↔ peer VRAM: one copy on the local GPU's stream.
@@ -619,47 +1013,6 @@ impl CudaIpcTransport {
             used.push(rdev);
         }
         Ok(())
-    }
-
-    /// Local VRAM ↔ peer DRAM through the pinned bounce buffer of GPU `dev`,
-    /// pipelined over [`BOUNCE_SLOTS`] chunks; returns once every byte has
-    /// arrived. On error the GPU's stream is drained first, so no copy into
-    /// or out of the bounce buffer outlives the call.
-    fn copy_bounced(
-        &mut self,
-        op: XferOp,
-        dev: u32,
-        vram: u64,
-        pid: u32,
-        remote: u64,
-        len: u64,
-    ) -> Result<(), Error> {
-        let state = self.device(dev)?;
-        let bounce = state.bounce()?;
-        state.ctx.bind()?;
-        let mut events = [std::ptr::null_mut(); BOUNCE_SLOTS];
-        for ev in &mut events {
-            match state.event() {
-                Ok(e) => *ev = e,
-                Err(e) => {
-                    state
-                        .free_events
-                        .extend(events.iter().filter(|e| !e.is_null()));
-                    return Err(e);
-                }
-            }
-        }
-        let result = match op {
-            XferOp::Write => bounce_write(state.stream, &events, bounce, vram, pid, remote, len),
-            XferOp::Read => bounce_read(state.stream, &events, bounce, vram, pid, remote, len),
-        };
-        if result.is_err() {
-            if let Err(e) = state.synchronize() {
-                log::warn!("draining device {dev} after a failed bounce copy: {e}");
-            }
-        }
-        state.free_events.extend(events);
-        result
     }
 
     /// Page-locks a DRAM region where the driver allows it; see [`IpcReg::pinned`].
@@ -851,6 +1204,20 @@ fn bounce_read(
     Ok(())
 }
 
+/// Fails with `RemoteDisconnected` when process `pid` no longer exists
+/// (`kill(pid, 0)` gives `ESRCH`), so a transfer to a peer that is gone is
+/// refused at `post`. A peer that exits later fails the transfer in `poll`.
+fn check_alive(pid: u32) -> Result<(), Error> {
+    // SAFETY: signal 0 sends nothing; it only checks that the process exists.
+    let res = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    if res != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+        return Err(Error::disconnected(&format!(
+            "CUDA_IPC peer pid {pid} is gone"
+        )));
+    }
+    Ok(())
+}
+
 /// Name of the cross-memory-attach call that moves data for `op`.
 fn cma_call(op: XferOp) -> &'static str {
     match op {
@@ -958,7 +1325,10 @@ fn cma_copy(op: XferOp, pid: u32, local: u64, remote: u64, len: u64) -> Result<(
 
 impl Drop for CudaIpcTransport {
     fn drop(&mut self) {
-        // 1. Let every copy finish: nothing may touch peer memory after this.
+        // 1. Let every copy finish: nothing may touch peer memory after
+        //    this. The workers finish their current part and are joined
+        //    (releasing their streams and bounce buffers); then the streams.
+        self.pool = None;
         for state in self.devices.iter().flatten() {
             if let Err(e) = state.synchronize() {
                 log::warn!("draining device {}: {e}", state.ctx.ordinal());
@@ -1228,8 +1598,14 @@ impl Transport for CudaIpcTransport {
                 });
             }
         }
+        let needs_pool = segments.iter().any(|s| s.remote.kind == MemKind::Dram);
+        if needs_pool && self.pool.is_none() {
+            self.pool = Some(CmaPool::new()?);
+        }
         let mut used = Vec::with_capacity(2);
-        let result = self.enqueue(op, segments, &mut used).and_then(|()| {
+        let mut pieces = Vec::new();
+        let result = self.enqueue(op, segments, &mut used).and_then(|p| {
+            pieces = p;
             let mut events = Vec::with_capacity(used.len());
             for &dev in &used {
                 let state = self.device(dev)?;
@@ -1250,8 +1626,25 @@ impl Transport for CudaIpcTransport {
             }
             Ok(events)
         });
+        // Nothing can fail after the parts are handed to the workers.
+        let result = result.and_then(|events| {
+            if pieces.is_empty() {
+                return Ok((events, None));
+            }
+            match self.start_cma(op, std::mem::take(&mut pieces)) {
+                Ok(parts) => Ok((events, Some(parts))),
+                Err(e) => {
+                    for (d, ev) in events {
+                        if let Ok(s) = self.device(d) {
+                            s.free_events.push(ev);
+                        }
+                    }
+                    Err(e)
+                }
+            }
+        });
         match result {
-            Ok(events) => {
+            Ok((events, cma)) => {
                 let notify = notification.map(|m| Outgoing {
                     to: peer.sock.clone(),
                     pid: peer.addr.pid,
@@ -1260,6 +1653,7 @@ impl Transport for CudaIpcTransport {
                 self.inflight.push(InFlight {
                     token,
                     events,
+                    cma,
                     notify,
                 });
                 Ok(PostStatus::InProgress)
@@ -1279,16 +1673,23 @@ impl Transport for CudaIpcTransport {
     fn poll(&mut self) -> Option<Completion> {
         self.flush_outbox();
         for i in 0..self.inflight.len() {
-            match self.events_done(i) {
+            // Until every part has finished, the workers may still touch
+            // the transfer's memory: not reported before, even if failed.
+            if self.inflight[i].cma.as_ref().is_some_and(|c| !c.done()) {
+                continue;
+            }
+            let events = self.events_done(i);
+            let failed = match events {
                 Ok(false) => continue,
-                Err(e) => {
-                    let f = self.inflight.remove(i);
-                    return Some(Completion {
-                        token: f.token,
-                        result: Err(e),
-                    });
-                }
-                Ok(true) => {}
+                Ok(true) => self.inflight[i].cma.as_ref().and_then(|c| c.take_error()),
+                Err(e) => Some(e),
+            };
+            if let Some(e) = failed {
+                let f = self.inflight.remove(i);
+                return Some(Completion {
+                    token: f.token,
+                    result: Err(e),
+                });
             }
             let result = match &self.inflight[i].notify {
                 None => Ok(()),
@@ -1514,5 +1915,186 @@ mod tests {
                 )
             )
         );
+    }
+
+    /// Polls `parts` until every part finished, at most 30 s.
+    fn wait_parts(parts: &CmaParts) {
+        let start = std::time::Instant::now();
+        while !parts.done() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(30),
+                "parts did not finish"
+            );
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+    }
+
+    #[test]
+    fn cma_workers_move_split_and_grouped_pieces() {
+        let long = (5 * CMA_PART + 13) as usize;
+        let src = pattern(long + 3000, 3);
+        let mut dst = vec![0u8; long + 3000 + 3 * 7];
+        let (s, d) = (src.as_ptr() as u64, dst.as_mut_ptr() as u64);
+        let mut pieces = Vec::new();
+        // One long range (split in pieces of CMA_PART), then three short
+        // ones, each 7 bytes further on in the target.
+        split_into(&mut pieces, me(), s, d, long as u64, None);
+        for k in 0..3u64 {
+            let at = long as u64 + k * 1000;
+            split_into(&mut pieces, me(), s + at, d + at + 7 * (k + 1), 1000, None);
+        }
+        assert_eq!(pieces.len(), 9);
+        let (parts, work) = into_parts(XferOp::Write, pieces);
+        // Five full parts; the 13-byte tail shares the sixth with the short ones.
+        let sizes: Vec<(usize, u64)> = work
+            .iter()
+            .map(|p| (p.pieces.len(), p.pieces.iter().map(|x| x.len).sum()))
+            .collect();
+        assert_eq!(
+            sizes,
+            [
+                (1, CMA_PART),
+                (1, CMA_PART),
+                (1, CMA_PART),
+                (1, CMA_PART),
+                (1, CMA_PART),
+                (4, 3013)
+            ]
+        );
+        assert!(!parts.done());
+        let pool = CmaPool::new().unwrap();
+        assert_eq!(pool.threads.len(), CMA_WORKERS);
+        pool.submit(work);
+        wait_parts(&parts);
+        assert_eq!(parts.take_error(), None);
+        let mut expected = src[..long].to_vec();
+        for k in 0..3 {
+            expected.extend_from_slice(&[0u8; 7]);
+            expected.extend_from_slice(&src[long + k * 1000..long + (k + 1) * 1000]);
+        }
+        assert!(dst == expected, "target differs after the workers' WRITE");
+        // READ back through the same pool into a fresh buffer.
+        let mut back = vec![0u8; long];
+        let mut pieces = Vec::new();
+        split_into(
+            &mut pieces,
+            me(),
+            back.as_mut_ptr() as u64,
+            d,
+            long as u64,
+            None,
+        );
+        let (parts, work) = into_parts(XferOp::Read, pieces);
+        pool.submit(work);
+        wait_parts(&parts);
+        assert_eq!(parts.take_error(), None);
+        assert!(back[..] == src[..long], "READ through the workers differs");
+    }
+
+    #[test]
+    fn cma_workers_report_the_error_only_after_every_part_finished() {
+        let remote = HalfMapped::new(0);
+        let src = pattern(4 * CMA_PART as usize, 7);
+        let mut good = vec![0u8; 3 * CMA_PART as usize];
+        let mut after_fault = vec![0u8; 1000];
+        let s = src.as_ptr() as u64;
+        let mut pieces = Vec::new();
+        // Three parts of good target memory, queued first ...
+        split_into(
+            &mut pieces,
+            me(),
+            s,
+            good.as_mut_ptr() as u64,
+            good.len() as u64,
+            None,
+        );
+        // ... then one part whose first piece runs off the mapped page and
+        // whose second piece must then not be moved.
+        let faulty = s + good.len() as u64;
+        split_into(&mut pieces, me(), faulty, remote.0, 8192, None);
+        split_into(
+            &mut pieces,
+            me(),
+            faulty + 8192,
+            after_fault.as_mut_ptr() as u64,
+            1000,
+            None,
+        );
+        let (parts, work) = into_parts(XferOp::Write, pieces);
+        assert_eq!(work.len(), 4);
+        let pool = CmaPool::new().unwrap();
+        pool.submit(work);
+        wait_parts(&parts);
+        assert_eq!(
+            parts.take_error(),
+            Some(Error::backend(
+                BACKEND,
+                libc::EFAULT as i64,
+                &format!(
+                    "process_vm_writev pid {}: EFAULT at remote {:#x}, local {:#x}",
+                    me(),
+                    remote.0 + 4096,
+                    faulty + 4096
+                )
+            ))
+        );
+        // Every part queued before the failing one had started, so all of
+        // them landed before the failure could be reported.
+        assert!(good[..] == src[..good.len()], "earlier parts incomplete");
+        assert_eq!(remote.first_page(), &src[good.len()..good.len() + 4096]);
+        assert!(
+            after_fault.iter().all(|&b| b == 0),
+            "piece after the fault moved"
+        );
+        // A transfer that already failed skips the parts it has not started.
+        let failed = Arc::new(CmaParts::new(1));
+        failed.fail(Error::disconnected("first"));
+        failed.fail(Error::disconnected("second"));
+        pool.submit(vec![Part {
+            op: XferOp::Write,
+            pieces: vec![Piece {
+                pid: me(),
+                local: s,
+                remote: after_fault.as_mut_ptr() as u64,
+                len: 1000,
+                vram: None,
+            }],
+            parts: failed.clone(),
+        }]);
+        wait_parts(&failed);
+        assert_eq!(failed.take_error(), Some(Error::disconnected("first")));
+        assert!(after_fault.iter().all(|&b| b == 0), "skipped part moved");
+    }
+
+    #[test]
+    fn cma_workers_are_joined_on_drop_and_touch_nothing_afterwards() {
+        let len = 16 * CMA_PART as usize;
+        let src = pattern(len, 11);
+        let mut dst = vec![0u8; len];
+        let mut pieces = Vec::new();
+        split_into(
+            &mut pieces,
+            me(),
+            src.as_ptr() as u64,
+            dst.as_mut_ptr() as u64,
+            len as u64,
+            None,
+        );
+        let (parts, work) = into_parts(XferOp::Write, pieces);
+        let pool = CmaPool::new().unwrap();
+        pool.submit(work);
+        drop(pool);
+        // The workers are gone: the target no longer changes.
+        let snapshot = dst.clone();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(dst == snapshot, "target written after the pool was dropped");
+        // Whatever part finished moved all of its bytes.
+        let whole = |k: usize| {
+            let r = k * CMA_PART as usize..(k + 1) * CMA_PART as usize;
+            dst[r.clone()] == src[r]
+        };
+        let finished = (0..16).filter(|&k| whole(k)).count();
+        let left = parts.left.load(Ordering::Acquire);
+        assert_eq!(finished + left, 16, "{finished} parts landed, {left} left");
     }
 }

@@ -1237,3 +1237,299 @@ fn gpu_two_process_dram_dram_read_256_mib() {
         44,
     );
 }
+
+/// A 256 MiB WRITE from DRAM into a peer process's DRAM: `post` only hands
+/// the copy to the transport's workers, so it returns long before the
+/// transfer completes (a `post` doing the copy itself would take as long as
+/// the transfer). Up to three tries, so one descheduled `post` on a loaded
+/// machine does not fail it; then the target checks every byte.
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_two_process_dram_dram_write_256_mib_post_does_not_block() {
+    if dispatch() {
+        return;
+    }
+    let len = 256 * MIB;
+    let seed = 45;
+    let mut peer = Peer::spawn(
+        "gpu_two_process_dram_dram_write_256_mib_post_does_not_block",
+        &format!("write:{len}:{seed}:dram"),
+    );
+    let mut t = CudaIpcTransport::new().unwrap();
+    let data = pattern(seed, len);
+    let reg = t
+        .register(&Region::dram(data.as_ptr() as u64, len as u64))
+        .unwrap();
+    let (p, region, key) = attach(&mut t, &peer);
+    assert_eq!(key.kind(), MemKind::Dram);
+    let seg = segment(&reg, data.as_ptr() as u64, &key, region.addr, 0, len as u64);
+    let mut tries = Vec::new();
+    for i in 0..3u64 {
+        let start = Instant::now();
+        let status = t
+            .post(XferOp::Write, &p, &[seg], None, Token(100 + i))
+            .unwrap();
+        let post = start.elapsed();
+        assert_eq!(status, PostStatus::InProgress);
+        let early = t.poll();
+        match &early {
+            Some(c) => {
+                assert_eq!(c.token, Token(100 + i));
+                c.result.clone().unwrap();
+            }
+            None => wait_done(&mut t, Token(100 + i)).unwrap(),
+        }
+        let total = start.elapsed();
+        println!(
+            "RESULT WRITE dram -> remote dram, try {i}: post {:.1} us, transfer {:.2} ms \
+             ({:.2} GB/s), first poll {}",
+            post.as_secs_f64() * 1e6,
+            total.as_secs_f64() * 1e3,
+            len as f64 / total.as_secs_f64() / 1e9,
+            if early.is_none() { "empty" } else { "done" }
+        );
+        tries.push((post, total, early.is_none()));
+        if post < Duration::from_millis(10) && post * 4 < total && early.is_none() {
+            break;
+        }
+    }
+    assert!(
+        tries
+            .iter()
+            .any(|&(post, total, empty)| post < Duration::from_millis(10)
+                && post * 4 < total
+                && empty),
+        "post blocked for the copy: {tries:?}"
+    );
+    assert_eq!(t.in_flight(), 0);
+    t.send_notification(&p, b"written").unwrap();
+    assert_eq!(unhex(&peer.expect("NOTE")), b"written");
+    assert_eq!(peer.expect("VERIFY"), "ok");
+    t.release_key(key);
+    t.deregister(reg);
+    peer.send("BYE");
+    peer.finish();
+}
+
+/// An anonymous mapping of `len` bytes whose last page is unmapped again:
+/// a peer DRAM range that faults at `addr + len - 4096`. Unmapped in `Drop`.
+struct Holed {
+    addr: u64,
+    len: usize,
+}
+
+impl Holed {
+    fn new(len: usize) -> Holed {
+        // SAFETY: a fresh private anonymous mapping; nothing else uses it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        // SAFETY: unmaps the mapping's last page, never touched again.
+        assert_eq!(
+            unsafe { libc::munmap(p.cast::<u8>().add(len - 4096).cast(), 4096) },
+            0
+        );
+        Holed {
+            addr: p as u64,
+            len,
+        }
+    }
+
+    /// The mapped bytes.
+    fn mapped(&self) -> &[u8] {
+        // SAFETY: all but the last page stay mapped until `Drop`.
+        unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len - 4096) }
+    }
+}
+
+impl Drop for Holed {
+    fn drop(&mut self) {
+        // SAFETY: unmaps what `new` left mapped.
+        unsafe { libc::munmap(self.addr as *mut std::ffi::c_void, self.len - 4096) };
+    }
+}
+
+/// A peer DRAM range whose last page faults: the transfer's parts run on
+/// the workers, the failure is reported by `poll` (not `post`) only once
+/// every part finished, with the call, the pid and the address, and the
+/// attached notification is never sent. From DRAM and from VRAM (bounce
+/// path), WRITE and READ.
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_peer_dram_fault_is_reported_by_poll_after_all_parts() {
+    let mut a = CudaIpcTransport::new().unwrap();
+    let mut b = CudaIpcTransport::new().unwrap();
+    let len = 24 * MIB + 4096; // three full parts and one faulting page
+    let data = pattern(51, len);
+    let src_vram = DeviceBuffer::from_host(0, &data).unwrap();
+    let back = vec![0u8; len];
+    let rh = a
+        .register(&Region::dram(data.as_ptr() as u64, len as u64))
+        .unwrap();
+    let rback = a
+        .register(&Region::dram(back.as_ptr() as u64, len as u64))
+        .unwrap();
+    let rv = a.register(&src_vram.region()).unwrap();
+    let mut buf = [0u8; 128];
+    let n = b.local_address(&mut buf).unwrap();
+    let pb = a.connect(&buf[..n]).unwrap();
+    let me = std::process::id();
+    for (i, from_vram) in [false, true].into_iter().enumerate() {
+        let holed = Holed::new(len);
+        let region = Region::dram(holed.addr, len as u64);
+        let mut kbuf = [0u8; IpcKey::MAX_LEN];
+        let n = IpcKey::Dram(DramKey {
+            addr: region.addr,
+            len: region.len,
+        })
+        .encode(&mut kbuf)
+        .unwrap();
+        let k = a.unpack_key(&pb, &region, &kbuf[..n]).unwrap();
+        let (reg, local) = if from_vram {
+            (&rv, src_vram.ptr())
+        } else {
+            (&rh, data.as_ptr() as u64)
+        };
+        let token = Token(60 + i as u64);
+        let seg = segment(reg, local, &k, region.addr, 0, len as u64);
+        assert_eq!(
+            a.post(XferOp::Write, &pb, &[seg], Some(b"never"), token),
+            Ok(PostStatus::InProgress)
+        );
+        let hole = holed.addr + (len - 4096) as u64;
+        match wait_done(&mut a, token) {
+            Err(Error::Backend {
+                backend: "CUDA_IPC",
+                code,
+                text,
+            }) => {
+                assert_eq!(code, libc::EFAULT as i64);
+                let head =
+                    format!("process_vm_writev pid {me}: EFAULT at remote {hole:#x}, local ");
+                assert!(text.starts_with(&head), "{text}");
+                if !from_vram {
+                    // From DRAM the local address is the source's own.
+                    assert_eq!(
+                        text.as_str(),
+                        format!("{head}{:#x}", local + (len - 4096) as u64)
+                    );
+                }
+            }
+            r => panic!("expected EFAULT, got {r:?}"),
+        }
+        // Reported only after every part finished: the mapped bytes are all there.
+        assert_eq!(
+            first_mismatch(holed.mapped(), &data[..len - 4096]),
+            None,
+            "WRITE from {} incomplete when its failure was reported",
+            if from_vram { "VRAM" } else { "DRAM" }
+        );
+        assert_eq!(a.in_flight(), 0);
+        if !from_vram {
+            // READ of the same range into DRAM: the same fault, by READ.
+            let seg = segment(&rback, back.as_ptr() as u64, &k, region.addr, 0, len as u64);
+            a.post(XferOp::Read, &pb, &[seg], None, Token(70)).unwrap();
+            assert_eq!(
+                wait_done(&mut a, Token(70)),
+                Err(Error::backend(
+                    "CUDA_IPC",
+                    libc::EFAULT as i64,
+                    &format!(
+                        "process_vm_readv pid {me}: EFAULT at remote {hole:#x}, local {:#x}",
+                        back.as_ptr() as u64 + (len - 4096) as u64
+                    )
+                ))
+            );
+            assert_eq!(
+                first_mismatch(&back[..len - 4096], &data[..len - 4096]),
+                None
+            );
+        }
+        a.release_key(k);
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let mut none = [0u8; 16];
+    assert!(
+        b.poll_notification(&mut none).is_none(),
+        "notification of a failed transfer was sent"
+    );
+    a.deregister(rh);
+    a.deregister(rback);
+    a.deregister(rv);
+}
+
+/// Dropping a transport while 256 MiB move to a peer's DRAM (from DRAM and
+/// from VRAM), once the first part has started writing: the drop waits for
+/// the parts in progress (the first one is whole when it returns), and
+/// nothing writes the peer's memory afterwards.
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_drop_with_peer_dram_transfers_in_flight() {
+    let len = 256 * MIB;
+    let data = pattern(61, len);
+    assert_ne!(
+        data[0], 0,
+        "the first byte must show the first part's arrival"
+    );
+    let src_vram = DeviceBuffer::from_host(0, &data).unwrap();
+    for from_vram in [false, true] {
+        let mut a = CudaIpcTransport::new().unwrap();
+        let mut b = CudaIpcTransport::new().unwrap();
+        let target = vec![0u8; len];
+        let region = Region::dram(target.as_ptr() as u64, len as u64);
+        let rb = b.register(&region).unwrap();
+        let reg = if from_vram {
+            a.register(&src_vram.region()).unwrap()
+        } else {
+            a.register(&Region::dram(data.as_ptr() as u64, len as u64))
+                .unwrap()
+        };
+        let mut buf = [0u8; 128];
+        let n = b.local_address(&mut buf).unwrap();
+        let pb = a.connect(&buf[..n]).unwrap();
+        let n = b.pack_key(&rb, &mut buf).unwrap();
+        let k = a.unpack_key(&pb, &region, &buf[..n]).unwrap();
+        let seg = segment(&reg, reg.region().addr, &k, region.addr, 0, len as u64);
+        a.post(XferOp::Write, &pb, &[seg], None, Token(80)).unwrap();
+        // The first part is being written once its first byte arrived.
+        let first = target.as_ptr();
+        let wait = Instant::now();
+        // SAFETY: reads one byte of `target`, which the transfer writes
+        // from another thread; a volatile read sees it change.
+        while unsafe { std::ptr::read_volatile(first) } != data[0] {
+            assert!(wait.elapsed() < TIMEOUT, "the first part never started");
+            std::hint::spin_loop();
+        }
+        let start = Instant::now();
+        drop(a);
+        let took = start.elapsed();
+        assert_eq!(
+            first_mismatch(&target[..8 * MIB], &data[..8 * MIB]),
+            None,
+            "the part in progress at the drop is incomplete"
+        );
+        let snapshot = target.clone();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(target == snapshot, "peer memory written after the drop");
+        let landed = (0..len / (8 * MIB))
+            .filter(|&c| {
+                let r = c * 8 * MIB..(c + 1) * 8 * MIB;
+                target[r.clone()] == data[r]
+            })
+            .count();
+        println!(
+            "RESULT drop with a 256 MiB WRITE from {} in flight: {:.2} ms, {landed} of 32 parts landed",
+            if from_vram { "VRAM" } else { "DRAM" },
+            took.as_secs_f64() * 1e3
+        );
+        b.deregister(rb);
+    }
+}
