@@ -172,18 +172,7 @@ struct DeviceState {
 impl DeviceState {
     fn new(ordinal: u32) -> Result<DeviceState, Error> {
         let ctx = Context::new(ordinal)?;
-        ctx.bind()?;
-        let mut stream = std::ptr::null_mut();
-        // SAFETY: the context is current; `stream` is a valid out-parameter.
-        check(
-            unsafe {
-                sys::cuStreamCreate(
-                    &mut stream,
-                    sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
-                )
-            },
-            "cuStreamCreate",
-        )?;
+        let stream = driver::create_stream(&ctx)?;
         let mut state = DeviceState {
             uuid: [0; 16],
             stream,
