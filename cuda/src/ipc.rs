@@ -184,28 +184,16 @@ impl DeviceState {
     }
 
     fn event(&mut self) -> Result<sys::CUevent, Error> {
-        if let Some(e) = self.free_events.pop() {
-            return Ok(e);
+        match self.free_events.pop() {
+            Some(e) => Ok(e),
+            None => driver::create_event(&self.ctx),
         }
-        self.ctx.bind()?;
-        let mut ev = std::ptr::null_mut();
-        // SAFETY: the context is current; `ev` is a valid out-parameter.
-        check(
-            unsafe {
-                sys::cuEventCreate(&mut ev, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
-            },
-            "cuEventCreate",
-        )?;
-        Ok(ev)
     }
 
     fn synchronize(&self) -> Result<(), Error> {
-        self.ctx.bind()?;
-        // SAFETY: `stream` is live in this context.
-        check(
-            unsafe { sys::cuStreamSynchronize(self.stream) },
-            "cuStreamSynchronize",
-        )
+        // SAFETY: the stream was made in `self.ctx` and is destroyed only
+        // in `Drop`, after this.
+        unsafe { driver::synchronize_stream(&self.ctx, self.stream) }
     }
 }
 
@@ -384,16 +372,7 @@ impl WorkerGpu {
         };
         // On an error `g` drops, destroying the stream and the events made.
         for i in 0..BOUNCE_SLOTS {
-            let mut ev = std::ptr::null_mut();
-            // SAFETY: the context is current (create_stream left it so);
-            // `ev` is a valid out-parameter.
-            check(
-                unsafe {
-                    sys::cuEventCreate(&mut ev, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
-                },
-                "cuEventCreate",
-            )?;
-            g.events[i] = ev;
+            g.events[i] = driver::create_event(ctx)?;
         }
         Ok(g)
     }
@@ -445,12 +424,9 @@ impl WorkerGpu {
     }
 
     fn synchronize(&self) -> Result<(), Error> {
-        self.ctx.bind()?;
-        // SAFETY: `stream` is live in this context.
-        check(
-            unsafe { sys::cuStreamSynchronize(self.stream) },
-            "cuStreamSynchronize",
-        )
+        // SAFETY: the stream was made in `self.ctx` and is destroyed only
+        // in `Drop`, after this.
+        unsafe { driver::synchronize_stream(&self.ctx, self.stream) }
     }
 }
 

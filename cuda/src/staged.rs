@@ -155,19 +155,10 @@ impl<L> Pool<L> {
     }
 
     fn event(&mut self) -> Result<sys::CUevent, Error> {
-        if let Some(e) = self.free_events.pop() {
-            return Ok(e);
+        match self.free_events.pop() {
+            Some(e) => Ok(e),
+            None => driver::create_event(&self.ctx),
         }
-        self.ctx.bind()?;
-        let mut ev = std::ptr::null_mut();
-        // SAFETY: the context is current; `ev` is a valid out-parameter.
-        check(
-            unsafe {
-                sys::cuEventCreate(&mut ev, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
-            },
-            "cuEventCreate",
-        )?;
-        Ok(ev)
     }
 
     /// Enqueues copies between bounce slot `slot` and the pieces' local
@@ -240,13 +231,9 @@ impl<L> Pool<L> {
 impl<L> Pool<L> {
     /// Waits until every copy queued on the pool's stream finished.
     fn synchronize(&self) -> Result<(), Error> {
-        self.ctx.bind().and_then(|()| {
-            // SAFETY: the stream is live in this context.
-            check(
-                unsafe { sys::cuStreamSynchronize(self.stream) },
-                "cuStreamSynchronize",
-            )
-        })
+        // SAFETY: the stream was made in `self.ctx` and is destroyed only
+        // in `Drop`, after this.
+        unsafe { driver::synchronize_stream(&self.ctx, self.stream) }
     }
 }
 
