@@ -217,6 +217,12 @@ pub fn decode(msg: &[u8]) -> Result<Message<'_>, Error> {
             let text_len = r.u16("the text length")?;
             let text = r.take(usize::from(text_len), "the text")?;
             let result = match status {
+                0 if !text.is_empty() => {
+                    return Err(malformed(&format!(
+                        "a successful answer carries {} bytes of text",
+                        text.len()
+                    )))
+                }
                 0 => Ok(()),
                 1 => Err(std::str::from_utf8(text)
                     .map_err(|_| malformed("failure text is not UTF-8"))?),
@@ -441,6 +447,15 @@ mod tests {
         assert_eq!(
             decode(&m).map(|_| ()).map_err(text),
             err("failure text is not UTF-8")
+        );
+        // A success carries no text (found by the cuda_wire_decode fuzz
+        // target: the text was ignored, so two encodings meant one answer).
+        let mut m = out.clone();
+        m.truncate(16);
+        m.extend_from_slice(&[2, 0, b'o', b'k']);
+        assert_eq!(
+            decode(&m).map(|_| ()).map_err(text),
+            err("a successful answer carries 2 bytes of text")
         );
     }
 
