@@ -114,6 +114,17 @@ impl Mem {
     }
 }
 
+/// The packed CUDA_IPC key of host-memory `region` (a peer's DRAM).
+fn dram_key(region: &Region) -> Vec<u8> {
+    let mut buf = [0u8; IpcKey::MAX_LEN];
+    let key = IpcKey::Dram(DramKey {
+        addr: region.addr,
+        len: region.len,
+    });
+    let n = key.encode(&mut buf).unwrap();
+    buf[..n].to_vec()
+}
+
 fn kind_name(k: MemKind) -> &'static str {
     match k {
         MemKind::Vram => "vram",
@@ -881,14 +892,8 @@ fn gpu_dram_peer_gone_is_reported() {
     gone.encode(&mut buf).unwrap();
     let p = t.connect(&buf).unwrap();
     let region = Region::dram(0x7f00_0000_0000, 4096);
-    let mut kbuf = [0u8; IpcKey::MAX_LEN];
-    let n = IpcKey::Dram(DramKey {
-        addr: region.addr,
-        len: region.len,
-    })
-    .encode(&mut kbuf)
-    .unwrap();
-    let k = t.unpack_key(&p, &region, &kbuf[..n]).unwrap();
+    let kbuf = dram_key(&region);
+    let k = t.unpack_key(&p, &region, &kbuf).unwrap();
     let host = vec![1u8; 4096];
     let vram = DeviceBuffer::from_host(0, &host).unwrap();
     let rh = t
@@ -1385,14 +1390,8 @@ fn gpu_peer_dram_fault_is_reported_by_poll_after_all_parts() {
     for (i, from_vram) in [false, true].into_iter().enumerate() {
         let holed = Holed::new(len);
         let region = Region::dram(holed.addr, len as u64);
-        let mut kbuf = [0u8; IpcKey::MAX_LEN];
-        let n = IpcKey::Dram(DramKey {
-            addr: region.addr,
-            len: region.len,
-        })
-        .encode(&mut kbuf)
-        .unwrap();
-        let k = a.unpack_key(&pb, &region, &kbuf[..n]).unwrap();
+        let kbuf = dram_key(&region);
+        let k = a.unpack_key(&pb, &region, &kbuf).unwrap();
         let (reg, local) = if from_vram {
             (&rv, src_vram.ptr())
         } else {
