@@ -36,6 +36,11 @@
 //! does that; a target must call it regularly (the std shim runs a progress
 //! thread for this).
 //!
+//! The `sockets` provider is asked for manual progress too (data and
+//! control). Left to its own progress thread, it lost RMA WRITEs when the
+//! machine's cores were busy: some never completed, and their transfers
+//! ran into `op_timeout`.
+//!
 //! # Failure
 //!
 //! A transfer whose operations fail completes with the provider's error
