@@ -34,13 +34,13 @@
 //!
 //! Known limitation of UCX 1.13 over `tcp`, on the target side: a target
 //! process that is stalled while WRITEs to it sit in its socket, and whose
-//! initiator closes the connection meanwhile (deadline passed, killed, shut
-//! down), is aborted by UCX when it resumes (`Fatal: unexpected error:
-//! Endpoint timeout` from `ucp_put_handler`, which fails to acknowledge a
-//! WRITE on the broken connection). No call of kvxfer is on that path, so
-//! it cannot be caught here; keep transfer deadlines well above the longest
-//! stall a target may have, or use the libfabric transport, whose targets
-//! survive the same test. The workspace README gives the reproduction.
+//! initiator goes away meanwhile (exits, drops its transport, is killed),
+//! is aborted by UCX when it resumes (`Fatal: unexpected error: Endpoint
+//! timeout` from `ucp_put_handler`, which fails to acknowledge a WRITE on
+//! the broken connection). No call of kvxfer is on that path, so it cannot
+//! be caught here; the libfabric transport's targets survive the same
+//! test. The workspace README gives the reproduction, and the ignored test
+//! `stalled_target_survives_its_initiator_going_away` shows it.
 #![deny(missing_docs)]
 // `kvxfer_core::Error` is the project's one error type: bounded and
 // allocation-free by design, so it is returned by value.
