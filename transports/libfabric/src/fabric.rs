@@ -93,7 +93,7 @@ impl Info {
                 // WRITEs were lost under CPU contention: of 300 WRITEs in
                 // flight, 19 to 178 never completed within 60 s in about
                 // one run in 40 when five runs shared two cores. With
-                // manual progress none was lost in 200 such runs.
+                // manual progress none was lost in 300 such runs.
                 dom.data_progress = sys::FI_PROGRESS_MANUAL;
                 dom.control_progress = sys::FI_PROGRESS_MANUAL;
             }
