@@ -11,6 +11,16 @@ step() { printf '\n==> %s\n' "$*" >&2; }
 step "set-up"
 scripts/setup.sh
 
+# A clean build of the test binaries and fuzz targets takes about 2 GiB; a full
+# disk shows up later as a linker "Bus error" or "No space left on device".
+build_dir=${CARGO_TARGET_DIR:-.}
+mkdir -p "$build_dir"
+free_mib=$(df -Pm "$build_dir" | awk 'NR == 2 { print $4 }')
+if ((free_mib < 3072)); then
+    echo "warning: only ${free_mib} MiB free for the build in ${build_dir};" \
+        "a clean build of the tests needs about 2 GiB" >&2
+fi
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
