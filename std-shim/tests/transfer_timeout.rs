@@ -48,7 +48,7 @@ impl Drop for Resume {
     }
 }
 
-/// Sends `sig` (`-STOP`, `-CONT`, `-KILL`) to process `pid`.
+/// Sends `sig` (`-STOP`, `-CONT`) to process `pid`.
 fn signal(pid: u32, sig: &str) {
     let st = Command::new("kill")
         .args([sig, &pid.to_string()])
@@ -287,27 +287,27 @@ fn stopped_target_times_out(backend: &str) {
     );
     drop(req);
 
-    if backend == "UCX" {
-        // UCX 1.13 over tcp aborts a target that resumes with WRITEs still
-        // queued in its socket once the initiator has closed the connection
-        // (README, "Known limitation"), so the UCX target is not resumed:
-        // it is killed stopped, and only the initiator's side is checked.
-        signal(pid, "-KILL");
-        drop(resume);
-        agent.deregister(src.as_ptr() as u64).unwrap();
-        agent.shutdown();
-        return;
+    // UCX 1.13 over tcp aborts a target that resumes with WRITEs still
+    // queued in its socket once the initiator has closed the connection
+    // (README, "Known limitation"), so the UCX target is not resumed: it is
+    // killed stopped, and only the initiator's side is checked.
+    let resumed = backend != "UCX";
+    if resumed {
+        signal(pid, "-CONT");
+    } else {
+        child.0.kill().expect("kill the stopped target");
     }
-    signal(pid, "-CONT");
     drop(resume);
     agent.deregister(src.as_ptr() as u64).unwrap();
     agent.shutdown();
-    let _ = writeln!(stdin, "quit");
-    drop(stdin);
-    assert!(
-        exited_ok(&mut child, Duration::from_secs(20)),
-        "{backend}: target did not shut down cleanly"
-    );
+    if resumed {
+        let _ = writeln!(stdin, "quit");
+        drop(stdin);
+        assert!(
+            exited_ok(&mut child, Duration::from_secs(20)),
+            "{backend}: target did not shut down cleanly"
+        );
+    }
 }
 
 #[test]
