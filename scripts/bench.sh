@@ -8,6 +8,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --release -p kvxfer --features etcd --bin kvxfer >&2
+cargo build --release -p kvxfer --bin kvxfer >&2
 target_dir=${CARGO_TARGET_DIR:-target}
 exec "$target_dir/release/kvxfer" bench "$@"

@@ -1,18 +1,33 @@
 #!/usr/bin/env bash
-# Installs what kvxfer needs to build and test on Debian 12: the UCX and
-# libfabric development packages and tools, libclang for bindgen, shellcheck,
-# etcd and protoc for the etcd tests, iproute2 for the link-cut test, and the
-# thumbv7em target that proves the core is no_std.
-# As root it installs; otherwise it prints the exact command and fails.
+# Installs what kvxfer needs on Debian 12 or 13.
+#
+#   scripts/setup.sh          to build kvxfer and run the benchmark: a C
+#                             toolchain, pkg-config, libclang for bindgen, the
+#                             UCX and libfabric development packages
+#   scripts/setup.sh --test   also what the test command needs: the thumbv7em
+#                             target (no_std build of the core), shellcheck,
+#                             etcd and protoc with the well-known .proto files
+#                             (feature `etcd`), iproute2 (link-cut test),
+#                             procps (kill), xz-utils (libfabric 2.x check)
+#
+# As root it installs what is missing; otherwise it prints the exact command
+# and fails.
 set -euo pipefail
 
 PACKAGES=(
-    build-essential pkg-config clang libclang-dev
-    libucx-dev ucx-utils
-    libfabric-dev libfabric-bin
-    shellcheck iproute2 procps
-    etcd-server etcd-client protobuf-compiler
+    ca-certificates build-essential pkg-config clang libclang-dev
+    libucx-dev libfabric-dev
 )
+if [[ ${1:-} == --test ]]; then
+    PACKAGES+=(
+        ucx-utils libfabric-bin
+        shellcheck iproute2 procps xz-utils
+        etcd-server etcd-client protobuf-compiler libprotobuf-dev
+    )
+elif [[ $# -gt 0 ]]; then
+    echo "usage: scripts/setup.sh [--test]" >&2
+    exit 2
+fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -39,6 +54,7 @@ if ! command -v cargo >/dev/null; then
     exit 1
 fi
 
-if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx thumbv7em-none-eabihf; then
+if [[ ${1:-} == --test ]] && command -v rustup >/dev/null &&
+    ! rustup target list --installed | grep -qx thumbv7em-none-eabihf; then
     rustup target add thumbv7em-none-eabihf >&2
 fi

@@ -2,14 +2,14 @@
 # Runs every check kvxfer has: formatting, lints, the no_std build of the
 # core, shell script lints, the whole test suite (multi-process transfers over
 # real UCX and libfabric on loopback), and a short run of each fuzz target.
-# Installs what it needs first (see scripts/setup.sh).
+# Installs what it needs first (scripts/setup.sh --test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 
 step "set-up"
-scripts/setup.sh
+scripts/setup.sh --test
 
 # A clean build of the test binaries and fuzz targets takes about 2 GiB; a full
 # disk shows up later as a linker "Bus error" or "No space left on device".

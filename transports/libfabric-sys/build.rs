@@ -67,4 +67,28 @@ fn main() {
     bindings
         .write_to_file(out.join("bindings.rs"))
         .expect("cannot write bindings.rs");
+
+    // The header's API version, for crates whose code differs between
+    // libfabric 1.x and 2.x: DEP_FABRIC_API_MAJOR / DEP_FABRIC_API_MINOR in
+    // their build scripts.
+    let text = bindings.to_string();
+    let major = header_const(&text, "FI_MAJOR_VERSION");
+    let minor = header_const(&text, "FI_MINOR_VERSION");
+    println!("cargo:api_major={major}");
+    println!("cargo:api_minor={minor}");
+}
+
+/// The value of `pub const NAME: u32 = N;` in the generated bindings.
+fn header_const(bindings: &str, name: &str) -> u32 {
+    let prefix = format!("pub const {name}: u32 = ");
+    bindings
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix(&prefix)?
+                .strip_suffix(';')?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("the libfabric headers define no {name}"))
 }

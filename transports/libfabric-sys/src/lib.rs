@@ -10,7 +10,9 @@
 //! The library is found with pkg-config (`libfabric`), or under
 //! `$LIBFABRIC_DIR` (`include/`, `lib/`) when that variable is set at build
 //! time; a library from such a prefix must then be found at run time too
-//! (`LD_LIBRARY_PATH`). Works with libfabric 1.17 and newer.
+//! (`LD_LIBRARY_PATH`). Works with libfabric 1.17 to 2.x; the build script
+//! hands the headers' version to dependent build scripts as
+//! `DEP_FABRIC_API_MAJOR` and `DEP_FABRIC_API_MINOR`.
 //!
 //! Macros that bindgen cannot evaluate are provided by hand below.
 #![allow(non_upper_case_globals, non_camel_case_types, non_snake_case)]

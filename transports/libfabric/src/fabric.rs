@@ -58,8 +58,44 @@ pub(crate) const MR_MODE_SUPPORTED: u32 = sys::FI_MR_LOCAL
     | sys::FI_MR_PROV_KEY
     | sys::FI_MR_ENDPOINT;
 
-/// Oldest API version requested from `fi_getinfo`.
-pub(crate) const API_VERSION: u32 = sys::FI_VERSION(1, 9);
+/// The API version kvxfer asks for when the newest one fails: the oldest
+/// whose semantics kvxfer relies on.
+pub(crate) const FALLBACK_API_VERSION: u32 = sys::FI_VERSION(1, 9);
+
+/// The API version requested from `fi_getinfo`: the newest that both the
+/// headers kvxfer was built with and the library loaded offer.
+pub(crate) fn api_version() -> u32 {
+    let header = sys::FI_VERSION(sys::FI_MAJOR_VERSION, sys::FI_MINOR_VERSION);
+    // SAFETY: fi_version takes no argument and has no precondition.
+    let library = unsafe { sys::fi_version() };
+    header.min(library).max(FALLBACK_API_VERSION)
+}
+
+/// Sets the data and control progress models asked for. libfabric 2.0 put
+/// `data_progress` in a union with its new name, `progress`.
+fn set_progress(dom: &mut sys::fi_domain_attr, data: sys::fi_progress, control: sys::fi_progress) {
+    #[cfg(libfabric_v2)]
+    {
+        dom.__bindgen_anon_1.data_progress = data;
+    }
+    #[cfg(not(libfabric_v2))]
+    {
+        dom.data_progress = data;
+    }
+    dom.control_progress = control;
+}
+
+/// The (data, control) progress models of a domain's attributes.
+#[cfg(test)]
+pub(crate) fn progress(dom: &sys::fi_domain_attr) -> (sys::fi_progress, sys::fi_progress) {
+    #[cfg(libfabric_v2)]
+    // SAFETY: both members of the union are the same enum type, so
+    // reading either is reading the value libfabric wrote.
+    let data = unsafe { dom.__bindgen_anon_1.data_progress };
+    #[cfg(not(libfabric_v2))]
+    let data = dom.data_progress;
+    (data, dom.control_progress)
+}
 
 /// An owned `fi_info` list (freed with `fi_freeinfo`).
 pub(crate) struct Info(*mut sys::fi_info);
@@ -94,16 +130,28 @@ impl Info {
                 // flight, 19 to 178 never completed within 60 s in about
                 // one run in 40 when five runs shared two cores. With
                 // manual progress none was lost in 300 such runs.
-                dom.data_progress = sys::FI_PROGRESS_MANUAL;
-                dom.control_progress = sys::FI_PROGRESS_MANUAL;
+                set_progress(dom, sys::FI_PROGRESS_MANUAL, sys::FI_PROGRESS_MANUAL);
             }
             (*(*hints).fabric_attr).prov_name = libc::strdup(prov_c.as_ptr());
         }
         let mut info: *mut sys::fi_info = ptr::null_mut();
-        // SAFETY: hints is a valid fi_info; info receives a new list that we
-        // own on success.
-        let ret =
-            unsafe { sys::fi_getinfo(API_VERSION, ptr::null(), ptr::null(), 0, hints, &mut info) };
+        let mut ret = -(sys::FI_ENODATA as i32);
+        for version in [api_version(), FALLBACK_API_VERSION] {
+            // SAFETY: hints is a valid fi_info; info receives a new list
+            // that we own on success.
+            ret =
+                unsafe { sys::fi_getinfo(version, ptr::null(), ptr::null(), 0, hints, &mut info) };
+            if ret != -(sys::FI_ENODATA as i32) || version == FALLBACK_API_VERSION {
+                break;
+            }
+            log::debug!(
+                "LIBFABRIC: {prov} offers nothing at API {}.{}; asking for {}.{}",
+                version >> 16,
+                version & 0xffff,
+                FALLBACK_API_VERSION >> 16,
+                FALLBACK_API_VERSION & 0xffff
+            );
+        }
         // SAFETY: hints came from fi_allocinfo and is not used afterwards.
         unsafe { sys::fi_freeinfo(hints) };
         if ret != 0 {
@@ -362,8 +410,17 @@ mod tests {
         let info = Info::get(prov).expect("provider available");
         // SAFETY: first() is the valid first entry of the list `info` owns,
         // whose domain_attr fi_getinfo filled in.
-        let d = unsafe { &*(*info.first()).domain_attr };
-        (d.data_progress, d.control_progress)
+        super::progress(unsafe { &*(*info.first()).domain_attr })
+    }
+
+    #[test]
+    fn api_version_is_the_newest_both_sides_offer() {
+        let v = api_version();
+        // SAFETY: fi_version has no precondition.
+        let library = unsafe { sys::fi_version() };
+        assert!(v <= library, "{v:#x} > library {library:#x}");
+        assert!(v >= FALLBACK_API_VERSION);
+        assert_eq!(v >> 16, sys::FI_MAJOR_VERSION, "{v:#x}");
     }
 
     #[test]

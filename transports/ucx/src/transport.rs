@@ -283,6 +283,38 @@ fn config_modify(config: &ConfigGuard, name: &str, value: &str) -> Result<(), Er
     Ok(())
 }
 
+/// Sets an option of UCX's `tcp` transport. UCX 1.13 takes the bare name
+/// (`TX_SEG_SIZE`) and hands it to every transport, warning at start when
+/// none has it; newer UCX refuses the bare name and takes the prefixed one
+/// (`TCP_TX_SEG_SIZE`).
+fn set_tcp_option(config: &ConfigGuard, name: &str, value: &str) -> Result<(), Error> {
+    match config_modify(config, name, value) {
+        Err(Error::Backend { code, .. })
+            if code == i64::from(sys::UCS_ERR_INVALID_PARAM as sys::ucs_status_t) =>
+        {
+            config_modify(config, &format!("TCP_{name}"), value)
+        }
+        other => other,
+    }
+}
+
+/// Whether a `UCX_TLS` value (`None`: unset, meaning `all`) lets UCX use its
+/// `tcp` transport, so that options of that transport apply.
+pub(crate) fn tls_include_tcp(tls: Option<&str>) -> bool {
+    let Some(tls) = tls.map(str::trim).filter(|t| !t.is_empty()) else {
+        return true;
+    };
+    let (negated, list) = match tls.strip_prefix('^') {
+        Some(rest) => (true, rest),
+        None => (false, tls),
+    };
+    let named = list
+        .split(',')
+        .map(|t| t.trim().trim_end_matches(":aux"))
+        .any(|t| t.eq_ignore_ascii_case("tcp") || t.eq_ignore_ascii_case("all"));
+    named != negated
+}
+
 /// Completion callback of every request (put, get, flush, active message).
 /// `user_data` is the request's `XferSlot`.
 unsafe extern "C" fn request_done(
@@ -375,14 +407,14 @@ impl UcxTransport {
         if let Some(tls) = &config.tls {
             config_modify(&ucp_config, "TLS", tls)?;
         }
-        // UCX 1.13 applies these names to the transports that have them:
-        // only `tcp` has TX_SEG_SIZE and RX_SEG_SIZE.
         if let Some(seg) = config.tcp_seg_size {
+            let tls = config.tls.clone().or_else(|| std::env::var("UCX_TLS").ok());
             if std::env::var_os("UCX_TCP_TX_SEG_SIZE").is_none()
                 && std::env::var_os("UCX_TCP_RX_SEG_SIZE").is_none()
+                && tls_include_tcp(tls.as_deref())
             {
-                config_modify(&ucp_config, "TX_SEG_SIZE", &seg.to_string())?;
-                config_modify(&ucp_config, "RX_SEG_SIZE", &seg.to_string())?;
+                set_tcp_option(&ucp_config, "TX_SEG_SIZE", &seg.to_string())?;
+                set_tcp_option(&ucp_config, "RX_SEG_SIZE", &seg.to_string())?;
             }
         }
         if let Some(ms) = config.keepalive_interval_ms {
@@ -1742,6 +1774,25 @@ mod tests {
         let text = "#\n# UCP context\n#\n#            md 0  :  self\n#      resource 0  :  md 0  dev 0  flags -- self/memory\n#      resource 1  :  md 1  dev 1  flags -- tcp/lo\n#      resource 2  :  md 1  dev 1  flags -- tcp/lo\n";
         assert_eq!(parse_resources(text), vec!["self/memory", "tcp/lo"]);
         assert!(parse_resources("").is_empty());
+    }
+
+    #[test]
+    fn tcp_options_apply_when_ucx_tls_allows_tcp() {
+        for tls in [
+            None,
+            Some(""),
+            Some("all"),
+            Some("tcp"),
+            Some("posix,tcp"),
+            Some("^posix"),
+        ] {
+            assert!(tls_include_tcp(tls), "{tls:?}");
+        }
+        for tls in ["posix", "sm,self", "^tcp", "^posix,tcp", "^all", "tcp_x"] {
+            assert!(!tls_include_tcp(Some(tls)), "{tls}");
+        }
+        assert!(tls_include_tcp(Some("TCP,posix")));
+        assert!(tls_include_tcp(Some("tcp:aux")));
     }
 
     #[test]
