@@ -171,9 +171,10 @@ src_version=$(sed -n -E "s/^PACKAGE_VERSION='(.*)'$/\1/p" configure)
 
 # ---------------------------------------------------------------- configure
 step "list providers"
-# configure --help offers every provider as "--enable-NAME[=yes|no|auto|dl|PATH]".
+# configure --help offers every provider as "--enable-NAME[=yes|no|auto|dl|PATH]"
+# (2.x adds "|dl:PATH").
 mapfile -t KNOWN < <(./configure --help |
-    sed -n -E 's/^ +--enable-([a-z0-9_]+)\[=yes\|no\|auto\|dl\|PATH\].*/\1/p' | sort -u)
+    sed -n -E 's/^ +--enable-([a-z0-9_]+)\[=yes\|no\|auto\|dl\|PATH(\|dl:PATH)?\].*/\1/p' | sort -u)
 [[ ${#KNOWN[@]} -gt 0 ]] || die "configure --help lists no provider"
 for p in "${PROVIDERS[@]}"; do
     contains "$p" "${KNOWN[@]}" ||

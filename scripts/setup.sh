@@ -8,7 +8,8 @@
 #                             target (no_std build of the core), shellcheck,
 #                             etcd and protoc with the well-known .proto files
 #                             (feature `etcd`), iproute2 (link-cut test),
-#                             procps (kill), xz-utils (libfabric 2.x check)
+#                             procps (kill), and autotools and xz-utils to
+#                             build libfabric 2.x (scripts/libfabric2-check.sh)
 #
 # As root it installs what is missing; otherwise it prints the exact command
 # and fails.
@@ -21,7 +22,7 @@ PACKAGES=(
 if [[ ${1:-} == --test ]]; then
     PACKAGES+=(
         ucx-utils libfabric-bin
-        shellcheck iproute2 procps xz-utils
+        shellcheck iproute2 procps xz-utils autoconf automake libtool
         etcd-server etcd-client protobuf-compiler libprotobuf-dev
     )
 elif [[ $# -gt 0 ]]; then

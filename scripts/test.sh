@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check kvxfer has: formatting, lints, the no_std build of the
 # core, shell script lints, the whole test suite (multi-process transfers over
-# real UCX and libfabric on loopback), and a short run of each fuzz target.
+# real UCX and libfabric on loopback), the libfabric crates against
+# libfabric 2.x, and a short run of each fuzz target.
 # Installs what it needs first (scripts/setup.sh --test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +39,9 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
+
+step "libfabric 2.x: build, clippy and tests of the libfabric crates"
+scripts/libfabric2-check.sh 2>&1 | tee -a "$log" || status=$?
 # One closing line for the whole suite (cargo prints one per test binary).
 read -r passed failed ignored < <(awk '/^test result:/ {
         for (i = 1; i <= NF; i++) {

@@ -230,7 +230,7 @@ fn info_libfabric() {
              verbs/efa need their drivers; `fi_info -l` lists providers)"
         );
     }
-    for p in kvxfer_libfabric::PROVIDER_PREFERENCE {
+    for &p in kvxfer_libfabric::provider_preference() {
         if !usable.iter().any(|u| u == p) {
             println!("  {p}: not offered here");
             continue;

@@ -13,8 +13,9 @@
 //! (`tcp;ofi_rxm`, `shm`, `verbs;ofi_rxm`, `efa`, `sockets`). When it is
 //! `None`, the environment variable `KVXFER_LIBFABRIC_PROVIDER` is used, and
 //! when that is unset too, the first usable provider of
-//! [`PROVIDER_PREFERENCE`]: `efa`, `verbs;ofi_rxm`, `tcp;ofi_rxm`, `shm`,
-//! `sockets`.
+//! [`provider_preference`]: `efa`, `verbs;ofi_rxm`, `tcp;ofi_rxm`, `shm`,
+//! `sockets`; on libfabric 2.x the native `tcp` is listed last (see
+//! [`PROVIDER_PREFERENCE_V2`]; on 1.x the name `tcp` selects `tcp;ofi_rxm`).
 //!
 //! # Memory registration
 //!
@@ -101,13 +102,38 @@ pub const PROVIDER_ENV: &str = "KVXFER_LIBFABRIC_PROVIDER";
 pub const PROVIDER_PREFERENCE: [&str; 5] =
     ["efa", "verbs;ofi_rxm", "tcp;ofi_rxm", "shm", "sockets"];
 
+/// Providers tried, in this order, when none is named and the library is
+/// libfabric 2.x, whose `tcp` provider gives `FI_EP_RDM` itself (protocol
+/// XNET, without `ofi_rxm`). That `tcp` comes last: after a transfer timed
+/// out and its peer was removed, it still wrote late READ data into
+/// deregistered memory and sent late WRITEs from it (libfabric 2.1), which
+/// `tcp;ofi_rxm` does not.
+pub const PROVIDER_PREFERENCE_V2: [&str; 6] = [
+    "efa",
+    "verbs;ofi_rxm",
+    "tcp;ofi_rxm",
+    "shm",
+    "sockets",
+    "tcp",
+];
+
+/// The provider preference for the libfabric loaded:
+/// [`PROVIDER_PREFERENCE_V2`] on 2.x, else [`PROVIDER_PREFERENCE`].
+pub fn provider_preference() -> &'static [&'static str] {
+    if version().0 >= 2 {
+        &PROVIDER_PREFERENCE_V2
+    } else {
+        &PROVIDER_PREFERENCE
+    }
+}
+
 /// Settings of a [`FabricTransport`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct FabricConfig {
     /// Provider in libfabric's spelling (`tcp;ofi_rxm`, `shm`, …); `None`:
     /// `KVXFER_LIBFABRIC_PROVIDER`, else the first usable one of
-    /// [`PROVIDER_PREFERENCE`].
+    /// [`provider_preference`].
     pub provider: Option<String>,
     /// How long a posted transfer may take before it fails with
     /// [`kvxfer_core::Error::TimedOut`]. Default 5 s.
@@ -163,11 +189,11 @@ impl FabricConfig {
     }
 }
 
-/// The providers of [`PROVIDER_PREFERENCE`] that libfabric offers on this
+/// The providers of [`provider_preference`] that libfabric offers on this
 /// machine with the capabilities kvxfer needs (an `FI_EP_RDM` endpoint
 /// with RMA and messaging), in preference order.
 pub fn usable_providers() -> Vec<String> {
-    PROVIDER_PREFERENCE
+    provider_preference()
         .iter()
         .filter(|p| provider_usable(p))
         .map(|p| (*p).to_owned())

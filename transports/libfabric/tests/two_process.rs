@@ -867,6 +867,13 @@ per_provider! {
     sockets => "sockets",
 }
 
+// libfabric 2.x's tcp provider gives FI_EP_RDM itself (1.x layers rxm
+// under the same name, tested above).
+#[cfg(libfabric_v2)]
+per_provider! {
+    tcp => "tcp",
+}
+
 #[test]
 fn tcp_rxm_no_late_read_data_after_timeout_and_deregister() {
     no_memory_touched_after_timeout("tcp;ofi_rxm", XferOp::Read);
@@ -875,6 +882,23 @@ fn tcp_rxm_no_late_read_data_after_timeout_and_deregister() {
 #[test]
 fn tcp_rxm_no_late_write_from_deregistered_memory() {
     no_memory_touched_after_timeout("tcp;ofi_rxm", XferOp::Write);
+}
+
+// libfabric 2.1's native tcp fails both (1,044,418 bytes of a 1 MiB
+// buffer changed after a timed-out READ; a late WRITE read the buffer), so
+// kvxfer does not pick it by default; see the README.
+#[cfg(libfabric_v2)]
+#[test]
+#[ignore = "libfabric 2.1's native tcp touches memory after a timeout: known limitation"]
+fn tcp_no_late_read_data_after_timeout_and_deregister() {
+    no_memory_touched_after_timeout("tcp", XferOp::Read);
+}
+
+#[cfg(libfabric_v2)]
+#[test]
+#[ignore = "libfabric 2.1's native tcp touches memory after a timeout: known limitation"]
+fn tcp_no_late_write_from_deregistered_memory() {
+    no_memory_touched_after_timeout("tcp", XferOp::Write);
 }
 
 #[test]
@@ -899,4 +923,21 @@ fn usable_providers_lists_tcp_and_shm() {
     let list = kvxfer_libfabric::usable_providers();
     assert!(list.iter().any(|p| p == "tcp;ofi_rxm"), "{list:?}");
     assert!(list.iter().any(|p| p == "shm"), "{list:?}");
+    // On 2.x the native tcp is listed, last.
+    let native = list.iter().position(|p| p == "tcp");
+    assert_eq!(native.is_some(), cfg!(libfabric_v2), "{list:?}");
+    if let Some(native) = native {
+        assert_eq!(native, list.len() - 1, "{list:?}");
+    }
+}
+
+#[test]
+fn default_provider_is_the_first_usable() {
+    let cfg = FabricConfig::default().with_op_timeout(Duration::from_secs(5));
+    let t = FabricTransport::new(&cfg).expect("default provider");
+    let want = match std::env::var(kvxfer_libfabric::PROVIDER_ENV) {
+        Ok(named) => named,
+        Err(_) => kvxfer_libfabric::usable_providers().remove(0),
+    };
+    assert_eq!(t.provider_name(), want);
 }

@@ -76,6 +76,15 @@ pub fn version() -> String {
         .into_owned()
 }
 
+/// The version of the UCX library loaded, `(major, minor)`.
+pub fn version_number() -> (u32, u32) {
+    let (mut major, mut minor, mut release) = (0, 0, 0);
+    // SAFETY: ucp_get_version only writes the three numbers through the
+    // pointers, which point at live locals.
+    unsafe { ucx_sys::ucp_get_version(&mut major, &mut minor, &mut release) };
+    (major, minor)
+}
+
 /// The backend name this transport reports and puts in its errors.
 pub const BACKEND: &str = "UCX";
 

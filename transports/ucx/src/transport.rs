@@ -283,18 +283,15 @@ fn config_modify(config: &ConfigGuard, name: &str, value: &str) -> Result<(), Er
     Ok(())
 }
 
-/// Sets an option of UCX's `tcp` transport. UCX 1.13 takes the bare name
-/// (`TX_SEG_SIZE`) and hands it to every transport, warning at start when
-/// none has it; newer UCX refuses the bare name and takes the prefixed one
-/// (`TCP_TX_SEG_SIZE`).
+/// Sets an option of UCX's `tcp` transport through the UCP configuration.
+/// UCX 1.13 matches the bare name (`TX_SEG_SIZE`) against every transport
+/// and warns at start about the prefixed one; UCX 1.18 warns about the bare
+/// name and 1.22 refuses it, both taking `TCP_TX_SEG_SIZE`.
 fn set_tcp_option(config: &ConfigGuard, name: &str, value: &str) -> Result<(), Error> {
-    match config_modify(config, name, value) {
-        Err(Error::Backend { code, .. })
-            if code == i64::from(sys::UCS_ERR_INVALID_PARAM as sys::ucs_status_t) =>
-        {
-            config_modify(config, &format!("TCP_{name}"), value)
-        }
-        other => other,
+    if crate::version_number() < (1, 14) {
+        config_modify(config, name, value)
+    } else {
+        config_modify(config, &format!("TCP_{name}"), value)
     }
 }
 
@@ -1807,5 +1804,11 @@ mod tests {
         assert!(r.iter().all(|x| x.starts_with("tcp/")), "{r:?}");
         assert_eq!(t.progress_events(), 0);
         assert!(crate::version().starts_with("1."), "{}", crate::version());
+        let (major, minor) = crate::version_number();
+        assert!(
+            crate::version().starts_with(&format!("{major}.{minor}.")),
+            "{} vs {major}.{minor}",
+            crate::version()
+        );
     }
 }
