@@ -17,6 +17,8 @@
 //! Macros that bindgen cannot evaluate are provided by hand below.
 #![allow(non_upper_case_globals, non_camel_case_types, non_snake_case)]
 #![allow(missing_docs, clippy::all)]
+// bindgen's bitfield accessors may transmute between integer types.
+#![allow(unknown_lints, unnecessary_transmutes)]
 
 include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
 

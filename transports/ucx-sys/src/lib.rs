@@ -19,6 +19,8 @@
 )]
 #![allow(clippy::all)]
 #![allow(missing_docs)]
+// bindgen's bitfield accessors for UCX 1.18's headers transmute i32 to u32.
+#![allow(unknown_lints, unnecessary_transmutes)]
 
 include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
 
