@@ -17,6 +17,15 @@
 //! `sockets`; on libfabric 2.x the native `tcp` is listed last (see
 //! [`PROVIDER_PREFERENCE_V2`]; on 1.x the name `tcp` selects `tcp;ofi_rxm`).
 //!
+//! # libfabric versions
+//!
+//! Built and tested against libfabric 1.17 to 2.1. `fi_getinfo` asks for
+//! the newest API version both the headers and the library offer (falling
+//! back to 1.9). On 2.x: the control progress model is ignored (the data
+//! model, `progress`, is honoured), rxm grows its receive queue instead of
+//! refusing buffers past its size, and `tcp` gives `FI_EP_RDM` itself; the
+//! `mr_mode` bits and `FI_DELIVERY_COMPLETE` behave as on 1.x.
+//!
 //! # Memory registration
 //!
 //! Every `mr_mode` bit a provider may ask for is honoured except
