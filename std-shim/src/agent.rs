@@ -971,22 +971,37 @@ mod tests {
     }
 
     #[test]
-    fn engine_sizes() {
-        #[cfg(feature = "ucx")]
-        eprintln!(
-            "UCX engine: {} bytes",
-            std::mem::size_of::<AgentEngine<kvxfer_ucx::UcxTransport>>()
-        );
-        #[cfg(feature = "libfabric")]
-        eprintln!(
-            "LIBFABRIC engine: {} bytes",
-            std::mem::size_of::<AgentEngine<kvxfer_libfabric::FabricTransport>>()
-        );
-        #[cfg(feature = "cuda")]
-        eprintln!(
-            "CUDA_IPC engine: {} bytes",
-            std::mem::size_of::<AgentEngine<kvxfer_cuda::CudaIpcTransport>>()
-        );
+    fn engine_sizes_are_their_tables() {
+        use std::mem::size_of;
+        // Per transfer slot, MAX_SEGMENTS segment records and a
+        // MAX_NOTIFICATION-byte buffer; per prepared list, MAX_SEGMENTS
+        // entries; per peer, MAX_REGIONS regions and keys; per local
+        // region, its registration; and the transport itself. The rest
+        // (names, counters, free lists) is small beside them.
+        fn check<T: kvxfer_core::Transport>(backend: &str) -> usize {
+            let tables = MAX_XFERS
+                * (MAX_SEGMENTS * size_of::<kvxfer_core::desc::SegRec>() + MAX_NOTIFICATION)
+                + MAX_PREPARED * MAX_SEGMENTS * size_of::<kvxfer_core::desc::Resolved>()
+                + MAX_PEERS * MAX_REGIONS * (size_of::<Region>() + size_of::<T::RemoteKey>())
+                + MAX_REGIONS * (size_of::<Region>() + size_of::<T::LocalReg>())
+                + size_of::<T>();
+            let size = size_of::<AgentEngine<T>>();
+            assert!(size >= tables, "{backend}: {size} < {tables}");
+            assert!(
+                size <= tables + tables / 20,
+                "{backend}: {size} vs {tables}"
+            );
+            size
+        }
+        let sizes = [
+            #[cfg(feature = "ucx")]
+            check::<UcxT>("UCX"),
+            #[cfg(feature = "libfabric")]
+            check::<FabricT>("LIBFABRIC"),
+            #[cfg(feature = "cuda")]
+            check::<kvxfer_cuda::CudaIpcTransport>("CUDA_IPC"),
+        ];
+        assert_eq!(sizes.into_iter().max(), Some(largest_engine()));
     }
 
     #[test]

@@ -153,6 +153,7 @@ fn run_env_check() {
 }
 
 #[test]
+#[ignore = "child role of this file's tests; they spawn it"]
 fn timeout_child() {
     match std::env::var(ROLE).as_deref() {
         Ok("target") => run_target(),
@@ -170,6 +171,7 @@ fn spawn_child(
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args([
         "--exact",
+        "--ignored",
         "timeout_child",
         "--nocapture",
         "--test-threads=1",

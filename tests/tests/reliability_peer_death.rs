@@ -25,6 +25,7 @@ const CHUNKS: usize = LEN / CHUNK;
 const FAIL_BOUND: Duration = Duration::from_secs(6);
 
 #[test]
+#[ignore = "child role of this file's tests; they spawn it"]
 fn child_entry() {
     reliability_common::maybe_run_target();
 }

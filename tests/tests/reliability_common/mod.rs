@@ -187,7 +187,13 @@ impl Proc {
             }
             None => Command::new(exe),
         };
-        cmd.args(["--exact", entry, "--nocapture", "--test-threads=1"]);
+        cmd.args([
+            "--exact",
+            "--ignored",
+            entry,
+            "--nocapture",
+            "--test-threads=1",
+        ]);
         for (k, v) in env {
             cmd.env(k, v);
         }
