@@ -7,15 +7,18 @@
 //! * `bench:region` → `bench:region <addr> <len>`: where its buffer is;
 //! * `bench:sum <len> [<block> <stride>]` → `bench:sum <hex>`: the
 //!   checksum (64-bit FNV-1a) of the blocks of `block` bytes every `stride`
-//!   bytes in the first `len` bytes (default: all of them) of
-//!   the first `len` bytes of its buffer.
+//!   bytes in the first `len` bytes (default: all of them) of its buffer;
+//! * `bench:fill <seed>` → `bench:fill ok`: new random bytes in its buffer.
 //!
 //! The *initiator* connects through the target's side channel, asks for the
 //! region, moves `blocks` blocks of `block_size` bytes per request with
 //! `inflight` requests outstanding, and finally compares the checksum of
 //! its buffer with the target's: a WRITE must have left the initiator's
 //! (random) bytes at the target, a READ the target's (random) bytes at the
-//! initiator. A mismatch fails the run.
+//! initiator. Then each of the `inflight` prepared requests is posted once
+//! more with fresh random bytes at the source, and the checksums compared
+//! again, so that a request that silently moved nothing is caught. A
+//! mismatch fails the run.
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
@@ -186,6 +189,21 @@ impl Buffer {
         self.addr
     }
 
+    /// Fills the whole buffer with new bytes from `seed` (see
+    /// [`fill_random`]). Only called while no transfer uses it.
+    fn refill(&mut self, seed: u64) -> Result<(), Error> {
+        match &mut self.storage {
+            Storage::Host(v) => fill_random(v, seed),
+            #[cfg(feature = "cuda")]
+            Storage::Device(d) => {
+                let mut host = vec![0u8; self.len];
+                fill_random(&mut host, seed);
+                d.copy_from_host(0, &host)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Checksum of the blocks of `block` bytes every `stride` bytes in
     /// the first `n` bytes, hashed as one byte string (`None` if the
     /// buffer is shorter or the layout is not one).
@@ -291,7 +309,7 @@ pub fn run_target(
     let agent = Agent::new(&opts.name, cfg)?;
     let len = usize::try_from(opts.size)
         .map_err(|_| bench_err(&format!("buffer size {} too large", opts.size)))?;
-    let buf = Buffer::new(&agent, len, Some(seed()), opts.mem, opts.device)?;
+    let mut buf = Buffer::new(&agent, len, Some(seed()), opts.mem, opts.device)?;
     let discovery = join_etcd(&agent, &opts.etcd, &opts.etcd_prefix)?;
     let addr = agent
         .listen_addr()
@@ -321,6 +339,15 @@ pub fn run_target(
                             )
                         }
                         Err(e) => format!("bench:error reading the buffer: {e}"),
+                    }
+                } else if let Some(arg) = m.strip_prefix(b"bench:fill ") {
+                    let arg = String::from_utf8_lossy(arg);
+                    match arg.trim().parse::<u64>() {
+                        Ok(s) => match buf.refill(s) {
+                            Ok(()) => "bench:fill ok".to_string(),
+                            Err(e) => format!("bench:error filling the buffer: {e}"),
+                        },
+                        Err(_) => format!("bench:error fill seed {:?} is not a number", arg.trim()),
                     }
                 } else {
                     log::debug!(
@@ -522,7 +549,8 @@ impl BenchReport {
              {:<10} {:<6} {:<5} {:>8} {:>10} {:>8} {:>9} {:>8.3} {:>10.0} {:>9.1} {:>9.1} {:>9.1}\n\
              telemetry: {} bytes/request, {} descriptors -> {} segments after coalescing, \
              post {:.2} us mean ({:.2} max), transfer {:.1} us p50 ({:.1} p99)\n\
-             data verified: checksum {:016x} matches the target",
+             data verified: checksum {:016x} matches the target, also after each \
+             prepared request moved fresh data",
             "backend",
             "op",
             "mem",
@@ -750,7 +778,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
         None => "kvxfer-bench".to_string(),
     };
     let agent = Agent::new(&name, cfg)?;
-    let buf = Buffer::new(
+    let mut buf = Buffer::new(
         &agent,
         span as usize,
         (opts.op == XferOp::Write).then(seed),
@@ -865,24 +893,52 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
         .duration_since(t0)
         .as_secs_f64()
         .max(1e-9);
-    drop(reqs);
     bar.finish();
 
     // Verify: both buffers must now hold the same bytes.
-    let sum_req = format!("bench:sum {span} {} {stride}", opts.block_size);
-    agent.notify(&peer, sum_req.as_bytes())?;
-    let theirs = await_reply(&agent, &peer, "bench:sum ", t)?;
-    let theirs = u64::from_str_radix(&theirs, 16)
-        .map_err(|_| bench_err(&format!("target's checksum {theirs:?} is malformed")))?;
-    let ours = buf
-        .checksum(span as usize, opts.block_size as usize, stride as usize)?
-        .ok_or_else(|| bench_err("local buffer shorter than the data moved"))?;
-    if theirs != ours {
-        return Err(bench_err(&format!(
-            "DATA MISMATCH after {}: local checksum {ours:016x}, target {theirs:016x}",
-            opts.op.name()
-        )));
+    let sums_agree = |buf: &Buffer, when: &str| -> Result<u64, Error> {
+        let sum_req = format!("bench:sum {span} {} {stride}", opts.block_size);
+        agent.notify(&peer, sum_req.as_bytes())?;
+        let theirs = await_reply(&agent, &peer, "bench:sum ", t)?;
+        let theirs = u64::from_str_radix(&theirs, 16)
+            .map_err(|_| bench_err(&format!("target's checksum {theirs:?} is malformed")))?;
+        let ours = buf
+            .checksum(span as usize, opts.block_size as usize, stride as usize)?
+            .ok_or_else(|| bench_err("local buffer shorter than the data moved"))?;
+        if theirs != ours {
+            return Err(bench_err(&format!(
+                "DATA MISMATCH {when}: local checksum {ours:016x}, target {theirs:016x}"
+            )));
+        }
+        Ok(ours)
+    };
+    let mut ours = sums_agree(&buf, &format!("after {}", opts.op.name()))?;
+    // Each prepared request once more, with fresh bytes at the source.
+    for (i, r) in reqs.iter().enumerate() {
+        let fresh = seed() ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        if opts.op == XferOp::Write {
+            buf.refill(fresh)?;
+        } else {
+            agent.notify(&peer, format!("bench:fill {fresh}").as_bytes())?;
+            await_reply(&agent, &peer, "bench:fill ok", t)?;
+        }
+        r.post()?;
+        let began = Instant::now();
+        loop {
+            match r.status()? {
+                XferState::Done => break,
+                XferState::Failed(e) => return Err(e),
+                _ if began.elapsed() > opts.request_timeout => {
+                    return Err(Error::TimedOut {
+                        after_ms: opts.request_timeout.as_millis() as u64,
+                    })
+                }
+                _ => std::thread::yield_now(),
+            }
+        }
+        ours = sums_agree(&buf, &format!("after request {i} moved fresh data"))?;
     }
+    drop(reqs);
     drop(discovery);
     drop(buf);
     let backend = agent.backend().name().to_string();

@@ -1,0 +1,127 @@
+//! `kvxfer bench` and `kvxfer target` as a user runs them: the bench's data
+//! check covers each prepared request with fresh data, and the target's
+//! `bench:fill` really replaces its bytes.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kvxfer::bench::{checksum, fill_random};
+use kvxfer::{Agent, AgentConfig};
+
+const KVXFER: &str = env!("CARGO_BIN_EXE_kvxfer");
+
+/// The last line `kvxfer bench ARGS` printed, after checking it succeeded.
+fn bench_last_line(args: &[&str]) -> String {
+    let out = Command::new(KVXFER)
+        .arg("bench")
+        .args(args)
+        .env("KVXFER_BACKEND", "UCX")
+        .output()
+        .expect("run kvxfer bench");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "kvxfer bench {args:?}: {}\n{text}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines().last().unwrap_or_default().to_string()
+}
+
+#[test]
+fn bench_checks_each_request_with_fresh_data() {
+    for op in ["write", "read"] {
+        let last = bench_last_line(&[
+            "--op",
+            op,
+            "--block-size",
+            "4KiB",
+            "--blocks",
+            "8",
+            "--stride",
+            "8KiB",
+            "--inflight",
+            "3",
+            "--iters",
+            "30",
+        ]);
+        assert!(
+            last.starts_with("data verified: checksum ")
+                && last.ends_with("also after each prepared request moved fresh data"),
+            "{op}: {last}"
+        );
+    }
+}
+
+/// Waits for the reply to a bench request that starts with `prefix`.
+fn reply(agent: &Agent, peer: &str, prefix: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let mut all = agent.take_notifications().expect("notifications");
+        for m in all.remove(peer).unwrap_or_default() {
+            let s = String::from_utf8_lossy(&m).into_owned();
+            if let Some(rest) = s.strip_prefix(prefix) {
+                return rest.trim().to_string();
+            }
+            assert!(!s.starts_with("bench:error"), "{s}");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    panic!("no {prefix:?} reply within 10 s");
+}
+
+#[test]
+fn target_fill_replaces_its_bytes() {
+    const LEN: usize = 64 << 10;
+    let mut target = Command::new(KVXFER)
+        .args(["target", "--size", "64KiB", "--name", "fill-target"])
+        .env("KVXFER_BACKEND", "UCX")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn kvxfer target");
+    let mut lines = BufReader::new(target.stdout.take().expect("stdout")).lines();
+    let addr = loop {
+        let line = lines.next().expect("target output").expect("line");
+        if let Some(a) = line.strip_prefix("listening ") {
+            break a.trim().to_string();
+        }
+    };
+    let agent =
+        Agent::new("fill-initiator", AgentConfig::default().with_backend("UCX")).expect("agent");
+    let peer = agent.connect(&addr).expect("connect");
+    let sum = |agent: &Agent| {
+        agent
+            .notify(&peer, format!("bench:sum {LEN}").as_bytes())
+            .expect("notify");
+        u64::from_str_radix(&reply(agent, &peer, "bench:sum "), 16).expect("hex checksum")
+    };
+    let before = sum(&agent);
+    for seed in [7u64, 8] {
+        agent
+            .notify(&peer, format!("bench:fill {seed}").as_bytes())
+            .expect("notify");
+        assert_eq!(reply(&agent, &peer, "bench:fill "), "ok");
+        let mut want = vec![0u8; LEN];
+        fill_random(&mut want, seed);
+        let after = sum(&agent);
+        assert_eq!(after, checksum(&want), "seed {seed}");
+        assert_ne!(after, before, "seed {seed}");
+    }
+    agent.notify(&peer, b"bench:fill seven").expect("notify");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        let mut all = agent.take_notifications().expect("notifications");
+        if let Some(m) = all.remove(&peer).and_then(|v| v.into_iter().next()) {
+            break String::from_utf8_lossy(&m).into_owned();
+        }
+        assert!(Instant::now() < deadline, "no answer to a bad fill");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert_eq!(err, "bench:error fill seed \"seven\" is not a number");
+    agent.shutdown();
+    drop(target.stdin.take());
+    let _ = target.kill();
+    let _ = target.wait();
+}
