@@ -1,8 +1,12 @@
 //! Soak: transfers in a loop over UCX between two processes; resident
-//! memory (`VmRSS`) and open file descriptors of this process must stay
-//! flat between the end of a warm-up and the end of the run.
+//! memory (`VmRSS`) and open file descriptors of both processes must stay
+//! flat between the end of a warm-up and the end of the run: VmRSS may grow
+//! by at most 8 bytes per transfer after the warm-up, and the run makes at
+//! least [`MIN_TRANSFERS`] of them, so a leak of 16 bytes per transfer (or
+//! more) fails it.
 //!
-//! The short run (about 30 s) is part of the test suite; the long one runs
+//! The short run (30 s, longer until it has made [`MIN_TRANSFERS`]
+//! transfers after its warm-up) is part of the test suite; the long one runs
 //! 10⁶ transfers or 10 minutes, whichever comes first:
 //! `cargo test -p kvxfer-tests --test soak -- --ignored soak_long`.
 #![allow(clippy::result_large_err)]
@@ -12,11 +16,20 @@ mod reliability_common;
 use std::time::{Duration, Instant};
 
 use kvxfer::{Agent, WaitOutcome, XferOp};
-use reliability_common::{config, open_fds, pattern, rss_kib, Buf, Target, TargetSpec};
+use reliability_common::{
+    config, open_fds, open_fds_of, pattern, rss_kib, rss_kib_of, Buf, Target, TargetSpec,
+};
 
 const ENTRY: &str = "child_entry";
 const LEN: usize = 1 << 20;
 const BLOCK: usize = 64 << 10;
+/// Fewest transfers measured after the warm-up: 8 bytes of each make the
+/// 512 KiB, above what page-granular VmRSS readings move by on their own.
+const MIN_TRANSFERS: u64 = 64 * 1024;
+/// Most VmRSS growth allowed per measured transfer, in bytes.
+const BYTES_PER_TRANSFER: u64 = 8;
+/// Hard bound on a run that has not made `MIN_TRANSFERS` yet.
+const HARD_LIMIT: Duration = Duration::from_secs(180);
 
 #[test]
 #[ignore = "child role of this file's tests; they spawn it"]
@@ -41,11 +54,17 @@ fn soak(run_for: Duration, max_transfers: u64, warmup: Duration) {
     src.register(&agent);
     dst.register(&agent);
     agent.connect(&target.addr).unwrap();
+    let target_pid = target.proc.child.id().to_string();
     let start = Instant::now();
-    let mut base: Option<(u64, usize, u64)> = None;
+    let mut base: Option<(u64, usize, u64, u64, usize)> = None;
     let (mut n, mut verified) = (0u64, 0u64);
     let blocks = LEN / BLOCK;
-    while start.elapsed() < run_for && n < max_transfers {
+    let measured =
+        |n: u64, base: &Option<(u64, usize, u64, u64, usize)>| base.as_ref().map_or(0, |b| n - b.2);
+    while (start.elapsed() < run_for || measured(n, &base) < MIN_TRANSFERS)
+        && n < max_transfers
+        && start.elapsed() < HARD_LIMIT
+    {
         // WRITE one block, READ it back elsewhere, compare now and then.
         let i = (n as usize / 2) % blocks;
         let (op, local, remote) = if n % 2 == 0 {
@@ -82,26 +101,45 @@ fn soak(run_for: Duration, max_transfers: u64, warmup: Duration) {
         }
         n += 1;
         if base.is_none() && start.elapsed() >= warmup {
-            base = Some((rss_kib(), open_fds(), n));
+            base = Some((
+                rss_kib(),
+                open_fds(),
+                n,
+                rss_kib_of(&target_pid),
+                open_fds_of(&target_pid),
+            ));
         }
     }
     let elapsed = start.elapsed();
-    let (rss0, fds0, n0) = base.expect("run shorter than its warm-up");
+    let (rss0, fds0, n0, trss0, tfds0) = base.expect("run shorter than its warm-up");
     let (rss1, fds1) = (rss_kib(), open_fds());
+    let (trss1, tfds1) = (rss_kib_of(&target_pid), open_fds_of(&target_pid));
+    let transfers = n - n0;
     println!(
         "RESULT soak: {n} transfers of {BLOCK} B in {elapsed:?} ({:.0}/s), {verified} blocks verified; \
-         after warm-up ({n0} transfers) VmRSS {rss0} KiB, fds {fds0}; at the end VmRSS {rss1} KiB, fds {fds1}",
+         after warm-up ({n0} transfers) VmRSS {rss0} KiB, fds {fds0} (target {trss0} KiB, {tfds0}); \
+         at the end VmRSS {rss1} KiB, fds {fds1} (target {trss1} KiB, {tfds1})",
         n as f64 / elapsed.as_secs_f64()
     );
-    // Flat: a leak of even 16 bytes per transfer would exceed this over
-    // hundreds of thousands of transfers; allocator noise stays below it.
-    let growth = rss1.saturating_sub(rss0);
-    assert!(
-        growth <= 8 * 1024,
-        "VmRSS grew by {growth} KiB over {} transfers",
-        n - n0
-    );
+    if max_transfers == u64::MAX {
+        assert!(
+            transfers >= MIN_TRANSFERS,
+            "only {transfers} transfers after the warm-up in {elapsed:?}"
+        );
+    }
+    let limit_kib = BYTES_PER_TRANSFER * transfers / 1024;
+    for (who, before, after) in [("initiator", rss0, rss1), ("target", trss0, trss1)] {
+        let growth = after.saturating_sub(before);
+        assert!(
+            growth <= limit_kib,
+            "{who}: VmRSS grew by {growth} KiB over {transfers} transfers (limit {limit_kib} KiB)"
+        );
+    }
     assert!(fds1 <= fds0 + 2, "open fds grew from {fds0} to {fds1}");
+    assert!(
+        tfds1 <= tfds0 + 2,
+        "target: open fds grew from {tfds0} to {tfds1}"
+    );
     // The target ends cleanly.
     let mut t = target;
     t.proc.send("quit");

@@ -385,7 +385,13 @@ pub fn read_all(agent: &Agent, dst: &Buf, target: &Target, peer: &str) -> Vec<u8
 
 /// Resident memory of this process in KiB (`VmRSS`).
 pub fn rss_kib() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    rss_kib_of("self")
+}
+
+/// Resident memory (`VmRSS`) of process `pid` (a number or `self`) in KiB.
+pub fn rss_kib_of(pid: &str) -> u64 {
+    let path = format!("/proc/{pid}/status");
+    let s = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     s.lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
@@ -394,8 +400,14 @@ pub fn rss_kib() -> u64 {
 
 /// Open file descriptors of this process.
 pub fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .expect("/proc/self/fd")
+    open_fds_of("self")
+}
+
+/// Open file descriptors of process `pid` (a number or `self`).
+pub fn open_fds_of(pid: &str) -> usize {
+    let path = format!("/proc/{pid}/fd");
+    std::fs::read_dir(&path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
         .count()
 }
 
