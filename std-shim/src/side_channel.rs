@@ -17,6 +17,13 @@
 //!    holding a key refuses a server that does not ask for it.
 //! 3. Requests, any number, one at a time:
 //!    `GET` → `OK metadata`; `PUSH metadata` → `OK peer-name` or `ERR text`.
+//!    After an authenticated handshake every frame, both ways, ends with
+//!    `HMAC(session, direction ‖ sequence ‖ payload)`, where
+//!    `session = HMAC(key, "kvxfer-session" ‖ nonce_s ‖ nonce_c)`, the
+//!    direction is `C` (client to server) or `S`, and the sequence counts
+//!    that direction's frames from 0 (64-bit little-endian). A frame whose
+//!    tag does not verify (injected, altered, replayed or reordered) is
+//!    answered with `ERR` and the connection closed.
 //!
 //! Every socket has read and write timeouts; a whole frame must arrive
 //! within the I/O timeout (a peer trickling bytes cannot stretch it); a
@@ -41,8 +48,9 @@ pub const SIDE_CHANNEL: &str = "SIDE_CHANNEL";
 pub const MAX_FRAME: usize = 4 << 20;
 /// Most connections served at once.
 pub const MAX_CONNECTIONS: usize = 64;
-/// Protocol version sent in the hello.
-pub const VERSION: u8 = 1;
+/// Protocol version sent in the hello (2: every frame after an
+/// authenticated handshake carries a tag).
+pub const VERSION: u8 = 2;
 
 const NONCE_LEN: usize = 32;
 const MAC_LEN: usize = 32;
@@ -208,6 +216,86 @@ fn mac(key: &[u8], label: &[u8], nonce: &[u8]) -> HmacSha256 {
     m.update(label);
     m.update(nonce);
     m
+}
+
+/// The per-frame authentication of one connection after an authenticated
+/// handshake.
+struct Session {
+    key: [u8; MAC_LEN],
+    send_label: u8,
+    recv_label: u8,
+    send_seq: u64,
+    recv_seq: u64,
+}
+
+impl Session {
+    /// The session of the side whose frames carry `send_label` (`b'C'` for
+    /// the client, `b'S'` for the server).
+    fn new(key: &[u8], nonce_s: &[u8], nonce_c: &[u8], send_label: u8) -> Session {
+        let mut m = mac(key, b"kvxfer-session", nonce_s);
+        m.update(nonce_c);
+        Session {
+            key: m.finalize().into_bytes().into(),
+            send_label,
+            recv_label: if send_label == b'C' { b'S' } else { b'C' },
+            send_seq: 0,
+            recv_seq: 0,
+        }
+    }
+
+    fn tag(&self, label: u8, seq: u64, payload: &[u8]) -> HmacSha256 {
+        let mut m = mac(&self.key, &[label], &seq.to_le_bytes());
+        m.update(payload);
+        m
+    }
+
+    /// `payload` with its tag appended; counts the frame.
+    fn seal(&mut self, payload: &[u8]) -> Vec<u8> {
+        let tag = self.tag(self.send_label, self.send_seq, payload).finalize();
+        self.send_seq += 1;
+        let mut out = Vec::with_capacity(payload.len() + MAC_LEN);
+        out.extend_from_slice(payload);
+        out.extend_from_slice(&tag.into_bytes());
+        out
+    }
+
+    /// The payload of a received frame whose tag verifies; counts it.
+    fn open(&mut self, mut frame: Vec<u8>) -> Option<Vec<u8>> {
+        let at = frame.len().checked_sub(MAC_LEN)?;
+        self.tag(self.recv_label, self.recv_seq, &frame[..at])
+            .verify_slice(&frame[at..])
+            .ok()?;
+        self.recv_seq += 1;
+        frame.truncate(at);
+        Some(frame)
+    }
+}
+
+/// Sends `payload`, sealed when the connection has a session.
+fn send_on(
+    stream: &mut TcpStream,
+    session: &mut Option<Session>,
+    payload: &[u8],
+    peer: &str,
+    timeout: Duration,
+) -> Result<(), Error> {
+    match session {
+        Some(s) => send(stream, &s.seal(payload), peer, timeout),
+        None => send(stream, payload, peer, timeout),
+    }
+}
+
+/// Sends `ERR text`, sealed when the connection has a session.
+fn send_err_on(
+    stream: &mut TcpStream,
+    session: &mut Option<Session>,
+    text: &str,
+    peer: &str,
+    timeout: Duration,
+) -> Result<(), Error> {
+    let mut p = vec![STATUS_ERR];
+    p.extend_from_slice(text.as_bytes());
+    send_on(stream, session, &p, peer, timeout)
 }
 
 /// A running side-channel server. Stops (and closes its connections) on
@@ -393,6 +481,7 @@ fn serve(
         None => None,
     };
     send(&mut stream, &hello, peer, io_t)?;
+    let mut session = None;
     if let (Some(key), Some(nonce_s)) = (&opts.key, server_nonce) {
         let msg = read_frame(&mut DeadlineReader::new(&stream, io_t), MAX_FRAME)
             .map_err(|e| frame_error(e, peer, "read auth from", io_t))?;
@@ -414,6 +503,7 @@ fn serve(
                 .into_bytes(),
         );
         send(&mut stream, &ok, peer, io_t)?;
+        session = Some(Session::new(key, &nonce_s, &msg[1 + MAC_LEN..], b'S'));
     }
 
     loop {
@@ -439,8 +529,9 @@ fn serve(
         let req = match req {
             Ok(r) => r,
             Err(FrameError::TooLarge { len, max }) => {
-                let _ = send_err(
+                let _ = send_err_on(
                     &mut stream,
+                    &mut session,
                     &format!("frame of {len} bytes exceeds the limit of {max}"),
                     peer,
                     io_t,
@@ -454,28 +545,39 @@ fn serve(
             }
             Err(e) => return Err(frame_error(e, peer, "read a request from", io_t)),
         };
+        let req = match &mut session {
+            Some(s) => match s.open(req) {
+                Some(r) => r,
+                None => {
+                    let text = "frame authentication failed";
+                    let _ = send_err_on(&mut stream, &mut session, text, peer, io_t);
+                    return Err(protocol_error(peer, text));
+                }
+            },
+            None => req,
+        };
         match req.first() {
             Some(&OP_GET) if req.len() == 1 => match handler.metadata() {
                 Ok(md) => {
                     let mut p = Vec::with_capacity(1 + md.len());
                     p.push(STATUS_OK);
                     p.extend_from_slice(&md);
-                    send(&mut stream, &p, peer, io_t)?;
+                    send_on(&mut stream, &mut session, &p, peer, io_t)?;
                 }
-                Err(e) => send_err(&mut stream, &e.to_string(), peer, io_t)?,
+                Err(e) => send_err_on(&mut stream, &mut session, &e.to_string(), peer, io_t)?,
             },
             Some(&OP_PUSH) => match handler.load(&req[1..]) {
                 Ok(name) => {
                     log::info!("side channel: loaded metadata of {name:?} from {peer}");
                     let mut p = vec![STATUS_OK];
                     p.extend_from_slice(name.as_bytes());
-                    send(&mut stream, &p, peer, io_t)?;
+                    send_on(&mut stream, &mut session, &p, peer, io_t)?;
                 }
-                Err(e) => send_err(&mut stream, &e.to_string(), peer, io_t)?,
+                Err(e) => send_err_on(&mut stream, &mut session, &e.to_string(), peer, io_t)?,
             },
             other => {
                 let text = format!("unknown request {:#04x}", other.copied().unwrap_or(0));
-                let _ = send_err(&mut stream, &text, peer, io_t);
+                let _ = send_err_on(&mut stream, &mut session, &text, peer, io_t);
                 return Err(protocol_error(peer, &text));
             }
         }
@@ -487,6 +589,7 @@ pub struct Client {
     stream: TcpStream,
     peer: String,
     timeout: Duration,
+    session: Option<Session>,
 }
 
 impl Client {
@@ -524,6 +627,7 @@ impl Client {
             stream,
             peer: addr.to_string(),
             timeout,
+            session: None,
         };
         c.handshake(key)?;
         Ok(c)
@@ -580,7 +684,11 @@ impl Client {
                     Some(&STATUS_OK) if reply.len() == 1 + MAC_LEN => {
                         mac(key, b"kvxfer-server", &nonce_c)
                             .verify_slice(&reply[1..])
-                            .map_err(|_| protocol_error(&self.peer, "server authentication failed"))
+                            .map_err(|_| {
+                                protocol_error(&self.peer, "server authentication failed")
+                            })?;
+                        self.session = Some(Session::new(key, &hello[4..], &nonce_c, b'C'));
+                        Ok(())
                     }
                     Some(&STATUS_ERR) => Err(protocol_error(
                         &self.peer,
@@ -593,8 +701,20 @@ impl Client {
     }
 
     fn request(&mut self, payload: &[u8], what: &str) -> Result<Vec<u8>, Error> {
-        send(&mut self.stream, payload, &self.peer, self.timeout)?;
-        let mut reply = self.recv(what)?;
+        send_on(
+            &mut self.stream,
+            &mut self.session,
+            payload,
+            &self.peer,
+            self.timeout,
+        )?;
+        let reply = self.recv(what)?;
+        let mut reply = match &mut self.session {
+            Some(s) => s.open(reply).ok_or_else(|| {
+                protocol_error(&self.peer, &format!("{what}: reply authentication failed"))
+            })?,
+            None => reply,
+        };
         match reply.first() {
             Some(&STATUS_OK) => {
                 reply.remove(0);
@@ -822,6 +942,61 @@ mod tests {
         write_frame(&mut raw, &[OP_GET]).unwrap();
         let reply = read_frame(&mut raw, 64).unwrap();
         assert_eq!(reply[0], STATUS_ERR);
+    }
+
+    /// After an authenticated handshake, a frame without a valid tag (as
+    /// an on-path party would inject) is refused and the connection closed;
+    /// so is a valid frame sent again (replayed). Nothing is loaded.
+    #[test]
+    fn frames_after_the_handshake_are_authenticated() {
+        let (s, fixed) = server(Some(b"secret"));
+        let addr = s.local_addr().to_string();
+        let t = Duration::from_secs(2);
+        let refused = |c: &mut Client| {
+            let reply = c.recv("read reply").expect("an answer before closing");
+            let reply = c.session.as_mut().unwrap().open(reply).expect("sealed ERR");
+            assert_eq!(reply, b"\x01frame authentication failed");
+            assert!(c.recv("read after close").is_err(), "connection left open");
+        };
+
+        // An injected PUSH, untagged and with a forged tag.
+        for forged in [false, true] {
+            let mut c = Client::connect(&addr, Some(b"secret"), t).unwrap();
+            let mut push = vec![OP_PUSH];
+            push.extend_from_slice(b"injected metadata");
+            if forged {
+                push.extend_from_slice(&[0x5a; MAC_LEN]);
+            }
+            write_frame(&mut c.stream, &push).unwrap();
+            refused(&mut c);
+        }
+
+        // A replayed GET: the first copy is answered, the second refused.
+        let mut c = Client::connect(&addr, Some(b"secret"), t).unwrap();
+        let sealed = c.session.as_mut().unwrap().seal(&[OP_GET]);
+        write_frame(&mut c.stream, &sealed).unwrap();
+        let reply = c.recv("read reply").unwrap();
+        let reply = c.session.as_mut().unwrap().open(reply).unwrap();
+        assert_eq!(reply[0], STATUS_OK);
+        write_frame(&mut c.stream, &sealed).unwrap();
+        refused(&mut c);
+
+        // A reply altered on the way fails the client's check.
+        let mut c = Client::connect(&addr, Some(b"secret"), t).unwrap();
+        c.session.as_mut().unwrap().recv_seq += 1;
+        match c.get_metadata() {
+            Err(Error::Backend { text, .. }) => {
+                assert!(text.contains("reply authentication failed"), "{text}")
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // Honest requests still work, several on one connection.
+        let mut c = Client::connect(&addr, Some(b"secret"), t).unwrap();
+        assert_eq!(c.get_metadata().unwrap(), b"metadata\0with zero");
+        assert_eq!(c.push_metadata(b"ours").unwrap(), "peer-4");
+        assert_eq!(c.get_metadata().unwrap(), b"metadata\0with zero");
+        assert_eq!(*fixed.loaded.lock().unwrap(), vec![b"ours".to_vec()]);
     }
 
     #[test]
