@@ -443,17 +443,6 @@ fn send(
     write_frame(stream, payload).map_err(|e| io_error(&e, peer, "send to", timeout))
 }
 
-fn send_err(
-    stream: &mut TcpStream,
-    text: &str,
-    peer: &str,
-    timeout: Duration,
-) -> Result<(), Error> {
-    let mut p = vec![STATUS_ERR];
-    p.extend_from_slice(text.as_bytes());
-    send(stream, &p, peer, timeout)
-}
-
 /// Serves one connection until it closes, idles out or misbehaves.
 fn serve(
     mut stream: TcpStream,
@@ -486,14 +475,26 @@ fn serve(
         let msg = read_frame(&mut DeadlineReader::new(&stream, io_t), MAX_FRAME)
             .map_err(|e| frame_error(e, peer, "read auth from", io_t))?;
         if msg.len() != 1 + MAC_LEN + NONCE_LEN || msg[0] != OP_AUTH {
-            let _ = send_err(&mut stream, "authentication required", peer, io_t);
+            let _ = send_err_on(
+                &mut stream,
+                &mut session,
+                "authentication required",
+                peer,
+                io_t,
+            );
             return Err(protocol_error(peer, "client did not authenticate"));
         }
         if mac(key, b"kvxfer-client", &nonce_s)
             .verify_slice(&msg[1..1 + MAC_LEN])
             .is_err()
         {
-            let _ = send_err(&mut stream, "authentication failed", peer, io_t);
+            let _ = send_err_on(
+                &mut stream,
+                &mut session,
+                "authentication failed",
+                peer,
+                io_t,
+            );
             return Err(protocol_error(peer, "client authentication failed"));
         }
         let mut ok = vec![STATUS_OK];

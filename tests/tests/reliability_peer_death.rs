@@ -1,9 +1,10 @@
 //! Peer death through the Agent, over UCX and over libfabric's
 //! `tcp;ofi_rxm`: three processes (this one as initiator, two targets). One
 //! target is killed with SIGKILL during a stream of WRITEs to both; every
-//! transfer to it fails with `RemoteDisconnected` naming it within 1 s of
-//! the kill (over libfabric one posted before the death was noticed may
-//! instead end with `TimedOut` at its 5 s deadline), the
+//! transfer to it fails with `RemoteDisconnected` naming it, within 1 s of
+//! the kill over UCX (over libfabric a transfer may instead end with
+//! `TimedOut` at its 5 s deadline, and the rest with `RemoteDisconnected`
+//! then, within 6 s), the
 //! stream to the other target goes on, and once the killed target is
 //! restarted under the same name and its new metadata loaded, transfers to
 //! it succeed again. Data is compared byte for byte after real transfers.
@@ -25,9 +26,8 @@ const CHUNKS: usize = LEN / CHUNK;
 /// libfabric: a transfer in flight at the kill may be left to the 5 s
 /// per-transfer deadline, plus 1 s for scheduling on a loaded machine.
 const FAIL_BOUND: Duration = Duration::from_secs(6);
-/// Bound on `RemoteDisconnected` after the kill (measured: microseconds
-/// over UCX, a few milliseconds over libfabric), and over UCX on every
-/// transfer to the dead peer.
+/// Bound on every transfer to the dead peer over UCX, from the kill
+/// (measured: microseconds to a few milliseconds).
 const DISCONNECT_BOUND: Duration = Duration::from_secs(1);
 /// libfabric's default per-transfer deadline, in milliseconds.
 const DEADLINE_MS: u64 = 5000;
@@ -59,20 +59,28 @@ struct Flight {
 }
 
 /// Checks a failed transfer to the killed peer: `RemoteDisconnected`
-/// naming it within [`DISCONNECT_BOUND`] of the kill; over libfabric, a
-/// transfer posted before the death was noticed (the first failure) may
-/// instead end at its deadline.
-fn check_peer_failure(e: &Error, backend: &str, posted_unnoticed: bool, after_kill: Duration) {
+/// naming it, within [`DISCONNECT_BOUND`] of the kill over UCX. Over
+/// libfabric the provider does not fail every operation to a dead peer,
+/// even after it reported one: such a transfer ends with `TimedOut` at its
+/// deadline, and the peer's other transfers then with `RemoteDisconnected`,
+/// all within [`FAIL_BOUND`].
+fn check_peer_failure(e: &Error, backend: &str, after_kill: Duration) {
     match e {
         Error::RemoteDisconnected { peer } => {
             assert_eq!(peer.as_str(), "pd-a", "{e:?}");
-            assert!(
-                after_kill < DISCONNECT_BOUND,
-                "{e:?} {after_kill:?} after the kill"
-            );
+            let bound = if backend == "UCX" {
+                DISCONNECT_BOUND
+            } else {
+                FAIL_BOUND
+            };
+            assert!(after_kill < bound, "{e:?} {after_kill:?} after the kill");
         }
-        Error::TimedOut { after_ms } if backend == "LIBFABRIC" && posted_unnoticed => {
-            assert_eq!(*after_ms, DEADLINE_MS, "{e:?}");
+        Error::TimedOut { after_ms } if backend == "LIBFABRIC" => {
+            // The time the transfer had run when the deadline was checked.
+            assert!(
+                (DEADLINE_MS..FAIL_BOUND.as_millis() as u64).contains(after_ms),
+                "{e:?}"
+            );
         }
         _ => panic!("{backend}: unexpected failure of a transfer to the dead peer: {e:?}"),
     }
@@ -101,7 +109,6 @@ fn peer_death(backend: &'static str, provider: Option<&str>) {
     let mut post_errors: Vec<Error> = Vec::new();
     let mut last_a_end = Duration::ZERO;
     let mut first_fail: Option<Duration> = None;
-    let mut noticed: Option<Instant> = None;
     let mut posted_after_kill = 0;
     let mut seen_errors: Vec<String> = Vec::new();
     let start = Instant::now();
@@ -137,7 +144,7 @@ fn peer_death(backend: &'static str, provider: Option<&str>) {
                         "post to {peer} failed before any kill: {e}"
                     );
                     let k = killed_at.expect("killed");
-                    check_peer_failure(&e, backend, false, k.elapsed());
+                    check_peer_failure(&e, backend, k.elapsed());
                     post_errors.push(e);
                 }
             }
@@ -201,10 +208,7 @@ fn peer_death(backend: &'static str, provider: Option<&str>) {
                     assert!(f.to_a, "a transfer to the live peer failed: {e}");
                     let k = killed_at.unwrap_or_else(|| panic!("failure before the kill: {e}"));
                     let at = k.elapsed();
-                    check_peer_failure(&e, backend, noticed.map_or(true, |n| f.posted < n), at);
-                    if matches!(e, Error::RemoteDisconnected { .. }) && noticed.is_none() {
-                        noticed = Some(Instant::now());
-                    }
+                    check_peer_failure(&e, backend, at);
                     a_failed += 1;
                     first_fail = Some(first_fail.map_or(at, |f| f.min(at)));
                     last_a_end = last_a_end.max(at);
