@@ -19,6 +19,30 @@ use libfabric_sys as sys;
 
 use crate::BACKEND;
 
+/// libfabric's setting that makes `fi_av_remove` close the connection to
+/// the removed peer (`tcp;ofi_rxm` keeps it open otherwise, and with it
+/// every operation still queued on it).
+pub(crate) const AV_REMOVE_CLEANUP_ENV: &str = "FI_AV_REMOVE_CLEANUP";
+
+/// Sets `FI_AV_REMOVE_CLEANUP=1` unless the environment sets it already.
+///
+/// libfabric reads the variable once, in `fi_ini`, on the process's first
+/// libfabric call, so it must be in place before any; and changing the
+/// environment is sound only while no other thread reads it. Both hold in
+/// a constructor of the executable, which the loader runs before `main`
+/// with the process's one thread.
+extern "C" fn set_av_remove_cleanup() {
+    // SAFETY: both strings are NUL-terminated literals; setenv copies them.
+    // See above for why no other thread can read the environment now.
+    unsafe { libc::setenv(c"FI_AV_REMOVE_CLEANUP".as_ptr(), c"1".as_ptr(), 0) };
+}
+
+/// Runs [`set_av_remove_cleanup`] before `main`.
+#[cfg(target_os = "linux")]
+#[used]
+#[link_section = ".init_array"]
+static SET_AV_REMOVE_CLEANUP: extern "C" fn() = set_av_remove_cleanup;
+
 /// libfabric's text for a (positive or negative) error code.
 pub(crate) fn strerror(code: i64) -> String {
     let errnum = code.unsigned_abs().min(i32::MAX as u64) as i32;

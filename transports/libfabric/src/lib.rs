@@ -67,10 +67,11 @@
 //! * The peer of a timed-out transfer is given up on at once: it is
 //!   removed from the address vector (`fi_av_remove`; over `tcp;ofi_rxm`
 //!   this closes the connection, and the provider reports every operation
-//!   on it as failed, because kvxfer sets `FI_AV_REMOVE_CLEANUP=1` before
-//!   opening its first transport unless the environment sets it already;
-//!   with `FI_AV_REMOVE_CLEANUP=0` the connection stays open and the
-//!   deregistration wait below runs into its bound). Its other transfers fail with
+//!   on it as failed, because kvxfer sets `FI_AV_REMOVE_CLEANUP=1` at
+//!   process start, before `main` and any libfabric call, unless the
+//!   environment sets it already; with `FI_AV_REMOVE_CLEANUP=0` the
+//!   connection stays open, the deregistration wait below runs into its
+//!   bound, and the first transport logs a warning). Its other transfers fail with
 //!   [`Error::RemoteDisconnected`](kvxfer_core::Error::RemoteDisconnected),
 //!   and so do later posts and notifications to it, at once, until the
 //!   peer is disconnected and connected again.

@@ -35,19 +35,22 @@ const CQ_BATCH: usize = 64;
 /// receive buffers while the provider asks to retry.
 const RECV_SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// libfabric's setting that makes `fi_av_remove` close the connection to
-/// the removed peer (`tcp;ofi_rxm` keeps it open otherwise, and with it
-/// every operation still queued on it).
-const AV_REMOVE_CLEANUP_ENV: &str = "FI_AV_REMOVE_CLEANUP";
-
-/// Sets `FI_AV_REMOVE_CLEANUP=1` unless the environment sets it already,
-/// once per process, before the first address vector is opened (libfabric
-/// reads it then).
-fn enable_av_remove_cleanup() {
+/// Logs, once, when the environment turns `FI_AV_REMOVE_CLEANUP` off:
+/// then a timed-out peer's queued operations are not ended, and
+/// deregistration after a timeout waits its whole bound.
+fn warn_without_av_remove_cleanup() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        if std::env::var_os(AV_REMOVE_CLEANUP_ENV).is_none() {
-            std::env::set_var(AV_REMOVE_CLEANUP_ENV, "1");
+        let v = std::env::var(crate::fabric::AV_REMOVE_CLEANUP_ENV).unwrap_or_default();
+        if !matches!(
+            v.to_ascii_lowercase().as_str(),
+            "1" | "yes" | "true" | "on" | "y"
+        ) {
+            log::warn!(
+                "LIBFABRIC: {}={v:?}: operations of a timed-out peer are not ended when it \
+                 is removed; memory they use stays registered until they are",
+                crate::fabric::AV_REMOVE_CLEANUP_ENV
+            );
         }
     });
 }
@@ -359,7 +362,7 @@ impl FabricTransport {
                 ),
             ));
         }
-        enable_av_remove_cleanup();
+        warn_without_av_remove_cleanup();
         let tried = candidates(config);
         let mut last = 0i64;
         let mut info = None;
