@@ -12,7 +12,7 @@
 use std::ffi::{c_void, CStr, CString};
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use kvxfer_core::Error;
 use libfabric_sys as sys;
@@ -245,7 +245,19 @@ pub(crate) struct Shared {
     pub(crate) domain: *mut sys::fid_domain,
     fabric: *mut sys::fid_fabric,
     pub(crate) info: Info,
+    /// Registrations dropped (on any thread), to be closed by the owner of
+    /// the transport ([`close_dropped_regs`](Self::close_dropped_regs)): a
+    /// domain opened with `FI_THREAD_DOMAIN` takes no call concurrent with
+    /// the transport's own.
+    dropped_regs: Mutex<Vec<MrPtr>>,
 }
+
+/// A memory registration handle that may cross threads on its way to
+/// [`Shared::close_dropped_regs`].
+struct MrPtr(*mut sys::fid_mr);
+// SAFETY: the pointer is only handed over, never used, until the owner of
+// the transport closes it.
+unsafe impl Send for MrPtr {}
 
 // SAFETY: the handles are plain pointers to libfabric objects opened with
 // FI_THREAD_DOMAIN. kvxfer serialises every call on them: the transport is
@@ -268,6 +280,7 @@ impl Shared {
             domain: ptr::null_mut(),
             fabric: ptr::null_mut(),
             info,
+            dropped_regs: Mutex::new(Vec::new()),
         };
         // From here on, an early return drops `shared`, which closes what
         // was opened so far, in order.
@@ -351,6 +364,36 @@ impl Shared {
         Ok(Arc::new(shared))
     }
 
+    /// Hands a registration over to be closed by the owner of the
+    /// transport (see `dropped_regs`).
+    pub(crate) fn drop_reg(&self, mr: *mut sys::fid_mr) {
+        self.dropped_regs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(MrPtr(mr));
+    }
+
+    /// Registrations dropped but not closed yet.
+    #[cfg(test)]
+    pub(crate) fn dropped_regs(&self) -> usize {
+        self.dropped_regs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// Closes the registrations dropped so far. Called by the owner of the
+    /// transport, so never concurrently with its other calls.
+    pub(crate) fn close_dropped_regs(&self) {
+        let regs =
+            std::mem::take(&mut *self.dropped_regs.lock().unwrap_or_else(|e| e.into_inner()));
+        for MrPtr(mr) in regs {
+            // SAFETY: mr is an open registration of this domain, handed
+            // over once by its FabricReg's Drop and closed only here.
+            unsafe { close_fid(&mut (*mr).fid, "memory registration") };
+        }
+    }
+
     /// The endpoint (null once closed).
     pub(crate) fn ep(&self) -> *mut sys::fid_ep {
         self.ep.load(Ordering::Relaxed)
@@ -403,6 +446,9 @@ impl Shared {
 impl Drop for Shared {
     fn drop(&mut self) {
         self.close_endpoint();
+        // Nobody else holds this value: the transport and every
+        // registration are gone.
+        self.close_dropped_regs();
         if !self.domain.is_null() {
             // SAFETY: every registration holds an Arc<Shared>, so none is
             // left; the endpoint, AV and CQ are closed.

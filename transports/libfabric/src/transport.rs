@@ -83,9 +83,10 @@ pub struct FabricReg {
     _shared: Arc<Shared>,
 }
 
-// SAFETY: the MR handle is only read after creation and closed once in
-// Drop; the domain it belongs to stays alive through `shared`. Calls are
-// serialised by the owner of the transport (see `Shared`).
+// SAFETY: the MR handle is only read after creation; Drop (on whatever
+// thread) only hands it to `shared`, under a lock, and the owner of the
+// transport closes it there, serialised with its other calls. The domain
+// stays alive through `shared`.
 unsafe impl Send for FabricReg {}
 // SAFETY: shared references only read plain fields.
 unsafe impl Sync for FabricReg {}
@@ -103,18 +104,12 @@ impl FabricReg {
 }
 
 impl Drop for FabricReg {
+    /// Hands the registration to the transport, which closes it on its
+    /// next call (at once in [`deregister`](Transport::deregister)): a
+    /// registration may be dropped on any thread, while the domain takes
+    /// no concurrent call.
     fn drop(&mut self) {
-        // SAFETY: mr is an open registration of shared.domain, which is
-        // still open because we hold `shared`; it is closed exactly once.
-        let ret = unsafe { sys::kvxfer_fi_close(&mut (*self.mr).fid) };
-        if ret != 0 {
-            log::warn!(
-                "LIBFABRIC: closing the registration of {:#x}+{} failed: {}",
-                self.region.addr,
-                self.region.len,
-                strerror(ret as i64)
-            );
-        }
+        self._shared.drop_reg(self.mr);
     }
 }
 
@@ -584,6 +579,7 @@ impl FabricTransport {
                 drop(self.deferred.swap_remove(i));
             }
         }
+        self.shared.close_dropped_regs();
     }
 
     /// Removes peer `id` at `addr` from the address vector after a
@@ -1280,6 +1276,7 @@ impl Drop for FabricTransport {
         self.shared.close_endpoint();
         // Deferred registrations: no operation is left to use them.
         self.deferred.clear();
+        self.shared.close_dropped_regs();
     }
 }
 
@@ -1324,6 +1321,7 @@ impl Transport for FabricTransport {
         let r = reg.region;
         if !self.orphans_touch(r.addr, r.len) {
             drop(reg);
+            self.shared.close_dropped_regs();
             return;
         }
         // Operations of timed-out transfers may still touch this memory:
@@ -1357,6 +1355,7 @@ impl Transport for FabricTransport {
             start.elapsed()
         );
         drop(reg);
+        self.shared.close_dropped_regs();
     }
 
     fn pack_key(&self, reg: &FabricReg, out: &mut [u8]) -> Result<usize, Error> {
@@ -1602,6 +1601,7 @@ impl Transport for FabricTransport {
         if let Some(c) = self.done.pop_front() {
             return Some(c);
         }
+        self.shared.close_dropped_regs();
         self.read_cq();
         if let Err(e) = self.post_receives() {
             log::warn!("LIBFABRIC: re-posting notification buffers failed: {e}");
@@ -1879,6 +1879,29 @@ mod tests {
 #[cfg(test)]
 mod setup_tests {
     use super::*;
+
+    /// A registration dropped on another thread is not closed there (the
+    /// domain takes no call concurrent with the transport's): the
+    /// transport closes it on its next call.
+    #[test]
+    fn a_registration_dropped_elsewhere_is_closed_by_the_transport() {
+        let cfg = FabricConfig::default().with_provider("tcp;ofi_rxm");
+        let mut t = FabricTransport::new(&cfg).expect("transport");
+        let buf = vec![0u8; 4096];
+        let reg = t
+            .register(&Region::dram(buf.as_ptr() as u64, 4096))
+            .expect("register");
+        std::thread::spawn(move || drop(reg)).join().unwrap();
+        assert_eq!(t.shared.dropped_regs(), 1);
+        assert!(t.poll().is_none());
+        assert_eq!(t.shared.dropped_regs(), 0);
+        // Deregistration closes at once.
+        let reg = t
+            .register(&Region::dram(buf.as_ptr() as u64, 4096))
+            .expect("register");
+        t.deregister(reg);
+        assert_eq!(t.shared.dropped_regs(), 0);
+    }
 
     /// More receive buffers than the provider's receive queue holds, and no
     /// transfer deadline: on libfabric 1.x, rxm answers FI_EAGAIN past its
