@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use kvxfer_core::{Desc, Error, MemKind, XferOp, XferState, XferTelemetry};
 
-use crate::{Agent, AgentConfig, XferRequest};
+use crate::{Agent, AgentConfig, WaitOutcome, XferRequest};
 
 /// Errors of the benchmark's own protocol carry this backend name.
 pub const BENCH: &str = "BENCH";
@@ -923,17 +923,13 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
             await_reply(&agent, &peer, "bench:fill ok", t)?;
         }
         r.post()?;
-        let began = Instant::now();
-        loop {
-            match r.status()? {
-                XferState::Done => break,
-                XferState::Failed(e) => return Err(e),
-                _ if began.elapsed() > opts.request_timeout => {
-                    return Err(Error::TimedOut {
-                        after_ms: opts.request_timeout.as_millis() as u64,
-                    })
-                }
-                _ => std::thread::yield_now(),
+        match r.wait(opts.request_timeout) {
+            WaitOutcome::Done => {}
+            WaitOutcome::Failed(e) => return Err(e),
+            WaitOutcome::InProgress => {
+                return Err(Error::TimedOut {
+                    after_ms: opts.request_timeout.as_millis() as u64,
+                })
             }
         }
         ours = sums_agree(&buf, &format!("after request {i} moved fresh data"))?;

@@ -11,7 +11,7 @@
 
 use std::ffi::{c_void, CStr, CString};
 use std::ptr;
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kvxfer_core::Error;
@@ -22,7 +22,7 @@ use crate::BACKEND;
 /// libfabric's setting that makes `fi_av_remove` close the connection to
 /// the removed peer (`tcp;ofi_rxm` keeps it open otherwise, and with it
 /// every operation still queued on it).
-pub(crate) const AV_REMOVE_CLEANUP_ENV: &str = "FI_AV_REMOVE_CLEANUP";
+pub(crate) const AV_REMOVE_CLEANUP_ENV: &CStr = c"FI_AV_REMOVE_CLEANUP";
 
 /// Sets `FI_AV_REMOVE_CLEANUP=1` unless the environment sets it already.
 ///
@@ -34,7 +34,7 @@ pub(crate) const AV_REMOVE_CLEANUP_ENV: &str = "FI_AV_REMOVE_CLEANUP";
 extern "C" fn set_av_remove_cleanup() {
     // SAFETY: both strings are NUL-terminated literals; setenv copies them.
     // See above for why no other thread can read the environment now.
-    unsafe { libc::setenv(c"FI_AV_REMOVE_CLEANUP".as_ptr(), c"1".as_ptr(), 0) };
+    unsafe { libc::setenv(AV_REMOVE_CLEANUP_ENV.as_ptr(), c"1".as_ptr(), 0) };
 }
 
 /// Runs [`set_av_remove_cleanup`] before `main`.
@@ -250,6 +250,9 @@ pub(crate) struct Shared {
     /// domain opened with `FI_THREAD_DOMAIN` takes no call concurrent with
     /// the transport's own.
     dropped_regs: Mutex<Vec<MrPtr>>,
+    /// Whether `dropped_regs` may hold anything, so that the transport's
+    /// every poll need not take the lock.
+    any_dropped: AtomicBool,
 }
 
 /// A memory registration handle that may cross threads on its way to
@@ -281,6 +284,7 @@ impl Shared {
             fabric: ptr::null_mut(),
             info,
             dropped_regs: Mutex::new(Vec::new()),
+            any_dropped: AtomicBool::new(false),
         };
         // From here on, an early return drops `shared`, which closes what
         // was opened so far, in order.
@@ -371,6 +375,7 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(MrPtr(mr));
+        self.any_dropped.store(true, Ordering::Release);
     }
 
     /// Registrations dropped but not closed yet.
@@ -385,6 +390,9 @@ impl Shared {
     /// Closes the registrations dropped so far. Called by the owner of the
     /// transport, so never concurrently with its other calls.
     pub(crate) fn close_dropped_regs(&self) {
+        if !self.any_dropped.swap(false, Ordering::AcqRel) {
+            return;
+        }
         let regs =
             std::mem::take(&mut *self.dropped_regs.lock().unwrap_or_else(|e| e.into_inner()));
         for MrPtr(mr) in regs {

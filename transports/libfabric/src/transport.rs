@@ -41,7 +41,8 @@ const RECV_SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 fn warn_without_av_remove_cleanup() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let v = std::env::var(crate::fabric::AV_REMOVE_CLEANUP_ENV).unwrap_or_default();
+        let name = crate::fabric::AV_REMOVE_CLEANUP_ENV.to_string_lossy();
+        let v = std::env::var(&*name).unwrap_or_default();
         if !matches!(
             v.to_ascii_lowercase().as_str(),
             "1" | "yes" | "true" | "on" | "y"
@@ -49,7 +50,7 @@ fn warn_without_av_remove_cleanup() {
             log::warn!(
                 "LIBFABRIC: {}={v:?}: operations of a timed-out peer are not ended when it \
                  is removed; memory they use stays registered until they are",
-                crate::fabric::AV_REMOVE_CLEANUP_ENV
+                name
             );
         }
     });
