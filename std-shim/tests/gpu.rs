@@ -817,9 +817,14 @@ fn vram_registration_checks_pointer_attributes() {
 #[test]
 fn without_a_driver_errors_are_clear() {
     if kvxfer_cuda::driver_present() {
-        // With a driver, the same call must not claim that there is none.
-        if let Err(e) = Agent::new("has-gpu", config("CUDA_IPC", None)) {
-            assert_ne!(e, kvxfer_cuda::driver::no_driver());
+        // With a driver, the same call must not claim that there is none,
+        // and with a GPU it must work.
+        let r = Agent::new("has-gpu", config("CUDA_IPC", None));
+        match (kvxfer_cuda::driver::device_count(), r) {
+            (Ok(n), Ok(agent)) if n > 0 => agent.shutdown(),
+            (Ok(n), Err(e)) if n > 0 => panic!("CUDA_IPC with {n} GPUs: {e}"),
+            (_, Err(e)) => assert_ne!(e, kvxfer_cuda::driver::no_driver()),
+            (_, Ok(agent)) => agent.shutdown(),
         }
         return;
     }
