@@ -38,7 +38,24 @@ step "cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
+# The link-cut tests run their processes in network namespaces with
+# `ip netns exec`, which needs root and a root directory that is a mount
+# point (it is not in a chroot). Where that cannot work they are left out,
+# said here, and counted as skipped.
+netns_works() {
+    local ns="kvxfer-probe-$$" rc=0
+    ip netns add "$ns" 2>/dev/null || return 1
+    ip netns exec "$ns" true 2>/dev/null || rc=1
+    ip netns del "$ns" 2>/dev/null || true
+    return "$rc"
+}
+filter=()
+if ! netns_works; then
+    echo "note: 'ip netns exec' does not work here (not root, or a chroot);" \
+        "the link-cut tests are left out and counted as skipped" >&2
+    filter=(-- --skip link_cut)
+fi
+cargo test --workspace --no-fail-fast "${filter[@]}" 2>&1 | tee "$log" || status=$?
 
 step "libfabric 2.x: build, clippy and tests of the libfabric crates"
 scripts/libfabric2-check.sh 2>&1 | tee -a "$log" || status=$?
@@ -48,6 +65,7 @@ read -r passed failed ignored < <(awk '/^test result:/ {
             if ($(i) ~ /^passed;?$/) p += $(i - 1)
             if ($(i) ~ /^failed;?$/) f += $(i - 1)
             if ($(i) ~ /^ignored;?$/) g += $(i - 1)
+            if ($(i) ~ /^out;?$/ && $(i - 1) == "filtered") g += $(i - 2)
         }
     } END { print p + 0, f + 0, g + 0 }' "$log")
 if ((status != 0)); then

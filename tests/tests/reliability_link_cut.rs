@@ -10,7 +10,8 @@
 //! transfers succeed, compared byte for byte.
 //!
 //! Needs root (network namespaces); without it the tests fail saying so
-//! (`--skip link_cut` leaves them out).
+//! (`--skip link_cut` leaves them out, as `scripts/test.sh` does, saying
+//! so, where `ip netns exec` cannot work).
 #![allow(clippy::result_large_err)]
 
 mod reliability_common;
