@@ -759,7 +759,11 @@ impl FabricTransport {
     /// The error of a failed operation of `xfer`. `prov_errno_is_errno`:
     /// the provider reports socket errors as its `prov_errno` (tcp,
     /// sockets), so a cancelled operation with `ENOTCONN` there means the
-    /// peer is gone.
+    /// peer is gone. So does any operation of a live transfer that comes
+    /// back `FI_ECANCELED`: kvxfer cancels only operations of timed-out
+    /// transfers, so the provider cancelled it itself, tearing down the
+    /// connection (`tcp;ofi_rxm` does so to a killed peer's operations,
+    /// with `prov_errno` ENOENT).
     fn xfer_error(
         xfer: &Xfer,
         errno: i32,
@@ -778,7 +782,10 @@ impl FabricTransport {
             ]
             .contains(&e)
         };
-        if gone(errno.unsigned_abs()) || (prov_errno_is_errno && gone(prov_errno.unsigned_abs())) {
+        if gone(errno.unsigned_abs())
+            || errno.unsigned_abs() == sys::FI_ECANCELED
+            || (prov_errno_is_errno && gone(prov_errno.unsigned_abs()))
+        {
             // Left empty: the engine fills in the peer's agent name, as
             // for every transport; the address is in the debug log.
             log::debug!(
@@ -1880,6 +1887,28 @@ mod tests {
 #[cfg(test)]
 mod setup_tests {
     use super::*;
+
+    #[test]
+    fn operations_the_provider_cancelled_mean_the_peer_is_gone() {
+        let x = Xfer::empty();
+        let ecanceled = -(sys::FI_ECANCELED as i32);
+        for (errno, prov_errno) in [
+            (ecanceled, libc::ENOENT),
+            (ecanceled, 0),
+            (-(sys::FI_ENOTCONN as i32), 0),
+            (-(sys::FI_EIO as i32), libc::ECONNRESET),
+        ] {
+            assert_eq!(
+                FabricTransport::xfer_error(&x, errno, prov_errno, true, "t"),
+                Error::disconnected(""),
+                "{errno} {prov_errno}"
+            );
+        }
+        assert_eq!(
+            FabricTransport::xfer_error(&x, -(sys::FI_EIO as i32), libc::ECONNRESET, false, "t"),
+            Error::backend(BACKEND, -(sys::FI_EIO as i64), "WRITE t")
+        );
+    }
 
     /// A registration dropped on another thread is not closed there (the
     /// domain takes no call concurrent with the transport's): the
