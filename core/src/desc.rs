@@ -12,7 +12,7 @@ use crate::error::{DescError, Error, Side};
 use crate::mem::{Desc, Region};
 use crate::registry::{bisect, Registry};
 
-/// One resolved piece of a transfer.
+/// One resolved piece of a transfer (32 bytes).
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub struct SegRec {
     /// Registry slot of the local region.
@@ -27,7 +27,35 @@ pub struct SegRec {
     pub len: u64,
 }
 
-/// One descriptor resolved against one side's regions.
+impl SegRec {
+    /// An empty record, for storage.
+    pub const EMPTY: SegRec = SegRec {
+        local: 0,
+        remote: 0,
+        local_addr: 0,
+        remote_addr: 0,
+        len: 0,
+    };
+
+    /// Merges `next` into `self` when the two are contiguous on both sides
+    /// inside the same regions; returns whether it did.
+    pub fn merge(&mut self, next: &SegRec) -> bool {
+        if self.local == next.local
+            && self.remote == next.remote
+            && self.local_addr.checked_add(self.len) == Some(next.local_addr)
+            && self.remote_addr.checked_add(self.len) == Some(next.remote_addr)
+        {
+            if let Some(len) = self.len.checked_add(next.len) {
+                self.len = len;
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// One descriptor resolved against one side's regions (24 bytes: the
+/// memory of one explicit prepared entry).
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Resolved {
     /// Registry slot (local) or region index (remote).
@@ -36,6 +64,113 @@ pub struct Resolved {
     pub addr: u64,
     /// Length.
     pub len: u64,
+}
+
+impl Resolved {
+    /// An empty entry, for storage.
+    pub const EMPTY: Resolved = Resolved {
+        region: 0,
+        addr: 0,
+        len: 0,
+    };
+}
+
+/// `count` blocks of `len` bytes, `stride` bytes apart from `addr`, on
+/// device `dev`: one layer's blocks of a KV cache, without a descriptor
+/// per block.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Strided {
+    /// First byte of block 0.
+    pub addr: u64,
+    /// Bytes per block.
+    pub len: u64,
+    /// Distance between the starts of neighbouring blocks.
+    pub stride: u64,
+    /// Blocks.
+    pub count: u32,
+    /// Device (0 for host memory).
+    pub dev: u32,
+}
+
+impl Strided {
+    /// Blocks in host memory.
+    pub const fn new(addr: u64, len: u64, stride: u64, count: u32) -> Strided {
+        Strided {
+            addr,
+            len,
+            stride,
+            count,
+            dev: 0,
+        }
+    }
+
+    /// Block `i` (its address saturates instead of overflowing, so that
+    /// validation reports it).
+    pub fn get(&self, i: u32) -> Desc {
+        let addr = self
+            .stride
+            .checked_mul(i as u64)
+            .and_then(|o| self.addr.checked_add(o))
+            .unwrap_or(u64::MAX);
+        Desc::on_dev(addr, self.len, self.dev)
+    }
+
+    /// Bytes from the first block's start to the last block's end, if
+    /// that does not overflow; `None` for no blocks.
+    pub fn span(&self) -> Option<u64> {
+        let last = self.count.checked_sub(1)? as u64;
+        self.stride.checked_mul(last)?.checked_add(self.len)
+    }
+}
+
+/// A descriptor list: explicit, or strided.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum DescList<'a> {
+    /// One descriptor per entry.
+    Explicit(&'a [Desc]),
+    /// Evenly spaced blocks.
+    Strided(Strided),
+}
+
+impl DescList<'_> {
+    /// Entries in the list.
+    pub fn len(&self) -> usize {
+        match self {
+            DescList::Explicit(d) => d.len(),
+            DescList::Strided(s) => s.count as usize,
+        }
+    }
+
+    /// Whether the list has no entries.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Entry `i`, if in range.
+    pub fn get(&self, i: usize) -> Option<Desc> {
+        match self {
+            DescList::Explicit(d) => d.get(i).copied(),
+            DescList::Strided(s) => (i < s.count as usize).then(|| s.get(i as u32)),
+        }
+    }
+}
+
+impl<'a> From<&'a [Desc]> for DescList<'a> {
+    fn from(d: &'a [Desc]) -> Self {
+        DescList::Explicit(d)
+    }
+}
+
+impl<'a, const N: usize> From<&'a [Desc; N]> for DescList<'a> {
+    fn from(d: &'a [Desc; N]) -> Self {
+        DescList::Explicit(d)
+    }
+}
+
+impl From<Strided> for DescList<'_> {
+    fn from(s: Strided) -> Self {
+        DescList::Strided(s)
+    }
 }
 
 /// Checks what `desc` (number `index` of the `side` list) must be before
@@ -110,8 +245,8 @@ pub fn resolve_sorted(
 }
 
 /// Resolves a local descriptor against `registry`; returns the region's slot.
-pub fn resolve_local<R, const N: usize>(
-    registry: &Registry<R, N>,
+pub fn resolve_local<R>(
+    registry: &Registry<'_, R>,
     index: usize,
     desc: &Desc,
 ) -> Result<Resolved, Error> {
@@ -171,49 +306,44 @@ pub fn pair(index: usize, local: &Resolved, remote: &Resolved) -> Result<SegRec,
     })
 }
 
-/// Appends `seg` to `segs`, merging it into the last record when
-/// `coalesce` is on and the two are contiguous on both sides inside the
-/// same regions.
-pub fn push_segment<const S: usize>(
-    segs: &mut heapless::Vec<SegRec, S>,
+/// Appends `seg` to the first `*len` records of `segs`, merging it into
+/// the last one when `coalesce` is on and [`SegRec::merge`] allows.
+pub fn push_segment(
+    segs: &mut [SegRec],
+    len: &mut usize,
     seg: SegRec,
     coalesce: bool,
 ) -> Result<(), Error> {
     if coalesce {
-        if let Some(last) = segs.last_mut() {
-            if last.local == seg.local
-                && last.remote == seg.remote
-                && last.local_addr.checked_add(last.len) == Some(seg.local_addr)
-                && last.remote_addr.checked_add(last.len) == Some(seg.remote_addr)
-            {
-                if let Some(len) = last.len.checked_add(seg.len) {
-                    last.len = len;
-                    return Ok(());
-                }
+        if let Some(last) = len.checked_sub(1).and_then(|i| segs.get_mut(i)) {
+            if last.merge(&seg) {
+                return Ok(());
             }
         }
     }
-    segs.push(seg).map_err(|_| Error::CapacityExceeded {
-        what: "segments",
-        capacity: S as u32,
-    })
+    let cap = segs.len();
+    let slot = segs
+        .get_mut(*len)
+        .ok_or(Error::capacity("segments", cap, "segments"))?;
+    *slot = seg;
+    *len += 1;
+    Ok(())
 }
 
-/// Clears `segs` and fills it from `pairs` through [`push_segment`];
-/// returns the bytes in all, or the first error.
-pub fn fill_segments<const S: usize>(
-    segs: &mut heapless::Vec<SegRec, S>,
+/// Fills `segs` from `pairs` through [`push_segment`]; returns the records
+/// written and the bytes in all, or the first error.
+pub fn fill_segments(
+    segs: &mut [SegRec],
     pairs: impl Iterator<Item = Result<SegRec, Error>>,
     coalesce: bool,
-) -> Result<u64, Error> {
-    segs.clear();
-    let mut bytes = 0u64;
+) -> Result<(usize, u64), Error> {
+    let (mut len, mut bytes) = (0usize, 0u64);
     for seg in pairs {
         let seg = seg?;
         bytes = bytes.saturating_add(seg.len);
-        push_segment(segs, seg, coalesce)?;
+        push_segment(segs, &mut len, seg, coalesce)?;
     }
-    Ok(bytes)
+    Ok((len, bytes))
 }
 
 #[cfg(test)]
@@ -224,8 +354,11 @@ mod tests {
     extern crate std;
     use std::vec::Vec;
 
-    fn registry() -> Registry<(), 4> {
-        let mut r = Registry::new();
+    fn registry() -> Registry<'static, ()> {
+        let slots = (0..4)
+            .map(|_| crate::storage::RegionSlot::EMPTY)
+            .collect::<Vec<_>>();
+        let mut r = Registry::new(std::boxed::Box::leak(slots.into_boxed_slice()));
         r.insert(Region::dram(0x1000, 0x100), ()).unwrap();
         r.insert(Region::vram(0x2000, 0x100, 3), ()).unwrap();
         r
@@ -340,14 +473,15 @@ mod tests {
             remote_addr: ra,
             len,
         };
-        let mut v: heapless::Vec<SegRec, 8> = heapless::Vec::new();
-        push_segment(&mut v, s(0, 0, 0, 100, 10), true).unwrap();
-        push_segment(&mut v, s(0, 0, 10, 110, 10), true).unwrap(); // merged
-        push_segment(&mut v, s(0, 0, 20, 130, 10), true).unwrap(); // remote gap
-        push_segment(&mut v, s(1, 0, 30, 140, 10), true).unwrap(); // other local region
-        push_segment(&mut v, s(1, 1, 40, 150, 10), true).unwrap(); // other remote region
+        let mut v = [SegRec::EMPTY; 8];
+        let mut n = 0;
+        push_segment(&mut v, &mut n, s(0, 0, 0, 100, 10), true).unwrap();
+        push_segment(&mut v, &mut n, s(0, 0, 10, 110, 10), true).unwrap(); // merged
+        push_segment(&mut v, &mut n, s(0, 0, 20, 130, 10), true).unwrap(); // remote gap
+        push_segment(&mut v, &mut n, s(1, 0, 30, 140, 10), true).unwrap(); // other local region
+        push_segment(&mut v, &mut n, s(1, 1, 40, 150, 10), true).unwrap(); // other remote region
         assert_eq!(
-            v.as_slice(),
+            &v[..n],
             &[
                 s(0, 0, 0, 100, 20),
                 s(0, 0, 20, 130, 10),
@@ -355,14 +489,16 @@ mod tests {
                 s(1, 1, 40, 150, 10)
             ]
         );
-        let mut off: heapless::Vec<SegRec, 2> = heapless::Vec::new();
-        push_segment(&mut off, s(0, 0, 0, 100, 10), false).unwrap();
-        push_segment(&mut off, s(0, 0, 10, 110, 10), false).unwrap();
+        let mut off = [SegRec::EMPTY; 2];
+        let mut n = 0;
+        push_segment(&mut off, &mut n, s(0, 0, 0, 100, 10), false).unwrap();
+        push_segment(&mut off, &mut n, s(0, 0, 10, 110, 10), false).unwrap();
         assert_eq!(
-            push_segment(&mut off, s(0, 0, 20, 120, 10), false),
+            push_segment(&mut off, &mut n, s(0, 0, 20, 120, 10), false),
             Err(Error::CapacityExceeded {
                 what: "segments",
-                capacity: 2
+                capacity: 2,
+                setting: "segments"
             })
         );
     }
@@ -396,16 +532,18 @@ mod tests {
                 la += len;
                 ra += len;
             }
-            let mut merged: heapless::Vec<SegRec, 64> = heapless::Vec::new();
+            let mut buf = [SegRec::EMPTY; 64];
+            let mut n = 0;
             for s in &segs {
-                push_segment(&mut merged, *s, true).unwrap();
+                push_segment(&mut buf, &mut n, *s, true).unwrap();
             }
+            let merged = &buf[..n];
             prop_assert!(merged.len() <= segs.len());
             let src: Vec<u8> = (0..768u32).map(|i| (i * 31 % 251) as u8).collect();
             let mut a = std::vec![0u8; 768];
             let mut b = std::vec![0u8; 768];
             apply(&segs, &src, &mut a);
-            apply(&merged, &src, &mut b);
+            apply(merged, &src, &mut b);
             prop_assert_eq!(a, b);
             let total: u64 = segs.iter().map(|s| s.len).sum();
             prop_assert_eq!(total, merged.iter().map(|s| s.len).sum::<u64>());
@@ -416,7 +554,8 @@ mod tests {
             regions in proptest::collection::vec((0u64..2000, 1u64..100), 0..16),
             probes in proptest::collection::vec((0u64..2200, 1u64..120), 1..40),
         ) {
-            let mut reg: Registry<usize, 16> = Registry::new();
+            let slots = (0..16).map(|_| crate::storage::RegionSlot::EMPTY).collect::<Vec<_>>();
+            let mut reg: Registry<usize> = Registry::new(std::boxed::Box::leak(slots.into_boxed_slice()));
             let mut kept: Vec<Region> = Vec::new();
             for (i, (a, l)) in regions.into_iter().enumerate() {
                 let r = Region::dram(a, l);

@@ -34,12 +34,16 @@
 
 use core::fmt;
 
-use crate::desc::{self, Resolved, SegRec};
+use crate::desc::{self, DescList, Resolved, SegRec};
 use crate::error::{bounded, Error, MetaError, Name, Side, NAME_CAP};
 use crate::mem::{Desc, Region};
 use crate::registry::Registry;
+use crate::storage::{
+    Capacities, Managed, NoteSlot, PeerSlot, PeerState, PrepForm, PrepSlot, RemoteSlot, Storage,
+    XferSlot, NIL,
+};
 use crate::time::Instant;
-use crate::transport::{Capabilities, PostStatus, Segment, Token, Transport, XferOp};
+use crate::transport::{Capabilities, Chain, PostStatus, Segments, Token, Transport, XferOp};
 use crate::wire::{Encoder, Metadata};
 
 /// Engine settings.
@@ -49,11 +53,31 @@ pub struct EngineConfig {
     /// Merge neighbouring descriptors that are contiguous on both sides and
     /// inside the same registrations (default on).
     pub coalesce: bool,
+    /// Most segments of one transfer after coalescing (default: no limit
+    /// but the segment table's).
+    pub segments_per_xfer: u32,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { coalesce: true }
+        EngineConfig {
+            coalesce: true,
+            segments_per_xfer: u32::MAX,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Sets [`coalesce`](Self::coalesce).
+    pub fn with_coalesce(mut self, on: bool) -> Self {
+        self.coalesce = on;
+        self
+    }
+
+    /// Sets [`segments_per_xfer`](Self::segments_per_xfer).
+    pub fn with_segments_per_xfer(mut self, n: u32) -> Self {
+        self.segments_per_xfer = n;
+        self
     }
 }
 
@@ -104,6 +128,18 @@ pub struct XferTelemetry {
     pub completed_at: Option<Instant>,
 }
 
+impl XferTelemetry {
+    /// Nothing yet.
+    pub const EMPTY: XferTelemetry = XferTelemetry {
+        bytes: 0,
+        descs: 0,
+        segments: 0,
+        posted_at: None,
+        post_nanos: 0,
+        completed_at: None,
+    };
+}
+
 /// A received notification's origin and length (its bytes are in the
 /// caller's buffer).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -135,73 +171,6 @@ pub struct PreparedRemote {
     pub generation: u32,
 }
 
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-enum PeerState {
-    Free,
-    Live,
-    Retired,
-}
-
-struct PeerSlot<T: Transport, const R: usize> {
-    state: PeerState,
-    generation: u32,
-    name: Name,
-    peer: Option<T::Peer>,
-    regions: heapless::Vec<Region, R>,
-    keys: heapless::Vec<T::RemoteKey, R>,
-    /// Live transfers made against this load.
-    users: u32,
-}
-
-impl<T: Transport, const R: usize> PeerSlot<T, R> {
-    fn free(&mut self, transport: &mut T) {
-        while let Some(k) = self.keys.pop() {
-            transport.release_key(k);
-        }
-        self.regions.clear();
-        if let Some(p) = self.peer.take() {
-            transport.disconnect(p);
-        }
-        self.state = PeerState::Free;
-        self.generation = self.generation.wrapping_add(1);
-        self.users = 0;
-    }
-
-    /// Frees the slot now, or once its last transfer is released.
-    fn retire(&mut self, transport: &mut T) {
-        if self.users == 0 {
-            self.free(transport);
-        } else {
-            self.state = PeerState::Retired;
-        }
-    }
-}
-
-struct XferSlot<const S: usize, const NOTIF: usize> {
-    generation: u32,
-    live: bool,
-    state: XferState,
-    op: XferOp,
-    peer: u16,
-    peer_gen: u32,
-    segs: heapless::Vec<SegRec, S>,
-    has_notification: bool,
-    notification: heapless::Vec<u8, NOTIF>,
-    telemetry: XferTelemetry,
-    /// Posts of this slot so far (wrapping); the current post's token
-    /// carries it.
-    posts: u16,
-}
-
-struct PrepSlot<const S: usize> {
-    generation: u32,
-    live: bool,
-    side: Side,
-    peer: u16,
-    peer_gen: u32,
-    entries: heapless::Vec<Resolved, S>,
-}
-
 /// Polls of the transport made while dropping an engine whose transfers
 /// cannot be cancelled, before giving up on them.
 const DROP_DRAIN_POLLS: usize = 100_000;
@@ -223,17 +192,6 @@ fn token_parts(token: Token) -> (usize, u32, u16) {
     )
 }
 
-/// Takes a free slot from `free`, a list of `N` slots of `what`.
-fn take_slot<const N: usize>(
-    free: &mut heapless::Vec<u16, N>,
-    what: &'static str,
-) -> Result<usize, Error> {
-    free.pop().map(usize::from).ok_or(Error::CapacityExceeded {
-        what,
-        capacity: N as u32,
-    })
-}
-
 fn name_error(name: &str) -> Error {
     Error::InvalidName {
         len: name.len() as u64,
@@ -250,116 +208,172 @@ fn with_peer(e: Error, peer: &Name) -> Error {
     }
 }
 
-/// The sans-IO transfer engine over transport `T`.
+/// Links `n` slots `0..n` into a free list through `next`; returns its head.
+fn link_free<S>(slots: &mut [S], n: usize, next: impl Fn(&mut S) -> &mut u32) -> u32 {
+    for (i, s) in slots.iter_mut().take(n).enumerate() {
+        *next(s) = if i + 1 < n { (i + 1) as u32 } else { NIL };
+    }
+    if n == 0 {
+        NIL
+    } else {
+        0
+    }
+}
+
+/// Moves the live ranges handed out of a bump-allocated pool to its front,
+/// in address order, and returns the new top. `range` reads a slot's range
+/// (`None` when it has none), `set` moves it and `mv(from, to, len)` moves
+/// the entries. Quadratic in the slots; runs only when the pool's end is
+/// reached.
+fn compact<S>(
+    slots: &mut [S],
+    range: impl Fn(&S) -> Option<(u32, u32)>,
+    set: impl Fn(&mut S, u32),
+    mut mv: impl FnMut(u32, u32, u32),
+) -> u32 {
+    let mut top = 0u32;
+    loop {
+        let next = slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| range(s).map(|(start, len)| (i, start, len)))
+            .filter(|&(_, start, len)| start >= top && len > 0)
+            .min_by_key(|&(_, start, _)| start);
+        let Some((i, start, len)) = next else {
+            return top;
+        };
+        if start != top {
+            mv(start, top, len);
+            set(&mut slots[i], top);
+        }
+        top += len;
+    }
+}
+
+/// Where a transfer's segments are being written: a chain of chunks.
+struct SegWriter {
+    first: u32,
+    last: u32,
+    /// Records in the last chunk.
+    used: usize,
+    /// Records in all.
+    count: usize,
+    bytes: u64,
+}
+
+/// The sans-IO transfer engine over transport `T`, in storage the caller
+/// provides ([`Storage`]).
 ///
-/// Capacities: `REGIONS` local registrations (and remote regions per
-/// peer), `PEERS` remote agents, `XFERS` live transfers, `SEGS` segments
-/// per transfer (and entries per prepared list), `NOTIF` bytes of a framed
-/// notification (1 + sender name + payload), `PREPS` prepared lists.
-///
-/// The engine holds every table inline; with the default capacities it is
-/// about 700 KiB, so applications keep it in a `static` or on the heap.
-pub struct Engine<
-    T: Transport,
-    const REGIONS: usize = 64,
-    const PEERS: usize = 16,
-    const XFERS: usize = 64,
-    const SEGS: usize = 256,
-    const NOTIF: usize = 512,
-    const PREPS: usize = 16,
-> {
+/// The capacities are the storage's sizes ([`Engine::capacities`]); a full
+/// table is [`Error::CapacityExceeded`] naming it, its capacity and the
+/// [`Capacities`] field that raises it.
+pub struct Engine<'a, T: Transport> {
     transport: T,
     name: Name,
     config: EngineConfig,
     caps: Capabilities,
-    registry: Registry<T::LocalReg, REGIONS>,
-    peers: heapless::Vec<PeerSlot<T, REGIONS>, PEERS>,
-    xfers: heapless::Vec<XferSlot<SEGS, NOTIF>, XFERS>,
-    free_xfers: heapless::Vec<u16, XFERS>,
-    preps: heapless::Vec<PrepSlot<SEGS>, PREPS>,
-    free_preps: heapless::Vec<u16, PREPS>,
+    limits: Capacities,
+    registry: Registry<'a, T::LocalReg>,
+    peers: Managed<'a, PeerSlot<T::Peer>>,
+    remote: Managed<'a, RemoteSlot<T::RemoteKey>>,
+    /// First unused entry of `remote`.
+    remote_top: u32,
+    xfers: Managed<'a, XferSlot>,
+    free_xfer: u32,
+    segs: Managed<'a, SegRec>,
+    links: Managed<'a, u32>,
+    chunk_len: usize,
+    free_chunk: u32,
+    preps: Managed<'a, PrepSlot>,
+    free_prep: u32,
+    entries: Managed<'a, Resolved>,
+    /// First unused entry of `entries`.
+    entries_top: u32,
+    notes: Managed<'a, u8>,
+    note_slots: Managed<'a, NoteSlot>,
+    note_len: usize,
+    free_note: u32,
+    in_flight: usize,
     ignored_completions: u64,
 }
 
-impl<
-        T: Transport,
-        const REGIONS: usize,
-        const PEERS: usize,
-        const XFERS: usize,
-        const SEGS: usize,
-        const NOTIF: usize,
-        const PREPS: usize,
-    > Engine<T, REGIONS, PEERS, XFERS, SEGS, NOTIF, PREPS>
-{
-    const CAPACITIES_FIT: () = assert!(
-        REGIONS <= u16::MAX as usize
-            && PEERS <= u16::MAX as usize
-            && XFERS <= u16::MAX as usize
-            && PREPS <= u16::MAX as usize,
-        "table capacities must fit in 16 bits"
-    );
-
+impl<'a, T: Transport> Engine<'a, T> {
     /// A new engine for agent `name` (1 to [`NAME_CAP`] bytes) over
-    /// `transport`.
-    pub fn new(name: &str, transport: T, config: EngineConfig) -> Result<Self, Error> {
-        #[allow(clippy::let_unit_value)]
-        let () = Self::CAPACITIES_FIT;
+    /// `transport`, keeping its tables in `storage`. Regions, peers and
+    /// transfers are limited to 65,535 each: more is
+    /// [`Error::InvalidCapacity`].
+    pub fn new(
+        name: &str,
+        transport: T,
+        config: EngineConfig,
+        storage: Storage<'a, T>,
+    ) -> Result<Self, Error> {
         if name.is_empty() || name.len() > NAME_CAP {
             return Err(name_error(name));
         }
+        let limits = storage.capacities();
+        limits.check()?;
+        let Storage {
+            regions,
+            mut peers,
+            mut remote,
+            mut xfers,
+            segments,
+            mut chunks,
+            mut preps,
+            entries,
+            notes,
+            mut note_slots,
+        } = storage;
+        for p in peers.iter_mut() {
+            *p = PeerSlot::EMPTY;
+        }
+        for r in remote.iter_mut() {
+            *r = RemoteSlot::EMPTY;
+        }
+        for x in xfers.iter_mut() {
+            *x = XferSlot::EMPTY;
+        }
+        for p in preps.iter_mut() {
+            *p = PrepSlot::EMPTY;
+        }
+        let free_xfer = link_free(&mut xfers, limits.xfers as usize, |x| &mut x.next_free);
+        let free_prep = link_free(&mut preps, limits.prepared_lists as usize, |p| {
+            &mut p.next_free
+        });
+        let n_notes = note_slots.len();
+        let free_note = link_free(&mut note_slots, n_notes, |n| &mut n.next_free);
+        let chunk_len = limits.segments_per_chunk as usize;
+        let n_chunks = if chunk_len == 0 { 0 } else { chunks.len() };
+        let free_chunk = link_free(&mut chunks, n_chunks, |c| c);
         let caps = transport.capabilities();
-        let mut engine = Engine {
+        Ok(Engine {
             transport,
             name: bounded(name),
             config,
             caps,
-            registry: Registry::new(),
-            peers: heapless::Vec::new(),
-            xfers: heapless::Vec::new(),
-            free_xfers: heapless::Vec::new(),
-            preps: heapless::Vec::new(),
-            free_preps: heapless::Vec::new(),
+            limits,
+            registry: Registry::new(regions),
+            peers,
+            remote,
+            remote_top: 0,
+            xfers,
+            free_xfer,
+            segs: segments,
+            links: chunks,
+            chunk_len,
+            free_chunk,
+            preps,
+            free_prep,
+            entries,
+            entries_top: 0,
+            note_len: limits.notification_len as usize,
+            notes,
+            note_slots,
+            free_note,
+            in_flight: 0,
             ignored_completions: 0,
-        };
-        for _ in 0..PEERS {
-            let _ = engine.peers.push(PeerSlot {
-                state: PeerState::Free,
-                generation: 0,
-                name: Name::new(),
-                peer: None,
-                regions: heapless::Vec::new(),
-                keys: heapless::Vec::new(),
-                users: 0,
-            });
-        }
-        for i in (0..XFERS).rev() {
-            let _ = engine.xfers.push(XferSlot {
-                generation: 0,
-                live: false,
-                state: XferState::Prepared,
-                op: XferOp::Read,
-                peer: 0,
-                peer_gen: 0,
-                segs: heapless::Vec::new(),
-                has_notification: false,
-                notification: heapless::Vec::new(),
-                telemetry: XferTelemetry::default(),
-                posts: 0,
-            });
-            let _ = engine.free_xfers.push(i as u16);
-        }
-        for i in (0..PREPS).rev() {
-            let _ = engine.preps.push(PrepSlot {
-                generation: 0,
-                live: false,
-                side: Side::Local,
-                peer: 0,
-                peer_gen: 0,
-                entries: heapless::Vec::new(),
-            });
-            let _ = engine.free_preps.push(i as u16);
-        }
-        Ok(engine)
+        })
     }
 
     /// This agent's name.
@@ -390,6 +404,11 @@ impl<
     /// The transport's capabilities, as read when the engine was made.
     pub fn capabilities(&self) -> &Capabilities {
         &self.caps
+    }
+
+    /// The table sizes this engine was given.
+    pub fn capacities(&self) -> &Capacities {
+        &self.limits
     }
 
     /// Registers a local region.
@@ -438,7 +457,7 @@ impl<
     }
 
     fn find_peer(&self, peer: &str) -> Option<usize> {
-        self.peers
+        self.peers[..self.limits.peers as usize]
             .iter()
             .position(|p| p.state == PeerState::Live && p.name.as_str() == peer)
     }
@@ -446,6 +465,73 @@ impl<
     fn peer_index(&self, peer: &str) -> Result<usize, Error> {
         self.find_peer(peer)
             .ok_or_else(|| Error::unknown_peer(peer))
+    }
+
+    /// The remote-region entries of peer slot `p`.
+    fn peer_remote(&self, p: usize) -> &[RemoteSlot<T::RemoteKey>] {
+        let slot = &self.peers[p];
+        let (start, end) = (slot.start as usize, (slot.start + slot.count) as usize);
+        self.remote.get(start..end).unwrap_or(&[])
+    }
+
+    /// Hands peer slot `p`'s keys and connection back to the transport
+    /// and frees the slot.
+    fn free_peer(&mut self, p: usize) {
+        let slot = &mut self.peers[p];
+        let (start, count) = (slot.start as usize, slot.count as usize);
+        let peer = slot.peer.take();
+        slot.state = PeerState::Free;
+        slot.generation = slot.generation.wrapping_add(1);
+        slot.users = 0;
+        slot.count = 0;
+        for r in self.remote.iter_mut().skip(start).take(count) {
+            if let Some(k) = r.key.take() {
+                self.transport.release_key(k);
+            }
+        }
+        if let Some(p) = peer {
+            self.transport.disconnect(p);
+        }
+    }
+
+    /// Frees peer slot `p` now, or once its last transfer is released.
+    fn retire_peer(&mut self, p: usize) {
+        if self.peers[p].users == 0 {
+            self.free_peer(p);
+        } else {
+            self.peers[p].state = PeerState::Retired;
+        }
+    }
+
+    /// Finds `n` free entries at the end of the remote-region table,
+    /// compacting it first if needed.
+    fn alloc_remote(&mut self, n: u32) -> Result<u32, Error> {
+        let cap = self.remote.len() as u64;
+        if self.remote_top as u64 + n as u64 > cap {
+            let Engine { peers, remote, .. } = self;
+            self.remote_top = compact(
+                peers,
+                |p| (p.state != PeerState::Free).then_some((p.start, p.count)),
+                |p, start| p.start = start,
+                |from, to, len| {
+                    for k in 0..len as usize {
+                        let (f, t) = (from as usize + k, to as usize + k);
+                        remote[t].region = remote[f].region;
+                        remote[t].key = remote[f].key.take();
+                    }
+                },
+            );
+        }
+        if self.remote_top as u64 + n as u64 > cap {
+            return Err(Error::capacity(
+                "remote regions",
+                cap as usize,
+                "remote_regions",
+            ));
+        }
+        let start = self.remote_top;
+        self.remote_top += n;
+        Ok(start)
     }
 
     /// Loads a peer's metadata, replacing an earlier load of the same name
@@ -462,49 +548,69 @@ impl<
         if meta.name == self.name.as_str() {
             return Err(MetaError::SelfReference.into());
         }
-        if meta.region_count as usize > REGIONS {
-            return Err(MetaError::TooLarge {
-                field: "region count",
-                value: meta.region_count as u64,
-                max: REGIONS as u64,
-            }
-            .into());
-        }
         let name: Name = bounded(meta.name);
-        if let Some(old) = self.find_peer(meta.name) {
-            self.peers[old].retire(&mut self.transport);
+        let old = self.find_peer(meta.name);
+        // Room for the regions once the old load, if unused, is gone;
+        // checked before anything changes.
+        let in_use: u64 = (self.peers.iter().enumerate())
+            .filter(|(i, p)| p.state != PeerState::Free && !(Some(*i) == old && p.users == 0))
+            .map(|(_, p)| p.count as u64)
+            .sum();
+        if in_use + meta.region_count as u64 > self.remote.len() as u64 {
+            return Err(Error::capacity(
+                "remote regions",
+                self.remote.len(),
+                "remote_regions",
+            ));
         }
-        let i = self
-            .peers
+        if let Some(old) = old {
+            self.retire_peer(old);
+        }
+        let i = self.peers[..self.limits.peers as usize]
             .iter()
             .position(|p| p.state == PeerState::Free)
-            .ok_or(Error::CapacityExceeded {
-                what: "peers",
-                capacity: PEERS as u32,
-            })?;
-        let peer = self
-            .transport
-            .connect(meta.address)
-            .map_err(|e| with_peer(e, &name))?;
+            .ok_or(Error::capacity(
+                "peers",
+                self.limits.peers as usize,
+                "peers",
+            ))?;
+        let start = self.alloc_remote(meta.region_count as u32)?;
+        let peer = match self.transport.connect(meta.address) {
+            Ok(p) => p,
+            Err(e) => {
+                self.remote_top = start;
+                return Err(with_peer(e, &name));
+            }
+        };
         let slot = &mut self.peers[i];
         slot.peer = Some(peer);
+        slot.start = start;
+        slot.count = 0;
+        // Claimed now, so that a failed unpack frees what was unpacked.
+        slot.state = PeerState::Retired;
         for rec in meta.regions() {
+            let slot = &self.peers[i];
             let unpacked = match slot.peer.as_ref() {
                 Some(p) => self.transport.unpack_key(p, &rec.region, rec.key),
                 None => Err(Error::unknown_peer(&name)),
             };
             match unpacked {
                 Ok(key) => {
-                    // Room: region_count <= REGIONS was checked.
-                    let _ = slot.regions.push(rec.region);
-                    let _ = slot.keys.push(key);
+                    let at = (start + slot.count) as usize;
+                    // Room: `alloc_remote` reserved `region_count` entries.
+                    if let Some(r) = self.remote.get_mut(at) {
+                        r.region = rec.region;
+                        r.key = Some(key);
+                    }
+                    self.peers[i].count += 1;
                 }
                 Err(e) => {
-                    slot.free(&mut self.transport);
+                    self.free_peer(i);
                     return Err(with_peer(e, &name));
                 }
             }
         }
+        let slot = &mut self.peers[i];
         slot.state = PeerState::Live;
         slot.name = name.clone();
         slot.users = 0;
@@ -512,7 +618,7 @@ impl<
             "{}: loaded remote agent {:?} ({} regions)",
             self.name,
             name,
-            slot.regions.len()
+            slot.count
         );
         Ok(name)
     }
@@ -521,7 +627,7 @@ impl<
     /// against it fail with [`Error::StalePeer`].
     pub fn invalidate_remote(&mut self, peer: &str) -> Result<(), Error> {
         let i = self.peer_index(peer)?;
-        self.peers[i].retire(&mut self.transport);
+        self.retire_peer(i);
         Ok(())
     }
 
@@ -531,34 +637,41 @@ impl<
     }
 
     /// The regions a loaded peer published, in address order.
-    pub fn remote_regions(&self, peer: &str) -> Result<&[Region], Error> {
-        Ok(&self.peers[self.peer_index(peer)?].regions)
+    pub fn remote_regions(&self, peer: &str) -> Result<impl Iterator<Item = Region> + '_, Error> {
+        let p = self.peer_index(peer)?;
+        Ok(self.peer_remote(p).iter().map(|r| r.region))
+    }
+
+    /// Resolves `desc` (number `index`) against peer slot `p`'s regions.
+    fn resolve_remote(&self, p: usize, index: usize, desc: &Desc) -> Result<Resolved, Error> {
+        let regions = self.peer_remote(p);
+        let pos = desc::resolve_sorted(Side::Remote, index, desc, regions.len(), |i| {
+            regions[i].region
+        })?;
+        Ok(Resolved {
+            region: pos as u16,
+            addr: desc.addr,
+            len: desc.len,
+        })
     }
 
     /// Checks that `descs` all lie in the peer's regions.
     pub fn check_remote(&self, peer: &str, descs: &[Desc]) -> Result<(), Error> {
-        let regions = &self.peers[self.peer_index(peer)?].regions;
+        let p = self.peer_index(peer)?;
         for (i, d) in descs.iter().enumerate() {
-            desc::resolve_remote(regions, i, d)?;
+            self.resolve_remote(p, i, d)?;
         }
         Ok(())
     }
 
-    /// Frames `payload` with this agent's name into `out`. The frame must
-    /// fit both `M` and the transport's notification limit; when not even
-    /// the frame around an empty payload fits, the error gives the framed
-    /// length and the limit.
-    fn frame<const M: usize>(
-        name: &Name,
-        caps: &Capabilities,
-        payload: &[u8],
-        out: &mut heapless::Vec<u8, M>,
-    ) -> Result<(), Error> {
-        let limit = M.min(caps.max_notification as usize);
-        let overhead = 1 + name.len();
+    /// Frames `payload` with this agent's name into note slot `n`. The
+    /// frame must fit both the slot and the transport's notification limit;
+    /// when not even the frame around an empty payload fits, the error
+    /// gives the framed length and the limit.
+    fn frame(&mut self, n: u32, payload: &[u8]) -> Result<(), Error> {
+        let limit = self.note_len.min(self.caps.max_notification as usize);
+        let overhead = 1 + self.name.len();
         if overhead > limit {
-            // Not even the frame around an empty payload fits: report the
-            // framed length against the limit.
             return Err(Error::NotificationTooLong {
                 len: (overhead + payload.len()) as u64,
                 max: limit as u64,
@@ -571,76 +684,214 @@ impl<
                 max: max as u64,
             });
         }
-        out.clear();
-        // Room was checked above.
-        let _ = out.push(name.len() as u8);
-        let _ = out.extend_from_slice(name.as_bytes());
-        let _ = out.extend_from_slice(payload);
+        let at = n as usize * self.note_len;
+        let out = &mut self.notes[at..at + overhead + payload.len()];
+        out[0] = self.name.len() as u8;
+        out[1..overhead].copy_from_slice(self.name.as_bytes());
+        out[overhead..].copy_from_slice(payload);
+        self.note_slots[n as usize].len = (overhead + payload.len()) as u32;
         Ok(())
     }
 
-    /// Gives back slot `i`, taken but never committed.
-    fn untake_xfer(&mut self, i: usize) {
-        self.xfers[i].segs.clear();
-        let _ = self.free_xfers.push(i as u16);
+    /// Takes a notification slot and frames `payload` into it.
+    fn take_note(&mut self, payload: &[u8]) -> Result<u32, Error> {
+        let n = self.free_note;
+        if n == NIL {
+            return Err(Error::capacity(
+                "notifications",
+                self.note_slots.len(),
+                "notifications",
+            ));
+        }
+        self.free_note = self.note_slots[n as usize].next_free;
+        if let Err(e) = self.frame(n, payload) {
+            self.put_note(n);
+            return Err(e);
+        }
+        Ok(n)
     }
 
-    /// Readies slot `i`, whose segments were filled in with `bytes` in all,
-    /// for posting. If filling failed, or the transfer exceeds the
-    /// transport's limits, the slot is given back and the error returned.
+    fn put_note(&mut self, n: u32) {
+        if let Some(s) = self.note_slots.get_mut(n as usize) {
+            s.next_free = self.free_note;
+            self.free_note = n;
+        }
+    }
+
+    fn take_xfer(&mut self) -> Result<usize, Error> {
+        let i = self.free_xfer;
+        if i == NIL {
+            return Err(Error::capacity(
+                "transfers",
+                self.limits.xfers as usize,
+                "xfers",
+            ));
+        }
+        self.free_xfer = self.xfers[i as usize].next_free;
+        Ok(i as usize)
+    }
+
+    fn put_xfer(&mut self, i: usize) {
+        self.xfers[i].next_free = self.free_xfer;
+        self.free_xfer = i as u32;
+    }
+
+    /// Gives a chain of chunks back to the free list.
+    fn free_chain(&mut self, first: u32) {
+        let mut c = first;
+        while c != NIL {
+            let next = self.links[c as usize];
+            self.links[c as usize] = self.free_chunk;
+            self.free_chunk = c;
+            c = next;
+        }
+    }
+
+    /// Appends `seg` to `w`, merging it into the last record when
+    /// coalescing allows, taking a new chunk when the last one is full.
+    fn push_seg(&mut self, w: &mut SegWriter, seg: SegRec) -> Result<(), Error> {
+        w.bytes = w.bytes.saturating_add(seg.len);
+        if self.config.coalesce && w.count > 0 {
+            let at = w.last as usize * self.chunk_len + w.used - 1;
+            if self.segs[at].merge(&seg) {
+                return Ok(());
+            }
+        }
+        if w.count >= self.config.segments_per_xfer as usize {
+            return Err(Error::capacity(
+                "segments per transfer",
+                self.config.segments_per_xfer as usize,
+                "segments_per_xfer",
+            ));
+        }
+        if w.first == NIL || w.used == self.chunk_len {
+            let c = self.free_chunk;
+            if c == NIL {
+                return Err(Error::capacity(
+                    "segments",
+                    self.links.len() * self.chunk_len,
+                    "segments",
+                ));
+            }
+            self.free_chunk = self.links[c as usize];
+            self.links[c as usize] = NIL;
+            if w.first == NIL {
+                w.first = c;
+            } else {
+                self.links[w.last as usize] = c;
+            }
+            w.last = c;
+            w.used = 0;
+        }
+        self.segs[w.last as usize * self.chunk_len + w.used] = seg;
+        w.used += 1;
+        w.count += 1;
+        Ok(())
+    }
+
+    /// Fills a new segment chain from `count` pairs made by `pair(self, k)`.
+    fn fill(
+        &mut self,
+        count: usize,
+        pair: impl Fn(&Self, usize) -> Result<SegRec, Error>,
+    ) -> Result<SegWriter, Error> {
+        let mut w = SegWriter {
+            first: NIL,
+            last: NIL,
+            used: 0,
+            count: 0,
+            bytes: 0,
+        };
+        for k in 0..count {
+            let r = pair(self, k).and_then(|seg| self.push_seg(&mut w, seg));
+            if let Err(e) = r {
+                self.free_chain(w.first);
+                return Err(e);
+            }
+        }
+        Ok(w)
+    }
+
+    /// Calls `f` on each of slot `i`'s segment records.
+    fn for_each_seg(&self, i: usize, mut f: impl FnMut(&SegRec)) {
+        let (mut c, mut left) = (self.xfers[i].first_chunk, self.xfers[i].segs as usize);
+        while c != NIL && left > 0 {
+            let at = c as usize * self.chunk_len;
+            let n = left.min(self.chunk_len);
+            for s in &self.segs[at..at + n] {
+                f(s);
+            }
+            left -= n;
+            c = self.links[c as usize];
+        }
+    }
+
+    /// Makes a live transfer of the filled chain `w` against peer slot
+    /// `peer`. If the transfer exceeds the transport's limits or the
+    /// notification does not fit, everything is given back.
     fn commit_xfer(
         &mut self,
-        i: usize,
         op: XferOp,
         peer: usize,
         notification: Option<&[u8]>,
         descs: usize,
-        bytes: Result<u64, Error>,
+        w: SegWriter,
     ) -> Result<XferHandle, Error> {
-        let bytes = match bytes {
-            Ok(b) => b,
+        if self.caps.max_segments != 0 && w.count > self.caps.max_segments as usize {
+            self.free_chain(w.first);
+            return Err(Error::capacity(
+                "segments",
+                self.caps.max_segments as usize,
+                "",
+            ));
+        }
+        let note = match notification.map(|n| self.take_note(n)).transpose() {
+            Ok(n) => n.unwrap_or(NIL),
             Err(e) => {
-                self.untake_xfer(i);
+                self.free_chain(w.first);
                 return Err(e);
             }
         };
+        let i = match self.take_xfer() {
+            Ok(i) => i,
+            Err(e) => {
+                self.free_chain(w.first);
+                self.put_note(note);
+                return Err(e);
+            }
+        };
+        let peer_gen = self.peers[peer].generation;
+        self.peers[peer].users += 1;
         let slot = &mut self.xfers[i];
-        let check =
-            if self.caps.max_segments != 0 && slot.segs.len() > self.caps.max_segments as usize {
-                Err(Error::CapacityExceeded {
-                    what: "segments",
-                    capacity: self.caps.max_segments,
-                })
-            } else {
-                match notification {
-                    Some(n) => Self::frame(&self.name, &self.caps, n, &mut slot.notification),
-                    None => Ok(()),
-                }
-            };
-        if let Err(e) = check {
-            self.untake_xfer(i);
-            return Err(e);
-        }
-        slot.has_notification = notification.is_some();
-        for s in slot.segs.iter() {
-            self.registry.acquire(s.local);
-        }
-        let p = &mut self.peers[peer];
-        p.users += 1;
+        slot.first_chunk = w.first;
+        slot.segs = w.count as u32;
+        slot.note = note;
         slot.live = true;
         slot.state = XferState::Prepared;
         slot.op = op;
         slot.peer = peer as u16;
-        slot.peer_gen = p.generation;
+        slot.peer_gen = peer_gen;
         slot.telemetry = XferTelemetry {
-            bytes,
+            bytes: w.bytes,
             descs: descs as u32,
-            segments: slot.segs.len() as u32,
+            segments: w.count as u32,
             ..XferTelemetry::default()
         };
+        let generation = slot.generation;
+        let (mut c, mut left) = (w.first, w.count);
+        while c != NIL && left > 0 {
+            let at = c as usize * self.chunk_len;
+            let n = left.min(self.chunk_len);
+            for k in at..at + n {
+                let local = self.segs[k].local;
+                self.registry.acquire(local);
+            }
+            left -= n;
+            c = self.links[c as usize];
+        }
         Ok(XferHandle {
             index: i as u32,
-            generation: slot.generation,
+            generation,
         })
     }
 
@@ -653,66 +904,175 @@ impl<
         peer: &str,
         notification: Option<&[u8]>,
     ) -> Result<XferHandle, Error> {
+        self.prepare_lists(op, local.into(), remote.into(), peer, notification)
+    }
+
+    /// [`prepare`](Engine::prepare) for explicit or strided lists.
+    pub fn prepare_lists(
+        &mut self,
+        op: XferOp,
+        local: DescList<'_>,
+        remote: DescList<'_>,
+        peer: &str,
+        notification: Option<&[u8]>,
+    ) -> Result<XferHandle, Error> {
         let p = self.peer_index(peer)?;
         desc::check_counts(local.len(), remote.len())?;
-        let i = take_slot(&mut self.free_xfers, "transfers")?;
-        let (registry, regions) = (&self.registry, &self.peers[p].regions);
-        let pairs = local.iter().zip(remote).enumerate().map(|(k, (l, r))| {
-            let l = desc::resolve_local(registry, k, l)?;
-            let r = desc::resolve_remote(regions, k, r)?;
+        let missing = |k: usize| Error::IndexOutOfRange {
+            side: Side::Local,
+            index: k as u32,
+            value: k as u32,
+            len: 0,
+        };
+        let w = self.fill(local.len(), |e, k| {
+            let (l, r) = (local.get(k), remote.get(k));
+            let (Some(l), Some(r)) = (l, r) else {
+                return Err(missing(k));
+            };
+            let l = desc::resolve_local(&e.registry, k, &l)?;
+            let r = e.resolve_remote(p, k, &r)?;
             desc::pair(k, &l, &r)
-        });
-        let bytes = desc::fill_segments(&mut self.xfers[i].segs, pairs, self.config.coalesce);
-        self.commit_xfer(i, op, p, notification, local.len(), bytes)
+        })?;
+        self.commit_xfer(op, p, notification, local.len(), w)
     }
 
-    /// Gives back prepared-list slot `i`, taken but never made live.
-    fn untake_prep(&mut self, i: usize) {
-        self.preps[i].entries.clear();
-        let _ = self.free_preps.push(i as u16);
+    /// Finds `n` free explicit entries at the end of the prepared-entry
+    /// table, compacting it first if needed.
+    fn alloc_entries(&mut self, n: usize) -> Result<u32, Error> {
+        let cap = self.entries.len();
+        if self.entries_top as usize + n > cap {
+            let Engine { preps, entries, .. } = self;
+            self.entries_top = compact(
+                preps,
+                |p| match p.form {
+                    PrepForm::Explicit { start, len } if p.live => Some((start, len)),
+                    _ => None,
+                },
+                |p, start| {
+                    if let PrepForm::Explicit { len, .. } = p.form {
+                        p.form = PrepForm::Explicit { start, len };
+                    }
+                },
+                |from, to, len| {
+                    let (from, to) = (from as usize, to as usize);
+                    entries.copy_within(from..from + len as usize, to);
+                },
+            );
+        }
+        if self.entries_top as usize + n > cap {
+            return Err(Error::capacity(
+                "prepared list entries",
+                cap,
+                "prepared_entries",
+            ));
+        }
+        Ok(self.entries_top)
     }
 
+    /// Resolves `list` with `resolve` into prepared-list slot `i`: compact
+    /// when it is strided and lies in one region, else entry by entry.
     fn fill_prep(
         &mut self,
-        i: usize,
-        descs: &[Desc],
+        list: DescList<'_>,
         resolve: impl Fn(&Self, usize, &Desc) -> Result<Resolved, Error>,
-    ) -> Result<(), Error> {
-        for (k, d) in descs.iter().enumerate() {
-            let r = match resolve(self, k, d) {
-                Ok(r) => r,
-                Err(e) => {
-                    self.untake_prep(i);
-                    return Err(e);
+    ) -> Result<PrepForm, Error> {
+        if let DescList::Strided(s) = list {
+            if s.count > 0 {
+                let first = resolve(self, 0, &s.get(0))?;
+                let whole = s.span().map(|span| Desc::on_dev(s.addr, span, s.dev));
+                if let Some(whole) = whole {
+                    if let Ok(r) = resolve(self, 0, &whole) {
+                        if r.region == first.region {
+                            return Ok(PrepForm::Strided {
+                                region: first.region,
+                                addr: s.addr,
+                                len: s.len,
+                                stride: s.stride,
+                                count: s.count,
+                            });
+                        }
+                    }
                 }
-            };
-            if self.preps[i].entries.push(r).is_err() {
-                self.untake_prep(i);
-                return Err(Error::CapacityExceeded {
-                    what: "prepared list entries",
-                    capacity: SEGS as u32,
-                });
             }
         }
-        Ok(())
+        let n = list.len();
+        let start = self.alloc_entries(n)?;
+        for k in 0..n {
+            let d = list.get(k).unwrap_or(Desc::new(0, 0));
+            let r = resolve(self, k, &d)?;
+            self.entries[start as usize + k] = r;
+        }
+        self.entries_top = start + n as u32;
+        Ok(PrepForm::Explicit {
+            start,
+            len: n as u32,
+        })
+    }
+
+    fn take_prep(&mut self) -> Result<usize, Error> {
+        let i = self.free_prep;
+        if i == NIL {
+            return Err(Error::capacity(
+                "prepared lists",
+                self.preps.len(),
+                "prepared_lists",
+            ));
+        }
+        Ok(i as usize)
+    }
+
+    /// Makes prepared-list slot `i` (the free list's head) live.
+    fn commit_prep(&mut self, i: usize, side: Side, peer: usize, form: PrepForm) -> u32 {
+        let peer_gen = self.peers.get(peer).map_or(0, |p| p.generation);
+        self.free_prep = self.preps[i].next_free;
+        let slot = &mut self.preps[i];
+        slot.live = true;
+        slot.side = side;
+        slot.peer = peer as u16;
+        slot.peer_gen = peer_gen;
+        slot.form = form;
+        slot.generation
+    }
+
+    /// Adds (or with `release`, removes) prepared list `i`'s users of its
+    /// local regions.
+    fn prep_users(&mut self, i: usize, release: bool) {
+        let count = |reg: &mut Registry<'a, T::LocalReg>, region: u16, n: u32| {
+            if release {
+                reg.release_n(region, n)
+            } else {
+                reg.acquire_n(region, n)
+            }
+        };
+        match self.preps[i].form {
+            PrepForm::Strided { region, .. } => count(&mut self.registry, region, 1),
+            PrepForm::Explicit { start, len } => {
+                let (start, len) = (start as usize, len as usize);
+                for k in start..start + len {
+                    let region = self.entries[k].region;
+                    count(&mut self.registry, region, 1);
+                }
+            }
+        }
     }
 
     /// Resolves `descs` against the local registry once, for
     /// [`make_xfer`](Engine::make_xfer). The list counts as a user of its
     /// regions until [`release_local`](Engine::release_local).
     pub fn prep_local(&mut self, descs: &[Desc]) -> Result<PreparedLocal, Error> {
-        let i = take_slot(&mut self.free_preps, "prepared lists")?;
-        self.preps[i].entries.clear();
-        self.fill_prep(i, descs, |e, k, d| desc::resolve_local(&e.registry, k, d))?;
-        let slot = &mut self.preps[i];
-        for r in slot.entries.iter() {
-            self.registry.acquire(r.region);
-        }
-        slot.live = true;
-        slot.side = Side::Local;
+        self.prep_local_list(descs.into())
+    }
+
+    /// [`prep_local`](Engine::prep_local) for an explicit or strided list.
+    /// A strided list that lies in one region takes no per-entry memory.
+    pub fn prep_local_list(&mut self, list: DescList<'_>) -> Result<PreparedLocal, Error> {
+        let i = self.take_prep()?;
+        let form = self.fill_prep(list, |e, k, d| desc::resolve_local(&e.registry, k, d))?;
+        let generation = self.commit_prep(i, Side::Local, 0, form);
+        self.prep_users(i, false);
         Ok(PreparedLocal {
             index: i as u32,
-            generation: slot.generation,
+            generation,
         })
     }
 
@@ -720,21 +1080,22 @@ impl<
     /// [`make_xfer`](Engine::make_xfer). It goes stale when the peer is
     /// reloaded or invalidated.
     pub fn prep_remote(&mut self, peer: &str, descs: &[Desc]) -> Result<PreparedRemote, Error> {
+        self.prep_remote_list(peer, descs.into())
+    }
+
+    /// [`prep_remote`](Engine::prep_remote) for an explicit or strided list.
+    pub fn prep_remote_list(
+        &mut self,
+        peer: &str,
+        list: DescList<'_>,
+    ) -> Result<PreparedRemote, Error> {
         let p = self.peer_index(peer)?;
-        let i = take_slot(&mut self.free_preps, "prepared lists")?;
-        self.preps[i].entries.clear();
-        self.fill_prep(i, descs, |e, k, d| {
-            desc::resolve_remote(&e.peers[p].regions, k, d)
-        })?;
-        let peer_gen = self.peers[p].generation;
-        let slot = &mut self.preps[i];
-        slot.live = true;
-        slot.side = Side::Remote;
-        slot.peer = p as u16;
-        slot.peer_gen = peer_gen;
+        let i = self.take_prep()?;
+        let form = self.fill_prep(list, |e, k, d| e.resolve_remote(p, k, d))?;
+        let generation = self.commit_prep(i, Side::Remote, p, form);
         Ok(PreparedRemote {
             index: i as u32,
-            generation: slot.generation,
+            generation,
         })
     }
 
@@ -745,17 +1106,49 @@ impl<
         }
     }
 
+    /// Entries of prepared list `i`.
+    fn prep_len(&self, i: usize) -> u32 {
+        match self.preps[i].form {
+            PrepForm::Explicit { len, .. } => len,
+            PrepForm::Strided { count, .. } => count,
+        }
+    }
+
+    /// Entry `k` of prepared list `i`.
+    fn prep_entry(&self, i: usize, k: u32) -> Option<Resolved> {
+        match self.preps[i].form {
+            PrepForm::Explicit { start, len } => {
+                (k < len).then(|| self.entries[(start + k) as usize])
+            }
+            PrepForm::Strided {
+                region,
+                addr,
+                len,
+                stride,
+                count,
+            } => (k < count).then(|| Resolved {
+                region,
+                addr: addr + stride * k as u64,
+                len,
+            }),
+        }
+    }
+
     fn free_prep(&mut self, i: usize) {
+        if self.preps[i].side == Side::Local {
+            self.prep_users(i, true);
+        }
         let slot = &mut self.preps[i];
-        if slot.side == Side::Local {
-            for r in slot.entries.iter() {
-                self.registry.release(r.region);
+        if let PrepForm::Explicit { start, len } = slot.form {
+            if start + len == self.entries_top {
+                self.entries_top = start;
             }
         }
-        slot.entries.clear();
+        slot.form = PrepForm::Explicit { start: 0, len: 0 };
         slot.live = false;
         slot.generation = slot.generation.wrapping_add(1);
-        let _ = self.free_preps.push(i as u16);
+        slot.next_free = self.free_prep;
+        self.free_prep = i as u32;
     }
 
     /// Releases a local prepared list.
@@ -775,7 +1168,7 @@ impl<
     /// Makes a transfer from entries of prepared lists: pair `k` moves
     /// `local[local_idx[k]]` and `remote[remote_idx[k]]`. Only counts,
     /// indices and lengths are checked; the descriptors were validated
-    /// when the lists were prepared.
+    /// when the lists were prepared. O(n) in the pairs.
     pub fn make_xfer(
         &mut self,
         op: XferOp,
@@ -795,29 +1188,23 @@ impl<
             });
         }
         desc::check_counts(local_idx.len(), remote_idx.len())?;
-        let i = take_slot(&mut self.free_xfers, "transfers")?;
-        let (l_entries, r_entries) = (&self.preps[li].entries, &self.preps[ri].entries);
-        let pairs = local_idx
-            .iter()
-            .zip(remote_idx)
-            .enumerate()
-            .map(|(k, (&lx, &rx))| {
-                let range = |side, value: u32, len: usize| Error::IndexOutOfRange {
-                    side,
-                    index: k as u32,
-                    value,
-                    len: len as u32,
-                };
-                let l = l_entries
-                    .get(lx as usize)
-                    .ok_or_else(|| range(Side::Local, lx, l_entries.len()))?;
-                let r = r_entries
-                    .get(rx as usize)
-                    .ok_or_else(|| range(Side::Remote, rx, r_entries.len()))?;
-                desc::pair(k, l, r)
-            });
-        let bytes = desc::fill_segments(&mut self.xfers[i].segs, pairs, self.config.coalesce);
-        self.commit_xfer(i, op, p, notification, local_idx.len(), bytes)
+        let w = self.fill(local_idx.len(), |e, k| {
+            let (lx, rx) = (local_idx[k], remote_idx[k]);
+            let range = |side, value: u32, len: u32| Error::IndexOutOfRange {
+                side,
+                index: k as u32,
+                value,
+                len,
+            };
+            let l = e
+                .prep_entry(li, lx)
+                .ok_or_else(|| range(Side::Local, lx, e.prep_len(li)))?;
+            let r = e
+                .prep_entry(ri, rx)
+                .ok_or_else(|| range(Side::Remote, rx, e.prep_len(ri)))?;
+            desc::pair(k, &l, &r)
+        })?;
+        self.commit_xfer(op, p, notification, local_idx.len(), w)
     }
 
     fn slot_index(&self, handle: XferHandle) -> Result<usize, Error> {
@@ -832,54 +1219,72 @@ impl<
     /// transport error is returned and also left as the `Failed` state.
     pub fn post(&mut self, handle: XferHandle, now: Instant) -> Result<XferState, Error> {
         let i = self.slot_index(handle)?;
-        let slot = &mut self.xfers[i];
+        let slot = &self.xfers[i];
         if slot.state == XferState::InProgress {
             return Err(Error::InProgress { handle });
         }
-        let peer = &self.peers[slot.peer as usize];
+        let p = slot.peer as usize;
+        let peer = &self.peers[p];
+        let stale = || Error::StalePeer {
+            peer: peer.name.clone(),
+        };
         if peer.state != PeerState::Live || peer.generation != slot.peer_gen {
-            return Err(Error::StalePeer {
-                peer: peer.name.clone(),
-            });
+            return Err(stale());
         }
         let Some(endpoint) = peer.peer.as_ref() else {
-            return Err(Error::StalePeer {
-                peer: peer.name.clone(),
-            });
+            return Err(stale());
         };
-        let mut segments: heapless::Vec<Segment<'_, T::LocalReg, T::RemoteKey>, SEGS> =
-            heapless::Vec::new();
-        for s in slot.segs.iter() {
-            let local = self.registry.get(s.local).ok_or(Error::NotRegistered {
-                addr: s.local_addr,
-                len: s.len,
-            })?;
-            let (Some(remote), Some(region)) = (
-                peer.keys.get(s.remote as usize),
-                peer.regions.get(s.remote as usize),
-            ) else {
-                return Err(Error::StalePeer {
-                    peer: peer.name.clone(),
-                });
-            };
-            // Room: `segments` has the capacity of `slot.segs`.
-            let _ = segments.push(Segment {
-                local_addr: s.local_addr,
-                remote_addr: s.remote_addr,
-                len: s.len,
-                local: &local.handle,
-                remote,
-                remote_region_addr: region.addr,
-            });
+        let (start, count) = (peer.start as usize, peer.count as usize);
+        let remote = self.remote.get(start..start + count).unwrap_or(&[]);
+        // Every record must name a live registration and key before the
+        // transport reads them in place.
+        let mut missing = None;
+        self.for_each_seg(i, |s| {
+            if missing.is_none() {
+                if self.registry.get(s.local).is_none() {
+                    missing = Some(Error::NotRegistered {
+                        addr: s.local_addr,
+                        len: s.len,
+                    });
+                } else if remote
+                    .get(s.remote as usize)
+                    .and_then(|r| r.key.as_ref())
+                    .is_none()
+                {
+                    missing = Some(stale());
+                }
+            }
+        });
+        if let Some(e) = missing {
+            return Err(e);
         }
-        let notification = slot
-            .has_notification
-            .then_some(slot.notification.as_slice());
-        slot.posts = slot.posts.wrapping_add(1);
-        let token = token_of(i, slot.generation, slot.posts);
+        let segments = Segments::chain(
+            Chain {
+                segs: &self.segs,
+                links: &self.links,
+                chunk_len: self.chunk_len,
+                first: slot.first_chunk,
+                regions: self.registry.slots(),
+                remote,
+            },
+            slot.segs as usize,
+        );
+        let notification = (slot.note != NIL).then(|| {
+            let at = slot.note as usize * self.note_len;
+            let len = self
+                .note_slots
+                .get(slot.note as usize)
+                .map_or(0, |n| n.len as usize);
+            self.notes.get(at..at + len).unwrap_or(&[])
+        });
+        let posts = slot.posts.wrapping_add(1);
+        let token = token_of(i, slot.generation, posts);
         let result = self
             .transport
-            .post(slot.op, endpoint, &segments, notification, token);
+            .post(slot.op, endpoint, segments, notification, token);
+        let result = result.map_err(|e| with_peer(e, &self.peers[p].name));
+        let slot = &mut self.xfers[i];
+        slot.posts = posts;
         slot.telemetry.posted_at = Some(now);
         slot.telemetry.completed_at = None;
         slot.telemetry.post_nanos = 0;
@@ -891,10 +1296,10 @@ impl<
             }
             Ok(PostStatus::InProgress) => {
                 slot.state = XferState::InProgress;
+                self.in_flight += 1;
                 Ok(XferState::InProgress)
             }
             Err(e) => {
-                let e = with_peer(e, &peer.name);
                 slot.state = XferState::Failed(e.clone());
                 Err(e)
             }
@@ -924,10 +1329,7 @@ impl<
 
     /// Transfers posted and not yet finished.
     pub fn in_flight(&self) -> usize {
-        self.xfers
-            .iter()
-            .filter(|s| s.live && s.state == XferState::InProgress)
-            .count()
+        self.in_flight
     }
 
     /// Completions ignored so far by [`poll`](Engine::poll): for released
@@ -959,6 +1361,7 @@ impl<
                         }
                     };
                     s.telemetry.completed_at = Some(now);
+                    self.in_flight -= 1;
                     finished += 1;
                 }
                 _ => {
@@ -977,20 +1380,39 @@ impl<
     /// Frees slot `i`: its regions and peer lose a user, its generation
     /// moves on.
     fn free_xfer(&mut self, i: usize) {
-        let slot = &mut self.xfers[i];
-        for s in slot.segs.iter() {
-            self.registry.release(s.local);
+        if self.xfers[i].state == XferState::InProgress {
+            self.in_flight -= 1;
         }
-        slot.segs.clear();
+        let mut c = self.xfers[i].first_chunk;
+        let mut left = self.xfers[i].segs as usize;
+        while c != NIL && left > 0 {
+            let at = c as usize * self.chunk_len;
+            let n = left.min(self.chunk_len);
+            for k in at..at + n {
+                let local = self.segs[k].local;
+                self.registry.release(local);
+            }
+            left -= n;
+            c = self.links[c as usize];
+        }
+        let first = self.xfers[i].first_chunk;
+        self.free_chain(first);
+        let note = self.xfers[i].note;
+        self.put_note(note);
+        let slot = &mut self.xfers[i];
+        slot.first_chunk = NIL;
+        slot.segs = 0;
+        slot.note = NIL;
         slot.live = false;
-        slot.has_notification = false;
+        slot.state = XferState::Prepared;
         slot.generation = slot.generation.wrapping_add(1);
-        let peer = &mut self.peers[slot.peer as usize];
+        let p = slot.peer as usize;
+        let peer = &mut self.peers[p];
         peer.users = peer.users.saturating_sub(1);
         if peer.state == PeerState::Retired && peer.users == 0 {
-            peer.free(&mut self.transport);
+            self.free_peer(p);
         }
-        let _ = self.free_xfers.push(i as u16);
+        self.put_xfer(i);
     }
 
     /// Releases a transfer. An in-progress one is cancelled through the
@@ -1010,19 +1432,24 @@ impl<
         Ok(())
     }
 
-    /// Sends a notification to a peer.
+    /// Sends a notification to a peer. Its frame is built in a free
+    /// notification slot, given back at once.
     pub fn notify(&mut self, peer: &str, msg: &[u8]) -> Result<(), Error> {
         let p = self.peer_index(peer)?;
-        let mut framed: heapless::Vec<u8, NOTIF> = heapless::Vec::new();
-        Self::frame(&self.name, &self.caps, msg, &mut framed)?;
+        let n = self.take_note(msg)?;
         let slot = &self.peers[p];
-        let endpoint = slot
-            .peer
-            .as_ref()
-            .ok_or_else(|| Error::unknown_peer(peer))?;
-        self.transport
-            .send_notification(endpoint, &framed)
-            .map_err(|e| with_peer(e, &slot.name))
+        let result = match slot.peer.as_ref() {
+            Some(endpoint) => {
+                let at = n as usize * self.note_len;
+                let len = self.note_slots[n as usize].len as usize;
+                self.transport
+                    .send_notification(endpoint, &self.notes[at..at + len])
+                    .map_err(|e| with_peer(e, &slot.name))
+            }
+            None => Err(Error::unknown_peer(peer)),
+        };
+        self.put_note(n);
+        result
     }
 
     /// Takes one received notification; its payload goes to the start of
@@ -1065,16 +1492,7 @@ impl<
     }
 }
 
-impl<
-        T: Transport,
-        const REGIONS: usize,
-        const PEERS: usize,
-        const XFERS: usize,
-        const SEGS: usize,
-        const NOTIF: usize,
-        const PREPS: usize,
-    > Drop for Engine<T, REGIONS, PEERS, XFERS, SEGS, NOTIF, PREPS>
-{
+impl<T: Transport> Drop for Engine<'_, T> {
     /// Cancels what is in flight (or, for transports that cannot cancel,
     /// polls until it finishes, a bounded number of times), then hands
     /// back keys, connections and registrations, in that order.
@@ -1089,18 +1507,19 @@ impl<
                     .is_ok()
             {
                 self.xfers[i].state = XferState::Failed(Error::Cancelled);
+                self.in_flight -= 1;
             }
         }
         let mut polls = 0;
-        while self.in_flight() > 0 && polls < DROP_DRAIN_POLLS {
+        while self.in_flight > 0 && polls < DROP_DRAIN_POLLS {
             self.poll(Instant::ZERO);
             polls += 1;
         }
-        if self.in_flight() > 0 {
+        if self.in_flight > 0 {
             log::warn!(
                 "{}: dropped with {} transfers still in flight",
                 self.name,
-                self.in_flight()
+                self.in_flight
             );
         }
         for i in 0..self.xfers.len() {
@@ -1113,9 +1532,9 @@ impl<
                 self.free_prep(i);
             }
         }
-        for p in self.peers.iter_mut() {
-            if p.state != PeerState::Free {
-                p.free(&mut self.transport);
+        for p in 0..self.peers.len() {
+            if self.peers[p].state != PeerState::Free {
+                self.free_peer(p);
             }
         }
         let transport = &mut self.transport;

@@ -3,6 +3,7 @@
 use super::*;
 use crate::error::DescError;
 use crate::mem::{MemKind, MemKinds};
+use crate::storage::{Capacities, Managed};
 use crate::transport::fault::{FaultInjector, FaultPlan};
 use crate::transport::loopback::{Loopback, LoopbackMemory};
 use crate::transport::Completion;
@@ -16,8 +17,61 @@ const B: u64 = BASE + 0x800;
 const LEN: u64 = 1024;
 
 type Mem = LoopbackMemory<ARENA>;
-type Eng<'m> = Engine<Loopback<'m, ARENA>, 8, 4, 8, 16, 128, 4>;
-type FEng<'m> = Engine<FaultInjector<Loopback<'m, ARENA>>, 8, 4, 8, 16, 128, 4>;
+type Eng<'m> = Engine<'static, Loopback<'m, ARENA>>;
+type FEng<'m> = Engine<'static, FaultInjector<Loopback<'m, ARENA>>>;
+
+/// The tables these tests use: 8 regions, 4 peers, 8 transfers, 16
+/// segments per transfer, 4 prepared lists, 128-byte notifications.
+const CAPS: Capacities = Capacities {
+    regions: 8,
+    peers: 4,
+    remote_regions: 32,
+    xfers: 8,
+    segments: 128,
+    segments_per_chunk: 4,
+    prepared_lists: 4,
+    prepared_entries: 64,
+    notifications: 8,
+    notification_len: 128,
+};
+
+fn leak<S>(n: u32, empty: impl Fn() -> S) -> Managed<'static, S> {
+    extern crate std;
+    let v: std::vec::Vec<S> = (0..n).map(|_| empty()).collect();
+    Managed::Borrowed(std::boxed::Box::leak(v.into_boxed_slice()))
+}
+
+/// Storage of `caps`, borrowed from leaked vectors.
+fn storage<T: Transport>(caps: &Capacities) -> Storage<'static, T> {
+    Storage {
+        regions: leak(caps.regions, || crate::storage::RegionSlot::EMPTY),
+        peers: leak(caps.peers, || PeerSlot::EMPTY),
+        remote: leak(caps.remote_regions, || RemoteSlot::EMPTY),
+        xfers: leak(caps.xfers, || XferSlot::EMPTY),
+        segments: leak(caps.segments, || SegRec::EMPTY),
+        chunks: leak(caps.segments / caps.segments_per_chunk, || 0),
+        preps: leak(caps.prepared_lists, || PrepSlot::EMPTY),
+        entries: leak(caps.prepared_entries, || Resolved::EMPTY),
+        notes: leak(caps.notifications * caps.notification_len, || 0),
+        note_slots: leak(caps.notifications, || NoteSlot::EMPTY),
+    }
+}
+
+fn test_config() -> EngineConfig {
+    EngineConfig {
+        segments_per_xfer: 16,
+        ..EngineConfig::default()
+    }
+}
+
+/// An engine with [`CAPS`] and `config`.
+fn new_eng<T: Transport>(
+    name: &str,
+    t: T,
+    config: EngineConfig,
+) -> Result<Engine<'static, T>, Error> {
+    Engine::new(name, t, config, storage(&CAPS))
+}
 
 fn now(n: u64) -> Instant {
     Instant::from_nanos(n)
@@ -31,26 +85,15 @@ fn pattern(seed: u8, len: usize) -> [u8; 256] {
     p
 }
 
-fn metadata<
-    E: Transport,
-    const R: usize,
-    const P: usize,
-    const X: usize,
-    const S: usize,
-    const N: usize,
-    const Q: usize,
->(
-    e: &Engine<E, R, P, X, S, N, Q>,
-    buf: &mut [u8; 1024],
-) -> usize {
+fn metadata<E: Transport>(e: &Engine<'_, E>, buf: &mut [u8; 1024]) -> usize {
     e.local_metadata(buf).unwrap()
 }
 
 /// Registers alice's region at `A` and bob's at `B`, and loads bob's
 /// metadata into alice (and alice's into bob when `both`).
 fn connect<T: Transport, U: Transport>(
-    a: &mut Engine<T, 8, 4, 8, 16, 128, 4>,
-    b: &mut Engine<U, 8, 4, 8, 16, 128, 4>,
+    a: &mut Engine<'static, T>,
+    b: &mut Engine<'static, U>,
     both: bool,
 ) {
     a.register(Region::dram(A, LEN)).unwrap();
@@ -65,20 +108,20 @@ fn connect<T: Transport, U: Transport>(
 }
 
 fn engines(mem: &Mem) -> (Eng<'_>, Eng<'_>) {
-    let mut a = Eng::new("alice", Loopback::new(mem, 1), EngineConfig::default()).unwrap();
-    let mut b = Eng::new("bob", Loopback::new(mem, 2), EngineConfig::default()).unwrap();
+    let mut a = new_eng("alice", Loopback::new(mem, 1), test_config()).unwrap();
+    let mut b = new_eng("bob", Loopback::new(mem, 2), test_config()).unwrap();
     connect(&mut a, &mut b, true);
     (a, b)
 }
 
 fn faulty(mem: &Mem, plan: FaultPlan) -> (FEng<'_>, Eng<'_>) {
-    let mut a = FEng::new(
+    let mut a = new_eng(
         "alice",
         FaultInjector::new(Loopback::new(mem, 1), plan),
-        EngineConfig::default(),
+        test_config(),
     )
     .unwrap();
-    let mut b = Eng::new("bob", Loopback::new(mem, 2), EngineConfig::default()).unwrap();
+    let mut b = new_eng("bob", Loopback::new(mem, 2), test_config()).unwrap();
     connect(&mut a, &mut b, false);
     (a, b)
 }
@@ -86,7 +129,7 @@ fn faulty(mem: &Mem, plan: FaultPlan) -> (FEng<'_>, Eng<'_>) {
 /// Prepares a WRITE of the 8 bytes at `A` to the 8 bytes at `remote` on bob,
 /// carrying `notification`.
 fn write8<T: Transport>(
-    e: &mut Engine<T, 8, 4, 8, 16, 128, 4>,
+    e: &mut Engine<'static, T>,
     remote: u64,
     notification: Option<&[u8]>,
 ) -> Result<XferHandle, Error> {
@@ -157,8 +200,11 @@ fn write_moves_bytes_completes_on_poll_and_can_be_reposted() {
 fn read_pulls_remote_bytes_and_coalescing_can_be_off() {
     let mem = Mem::new(BASE);
     let (_a, _b) = engines(&mem);
-    let config = EngineConfig { coalesce: false };
-    let mut c = Eng::new("carol", Loopback::new(&mem, 3), config).unwrap();
+    let config = EngineConfig {
+        coalesce: false,
+        ..test_config()
+    };
+    let mut c = new_eng("carol", Loopback::new(&mem, 3), config).unwrap();
     c.register(Region::dram(BASE + 0x400, 256)).unwrap();
     let mut buf = [0u8; 1024];
     let n = metadata(&_b, &mut buf);
@@ -259,7 +305,8 @@ fn request_errors_name_the_bad_value() {
         a.prepare(XferOp::Write, &ok, &rok, "bob", None),
         Err(Error::CapacityExceeded {
             what: "transfers",
-            capacity: 8
+            capacity: 8,
+            setting: "xfers"
         })
     );
     for h in hs {
@@ -270,8 +317,9 @@ fn request_errors_name_the_bad_value() {
     assert_eq!(
         a.prepare(XferOp::Write, &many, &rmany, "bob", None),
         Err(Error::CapacityExceeded {
-            what: "segments",
-            capacity: 16
+            what: "segments per transfer",
+            capacity: 16,
+            setting: "segments_per_xfer"
         })
     );
     assert_eq!(
@@ -288,7 +336,7 @@ fn registration_rules() {
     let mut caps = lb.capabilities();
     caps.mem_kinds = MemKinds::DRAM;
     lb.set_capabilities(caps);
-    let mut a = Eng::new("alice", lb, EngineConfig::default()).unwrap();
+    let mut a = new_eng("alice", lb, test_config()).unwrap();
     assert_eq!(
         a.register(Region::vram(A, 64, 0)),
         Err(Error::UnsupportedMemKind {
@@ -318,15 +366,15 @@ fn registration_rules() {
     );
     assert_eq!(a.regions().count(), 1);
     assert_eq!(
-        Eng::new("", Loopback::new(&mem, 1), EngineConfig::default()).err(),
+        new_eng("", Loopback::new(&mem, 1), test_config()).err(),
         Some(Error::InvalidName { len: 0 })
     );
     let long = [b'x'; 65];
     assert_eq!(
-        Eng::new(
+        new_eng(
             core::str::from_utf8(&long).unwrap(),
             Loopback::new(&mem, 1),
-            EngineConfig::default()
+            test_config()
         )
         .err(),
         Some(Error::InvalidName { len: 65 })
@@ -415,7 +463,7 @@ fn late_completion_for_a_reused_slot_is_ignored() {
 }
 
 /// The token of the transfer's current (latest) post.
-fn current_token<T: Transport>(e: &Engine<T, 8, 4, 8, 16, 128, 4>, h: XferHandle) -> Token {
+fn current_token<T: Transport>(e: &Engine<'static, T>, h: XferHandle) -> Token {
     let i = h.index as usize;
     token_of(i, h.generation, e.xfers[i].posts)
 }
@@ -646,7 +694,7 @@ fn reload_retires_the_old_load_and_invalidate_forgets() {
     let mut buf = [0u8; 1024];
     let n = metadata(&b, &mut buf);
     a.load_remote(&buf[..n]).unwrap();
-    assert_eq!(a.remote_regions("bob").unwrap().len(), 2);
+    assert_eq!(a.remote_regions("bob").unwrap().count(), 2);
     assert_eq!(
         a.post(prepared, now(1)),
         Err(Error::StalePeer {
@@ -708,18 +756,20 @@ fn load_remote_refuses_foreign_self_oversized_and_bad_keys() {
         crate::wire::copy_into(b, &9u32.to_le_bytes())
     })
     .unwrap();
-    for k in 0..9 {
+    // Bob's one region is loaded; 32 more do not fit the 32-entry table.
+    for k in 0..32 {
         enc.region(&Region::dram(k * 8, 8), |_| Ok(0)).unwrap();
     }
     let n = enc.finish().unwrap();
     assert_eq!(
         a.load_remote(&buf[..n]),
-        Err(Error::BadMetadata(MetaError::TooLarge {
-            field: "region count",
-            value: 9,
-            max: 8
-        }))
+        Err(Error::CapacityExceeded {
+            what: "remote regions",
+            capacity: 32,
+            setting: "remote_regions"
+        })
     );
+    assert!(!a.has_remote("big"));
 
     let mut enc = Encoder::new(&mut buf, "forger", "LOOPBACK", |b| {
         crate::wire::copy_into(b, &9u32.to_le_bytes())
@@ -853,7 +903,8 @@ fn prepared_lists_make_transfers_by_index() {
         a.prep_remote("bob", &remote),
         Err(Error::CapacityExceeded {
             what: "prepared lists",
-            capacity: 4
+            capacity: 4,
+            setting: "prepared_lists"
         })
     );
     assert_eq!(lists.len(), 4);
@@ -936,8 +987,8 @@ fn a_frame_that_cannot_fit_the_sender_name_is_refused() {
     let mut caps = lb.capabilities();
     caps.max_notification = 4;
     lb.set_capabilities(caps);
-    let mut a = Eng::new("alice", lb, EngineConfig::default()).unwrap();
-    let mut b = Eng::new("bob", Loopback::new(&mem, 2), EngineConfig::default()).unwrap();
+    let mut a = new_eng("alice", lb, test_config()).unwrap();
+    let mut b = new_eng("bob", Loopback::new(&mem, 2), test_config()).unwrap();
     connect(&mut a, &mut b, true);
     let too_long = Err(Error::NotificationTooLong { len: 6, max: 4 });
     assert_eq!(a.notify("bob", b""), too_long);
@@ -946,10 +997,15 @@ fn a_frame_that_cannot_fit_the_sender_name_is_refused() {
     assert_eq!(b.poll_notification(&mut buf), None, "nothing was sent");
 
     // An engine whose NOTIF capacity is smaller than its name's frame.
-    let mut c = Engine::<Loopback<'_, ARENA>, 8, 4, 8, 16, 4, 4>::new(
+    let small = Capacities {
+        notification_len: 4,
+        ..CAPS
+    };
+    let mut c = Engine::new(
         "carol",
         Loopback::new(&mem, 3),
-        EngineConfig::default(),
+        test_config(),
+        storage(&small),
     )
     .unwrap();
     let mut meta = [0u8; 1024];

@@ -266,6 +266,19 @@ pub enum Error {
         what: &'static str,
         /// Its capacity.
         capacity: u32,
+        /// The setting that raises it (a [`Capacities`](crate::storage::Capacities)
+        /// field, as the std shim's `AgentConfig` names it too); empty when
+        /// no setting does.
+        setting: &'static str,
+    },
+    /// A table was given a size the engine cannot index.
+    InvalidCapacity {
+        /// The [`Capacities`](crate::storage::Capacities) field.
+        setting: &'static str,
+        /// The size given.
+        value: u64,
+        /// The largest size allowed.
+        max: u64,
     },
     /// The backend cannot move this kind of memory.
     UnsupportedMemKind {
@@ -381,6 +394,15 @@ impl Error {
         }
     }
 
+    /// A full table `what` of `capacity` entries, raised by `setting`.
+    pub fn capacity(what: &'static str, capacity: usize, setting: &'static str) -> Error {
+        Error::CapacityExceeded {
+            what,
+            capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
+            setting,
+        }
+    }
+
     /// A remote-disconnected error for `peer`.
     pub fn disconnected(peer: &str) -> Error {
         Error::RemoteDisconnected {
@@ -438,9 +460,22 @@ impl fmt::Display for Error {
             ),
             Error::StaleHandle { handle } => write!(f, "transfer handle {handle} is stale or released"),
             Error::InProgress { handle } => write!(f, "transfer {handle} is still in progress"),
-            Error::CapacityExceeded { what, capacity } => {
-                write!(f, "{what} table is full (capacity {capacity})")
+            Error::CapacityExceeded {
+                what,
+                capacity,
+                setting,
+            } => {
+                write!(f, "{what} table is full (capacity {capacity})")?;
+                if !setting.is_empty() {
+                    write!(f, "; raise it with the `{setting}` capacity")?;
+                }
+                Ok(())
             }
+            Error::InvalidCapacity {
+                setting,
+                value,
+                max,
+            } => write!(f, "capacity `{setting}` of {value} is above its maximum of {max}"),
             Error::UnsupportedMemKind { backend, kind } => {
                 write!(f, "backend {backend} cannot move {kind} memory")
             }

@@ -6,6 +6,7 @@
 //!
 //! * [`mem`]: memory kinds, regions, descriptors;
 //! * [`registry`]: the sorted, non-overlapping table of local registrations;
+//! * [`storage`]: the tables' storage, which the caller provides;
 //! * [`desc`]: descriptor validation, resolution and coalescing;
 //! * [`engine`]: the transfer table and its lifecycle
 //!   (`Prepared → InProgress → Done | Failed`), remote agents, notifications;
@@ -31,16 +32,21 @@ pub mod engine;
 pub mod error;
 pub mod mem;
 pub mod registry;
+pub mod storage;
 pub mod time;
 pub mod transport;
 pub mod wire;
 
 pub use backend::BackendKind;
+pub use desc::{DescList, Strided};
 pub use engine::{
     Engine, EngineConfig, Notification, PreparedLocal, PreparedRemote, XferHandle, XferState,
     XferTelemetry,
 };
 pub use error::{DescError, Error, MetaError, Side};
 pub use mem::{Desc, MemKind, Region};
+pub use storage::{Capacities, Managed, Storage};
 pub use time::Instant;
-pub use transport::{Capabilities, Completion, PostStatus, Segment, Token, Transport, XferOp};
+pub use transport::{
+    Capabilities, Completion, PostStatus, Segment, Segments, Token, Transport, XferOp,
+};

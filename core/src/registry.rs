@@ -9,6 +9,7 @@
 
 use crate::error::Error;
 use crate::mem::Region;
+use crate::storage::{Managed, RegionSlot};
 
 /// One registered region and the transport's handle for it.
 #[derive(Debug)]
@@ -27,18 +28,13 @@ impl<R> Entry<R> {
     }
 }
 
-/// A sorted table of at most `N` non-overlapping local regions.
+/// A sorted table of non-overlapping local regions, in storage the caller
+/// provides (its length is the capacity, at most 65,535).
 #[derive(Debug)]
-pub struct Registry<R, const N: usize> {
-    slots: heapless::Vec<Option<Entry<R>>, N>,
-    /// Slot indices, sorted by region address.
-    order: heapless::Vec<u16, N>,
-}
-
-impl<R, const N: usize> Default for Registry<R, N> {
-    fn default() -> Self {
-        Self::new()
-    }
+pub struct Registry<'a, R> {
+    slots: Managed<'a, RegionSlot<R>>,
+    /// Regions registered (the length of the address order).
+    len: usize,
 }
 
 /// Index of the last of `count` sorted regions whose start is `<= addr`.
@@ -55,32 +51,33 @@ pub(crate) fn bisect(count: usize, addr: u64, start_of: impl Fn(usize) -> u64) -
     lo.checked_sub(1)
 }
 
-impl<R, const N: usize> Registry<R, N> {
-    const SLOT_INDEX_FITS: () = assert!(N <= u16::MAX as usize, "at most 65535 regions");
-
-    /// An empty registry.
-    pub const fn new() -> Self {
-        #[allow(clippy::let_unit_value)]
-        let () = Self::SLOT_INDEX_FITS;
-        Registry {
-            slots: heapless::Vec::new(),
-            order: heapless::Vec::new(),
+impl<'a, R> Registry<'a, R> {
+    /// An empty registry over `slots`; capacity `min(slots.len(), 65535)`.
+    pub fn new(slots: impl Into<Managed<'a, RegionSlot<R>>>) -> Self {
+        let mut slots = slots.into();
+        for s in slots.iter_mut() {
+            s.entry = None;
         }
+        Registry { slots, len: 0 }
     }
 
     /// Number of registered regions.
     pub fn len(&self) -> usize {
-        self.order.len()
+        self.len
     }
 
     /// Whether no region is registered.
     pub fn is_empty(&self) -> bool {
-        self.order.is_empty()
+        self.len == 0
     }
 
     /// Most regions this registry holds.
-    pub const fn capacity(&self) -> usize {
-        N
+    pub fn capacity(&self) -> usize {
+        self.slots.len().min(u16::MAX as usize)
+    }
+
+    fn order(&self, i: usize) -> u16 {
+        self.slots.get(i).map_or(0, |s| s.order)
     }
 
     /// Checks that `region` could be inserted: it is not empty, does not
@@ -97,10 +94,10 @@ impl<R, const N: usize> Registry<R, N> {
         };
         // The only candidates for overlap: the last region starting at or
         // before `region.addr`, and the first one starting after it.
-        let pos = bisect(self.order.len(), region.addr, |i| self.region_at(i).addr);
+        let pos = bisect(self.len, region.addr, |i| self.region_at(i).addr);
         let prev = pos.map(|p| self.region_at(p));
         let next_pos = pos.map_or(0, |p| p + 1);
-        let next = (next_pos < self.order.len()).then(|| self.region_at(next_pos));
+        let next = (next_pos < self.len).then(|| self.region_at(next_pos));
         for other in [prev, next].into_iter().flatten() {
             let other_end = other.end().unwrap_or(u64::MAX);
             if region.addr < other_end && other.addr < end {
@@ -112,11 +109,8 @@ impl<R, const N: usize> Registry<R, N> {
                 });
             }
         }
-        if self.order.is_full() {
-            return Err(Error::CapacityExceeded {
-                what: "registrations",
-                capacity: N as u32,
-            });
+        if self.len >= self.capacity() {
+            return Err(Error::capacity("registrations", self.capacity(), "regions"));
         }
         Ok(())
     }
@@ -127,74 +121,63 @@ impl<R, const N: usize> Registry<R, N> {
         if let Err(e) = self.check(&region) {
             return Err((e, handle));
         }
-        let entry = Entry {
+        let cap = self.capacity();
+        let Some(slot) = self.slots[..cap].iter().position(|s| s.entry.is_none()) else {
+            // Unreachable: `check` saw fewer than `cap` regions.
+            return Err((Error::capacity("registrations", cap, "regions"), handle));
+        };
+        self.slots[slot].entry = Some(Entry {
             region,
             handle,
             users: 0,
-        };
-        let slot = match self.slots.iter().position(Option::is_none) {
-            Some(free) => {
-                self.slots[free] = Some(entry);
-                free
-            }
-            None => {
-                let at = self.slots.len();
-                if let Err(Some(entry)) = self.slots.push(Some(entry)) {
-                    // Unreachable: `check` found room in `order`, and
-                    // `slots` never holds more entries than `order`.
-                    return Err((
-                        Error::CapacityExceeded {
-                            what: "registrations",
-                            capacity: N as u32,
-                        },
-                        entry.handle,
-                    ));
-                }
-                at
-            }
-        };
-        let pos =
-            bisect(self.order.len(), region.addr, |i| self.region_at(i).addr).map_or(0, |p| p + 1);
-        // Cannot fail: `check` saw room.
-        let _ = self.order.insert(pos, slot as u16);
+        });
+        let pos = bisect(self.len, region.addr, |i| self.region_at(i).addr).map_or(0, |p| p + 1);
+        // Shift the order up by one from `pos` (room: len < cap).
+        let mut i = self.len;
+        while i > pos {
+            self.slots[i].order = self.slots[i - 1].order;
+            i -= 1;
+        }
+        self.slots[pos].order = slot as u16;
+        self.len += 1;
         Ok(slot as u16)
     }
 
     /// Removes the region starting exactly at `addr`; returns it and its
     /// handle. Refused with [`Error::RegionBusy`] while it has users.
     pub fn remove(&mut self, addr: u64) -> Result<(Region, R), Error> {
-        let pos = bisect(self.order.len(), addr, |i| self.region_at(i).addr)
+        let pos = bisect(self.len, addr, |i| self.region_at(i).addr)
             .filter(|&p| self.region_at(p).addr == addr)
             .ok_or(Error::NotRegistered { addr, len: 0 })?;
-        let slot = self.order[pos] as usize;
-        let users = self.slots[slot].as_ref().map_or(0, |e| e.users);
+        let slot = self.order(pos) as usize;
+        let users = self.slots[slot].entry.as_ref().map_or(0, |e| e.users);
         if users > 0 {
             return Err(Error::RegionBusy { addr, users });
         }
-        self.order.remove(pos);
         let entry = self.slots[slot]
+            .entry
             .take()
             .ok_or(Error::NotRegistered { addr, len: 0 })?;
-        while matches!(self.slots.last(), Some(None)) {
-            self.slots.pop();
+        for i in pos..self.len - 1 {
+            self.slots[i].order = self.slots[i + 1].order;
         }
+        self.len -= 1;
         Ok((entry.region, entry.handle))
     }
 
     /// The region at position `i` of the address order. `i` must be in range.
     fn region_at(&self, i: usize) -> Region {
-        self.order
-            .get(i)
-            .and_then(|&s| self.slots.get(s as usize))
-            .and_then(Option::as_ref)
+        self.slots
+            .get(self.order(i) as usize)
+            .and_then(|s| s.entry.as_ref())
             .map_or(Region::dram(u64::MAX, 0), |e| e.region)
     }
 
     /// The slot of the region holding byte `addr`, if any.
     pub fn find_addr(&self, addr: u64) -> Option<u16> {
-        let pos = bisect(self.order.len(), addr, |i| self.region_at(i).addr)?;
+        let pos = bisect(self.len, addr, |i| self.region_at(i).addr)?;
         let r = self.region_at(pos);
-        (addr - r.addr < r.len).then(|| self.order[pos])
+        (addr - r.addr < r.len).then(|| self.order(pos))
     }
 
     /// The slot of the region holding all of `[addr, addr + len)`, if any.
@@ -207,38 +190,51 @@ impl<R, const N: usize> Registry<R, N> {
 
     /// The entry in `slot`.
     pub fn get(&self, slot: u16) -> Option<&Entry<R>> {
-        self.slots.get(slot as usize).and_then(Option::as_ref)
+        self.slots.get(slot as usize).and_then(|s| s.entry.as_ref())
+    }
+
+    /// The slots themselves, for read-only lookups by slot.
+    pub(crate) fn slots(&self) -> &[RegionSlot<R>] {
+        &self.slots
+    }
+
+    /// Adds `n` users to the region in `slot`.
+    pub fn acquire_n(&mut self, slot: u16, n: u32) {
+        if let Some(Some(e)) = self.slots.get_mut(slot as usize).map(|s| s.entry.as_mut()) {
+            e.users = e.users.saturating_add(n);
+        }
+    }
+
+    /// Removes `n` users from the region in `slot`.
+    pub fn release_n(&mut self, slot: u16, n: u32) {
+        if let Some(Some(e)) = self.slots.get_mut(slot as usize).map(|s| s.entry.as_mut()) {
+            e.users = e.users.saturating_sub(n);
+        }
     }
 
     /// Adds a user to the region in `slot`.
     pub fn acquire(&mut self, slot: u16) {
-        if let Some(Some(e)) = self.slots.get_mut(slot as usize) {
-            e.users = e.users.saturating_add(1);
-        }
+        self.acquire_n(slot, 1);
     }
 
     /// Removes a user from the region in `slot`.
     pub fn release(&mut self, slot: u16) {
-        if let Some(Some(e)) = self.slots.get_mut(slot as usize) {
-            e.users = e.users.saturating_sub(1);
-        }
+        self.release_n(slot, 1);
     }
 
     /// The entries in address order, with their slots.
     pub fn iter(&self) -> impl Iterator<Item = (u16, &Entry<R>)> + '_ {
-        self.order.iter().filter_map(move |&s| {
-            self.slots
-                .get(s as usize)
-                .and_then(Option::as_ref)
-                .map(|e| (s, e))
+        (0..self.len).filter_map(move |i| {
+            let s = self.order(i);
+            self.get(s).map(|e| (s, e))
         })
     }
 
     /// Removes every region, users or not, handing each handle to `f`.
     pub fn drain(&mut self, mut f: impl FnMut(Region, R)) {
-        self.order.clear();
-        while let Some(slot) = self.slots.pop() {
-            if let Some(e) = slot {
+        self.len = 0;
+        for s in self.slots.iter_mut() {
+            if let Some(e) = s.entry.take() {
                 f(e.region, e.handle);
             }
         }
@@ -249,8 +245,21 @@ impl<R, const N: usize> Registry<R, N> {
 mod tests {
     use super::*;
 
-    fn reg(entries: &[(u64, u64)]) -> Registry<u32, 8> {
-        let mut r = Registry::new();
+    extern crate std;
+    use std::boxed::Box;
+    use std::vec::Vec;
+
+    fn slots<R>(n: usize) -> &'static mut [RegionSlot<R>] {
+        Box::leak(
+            (0..n)
+                .map(|_| RegionSlot::EMPTY)
+                .collect::<Vec<_>>()
+                .into_boxed_slice(),
+        )
+    }
+
+    fn reg(entries: &[(u64, u64)]) -> Registry<'static, u32> {
+        let mut r = Registry::new(slots(8));
         for (i, &(a, l)) in entries.iter().enumerate() {
             r.insert(Region::dram(a, l), i as u32).unwrap();
         }
@@ -314,14 +323,15 @@ mod tests {
         // Touching neighbours are fine.
         r.insert(Region::dram(150, 10), 1).unwrap();
         r.insert(Region::dram(90, 10), 2).unwrap();
-        let mut full: Registry<u32, 2> = Registry::new();
+        let mut full: Registry<u32> = Registry::new(slots(2));
         full.insert(Region::dram(0, 1), 0).unwrap();
         full.insert(Region::dram(1, 1), 0).unwrap();
         assert_eq!(
             full.insert(Region::dram(2, 1), 0).unwrap_err().0,
             Error::CapacityExceeded {
                 what: "registrations",
-                capacity: 2
+                capacity: 2,
+                setting: "regions"
             }
         );
     }

@@ -225,14 +225,26 @@ fn timed(
     len: usize,
 ) -> Result<(f64, Duration), Error> {
     for i in 0..WARMUP {
-        t.post(op, peer, &[seg], None, Token(i as u64))?;
+        t.post(
+            op,
+            peer,
+            kvxfer_core::Segments::from(&[seg][..]),
+            None,
+            Token(i as u64),
+        )?;
         wait(t, Token(i as u64))?;
     }
     let mut post_max = Duration::ZERO;
     let start = Instant::now();
     for i in 0..ITERS {
         let p = Instant::now();
-        t.post(op, peer, &[seg], None, Token(i as u64))?;
+        t.post(
+            op,
+            peer,
+            kvxfer_core::Segments::from(&[seg][..]),
+            None,
+            Token(i as u64),
+        )?;
         post_max = post_max.max(p.elapsed());
         wait(t, Token(i as u64))?;
     }
@@ -361,12 +373,24 @@ fn bench(len: usize) -> Result<Numbers, Error> {
         remote_region_addr: region.addr,
     };
     for i in 0..WARMUP {
-        t.post(XferOp::Write, &peer, &[seg], None, Token(i as u64))?;
+        t.post(
+            XferOp::Write,
+            &peer,
+            kvxfer_core::Segments::from(&[seg][..]),
+            None,
+            Token(i as u64),
+        )?;
         wait(&mut t, Token(i as u64))?;
     }
     let start = Instant::now();
     for i in 0..ITERS {
-        t.post(XferOp::Write, &peer, &[seg], None, Token(i as u64))?;
+        t.post(
+            XferOp::Write,
+            &peer,
+            kvxfer_core::Segments::from(&[seg][..]),
+            None,
+            Token(i as u64),
+        )?;
         wait(&mut t, Token(i as u64))?;
     }
     let write = gbps(len, ITERS, start.elapsed());
@@ -379,12 +403,24 @@ fn bench(len: usize) -> Result<Numbers, Error> {
         ..seg
     };
     for i in 0..WARMUP {
-        t.post(XferOp::Read, &peer, &[rseg], None, Token(i as u64))?;
+        t.post(
+            XferOp::Read,
+            &peer,
+            kvxfer_core::Segments::from(&[rseg][..]),
+            None,
+            Token(i as u64),
+        )?;
         wait(&mut t, Token(i as u64))?;
     }
     let start = Instant::now();
     for i in 0..ITERS {
-        t.post(XferOp::Read, &peer, &[rseg], None, Token(i as u64))?;
+        t.post(
+            XferOp::Read,
+            &peer,
+            kvxfer_core::Segments::from(&[rseg][..]),
+            None,
+            Token(i as u64),
+        )?;
         wait(&mut t, Token(i as u64))?;
     }
     let read = gbps(len, ITERS, start.elapsed());

@@ -82,7 +82,8 @@ use std::thread::JoinHandle;
 use cudarc::driver::sys;
 use kvxfer_core::mem::MemKinds;
 use kvxfer_core::{
-    Capabilities, Completion, Error, MemKind, PostStatus, Region, Segment, Token, Transport, XferOp,
+    Capabilities, Completion, Error, MemKind, PostStatus, Region, Segment, Segments, Token,
+    Transport, XferOp,
 };
 
 use crate::driver::{self, check, Context, BACKEND, INVALID_VALUE};
@@ -796,7 +797,7 @@ impl CudaIpcTransport {
     fn enqueue(
         &mut self,
         op: XferOp,
-        segments: &[Segment<'_, IpcReg, IpcRemoteKey>],
+        segments: Segments<'_, IpcReg, IpcRemoteKey>,
         used: &mut Vec<u32>,
     ) -> Result<Vec<Piece>, Error> {
         let mut checked_pid = None;
@@ -829,9 +830,9 @@ impl CudaIpcTransport {
             let remote = s.remote.ptr + off;
             match (s.local.region.kind, s.remote.kind) {
                 (MemKind::Vram, MemKind::Vram) => {
-                    self.copy_device_device(op, i, s, remote, used)?
+                    self.copy_device_device(op, i, &s, remote, used)?
                 }
-                (MemKind::Dram, MemKind::Vram) => self.copy_host_device(op, i, s, remote, used)?,
+                (MemKind::Dram, MemKind::Vram) => self.copy_host_device(op, i, &s, remote, used)?,
                 (local_kind, MemKind::Dram) => {
                     let vram = match local_kind {
                         MemKind::Vram => Some(self.device(s.local.region.dev)?.ctx.clone()),
@@ -1551,7 +1552,7 @@ impl Transport for CudaIpcTransport {
         &mut self,
         op: XferOp,
         peer: &IpcPeer,
-        segments: &[Segment<'_, IpcReg, IpcRemoteKey>],
+        segments: Segments<'_, IpcReg, IpcRemoteKey>,
         notification: Option<&[u8]>,
         token: Token,
     ) -> Result<PostStatus, Error> {

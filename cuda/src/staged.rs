@@ -54,7 +54,8 @@ use std::time::{Duration, Instant};
 use cudarc::driver::sys;
 use kvxfer_core::mem::MemKinds;
 use kvxfer_core::{
-    Capabilities, Completion, Error, MemKind, PostStatus, Region, Segment, Token, Transport, XferOp,
+    Capabilities, Completion, Error, MemKind, PostStatus, Region, Segment, Segments, Token,
+    Transport, XferOp,
 };
 
 use crate::driver::{self, check, Context, INVALID_VALUE};
@@ -105,10 +106,6 @@ pub enum StagedReg<L> {
     /// VRAM of GPU `dev`; not registered with the inner transport.
     Vram(Region),
 }
-
-/// A segment as the core hands it to [`Staged`].
-type StagedSegment<'a, T> =
-    Segment<'a, StagedReg<<T as Transport>::LocalReg>, StagedKey<<T as Transport>::RemoteKey>>;
 
 /// A peer's key as seen through [`Staged`].
 #[derive(Debug)]
@@ -644,9 +641,13 @@ impl<T: Transport> Staged<T> {
                 remote_region_addr: w.remote_region_addr,
             });
         }
-        let st = self
-            .inner
-            .post(op.op, &op.peer, &segs, None, Token(ch.token))?;
+        let st = self.inner.post(
+            op.op,
+            &op.peer,
+            segs.as_slice().into(),
+            None,
+            Token(ch.token),
+        )?;
         Ok(st == PostStatus::Done)
     }
 
@@ -1440,7 +1441,7 @@ impl<T: Transport> Staged<T> {
         &mut self,
         op: XferOp,
         peer: &Arc<T::Peer>,
-        segments: &[StagedSegment<'_, T>],
+        segments: Segments<'_, StagedReg<T::LocalReg>, StagedKey<T::RemoteKey>>,
         notification: Option<&[u8]>,
         token: Token,
     ) -> Result<PostStatus, Error> {
@@ -1453,18 +1454,20 @@ impl<T: Transport> Staged<T> {
             let mut v: heapless::Vec<Segment<'_, T::LocalReg, T::RemoteKey>, DIRECT_INLINE> =
                 heapless::Vec::new();
             for s in segments {
-                let seg = unwrap(s).ok_or_else(bad)?;
+                let seg = unwrap(&s).ok_or_else(bad)?;
                 if v.push(seg).is_err() {
                     break;
                 }
             }
-            self.inner.post(op, peer, &v, notification, token)
+            self.inner
+                .post(op, peer, v.as_slice().into(), notification, token)
         } else {
             let v: Vec<_> = segments
                 .iter()
-                .map(|s| unwrap(s).ok_or_else(bad))
+                .map(|s| unwrap(&s).ok_or_else(bad))
                 .collect::<Result<_, _>>()?;
-            self.inner.post(op, peer, &v, notification, token)
+            self.inner
+                .post(op, peer, v.as_slice().into(), notification, token)
         }
     }
 }
@@ -1695,7 +1698,7 @@ impl<T: Transport> Transport for Staged<T> {
         &mut self,
         op: XferOp,
         peer: &Self::Peer,
-        segments: &[Segment<'_, Self::LocalReg, Self::RemoteKey>],
+        segments: Segments<'_, Self::LocalReg, Self::RemoteKey>,
         notification: Option<&[u8]>,
         token: Token,
     ) -> Result<PostStatus, Error> {

@@ -398,7 +398,13 @@ fn write_test(test: &str, local: MemKind, remote: MemKind, len: usize, seed: u64
     };
     let start = Instant::now();
     let status = t
-        .post(XferOp::Write, &p, &[seg], Some(b"written"), Token(7))
+        .post(
+            XferOp::Write,
+            &p,
+            kvxfer_core::Segments::from(&[seg][..]),
+            Some(b"written"),
+            Token(7),
+        )
         .unwrap();
     assert_eq!(status, PostStatus::InProgress);
     wait_done(&mut t, Token(7)).unwrap();
@@ -455,8 +461,14 @@ fn read_test(test: &str, local: MemKind, remote: MemKind, len: usize, seed: u64)
     };
     let segs = [seg(half, len as u64 - half), seg(0, half)];
     let start = Instant::now();
-    t.post(XferOp::Read, &p, &segs, Some(b"read done"), Token(9))
-        .unwrap();
+    t.post(
+        XferOp::Read,
+        &p,
+        kvxfer_core::Segments::from(&segs[..]),
+        Some(b"read done"),
+        Token(9),
+    )
+    .unwrap();
     wait_done(&mut t, Token(9)).unwrap();
     report(
         &format!(
@@ -786,7 +798,7 @@ fn gpu_same_process_dram_paths_and_bounds() {
     a.post(
         XferOp::Write,
         &pb,
-        &[seg(&ra, src_host.as_ptr() as u64 + 10, 20, 1000)],
+        kvxfer_core::Segments::from(&[seg(&ra, src_host.as_ptr() as u64 + 10, 20, 1000)][..]),
         Some(b"dram"),
         Token(1),
     )
@@ -801,7 +813,7 @@ fn gpu_same_process_dram_paths_and_bounds() {
     a.post(
         XferOp::Write,
         &pb,
-        &[seg(&rv, src_vram.ptr(), 0, len as u64)],
+        kvxfer_core::Segments::from(&[seg(&rv, src_vram.ptr(), 0, len as u64)][..]),
         Some(b"vram"),
         Token(2),
     )
@@ -821,7 +833,7 @@ fn gpu_same_process_dram_paths_and_bounds() {
     a.post(
         XferOp::Read,
         &pb,
-        &[seg(&rd, dst.ptr(), 0, len as u64)],
+        kvxfer_core::Segments::from(&[seg(&rd, dst.ptr(), 0, len as u64)][..]),
         None,
         Token(3),
     )
@@ -833,7 +845,13 @@ fn gpu_same_process_dram_paths_and_bounds() {
     // any byte moves.
     let bad = seg(&ra, src_host.as_ptr() as u64, 1, len as u64);
     assert_eq!(
-        backend_text(a.post(XferOp::Write, &pb, &[bad], None, Token(4))),
+        backend_text(a.post(
+            XferOp::Write,
+            &pb,
+            kvxfer_core::Segments::from(&[bad][..]),
+            None,
+            Token(4)
+        )),
         format!(
             "segment 0 (local {:#x}, remote {:#x}, len {len}) leaves its registration",
             src_host.as_ptr() as u64,
@@ -911,7 +929,13 @@ fn gpu_dram_peer_gone_is_reported() {
                 remote_region_addr: region.addr,
             };
             assert_eq!(
-                t.post(op, &p, &[seg], Some(b"never"), Token(5)),
+                t.post(
+                    op,
+                    &p,
+                    kvxfer_core::Segments::from(&[seg][..]),
+                    Some(b"never"),
+                    Token(5)
+                ),
                 Err(Error::disconnected(&format!(
                     "CUDA_IPC peer pid {pid} is gone"
                 )))
@@ -971,8 +995,14 @@ fn gpu_same_process_write_read_and_notifications() {
         remote_region_addr: rb.region().addr,
     };
     a.send_notification(&pb, b"before").unwrap();
-    a.post(XferOp::Write, &pb, &[seg], Some(b"after"), Token(1))
-        .unwrap();
+    a.post(
+        XferOp::Write,
+        &pb,
+        kvxfer_core::Segments::from(&[seg][..]),
+        Some(b"after"),
+        Token(1),
+    )
+    .unwrap();
     wait_done(&mut a, Token(1)).unwrap();
     let got = dst.to_vec().unwrap();
     assert_eq!(&got[4096 + 20..4096 + 1020], &data[10..1010]);
@@ -987,11 +1017,23 @@ fn gpu_same_process_write_read_and_notifications() {
         ..seg
     };
     assert!(matches!(
-        a.post(XferOp::Write, &pb, &[bad], None, Token(2)),
+        a.post(
+            XferOp::Write,
+            &pb,
+            kvxfer_core::Segments::from(&[bad][..]),
+            None,
+            Token(2)
+        ),
         Err(Error::Backend { .. })
     ));
     assert_eq!(
-        a.post(XferOp::Write, &pb, &[seg], Some(&[0u8; 5000]), Token(3)),
+        a.post(
+            XferOp::Write,
+            &pb,
+            kvxfer_core::Segments::from(&[seg][..]),
+            Some(&[0u8; 5000]),
+            Token(3)
+        ),
         Err(Error::NotificationTooLong {
             len: 5000,
             max: 4096
@@ -1272,7 +1314,13 @@ fn gpu_two_process_dram_dram_write_256_mib_post_does_not_block() {
     for i in 0..3u64 {
         let start = Instant::now();
         let status = t
-            .post(XferOp::Write, &p, &[seg], None, Token(100 + i))
+            .post(
+                XferOp::Write,
+                &p,
+                kvxfer_core::Segments::from(&[seg][..]),
+                None,
+                Token(100 + i),
+            )
             .unwrap();
         let post = start.elapsed();
         assert_eq!(status, PostStatus::InProgress);
@@ -1400,7 +1448,13 @@ fn gpu_peer_dram_fault_is_reported_by_poll_after_all_parts() {
         let token = Token(60 + i as u64);
         let seg = segment(reg, local, &k, region.addr, 0, len as u64);
         assert_eq!(
-            a.post(XferOp::Write, &pb, &[seg], Some(b"never"), token),
+            a.post(
+                XferOp::Write,
+                &pb,
+                kvxfer_core::Segments::from(&[seg][..]),
+                Some(b"never"),
+                token
+            ),
             Ok(PostStatus::InProgress)
         );
         let hole = holed.addr + (len - 4096) as u64;
@@ -1435,7 +1489,14 @@ fn gpu_peer_dram_fault_is_reported_by_poll_after_all_parts() {
         if !from_vram {
             // READ of the same range into DRAM: the same fault, by READ.
             let seg = segment(&rback, back.as_ptr() as u64, &k, region.addr, 0, len as u64);
-            a.post(XferOp::Read, &pb, &[seg], None, Token(70)).unwrap();
+            a.post(
+                XferOp::Read,
+                &pb,
+                kvxfer_core::Segments::from(&[seg][..]),
+                None,
+                Token(70),
+            )
+            .unwrap();
             assert_eq!(
                 wait_done(&mut a, Token(70)),
                 Err(Error::backend(
@@ -1497,7 +1558,14 @@ fn gpu_drop_with_peer_dram_transfers_in_flight() {
         let n = b.pack_key(&rb, &mut buf).unwrap();
         let k = a.unpack_key(&pb, &region, &buf[..n]).unwrap();
         let seg = segment(&reg, reg.region().addr, &k, region.addr, 0, len as u64);
-        a.post(XferOp::Write, &pb, &[seg], None, Token(80)).unwrap();
+        a.post(
+            XferOp::Write,
+            &pb,
+            kvxfer_core::Segments::from(&[seg][..]),
+            None,
+            Token(80),
+        )
+        .unwrap();
         // The first part is being written once its first byte arrived.
         let first = target.as_ptr();
         let wait = Instant::now();

@@ -8,6 +8,7 @@
 
 use kvxfer_core::desc::{self, SegRec};
 use kvxfer_core::registry::Registry;
+use kvxfer_core::storage::RegionSlot;
 use kvxfer_core::{Desc, Error, Region};
 use libfuzzer_sys::fuzz_target;
 
@@ -23,13 +24,13 @@ fn take16(data: &mut &[u8]) -> u64 {
     (take(data) as u64) | ((take(data) as u64) << 8)
 }
 
-fn resolve<const S: usize>(
-    registry: &Registry<(), 8>,
+fn resolve(
+    registry: &Registry<'_, ()>,
     remote_regions: &[Region],
     local: &[Desc],
     remote: &[Desc],
     coalesce: bool,
-) -> Result<heapless::Vec<SegRec, S>, Error> {
+) -> Result<Vec<SegRec>, Error> {
     // The same steps, in the same order, as `Engine::prepare`.
     desc::check_counts(local.len(), remote.len())?;
     let pairs = local.iter().zip(remote).enumerate().map(|(k, (l, r))| {
@@ -37,9 +38,10 @@ fn resolve<const S: usize>(
         let r = desc::resolve_remote(remote_regions, k, r)?;
         desc::pair(k, &l, &r)
     });
-    let mut segs = heapless::Vec::new();
-    let bytes = desc::fill_segments(&mut segs, pairs, coalesce)?;
+    let mut segs = vec![SegRec::EMPTY; 64];
+    let (n, bytes) = desc::fill_segments(&mut segs, pairs, coalesce)?;
     assert_eq!(bytes, local.iter().map(|d| d.len).sum::<u64>());
+    segs.truncate(n);
     Ok(segs)
 }
 
@@ -58,7 +60,8 @@ fuzz_target!(|data: &[u8]| {
     let mut data = data;
     // Up to 4 local regions (registered if they do not overlap) and up to 4
     // sorted, disjoint remote regions, all inside [0, SPACE).
-    let mut registry: Registry<(), 8> = Registry::new();
+    let mut slots: Vec<RegionSlot<()>> = (0..8).map(|_| RegionSlot::EMPTY).collect();
+    let mut registry: Registry<'_, ()> = Registry::new(&mut slots[..]);
     for _ in 0..(take(&mut data) % 5) {
         let addr = take16(&mut data) % SPACE as u64;
         let len = (take16(&mut data) % 512).min(SPACE as u64 - addr);
@@ -103,8 +106,8 @@ fuzz_target!(|data: &[u8]| {
     if take(&mut data).is_multiple_of(8) {
         remote.pop();
     }
-    let merged = resolve::<64>(&registry, &remote_regions, &local, &remote, true);
-    let plain = resolve::<64>(&registry, &remote_regions, &local, &remote, false);
+    let merged = resolve(&registry, &remote_regions, &local, &remote, true);
+    let plain = resolve(&registry, &remote_regions, &local, &remote, false);
     match (merged, plain) {
         (Ok(merged), Ok(plain)) => {
             assert!(merged.len() <= plain.len());

@@ -5,7 +5,8 @@
 use kvxfer_core::transport::fault::{FaultInjector, FaultPlan};
 use kvxfer_core::transport::loopback::{Loopback, LoopbackMemory};
 use kvxfer_core::{
-    Desc, Engine, EngineConfig, Error, Instant, Region, XferHandle, XferOp, XferState,
+    Capacities, Desc, Engine, EngineConfig, Error, Instant, Region, Storage, XferHandle, XferOp,
+    XferState,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -15,8 +16,26 @@ const A: u64 = BASE;
 const B: u64 = BASE + 2048;
 const LEN: u64 = 1024;
 
-type Eng<'m> = Engine<FaultInjector<Loopback<'m, SIZE>>, 4, 2, 4, 8, 64, 2>;
-type Target<'m> = Engine<Loopback<'m, SIZE>, 4, 2, 4, 8, 64, 2>;
+type Eng<'m> = Engine<'static, FaultInjector<Loopback<'m, SIZE>>>;
+type Target<'m> = Engine<'static, Loopback<'m, SIZE>>;
+
+/// 4 regions, 2 peers, 4 transfers of up to 8 segments, 2 prepared lists.
+const CAPS: Capacities = Capacities {
+    regions: 4,
+    peers: 2,
+    remote_regions: 8,
+    xfers: 4,
+    segments: 32,
+    segments_per_chunk: 4,
+    prepared_lists: 2,
+    prepared_entries: 16,
+    notifications: 4,
+    notification_len: 64,
+};
+
+fn config() -> EngineConfig {
+    EngineConfig::default().with_segments_per_xfer(8)
+}
 
 #[derive(Clone, Debug, PartialEq)]
 enum Model {
@@ -38,13 +57,15 @@ fuzz_target!(|data: &[u8]| {
         reorder: seed & 4 != 0,
         ..FaultPlan::default()
     };
-    let mut a = Eng::new(
+    let mut a: Eng<'_> = Engine::new(
         "a",
         FaultInjector::new(Loopback::new(&mem, 1), plan),
-        EngineConfig::default(),
+        config(),
+        Storage::owned(&CAPS),
     )
     .unwrap();
-    let mut b = Target::new("b", Loopback::new(&mem, 2), EngineConfig::default()).unwrap();
+    let mut b: Target<'_> =
+        Engine::new("b", Loopback::new(&mem, 2), config(), Storage::owned(&CAPS)).unwrap();
     a.register(Region::dram(A, LEN)).unwrap();
     b.register(Region::dram(B, LEN)).unwrap();
     let mut md = [0u8; 256];
@@ -75,7 +96,8 @@ fuzz_target!(|data: &[u8]| {
                             e,
                             Error::CapacityExceeded {
                                 what: "transfers",
-                                capacity: 4
+                                capacity: 4,
+                                setting: "xfers",
                             }
                         );
                     }

@@ -9,44 +9,16 @@ use std::time::{Duration, Instant as StdInstant};
 
 use kvxfer_core::engine::{PreparedLocal, PreparedRemote, XferHandle};
 use kvxfer_core::{
-    Desc, Engine, EngineConfig, Error, MemKind, Region, XferOp, XferState, XferTelemetry,
+    Desc, Engine, EngineConfig, Error, MemKind, Region, Storage, XferOp, XferState, XferTelemetry,
 };
 
 use crate::clock::now;
 use crate::config::{select_backend_from_env, AgentConfig, BackendKind, BUILT_IN};
 use crate::side_channel::{self, Client, Server};
 
-/// Most local registrations of one agent (and remote regions per peer).
-pub const MAX_REGIONS: usize = 256;
-/// Most remote agents loaded at once.
-pub const MAX_PEERS: usize = 64;
-/// Most live transfer requests (prepared or posted, not yet released).
-pub const MAX_XFERS: usize = 256;
-/// Most segments per transfer after coalescing (and entries per prepared
-/// descriptor list).
-pub const MAX_SEGMENTS: usize = 1024;
-/// Longest framed notification, in bytes: 1 + sender name + payload.
-pub const MAX_NOTIFICATION: usize = 4096;
-/// Most prepared descriptor lists.
-pub const MAX_PREPARED: usize = 64;
-
-/// The engine over transport `T` with the agent's capacities.
-///
-/// The capacities are const generics, so the engine is one large value
-/// (tables of fixed size). It lives on the heap, and is built on a thread
-/// with a stack sized after it, so that unoptimised builds, which copy the
-/// value on the stack a few times while constructing it, cannot overflow
-/// the caller's stack.
-pub type AgentEngine<T> =
-    Engine<T, MAX_REGIONS, MAX_PEERS, MAX_XFERS, MAX_SEGMENTS, MAX_NOTIFICATION, MAX_PREPARED>;
-
-/// Bytes of stack for the thread that builds an engine of `bytes` bytes:
-/// room for the handful of copies an unoptimised build makes (the value
-/// returned by the core, the `Result` around it, the argument to
-/// `Box::new`), plus the usual 8 MiB. Only touched pages cost memory.
-fn build_stack(bytes: usize) -> usize {
-    bytes.saturating_mul(8).saturating_add(8 << 20)
-}
+/// The engine over transport `T`, in tables the agent owns (sized from
+/// [`AgentConfig::capacities`]).
+pub type AgentEngine<T> = Engine<'static, T>;
 
 /// The UCX transport as the agent uses it: with the `cuda` feature, VRAM
 /// is staged through pinned host memory ([`kvxfer_cuda::Staged`]).
@@ -102,108 +74,56 @@ macro_rules! on_engine {
     };
 }
 
-/// Moves a new engine over `transport` to the heap. Not inlined, so that
-/// the engine's temporary copies live in this frame alone.
-#[inline(never)]
+/// A new engine over `transport`, with tables sized from `cfg`.
 fn boxed_engine<T: kvxfer_core::Transport>(
     name: &str,
     transport: T,
+    cfg: &AgentConfig,
 ) -> Result<Box<AgentEngine<T>>, Error> {
-    Ok(Box::new(Engine::new(
-        name,
-        transport,
-        EngineConfig::default(),
-    )?))
-}
-
-/// Size of the largest engine built in.
-const fn largest_engine() -> usize {
-    let mut n = 0;
-    #[cfg(feature = "ucx")]
-    {
-        let s = std::mem::size_of::<AgentEngine<UcxT>>();
-        if s > n {
-            n = s;
-        }
-    }
-    #[cfg(feature = "libfabric")]
-    {
-        let s = std::mem::size_of::<AgentEngine<FabricT>>();
-        if s > n {
-            n = s;
-        }
-    }
-    #[cfg(feature = "cuda")]
-    {
-        let s = std::mem::size_of::<AgentEngine<kvxfer_cuda::CudaIpcTransport>>();
-        if s > n {
-            n = s;
-        }
-    }
-    n
+    let config = EngineConfig::default().with_segments_per_xfer(cfg.segments_per_xfer);
+    let storage = Storage::owned(&cfg.capacities);
+    Ok(Box::new(Engine::new(name, transport, config, storage)?))
 }
 
 /// Builds the engine for `kind` on a thread with a stack large enough for
 /// it (see [`AgentEngine`]).
 fn build_backend(kind: BackendKind, name: &str, cfg: &AgentConfig) -> Result<Backend, Error> {
-    let name = name.to_string();
-    // The transport settings are resolved here, on the caller's thread, so
-    // that the builder thread owns everything it uses (see
-    // `AgentConfig::effective_ucx_config` for the order of precedence).
-    #[cfg(feature = "ucx")]
-    let ucx_cfg = match kind {
-        BackendKind::Ucx => Some(cfg.effective_ucx_config()?),
-        _ => None,
-    };
-    #[cfg(feature = "libfabric")]
-    let fabric_cfg = cfg.effective_fabric_config();
-    #[cfg(not(any(feature = "ucx", feature = "libfabric")))]
-    let _ = cfg;
-    let build = move || -> Result<Backend, Error> {
-        match kind {
-            #[cfg(feature = "ucx")]
-            BackendKind::Ucx => {
-                let uc = ucx_cfg.unwrap_or_default();
-                log::debug!("{name}: UCX transport with {uc:?}");
-                let t = kvxfer_ucx::UcxTransport::new(&uc)?;
-                Ok(Backend::Ucx(boxed_engine(&name, staged(t, uc.op_timeout))?))
-            }
-            #[cfg(feature = "libfabric")]
-            BackendKind::Libfabric => {
-                log::debug!("{name}: libfabric transport with {fabric_cfg:?}");
-                let t = kvxfer_libfabric::FabricTransport::new(&fabric_cfg)?;
-                let deadline = Some(fabric_cfg.op_timeout).filter(|d| !d.is_zero());
-                Ok(Backend::Fabric(boxed_engine(&name, staged(t, deadline))?))
-            }
-            #[cfg(feature = "cuda")]
-            BackendKind::CudaIpc => {
-                let t = kvxfer_cuda::CudaIpcTransport::new()?;
-                Ok(Backend::CudaIpc(boxed_engine(&name, t)?))
-            }
-            #[allow(unreachable_patterns)]
-            other => Err(Error::UnsupportedBackend {
-                value: kvxfer_core::error::bounded(other.name()),
-                supported: BUILT_IN,
-            }),
+    cfg.capacities.check()?;
+    match kind {
+        #[cfg(feature = "ucx")]
+        BackendKind::Ucx => {
+            let uc = cfg.effective_ucx_config()?;
+            log::debug!("{name}: UCX transport with {uc:?}");
+            let t = kvxfer_ucx::UcxTransport::new(&uc)?;
+            Ok(Backend::Ucx(boxed_engine(
+                name,
+                staged(t, uc.op_timeout),
+                cfg,
+            )?))
         }
-    };
-    let builder = std::thread::Builder::new()
-        .name("kvxfer-build".into())
-        .stack_size(build_stack(largest_engine()));
-    let thread = builder.spawn(build).map_err(|e| {
-        Error::backend(
-            kind.name(),
-            i64::from(e.raw_os_error().unwrap_or(-1)),
-            &format!("spawn engine builder: {e}"),
-        )
-    })?;
-    thread.join().unwrap_or_else(|_| {
-        Err(Error::backend(
-            kind.name(),
-            -1,
-            "engine construction panicked",
-        ))
-    })
+        #[cfg(feature = "libfabric")]
+        BackendKind::Libfabric => {
+            let fabric_cfg = cfg.effective_fabric_config();
+            log::debug!("{name}: libfabric transport with {fabric_cfg:?}");
+            let t = kvxfer_libfabric::FabricTransport::new(&fabric_cfg)?;
+            let deadline = Some(fabric_cfg.op_timeout).filter(|d| !d.is_zero());
+            Ok(Backend::Fabric(boxed_engine(
+                name,
+                staged(t, deadline),
+                cfg,
+            )?))
+        }
+        #[cfg(feature = "cuda")]
+        BackendKind::CudaIpc => {
+            let t = kvxfer_cuda::CudaIpcTransport::new()?;
+            Ok(Backend::CudaIpc(boxed_engine(name, t, cfg)?))
+        }
+        #[allow(unreachable_patterns)]
+        other => Err(Error::UnsupportedBackend {
+            value: kvxfer_core::error::bounded(other.name()),
+            supported: BUILT_IN,
+        }),
+    }
 }
 
 /// Everything behind the agent's one lock.
@@ -478,6 +398,7 @@ impl Agent {
         let (kind, source) = select_backend_from_env(cfg.backend.as_deref())?;
         log::info!("agent {name}: backend {kind} (from {})", source.name());
         let backend = build_backend(kind, name, &cfg)?;
+        let notif_buf = vec![0u8; cfg.capacities.notification_len as usize];
         let shared = Arc::new(Shared {
             name: name.to_string(),
             kind,
@@ -486,7 +407,7 @@ impl Agent {
             state: Mutex::new(State {
                 backend: Some(backend),
                 notifs: HashMap::new(),
-                notif_buf: vec![0u8; MAX_NOTIFICATION],
+                notif_buf,
             }),
             done: Condvar::new(),
             closed: AtomicBool::new(false),
@@ -971,43 +892,19 @@ mod tests {
     }
 
     #[test]
-    fn engine_sizes_are_their_tables() {
-        use std::mem::size_of;
-        // Per transfer slot, MAX_SEGMENTS segment records and a
-        // MAX_NOTIFICATION-byte buffer; per prepared list, MAX_SEGMENTS
-        // entries; per peer, MAX_REGIONS regions and keys; per local
-        // region, its registration; and the transport itself. The rest
-        // (names, counters, free lists) is small beside them.
-        fn check<T: kvxfer_core::Transport>(backend: &str) -> usize {
-            let tables = MAX_XFERS
-                * (MAX_SEGMENTS * size_of::<kvxfer_core::desc::SegRec>() + MAX_NOTIFICATION)
-                + MAX_PREPARED * MAX_SEGMENTS * size_of::<kvxfer_core::desc::Resolved>()
-                + MAX_PEERS * MAX_REGIONS * (size_of::<Region>() + size_of::<T::RemoteKey>())
-                + MAX_REGIONS * (size_of::<Region>() + size_of::<T::LocalReg>())
-                + size_of::<T>();
-            let size = size_of::<AgentEngine<T>>();
-            assert!(size >= tables, "{backend}: {size} < {tables}");
-            assert!(
-                size <= tables + tables / 20,
-                "{backend}: {size} vs {tables}"
-            );
-            size
-        }
-        let sizes = [
-            #[cfg(feature = "ucx")]
-            check::<UcxT>("UCX"),
-            #[cfg(feature = "libfabric")]
-            check::<FabricT>("LIBFABRIC"),
-            #[cfg(feature = "cuda")]
-            check::<kvxfer_cuda::CudaIpcTransport>("CUDA_IPC"),
-        ];
-        assert_eq!(sizes.into_iter().max(), Some(largest_engine()));
+    fn engine_tables_are_sized_from_the_config() {
+        use kvxfer_core::Capacities;
+        let caps = Capacities {
+            xfers: 3,
+            prepared_entries: 5,
+            ..crate::config::DEFAULT_CAPACITIES
+        };
+        let cfg = AgentConfig::default().with_capacities(caps);
+        let t = kvxfer_core::transport::loopback::Loopback::new(&MEM, 1);
+        let e = boxed_engine("sized", t, &cfg).unwrap();
+        assert_eq!(*e.capacities(), caps);
     }
 
-    #[test]
-    fn build_stack_covers_engine() {
-        assert_eq!(build_stack(0), 8 << 20);
-        assert!(build_stack(largest_engine()) > 8 * largest_engine());
-        assert_eq!(build_stack(usize::MAX), usize::MAX);
-    }
+    static MEM: kvxfer_core::transport::loopback::LoopbackMemory<64> =
+        kvxfer_core::transport::loopback::LoopbackMemory::new(0x1000);
 }

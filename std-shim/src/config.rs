@@ -36,6 +36,7 @@
 use std::fmt;
 use std::time::Duration;
 
+pub use kvxfer_core::Capacities;
 use kvxfer_core::Error;
 
 /// The first environment variable consulted for the backend.
@@ -167,6 +168,14 @@ pub const DEFAULT_PROGRESS_IDLE_SLEEP: Duration = Duration::from_micros(100);
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct AgentConfig {
+    /// Sizes of the agent's tables, fixed at [`Agent::new`](crate::Agent::new)
+    /// (default [`DEFAULT_CAPACITIES`]). A full table is
+    /// [`Error::CapacityExceeded`] naming the field that raises it.
+    pub capacities: Capacities,
+    /// Most segments of one transfer after coalescing (default
+    /// [`DEFAULT_SEGMENTS_PER_XFER`]); the segment table
+    /// ([`Capacities::segments`]) is shared by all live transfers.
+    pub segments_per_xfer: u32,
     /// Backend name ("UCX", "LIBFABRIC"); `None` consults the environment
     /// (see the [module docs](self)). Default `None`.
     pub backend: Option<String>,
@@ -231,9 +240,43 @@ pub struct AgentConfig {
     pub fabric: Option<FabricConfig>,
 }
 
+/// Table sizes of an agent by default, fit for an engine with a KV cache of
+/// many layers and blocks: about 75 MiB of tables, written once at
+/// [`Agent::new`](crate::Agent::new).
+///
+/// | field | default | bytes each |
+/// |---|---|---|
+/// | `regions` | 4,096 | ~72 |
+/// | `peers` | 1,024 | ~104 |
+/// | `remote_regions` (all peers) | 65,536 | ~40–56 |
+/// | `xfers` (live requests) | 4,096 | ~200 |
+/// | `segments` (all live requests) | 1,048,576 | 32 + 4 per 256 |
+/// | `prepared_lists` | 4,096 | ~48 |
+/// | `prepared_entries` (explicit, all lists) | 1,048,576 | 24 |
+/// | `notifications` (requests holding one) | 1,024 | 4,096 + 8 |
+///
+/// A strided prepared list that lies in one region takes no entries.
+pub const DEFAULT_CAPACITIES: Capacities = Capacities {
+    regions: 4096,
+    peers: 1024,
+    remote_regions: 65_536,
+    xfers: 4096,
+    segments: 1 << 20,
+    segments_per_chunk: 256,
+    prepared_lists: 4096,
+    prepared_entries: 1 << 20,
+    notifications: 1024,
+    notification_len: 4096,
+};
+
+/// Most segments of one transfer by default.
+pub const DEFAULT_SEGMENTS_PER_XFER: u32 = 65_536;
+
 impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
+            capacities: DEFAULT_CAPACITIES,
+            segments_per_xfer: DEFAULT_SEGMENTS_PER_XFER,
             backend: None,
             provider: None,
             listen: Some(DEFAULT_LISTEN.to_string()),
@@ -255,7 +298,9 @@ impl Default for AgentConfig {
 impl fmt::Debug for AgentConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("AgentConfig");
-        d.field("backend", &self.backend)
+        d.field("capacities", &self.capacities)
+            .field("segments_per_xfer", &self.segments_per_xfer)
+            .field("backend", &self.backend)
             .field("provider", &self.provider)
             .field("listen", &self.listen)
             .field("progress_thread", &self.progress_thread)
@@ -274,6 +319,19 @@ impl fmt::Debug for AgentConfig {
 }
 
 impl AgentConfig {
+    /// Sets [`capacities`](Self::capacities); change a few with struct
+    /// update syntax: `Capacities { xfers: 16_384, ..DEFAULT_CAPACITIES }`.
+    pub fn with_capacities(mut self, capacities: Capacities) -> Self {
+        self.capacities = capacities;
+        self
+    }
+
+    /// Sets [`segments_per_xfer`](Self::segments_per_xfer).
+    pub fn with_segments_per_xfer(mut self, n: u32) -> Self {
+        self.segments_per_xfer = n;
+        self
+    }
+
     /// Sets [`backend`](Self::backend).
     pub fn with_backend(mut self, backend: impl Into<String>) -> Self {
         self.backend = Some(backend.into());

@@ -40,9 +40,12 @@ pub mod config;
 pub mod etcd;
 pub mod side_channel;
 
-pub use agent::{
-    Agent, AgentEngine, WaitOutcome, XferRequest, MAX_PEERS, MAX_REGIONS, MAX_SEGMENTS, MAX_XFERS,
+pub use agent::{Agent, AgentEngine, WaitOutcome, XferRequest};
+pub use config::{
+    AgentConfig, BackendKind, BackendSource, Capacities, DEFAULT_CAPACITIES,
+    DEFAULT_SEGMENTS_PER_XFER,
 };
-pub use config::{AgentConfig, BackendKind, BackendSource};
 pub use kvxfer_core::engine::{PreparedLocal, PreparedRemote};
-pub use kvxfer_core::{Desc, Error, MemKind, Region, XferHandle, XferOp, XferState, XferTelemetry};
+pub use kvxfer_core::{
+    Desc, DescList, Error, MemKind, Region, Strided, XferHandle, XferOp, XferState, XferTelemetry,
+};

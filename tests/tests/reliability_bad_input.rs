@@ -12,7 +12,12 @@ mod reliability_common;
 use std::time::Duration;
 
 use kvxfer::side_channel::Client;
-use kvxfer::{Agent, Desc, Error, XferOp, MAX_REGIONS, MAX_XFERS};
+use kvxfer::{Agent, Capacities, Desc, Error, XferOp, DEFAULT_CAPACITIES};
+
+/// The initiator's remote-region table and transfer table: small, so that
+/// the test fills them.
+const REMOTE_REGIONS: usize = 16;
+const XFERS: usize = 64;
 use kvxfer_core::error::{bounded, DescError, MetaError, Side};
 use kvxfer_core::wire::{copy_into, Encoder, Metadata, HEADER_LEN, VERSION};
 use kvxfer_core::Region;
@@ -67,7 +72,12 @@ fn bad_metadata_and_descriptors_write_nothing() {
         env: Vec::new(),
         prefix: Vec::new(),
     });
-    let agent = Agent::new("bad-ini", config("UCX", None)).expect("agent");
+    let caps = Capacities {
+        remote_regions: REMOTE_REGIONS as u32,
+        xfers: XFERS as u32,
+        ..DEFAULT_CAPACITIES
+    };
+    let agent = Agent::new("bad-ini", config("UCX", None).with_capacities(caps)).expect("agent");
     let src = Buf::from_vec(pattern(32, LEN));
     let dst = Buf::zeroed(LEN);
     src.register(&agent);
@@ -134,16 +144,22 @@ fn bad_metadata_and_descriptors_write_nothing() {
         meta_err(agent.load_remote(&reencode(&good, "NCCL", 0))),
         MetaError::BackendMismatch { expected: "UCX", found } if found.as_str() == "NCCL"
     ));
-    // Oversized counts: more regions than an agent keeps.
+    // More regions than the agent's remote-region table holds: refused,
+    // and the peer's earlier load stays.
     let regions = Metadata::decode(&good).unwrap().region_count as usize;
-    let many = reencode(&good, "UCX", MAX_REGIONS + 1 - regions);
+    let many = reencode(&good, "UCX", REMOTE_REGIONS + 1 - regions);
     assert_eq!(
-        meta_err(agent.load_remote(&many)),
-        MetaError::TooLarge {
-            field: "region count",
-            value: MAX_REGIONS as u64 + 1,
-            max: MAX_REGIONS as u64
-        }
+        agent.load_remote(&many),
+        Err(Error::CapacityExceeded {
+            what: "remote regions",
+            capacity: REMOTE_REGIONS as u32,
+            setting: "remote_regions"
+        })
+    );
+    assert_eq!(
+        agent.has_remote(PEER),
+        Ok(true),
+        "the earlier load was kept"
     );
     // A region count larger than the regions present (checksum fixed up).
     let mut lying = good.clone();
@@ -262,11 +278,11 @@ fn bad_metadata_and_descriptors_write_nothing() {
     }
     drop(req);
     let mut reqs = Vec::new();
-    for i in 0..MAX_XFERS {
+    for i in 0..XFERS {
         let r = agent.prepare(XferOp::Read, &[dst.desc(i, 1)], &[t.desc(i, 1)], PEER, None);
         match r {
             Ok(r) => reqs.push(r),
-            Err(e) => panic!("request {i} of {MAX_XFERS}: {e}"),
+            Err(e) => panic!("request {i} of {XFERS}: {e}"),
         }
     }
     assert_eq!(
@@ -276,7 +292,8 @@ fn bad_metadata_and_descriptors_write_nothing() {
             .unwrap_err(),
         Error::CapacityExceeded {
             what: "transfers",
-            capacity: MAX_XFERS as u32
+            capacity: XFERS as u32,
+            setting: "xfers"
         }
     );
     drop(reqs);

@@ -9,7 +9,7 @@
 
 use crate::error::Error;
 use crate::mem::Region;
-use crate::transport::{Capabilities, Completion, PostStatus, Segment, Token, Transport, XferOp};
+use crate::transport::{Capabilities, Completion, PostStatus, Segments, Token, Transport, XferOp};
 
 /// Completions the injector can hold back at once.
 pub const HELD_CAP: usize = 64;
@@ -166,6 +166,7 @@ impl<T: Transport> FaultInjector<T> {
             .map_err(|_| Error::CapacityExceeded {
                 what: "held completions",
                 capacity: HELD_CAP as u32,
+                setting: "",
             })
     }
 
@@ -283,7 +284,7 @@ impl<T: Transport> Transport for FaultInjector<T> {
         &mut self,
         op: XferOp,
         peer: &T::Peer,
-        segments: &[Segment<'_, T::LocalReg, T::RemoteKey>],
+        segments: Segments<'_, T::LocalReg, T::RemoteKey>,
         notification: Option<&[u8]>,
         token: Token,
     ) -> Result<PostStatus, Error> {

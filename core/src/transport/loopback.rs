@@ -12,7 +12,7 @@
 
 use crate::error::Error;
 use crate::mem::{MemKinds, Region};
-use crate::transport::{Capabilities, Completion, PostStatus, Segment, Token, Transport, XferOp};
+use crate::transport::{Capabilities, Completion, PostStatus, Segments, Token, Transport, XferOp};
 
 /// Longest message the mailbox carries.
 pub const MAIL_CAP: usize = 256;
@@ -112,6 +112,7 @@ impl<const N: usize> LoopbackMemory<N> {
             .map_err(|_| Error::CapacityExceeded {
                 what: "notifications",
                 capacity: MAILBOX_CAP as u32,
+                setting: "",
             })
     }
 }
@@ -259,7 +260,7 @@ impl<const N: usize> Transport for Loopback<'_, N> {
         &mut self,
         op: XferOp,
         peer: &LoopbackPeer,
-        segments: &[Segment<'_, Region, Region>],
+        segments: Segments<'_, Region, Region>,
         notification: Option<&[u8]>,
         token: Token,
     ) -> Result<PostStatus, Error> {
@@ -267,6 +268,7 @@ impl<const N: usize> Transport for Loopback<'_, N> {
             return Err(Error::CapacityExceeded {
                 what: "segments",
                 capacity: self.caps.max_segments,
+                setting: "",
             });
         }
         let notify = notification.map(|n| Mail::new(peer.id, n)).transpose()?;
@@ -275,6 +277,7 @@ impl<const N: usize> Transport for Loopback<'_, N> {
             return Err(Error::CapacityExceeded {
                 what: "loopback transfers",
                 capacity: PENDING_CAP as u32,
+                setting: "",
             });
         }
         // Check every segment before moving a byte.

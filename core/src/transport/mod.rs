@@ -22,8 +22,10 @@
 pub mod fault;
 pub mod loopback;
 
+use crate::desc::SegRec;
 use crate::error::Error;
 use crate::mem::{MemKinds, Region};
+use crate::storage::{RegionSlot, RemoteSlot};
 
 /// Identifies a posted transfer to its transport; handed back in the
 /// [`Completion`]. The core builds it from the transfer's slot, generation
@@ -75,6 +77,167 @@ impl<L, K> Clone for Segment<'_, L, K> {
     }
 }
 impl<L, K> Copy for Segment<'_, L, K> {}
+
+/// The segments of one [`Transport::post`], in order: a slice, or the
+/// engine's own segment table read in place.
+pub struct Segments<'a, L, K> {
+    src: Source<'a, L, K>,
+    len: usize,
+}
+
+enum Source<'a, L, K> {
+    Slice(&'a [Segment<'a, L, K>]),
+    Chain(Chain<'a, L, K>),
+}
+
+/// A transfer's records in the engine's chunked segment table.
+pub(crate) struct Chain<'a, L, K> {
+    /// The segment table.
+    pub segs: &'a [SegRec],
+    /// Chunk links.
+    pub links: &'a [u32],
+    /// Entries per chunk.
+    pub chunk_len: usize,
+    /// The transfer's first chunk.
+    pub first: u32,
+    /// Local registrations, by slot.
+    pub regions: &'a [RegionSlot<L>],
+    /// The peer's regions and keys.
+    pub remote: &'a [RemoteSlot<K>],
+}
+
+impl<L, K> Clone for Chain<'_, L, K> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<L, K> Copy for Chain<'_, L, K> {}
+
+impl<L, K> Clone for Source<'_, L, K> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<L, K> Copy for Source<'_, L, K> {}
+
+impl<L, K> Clone for Segments<'_, L, K> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<L, K> Copy for Segments<'_, L, K> {}
+
+impl<'a, L, K> Segments<'a, L, K> {
+    /// Segments read from the engine's table; the engine has checked that
+    /// every record's registration and key exist.
+    pub(crate) fn chain(chain: Chain<'a, L, K>, len: usize) -> Self {
+        Segments {
+            src: Source::Chain(chain),
+            len,
+        }
+    }
+
+    /// How many segments.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The segments, in order.
+    pub fn iter(&self) -> SegmentsIter<'a, L, K> {
+        SegmentsIter {
+            src: self.src,
+            pos: 0,
+            chunk: match self.src {
+                Source::Chain(c) => c.first,
+                Source::Slice(_) => 0,
+            },
+            left: self.len,
+        }
+    }
+}
+
+impl<'a, L, K> From<&'a [Segment<'a, L, K>]> for Segments<'a, L, K> {
+    fn from(s: &'a [Segment<'a, L, K>]) -> Self {
+        Segments {
+            src: Source::Slice(s),
+            len: s.len(),
+        }
+    }
+}
+
+impl<'a, L, K> IntoIterator for Segments<'a, L, K> {
+    type Item = Segment<'a, L, K>;
+    type IntoIter = SegmentsIter<'a, L, K>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl<'a, L, K> IntoIterator for &Segments<'a, L, K> {
+    type Item = Segment<'a, L, K>;
+    type IntoIter = SegmentsIter<'a, L, K>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+/// Iterator over [`Segments`].
+pub struct SegmentsIter<'a, L, K> {
+    src: Source<'a, L, K>,
+    /// Index in the slice, or in the current chunk.
+    pos: usize,
+    chunk: u32,
+    left: usize,
+}
+
+impl<'a, L, K> Iterator for SegmentsIter<'a, L, K> {
+    type Item = Segment<'a, L, K>;
+
+    fn next(&mut self) -> Option<Segment<'a, L, K>> {
+        if self.left == 0 {
+            return None;
+        }
+        let seg = match self.src {
+            Source::Slice(s) => s.get(self.pos).copied(),
+            Source::Chain(c) => {
+                if self.pos == c.chunk_len {
+                    self.chunk = *c.links.get(self.chunk as usize)?;
+                    self.pos = 0;
+                }
+                let rec = c.segs.get(self.chunk as usize * c.chunk_len + self.pos)?;
+                let local = c.regions.get(rec.local as usize)?.entry.as_ref()?;
+                let remote = c.remote.get(rec.remote as usize)?;
+                Some(Segment {
+                    local_addr: rec.local_addr,
+                    remote_addr: rec.remote_addr,
+                    len: rec.len,
+                    local: &local.handle,
+                    remote: remote.key.as_ref()?,
+                    remote_region_addr: remote.region.addr,
+                })
+            }
+        };
+        if seg.is_none() {
+            // Unreachable for checked chains; end rather than mislead.
+            self.left = 0;
+            return None;
+        }
+        self.pos += 1;
+        self.left -= 1;
+        seg
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+impl<L, K> ExactSizeIterator for SegmentsIter<'_, L, K> {}
 
 /// What a transport can do; filled in by each transport.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -186,7 +349,7 @@ pub trait Transport {
         &mut self,
         op: XferOp,
         peer: &Self::Peer,
-        segments: &[Segment<'_, Self::LocalReg, Self::RemoteKey>],
+        segments: Segments<'_, Self::LocalReg, Self::RemoteKey>,
         notification: Option<&[u8]>,
         token: Token,
     ) -> Result<PostStatus, Error>;

@@ -12,7 +12,8 @@ use kvxfer_core::error::{bounded, Name};
 use kvxfer_core::mem::MemKinds;
 use kvxfer_core::wire::copy_into;
 use kvxfer_core::{
-    Capabilities, Completion, Error, MemKind, PostStatus, Region, Segment, Token, Transport, XferOp,
+    Capabilities, Completion, Error, MemKind, PostStatus, Region, Segments, Token, Transport,
+    XferOp,
 };
 use libfabric_sys as sys;
 
@@ -1520,7 +1521,7 @@ impl Transport for FabricTransport {
         &mut self,
         op: XferOp,
         peer: &FabricPeer,
-        segments: &[Segment<'_, FabricReg, FabricRemoteKey>],
+        segments: Segments<'_, FabricReg, FabricRemoteKey>,
         notification: Option<&[u8]>,
         token: Token,
     ) -> Result<PostStatus, Error> {
@@ -1543,6 +1544,7 @@ impl Transport for FabricTransport {
             return Err(Error::CapacityExceeded {
                 what: "transfers",
                 capacity: self.config.max_transfers as u32,
+                setting: "",
             });
         };
         let max_msg = self.max_msg;
@@ -1638,6 +1640,7 @@ impl Transport for FabricTransport {
             return Err(Error::CapacityExceeded {
                 what: "notifications",
                 capacity: self.send.mem.len() as u32 / self.send.slot as u32,
+                setting: "",
             });
         };
         self.copy_to_send_buf(buf, msg);

@@ -354,7 +354,7 @@ impl Initiator {
         self.t.post(
             op,
             self.peer.as_ref().unwrap(),
-            &segs,
+            kvxfer_core::Segments::from(&segs[..]),
             notification,
             Token(token),
         )

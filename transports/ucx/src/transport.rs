@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use kvxfer_core::mem::MemKinds;
 use kvxfer_core::{
-    Capabilities, Completion, DescError, Error, MemKind, PostStatus, Region, Segment, Side, Token,
+    Capabilities, Completion, DescError, Error, MemKind, PostStatus, Region, Segments, Side, Token,
     Transport, XferOp,
 };
 use ucx_sys as sys;
@@ -1451,7 +1451,7 @@ impl Transport for UcxTransport {
         &mut self,
         op: XferOp,
         peer: &UcxPeer,
-        segments: &[Segment<'_, UcxReg, UcxRemoteKey>],
+        segments: Segments<'_, UcxReg, UcxRemoteKey>,
         notification: Option<&[u8]>,
         token: Token,
     ) -> Result<PostStatus, Error> {
@@ -1654,6 +1654,7 @@ impl Transport for UcxTransport {
             return Some(Err(Error::CapacityExceeded {
                 what: "notifications",
                 capacity: q.bufs.len() as u32,
+                setting: "",
             }));
         }
         if q.len == 0 {

@@ -366,8 +366,13 @@ impl Initiator {
                 remote_region_addr: target.region.addr,
             })
             .collect();
-        self.t
-            .post(op, self.peer.as_ref().expect("peer"), &segs, note, token)
+        self.t.post(
+            op,
+            self.peer.as_ref().expect("peer"),
+            kvxfer_core::Segments::from(&segs[..]),
+            note,
+            token,
+        )
     }
 
     /// Posts and waits for the transfer's end.
@@ -1283,7 +1288,7 @@ fn invalid_inputs_are_refused() {
         t.post(
             XferOp::Write,
             &peer,
-            &[seg(addr + 4000, oaddr_mem, 200)],
+            kvxfer_core::Segments::from(&[seg(addr + 4000, oaddr_mem, 200)][..]),
             None,
             Token(1)
         ),
@@ -1299,7 +1304,9 @@ fn invalid_inputs_are_refused() {
         t.post(
             XferOp::Read,
             &peer,
-            &[seg(addr, oaddr_mem, 8), seg(addr + 8, oaddr_mem + 4090, 8)],
+            kvxfer_core::Segments::from(
+                &[seg(addr, oaddr_mem, 8), seg(addr + 8, oaddr_mem + 4090, 8)][..]
+            ),
             None,
             Token(2)
         ),
@@ -1315,7 +1322,7 @@ fn invalid_inputs_are_refused() {
         t.post(
             XferOp::Write,
             &peer,
-            &[seg(addr, oaddr_mem, 0)],
+            kvxfer_core::Segments::from(&[seg(addr, oaddr_mem, 0)][..]),
             None,
             Token(3)
         ),
@@ -1333,7 +1340,7 @@ fn invalid_inputs_are_refused() {
         t.post(
             XferOp::Write,
             &peer2,
-            &[seg(addr, oaddr_mem, 8)],
+            kvxfer_core::Segments::from(&[seg(addr, oaddr_mem, 8)][..]),
             None,
             Token(4)
         ),
