@@ -13,11 +13,13 @@ register it with a NIXL agent on the UCX backend. The initiator then times
 
 and posts that one prepared handle over and over, one request in flight
 (transfer(), then check_xfer_state() until "DONE", from Python): a few warmup
-posts, then enough posts for about --seconds (at least --min-iters). It reports
-bandwidth (request bytes * posts / elapsed, in 1e9 bytes/s) and p50/p99
-post-to-DONE latency. Warmup posts carry one random pattern and the measured
-posts another; afterwards the target re-derives the second pattern from its
-seed and checks every block, and that the gaps between blocks were not written.
+posts, then posts for --seconds (at least --min-iters, at most --max-iters, or
+exactly --iters). It reports bandwidth (request bytes * posts / elapsed, in
+1e9 bytes/s) and p50/p99 post-to-DONE latency. Warmup posts carry one random
+pattern and the measured posts another; afterwards the target re-derives the
+second pattern from its seed and checks every block, and that the gaps between
+blocks were not written.
+
 With UCX_TLS unset, UCX 1.23 (bundled with the wheel) writes host memory on one
 host with cma (process_vm_writev); UCX_TLS=tcp pins the transport to tcp.
 
@@ -39,7 +41,6 @@ A failed transfer or verification exits non-zero.
 import argparse
 import ctypes
 import importlib.metadata
-import math
 import multiprocessing as mp
 import os
 import re
@@ -263,22 +264,24 @@ def run_case(agent, conn, name, blocks, block_size, stride, seed, args):
     t2 = time.perf_counter_ns()
     prep_ms, make_ms = (t1 - t0) / 1e6, (t2 - t1) / 1e6
 
-    warm_ns = [post(agent, handle) for _ in range(args.warmup)]
-    if args.iters:
-        iters = args.iters
-    else:
-        per_post = max(np.mean(warm_ns[len(warm_ns) // 2:]) if warm_ns else 0, 1000)
-        iters = min(max(args.min_iters, math.ceil(args.seconds * 1e9 / per_post)),
-                    args.max_iters)
+    for _ in range(args.warmup):
+        post(agent, handle)
 
     seed += 1  # the measured posts carry a different pattern than the warmup
     view[:] = pattern(seed, nbytes).reshape(blocks, block_size)
 
-    lat = np.empty(iters, dtype=np.int64)
+    lat = np.empty(args.iters or args.max_iters, dtype=np.int64)
+    iters = 0
     t_start = time.perf_counter_ns()
-    for i in range(iters):
-        lat[i] = post(agent, handle)
+    deadline = t_start + int(args.seconds * 1e9)
+    while iters < lat.size:
+        lat[iters] = post(agent, handle)
+        iters += 1
+        if (not args.iters and iters >= args.min_iters and iters % 16 == 0
+                and time.perf_counter_ns() >= deadline):
+            break
     elapsed = time.perf_counter_ns() - t_start
+    lat = lat[:iters]
 
     agent.release_xfer_handle(handle)
     agent.release_dlist_handle(local)
@@ -329,7 +332,7 @@ def parse_args():
                         "instead of one Nx3 row per block")
     p.add_argument("--warmup", type=int, default=10, help="warmup posts (default 10)")
     p.add_argument("--seconds", type=float, default=2.0,
-                   help="aim for this long of measured posts per case (default 2)")
+                   help="measure posts for this long per case (default 2)")
     p.add_argument("--min-iters", type=int, default=20)
     p.add_argument("--max-iters", type=int, default=1000000)
     p.add_argument("--iters", type=int, help="measured posts (overrides --seconds)")

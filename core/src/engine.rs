@@ -718,15 +718,21 @@ impl<'a, T: Transport> Engine<'a, T> {
         }
     }
 
-    fn take_xfer(&mut self) -> Result<usize, Error> {
-        let i = self.free_xfer;
-        if i == NIL {
+    /// A free transfer slot exists (checked before segments are filled).
+    fn check_xfer_room(&self) -> Result<(), Error> {
+        if self.free_xfer == NIL {
             return Err(Error::capacity(
                 "transfers",
                 self.limits.xfers as usize,
                 "xfers",
             ));
         }
+        Ok(())
+    }
+
+    fn take_xfer(&mut self) -> Result<usize, Error> {
+        self.check_xfer_room()?;
+        let i = self.free_xfer;
         self.free_xfer = self.xfers[i as usize].next_free;
         Ok(i as usize)
     }
@@ -918,6 +924,7 @@ impl<'a, T: Transport> Engine<'a, T> {
     ) -> Result<XferHandle, Error> {
         let p = self.peer_index(peer)?;
         desc::check_counts(local.len(), remote.len())?;
+        self.check_xfer_room()?;
         let missing = |k: usize| Error::IndexOutOfRange {
             side: Side::Local,
             index: k as u32,
@@ -1188,6 +1195,7 @@ impl<'a, T: Transport> Engine<'a, T> {
             });
         }
         desc::check_counts(local_idx.len(), remote_idx.len())?;
+        self.check_xfer_room()?;
         let w = self.fill(local_idx.len(), |e, k| {
             let (lx, rx) = (local_idx[k], remote_idx[k]);
             let range = |side, value: u32, len: u32| Error::IndexOutOfRange {
