@@ -9,7 +9,8 @@ use std::time::{Duration, Instant as StdInstant};
 
 use kvxfer_core::engine::{PreparedLocal, PreparedRemote, XferHandle};
 use kvxfer_core::{
-    Desc, Engine, EngineConfig, Error, MemKind, Region, Storage, XferOp, XferState, XferTelemetry,
+    Capacities, Desc, DescList, Engine, EngineConfig, Error, MemKind, Region, Storage, XferOp,
+    XferState, XferTelemetry,
 };
 
 use crate::clock::now;
@@ -594,6 +595,24 @@ impl Agent {
         Ok(self.request(prepared?))
     }
 
+    /// [`prepare`](Agent::prepare) for explicit or strided lists: a
+    /// [`Strided`](kvxfer_core::Strided) list names `count` blocks of one
+    /// length at a fixed stride without a descriptor per block.
+    pub fn prepare_lists(
+        &self,
+        op: XferOp,
+        local: DescList<'_>,
+        remote: DescList<'_>,
+        peer: &str,
+        notification: Option<&[u8]>,
+    ) -> Result<XferRequest, Error> {
+        let mut st = self.shared().lock();
+        let b = st.backend()?;
+        let prepared: Result<XferHandle, Error> =
+            on_engine!(b, e => e.prepare_lists(op, local, remote, peer, notification));
+        Ok(self.request(prepared?))
+    }
+
     /// Prepares and posts a transfer (see [`prepare`](Agent::prepare)).
     pub fn submit(
         &self,
@@ -617,6 +636,25 @@ impl Agent {
         let mut st = self.shared().lock();
         let b = st.backend()?;
         on_engine!(b, e => e.prep_local(descs))
+    }
+
+    /// [`prep_local`](Agent::prep_local) for an explicit or strided list; a
+    /// strided list inside one registration takes no per-entry memory.
+    pub fn prep_local_list(&self, list: DescList<'_>) -> Result<PreparedLocal, Error> {
+        let mut st = self.shared().lock();
+        let b = st.backend()?;
+        on_engine!(b, e => e.prep_local_list(list))
+    }
+
+    /// [`prep_remote`](Agent::prep_remote) for an explicit or strided list.
+    pub fn prep_remote_list(
+        &self,
+        peer: &str,
+        list: DescList<'_>,
+    ) -> Result<PreparedRemote, Error> {
+        let mut st = self.shared().lock();
+        let b = st.backend()?;
+        on_engine!(b, e => e.prep_remote_list(peer, list))
     }
 
     /// Resolves `descs` against the regions `peer` published, once, for
@@ -662,6 +700,11 @@ impl Agent {
             e.make_xfer(op, local, local_idx, remote, remote_idx, notification)
         });
         Ok(self.request(made?))
+    }
+
+    /// The sizes of this agent's tables, as configured.
+    pub fn capacities(&self) -> Capacities {
+        self.shared().cfg.capacities
     }
 
     /// The request that owns `handle`, a transfer of this agent's engine.

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvxfer_core::{Desc, Error, MemKind, XferOp, XferState, XferTelemetry};
+use kvxfer_core::{Desc, Error, MemKind, Strided, XferOp, XferState, XferTelemetry};
 
 use crate::{Agent, AgentConfig, WaitOutcome, XferRequest};
 
@@ -261,6 +261,23 @@ fn agent_config(
     cfg
 }
 
+/// `cfg` with tables large enough for the requests of `opts`: every
+/// request in flight may keep one segment per block, and each list one
+/// entry per block.
+fn sized_for(cfg: AgentConfig, opts: &BenchOptions) -> AgentConfig {
+    let blocks = u32::try_from(opts.blocks).unwrap_or(u32::MAX);
+    let in_flight = u32::try_from(opts.inflight).unwrap_or(u32::MAX);
+    let caps = cfg.capacities;
+    let caps = crate::Capacities {
+        segments: caps.segments.max(blocks.saturating_mul(in_flight)),
+        prepared_entries: caps.prepared_entries.max(blocks.saturating_mul(2)),
+        xfers: caps.xfers.max(in_flight.min(u16::MAX as u32)),
+        ..caps
+    };
+    let per_xfer = cfg.segments_per_xfer.max(blocks);
+    cfg.with_capacities(caps).with_segments_per_xfer(per_xfer)
+}
+
 /// Settings of `kvxfer target`.
 #[derive(Clone, Debug)]
 pub struct TargetOptions {
@@ -401,6 +418,9 @@ pub struct BenchOptions {
     /// segment. Twice the block size keeps every block its own segment,
     /// like scattered KV-cache blocks.
     pub stride: Option<u64>,
+    /// Describe each side as one strided list (address, block size,
+    /// stride, count) instead of a descriptor per block.
+    pub strided: bool,
     /// Memory kind of both buffers (the spawned target's too).
     pub mem: MemKind,
     /// Device of the buffers (GPU ordinal for VRAM).
@@ -438,6 +458,7 @@ impl Default for BenchOptions {
             request_timeout: Duration::from_secs(10),
             target_exe: None,
             stride: None,
+            strided: false,
             mem: MemKind::Dram,
             device: 0,
             progress_thread: false,
@@ -482,6 +503,13 @@ pub struct BenchReport {
     pub checksum: u64,
     /// Memory kind of the buffers.
     pub mem: MemKind,
+    /// Whether the lists were strided.
+    pub strided: bool,
+    /// Time to prepare the local and the remote list, milliseconds.
+    pub prep_ms: f64,
+    /// Time to make one request from the prepared lists, milliseconds
+    /// (mean over the requests in flight).
+    pub make_ms: f64,
     /// Per-transfer telemetry of the measured requests.
     pub telemetry: TelemetrySummary,
 }
@@ -549,6 +577,7 @@ impl BenchReport {
              {:<10} {:<6} {:<5} {:>8} {:>10} {:>8} {:>9} {:>8.3} {:>10.0} {:>9.1} {:>9.1} {:>9.1}\n\
              telemetry: {} bytes/request, {} descriptors -> {} segments after coalescing, \
              post {:.2} us mean ({:.2} max), transfer {:.1} us p50 ({:.1} p99)\n\
+             lists: {} {}, prepared (both sides) in {:.3} ms, a request made in {:.3} ms\n\
              data verified: checksum {:016x} matches the target, also after each \
              prepared request moved fresh data",
             "backend",
@@ -582,6 +611,10 @@ impl BenchReport {
             t.post_us_max,
             t.xfer_us_p50,
             t.xfer_us_p99,
+            self.blocks,
+            if self.strided { "strided" } else { "explicit" },
+            self.prep_ms,
+            self.make_ms,
             self.checksum,
         )
     }
@@ -590,11 +623,12 @@ impl BenchReport {
     pub fn json(&self) -> String {
         let t = &self.telemetry;
         format!(
-            "{{\"backend\":\"{}\",\"op\":\"{}\",\"mem\":\"{}\",\"block_size\":{},\"blocks\":{},\"inflight\":{},\"requests\":{},\"bytes\":{},\"seconds\":{:.6},\"gb_per_s\":{:.6},\"requests_per_s\":{:.3},\"latency_us\":{{\"p50\":{:.3},\"p99\":{:.3},\"max\":{:.3}}},\"telemetry\":{{\"bytes\":{},\"descs\":{},\"segments\":{},\"post_us_mean\":{:.3},\"post_us_max\":{:.3},\"xfer_us_p50\":{:.3},\"xfer_us_p99\":{:.3}}},\"checksum\":\"{:016x}\",\"verified\":true}}",
+            "{{\"backend\":\"{}\",\"op\":\"{}\",\"mem\":\"{}\",\"block_size\":{},\"blocks\":{},\"inflight\":{},\"requests\":{},\"bytes\":{},\"seconds\":{:.6},\"gb_per_s\":{:.6},\"requests_per_s\":{:.3},\"latency_us\":{{\"p50\":{:.3},\"p99\":{:.3},\"max\":{:.3}}},\"telemetry\":{{\"bytes\":{},\"descs\":{},\"segments\":{},\"post_us_mean\":{:.3},\"post_us_max\":{:.3},\"xfer_us_p50\":{:.3},\"xfer_us_p99\":{:.3}}},\"lists\":{{\"strided\":{},\"prep_ms\":{:.3},\"make_ms\":{:.3}}},\"checksum\":\"{:016x}\",\"verified\":true}}",
             self.backend, self.op, mem_name(self.mem), self.block_size, self.blocks, self.inflight,
             self.requests, self.bytes, self.seconds, self.gb_per_s, self.requests_per_s,
             self.p50_us, self.p99_us, self.max_us, t.bytes, t.descs, t.segments, t.post_us_mean,
-            t.post_us_max, t.xfer_us_p50, t.xfer_us_p99, self.checksum
+            t.post_us_max, t.xfer_us_p50, t.xfer_us_p99, self.strided, self.prep_ms,
+            self.make_ms, self.checksum
         )
     }
 }
@@ -772,6 +806,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
         &opts.backend,
         &opts.provider,
     );
+    let cfg = sized_for(cfg, opts);
     let name = match opts.etcd {
         // Unique, so that benchmarks sharing an etcd never replace each other.
         Some(_) => format!("kvxfer-bench-{:08x}", seed() as u32),
@@ -807,17 +842,42 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
             "target buffer is {rlen} bytes, {span} needed"
         )));
     }
-    let local: Vec<Desc> = (0..opts.blocks)
-        .map(|i| Desc::new(buf.addr() + i * stride, opts.block_size))
-        .collect();
-    let remote: Vec<Desc> = (0..opts.blocks)
-        .map(|i| Desc::new(raddr + i * stride, opts.block_size))
-        .collect();
-    agent.check_remote(&peer, &remote)?;
-
+    let count = u32::try_from(opts.blocks).map_err(|_| {
+        bench_err(&format!(
+            "{} blocks: at most {} per request",
+            opts.blocks,
+            u32::MAX
+        ))
+    })?;
+    // Both lists prepared once, each request made from them by index, as
+    // an engine's connector does.
+    let prep_started = Instant::now();
+    let (pl, pr) = if opts.strided {
+        let l = Strided::new(buf.addr(), opts.block_size, stride, count);
+        let r = Strided::new(raddr, opts.block_size, stride, count);
+        (
+            agent.prep_local_list(l.into())?,
+            agent.prep_remote_list(&peer, r.into())?,
+        )
+    } else {
+        let local: Vec<Desc> = (0..opts.blocks)
+            .map(|i| Desc::new(buf.addr() + i * stride, opts.block_size))
+            .collect();
+        let remote: Vec<Desc> = (0..opts.blocks)
+            .map(|i| Desc::new(raddr + i * stride, opts.block_size))
+            .collect();
+        (
+            agent.prep_local(&local)?,
+            agent.prep_remote(&peer, &remote)?,
+        )
+    };
+    let prep_ms = prep_started.elapsed().as_secs_f64() * 1e3;
+    let idx: Vec<u32> = (0..count).collect();
+    let make_started = Instant::now();
     let reqs: Vec<XferRequest> = (0..opts.inflight)
-        .map(|_| agent.prepare(opts.op, &local, &remote, &peer, None))
+        .map(|_| agent.make_xfer(opts.op, pl, &idx, pr, &idx, None))
         .collect::<Result<_, _>>()?;
+    let make_ms = make_started.elapsed().as_secs_f64() * 1e3 / opts.inflight as f64;
     let mut started: Vec<Instant> = Vec::with_capacity(reqs.len());
     for r in &reqs {
         started.push(Instant::now());
@@ -935,6 +995,8 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
         ours = sums_agree(&buf, &format!("after request {i} moved fresh data"))?;
     }
     drop(reqs);
+    agent.release_local(pl)?;
+    agent.release_remote(pr)?;
     drop(discovery);
     drop(buf);
     let backend = agent.backend().name().to_string();
@@ -958,6 +1020,9 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
         max_us: lat.last().map_or(0.0, |&m| m as f64 / 1000.0),
         checksum: ours,
         mem: opts.mem,
+        strided: opts.strided,
+        prep_ms,
+        make_ms,
         telemetry: telemetry.summary(),
     })
 }

@@ -103,6 +103,10 @@ enum Cmd {
         /// segments, like scattered KV-cache blocks.
         #[arg(long, value_parser = bench::parse_size)]
         stride: Option<u64>,
+        /// Describe each side as one strided list (address, block size,
+        /// stride, count) instead of one descriptor per block.
+        #[arg(long)]
+        strided: bool,
         /// Memory of both buffers (vram needs the cuda feature).
         #[arg(long, value_enum, default_value = "dram")]
         mem: Mem,
@@ -348,6 +352,7 @@ fn main() -> ExitCode {
             duration,
             warmup,
             stride,
+            strided,
             mem,
             device,
             progress_thread,
@@ -374,6 +379,7 @@ fn main() -> ExitCode {
                 duration,
                 warmup,
                 stride,
+                strided,
                 mem: mem.kind(),
                 device,
                 progress_thread,

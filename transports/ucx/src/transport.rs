@@ -142,7 +142,8 @@ struct XferSlot {
     outstanding: u32,
     /// First failure, or `UCS_OK`.
     status: sys::ucs_status_t,
-    /// The request handles in flight, for cancellation.
+    /// The request handles UCX returned, in flight or completed; freed
+    /// together when the slot is freed.
     requests: Vec<*mut c_void>,
     /// The notification to send after the data (or the stand-alone one).
     note: Vec<u8>,
@@ -313,9 +314,11 @@ pub(crate) fn tls_include_tcp(tls: Option<&str>) -> bool {
 }
 
 /// Completion callback of every request (put, get, flush, active message).
-/// `user_data` is the request's `XferSlot`.
+/// `user_data` is the request's `XferSlot`. The request stays in the slot's
+/// list until the slot is freed (`release_requests`), so the callback costs
+/// O(1) however many requests a transfer has.
 unsafe extern "C" fn request_done(
-    request: *mut c_void,
+    _request: *mut c_void,
     status: sys::ucs_status_t,
     user_data: *mut c_void,
 ) {
@@ -326,18 +329,11 @@ unsafe extern "C" fn request_done(
     // UCX runs this callback inside a call the transport makes under
     // `&mut self`, when no reference to the slot is held.
     unsafe {
-        let reqs = &mut (*slot).requests;
-        if let Some(pos) = reqs.iter().position(|&r| r == request) {
-            reqs.swap_remove(pos);
-        }
         (*slot).outstanding = (*slot).outstanding.saturating_sub(1);
         if status != UCS_OK && (*slot).status == UCS_OK {
             (*slot).status = status;
         }
     }
-    // SAFETY: the request is complete and nobody else frees it: it was
-    // removed from the slot's list above.
-    unsafe { sys::ucp_request_free(request) }
 }
 
 /// Error handler of every endpoint; `arg` is its `EpState`.
@@ -659,7 +655,28 @@ impl UcxTransport {
     }
 
     fn free_slot(&mut self, index: u32) {
+        Self::release_requests(self.slot_ptr(index));
         self.free_slots.push(index);
+    }
+
+    /// Hands the completed requests of slot `slot` back to UCX; returns
+    /// whether none is left in flight.
+    fn release_requests(slot: *mut XferSlot) -> bool {
+        // SAFETY: the slot is live and no reference to it is held; no
+        // callback runs during this call (it makes no progress).
+        let reqs = unsafe { &mut (*slot).requests };
+        reqs.retain(|&req| {
+            // SAFETY: `req` was returned by a `*_nbx` call and not freed
+            // yet (it is freed only here, once, when it left the list).
+            let done = unsafe { sys::ucp_request_check_status(req) } != sys::UCS_INPROGRESS;
+            if done {
+                // SAFETY: as above; the request is complete, so its
+                // callback has run and will not run again.
+                unsafe { sys::ucp_request_free(req) };
+            }
+            !done
+        });
+        reqs.is_empty()
     }
 
     /// Request parameters whose callback reports to slot `slot`.
@@ -944,10 +961,13 @@ impl UcxTransport {
         // copied.
         self.scratch.extend_from_slice(unsafe { &(*slot).requests });
         for &req in &self.scratch {
-            // SAFETY: the request is in flight (its callback, which frees
-            // it, has not run: it would have removed it from the list); the
-            // worker is live.
-            unsafe { sys::ucp_request_cancel(self.worker, req) };
+            // SAFETY: the request is in the slot's list, so not freed yet;
+            // the worker is live. Completed ones are skipped.
+            unsafe {
+                if sys::ucp_request_check_status(req) == sys::UCS_INPROGRESS {
+                    sys::ucp_request_cancel(self.worker, req);
+                }
+            }
         }
     }
 
@@ -1748,6 +1768,11 @@ impl Drop for UcxTransport {
             while Instant::now() < deadline {
                 if !self.progress() {
                     std::thread::yield_now();
+                }
+            }
+            for i in 0..self.slots.len() {
+                if !Self::release_requests(self.slot_ptr(i as u32)) {
+                    log::warn!("UCX: a request of slot {i} is still running at close");
                 }
             }
             // SAFETY: every endpoint is closed; destroyed once.
