@@ -13,10 +13,15 @@ const KVXFER: &str = env!("CARGO_BIN_EXE_kvxfer");
 
 /// The last line `kvxfer bench ARGS` printed, after checking it succeeded.
 fn bench_last_line(args: &[&str]) -> String {
+    bench_on("UCX", args)
+}
+
+/// The last line of `kvxfer bench ARGS` over `backend`, which succeeded.
+fn bench_on(backend: &str, args: &[&str]) -> String {
     let out = Command::new(KVXFER)
         .arg("bench")
         .args(args)
-        .env("KVXFER_BACKEND", "UCX")
+        .env("KVXFER_BACKEND", backend)
         .output()
         .expect("run kvxfer bench");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -51,6 +56,62 @@ fn bench_checks_each_request_with_fresh_data() {
                 && last.ends_with("also after each prepared request moved fresh data"),
             "{op}: {last}"
         );
+    }
+}
+
+/// The number after `"key":` in a JSON report.
+fn json_number(json: &str, key: &str) -> u64 {
+    let at = json.find(&format!("\"{key}\":")).expect(key) + key.len() + 3;
+    let digits: String = json[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().expect(key)
+}
+
+/// KV-cache-sized requests (one layer of a 32k-token context: 2,048 blocks
+/// of 16 KiB; 16,384 blocks of 4 KiB, explicit and strided) over both
+/// backends: each moves every block as its own segment and its data is
+/// verified by the bench (after the run and after each request once more
+/// with fresh data).
+#[test]
+fn kv_cache_sized_requests_move_and_verify() {
+    let cases: [(&str, &str, &str, bool); 3] = [
+        ("16KiB", "2048", "32KiB", false),
+        ("4KiB", "16384", "8KiB", false),
+        ("4KiB", "16384", "8KiB", true),
+    ];
+    for backend in ["UCX", "LIBFABRIC"] {
+        for (block, blocks, stride, strided) in cases {
+            let mut args = vec![
+                "--block-size",
+                block,
+                "--blocks",
+                blocks,
+                "--stride",
+                stride,
+                "--inflight",
+                "1",
+                "--iters",
+                "3",
+                "--warmup",
+                "1",
+                "--json",
+            ];
+            if strided {
+                args.push("--strided");
+            }
+            let json = bench_on(backend, &args);
+            let what = format!("{backend} {args:?}: {json}");
+            let n: u64 = blocks.parse().unwrap();
+            assert!(json.contains("\"verified\":true"), "{what}");
+            assert!(json.contains(&format!("\"strided\":{strided}")), "{what}");
+            assert_eq!(json_number(&json, "blocks"), n, "{what}");
+            assert_eq!(json_number(&json, "descs"), n, "{what}");
+            assert_eq!(json_number(&json, "segments"), n, "{what}");
+            let size = kvxfer::bench::parse_size(block).unwrap();
+            assert_eq!(json_number(&json, "bytes") / 3, n * size, "{what}");
+        }
     }
 }
 
