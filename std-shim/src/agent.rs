@@ -24,14 +24,25 @@ pub type AgentEngine<T> = Engine<'static, T>;
 /// The UCX transport as the agent uses it: with the `cuda` feature, VRAM
 /// is staged through pinned host memory ([`kvxfer_cuda::Staged`]).
 #[cfg(all(feature = "ucx", feature = "cuda"))]
-type UcxT = kvxfer_cuda::Staged<kvxfer_ucx::UcxTransport>;
+type UcxT = kvxfer_cuda::Staged<Local<kvxfer_ucx::UcxTransport>>;
 #[cfg(all(feature = "ucx", not(feature = "cuda")))]
-type UcxT = kvxfer_ucx::UcxTransport;
+type UcxT = Local<kvxfer_ucx::UcxTransport>;
 /// The libfabric transport as the agent uses it (see [`UcxT`]).
 #[cfg(all(feature = "libfabric", feature = "cuda"))]
-type FabricT = kvxfer_cuda::Staged<kvxfer_libfabric::FabricTransport>;
+type FabricT = kvxfer_cuda::Staged<Local<kvxfer_libfabric::FabricTransport>>;
 #[cfg(all(feature = "libfabric", not(feature = "cuda")))]
-type FabricT = kvxfer_libfabric::FabricTransport;
+type FabricT = Local<kvxfer_libfabric::FabricTransport>;
+
+/// Same-host peers of a host-memory transport over cross-memory attach
+/// ([`AgentConfig::same_host`]).
+type Local<T> = kvxfer_local::Local<T>;
+
+#[allow(dead_code)]
+fn local<T: kvxfer_core::Transport>(t: T, cfg: &AgentConfig) -> Local<T> {
+    let mut lc = kvxfer_local::LocalConfig::from_env();
+    lc.enabled &= cfg.same_host;
+    kvxfer_local::Local::new(t, lc)
+}
 
 /// Wraps a host-memory transport for VRAM staging (with the `cuda`
 /// feature). A peer's answer to a staging request gets the transport's
@@ -86,8 +97,7 @@ fn boxed_engine<T: kvxfer_core::Transport>(
     Ok(Box::new(Engine::new(name, transport, config, storage)?))
 }
 
-/// Builds the engine for `kind` on a thread with a stack large enough for
-/// it (see [`AgentEngine`]).
+/// Builds the transport and engine for `kind`.
 fn build_backend(kind: BackendKind, name: &str, cfg: &AgentConfig) -> Result<Backend, Error> {
     cfg.capacities.check()?;
     match kind {
@@ -95,18 +105,15 @@ fn build_backend(kind: BackendKind, name: &str, cfg: &AgentConfig) -> Result<Bac
         BackendKind::Ucx => {
             let uc = cfg.effective_ucx_config()?;
             log::debug!("{name}: UCX transport with {uc:?}");
-            let t = kvxfer_ucx::UcxTransport::new(&uc)?;
-            Ok(Backend::Ucx(boxed_engine(
-                name,
-                staged(t, uc.op_timeout),
-                cfg,
-            )?))
+            let t = local(kvxfer_ucx::UcxTransport::new(&uc)?, cfg);
+            let t = staged(t, uc.op_timeout);
+            Ok(Backend::Ucx(boxed_engine(name, t, cfg)?))
         }
         #[cfg(feature = "libfabric")]
         BackendKind::Libfabric => {
             let fabric_cfg = cfg.effective_fabric_config();
             log::debug!("{name}: libfabric transport with {fabric_cfg:?}");
-            let t = kvxfer_libfabric::FabricTransport::new(&fabric_cfg)?;
+            let t = local(kvxfer_libfabric::FabricTransport::new(&fabric_cfg)?, cfg);
             let deadline = Some(fabric_cfg.op_timeout).filter(|d| !d.is_zero());
             Ok(Backend::Fabric(boxed_engine(
                 name,
@@ -150,12 +157,40 @@ impl State {
             #[cfg(all(feature = "ucx", feature = "cuda"))]
             Some(Backend::Ucx(e)) => {
                 let t = e.transport();
-                t.inner().progress_events().wrapping_add(t.staging_events())
+                let l = t.inner();
+                (l.inner().progress_events())
+                    .wrapping_add(l.cma_transfers())
+                    .wrapping_add(t.staging_events())
             }
             #[cfg(all(feature = "ucx", not(feature = "cuda")))]
-            Some(Backend::Ucx(e)) => e.transport().progress_events(),
+            Some(Backend::Ucx(e)) => {
+                let l = e.transport();
+                l.inner().progress_events().wrapping_add(l.cma_transfers())
+            }
             #[cfg(all(feature = "libfabric", feature = "cuda"))]
-            Some(Backend::Fabric(e)) => e.transport().staging_events(),
+            Some(Backend::Fabric(e)) => {
+                let t = e.transport();
+                t.staging_events().wrapping_add(t.inner().cma_transfers())
+            }
+            #[cfg(all(feature = "libfabric", not(feature = "cuda")))]
+            Some(Backend::Fabric(e)) => e.transport().cma_transfers(),
+            #[allow(unreachable_patterns)]
+            _ => 0,
+        }
+    }
+
+    /// Peers whose transfers may need this agent to make progress for them
+    /// (served in software by UCX or libfabric, not by cross-memory attach).
+    fn far_peers(&self) -> usize {
+        match self.backend.as_ref() {
+            #[cfg(all(feature = "ucx", feature = "cuda"))]
+            Some(Backend::Ucx(e)) => e.transport().inner().far_peers(),
+            #[cfg(all(feature = "ucx", not(feature = "cuda")))]
+            Some(Backend::Ucx(e)) => e.transport().far_peers(),
+            #[cfg(all(feature = "libfabric", feature = "cuda"))]
+            Some(Backend::Fabric(e)) => e.transport().inner().far_peers(),
+            #[cfg(all(feature = "libfabric", not(feature = "cuda")))]
+            Some(Backend::Fabric(e)) => e.transport().far_peers(),
             #[allow(unreachable_patterns)]
             _ => 0,
         }
@@ -320,10 +355,18 @@ fn progress_loop(shared: Arc<Shared>) {
     let mut idle_rounds: u32 = 0;
     let mut last_activity: u64 = 0;
     while !shared.closed.load(Ordering::Acquire) {
-        let (finished, inflight, activity) = {
+        let (finished, inflight, activity, far) = {
             let mut st = shared.lock();
             let (f, i) = st.progress_counting();
-            (f, i, st.activity())
+            (f, i, st.activity(), st.far_peers())
+        };
+        // With no idle sleep configured, poll without sleeping only while
+        // a peer may need this agent's progress; peers on this host moved
+        // by cross-memory attach never do.
+        let max_sleep = if max_sleep.is_zero() && far == 0 {
+            crate::config::DEFAULT_PROGRESS_IDLE_SLEEP
+        } else {
+            max_sleep
         };
         let active = activity != last_activity;
         last_activity = activity;

@@ -176,6 +176,11 @@ pub struct AgentConfig {
     /// [`DEFAULT_SEGMENTS_PER_XFER`]); the segment table
     /// ([`Capacities::segments`]) is shared by all live transfers.
     pub segments_per_xfer: u32,
+    /// Move data to and from peers on this host by cross-memory attach
+    /// (`process_vm_writev`), watching their processes through pidfds;
+    /// other peers, and notifications, go through the backend. Default on;
+    /// `KVXFER_SAME_HOST_CMA=0` turns it off too.
+    pub same_host: bool,
     /// Backend name ("UCX", "LIBFABRIC"); `None` consults the environment
     /// (see the [module docs](self)). Default `None`.
     pub backend: Option<String>,
@@ -197,7 +202,9 @@ pub struct AgentConfig {
     /// `take_notifications` calls.
     pub progress_thread: bool,
     /// Longest the progress thread sleeps between polls while no transfer
-    /// is in flight (default 100 µs). In flight, it only yields.
+    /// is in flight (default 100 µs). In flight, it only yields. Zero
+    /// polls without sleeping while a peer outside cross-memory attach is
+    /// loaded, and otherwise backs off up to the default.
     pub progress_idle_sleep: Duration,
     /// Read and write timeout of side-channel sockets, and connect timeout
     /// (default 5 s).
@@ -277,6 +284,7 @@ impl Default for AgentConfig {
         AgentConfig {
             capacities: DEFAULT_CAPACITIES,
             segments_per_xfer: DEFAULT_SEGMENTS_PER_XFER,
+            same_host: true,
             backend: None,
             provider: None,
             listen: Some(DEFAULT_LISTEN.to_string()),
@@ -300,6 +308,7 @@ impl fmt::Debug for AgentConfig {
         let mut d = f.debug_struct("AgentConfig");
         d.field("capacities", &self.capacities)
             .field("segments_per_xfer", &self.segments_per_xfer)
+            .field("same_host", &self.same_host)
             .field("backend", &self.backend)
             .field("provider", &self.provider)
             .field("listen", &self.listen)
@@ -329,6 +338,12 @@ impl AgentConfig {
     /// Sets [`segments_per_xfer`](Self::segments_per_xfer).
     pub fn with_segments_per_xfer(mut self, n: u32) -> Self {
         self.segments_per_xfer = n;
+        self
+    }
+
+    /// Sets [`same_host`](Self::same_host).
+    pub fn with_same_host(mut self, on: bool) -> Self {
+        self.same_host = on;
         self
     }
 
