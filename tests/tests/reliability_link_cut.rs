@@ -113,8 +113,11 @@ impl Drop for Net {
     }
 }
 
+/// The network path only: the two namespaces share the host, whose
+/// cross-memory attach a cut link would not stop.
 fn transport_env(dev: &str) -> Vec<(&'static str, String)> {
     vec![
+        ("KVXFER_SAME_HOST_CMA", "0".to_string()),
         ("UCX_TLS", "tcp".to_string()),
         ("UCX_NET_DEVICES", dev.to_string()),
         ("FI_TCP_IFACE", dev.to_string()),

@@ -1,0 +1,416 @@
+//! `Local<UcxTransport>` between two processes of this host: data moved by
+//! cross-memory attach, compared byte for byte; notifications after the
+//! data; the network path when cross-memory attach is off; a peer killed
+//! mid-transfer.
+//!
+//! The test binary re-spawns itself (`child_role`, with `ROLE_ENV` set):
+//! the child builds an engine over `Local<UcxTransport>`, registers a buffer
+//! and prints `META <hex>` and `REGION <addr> <len>`, then polls while it
+//! answers commands from stdin: `SUM <off> <block> <stride> <count>` (a
+//! checksum of those blocks) and `FILL <seed>`. A notification `SUM …` is
+//! answered the same way at the moment it is seen, as `NOTE <checksum>`.
+
+#![allow(clippy::result_large_err)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use kvxfer_core::{
+    Capacities, Desc, Engine, EngineConfig, Error, Instant as CoreInstant, Region, Storage,
+    Strided, XferHandle, XferOp, XferState,
+};
+use kvxfer_local::{Local, LocalConfig};
+use kvxfer_ucx::{UcxConfig, UcxTransport};
+
+const ROLE_ENV: &str = "KVXFER_LOCAL_TEST_ROLE";
+const SIZE: usize = 64 << 20;
+const CAPS: Capacities = Capacities {
+    regions: 8,
+    peers: 4,
+    remote_regions: 16,
+    xfers: 64,
+    segments: 1 << 16,
+    segments_per_chunk: 256,
+    prepared_lists: 4,
+    prepared_entries: 64,
+    notifications: 64,
+    notification_len: 256,
+};
+
+type Eng = Engine<'static, Local<UcxTransport>>;
+
+fn engine(name: &str, cma: bool) -> Eng {
+    let mut config = LocalConfig::default();
+    config.enabled = cma;
+    let t = Local::new(UcxTransport::new(&UcxConfig::default()).unwrap(), config);
+    Engine::new(name, t, EngineConfig::default(), Storage::owned(&CAPS)).unwrap()
+}
+
+fn now() -> CoreInstant {
+    CoreInstant::from_nanos(0)
+}
+
+fn fill(buf: &mut [u8], seed: u64) {
+    let mut x = seed | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let v = x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+}
+
+/// FNV-style checksum of `count` blocks of `block` bytes, `stride` apart
+/// from `off`.
+fn blocks_sum(buf: &[u8], off: usize, block: usize, stride: usize, count: usize) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for k in 0..count {
+        let at = off + k * stride;
+        for w in buf[at..at + block].chunks(8) {
+            let mut v = [0u8; 8];
+            v[..w.len()].copy_from_slice(w);
+            h = (h ^ u64::from_le_bytes(v)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    h
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// A buffer that lives until the process ends, as registered memory must.
+fn buffer(len: usize) -> &'static mut [u8] {
+    Box::leak(vec![0u8; len].into_boxed_slice())
+}
+
+/// Runs the child: serves its buffer until stdin closes.
+fn serve(cma: bool) {
+    let buf = buffer(SIZE);
+    let base = buf.as_ptr() as u64;
+    let mut e = engine("child", cma);
+    e.register(Region::dram(base, SIZE as u64)).unwrap();
+    let mut md = vec![0u8; 64 << 10];
+    let n = e.local_metadata(&mut md).unwrap();
+    println!("META {}", hex(&md[..n]));
+    println!("REGION {base} {SIZE}");
+    let (tx, rx) = channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    let sum = |buf: &[u8], args: &[&str]| -> u64 {
+        let v: Vec<usize> = args.iter().map(|a| a.parse().unwrap()).collect();
+        blocks_sum(buf, v[0], v[1], v[2], v[3])
+    };
+    let mut note = [0u8; 512];
+    loop {
+        e.poll(now());
+        while let Some(Ok(n)) = e.poll_notification(&mut note) {
+            let msg = String::from_utf8_lossy(&note[..n.len]).into_owned();
+            let args: Vec<&str> = msg.split_whitespace().skip(1).collect();
+            println!("NOTE {:016x}", sum(buf, &args));
+        }
+        match rx.try_recv() {
+            Ok(cmd) => {
+                let parts: Vec<&str> = cmd.split_whitespace().collect();
+                match parts.first().copied() {
+                    Some("SUM") => println!("SUM {:016x}", sum(buf, &parts[1..])),
+                    Some("FILL") => {
+                        fill(buf, parts[1].parse().unwrap());
+                        println!("FILLED");
+                    }
+                    _ => {}
+                }
+            }
+            Err(std::sync::mpsc::TryRecvError::Empty) => std::thread::yield_now(),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+        }
+    }
+}
+
+#[test]
+#[ignore = "child process of the tests in this file"]
+fn child_role() {
+    if let Ok(role) = std::env::var(ROLE_ENV) {
+        serve(role == "cma");
+    }
+}
+
+struct Peer {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+    meta: Vec<u8>,
+    base: u64,
+}
+
+impl Peer {
+    fn spawn(cma: bool) -> Peer {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "child_role",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(ROLE_ENV, if cma { "cma" } else { "network" })
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in out.lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut p = Peer {
+            child,
+            stdin,
+            lines,
+            meta: Vec::new(),
+            base: 0,
+        };
+        p.meta = unhex(&p.expect("META "));
+        p.base = p
+            .expect("REGION ")
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        p
+    }
+
+    /// The rest of the next line starting with `prefix`.
+    fn expect(&mut self, prefix: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no {prefix:?} line from the child"));
+            // The harness may print "test child_role ... " before it.
+            if let Some(at) = line.find(prefix) {
+                return line[at + prefix.len()..].to_string();
+            }
+        }
+    }
+
+    fn send(&mut self, cmd: &str) {
+        writeln!(self.stdin, "{cmd}").unwrap();
+    }
+
+    fn sum(&mut self, off: usize, block: usize, stride: usize, count: usize) -> u64 {
+        self.send(&format!("SUM {off} {block} {stride} {count}"));
+        u64::from_str_radix(&self.expect("SUM "), 16).unwrap()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls until `h` is no longer in progress.
+fn wait(e: &mut Eng, h: XferHandle) -> XferState {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        e.poll(now());
+        let s = e.state(h).unwrap();
+        if s != XferState::InProgress || Instant::now() > deadline {
+            return s;
+        }
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn near_peer_moves_blocks_and_notifies_after_the_data() {
+    let mut peer = Peer::spawn(true);
+    let mut a = engine("parent", true);
+    let src = buffer(SIZE);
+    let dst = buffer(SIZE);
+    fill(src, 11);
+    a.register(Region::dram(src.as_ptr() as u64, SIZE as u64))
+        .unwrap();
+    a.register(Region::dram(dst.as_ptr() as u64, SIZE as u64))
+        .unwrap();
+    a.load_remote(&peer.meta).unwrap();
+    assert_eq!(a.transport().far_peers(), 0, "the child is on this host");
+
+    // 8,192 blocks of 4 KiB at an 8 KiB stride (the whole buffer), with a
+    // notification that makes the child checksum the blocks the moment it
+    // sees it.
+    let (block, stride, count) = (4096usize, 8192usize, SIZE / 8192);
+    let local = Strided::new(
+        src.as_ptr() as u64,
+        block as u64,
+        stride as u64,
+        count as u32,
+    );
+    let remote = Strided::new(peer.base, block as u64, stride as u64, count as u32);
+    let note = format!("SUM 0 {block} {stride} {count}");
+    for round in 0..3u64 {
+        fill(src, 100 + round);
+        let h = a
+            .prepare_lists(
+                XferOp::Write,
+                local.into(),
+                remote.into(),
+                "child",
+                Some(note.as_bytes()),
+            )
+            .unwrap();
+        a.post(h, now()).unwrap();
+        assert_eq!(wait(&mut a, h), XferState::Done, "round {round}");
+        let want = blocks_sum(src, 0, block, stride, count);
+        let seen = u64::from_str_radix(&peer.expect("NOTE "), 16).unwrap();
+        assert_eq!(
+            seen, want,
+            "round {round}: the notification came before the data"
+        );
+        a.release(h).unwrap();
+    }
+
+    // READ the child's whole buffer back, and a few bytes inline.
+    peer.send("FILL 77");
+    peer.expect("FILLED");
+    let whole = [Desc::new(dst.as_ptr() as u64, SIZE as u64)];
+    let theirs = [Desc::new(peer.base, SIZE as u64)];
+    let h = a
+        .prepare(XferOp::Read, &whole, &theirs, "child", None)
+        .unwrap();
+    assert_eq!(a.post(h, now()), Ok(XferState::InProgress));
+    assert_eq!(wait(&mut a, h), XferState::Done);
+    let mut want = vec![0u8; SIZE];
+    fill(&mut want, 77);
+    assert!(dst[..] == want[..], "READ of 64 MiB differs");
+    a.release(h).unwrap();
+    let small = [Desc::new(src.as_ptr() as u64 + 8, 100)];
+    let rsmall = [Desc::new(peer.base + 3, 100)];
+    let h = a
+        .prepare(XferOp::Write, &small, &rsmall, "child", None)
+        .unwrap();
+    assert_eq!(a.post(h, now()), Ok(XferState::Done), "moved inline");
+    assert_eq!(
+        peer.sum(3, 100, 100, 1),
+        blocks_sum(&src[8..], 0, 100, 100, 1)
+    );
+}
+
+#[test]
+fn without_cross_memory_attach_the_network_path_moves_the_data() {
+    let mut peer = Peer::spawn(true);
+    let mut a = engine("parent", false);
+    let src = buffer(1 << 20);
+    fill(src, 5);
+    a.register(Region::dram(src.as_ptr() as u64, 1 << 20))
+        .unwrap();
+    a.load_remote(&peer.meta).unwrap();
+    assert_eq!(a.transport().far_peers(), 1);
+    let l = [Desc::new(src.as_ptr() as u64, 1 << 20)];
+    let r = [Desc::new(peer.base, 1 << 20)];
+    let h = a.prepare(XferOp::Write, &l, &r, "child", None).unwrap();
+    a.post(h, now()).unwrap();
+    assert_eq!(wait(&mut a, h), XferState::Done);
+    assert_eq!(a.transport().cma_transfers(), 0);
+    assert_eq!(
+        peer.sum(0, 1 << 20, 1 << 20, 1),
+        blocks_sum(src, 0, 1 << 20, 1 << 20, 1)
+    );
+}
+
+#[test]
+fn a_killed_peer_fails_its_transfers_within_100_ms() {
+    let mut peer = Peer::spawn(true);
+    let mut a = engine("parent", true);
+    let src = buffer(SIZE);
+    let dst = buffer(SIZE);
+    a.register(Region::dram(src.as_ptr() as u64, SIZE as u64))
+        .unwrap();
+    a.register(Region::dram(dst.as_ptr() as u64, SIZE as u64))
+        .unwrap();
+    a.load_remote(&peer.meta).unwrap();
+    let l = [Desc::new(src.as_ptr() as u64, SIZE as u64)];
+    let d = [Desc::new(dst.as_ptr() as u64, SIZE as u64)];
+    let r = [Desc::new(peer.base, SIZE as u64)];
+    // Keep WRITEs and READs of 64 MiB in flight, then kill the child.
+    let mut hs: Vec<XferHandle> = Vec::new();
+    for k in 0..8 {
+        let (op, local) = if k % 2 == 0 {
+            (XferOp::Write, &l)
+        } else {
+            (XferOp::Read, &d)
+        };
+        let h = a.prepare(op, local, &r, "child", None).unwrap();
+        a.post(h, now()).unwrap();
+        hs.push(h);
+    }
+    peer.child.kill().unwrap();
+    let killed = Instant::now();
+    let _ = peer.child.wait();
+    let mut left: Vec<XferHandle> = hs.clone();
+    while !left.is_empty() && killed.elapsed() < Duration::from_secs(5) {
+        a.poll(now());
+        left.retain(|&h| a.state(h).unwrap() == XferState::InProgress);
+        std::thread::yield_now();
+    }
+    let took = killed.elapsed();
+    assert!(
+        left.is_empty(),
+        "transfers still in flight {took:?} after the kill"
+    );
+    assert!(took < Duration::from_millis(100), "took {took:?}");
+    let mut failed = 0;
+    for &h in &hs {
+        match a.state(h).unwrap() {
+            XferState::Done => {}
+            XferState::Failed(Error::RemoteDisconnected { peer }) => {
+                assert_eq!(peer.as_str(), "child");
+                failed += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(failed > 0, "no transfer was in flight at the kill");
+    // Nothing touches our memory after the transfers ended: a canary in
+    // the READ buffer stays.
+    dst.fill(0xa5);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        dst.iter().all(|&b| b == 0xa5),
+        "memory written after the end"
+    );
+    // A post after the death fails at once.
+    let h = hs[0];
+    let t = Instant::now();
+    assert!(matches!(
+        a.post(h, now()),
+        Err(Error::RemoteDisconnected { .. })
+    ));
+    assert!(t.elapsed() < Duration::from_millis(10));
+}
