@@ -631,6 +631,15 @@ impl<'a, T: Transport> Engine<'a, T> {
         Ok(())
     }
 
+    /// The transport's connection to a loaded peer.
+    pub fn remote_peer(&self, peer: &str) -> Result<&T::Peer, Error> {
+        let p = self.peer_index(peer)?;
+        self.peers[p]
+            .peer
+            .as_ref()
+            .ok_or_else(|| Error::unknown_peer(peer))
+    }
+
     /// Whether a peer is loaded.
     pub fn has_remote(&self, peer: &str) -> bool {
         self.find_peer(peer).is_some()

@@ -745,6 +745,31 @@ impl Agent {
         Ok(self.request(made?))
     }
 
+    /// How data to and from `peer` moves: `"cross-memory attach"` for a peer
+    /// on this host that this process may reach (see
+    /// [`AgentConfig::same_host`]), else the backend's name.
+    pub fn peer_path(&self, peer: &str) -> Result<&'static str, Error> {
+        const CMA: &str = "cross-memory attach";
+        let mut st = self.shared().lock();
+        let b = st.backend()?;
+        let near = match *b {
+            #[cfg(all(feature = "ucx", feature = "cuda"))]
+            Backend::Ucx(ref e) => e.transport().inner().is_near(e.remote_peer(peer)?),
+            #[cfg(all(feature = "ucx", not(feature = "cuda")))]
+            Backend::Ucx(ref e) => e.transport().is_near(e.remote_peer(peer)?),
+            #[cfg(all(feature = "libfabric", feature = "cuda"))]
+            Backend::Fabric(ref e) => e.transport().inner().is_near(e.remote_peer(peer)?),
+            #[cfg(all(feature = "libfabric", not(feature = "cuda")))]
+            Backend::Fabric(ref e) => e.transport().is_near(e.remote_peer(peer)?),
+            #[cfg(feature = "cuda")]
+            Backend::CudaIpc(ref e) => {
+                e.remote_peer(peer)?;
+                false
+            }
+        };
+        Ok(if near { CMA } else { self.backend().name() })
+    }
+
     /// The sizes of this agent's tables, as configured.
     pub fn capacities(&self) -> Capacities {
         self.shared().cfg.capacities

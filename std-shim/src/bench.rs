@@ -503,6 +503,9 @@ pub struct BenchReport {
     pub checksum: u64,
     /// Memory kind of the buffers.
     pub mem: MemKind,
+    /// How the data moved: "cross-memory attach" or the backend's name
+    /// ([`Agent::peer_path`]).
+    pub path: String,
     /// Whether the lists were strided.
     pub strided: bool,
     /// Time to prepare the local and the remote list, milliseconds.
@@ -577,7 +580,8 @@ impl BenchReport {
              {:<10} {:<6} {:<5} {:>8} {:>10} {:>8} {:>9} {:>8.3} {:>10.0} {:>9.1} {:>9.1} {:>9.1}\n\
              telemetry: {} bytes/request, {} descriptors -> {} segments after coalescing, \
              post {:.2} us mean ({:.2} max), transfer {:.1} us p50 ({:.1} p99)\n\
-             lists: {} {}, prepared (both sides) in {:.3} ms, a request made in {:.3} ms\n\
+             lists: {} {}, prepared (both sides) in {:.3} ms, a request made in {:.3} ms; \
+             data moved by {}\n\
              data verified: checksum {:016x} matches the target, also after each \
              prepared request moved fresh data",
             "backend",
@@ -615,6 +619,7 @@ impl BenchReport {
             if self.strided { "strided" } else { "explicit" },
             self.prep_ms,
             self.make_ms,
+            self.path,
             self.checksum,
         )
     }
@@ -623,12 +628,12 @@ impl BenchReport {
     pub fn json(&self) -> String {
         let t = &self.telemetry;
         format!(
-            "{{\"backend\":\"{}\",\"op\":\"{}\",\"mem\":\"{}\",\"block_size\":{},\"blocks\":{},\"inflight\":{},\"requests\":{},\"bytes\":{},\"seconds\":{:.6},\"gb_per_s\":{:.6},\"requests_per_s\":{:.3},\"latency_us\":{{\"p50\":{:.3},\"p99\":{:.3},\"max\":{:.3}}},\"telemetry\":{{\"bytes\":{},\"descs\":{},\"segments\":{},\"post_us_mean\":{:.3},\"post_us_max\":{:.3},\"xfer_us_p50\":{:.3},\"xfer_us_p99\":{:.3}}},\"lists\":{{\"strided\":{},\"prep_ms\":{:.3},\"make_ms\":{:.3}}},\"checksum\":\"{:016x}\",\"verified\":true}}",
+            "{{\"backend\":\"{}\",\"op\":\"{}\",\"mem\":\"{}\",\"block_size\":{},\"blocks\":{},\"inflight\":{},\"requests\":{},\"bytes\":{},\"seconds\":{:.6},\"gb_per_s\":{:.6},\"requests_per_s\":{:.3},\"latency_us\":{{\"p50\":{:.3},\"p99\":{:.3},\"max\":{:.3}}},\"telemetry\":{{\"bytes\":{},\"descs\":{},\"segments\":{},\"post_us_mean\":{:.3},\"post_us_max\":{:.3},\"xfer_us_p50\":{:.3},\"xfer_us_p99\":{:.3}}},\"lists\":{{\"strided\":{},\"prep_ms\":{:.3},\"make_ms\":{:.3}}},\"path\":\"{}\",\"checksum\":\"{:016x}\",\"verified\":true}}",
             self.backend, self.op, mem_name(self.mem), self.block_size, self.blocks, self.inflight,
             self.requests, self.bytes, self.seconds, self.gb_per_s, self.requests_per_s,
             self.p50_us, self.p99_us, self.max_us, t.bytes, t.descs, t.segments, t.post_us_mean,
             t.post_us_max, t.xfer_us_p50, t.xfer_us_p99, self.strided, self.prep_ms,
-            self.make_ms, self.checksum
+            self.make_ms, self.path, self.checksum
         )
     }
 }
@@ -872,6 +877,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
         )
     };
     let prep_ms = prep_started.elapsed().as_secs_f64() * 1e3;
+    let path = agent.peer_path(&peer)?.to_string();
     let idx: Vec<u32> = (0..count).collect();
     let make_started = Instant::now();
     let reqs: Vec<XferRequest> = (0..opts.inflight)
@@ -1020,6 +1026,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
         max_us: lat.last().map_or(0.0, |&m| m as f64 / 1000.0),
         checksum: ours,
         mem: opts.mem,
+        path,
         strided: opts.strided,
         prep_ms,
         make_ms,

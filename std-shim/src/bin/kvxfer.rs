@@ -193,8 +193,28 @@ fn info() -> ExitCode {
             }
         }
     }
+    info_same_host();
     info_cuda();
     ExitCode::SUCCESS
+}
+
+/// Whether peers on this host can be reached by cross-memory attach.
+fn info_same_host() {
+    let on = std::env::var(kvxfer_local::ENV).map_or(true, |v| v.trim() != "0");
+    let yama = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
+        .map_or("no Yama".to_string(), |v| {
+            format!("Yama ptrace_scope {}", v.trim())
+        });
+    println!(
+        "same-host peers: {} ({}=0 turns it off); cross-memory attach needs ptrace permission \
+         over the peer ({yama})",
+        if on {
+            "cross-memory attach"
+        } else {
+            "through the backend"
+        },
+        kvxfer_local::ENV
+    );
 }
 
 #[cfg(feature = "ucx")]

@@ -340,15 +340,11 @@ impl<T: Transport> Local<T> {
                 .map(|s| (s.local_addr, s.remote_addr, s.len))
                 .collect();
             copy(op, pid, &pieces)?;
-            if let Some(n) = notification {
-                let entry = self
-                    .peers
-                    .get(&peer_id)
-                    .ok_or_else(|| Error::disconnected(""))?;
-                self.inner.send_notification(&entry.inner, n)?;
-            }
             self.done += 1;
-            return Ok(PostStatus::Done);
+            return match notification {
+                Some(n) => self.post_note(peer_id, n, token),
+                None => Ok(PostStatus::Done),
+            };
         }
         if self.pool.is_none() {
             let pool = Pool::new(self.config.workers).map_err(|e| {
@@ -399,38 +395,53 @@ impl<T: Transport> Local<T> {
         Ok(PostStatus::InProgress)
     }
 
-    /// One finished cross-memory-attach transfer, if any; its notification
-    /// is sent first.
+    /// Hands the notification of a transfer whose data has moved to the
+    /// inner transport, as a transfer without segments under the same
+    /// token: its completion (once the message is out) completes the
+    /// transfer.
+    fn post_note(&mut self, peer_id: u64, note: &[u8], token: Token) -> Result<PostStatus, Error> {
+        let entry = self
+            .peers
+            .get(&peer_id)
+            .ok_or_else(|| Error::disconnected(""))?;
+        let none: &[kvxfer_core::Segment<'_, T::LocalReg, T::RemoteKey>] = &[];
+        self.inner
+            .post(XferOp::Write, &entry.inner, none.into(), Some(note), token)
+    }
+
+    /// One finished cross-memory-attach transfer, if any. One with a
+    /// notification is handed on to the inner transport, which reports it.
     fn poll_cma(&mut self) -> Option<Completion> {
-        if self.xfers.is_empty() {
-            return None;
-        }
-        let pos = match self.xfers.iter().position(|x| x.progress.finished()) {
-            Some(p) => p,
-            None => {
-                // The caller is waiting: move a part rather than spin.
-                if let Some(pool) = &self.pool {
-                    pool.help();
-                }
-                self.xfers.iter().position(|x| x.progress.finished())?
+        loop {
+            if self.xfers.is_empty() {
+                return None;
             }
-        };
-        let x = self.xfers.swap_remove(pos);
-        let mut result = match x.progress.take_error() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        };
-        if let (Ok(()), Some(note)) = (&result, &x.note) {
-            result = match self.peers.get(&x.peer) {
-                Some(p) => self.inner.send_notification(&p.inner, note),
-                None => Err(Error::disconnected("")),
+            let pos = match self.xfers.iter().position(|x| x.progress.finished()) {
+                Some(p) => p,
+                None => {
+                    // The caller is waiting: move a part rather than spin.
+                    if let Some(pool) = &self.pool {
+                        pool.help();
+                    }
+                    self.xfers.iter().position(|x| x.progress.finished())?
+                }
             };
+            let x = self.xfers.swap_remove(pos);
+            self.done += 1;
+            let result = match (x.progress.take_error(), &x.note) {
+                (Some(e), _) => Err(e),
+                (None, None) => Ok(()),
+                (None, Some(note)) => match self.post_note(x.peer, note, x.token) {
+                    Ok(PostStatus::InProgress) => continue,
+                    Ok(PostStatus::Done) => Ok(()),
+                    Err(e) => Err(e),
+                },
+            };
+            return Some(Completion {
+                token: x.token,
+                result,
+            });
         }
-        self.done += 1;
-        Some(Completion {
-            token: x.token,
-            result,
-        })
     }
 }
 

@@ -320,6 +320,23 @@ fn near_peer_moves_blocks_and_notifies_after_the_data() {
         peer.sum(3, 100, 100, 1),
         blocks_sum(&src[8..], 0, 100, 100, 1)
     );
+    a.release(h).unwrap();
+    // Inline with a notification: done once the message is out, and the
+    // message sees the data.
+    fill(src, 3);
+    let h = a
+        .prepare(
+            XferOp::Write,
+            &small,
+            &rsmall,
+            "child",
+            Some(b"SUM 3 100 100 1"),
+        )
+        .unwrap();
+    a.post(h, now()).unwrap();
+    assert_eq!(wait(&mut a, h), XferState::Done);
+    let seen = u64::from_str_radix(&peer.expect("NOTE "), 16).unwrap();
+    assert_eq!(seen, blocks_sum(&src[8..], 0, 100, 100, 1));
 }
 
 #[test]
