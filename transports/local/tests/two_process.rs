@@ -1,4 +1,4 @@
-//! `Local<UcxTransport>` between two processes of this host: data moved by
+//! `Local<T>` over UCX and over libfabric `tcp;ofi_rxm`, between two processes of this host: data moved by
 //! cross-memory attach, compared byte for byte; notifications after the
 //! data; the network path when cross-memory attach is off; a peer killed
 //! mid-transfer.
@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 
 use kvxfer_core::{
     Capacities, Desc, Engine, EngineConfig, Error, Instant as CoreInstant, Region, Storage,
-    Strided, XferHandle, XferOp, XferState,
+    Strided, Transport, XferHandle, XferOp, XferState,
 };
+use kvxfer_libfabric::{FabricConfig, FabricTransport};
 use kvxfer_local::{Local, LocalConfig};
 use kvxfer_ucx::{UcxConfig, UcxTransport};
 
@@ -39,12 +40,25 @@ const CAPS: Capacities = Capacities {
     notification_len: 256,
 };
 
-type Eng = Engine<'static, Local<UcxTransport>>;
+type Eng<T> = Engine<'static, Local<T>>;
 
-fn engine(name: &str, cma: bool) -> Eng {
+/// A transport whose handles the `'static` engine storage can hold.
+trait Inner: Transport<LocalReg: 'static, RemoteKey: 'static> + 'static {}
+impl<T: Transport<LocalReg: 'static, RemoteKey: 'static> + 'static> Inner for T {}
+
+/// The inner transports: UCX, and libfabric over `tcp;ofi_rxm`.
+fn ucx() -> UcxTransport {
+    UcxTransport::new(&UcxConfig::default()).unwrap()
+}
+
+fn fabric() -> FabricTransport {
+    FabricTransport::new(&FabricConfig::default().with_provider("tcp;ofi_rxm")).unwrap()
+}
+
+fn engine<T: Inner>(name: &str, inner: T, cma: bool) -> Eng<T> {
     let mut config = LocalConfig::default();
     config.enabled = cma;
-    let t = Local::new(UcxTransport::new(&UcxConfig::default()).unwrap(), config);
+    let t = Local::new(inner, config);
     Engine::new(name, t, EngineConfig::default(), Storage::owned(&CAPS)).unwrap()
 }
 
@@ -95,10 +109,10 @@ fn buffer(len: usize) -> &'static mut [u8] {
 }
 
 /// Runs the child: serves its buffer until stdin closes.
-fn serve(cma: bool) {
+fn serve<T: Inner>(inner: T) {
     let buf = buffer(SIZE);
     let base = buf.as_ptr() as u64;
-    let mut e = engine("child", cma);
+    let mut e = engine("child", inner, true);
     e.register(Region::dram(base, SIZE as u64)).unwrap();
     let mut md = vec![0u8; 64 << 10];
     let n = e.local_metadata(&mut md).unwrap();
@@ -145,8 +159,10 @@ fn serve(cma: bool) {
 #[test]
 #[ignore = "child process of the tests in this file"]
 fn child_role() {
-    if let Ok(role) = std::env::var(ROLE_ENV) {
-        serve(role == "cma");
+    match std::env::var(ROLE_ENV).as_deref() {
+        Ok("UCX") => serve(ucx()),
+        Ok("LIBFABRIC") => serve(fabric()),
+        _ => {}
     }
 }
 
@@ -159,7 +175,7 @@ struct Peer {
 }
 
 impl Peer {
-    fn spawn(cma: bool) -> Peer {
+    fn spawn(backend: &str) -> Peer {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
@@ -168,7 +184,7 @@ impl Peer {
                 "--nocapture",
                 "--test-threads=1",
             ])
-            .env(ROLE_ENV, if cma { "cma" } else { "network" })
+            .env(ROLE_ENV, backend)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -236,7 +252,7 @@ impl Drop for Peer {
 }
 
 /// Polls until `h` is no longer in progress.
-fn wait(e: &mut Eng, h: XferHandle) -> XferState {
+fn wait<T: Inner>(e: &mut Eng<T>, h: XferHandle) -> XferState {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         e.poll(now());
@@ -248,10 +264,9 @@ fn wait(e: &mut Eng, h: XferHandle) -> XferState {
     }
 }
 
-#[test]
-fn near_peer_moves_blocks_and_notifies_after_the_data() {
-    let mut peer = Peer::spawn(true);
-    let mut a = engine("parent", true);
+fn near_peer_moves_blocks_and_notifies_after_the_data<T: Inner>(inner: T, backend: &str) {
+    let mut peer = Peer::spawn(backend);
+    let mut a = engine("parent", inner, true);
     let src = buffer(SIZE);
     let dst = buffer(SIZE);
     fill(src, 11);
@@ -339,10 +354,9 @@ fn near_peer_moves_blocks_and_notifies_after_the_data() {
     assert_eq!(seen, blocks_sum(&src[8..], 0, 100, 100, 1));
 }
 
-#[test]
-fn without_cross_memory_attach_the_network_path_moves_the_data() {
-    let mut peer = Peer::spawn(true);
-    let mut a = engine("parent", false);
+fn without_cross_memory_attach_the_network_path_moves_the_data<T: Inner>(inner: T, backend: &str) {
+    let mut peer = Peer::spawn(backend);
+    let mut a = engine("parent", inner, false);
     let src = buffer(1 << 20);
     fill(src, 5);
     a.register(Region::dram(src.as_ptr() as u64, 1 << 20))
@@ -361,10 +375,9 @@ fn without_cross_memory_attach_the_network_path_moves_the_data() {
     );
 }
 
-#[test]
-fn a_killed_peer_fails_its_transfers_within_100_ms() {
-    let mut peer = Peer::spawn(true);
-    let mut a = engine("parent", true);
+fn a_killed_peer_fails_its_transfers_within_100_ms<T: Inner>(inner: T, backend: &str) {
+    let mut peer = Peer::spawn(backend);
+    let mut a = engine("parent", inner, true);
     let src = buffer(SIZE);
     let dst = buffer(SIZE);
     a.register(Region::dram(src.as_ptr() as u64, SIZE as u64))
@@ -431,3 +444,32 @@ fn a_killed_peer_fails_its_transfers_within_100_ms() {
     ));
     assert!(t.elapsed() < Duration::from_millis(10));
 }
+
+/// The scenarios over one inner transport.
+macro_rules! over {
+    ($module:ident, $inner:expr, $backend:expr) => {
+        mod $module {
+            use super::*;
+
+            #[test]
+            fn near_peer_moves_blocks_and_notifies_after_the_data() {
+                super::near_peer_moves_blocks_and_notifies_after_the_data($inner, $backend);
+            }
+
+            #[test]
+            fn without_cross_memory_attach_the_network_path_moves_the_data() {
+                super::without_cross_memory_attach_the_network_path_moves_the_data(
+                    $inner, $backend,
+                );
+            }
+
+            #[test]
+            fn a_killed_peer_fails_its_transfers_within_100_ms() {
+                super::a_killed_peer_fails_its_transfers_within_100_ms($inner, $backend);
+            }
+        }
+    };
+}
+
+over!(over_ucx, ucx(), "UCX");
+over!(over_libfabric, fabric(), "LIBFABRIC");
