@@ -16,7 +16,10 @@
 //!
 //! Cross-memory attach needs ptrace permission over the peer (same user;
 //! Yama `ptrace_scope` 0, or 1 with the peer a descendant). Where it is
-//! refused, the peer is served by the inner transport.
+//! refused, the peer is served by the inner transport. The remote side
+//! does not check the addresses: they come from the peer's metadata, so
+//! only metadata from trusted peers may be loaded (see the README's
+//! security section).
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 #![allow(clippy::result_large_err)]
@@ -116,10 +119,18 @@ static MARKER: AtomicU64 = AtomicU64::new(0);
 fn marker() -> (u64, u64) {
     let mut v = MARKER.load(Ordering::Relaxed);
     if v == 0 {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        let seed = (std::process::id() as u64) << 32 ^ t ^ 0x6b76_7866_6572_5f6d;
+        let mut seed = [0u8; 8];
+        let random = std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed));
+        let seed = match random {
+            Ok(()) => u64::from_le_bytes(seed),
+            Err(_) => {
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64);
+                (std::process::id() as u64) << 32 ^ t
+            }
+        };
         let _ = MARKER.compare_exchange(0, seed | 1, Ordering::Relaxed, Ordering::Relaxed);
         v = MARKER.load(Ordering::Relaxed);
     }
