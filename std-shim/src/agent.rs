@@ -1016,6 +1016,25 @@ mod tests {
         assert_eq!(*e.capacities(), caps);
     }
 
+    /// The default tables take what `DEFAULT_CAPACITIES` documents: about
+    /// 65 MiB for every backend.
+    #[test]
+    fn default_tables_take_about_65_mib() {
+        let caps = crate::config::DEFAULT_CAPACITIES;
+        let sizes = [
+            #[cfg(feature = "ucx")]
+            caps.bytes::<UcxT>(),
+            #[cfg(feature = "libfabric")]
+            caps.bytes::<FabricT>(),
+            #[cfg(feature = "cuda")]
+            caps.bytes::<kvxfer_cuda::CudaIpcTransport>(),
+        ];
+        for b in sizes {
+            let mib = b as f64 / f64::from(1 << 20);
+            assert!((60.0..=70.0).contains(&mib), "{mib:.1} MiB");
+        }
+    }
+
     static MEM: kvxfer_core::transport::loopback::LoopbackMemory<64> =
         kvxfer_core::transport::loopback::LoopbackMemory::new(0x1000);
 }

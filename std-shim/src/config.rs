@@ -248,17 +248,18 @@ pub struct AgentConfig {
 }
 
 /// Table sizes of an agent by default, fit for an engine with a KV cache of
-/// many layers and blocks: about 75 MiB of tables, written once at
-/// [`Agent::new`](crate::Agent::new).
+/// many layers and blocks: about 65 MiB of tables, written once at
+/// [`Agent::new`](crate::Agent::new) (`Capacities::bytes` computes it for
+/// any sizes).
 ///
 /// | field | default | bytes each |
 /// |---|---|---|
-/// | `regions` | 4,096 | ~72 |
-/// | `peers` | 1,024 | ~104 |
-/// | `remote_regions` (all peers) | 65,536 | ~40–56 |
-/// | `xfers` (live requests) | 4,096 | ~200 |
-/// | `segments` (all live requests) | 1,048,576 | 32 + 4 per 256 |
-/// | `prepared_lists` | 4,096 | ~48 |
+/// | `regions` | 4,096 | 56–64 |
+/// | `peers` | 1,024 | 104–112 |
+/// | `remote_regions` (all peers) | 65,536 | 48 |
+/// | `xfers` (live requests) | 4,096 | 224 |
+/// | `segments` (all live requests) | 1,048,576 | 32, + 4 per chunk of 256 |
+/// | `prepared_lists` | 4,096 | 48 |
 /// | `prepared_entries` (explicit, all lists) | 1,048,576 | 24 |
 /// | `notifications` (requests holding one) | 1,024 | 4,096 + 8 |
 ///
