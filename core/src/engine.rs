@@ -198,6 +198,18 @@ fn name_error(name: &str) -> Error {
     }
 }
 
+/// The sender's name at the start of a notification frame
+/// (`[name_len][name]…`), if the frame is well formed that far.
+fn sender(frame: &[u8]) -> Option<&str> {
+    let (&name_len, rest) = frame.split_first()?;
+    let name_len = name_len as usize;
+    if name_len == 0 || name_len > NAME_CAP {
+        // No agent has such a name; cutting it would name another.
+        return None;
+    }
+    core::str::from_utf8(rest.get(..name_len)?).ok()
+}
+
 /// Fills in the peer's name in a disconnection reported without one.
 fn with_peer(e: Error, peer: &Name) -> Error {
     match e {
@@ -1477,29 +1489,21 @@ impl<'a, T: Transport> Engine<'a, T> {
     pub fn poll_notification(&mut self, buf: &mut [u8]) -> Option<Result<Notification, Error>> {
         let n = match self.transport.poll_notification(buf)? {
             Ok(n) => n,
+            Err(Error::NotificationDropped { len, count }) => {
+                let head = buf.get(..len as usize).unwrap_or(&[]);
+                let peer = sender(head).map(bounded).unwrap_or_default();
+                return Some(Err(Error::NotificationsLost { peer, count }));
+            }
             Err(e) => return Some(Err(e)),
         };
         let malformed = Error::MalformedNotification { len: n as u64 };
         let Some(frame) = buf.get(..n) else {
             return Some(Err(malformed));
         };
-        let Some((&name_len, rest)) = frame.split_first() else {
+        let Some(name) = sender(frame) else {
             return Some(Err(malformed));
         };
-        let name_len = name_len as usize;
-        if name_len > NAME_CAP {
-            // No agent has such a name; cutting it would name another.
-            return Some(Err(malformed));
-        }
-        let Some(name) = rest
-            .get(..name_len)
-            .and_then(|b| core::str::from_utf8(b).ok())
-        else {
-            return Some(Err(malformed));
-        };
-        if name.is_empty() {
-            return Some(Err(malformed));
-        }
+        let name_len = name.len();
         let peer: Name = bounded(name);
         buf.copy_within(1 + name_len..n, 0);
         Some(Ok(Notification {

@@ -375,6 +375,24 @@ pub enum Error {
         /// Length of the frame.
         len: u64,
     },
+    /// From a transport's `poll_notification`: `count` received
+    /// notifications were dropped (the receive queue was full); the first
+    /// `len` bytes of one of them are at the start of the caller's buffer,
+    /// so that the engine can name its sender.
+    NotificationDropped {
+        /// Bytes of the dropped message in the buffer (0: none kept).
+        len: u64,
+        /// Messages dropped.
+        count: u64,
+    },
+    /// `count` notifications from `peer` were lost on the receiving side
+    /// (its queue was full); `peer` is empty when the sender is unknown.
+    NotificationsLost {
+        /// The sending agent.
+        peer: Name,
+        /// Messages lost.
+        count: u64,
+    },
 }
 
 impl Error {
@@ -512,6 +530,20 @@ impl fmt::Display for Error {
             Error::MalformedNotification { len } => {
                 write!(f, "malformed notification frame of {len} bytes")
             }
+            Error::NotificationDropped { len, count } => write!(
+                f,
+                "{count} received notifications dropped by a full queue ({len} bytes of one kept)"
+            ),
+            Error::NotificationsLost { peer, count } if peer.is_empty() => write!(
+                f,
+                "{count} notifications from an unknown sender were lost: the receive queue was \
+                 full (raise the transport's notification queue, or take notifications sooner)"
+            ),
+            Error::NotificationsLost { peer, count } => write!(
+                f,
+                "{count} notifications from {peer:?} were lost: the receive queue was full \
+                 (raise the transport's notification queue, or take notifications sooner)"
+            ),
         }
     }
 }

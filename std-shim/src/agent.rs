@@ -142,6 +142,9 @@ struct State {
     notifs: HashMap<String, Vec<Vec<u8>>>,
     /// Buffer notifications are received into; grows on demand.
     notif_buf: Vec<u8>,
+    /// Notifications lost on the way in, by sender ("" when unknown), not
+    /// yet reported to the application.
+    lost: HashMap<String, u64>,
 }
 
 /// Longest notification buffer the agent grows to (16 MiB).
@@ -213,6 +216,7 @@ impl State {
             backend,
             notifs,
             notif_buf,
+            lost,
         } = self;
         let Some(backend) = backend.as_mut() else {
             return (0, 0);
@@ -230,6 +234,9 @@ impl State {
                         if (needed as usize) > notif_buf.len() && (needed as usize) <= MAX_NOTIF_BUF =>
                     {
                         notif_buf.resize(needed as usize, 0);
+                    }
+                    Some(Err(Error::NotificationsLost { peer, count })) => {
+                        *lost.entry(peer.as_str().to_string()).or_default() += count;
                     }
                     Some(Err(err)) => {
                         log::warn!("receiving a notification failed: {err}");
@@ -452,6 +459,7 @@ impl Agent {
                 backend: Some(backend),
                 notifs: HashMap::new(),
                 notif_buf,
+                lost: HashMap::new(),
             }),
             done: Condvar::new(),
             closed: AtomicBool::new(false),
@@ -793,11 +801,24 @@ impl Agent {
 
     /// Takes every notification received so far, grouped by sending peer,
     /// oldest first.
+    ///
+    /// If notifications were lost on the way in (the transport's receive
+    /// queue was full), it fails instead with [`Error::NotificationsLost`]
+    /// naming the sender and the count, once per sender; the messages
+    /// received meanwhile stay for the next call.
     pub fn take_notifications(&self) -> Result<HashMap<String, Vec<Vec<u8>>>, Error> {
         let mut st = self.shared().lock();
         st.backend()?;
         if !self.shared().progress_thread {
             st.progress();
+        }
+        let first = st.lost.keys().next().cloned();
+        if let Some(peer) = first {
+            let count = st.lost.remove(&peer).unwrap_or(0);
+            return Err(Error::NotificationsLost {
+                peer: kvxfer_core::error::bounded(&peer),
+                count,
+            });
         }
         Ok(std::mem::take(&mut st.notifs))
     }

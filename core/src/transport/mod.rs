@@ -368,6 +368,9 @@ pub trait Transport {
 
     /// Copies one received notification into `buf` and returns its length,
     /// if one has arrived. A message longer than `buf` yields
-    /// [`Error::BufferTooSmall`] and stays queued.
+    /// [`Error::BufferTooSmall`] and stays queued. Messages the transport
+    /// had to drop are reported, never lost in silence, as
+    /// [`Error::NotificationDropped`] with the start of one of them in
+    /// `buf` (so that the engine can name the sender).
     fn poll_notification(&mut self, buf: &mut [u8]) -> Option<Result<usize, Error>>;
 }

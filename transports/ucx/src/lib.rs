@@ -123,10 +123,11 @@ pub struct UcxConfig {
     /// Longest notification sent or accepted, in bytes (sent eagerly, so
     /// keep it small). Default: 4096.
     pub max_notification: u32,
-    /// Received notifications kept until the application takes them;
-    /// further ones are dropped and reported once as
-    /// [`Error::CapacityExceeded`](kvxfer_core::Error::CapacityExceeded).
-    /// Default: 1024.
+    /// Received notifications kept until the engine takes them; further
+    /// ones are dropped and each reported, with its sender, as
+    /// [`Error::NotificationDropped`](kvxfer_core::Error::NotificationDropped)
+    /// (the agent's `take_notifications` then fails with
+    /// `NotificationsLost` naming the sender). Default: 1024.
     pub notification_queue: u32,
     /// How long closing an endpoint may wait for its flush, in
     /// milliseconds. Default: 1000.

@@ -160,13 +160,25 @@ struct NoteQueue {
     head: usize,
     len: usize,
     max_len: usize,
-    dropped: u64,
+    /// Messages dropped because the queue was full, each kept as its first
+    /// [`LOST_HEAD`] bytes (the sender's name); at most [`LOST_KEPT`].
+    lost: VecDeque<Vec<u8>>,
+    /// Dropped messages beyond those kept, or whose bytes never arrived
+    /// (rendezvous), reported without a sender.
+    lost_unknown: u64,
 }
+
+/// Bytes kept of a dropped notification: the frame's name length and the
+/// longest name.
+const LOST_HEAD: usize = 1 + kvxfer_core::error::NAME_CAP;
+/// Dropped notifications whose senders are kept before they are counted
+/// without one.
+const LOST_KEPT: usize = 256;
 
 impl NoteQueue {
     fn push(&mut self, data: &[u8]) {
         if self.len == self.bufs.len() || data.len() > self.max_len {
-            self.dropped += 1;
+            self.drop_one(data);
             return;
         }
         let i = (self.head + self.len) % self.bufs.len();
@@ -174,6 +186,16 @@ impl NoteQueue {
         buf.clear();
         buf.extend_from_slice(data);
         self.len += 1;
+    }
+
+    /// Records a message that could not be kept.
+    fn drop_one(&mut self, data: &[u8]) {
+        if self.lost.len() < LOST_KEPT && !data.is_empty() {
+            self.lost
+                .push_back(data[..data.len().min(LOST_HEAD)].to_vec());
+        } else {
+            self.lost_unknown += 1;
+        }
     }
 }
 
@@ -369,7 +391,7 @@ unsafe extern "C" fn notification_received(
         // Notifications are sent eagerly; a rendezvous one is not ours.
         log::warn!("UCX: dropped a rendezvous active message of {length} bytes");
         // SAFETY: as above; the queue box outlives the worker's handlers.
-        unsafe { (*queue).dropped += 1 };
+        unsafe { (*queue).drop_one(&[]) };
         return UCS_OK;
     }
     let bytes = if length == 0 || data.is_null() {
@@ -435,7 +457,8 @@ impl UcxTransport {
                 head: 0,
                 len: 0,
                 max_len: config.max_notification as usize,
-                dropped: 0,
+                lost: VecDeque::new(),
+                lost_unknown: 0,
             })),
             graveyard: Vec::new(),
             zombies: Vec::new(),
@@ -1669,13 +1692,17 @@ impl Transport for UcxTransport {
         }
         // SAFETY: as above.
         let q = unsafe { &mut *self.notes.get() };
-        if q.dropped > 0 {
-            q.dropped = 0;
-            return Some(Err(Error::CapacityExceeded {
-                what: "notifications",
-                capacity: q.bufs.len() as u32,
-                setting: "",
+        if let Some(head) = q.lost.pop_front() {
+            let n = head.len().min(buf.len());
+            buf[..n].copy_from_slice(&head[..n]);
+            return Some(Err(Error::NotificationDropped {
+                len: n as u64,
+                count: 1,
             }));
+        }
+        if q.lost_unknown > 0 {
+            let count = std::mem::take(&mut q.lost_unknown);
+            return Some(Err(Error::NotificationDropped { len: 0, count }));
         }
         if q.len == 0 {
             return None;
