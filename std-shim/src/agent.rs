@@ -411,7 +411,7 @@ fn progress_loop(shared: Arc<Shared>) {
 /// let buf = vec![7u8; 4096];
 /// // SAFETY: `buf` outlives its registration (deregistered below) and no
 /// // Rust reference reads it while a transfer runs.
-/// unsafe { agent.register_slice(&buf)? };
+/// unsafe { agent.register_slice(&mut buf)? };
 /// let peer = agent.connect("10.0.0.2:5555")?;
 /// let local = [Desc::new(buf.as_ptr() as u64, 4096)];
 /// let remote = [Desc::new(0x7f00_0000_0000, 4096)];
@@ -548,16 +548,27 @@ impl Agent {
         on_engine!(b, e => e.register(Region { addr, len, dev, kind }))
     }
 
-    /// Registers the host memory of `buf` (device 0).
+    /// Registers the host memory of `buf` (device 0). It is borrowed
+    /// mutably because transfers write into it.
     ///
     /// # Safety
     ///
     /// As for [`register`](Agent::register): `buf`'s memory must outlive
-    /// the registration, and transfers may write into it although it is
-    /// borrowed immutably here.
-    pub unsafe fn register_slice(&self, buf: &[u8]) -> Result<(), Error> {
+    /// the registration, and no Rust reference may read it while a
+    /// transfer that writes it can run (the borrow ends with this call;
+    /// the registration does not).
+    ///
+    /// Memory borrowed immutably cannot be registered:
+    ///
+    /// ```compile_fail
+    /// # use kvxfer::{Agent, AgentConfig};
+    /// # let agent = Agent::new("a", AgentConfig::default().with_listen(None)).unwrap();
+    /// let buf = vec![0u8; 64];
+    /// unsafe { agent.register_slice(&buf) }.unwrap();
+    /// ```
+    pub unsafe fn register_slice(&self, buf: &mut [u8]) -> Result<(), Error> {
         // SAFETY: the caller upholds `register`'s contract for `buf`.
-        unsafe { self.register(buf.as_ptr() as u64, buf.len() as u64, 0, MemKind::Dram) }
+        unsafe { self.register(buf.as_mut_ptr() as u64, buf.len() as u64, 0, MemKind::Dram) }
     }
 
     /// Deregisters the region starting at `addr`; refused with

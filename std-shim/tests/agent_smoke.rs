@@ -22,10 +22,10 @@ const DONE_NOTE: &[u8] = b"written\0with a zero byte";
 /// follows the data, print what the buffer holds.
 fn run_target() {
     let agent = Agent::new("smoke-target", AgentConfig::default().with_backend("UCX")).unwrap();
-    let buf = vec![0u8; LEN];
+    let mut buf = vec![0u8; LEN];
     // SAFETY: `buf` outlives its registration (deregistered below) and is
     // read only after the notification that follows the WRITE's data.
-    unsafe { agent.register_slice(&buf).unwrap() };
+    unsafe { agent.register_slice(&mut buf).unwrap() };
     println!(
         "SMOKE ready {} {}",
         agent.listen_addr().unwrap(),
@@ -98,11 +98,11 @@ fn write_100_bytes_between_processes_over_ucx() {
         .with_backend("UCX")
         .with_progress_thread(false);
     let agent = Agent::new("smoke-initiator", cfg).unwrap();
-    let src: Vec<u8> = (0..LEN)
+    let mut src: Vec<u8> = (0..LEN)
         .map(|i| (i as u8).wrapping_mul(37).wrapping_add(11))
         .collect();
     // SAFETY: `src` outlives its registration and is only read by the WRITE.
-    unsafe { agent.register_slice(&src).unwrap() };
+    unsafe { agent.register_slice(&mut src).unwrap() };
     let peer = agent.connect(&addr).unwrap();
     assert_eq!(peer, "smoke-target");
 
@@ -150,10 +150,10 @@ fn unsupported_backend_is_refused() {
 fn calls_after_shutdown_fail_with_shut_down() {
     let agent = Agent::new("shut", AgentConfig::default().with_backend("UCX")).unwrap();
     let addr = agent.listen_addr().unwrap();
-    let buf = vec![0u8; 64];
+    let mut buf = vec![0u8; 64];
     // SAFETY: `buf` outlives the agent's use of it (the agent is shut down
     // before `buf` is dropped).
-    unsafe { agent.register_slice(&buf).unwrap() };
+    unsafe { agent.register_slice(&mut buf).unwrap() };
     let req_err = agent.submit(
         XferOp::Write,
         &[Desc::new(buf.as_ptr() as u64, 8)],

@@ -831,11 +831,11 @@ fn without_a_driver_errors_are_clear() {
     let e = Agent::new("no-gpu", config("CUDA_IPC", None)).unwrap_err();
     assert_eq!(e, kvxfer_cuda::driver::no_driver());
     let agent = Agent::new("no-gpu", config("UCX", None)).expect("UCX agent");
-    let host = vec![0u8; 4096];
+    let mut host = vec![0u8; 4096];
     // SAFETY: the buffer outlives the agent; registration is refused.
     let r = unsafe { agent.register(host.as_ptr() as u64, 4096, 0, MemKind::Vram) };
     assert_eq!(r, Err(kvxfer_cuda::driver::no_driver()));
     // SAFETY: as above; DRAM passes through to UCX.
-    unsafe { agent.register_slice(&host) }.expect("DRAM over staged UCX");
+    unsafe { agent.register_slice(&mut host) }.expect("DRAM over staged UCX");
     agent.deregister(host.as_ptr() as u64).expect("deregister");
 }

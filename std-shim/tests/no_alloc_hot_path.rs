@@ -94,7 +94,7 @@ fn hot_path_allocates_nothing(op: XferOp) {
     .unwrap();
     // The source holds a pattern, the destination zeros.
     let pattern: Vec<u8> = (0..SPAN).map(|i| (i % 251) as u8 + 1).collect();
-    let (local_buf, remote_buf) = match op {
+    let (mut local_buf, mut remote_buf) = match op {
         XferOp::Write => (pattern, vec![0u8; SPAN]),
         XferOp::Read => (vec![0u8; SPAN], pattern),
     };
@@ -102,8 +102,8 @@ fn hot_path_allocates_nothing(op: XferOp) {
     // down before the buffers drop, below) and are read only after the
     // transfers into them completed.
     unsafe {
-        target.register_slice(&remote_buf).unwrap();
-        initiator.register_slice(&local_buf).unwrap();
+        target.register_slice(&mut remote_buf).unwrap();
+        initiator.register_slice(&mut local_buf).unwrap();
     }
     let peer = initiator
         .connect(&target.listen_addr().unwrap().to_string())

@@ -83,10 +83,10 @@ fn run_target() {
         cfg = cfg.with_provider(PROVIDER);
     }
     let agent = Agent::new("timeout-target", cfg).unwrap();
-    let buf = vec![0u8; LEN];
+    let mut buf = vec![0u8; LEN];
     // SAFETY: `buf` outlives its registration (deregistered below); it is
     // read only after the initiator reports its WRITE done.
-    unsafe { agent.register_slice(&buf).unwrap() };
+    unsafe { agent.register_slice(&mut buf).unwrap() };
     println!(
         "TT ready {} {}",
         agent.listen_addr().unwrap(),
@@ -235,9 +235,9 @@ fn stopped_target_times_out(backend: &str) {
         cfg = cfg.with_provider(PROVIDER);
     }
     let agent = Agent::new("timeout-initiator", cfg).unwrap();
-    let src = pattern(LEN, 7);
+    let mut src = pattern(LEN, 7);
     // SAFETY: `src` outlives its registration and is only read by WRITEs.
-    unsafe { agent.register_slice(&src).unwrap() };
+    unsafe { agent.register_slice(&mut src).unwrap() };
     let peer = agent.connect(&addr).unwrap();
 
     // While the target runs, data moves: the probe arrives intact.

@@ -39,12 +39,12 @@ fn setup(name: &str, remote_len: u64) -> (Agent, Peer, String, u64) {
 #[test]
 fn descriptor_and_peer_errors_are_exact() {
     let (agent, peer, p, dst) = setup("errs", LEN);
-    let buf = AlignedBuf::new(LEN as usize);
+    let mut buf = AlignedBuf::new(LEN as usize);
     let unreg = AlignedBuf::new(4096);
     let a = buf.addr();
     // SAFETY: `buf` outlives its registration (deregistered below); no
     // transfer is posted in this test.
-    unsafe { agent.register_slice(buf.as_slice()).unwrap() };
+    unsafe { agent.register_slice(buf.as_mut_slice()).unwrap() };
     let ok_pair = (Desc::new(a, 64), Desc::new(dst, 64));
 
     // Unknown peer, through every call that names one.
@@ -182,11 +182,11 @@ fn descriptor_and_peer_errors_are_exact() {
 #[test]
 fn repost_while_in_progress_and_stale_lists() {
     let (agent, peer, p, dst) = setup("repost", BIG);
-    let buf = AlignedBuf::new(BIG as usize);
+    let mut buf = AlignedBuf::new(BIG as usize);
     let a = buf.addr();
     // SAFETY: `buf` outlives its registration (deregistered below) and
     // is only read by WRITEs.
-    unsafe { agent.register_slice(buf.as_slice()).unwrap() };
+    unsafe { agent.register_slice(buf.as_mut_slice()).unwrap() };
 
     let req = agent
         .prepare(

@@ -101,7 +101,7 @@ fn backend_basic_child() {
     fill_pattern(src.as_mut_slice(), seed, 0);
     // SAFETY: `src` outlives its registration (deregistered below) and is
     // only read by the WRITE.
-    unsafe { agent.register_slice(src.as_slice()).unwrap() };
+    unsafe { agent.register_slice(src.as_mut_slice()).unwrap() };
     let dst = peer.alloc(LEN as u64);
 
     // Metadata exchange without the side channel, both ways.
