@@ -1516,7 +1516,11 @@ impl<'a, T: Transport> Engine<'a, T> {
 impl<T: Transport> Drop for Engine<'_, T> {
     /// Cancels what is in flight (or, for transports that cannot cancel,
     /// polls until it finishes, a bounded number of times), then hands
-    /// back keys, connections and registrations, in that order.
+    /// back keys, connections and registrations, in that order. What a
+    /// transfer that never ended still uses — its registrations, its
+    /// peer's connection and keys — is not handed back (the handles are
+    /// forgotten, the memory stays registered), so the library never
+    /// touches memory it was told is free.
     fn drop(&mut self) {
         for i in 0..self.xfers.len() {
             let s = &self.xfers[i];
@@ -1537,14 +1541,15 @@ impl<T: Transport> Drop for Engine<'_, T> {
             polls += 1;
         }
         if self.in_flight > 0 {
-            log::warn!(
-                "{}: dropped with {} transfers still in flight",
+            log::error!(
+                "{}: dropped with {} transfers the transport never ended; their memory \
+                 stays registered and their peers connected",
                 self.name,
                 self.in_flight
             );
         }
         for i in 0..self.xfers.len() {
-            if self.xfers[i].live {
+            if self.xfers[i].live && self.xfers[i].state != XferState::InProgress {
                 self.free_xfer(i);
             }
         }
@@ -1554,13 +1559,34 @@ impl<T: Transport> Drop for Engine<'_, T> {
             }
         }
         for p in 0..self.peers.len() {
-            if self.peers[p].state != PeerState::Free {
+            let slot = &mut self.peers[p];
+            if slot.state == PeerState::Free {
+                continue;
+            }
+            if slot.users == 0 {
                 self.free_peer(p);
+            } else {
+                // A stuck transfer uses it: keep the library's handles.
+                core::mem::forget(slot.peer.take());
+                let (start, count) = (slot.start as usize, slot.count as usize);
+                for r in self.remote.iter_mut().skip(start).take(count) {
+                    core::mem::forget(r.key.take());
+                }
             }
         }
         let transport = &mut self.transport;
-        self.registry
-            .drain(|_, handle| transport.deregister(handle));
+        self.registry.drain(|region, users, handle| {
+            if users == 0 {
+                transport.deregister(handle);
+            } else {
+                log::error!(
+                    "region {:#x} (+{}) left registered: a transfer still uses it",
+                    region.addr,
+                    region.len
+                );
+                core::mem::forget(handle);
+            }
+        });
     }
 }
 

@@ -1040,3 +1040,104 @@ fn a_frame_naming_a_sender_longer_than_any_agent_name_is_malformed() {
     let n = b.poll_notification(&mut buf).unwrap().unwrap();
     assert_eq!((n.peer.len(), &buf[..n.len]), (NAME_CAP, &b"yy"[..]));
 }
+
+/// A transport whose transfers never end and cannot be cancelled; it logs
+/// what is handed back to it.
+struct Stuck<'l> {
+    log: &'l core::cell::RefCell<heapless::Vec<(&'static str, u64), 16>>,
+}
+
+impl Transport for Stuck<'_> {
+    type LocalReg = u64;
+    type Peer = u64;
+    type RemoteKey = u64;
+
+    fn name(&self) -> &'static str {
+        "STUCK"
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+    fn register(&mut self, region: &Region) -> Result<u64, Error> {
+        Ok(region.addr)
+    }
+    fn deregister(&mut self, reg: u64) {
+        let _ = self.log.borrow_mut().push(("deregister", reg));
+    }
+    fn pack_key(&self, reg: &u64, out: &mut [u8]) -> Result<usize, Error> {
+        crate::wire::copy_into(out, &reg.to_le_bytes())
+    }
+    fn local_address(&self, out: &mut [u8]) -> Result<usize, Error> {
+        crate::wire::copy_into(out, &[7])
+    }
+    fn connect(&mut self, _address: &[u8]) -> Result<u64, Error> {
+        Ok(7)
+    }
+    fn disconnect(&mut self, peer: u64) {
+        let _ = self.log.borrow_mut().push(("disconnect", peer));
+    }
+    fn unpack_key(&mut self, _peer: &u64, region: &Region, _key: &[u8]) -> Result<u64, Error> {
+        Ok(region.addr)
+    }
+    fn release_key(&mut self, key: u64) {
+        let _ = self.log.borrow_mut().push(("release_key", key));
+    }
+    fn post(
+        &mut self,
+        _op: XferOp,
+        _peer: &u64,
+        _segments: Segments<'_, u64, u64>,
+        _notification: Option<&[u8]>,
+        _token: Token,
+    ) -> Result<PostStatus, Error> {
+        Ok(PostStatus::InProgress)
+    }
+    fn poll(&mut self) -> Option<Completion> {
+        None
+    }
+    fn cancel(&mut self, _token: Token) -> Result<(), Error> {
+        Err(Error::Unsupported {
+            backend: "STUCK",
+            what: "cancel",
+        })
+    }
+    fn send_notification(&mut self, _peer: &u64, _msg: &[u8]) -> Result<(), Error> {
+        Ok(())
+    }
+    fn poll_notification(&mut self, _buf: &mut [u8]) -> Option<Result<usize, Error>> {
+        None
+    }
+}
+
+#[test]
+fn drop_never_hands_back_what_a_stuck_transfer_uses() {
+    let log = core::cell::RefCell::new(heapless::Vec::new());
+    let mut md = [0u8; 256];
+    let n = {
+        let mut peer = new_eng("bob", Stuck { log: &log }, test_config()).unwrap();
+        peer.register(Region::dram(0x9000, 64)).unwrap();
+        peer.local_metadata(&mut md).unwrap()
+    };
+    log.borrow_mut().clear();
+    {
+        let mut a = new_eng("alice", Stuck { log: &log }, test_config()).unwrap();
+        a.register(Region::dram(0x1000, 64)).unwrap();
+        a.register(Region::dram(0x2000, 64)).unwrap();
+        a.load_remote(&md[..n]).unwrap();
+        let h = a
+            .prepare(
+                XferOp::Write,
+                &[Desc::new(0x1000, 8)],
+                &[Desc::new(0x9000, 8)],
+                "bob",
+                None,
+            )
+            .unwrap();
+        a.post(h, now(0)).unwrap();
+        // Releasing it is refused: the transport cannot cancel.
+        assert_eq!(a.release(h), Err(Error::InProgress { handle: h }));
+    }
+    // The unused region was handed back; the stuck transfer's region, its
+    // peer's connection and key were not.
+    assert_eq!(log.borrow().as_slice(), &[("deregister", 0x2000)]);
+}

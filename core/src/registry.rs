@@ -230,12 +230,13 @@ impl<'a, R> Registry<'a, R> {
         })
     }
 
-    /// Removes every region, users or not, handing each handle to `f`.
-    pub fn drain(&mut self, mut f: impl FnMut(Region, R)) {
+    /// Removes every region, users or not, handing each to `f` with its
+    /// count of users and its handle.
+    pub fn drain(&mut self, mut f: impl FnMut(Region, u32, R)) {
         self.len = 0;
         for s in self.slots.iter_mut() {
             if let Some(e) = s.entry.take() {
-                f(e.region, e.handle);
+                f(e.region, e.users, e.handle);
             }
         }
     }
