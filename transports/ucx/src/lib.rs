@@ -51,7 +51,7 @@ mod transport;
 
 use std::time::Duration;
 
-pub use transport::{UcxPeer, UcxReg, UcxRemoteKey, UcxTransport};
+pub use transport::{abandoned_transports, UcxPeer, UcxReg, UcxRemoteKey, UcxTransport};
 
 /// Environment variable that turns [`UcxConfig::peer_failure_detection`]
 /// off (`0`, `off`, `false`, `no`) or on (`1`, `on`, `true`, `yes`) in

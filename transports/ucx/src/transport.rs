@@ -176,6 +176,18 @@ const LOST_HEAD: usize = 1 + kvxfer_core::error::NAME_CAP;
 const LOST_KEPT: usize = 256;
 
 impl NoteQueue {
+    /// A queue that holds nothing.
+    fn empty() -> NoteQueue {
+        NoteQueue {
+            bufs: Vec::new(),
+            head: 0,
+            len: 0,
+            max_len: 0,
+            lost: VecDeque::new(),
+            lost_unknown: 0,
+        }
+    }
+
     fn push(&mut self, data: &[u8]) {
         if self.len == self.bufs.len() || data.len() > self.max_len {
             self.drop_one(data);
@@ -1722,6 +1734,18 @@ impl Transport for UcxTransport {
     }
 }
 
+/// Transports dropped with requests UCX could not end, whose UCX state was
+/// left in place ([`abandoned_transports`]).
+static ABANDONED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many transports were dropped, in this process, with requests that
+/// UCX could not end (peer failure detection off, and requests still
+/// running after the close timeout): their worker, endpoints, keys and
+/// registrations were left in place instead of freed under them.
+pub fn abandoned_transports() -> usize {
+    ABANDONED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// How long a dropped transport keeps progressing its worker before
 /// destroying it, so wire-up replies queued on UCX's internal endpoints are
 /// sent (see `Drop`).
@@ -1750,6 +1774,29 @@ impl Drop for UcxTransport {
             // Requests still running end with their endpoints' forced close,
             // before the keys and memory they use go.
             let force = !released;
+            if force && !self.config.peer_failure_detection {
+                // Without peer error handling a forced close is undefined
+                // behaviour in UCX, so these requests cannot be ended:
+                // leave everything they may use (worker, endpoints, keys,
+                // memory handles, and the slots and queue UCX calls back
+                // into) to the process rather than free it under them.
+                log::error!(
+                    "UCX: dropped with requests still running and peer failure detection \
+                     off; the worker, its endpoints, keys and registrations are left in \
+                     place (the registered memory must stay allocated)"
+                );
+                ABANDONED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                std::mem::forget(std::mem::take(&mut self.slots));
+                std::mem::forget(std::mem::replace(&mut self.eps, Table::new()));
+                let notes = std::mem::replace(
+                    &mut self.notes,
+                    Box::new(UnsafeCell::new(NoteQueue::empty())),
+                );
+                std::mem::forget(notes);
+                self.worker = ptr::null_mut();
+                self.context = ptr::null_mut();
+                return;
+            }
             // 2. Remote keys (with peer failure detection the forced close
             //    comes first when requests are still running).
             if force && self.config.peer_failure_detection {

@@ -1114,6 +1114,50 @@ fn stalled_target_survives_its_initiator_going_away() {
     target.quit();
 }
 
+/// Without peer failure detection UCX cannot end a request to a stopped
+/// peer (a forced close is undefined behaviour in that mode), so dropping
+/// the transport must leave its UCX state, and the memory the request
+/// writes, alone rather than free it under the request.
+#[test]
+fn drop_without_peer_failure_detection_leaves_running_requests_alone() {
+    const LEN: usize = 1 << 20;
+    let target = Target::spawn(Some("tcp"), LEN);
+    let mut cfg = config(Some("tcp"));
+    cfg.peer_failure_detection = false;
+    cfg.close_timeout_ms = 100;
+    let mut ini = Initiator::with_config(&cfg, &target);
+    let dst = vec![0xa5u8; LEN];
+    let dreg = ini.register(&dst);
+    let pid = target.child.id();
+    let _resume = Resume(pid);
+    signal(pid, "-STOP");
+    std::thread::sleep(Duration::from_millis(50));
+    let read = [(dst.as_ptr() as u64, 0, LEN as u64)];
+    let st = ini
+        .post(XferOp::Read, dreg, &target, &read, None, Token(5))
+        .expect("post READ");
+    assert_eq!(
+        st,
+        PostStatus::InProgress,
+        "READ done with the target stopped"
+    );
+    let before = kvxfer_ucx::abandoned_transports();
+    drop(ini);
+    assert_eq!(
+        kvxfer_ucx::abandoned_transports(),
+        before + 1,
+        "the transport freed UCX state a running request uses"
+    );
+    signal(pid, "-CONT");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        dst.iter().all(|&b| b == 0xa5),
+        "memory written after the drop"
+    );
+    // It stays registered with the abandoned worker: keep it allocated.
+    std::mem::forget(dst);
+}
+
 /// One module of tests, each calling the scenario of the same name with
 /// the given `UCX_TLS` (`None`: UCX's default).
 macro_rules! suite {
