@@ -443,8 +443,18 @@ impl<'a, T: Transport> Engine<'a, T> {
     }
 
     /// Deregisters the region starting at `addr`; refused with
-    /// [`Error::RegionBusy`] while live transfers or prepared lists use it.
+    /// [`Error::RegionBusy`] while live transfers or prepared lists use it,
+    /// and with [`Error::RegionInUse`] while the library may still touch
+    /// its memory for a transfer that was cancelled or timed out (poll and
+    /// try again). Only `Ok` means the memory may be freed.
     pub fn deregister(&mut self, addr: u64) -> Result<Region, Error> {
+        if let Some(slot) = self.registry.find_addr(addr) {
+            if let Some(e) = self.registry.get(slot) {
+                if e.region.addr == addr && e.users() == 0 && self.transport.in_use(&e.handle) {
+                    return Err(Error::RegionInUse { addr });
+                }
+            }
+        }
         let (region, handle) = self.registry.remove(addr)?;
         self.transport.deregister(handle);
         Ok(region)

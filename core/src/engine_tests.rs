@@ -1045,6 +1045,8 @@ fn a_frame_naming_a_sender_longer_than_any_agent_name_is_malformed() {
 /// what is handed back to it.
 struct Stuck<'l> {
     log: &'l core::cell::RefCell<heapless::Vec<(&'static str, u64), 16>>,
+    /// A registration the library still uses (`in_use`).
+    busy: &'l core::cell::Cell<u64>,
 }
 
 impl Transport for Stuck<'_> {
@@ -1063,6 +1065,9 @@ impl Transport for Stuck<'_> {
     }
     fn deregister(&mut self, reg: u64) {
         let _ = self.log.borrow_mut().push(("deregister", reg));
+    }
+    fn in_use(&mut self, reg: &u64) -> bool {
+        *reg == self.busy.get()
     }
     fn pack_key(&self, reg: &u64, out: &mut [u8]) -> Result<usize, Error> {
         crate::wire::copy_into(out, &reg.to_le_bytes())
@@ -1112,15 +1117,32 @@ impl Transport for Stuck<'_> {
 #[test]
 fn drop_never_hands_back_what_a_stuck_transfer_uses() {
     let log = core::cell::RefCell::new(heapless::Vec::new());
+    let busy = core::cell::Cell::new(0);
     let mut md = [0u8; 256];
     let n = {
-        let mut peer = new_eng("bob", Stuck { log: &log }, test_config()).unwrap();
+        let mut peer = new_eng(
+            "bob",
+            Stuck {
+                log: &log,
+                busy: &busy,
+            },
+            test_config(),
+        )
+        .unwrap();
         peer.register(Region::dram(0x9000, 64)).unwrap();
         peer.local_metadata(&mut md).unwrap()
     };
     log.borrow_mut().clear();
     {
-        let mut a = new_eng("alice", Stuck { log: &log }, test_config()).unwrap();
+        let mut a = new_eng(
+            "alice",
+            Stuck {
+                log: &log,
+                busy: &busy,
+            },
+            test_config(),
+        )
+        .unwrap();
         a.register(Region::dram(0x1000, 64)).unwrap();
         a.register(Region::dram(0x2000, 64)).unwrap();
         a.load_remote(&md[..n]).unwrap();
@@ -1140,4 +1162,25 @@ fn drop_never_hands_back_what_a_stuck_transfer_uses() {
     // The unused region was handed back; the stuck transfer's region, its
     // peer's connection and key were not.
     assert_eq!(log.borrow().as_slice(), &[("deregister", 0x2000)]);
+}
+
+#[test]
+fn a_region_the_library_still_uses_is_not_deregistered() {
+    let log = core::cell::RefCell::new(heapless::Vec::new());
+    let busy = core::cell::Cell::new(0x1000);
+    let t = Stuck {
+        log: &log,
+        busy: &busy,
+    };
+    let mut a = new_eng("alice", t, test_config()).unwrap();
+    a.register(Region::dram(0x1000, 64)).unwrap();
+    assert_eq!(
+        a.deregister(0x1000),
+        Err(Error::RegionInUse { addr: 0x1000 })
+    );
+    assert!(log.borrow().is_empty(), "handed back while in use");
+    assert_eq!(a.regions().count(), 1, "still registered");
+    busy.set(0);
+    assert_eq!(a.deregister(0x1000).map(|r| r.addr), Ok(0x1000));
+    assert_eq!(log.borrow().as_slice(), &[("deregister", 0x1000)]);
 }

@@ -280,6 +280,13 @@ pub enum Error {
         /// The largest size allowed.
         max: u64,
     },
+    /// The library may still touch a region's memory, for an operation of a
+    /// transfer that was cancelled or timed out: it is not deregistered,
+    /// and must stay allocated. Poll and try again.
+    RegionInUse {
+        /// The region's start.
+        addr: u64,
+    },
     /// The backend cannot move this kind of memory.
     UnsupportedMemKind {
         /// Backend name.
@@ -494,6 +501,11 @@ impl fmt::Display for Error {
                 value,
                 max,
             } => write!(f, "capacity `{setting}` of {value} is above its maximum of {max}"),
+            Error::RegionInUse { addr } => write!(
+                f,
+                "region {addr:#x} is still in use by the library (an operation of a cancelled \
+                 or timed-out transfer); keep it allocated, poll and deregister again"
+            ),
             Error::UnsupportedMemKind { backend, kind } => {
                 write!(f, "backend {backend} cannot move {kind} memory")
             }

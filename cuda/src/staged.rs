@@ -1594,6 +1594,14 @@ impl<T: Transport> Transport for Staged<T> {
         Ok(StagedReg::Vram(*region))
     }
 
+    fn in_use(&mut self, reg: &Self::LocalReg) -> bool {
+        match reg {
+            StagedReg::Host(r) => self.inner.in_use(r),
+            // Queued copies on VRAM end inside `deregister`.
+            StagedReg::Vram(_) => false,
+        }
+    }
+
     fn deregister(&mut self, reg: Self::LocalReg) {
         match reg {
             StagedReg::Host(r) => {

@@ -572,11 +572,31 @@ impl Agent {
     }
 
     /// Deregisters the region starting at `addr`; refused with
-    /// [`Error::RegionBusy`] while live transfers use it.
+    /// [`Error::RegionBusy`] while live transfers or prepared lists use it.
+    /// While the library still runs an operation of a released (cancelled)
+    /// or timed-out transfer on it, waits for it, making progress, up to
+    /// [`AgentConfig::release_timeout`], and then fails with
+    /// [`Error::RegionInUse`]: the memory must then stay allocated (call
+    /// again later). Only `Ok` means the memory may be freed.
     pub fn deregister(&self, addr: u64) -> Result<Region, Error> {
-        let mut st = self.shared().lock();
-        let b = st.backend()?;
-        on_engine!(b, e => e.deregister(addr))
+        let deadline = StdInstant::now() + self.shared().cfg.release_timeout;
+        loop {
+            let r = {
+                let mut st = self.shared().lock();
+                let b = st.backend()?;
+                let r = on_engine!(b, e => e.deregister(addr));
+                if matches!(r, Err(Error::RegionInUse { .. })) {
+                    st.progress();
+                }
+                r
+            };
+            match r {
+                Err(Error::RegionInUse { .. }) if StdInstant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                r => return r,
+            }
+        }
     }
 
     /// This agent's metadata: name, backend, transport address, registered

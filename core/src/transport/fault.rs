@@ -280,6 +280,10 @@ impl<T: Transport> Transport for FaultInjector<T> {
         self.inner.release_key(key)
     }
 
+    fn in_use(&mut self, reg: &T::LocalReg) -> bool {
+        self.inner.in_use(reg)
+    }
+
     fn post(
         &mut self,
         op: XferOp,

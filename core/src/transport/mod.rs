@@ -314,8 +314,18 @@ pub trait Transport {
     /// Registers `region` with the library.
     fn register(&mut self, region: &Region) -> Result<Self::LocalReg, Error>;
 
-    /// Releases a registration.
+    /// Releases a registration. The core calls it only when
+    /// [`in_use`](Transport::in_use) says the library has let go of it.
     fn deregister(&mut self, reg: Self::LocalReg);
+
+    /// Whether the library may still touch the memory of `reg` for an
+    /// operation the core no longer tracks (one of a transfer cancelled or
+    /// timed out while the library still ran it). May make progress.
+    /// Default: never.
+    fn in_use(&mut self, reg: &Self::LocalReg) -> bool {
+        let _ = reg;
+        false
+    }
 
     /// Writes the packed remote key of `reg` into `out`; returns its length.
     /// Fails with [`Error::BufferTooSmall`] if `out` is too short.

@@ -1326,6 +1326,15 @@ impl Transport for FabricTransport {
         register_raw(&self.shared, self.mr_mode, self.key_size, *region, access)
     }
 
+    fn in_use(&mut self, reg: &FabricReg) -> bool {
+        let r = reg.region;
+        if !self.orphans_touch(r.addr, r.len) {
+            return false;
+        }
+        self.read_cq();
+        self.orphans_touch(r.addr, r.len)
+    }
+
     fn deregister(&mut self, reg: FabricReg) {
         let r = reg.region;
         if !self.orphans_touch(r.addr, r.len) {

@@ -479,6 +479,11 @@ impl<T: Transport> Transport for Local<T> {
         self.inner.deregister(reg)
     }
 
+    fn in_use(&mut self, reg: &T::LocalReg) -> bool {
+        // Cross-memory-attach parts end before `cancel` returns.
+        self.inner.in_use(reg)
+    }
+
     fn pack_key(&self, reg: &T::LocalReg, out: &mut [u8]) -> Result<usize, Error> {
         self.inner.pack_key(reg, out)
     }

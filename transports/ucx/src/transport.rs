@@ -152,6 +152,8 @@ struct XferSlot {
     internal: bool,
     /// When the transfer was posted, for the deadline.
     started: Instant,
+    /// Registrations (table indices) its segments read or write.
+    regs: Vec<u32>,
 }
 
 /// Received notifications, filled by the active-message handler.
@@ -665,6 +667,7 @@ impl UcxTransport {
                     has_note: false,
                     internal: false,
                     started: Instant::now(),
+                    regs: Vec::new(),
                 })));
                 (self.slots.len() - 1) as u32
             }
@@ -683,6 +686,7 @@ impl UcxTransport {
         slot.has_note = note.is_some();
         slot.internal = false;
         slot.started = Instant::now();
+        slot.regs.clear();
         if let Some(n) = note {
             slot.note.extend_from_slice(n);
         }
@@ -1265,6 +1269,22 @@ impl Transport for UcxTransport {
         })
     }
 
+    fn in_use(&mut self, reg: &UcxReg) -> bool {
+        let uses = |t: &Self| {
+            t.zombies.iter().any(|&z| {
+                // SAFETY: zombie slots are live; only plain fields are read.
+                let s = unsafe { &*t.slot_ptr(z) };
+                s.outstanding > 0 && s.regs.contains(&reg.index)
+            })
+        };
+        if !uses(self) {
+            return false;
+        }
+        self.progress();
+        self.reap();
+        uses(self)
+    }
+
     fn deregister(&mut self, reg: UcxReg) {
         if reg.owner != self.owner {
             log::error!("UCX: deregister: registration belongs to another transport; ignored");
@@ -1562,6 +1582,16 @@ impl Transport for UcxTransport {
 
         let index = self.alloc_slot(token, op, ep_index, notification);
         let slot = self.slot_ptr(index);
+        {
+            // SAFETY: the slot was just allocated; no request of it is in
+            // flight, so no callback touches it.
+            let regs = unsafe { &mut (*slot).regs };
+            for seg in segments.iter() {
+                if !regs.contains(&seg.local.index) {
+                    regs.push(seg.local.index);
+                }
+            }
+        }
         let param = Self::request_param(slot, 0);
         for seg in segments {
             let rkey = self

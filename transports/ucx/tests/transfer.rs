@@ -1114,6 +1114,51 @@ fn stalled_target_survives_its_initiator_going_away() {
     target.quit();
 }
 
+/// A READ cancelled while its target is stopped keeps running inside UCX:
+/// its memory is reported in use (so the engine refuses to deregister it)
+/// until UCX lets go; once it is not, nothing writes it any more.
+#[test]
+fn cancelled_read_keeps_its_memory_in_use_until_ucx_lets_go() {
+    const LEN: usize = 1 << 20;
+    let target = Target::spawn(Some("tcp"), LEN);
+    let mut ini = Initiator::new(Some("tcp"), &target);
+    let mut dst = vec![0u8; LEN];
+    let dreg = ini.register(&dst);
+    let pid = target.child.id();
+    let resume = Resume(pid);
+    signal(pid, "-STOP");
+    std::thread::sleep(Duration::from_millis(50));
+    let read = [(dst.as_ptr() as u64, 0, LEN as u64)];
+    let st = ini
+        .post(XferOp::Read, dreg, &target, &read, None, Token(61))
+        .expect("post READ");
+    assert_eq!(st, PostStatus::InProgress);
+    ini.t.cancel(Token(61)).expect("cancel");
+    assert!(
+        ini.t.in_use(&ini.regs[dreg]),
+        "a cancelled READ still running in UCX left its memory reported free"
+    );
+    drop(resume);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ini.t.in_use(&ini.regs[dreg]) {
+        assert!(Instant::now() < deadline, "UCX never let go of the READ");
+        ini.t.poll();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Free from here on: a canary in the buffer stays.
+    dst.fill(0x5c);
+    let quiet = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < quiet {
+        ini.t.poll();
+    }
+    assert!(
+        dst.iter().all(|&b| b == 0x5c),
+        "memory written after it was free"
+    );
+    ini.close();
+    target.quit();
+}
+
 /// Without peer failure detection UCX cannot end a request to a stopped
 /// peer (a forced close is undefined behaviour in that mode), so dropping
 /// the transport must leave its UCX state, and the memory the request
