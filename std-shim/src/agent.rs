@@ -145,6 +145,9 @@ struct State {
     /// Notifications lost on the way in, by sender ("" when unknown), not
     /// yet reported to the application.
     lost: HashMap<String, u64>,
+    /// Requests dropped or released while their transport could not cancel
+    /// them; each is released (its slot and memory freed) once it ends.
+    orphans: Vec<XferHandle>,
 }
 
 /// Longest notification buffer the agent grows to (16 MiB).
@@ -217,12 +220,21 @@ impl State {
             notifs,
             notif_buf,
             lost,
+            orphans,
         } = self;
         let Some(backend) = backend.as_mut() else {
             return (0, 0);
         };
         on_engine!(backend, e => {
             let n = e.poll(now());
+            if n > 0 && !orphans.is_empty() {
+                // Released requests the transport could not cancel: free
+                // their slots once they have ended.
+                orphans.retain(|&h| match e.state(h) {
+                    Ok(XferState::InProgress) => true,
+                    _ => e.release(h).is_err_and(|err| matches!(err, Error::InProgress { .. })),
+                });
+            }
             loop {
                 match e.poll_notification(notif_buf) {
                     None => break,
@@ -460,6 +472,7 @@ impl Agent {
                 notifs: HashMap::new(),
                 notif_buf,
                 lost: HashMap::new(),
+                orphans: Vec::new(),
             }),
             done: Condvar::new(),
             closed: AtomicBool::new(false),
@@ -809,6 +822,13 @@ impl Agent {
         Ok(if near { CMA } else { self.backend().name() })
     }
 
+    /// Requests released (or dropped) while their transport could not
+    /// cancel them and still running: each is released, its slot and
+    /// memory freed, as soon as it ends.
+    pub fn orphaned_transfers(&self) -> usize {
+        self.shared().lock().orphans.len()
+    }
+
     /// The sizes of this agent's tables, as configured.
     pub fn capacities(&self) -> Capacities {
         self.shared().cfg.capacities
@@ -1021,12 +1041,14 @@ impl XferRequest {
                 let mut st = self.shared.lock();
                 let Ok(b) = st.backend() else { return Ok(()) };
                 let r: Result<(), Error> = on_engine!(b, e => e.release(self.handle));
-                if r.is_err() {
+                if let Err(Error::InProgress { .. }) = r {
                     log::warn!(
-                        "transfer {} still in progress {} ms after release ({outcome:?}); its slot stays taken",
+                        "transfer {} still in progress {} ms after release ({outcome:?}); it is \
+                         released when it ends",
                         self.handle,
                         limit.as_millis()
                     );
+                    st.orphans.push(self.handle);
                 }
                 r
             }

@@ -457,6 +457,43 @@ fn cuda_ipc_trtllm_device_memory_100_bytes() {
     scenario("CUDA_IPC", None, MemKind::Vram, MemKind::Vram, 100, 100);
 }
 
+/// CUDA_IPC cannot cancel: a request dropped while it runs, with a release
+/// timeout too short to wait for it, is orphaned, then released as soon as
+/// it ends, so its slot and memory are free again (the memory can be
+/// deregistered) instead of taken for ever.
+#[test]
+#[ignore = "needs a GPU"]
+fn cuda_ipc_request_dropped_while_running_is_released_when_it_ends() {
+    let len = 256 * MIB;
+    let mut target = Target::spawn("CUDA_IPC", None, "dram", len, 11);
+    let cfg = config("CUDA_IPC", None).with_release_timeout(Duration::from_micros(1));
+    let agent = Agent::new("gpu-orphan", cfg).expect("initiator agent");
+    let src = pattern(5, len);
+    let mem = Mem::new(MemKind::Dram, init_dev(), &src).expect("initiator memory");
+    mem.register(&agent).expect("register");
+    let peer = agent.connect(&target.listen).expect("connect");
+    let (raddr, _, rdev) = target.region;
+    let local = [Desc::on_dev(mem.addr(), len as u64, mem.dev())];
+    let remote = [Desc::on_dev(raddr, len as u64, rdev)];
+    let req = agent
+        .submit(XferOp::Write, &local, &remote, &peer, None)
+        .expect("post WRITE");
+    drop(req);
+    assert_eq!(agent.orphaned_transfers(), 1, "dropped while running");
+    assert!(
+        matches!(agent.deregister(mem.addr()), Err(Error::RegionBusy { .. })),
+        "its memory is still used"
+    );
+    let deadline = Instant::now() + TIMEOUT;
+    while agent.orphaned_transfers() > 0 {
+        assert!(Instant::now() < deadline, "never released");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(agent.deregister(mem.addr()).map(|r| r.len), Ok(len as u64));
+    // The WRITE ran to its end.
+    assert_eq!(target.ask("CHECK 5", "CHECK"), "ok");
+}
+
 #[test]
 #[ignore = "needs a GPU"]
 fn cuda_ipc_256_mib() {
