@@ -822,6 +822,12 @@ impl Agent {
         Ok(if near { CMA } else { self.backend().name() })
     }
 
+    /// The side-channel key in force ([`AgentConfig::effective_auth_key`]).
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    pub(crate) fn auth_key(&self) -> Option<Vec<u8>> {
+        self.shared().cfg.effective_auth_key()
+    }
+
     /// Requests released (or dropped) while their transport could not
     /// cancel them and still running: each is released, its slot and
     /// memory freed, as soon as it ends.

@@ -73,6 +73,64 @@ fn etcd_err(code: i64, text: &str) -> Error {
     Error::backend(ETCD, code, text)
 }
 
+/// Start of a signed entry: the magic, then an HMAC-SHA256 tag, then the
+/// metadata.
+const SIGNED: &[u8; 4] = b"KVXS";
+const TAG_LEN: usize = 32;
+
+fn metadata_mac(key: &[u8], name: &str, meta: &[u8]) -> hmac::Hmac<sha2::Sha256> {
+    use hmac::Mac;
+    let mut m = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key)
+        .expect("HMAC takes keys of any length");
+    m.update(b"kvxfer etcd metadata v1\0");
+    m.update(name.as_bytes());
+    m.update(b"\0");
+    m.update(meta);
+    m
+}
+
+/// The entry to publish for `name`'s metadata: signed when there is a key.
+fn seal(key: Option<&[u8]>, name: &str, meta: &[u8]) -> Vec<u8> {
+    use hmac::Mac;
+    match key {
+        None => meta.to_vec(),
+        Some(key) => {
+            let tag = metadata_mac(key, name, meta).finalize().into_bytes();
+            let mut v = Vec::with_capacity(SIGNED.len() + TAG_LEN + meta.len());
+            v.extend_from_slice(SIGNED);
+            v.extend_from_slice(&tag);
+            v.extend_from_slice(meta);
+            v
+        }
+    }
+}
+
+/// The metadata in `name`'s entry. With a key, only an entry signed with
+/// it is accepted; without one, a signed entry's metadata is taken as is.
+fn open<'v>(key: Option<&[u8]>, name: &str, value: &'v [u8]) -> Result<&'v [u8], Error> {
+    use hmac::Mac;
+    let signed = value.starts_with(SIGNED) && value.len() >= SIGNED.len() + TAG_LEN;
+    let (tag, meta) = if signed {
+        value[SIGNED.len()..].split_at(TAG_LEN)
+    } else {
+        (&[][..], value)
+    };
+    match key {
+        None => Ok(meta),
+        Some(_) if !signed => Err(etcd_err(
+            -1,
+            &format!("entry of {name:?} is not signed, and this agent has an auth key"),
+        )),
+        Some(key) => match metadata_mac(key, name, meta).verify_slice(tag) {
+            Ok(()) => Ok(meta),
+            Err(_) => Err(etcd_err(
+                -1,
+                &format!("entry of {name:?} is signed with another key (or was altered)"),
+            )),
+        },
+    }
+}
+
 /// An etcd client error as a kvxfer error; `what` says what was being done.
 fn client_err(what: &str, e: &etcd_client::Error) -> Error {
     let code = match e {
@@ -240,6 +298,9 @@ struct Known {
 /// State shared by the handle and the background task.
 struct Inner {
     agent: Agent,
+    /// The agent's side-channel key: metadata is published signed with it
+    /// and only metadata signed with it is loaded.
+    auth: Option<Vec<u8>>,
     name: String,
     key: String,
     prefix: String,
@@ -266,7 +327,20 @@ impl Inner {
 
     /// Applies a put of `blob` under `name` at `revision`: loads it unless
     /// an equal or later event was applied, or it is already loaded.
-    fn apply_put(&self, name: &str, blob: &[u8], revision: i64) {
+    fn apply_put(&self, name: &str, value: &[u8], revision: i64) {
+        let blob = match open(self.auth.as_deref(), name, value) {
+            Ok(b) => b,
+            Err(e) => {
+                if self.follows(&self.lock(), name) {
+                    log::warn!(
+                        "agent {}: entry of {name:?} in etcd rejected: {e}",
+                        self.name
+                    );
+                    self.record(name, revision, None, PeerState::Rejected(e));
+                }
+                return;
+            }
+        };
         {
             let known = self.lock();
             if !self.follows(&known, name) {
@@ -417,6 +491,7 @@ impl EtcdDiscovery {
         let (prefix, ttl) = cfg.validate()?;
         let inner = Arc::new(Inner {
             agent: agent.clone(),
+            auth: agent.auth_key(),
             name: agent.name().to_string(),
             key: format!("{prefix}{}", agent.name()),
             prefix,
@@ -753,7 +828,7 @@ impl Session {
             &format!("put {}", inner.key),
             c.put(
                 inner.key.clone(),
-                published.clone(),
+                seal(inner.auth.as_deref(), &inner.name, &published),
                 Some(PutOptions::new().with_lease(lease)),
             ),
         )
@@ -891,7 +966,7 @@ impl Session {
             &format!("put {}", self.inner.key),
             c.put(
                 self.inner.key.clone(),
-                now.clone(),
+                seal(self.inner.auth.as_deref(), &self.inner.name, &now),
                 Some(PutOptions::new().with_lease(self.lease)),
             ),
         )
@@ -1058,6 +1133,41 @@ async fn follow(
         c.watch(inner.prefix.clone(), Some(opts)),
     )
     .await
+}
+
+#[cfg(test)]
+mod signing_tests {
+    use super::*;
+
+    #[test]
+    fn entries_are_sealed_and_opened_with_the_key() {
+        let meta = b"some metadata bytes".as_slice();
+        let sealed = seal(Some(b"k1"), "peer", meta);
+        assert!(sealed.starts_with(SIGNED));
+        assert_eq!(open(Some(b"k1"), "peer", &sealed), Ok(meta));
+        assert_eq!(
+            open(None, "peer", &sealed),
+            Ok(meta),
+            "keyless readers take it"
+        );
+        let why = |r: Result<&[u8], Error>| match r {
+            Err(Error::Backend { text, .. }) => text.to_string(),
+            other => panic!("{other:?}"),
+        };
+        assert!(why(open(Some(b"k2"), "peer", &sealed)).contains("signed with another key"));
+        // Under another name, or altered by one bit anywhere: refused.
+        assert!(why(open(Some(b"k1"), "other", &sealed)).contains("or was altered"));
+        for at in [4, 20, sealed.len() - 1] {
+            let mut bad = sealed.clone();
+            bad[at] ^= 1;
+            assert!(
+                why(open(Some(b"k1"), "peer", &bad)).contains("or was altered"),
+                "{at}"
+            );
+        }
+        assert!(why(open(Some(b"k1"), "peer", meta)).contains("is not signed"));
+        assert_eq!(seal(None, "peer", meta), meta);
+    }
 }
 
 #[cfg(test)]

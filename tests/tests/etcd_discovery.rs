@@ -611,3 +611,57 @@ fn registrations_are_republished_and_followed() {
     drop(dy);
     y.shutdown();
 }
+
+/// With a key, metadata goes to etcd signed with it, and only entries
+/// signed with the same key are loaded: an unsigned entry and one signed
+/// with another key are rejected with the reason (an altered one: the unit
+/// tests of `kvxfer::etcd`). An agent without a key still reads signed
+/// entries.
+#[test]
+fn with_a_key_only_metadata_signed_with_it_is_loaded() {
+    if std::env::var(ROLE).is_ok() {
+        return;
+    }
+    let Some(etcd) = EtcdServer::start() else {
+        panic!("no etcd binary on PATH: install Debian's etcd-server (scripts/setup.sh --test)");
+    };
+    let prefix = format!("/kvxfer-signed-{}/", std::process::id());
+    let agent = |name: &str, key: Option<&[u8]>| {
+        let mut cfg = AgentConfig::default().with_backend("UCX").with_listen(None);
+        cfg = cfg.with_auth_key(key.unwrap_or(b""));
+        Agent::new(name, cfg).unwrap()
+    };
+    let ecfg = || EtcdConfig::new(&etcd.url).with_prefix(prefix.as_str());
+    let good = agent("signed-good", Some(b"shared secret"));
+    let other = agent("signed-other", Some(b"another secret"));
+    let plain = agent("signed-plain", None);
+    let reader = agent("signed-reader", Some(b"shared secret"));
+    let keyless = agent("signed-keyless", None);
+    let _rx = Registered::new(&good, vec![1; SRC]);
+    let ds: Vec<EtcdDiscovery> = [&good, &other, &plain, &reader, &keyless]
+        .into_iter()
+        .map(|a| EtcdDiscovery::start(a, ecfg()).unwrap())
+        .collect();
+    let (dreader, dkeyless) = (&ds[3], &ds[4]);
+    let t = Duration::from_secs(5);
+    assert_eq!(dreader.fetch("signed-good", t), Ok("signed-good".into()));
+    let rejected = |r: Result<String, Error>, why: &str| match r {
+        Err(Error::Backend {
+            backend: "ETCD",
+            text,
+            ..
+        }) if text.contains(why) => {}
+        other => panic!("expected a rejection saying {why:?}, got {other:?}"),
+    };
+    rejected(dreader.fetch("signed-other", t), "signed with another key");
+    rejected(dreader.fetch("signed-plain", t), "is not signed");
+    assert_eq!(reader.has_remote("signed-other"), Ok(false));
+    assert_eq!(reader.has_remote("signed-plain"), Ok(false));
+    // An agent without a key reads signed and unsigned entries.
+    assert_eq!(dkeyless.fetch("signed-good", t), Ok("signed-good".into()));
+    assert_eq!(dkeyless.fetch("signed-plain", t), Ok("signed-plain".into()));
+    drop(ds);
+    for a in [good, other, plain, reader, keyless] {
+        a.shutdown();
+    }
+}
