@@ -48,5 +48,5 @@ pub use mem::{Desc, MemKind, Region};
 pub use storage::{Capacities, Managed, Storage};
 pub use time::Instant;
 pub use transport::{
-    Capabilities, Completion, PostStatus, Segment, Segments, Token, Transport, XferOp,
+    Capabilities, Completion, PostStatus, Segment, Segments, Token, Transport, Wake, XferOp,
 };

@@ -1594,6 +1594,14 @@ impl<T: Transport> Transport for Staged<T> {
         Ok(StagedReg::Vram(*region))
     }
 
+    fn arm(&mut self) -> kvxfer_core::Wake {
+        if self.ops.is_empty() && self.done.is_empty() && self.user_notes.is_empty() {
+            self.inner.arm()
+        } else {
+            kvxfer_core::Wake::Busy
+        }
+    }
+
     fn in_use(&mut self, reg: &Self::LocalReg) -> bool {
         match reg {
             StagedReg::Host(r) => self.inner.in_use(r),

@@ -202,6 +202,15 @@ impl State {
         }
     }
 
+    /// Asks the transport whether the progress thread may sleep on its
+    /// descriptor (see [`kvxfer_core::Wake`]).
+    fn arm(&mut self) -> kvxfer_core::Wake {
+        match self.backend.as_mut() {
+            Some(b) => on_engine!(b, e => kvxfer_core::Transport::arm(e.transport_mut())),
+            None => kvxfer_core::Wake::Unsupported,
+        }
+    }
+
     fn backend(&mut self) -> Result<&mut Backend, Error> {
         self.backend.as_mut().ok_or(Error::ShutDown)
     }
@@ -272,6 +281,8 @@ struct Shared {
     /// shutdown.
     done: Condvar,
     closed: AtomicBool,
+    /// Wakes the progress thread from its idle sleep.
+    waker: crate::wake::Waker,
 }
 
 impl Shared {
@@ -344,6 +355,7 @@ impl Owner {
         {
             s.stop();
         }
+        self.shared.waker.wake();
         if let Some(t) = self
             .progress
             .lock()
@@ -364,6 +376,10 @@ impl Drop for Owner {
     }
 }
 
+/// Longest the idle progress thread sleeps on a transport's wake-up
+/// descriptor before polling anyway.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
+
 fn progress_loop(shared: Arc<Shared>) {
     // Spin while transfers are in flight (yielding the lock and the CPU
     // between polls); back off to `progress_idle_sleep` when idle.
@@ -374,10 +390,11 @@ fn progress_loop(shared: Arc<Shared>) {
     let mut idle_rounds: u32 = 0;
     let mut last_activity: u64 = 0;
     while !shared.closed.load(Ordering::Acquire) {
-        let (finished, inflight, activity, far) = {
+        let (finished, inflight, activity, far, notes) = {
             let mut st = shared.lock();
             let (f, i) = st.progress_counting();
-            (f, i, st.activity(), st.far_peers())
+            let notes = !st.notifs.is_empty() || !st.lost.is_empty();
+            (f, i, st.activity(), st.far_peers(), notes)
         };
         // With no idle sleep configured, poll without sleeping only while
         // a peer may need this agent's progress; peers on this host moved
@@ -389,7 +406,7 @@ fn progress_loop(shared: Arc<Shared>) {
         };
         let active = activity != last_activity;
         last_activity = activity;
-        if finished > 0 {
+        if finished > 0 || notes {
             shared.done.notify_all();
         }
         if finished > 0 || inflight > 0 || active {
@@ -399,9 +416,18 @@ fn progress_loop(shared: Arc<Shared>) {
             idle_rounds = idle_rounds.saturating_add(1);
             if idle_rounds < 64 {
                 std::thread::yield_now();
-            } else {
-                let step = Duration::from_micros(u64::from(idle_rounds - 63).min(1000) * 10);
-                std::thread::sleep(step.min(max_sleep));
+                continue;
+            }
+            // Idle: sleep on the transport's wake-up descriptor where it has
+            // one (and on the agent's own wake-ups), else back off.
+            let wake = shared.lock().arm();
+            match wake {
+                kvxfer_core::Wake::Armed(fd) => shared.waker.wait(fd, IDLE_WAIT),
+                kvxfer_core::Wake::Busy => std::thread::yield_now(),
+                kvxfer_core::Wake::Unsupported => {
+                    let step = Duration::from_micros(u64::from(idle_rounds - 63).min(1000) * 10);
+                    std::thread::sleep(step.min(max_sleep));
+                }
             }
         }
     }
@@ -476,6 +502,13 @@ impl Agent {
             }),
             done: Condvar::new(),
             closed: AtomicBool::new(false),
+            waker: crate::wake::Waker::new().map_err(|e| {
+                Error::backend(
+                    kind.name(),
+                    i64::from(e.raw_os_error().unwrap_or(0)),
+                    &format!("wake-up channel: {e}"),
+                )
+            })?,
         });
         let server = match &shared.cfg.listen {
             Some(listen) => {
@@ -621,7 +654,9 @@ impl Agent {
     /// Loads a peer's metadata (replacing an earlier load under the same
     /// name) and returns the peer's name.
     pub fn load_remote(&self, blob: &[u8]) -> Result<String, Error> {
-        self.shared().load(blob)
+        let r = self.shared().load(blob);
+        self.shared().waker.wake();
+        r
     }
 
     /// Connects to the agent whose side channel listens on `addr`
@@ -853,7 +888,9 @@ impl Agent {
     pub fn notify(&self, peer: &str, msg: &[u8]) -> Result<(), Error> {
         let mut st = self.shared().lock();
         let b = st.backend()?;
-        on_engine!(b, e => e.notify(peer, msg))
+        let r = on_engine!(b, e => e.notify(peer, msg));
+        self.shared().waker.wake();
+        r
     }
 
     /// Takes every notification received so far, grouped by sending peer,
@@ -878,6 +915,41 @@ impl Agent {
             });
         }
         Ok(std::mem::take(&mut st.notifs))
+    }
+
+    /// [`take_notifications`](Agent::take_notifications), waiting up to
+    /// `timeout` for at least one notification (or a loss to report)
+    /// instead of returning an empty map at once. With a progress thread
+    /// the caller sleeps until it collects one; without, this polls.
+    pub fn wait_notifications(
+        &self,
+        timeout: Duration,
+    ) -> Result<HashMap<String, Vec<Vec<u8>>>, Error> {
+        let deadline = StdInstant::now() + timeout;
+        loop {
+            {
+                let mut st = self.shared().lock();
+                st.backend()?;
+                if !self.shared().progress_thread {
+                    st.progress();
+                }
+                if st.notifs.is_empty() && st.lost.is_empty() {
+                    let left = deadline.saturating_duration_since(StdInstant::now());
+                    if left.is_zero() {
+                        return Ok(HashMap::new());
+                    }
+                    if self.shared().progress_thread {
+                        let wait = left.min(Duration::from_millis(100));
+                        drop(self.shared().done.wait_timeout(st, wait));
+                    } else {
+                        drop(st);
+                        std::thread::sleep(left.min(Duration::from_millis(1)));
+                    }
+                    continue;
+                }
+            }
+            return self.take_notifications();
+        }
     }
 
     /// Polls the transport once (completions and notifications). Needed
@@ -946,6 +1018,8 @@ impl XferRequest {
             e.post_finished(self.handle, now());
             s
         });
+        // The progress thread may sleep on the transport: it has work now.
+        self.shared.waker.wake();
         Ok(state)
     }
 

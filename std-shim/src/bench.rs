@@ -333,7 +333,15 @@ pub fn run_target(
         .ok_or_else(|| bench_err("target has no side channel"))?;
     ready(&addr.to_string());
     while !stop.load(Ordering::Acquire) {
-        for (peer, msgs) in agent.take_notifications()? {
+        let notes = match agent.wait_notifications(Duration::from_millis(100)) {
+            Ok(n) => n,
+            Err(e @ Error::NotificationsLost { .. }) => {
+                log::warn!("target: {e}");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        for (peer, msgs) in notes {
             for m in msgs {
                 let reply = if m == b"bench:region" {
                     format!("bench:region {} {}", buf.addr(), buf.len)
@@ -378,7 +386,6 @@ pub fn run_target(
                 }
             }
         }
-        std::thread::sleep(Duration::from_millis(1));
     }
     drop(discovery);
     drop(buf);

@@ -39,6 +39,7 @@ pub mod config;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod side_channel;
+mod wake;
 
 pub use agent::{Agent, AgentEngine, WaitOutcome, XferRequest};
 pub use config::{

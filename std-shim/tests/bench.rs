@@ -186,3 +186,93 @@ fn target_fill_replaces_its_bytes() {
     let _ = target.kill();
     let _ = target.wait();
 }
+
+/// CPU time (user + system, in clock ticks of 10 ms) of `pid`'s threads
+/// whose name starts with `thread` (all threads for "").
+fn cpu_ticks(pid: u32, thread: &str) -> u64 {
+    let mut sum = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+        let dir = task.expect("task").path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.trim().starts_with(thread) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+        // Fields after the command name, which is in parentheses.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        // utime and stime are fields 14 and 15 of stat: 12 and 13 here.
+        sum += f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    }
+    sum
+}
+
+/// Ticks `pid`'s threads named `thread` use over `secs` seconds.
+fn idle_ticks(pid: u32, thread: &str, secs: u64) -> u64 {
+    let before = cpu_ticks(pid, thread);
+    std::thread::sleep(Duration::from_secs(secs));
+    cpu_ticks(pid, thread) - before
+}
+
+/// An idle `kvxfer target` and an idle agent's progress thread sleep on
+/// UCX's wake-up descriptor: under 1% of a core (3 ticks in 3 s), also
+/// with a peer loaded, on the same-host and on the network path.
+#[test]
+fn idle_agents_use_almost_no_cpu() {
+    for cma in ["1", "0"] {
+        let mut target = Command::new(KVXFER)
+            .args(["target", "--size", "1MiB", "--name", "idle-target"])
+            .env("KVXFER_BACKEND", "UCX")
+            .env("KVXFER_SAME_HOST_CMA", cma)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn kvxfer target");
+        let mut lines = BufReader::new(target.stdout.take().expect("stdout")).lines();
+        let addr = loop {
+            let line = lines.next().expect("target output").expect("line");
+            if let Some(a) = line.strip_prefix("listening ") {
+                break a.trim().to_string();
+            }
+        };
+        let pid = target.id();
+        std::thread::sleep(Duration::from_millis(500));
+        let alone = idle_ticks(pid, "", 3);
+        let cfg = AgentConfig::default()
+            .with_backend("UCX")
+            .with_same_host(cma == "1");
+        let agent = Agent::new("idle-initiator", cfg).expect("agent");
+        let peer = agent.connect(&addr).expect("connect");
+        let path = agent.peer_path(&peer).expect("path");
+        std::thread::sleep(Duration::from_millis(500));
+        let me = std::process::id();
+        let (with_peer, ours) = {
+            let t0 = (cpu_ticks(pid, ""), cpu_ticks(me, "kvxfer-progress"));
+            std::thread::sleep(Duration::from_secs(3));
+            (
+                cpu_ticks(pid, "") - t0.0,
+                cpu_ticks(me, "kvxfer-progress") - t0.1,
+            )
+        };
+        eprintln!(
+            "RESULT idle ({path}): target {alone} ticks alone, {with_peer} with a peer; \
+             initiator progress thread {ours} ticks, in 3 s"
+        );
+        assert!(alone <= 3, "idle target: {alone} ticks in 3 s");
+        assert!(
+            with_peer <= 3,
+            "idle target with a peer ({path}): {with_peer} ticks"
+        );
+        assert!(
+            ours <= 3,
+            "idle agent's progress thread ({path}): {ours} ticks"
+        );
+        agent.shutdown();
+        drop(target.stdin.take());
+        let _ = target.kill();
+        let _ = target.wait();
+    }
+}

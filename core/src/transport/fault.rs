@@ -284,6 +284,14 @@ impl<T: Transport> Transport for FaultInjector<T> {
         self.inner.in_use(reg)
     }
 
+    fn arm(&mut self) -> crate::transport::Wake {
+        if self.held.is_empty() {
+            self.inner.arm()
+        } else {
+            crate::transport::Wake::Busy
+        }
+    }
+
     fn post(
         &mut self,
         op: XferOp,

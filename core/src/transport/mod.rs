@@ -239,6 +239,18 @@ impl<'a, L, K> Iterator for SegmentsIter<'a, L, K> {
 
 impl<L, K> ExactSizeIterator for SegmentsIter<'_, L, K> {}
 
+/// What [`Transport::arm`] found.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// The transport has no descriptor to sleep on.
+    Unsupported,
+    /// Work is pending: poll again rather than sleep.
+    Busy,
+    /// Nothing is pending; this file descriptor becomes readable when the
+    /// transport has work. The caller may block on it, then must poll.
+    Armed(i32),
+}
+
 /// What a transport can do; filled in by each transport.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -375,6 +387,12 @@ pub trait Transport {
 
     /// Sends a notification to `peer`, outside any transfer.
     fn send_notification(&mut self, peer: &Self::Peer, msg: &[u8]) -> Result<(), Error>;
+
+    /// Prepares the caller to sleep until the transport has work (see
+    /// [`Wake`]). Default: [`Wake::Unsupported`].
+    fn arm(&mut self) -> Wake {
+        Wake::Unsupported
+    }
 
     /// Copies one received notification into `buf` and returns its length,
     /// if one has arrived. A message longer than `buf` yields

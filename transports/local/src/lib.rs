@@ -479,6 +479,14 @@ impl<T: Transport> Transport for Local<T> {
         self.inner.deregister(reg)
     }
 
+    fn arm(&mut self) -> kvxfer_core::Wake {
+        if self.xfers.is_empty() {
+            self.inner.arm()
+        } else {
+            kvxfer_core::Wake::Busy
+        }
+    }
+
     fn in_use(&mut self, reg: &T::LocalReg) -> bool {
         // Cross-memory-attach parts end before `cancel` returns.
         self.inner.in_use(reg)

@@ -487,7 +487,9 @@ impl UcxTransport {
 
         let params = sys::ucp_params_t {
             field_mask: u64::from(sys::UCP_PARAM_FIELD_FEATURES),
-            features: u64::from(sys::UCP_FEATURE_RMA | sys::UCP_FEATURE_AM),
+            features: u64::from(
+                sys::UCP_FEATURE_RMA | sys::UCP_FEATURE_AM | sys::UCP_FEATURE_WAKEUP,
+            ),
             ..Default::default()
         };
         // SAFETY: params and config are valid for the call; the out pointer
@@ -1722,6 +1724,27 @@ impl Transport for UcxTransport {
                 self.active.push(index);
                 Ok(())
             }
+        }
+    }
+
+    fn arm(&mut self) -> kvxfer_core::Wake {
+        use kvxfer_core::Wake;
+        // SAFETY: as in `poll_notification`: no progress runs meanwhile.
+        let queued = unsafe { (*self.notes.get()).len > 0 };
+        if !self.completions.is_empty() || queued || self.worker.is_null() {
+            return Wake::Busy;
+        }
+        let mut fd: std::ffi::c_int = -1;
+        // SAFETY: the worker is live; the out pointer is valid. The worker
+        // was created with UCP_FEATURE_WAKEUP.
+        if unsafe { sys::ucp_worker_get_efd(self.worker, &mut fd) } != UCS_OK || fd < 0 {
+            return Wake::Unsupported;
+        }
+        // SAFETY: the worker is live and no other call on it overlaps
+        // (`&mut self`).
+        match unsafe { sys::ucp_worker_arm(self.worker) } {
+            UCS_OK => Wake::Armed(fd),
+            _ => Wake::Busy,
         }
     }
 
