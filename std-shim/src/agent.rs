@@ -446,7 +446,7 @@ fn progress_loop(shared: Arc<Shared>) {
 /// use kvxfer::{Agent, AgentConfig, Desc, WaitOutcome, XferOp};
 ///
 /// let agent = Agent::new("prefill-0", AgentConfig::default())?;
-/// let buf = vec![7u8; 4096];
+/// let mut buf = vec![7u8; 4096];
 /// // SAFETY: `buf` outlives its registration (deregistered below) and no
 /// // Rust reference reads it while a transfer runs.
 /// unsafe { agent.register_slice(&mut buf)? };
