@@ -159,6 +159,104 @@ fn read_hot_path_allocates_nothing() {
     hot_path_allocates_nothing(XferOp::Read);
 }
 
+/// The same with the target in another process of this host, so that the
+/// data moves by cross-memory attach: 128 strided blocks (parts handed to
+/// workers and to the polling thread) and 4 KiB (moved inline), WRITE and
+/// READ, 1000 times each without a heap allocation on the polling thread.
+/// The target is `kvxfer target`; its data is checked with its own
+/// checksum at the end.
+#[test]
+fn same_host_hot_path_allocates_nothing() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvxfer"))
+        .args(["target", "--size", "1MiB", "--name", "noalloc-far"])
+        .env("KVXFER_BACKEND", "UCX")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn kvxfer target");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let addr = loop {
+        let line = lines.next().expect("target output").expect("line");
+        if let Some(a) = line.strip_prefix("listening ") {
+            break a.trim().to_string();
+        }
+    };
+    let initiator = Agent::new(
+        "noalloc-near",
+        AgentConfig::default()
+            .with_backend("UCX")
+            .with_listen(None)
+            .with_progress_thread(false),
+    )
+    .unwrap();
+    let peer = initiator.connect(&addr).unwrap();
+    assert_eq!(initiator.peer_path(&peer), Ok("cross-memory attach"));
+    initiator.notify(&peer, b"bench:region").unwrap();
+    let region = loop {
+        let mut all = initiator
+            .wait_notifications(Duration::from_secs(10))
+            .unwrap();
+        if let Some(m) = all.remove(&peer).and_then(|v| v.into_iter().next()) {
+            break String::from_utf8(m).unwrap();
+        }
+    };
+    let mut it = region
+        .strip_prefix("bench:region ")
+        .expect("region reply")
+        .split(' ')
+        .map(|x| x.parse::<u64>().unwrap());
+    let raddr = it.next().unwrap();
+    let mut buf: Vec<u8> = (0..SPAN).map(|i| (i % 249) as u8 + 3).collect();
+    // SAFETY: `buf` outlives its registration (the agent is shut down
+    // first) and is read only after the transfers into it completed.
+    unsafe { initiator.register_slice(&mut buf).unwrap() };
+    let strided = |base: u64| -> Vec<Desc> {
+        (0..BLOCKS)
+            .map(|i| Desc::new(base + 2 * i * BLOCK, BLOCK))
+            .collect()
+    };
+    let local = strided(buf.as_ptr() as u64);
+    let remote = strided(raddr);
+    let small_l = [Desc::new(buf.as_ptr() as u64, BLOCK)];
+    let small_r = [Desc::new(raddr, BLOCK)];
+    for op in [XferOp::Write, XferOp::Read] {
+        for (l, r) in [(&local[..], &remote[..]), (&small_l[..], &small_r[..])] {
+            let req = initiator.prepare(op, l, r, &peer, None).unwrap();
+            for _ in 0..50 {
+                run_once(&req);
+            }
+            let n = allocations_in(|| {
+                for _ in 0..1000 {
+                    run_once(&req);
+                }
+            });
+            assert_eq!(
+                n,
+                0,
+                "{n} heap allocations in 1000 same-host {} requests of {} blocks",
+                op.name(),
+                l.len()
+            );
+        }
+    }
+    // The READs brought back what the WRITEs put there.
+    let want: Vec<u8> = (0..SPAN).map(|i| (i % 249) as u8 + 3).collect();
+    initiator.shutdown();
+    for i in 0..BLOCKS as usize {
+        let r = 2 * i * BLOCK as usize..(2 * i + 1) * BLOCK as usize;
+        assert_eq!(
+            buf[r.clone()],
+            want[r],
+            "block {i} differs after the round trip"
+        );
+    }
+    drop(child.stdin.take());
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 #[test]
 fn counting_allocator_counts() {
     let n = allocations_in(|| {

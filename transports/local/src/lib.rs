@@ -250,6 +250,12 @@ pub struct Local<T: Transport> {
     xfers: Vec<CmaXfer>,
     pool: Option<Pool>,
     done: u64,
+    /// Reused between requests, so that the hot path does not allocate:
+    /// pieces of an inline transfer, finished progress records and
+    /// notification buffers.
+    scratch: Vec<(u64, u64, u64)>,
+    spare_progress: Vec<Arc<Progress>>,
+    spare_notes: Vec<Vec<u8>>,
 }
 
 impl<T: Transport> Local<T> {
@@ -264,6 +270,9 @@ impl<T: Transport> Local<T> {
             xfers: Vec::new(),
             pool: None,
             done: 0,
+            scratch: Vec::new(),
+            spare_progress: Vec::new(),
+            spare_notes: Vec::new(),
         }
     }
 
@@ -346,11 +355,13 @@ impl<T: Transport> Local<T> {
     ) -> Result<PostStatus, Error> {
         let total: u64 = segments.iter().map(|s| s.len).sum();
         if total <= self.config.inline_max {
-            let pieces: Vec<_> = segments
-                .iter()
-                .map(|s| (s.local_addr, s.remote_addr, s.len))
-                .collect();
-            copy(op, pid, &pieces)?;
+            self.scratch.clear();
+            self.scratch.extend(
+                segments
+                    .iter()
+                    .map(|s| (s.local_addr, s.remote_addr, s.len)),
+            );
+            copy(op, pid, &self.scratch)?;
             self.done += 1;
             return match notification {
                 Some(n) => self.post_note(peer_id, n, token),
@@ -369,7 +380,7 @@ impl<T: Transport> Local<T> {
         let Some(pool) = &self.pool else {
             return Err(backend(libc::EINVAL, "no workers"));
         };
-        let progress = Progress::open();
+        let progress = self.spare_progress.pop().unwrap_or_else(Progress::open);
         let part_bytes = self.config.part_bytes.max(1);
         let part = |pieces| Part {
             progress: Arc::clone(&progress),
@@ -377,7 +388,7 @@ impl<T: Transport> Local<T> {
             pid,
             pieces,
         };
-        let mut cur: Vec<(u64, u64, u64)> = Vec::with_capacity(ffi::IOV_MAX);
+        let mut cur = pool.pieces();
         let mut cur_bytes = 0u64;
         for s in segments.iter() {
             let mut off = 0;
@@ -387,21 +398,29 @@ impl<T: Transport> Local<T> {
                 cur_bytes += n;
                 off += n;
                 if cur_bytes == part_bytes || cur.len() == ffi::IOV_MAX {
-                    let full = std::mem::replace(&mut cur, Vec::with_capacity(ffi::IOV_MAX));
+                    let full = std::mem::replace(&mut cur, pool.pieces());
                     pool.submit(part(full));
                     cur_bytes = 0;
                 }
             }
         }
-        if !cur.is_empty() {
+        if cur.is_empty() {
+            pool.put_back(cur);
+        } else {
             pool.submit(part(cur));
         }
         progress.seal();
+        let note = notification.map(|n| {
+            let mut v = self.spare_notes.pop().unwrap_or_default();
+            v.clear();
+            v.extend_from_slice(n);
+            v
+        });
         self.xfers.push(CmaXfer {
             token,
             peer: peer_id,
             progress,
-            note: notification.map(<[u8]>::to_vec),
+            note,
         });
         Ok(PostStatus::InProgress)
     }
@@ -437,21 +456,31 @@ impl<T: Transport> Local<T> {
                     self.xfers.iter().position(|x| x.progress.finished())?
                 }
             };
-            let x = self.xfers.swap_remove(pos);
+            let CmaXfer {
+                token,
+                peer,
+                mut progress,
+                note,
+            } = self.xfers.swap_remove(pos);
             self.done += 1;
-            let result = match (x.progress.take_error(), &x.note) {
+            let error = progress.take_error();
+            if Progress::recycle(&mut progress) {
+                self.spare_progress.push(progress);
+            }
+            let result = match (error, &note) {
                 (Some(e), _) => Err(e),
                 (None, None) => Ok(()),
-                (None, Some(note)) => match self.post_note(x.peer, note, x.token) {
-                    Ok(PostStatus::InProgress) => continue,
+                (None, Some(n)) => match self.post_note(peer, n, token) {
+                    Ok(PostStatus::InProgress) => {
+                        self.spare_notes.extend(note);
+                        continue;
+                    }
                     Ok(PostStatus::Done) => Ok(()),
                     Err(e) => Err(e),
                 },
             };
-            return Some(Completion {
-                token: x.token,
-                result,
-            });
+            self.spare_notes.extend(note);
+            return Some(Completion { token, result });
         }
     }
 }

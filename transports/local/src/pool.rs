@@ -41,6 +41,23 @@ impl Progress {
         self.left.load(Ordering::Acquire) == 0
     }
 
+    /// Makes a finished progress ready for another transfer; `false` if a
+    /// worker still holds it (it is then dropped instead).
+    pub fn recycle(this: &mut Arc<Progress>) -> bool {
+        // The worker that finished the last part lets go of its clone right
+        // after counting it: wait a moment for that.
+        for _ in 0..1000 {
+            if let Some(p) = Arc::get_mut(this) {
+                *p.left.get_mut() = 1;
+                *p.cancelled.get_mut() = false;
+                *p.error.get_mut().unwrap_or_else(PoisonError::into_inner) = None;
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        false
+    }
+
     /// Stops parts not started yet.
     pub fn cancel(&self) {
         self.cancelled.store(true, Ordering::Release);
@@ -91,6 +108,9 @@ struct Queue {
 struct Shared {
     queue: Mutex<Queue>,
     ready: Condvar,
+    /// Emptied piece lists, reused for the next parts (no allocation per
+    /// part once warm).
+    stash: Mutex<Vec<Vec<(u64, u64, u64)>>>,
 }
 
 /// A fixed set of worker threads.
@@ -108,6 +128,7 @@ impl Pool {
                 stop: false,
             }),
             ready: Condvar::new(),
+            stash: Mutex::new(Vec::new()),
         });
         let mut pool = Pool {
             shared,
@@ -123,6 +144,27 @@ impl Pool {
         Ok(pool)
     }
 
+    /// An empty piece list, reused if one is spare.
+    pub fn pieces(&self) -> Vec<(u64, u64, u64)> {
+        let spare = self
+            .shared
+            .stash
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        spare.unwrap_or_else(|| Vec::with_capacity(crate::ffi::IOV_MAX))
+    }
+
+    /// Returns an unused piece list to the stash.
+    pub fn put_back(&self, mut pieces: Vec<(u64, u64, u64)>) {
+        pieces.clear();
+        self.shared
+            .stash
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(pieces);
+    }
+
     /// Queues `part`.
     pub fn submit(&self, part: Part) {
         part.progress.left.fetch_add(1, Ordering::AcqRel);
@@ -136,7 +178,7 @@ impl Pool {
         let part = self.lock().parts.pop_front();
         match part {
             Some(p) => {
-                run(p);
+                run(p, &self.shared);
                 true
             }
             None => false,
@@ -165,19 +207,31 @@ fn work(shared: &Shared) {
                 q = shared.ready.wait(q).unwrap_or_else(PoisonError::into_inner);
             }
         };
-        run(part);
+        run(part, shared);
     }
 }
 
 /// Moves one part (unless its transfer already failed or was cancelled)
 /// and counts it finished.
-fn run(part: Part) {
-    if !part.progress.failed() {
-        if let Err(e) = copy(part.op, part.pid, &part.pieces) {
-            part.progress.fail(e);
+fn run(part: Part, shared: &Shared) {
+    let Part {
+        progress,
+        op,
+        pid,
+        mut pieces,
+    } = part;
+    if !progress.failed() {
+        if let Err(e) = copy(op, pid, &pieces) {
+            progress.fail(e);
         }
     }
-    part.progress.left.fetch_sub(1, Ordering::AcqRel);
+    pieces.clear();
+    shared
+        .stash
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(pieces);
+    progress.left.fetch_sub(1, Ordering::AcqRel);
 }
 
 impl Drop for Pool {
