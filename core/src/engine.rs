@@ -262,6 +262,29 @@ fn compact<S>(
     }
 }
 
+/// The `count` records of the chunk chain starting at `first`.
+fn chain_records<'s>(
+    segs: &'s [SegRec],
+    links: &'s [u32],
+    chunk_len: usize,
+    first: u32,
+    count: u32,
+) -> impl Iterator<Item = &'s SegRec> + 's {
+    let mut chunk = first;
+    let mut left = count as usize;
+    core::iter::from_fn(move || {
+        if chunk == NIL || left == 0 {
+            return None;
+        }
+        let at = chunk as usize * chunk_len;
+        let n = left.min(chunk_len);
+        left -= n;
+        chunk = links.get(chunk as usize).copied().unwrap_or(NIL);
+        segs.get(at..at + n)
+    })
+    .flatten()
+}
+
 /// Where a transfer's segments are being written: a chain of chunks.
 struct SegWriter {
     first: u32,
@@ -850,17 +873,16 @@ impl<'a, T: Transport> Engine<'a, T> {
     }
 
     /// Calls `f` on each of slot `i`'s segment records.
-    fn for_each_seg(&self, i: usize, mut f: impl FnMut(&SegRec)) {
-        let (mut c, mut left) = (self.xfers[i].first_chunk, self.xfers[i].segs as usize);
-        while c != NIL && left > 0 {
-            let at = c as usize * self.chunk_len;
-            let n = left.min(self.chunk_len);
-            for s in &self.segs[at..at + n] {
-                f(s);
-            }
-            left -= n;
-            c = self.links[c as usize];
-        }
+    fn for_each_seg(&self, i: usize, f: impl FnMut(&SegRec)) {
+        let x = &self.xfers[i];
+        let recs = chain_records(
+            &self.segs,
+            &self.links,
+            self.chunk_len,
+            x.first_chunk,
+            x.segs,
+        );
+        recs.for_each(f);
     }
 
     /// Makes a live transfer of the filled chain `w` against peer slot
@@ -915,17 +937,14 @@ impl<'a, T: Transport> Engine<'a, T> {
             ..XferTelemetry::default()
         };
         let generation = slot.generation;
-        let (mut c, mut left) = (w.first, w.count);
-        while c != NIL && left > 0 {
-            let at = c as usize * self.chunk_len;
-            let n = left.min(self.chunk_len);
-            for k in at..at + n {
-                let local = self.segs[k].local;
-                self.registry.acquire(local);
-            }
-            left -= n;
-            c = self.links[c as usize];
-        }
+        let recs = chain_records(
+            &self.segs,
+            &self.links,
+            self.chunk_len,
+            w.first,
+            w.count as u32,
+        );
+        recs.for_each(|s| self.registry.acquire(s.local));
         Ok(XferHandle {
             index: i as u32,
             generation,
@@ -1422,19 +1441,9 @@ impl<'a, T: Transport> Engine<'a, T> {
         if self.xfers[i].state == XferState::InProgress {
             self.in_flight -= 1;
         }
-        let mut c = self.xfers[i].first_chunk;
-        let mut left = self.xfers[i].segs as usize;
-        while c != NIL && left > 0 {
-            let at = c as usize * self.chunk_len;
-            let n = left.min(self.chunk_len);
-            for k in at..at + n {
-                let local = self.segs[k].local;
-                self.registry.release(local);
-            }
-            left -= n;
-            c = self.links[c as usize];
-        }
-        let first = self.xfers[i].first_chunk;
+        let (first, count) = (self.xfers[i].first_chunk, self.xfers[i].segs);
+        let recs = chain_records(&self.segs, &self.links, self.chunk_len, first, count);
+        recs.for_each(|s| self.registry.release(s.local));
         self.free_chain(first);
         let note = self.xfers[i].note;
         self.put_note(note);

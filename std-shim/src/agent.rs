@@ -37,6 +37,30 @@ type FabricT = Local<kvxfer_libfabric::FabricTransport>;
 /// ([`AgentConfig::same_host`]).
 type Local<T> = kvxfer_local::Local<T>;
 
+/// The same-host layer under VRAM staging (with the `cuda` feature).
+#[cfg(feature = "cuda")]
+#[allow(dead_code)]
+fn local_of<T: kvxfer_core::Transport>(t: &kvxfer_cuda::Staged<Local<T>>) -> &Local<T> {
+    t.inner()
+}
+#[cfg(not(feature = "cuda"))]
+#[allow(dead_code)]
+fn local_of<T: kvxfer_core::Transport>(t: &Local<T>) -> &Local<T> {
+    t
+}
+
+/// Requests the staging layer served for peers (with the `cuda` feature).
+#[cfg(feature = "cuda")]
+#[allow(dead_code)]
+fn staging_events<T: kvxfer_core::Transport>(t: &kvxfer_cuda::Staged<T>) -> u64 {
+    t.staging_events()
+}
+#[cfg(not(feature = "cuda"))]
+#[allow(dead_code)]
+fn staging_events<T>(_t: &T) -> u64 {
+    0
+}
+
 #[allow(dead_code)]
 fn local<T: kvxfer_core::Transport>(t: T, cfg: &AgentConfig) -> Local<T> {
     let mut lc = kvxfer_local::LocalConfig::from_env();
@@ -160,26 +184,18 @@ impl State {
     /// engine does not see as transfers of its own.
     fn activity(&self) -> u64 {
         match self.backend.as_ref() {
-            #[cfg(all(feature = "ucx", feature = "cuda"))]
+            #[cfg(feature = "ucx")]
             Some(Backend::Ucx(e)) => {
-                let t = e.transport();
-                let l = t.inner();
+                let l = local_of(e.transport());
                 (l.inner().progress_events())
                     .wrapping_add(l.cma_transfers())
-                    .wrapping_add(t.staging_events())
+                    .wrapping_add(staging_events(e.transport()))
             }
-            #[cfg(all(feature = "ucx", not(feature = "cuda")))]
-            Some(Backend::Ucx(e)) => {
-                let l = e.transport();
-                l.inner().progress_events().wrapping_add(l.cma_transfers())
-            }
-            #[cfg(all(feature = "libfabric", feature = "cuda"))]
+            #[cfg(feature = "libfabric")]
             Some(Backend::Fabric(e)) => {
                 let t = e.transport();
-                t.staging_events().wrapping_add(t.inner().cma_transfers())
+                local_of(t).cma_transfers().wrapping_add(staging_events(t))
             }
-            #[cfg(all(feature = "libfabric", not(feature = "cuda")))]
-            Some(Backend::Fabric(e)) => e.transport().cma_transfers(),
             #[allow(unreachable_patterns)]
             _ => 0,
         }
@@ -189,14 +205,10 @@ impl State {
     /// (served in software by UCX or libfabric, not by cross-memory attach).
     fn far_peers(&self) -> usize {
         match self.backend.as_ref() {
-            #[cfg(all(feature = "ucx", feature = "cuda"))]
-            Some(Backend::Ucx(e)) => e.transport().inner().far_peers(),
-            #[cfg(all(feature = "ucx", not(feature = "cuda")))]
-            Some(Backend::Ucx(e)) => e.transport().far_peers(),
-            #[cfg(all(feature = "libfabric", feature = "cuda"))]
-            Some(Backend::Fabric(e)) => e.transport().inner().far_peers(),
-            #[cfg(all(feature = "libfabric", not(feature = "cuda")))]
-            Some(Backend::Fabric(e)) => e.transport().far_peers(),
+            #[cfg(feature = "ucx")]
+            Some(Backend::Ucx(e)) => local_of(e.transport()).far_peers(),
+            #[cfg(feature = "libfabric")]
+            Some(Backend::Fabric(e)) => local_of(e.transport()).far_peers(),
             #[allow(unreachable_patterns)]
             _ => 0,
         }
@@ -718,11 +730,7 @@ impl Agent {
         peer: &str,
         notification: Option<&[u8]>,
     ) -> Result<XferRequest, Error> {
-        let mut st = self.shared().lock();
-        let b = st.backend()?;
-        let prepared: Result<XferHandle, Error> =
-            on_engine!(b, e => e.prepare(op, local, remote, peer, notification));
-        Ok(self.request(prepared?))
+        self.prepare_lists(op, local.into(), remote.into(), peer, notification)
     }
 
     /// [`prepare`](Agent::prepare) for explicit or strided lists: a
@@ -763,9 +771,7 @@ impl Agent {
     /// validating descriptors again. The list holds its regions (they
     /// cannot be deregistered) until [`release_local`](Agent::release_local).
     pub fn prep_local(&self, descs: &[Desc]) -> Result<PreparedLocal, Error> {
-        let mut st = self.shared().lock();
-        let b = st.backend()?;
-        on_engine!(b, e => e.prep_local(descs))
+        self.prep_local_list(descs.into())
     }
 
     /// [`prep_local`](Agent::prep_local) for an explicit or strided list; a
@@ -791,9 +797,7 @@ impl Agent {
     /// [`make_xfer`](Agent::make_xfer). The list goes stale when the peer
     /// is reloaded or invalidated.
     pub fn prep_remote(&self, peer: &str, descs: &[Desc]) -> Result<PreparedRemote, Error> {
-        let mut st = self.shared().lock();
-        let b = st.backend()?;
-        on_engine!(b, e => e.prep_remote(peer, descs))
+        self.prep_remote_list(peer, descs.into())
     }
 
     /// Releases a list made by [`prep_local`](Agent::prep_local); using it
@@ -840,14 +844,10 @@ impl Agent {
         let mut st = self.shared().lock();
         let b = st.backend()?;
         let near = match *b {
-            #[cfg(all(feature = "ucx", feature = "cuda"))]
-            Backend::Ucx(ref e) => e.transport().inner().is_near(e.remote_peer(peer)?),
-            #[cfg(all(feature = "ucx", not(feature = "cuda")))]
-            Backend::Ucx(ref e) => e.transport().is_near(e.remote_peer(peer)?),
-            #[cfg(all(feature = "libfabric", feature = "cuda"))]
-            Backend::Fabric(ref e) => e.transport().inner().is_near(e.remote_peer(peer)?),
-            #[cfg(all(feature = "libfabric", not(feature = "cuda")))]
-            Backend::Fabric(ref e) => e.transport().is_near(e.remote_peer(peer)?),
+            #[cfg(feature = "ucx")]
+            Backend::Ucx(ref e) => local_of(e.transport()).is_near(e.remote_peer(peer)?),
+            #[cfg(feature = "libfabric")]
+            Backend::Fabric(ref e) => local_of(e.transport()).is_near(e.remote_peer(peer)?),
             #[cfg(feature = "cuda")]
             Backend::CudaIpc(ref e) => {
                 e.remote_peer(peer)?;

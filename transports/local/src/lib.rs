@@ -246,6 +246,8 @@ pub struct Local<T: Transport> {
     inner: T,
     config: LocalConfig,
     peers: HashMap<u64, PeerEntry<T::Peer>>,
+    /// Peers served by the inner transport.
+    far: usize,
     next_peer: u64,
     xfers: Vec<CmaXfer>,
     pool: Option<Pool>,
@@ -266,6 +268,7 @@ impl<T: Transport> Local<T> {
             inner,
             config,
             peers: HashMap::new(),
+            far: 0,
             next_peer: 1,
             xfers: Vec::new(),
             pool: None,
@@ -289,7 +292,7 @@ impl<T: Transport> Local<T> {
     /// Connected peers served by the inner transport (not on this host, or
     /// not reachable by cross-memory attach).
     pub fn far_peers(&self) -> usize {
-        self.peers.values().filter(|p| p.near.is_none()).count()
+        self.far
     }
 
     /// Whether `peer` is served by cross-memory attach.
@@ -561,8 +564,9 @@ impl<T: Transport> Transport for Local<T> {
         let inner = self.inner.connect(inner_addr)?;
         let id = self.next_peer;
         self.next_peer += 1;
-        if let Some(n) = &near {
-            log::debug!("peer pid {} is on this host: cross-memory attach", n.pid);
+        match &near {
+            Some(n) => log::debug!("peer pid {} is on this host: cross-memory attach", n.pid),
+            None => self.far += 1,
         }
         self.peers.insert(id, PeerEntry { inner, near });
         Ok(LocalPeer { id })
@@ -570,6 +574,9 @@ impl<T: Transport> Transport for Local<T> {
 
     fn disconnect(&mut self, peer: LocalPeer) {
         if let Some(p) = self.peers.remove(&peer.id) {
+            if p.near.is_none() {
+                self.far -= 1;
+            }
             self.inner.disconnect(p.inner);
         }
     }

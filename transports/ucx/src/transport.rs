@@ -152,7 +152,8 @@ struct XferSlot {
     internal: bool,
     /// When the transfer was posted, for the deadline.
     started: Instant,
-    /// Registrations (table indices) its segments read or write.
+    /// Registrations (table indices) its segments read or write, one entry
+    /// per run of segments in the same registration.
     regs: Vec<u32>,
 }
 
@@ -1587,9 +1588,11 @@ impl Transport for UcxTransport {
         {
             // SAFETY: the slot was just allocated; no request of it is in
             // flight, so no callback touches it.
+            // Neighbouring segments mostly share a registration: keep one
+            // entry per run, O(1) per segment.
             let regs = unsafe { &mut (*slot).regs };
             for seg in segments.iter() {
-                if !regs.contains(&seg.local.index) {
+                if regs.last() != Some(&seg.local.index) {
                     regs.push(seg.local.index);
                 }
             }
