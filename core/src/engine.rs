@@ -150,6 +150,18 @@ pub struct Notification {
     pub len: usize,
 }
 
+/// What [`Engine::peer_activity`] knows of a peer's liveness.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct PeerActivity {
+    /// Transfers in flight to the peer.
+    pub in_flight: u32,
+    /// When a transfer to it last completed, or was posted while none was
+    /// in flight; `None` before its first post.
+    pub heard_at: Option<Instant>,
+    /// Whether [`Engine::fail_peer`] declared it unreachable.
+    pub failed: bool,
+}
+
 /// A descriptor list resolved once against the local registry
 /// ([`Engine::prep_local`]). Entries are used by index in
 /// [`Engine::make_xfer`].
@@ -659,6 +671,9 @@ impl<'a, T: Transport> Engine<'a, T> {
         slot.state = PeerState::Live;
         slot.name = name.clone();
         slot.users = 0;
+        slot.in_flight = 0;
+        slot.heard_at = None;
+        slot.failed = false;
         log::debug!(
             "{}: loaded remote agent {:?} ({} regions)",
             self.name,
@@ -674,6 +689,59 @@ impl<'a, T: Transport> Engine<'a, T> {
         let i = self.peer_index(peer)?;
         self.retire_peer(i);
         Ok(())
+    }
+
+    /// Declares a loaded peer unreachable: every transfer in flight to it
+    /// is cancelled through the transport and fails with
+    /// [`Error::RemoteDisconnected`] naming it, and later posts to it are
+    /// refused with that error until it is loaded again. A transfer the
+    /// transport cannot cancel stays in flight and ends as the transport
+    /// reports it (its memory is never reported free before). Returns how
+    /// many transfers failed.
+    pub fn fail_peer(&mut self, peer: &str, now: Instant) -> Result<usize, Error> {
+        let p = self.peer_index(peer)?;
+        self.peers[p].failed = true;
+        let name = self.peers[p].name.clone();
+        let mut failed = 0;
+        for i in 0..self.xfers.len() {
+            let s = &self.xfers[i];
+            if !(s.live && s.peer as usize == p && s.state == XferState::InProgress) {
+                continue;
+            }
+            let token = token_of(i, s.generation, s.posts);
+            if let Err(e) = self.transport.cancel(token) {
+                log::warn!("{}: {peer:?} is unreachable, but a transfer to it cannot be cancelled ({e}); it stays in flight", self.name);
+                continue;
+            }
+            let s = &mut self.xfers[i];
+            s.state = XferState::Failed(Error::RemoteDisconnected { peer: name.clone() });
+            s.telemetry.completed_at = Some(now);
+            self.in_flight -= 1;
+            self.peers[p].in_flight = self.peers[p].in_flight.saturating_sub(1);
+            failed += 1;
+        }
+        Ok(failed)
+    }
+
+    /// What is known of a loaded peer's liveness: transfers in flight to
+    /// it, when one last completed (or was posted while none was in
+    /// flight), and whether [`fail_peer`](Engine::fail_peer) declared it
+    /// unreachable.
+    pub fn peer_activity(&self, peer: &str) -> Result<PeerActivity, Error> {
+        let p = &self.peers[self.peer_index(peer)?];
+        Ok(PeerActivity {
+            in_flight: p.in_flight,
+            heard_at: p.heard_at,
+            failed: p.failed,
+        })
+    }
+
+    /// The names of loaded peers with transfers in flight.
+    pub fn busy_peers(&self) -> impl Iterator<Item = &str> + '_ {
+        self.peers[..self.limits.peers as usize]
+            .iter()
+            .filter(|p| p.state == PeerState::Live && p.in_flight > 0)
+            .map(|p| p.name.as_str())
     }
 
     /// The transport's connection to a loaded peer.
@@ -1292,6 +1360,11 @@ impl<'a, T: Transport> Engine<'a, T> {
         let Some(endpoint) = peer.peer.as_ref() else {
             return Err(stale());
         };
+        if peer.failed {
+            return Err(Error::RemoteDisconnected {
+                peer: peer.name.clone(),
+            });
+        }
         let (start, count) = (peer.start as usize, peer.count as usize);
         let remote = self.remote.get(start..start + count).unwrap_or(&[]);
         // Every record must name a live registration and key before the
@@ -1355,6 +1428,11 @@ impl<'a, T: Transport> Engine<'a, T> {
             Ok(PostStatus::InProgress) => {
                 slot.state = XferState::InProgress;
                 self.in_flight += 1;
+                let peer = &mut self.peers[p];
+                if peer.in_flight == 0 {
+                    peer.heard_at = Some(now);
+                }
+                peer.in_flight += 1;
                 Ok(XferState::InProgress)
             }
             Err(e) => {
@@ -1420,6 +1498,9 @@ impl<'a, T: Transport> Engine<'a, T> {
                     };
                     s.telemetry.completed_at = Some(now);
                     self.in_flight -= 1;
+                    let peer = &mut self.peers[s.peer as usize];
+                    peer.in_flight = peer.in_flight.saturating_sub(1);
+                    peer.heard_at = Some(now);
                     finished += 1;
                 }
                 _ => {
@@ -1440,6 +1521,8 @@ impl<'a, T: Transport> Engine<'a, T> {
     fn free_xfer(&mut self, i: usize) {
         if self.xfers[i].state == XferState::InProgress {
             self.in_flight -= 1;
+            let peer = &mut self.peers[self.xfers[i].peer as usize];
+            peer.in_flight = peer.in_flight.saturating_sub(1);
         }
         let (first, count) = (self.xfers[i].first_chunk, self.xfers[i].segs);
         let recs = chain_records(&self.segs, &self.links, self.chunk_len, first, count);

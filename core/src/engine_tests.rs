@@ -1047,6 +1047,8 @@ struct Stuck<'l> {
     log: &'l core::cell::RefCell<heapless::Vec<(&'static str, u64), 16>>,
     /// A registration the library still uses (`in_use`).
     busy: &'l core::cell::Cell<u64>,
+    /// Whether `cancel` succeeds.
+    cancels: bool,
 }
 
 impl Transport for Stuck<'_> {
@@ -1100,7 +1102,11 @@ impl Transport for Stuck<'_> {
     fn poll(&mut self) -> Option<Completion> {
         None
     }
-    fn cancel(&mut self, _token: Token) -> Result<(), Error> {
+    fn cancel(&mut self, token: Token) -> Result<(), Error> {
+        if self.cancels {
+            let _ = self.log.borrow_mut().push(("cancel", token.0));
+            return Ok(());
+        }
         Err(Error::Unsupported {
             backend: "STUCK",
             what: "cancel",
@@ -1125,6 +1131,7 @@ fn drop_never_hands_back_what_a_stuck_transfer_uses() {
             Stuck {
                 log: &log,
                 busy: &busy,
+                cancels: false,
             },
             test_config(),
         )
@@ -1139,6 +1146,7 @@ fn drop_never_hands_back_what_a_stuck_transfer_uses() {
             Stuck {
                 log: &log,
                 busy: &busy,
+                cancels: false,
             },
             test_config(),
         )
@@ -1171,6 +1179,7 @@ fn a_region_the_library_still_uses_is_not_deregistered() {
     let t = Stuck {
         log: &log,
         busy: &busy,
+        cancels: false,
     };
     let mut a = new_eng("alice", t, test_config()).unwrap();
     a.register(Region::dram(0x1000, 64)).unwrap();
@@ -1183,4 +1192,104 @@ fn a_region_the_library_still_uses_is_not_deregistered() {
     busy.set(0);
     assert_eq!(a.deregister(0x1000).map(|r| r.addr), Ok(0x1000));
     assert_eq!(log.borrow().as_slice(), &[("deregister", 0x1000)]);
+}
+
+/// Two engines over `Stuck` transports: "alice" with regions 0x1000 and
+/// 0x2000, and "bob" (region 0x9000) loaded into it.
+fn stuck_pair<'l>(
+    log: &'l core::cell::RefCell<heapless::Vec<(&'static str, u64), 16>>,
+    busy: &'l core::cell::Cell<u64>,
+    cancels: bool,
+) -> (Engine<'static, Stuck<'l>>, heapless::Vec<u8, 256>) {
+    let mut md = [0u8; 256];
+    let mut bob = new_eng("bob", Stuck { log, busy, cancels }, test_config()).unwrap();
+    bob.register(Region::dram(0x9000, 64)).unwrap();
+    let n = bob.local_metadata(&mut md).unwrap();
+    let mut a = new_eng("alice", Stuck { log, busy, cancels }, test_config()).unwrap();
+    a.register(Region::dram(0x1000, 64)).unwrap();
+    a.register(Region::dram(0x2000, 64)).unwrap();
+    a.load_remote(&md[..n]).unwrap();
+    (a, heapless::Vec::from_slice(&md[..n]).unwrap())
+}
+
+#[test]
+fn a_failed_peer_fails_its_transfers_and_refuses_posts_until_reloaded() {
+    let log = core::cell::RefCell::new(heapless::Vec::new());
+    let busy = core::cell::Cell::new(0);
+    let (mut a, md) = stuck_pair(&log, &busy, true);
+    let w = |a: &mut Engine<'static, Stuck<'_>>, at: u64| {
+        a.prepare(
+            XferOp::Write,
+            &[Desc::new(at, 8)],
+            &[Desc::new(0x9000, 8)],
+            "bob",
+            None,
+        )
+        .unwrap()
+    };
+    let (h1, h2) = (w(&mut a, 0x1000), w(&mut a, 0x2000));
+    let idle = a.peer_activity("bob").unwrap();
+    assert_eq!(
+        (idle.in_flight, idle.heard_at, idle.failed),
+        (0, None, false)
+    );
+    assert_eq!(a.busy_peers().count(), 0);
+    a.post(h1, now(10)).unwrap();
+    a.post(h2, now(20)).unwrap();
+    let busy_now = a.peer_activity("bob").unwrap();
+    // The clock starts with the first post to an idle peer.
+    assert_eq!((busy_now.in_flight, busy_now.heard_at), (2, Some(now(10))));
+    assert!(a.busy_peers().eq(["bob"]));
+    log.borrow_mut().clear();
+    assert_eq!(a.fail_peer("bob", now(30)), Ok(2));
+    let gone = Err(Error::disconnected("bob"));
+    for h in [h1, h2] {
+        assert_eq!(
+            a.state(h),
+            Ok(XferState::Failed(Error::disconnected("bob")))
+        );
+        assert_eq!(a.telemetry(h).unwrap().completed_at, Some(now(30)));
+    }
+    assert_eq!(log.borrow().iter().filter(|e| e.0 == "cancel").count(), 2);
+    assert_eq!(a.in_flight(), 0);
+    assert_eq!(a.busy_peers().count(), 0);
+    assert!(a.peer_activity("bob").unwrap().failed);
+    // Later posts are refused, new requests too once posted.
+    assert_eq!(a.post(h1, now(40)).map(|_| ()), gone);
+    let h3 = w(&mut a, 0x1000);
+    assert_eq!(a.post(h3, now(40)).map(|_| ()), gone);
+    assert_eq!(
+        a.fail_peer("carol", now(40)),
+        Err(Error::unknown_peer("carol"))
+    );
+    // Loading the peer again clears it.
+    for h in [h1, h2, h3] {
+        a.release(h).unwrap();
+    }
+    a.load_remote(&md).unwrap();
+    assert!(!a.peer_activity("bob").unwrap().failed);
+    let h4 = w(&mut a, 0x1000);
+    assert_eq!(a.post(h4, now(50)), Ok(XferState::InProgress));
+}
+
+#[test]
+fn a_failed_peer_keeps_transfers_its_transport_cannot_cancel() {
+    let log = core::cell::RefCell::new(heapless::Vec::new());
+    let busy = core::cell::Cell::new(0);
+    let (mut a, _) = stuck_pair(&log, &busy, false);
+    let h = a
+        .prepare(
+            XferOp::Read,
+            &[Desc::new(0x1000, 8)],
+            &[Desc::new(0x9000, 8)],
+            "bob",
+            None,
+        )
+        .unwrap();
+    a.post(h, now(1)).unwrap();
+    assert_eq!(a.fail_peer("bob", now(2)), Ok(0));
+    // Still in flight: its memory is not reported free.
+    assert_eq!(a.state(h), Ok(XferState::InProgress));
+    assert_eq!(a.in_flight(), 1);
+    assert_eq!(a.release(h), Err(Error::InProgress { handle: h }));
 }

@@ -40,8 +40,8 @@ pub mod wire;
 pub use backend::BackendKind;
 pub use desc::{DescList, Strided};
 pub use engine::{
-    Engine, EngineConfig, Notification, PreparedLocal, PreparedRemote, XferHandle, XferState,
-    XferTelemetry,
+    Engine, EngineConfig, Notification, PeerActivity, PreparedLocal, PreparedRemote, XferHandle,
+    XferState, XferTelemetry,
 };
 pub use error::{DescError, Error, MetaError, Side};
 pub use mem::{Desc, MemKind, Region};

@@ -140,6 +140,14 @@ pub struct PeerSlot<P> {
     pub(crate) count: u32,
     /// Live transfers made against this load.
     pub(crate) users: u32,
+    /// Of those, how many are in flight.
+    pub(crate) in_flight: u32,
+    /// When a transfer to it last completed, or when one was posted while
+    /// none was in flight.
+    pub(crate) heard_at: Option<crate::time::Instant>,
+    /// Declared unreachable by [`Engine::fail_peer`](crate::Engine::fail_peer):
+    /// posts are refused until it is loaded again.
+    pub(crate) failed: bool,
 }
 
 impl<P> PeerSlot<P> {
@@ -152,6 +160,9 @@ impl<P> PeerSlot<P> {
         start: 0,
         count: 0,
         users: 0,
+        in_flight: 0,
+        heard_at: None,
+        failed: false,
     };
 }
 
