@@ -709,7 +709,7 @@ impl<'a, T: Transport> Engine<'a, T> {
                 continue;
             }
             let token = token_of(i, s.generation, s.posts);
-            if let Err(e) = self.transport.cancel(token) {
+            if let Err(e) = self.transport.abandon(token) {
                 log::warn!("{}: {peer:?} is unreachable, but a transfer to it cannot be cancelled ({e}); it stays in flight", self.name);
                 continue;
             }

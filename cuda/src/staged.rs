@@ -1800,6 +1800,20 @@ impl<T: Transport> Transport for Staged<T> {
         self.inner.cancel(token)
     }
 
+    fn abandon(&mut self, token: Token) -> Result<(), Error> {
+        if self
+            .ops
+            .iter()
+            .any(|o| o.token == token && o.serves.is_none())
+        {
+            return Err(Error::Unsupported {
+                backend: self.inner.name(),
+                what: "abandoning a staged VRAM transfer",
+            });
+        }
+        self.inner.abandon(token)
+    }
+
     fn send_notification(&mut self, peer: &Self::Peer, msg: &[u8]) -> Result<(), Error> {
         self.inner.send_notification(peer, msg)
     }

@@ -172,6 +172,8 @@ struct State {
     /// Requests dropped or released while their transport could not cancel
     /// them; each is released (its slot and memory freed) once it ends.
     orphans: Vec<XferHandle>,
+    /// Probes of peers served by the backend; `None` when turned off.
+    keepalive: Option<crate::keepalive::Keepalive>,
 }
 
 /// Longest notification buffer the agent grows to (16 MiB).
@@ -242,12 +244,33 @@ impl State {
             notif_buf,
             lost,
             orphans,
+            keepalive,
         } = self;
         let Some(backend) = backend.as_mut() else {
             return (0, 0);
         };
+        let at = now();
+        let mut failed = 0;
+        if let Some(k) = keepalive.as_mut() {
+            failed = match *backend {
+                #[cfg(feature = "ucx")]
+                Backend::Ucx(ref mut e) => k.check(e, at, |e, p| {
+                    e.remote_peer(p)
+                        .is_ok_and(|p| local_of(e.transport()).is_near(p))
+                }),
+                #[cfg(feature = "libfabric")]
+                Backend::Fabric(ref mut e) => k.check(e, at, |e, p| {
+                    e.remote_peer(p)
+                        .is_ok_and(|p| local_of(e.transport()).is_near(p))
+                }),
+                // CUDA IPC peers are on this host; their copies do not wait
+                // on them.
+                #[allow(unreachable_patterns)]
+                _ => 0,
+            };
+        }
         on_engine!(backend, e => {
-            let n = e.poll(now());
+            let n = e.poll(at) + failed;
             if n > 0 && !orphans.is_empty() {
                 // Released requests the transport could not cancel: free
                 // their slots once they have ended.
@@ -498,6 +521,7 @@ impl Agent {
     pub fn new(name: &str, cfg: AgentConfig) -> Result<Agent, Error> {
         let (kind, source) = select_backend_from_env(cfg.backend.as_deref())?;
         log::info!("agent {name}: backend {kind} (from {})", source.name());
+        let keepalive = cfg.effective_keepalive()?;
         let backend = build_backend(kind, name, &cfg)?;
         let notif_buf = vec![0u8; cfg.capacities.notification_len as usize];
         let shared = Arc::new(Shared {
@@ -511,6 +535,7 @@ impl Agent {
                 notif_buf,
                 lost: HashMap::new(),
                 orphans: Vec::new(),
+                keepalive: crate::keepalive::Keepalive::new(keepalive),
             }),
             done: Condvar::new(),
             closed: AtomicBool::new(false),

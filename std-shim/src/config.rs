@@ -23,8 +23,8 @@
 //!    (`AgentConfig::ucx`, `AgentConfig::fabric`), taken as it is: the
 //!    environment is then not consulted for its fields;
 //! 3. otherwise the backend's defaults with its environment variables
-//!    applied: for UCX `UcxConfig::from_env` (`KVXFER_UCX_OP_TIMEOUT_MS`,
-//!    `KVXFER_UCX_PEER_FAILURE_DETECTION`), for libfabric
+//!    applied: for UCX `UcxConfig::from_env` (`KVXFER_UCX_OP_TIMEOUT_MS`),
+//!    for libfabric
 //!    `FabricConfig::default()` (the provider then comes from
 //!    `KVXFER_LIBFABRIC_PROVIDER`).
 //!
@@ -45,6 +45,11 @@ pub const ENV_BACKEND: &str = "KVXFER_BACKEND";
 pub const ENV_TRTLLM_BACKEND: &str = "TRTLLM_NIXL_KVCACHE_BACKEND";
 /// The environment variable holding the side channel's shared key.
 pub const ENV_AUTH_KEY: &str = "KVXFER_AUTH_KEY";
+/// Environment variable setting [`AgentConfig::keepalive`] in milliseconds
+/// (`0` turns it off) when the field is `None`.
+pub const ENV_KEEPALIVE_MS: &str = "KVXFER_KEEPALIVE_MS";
+/// Keepalive timeout by default ([`AgentConfig::keepalive`]).
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(2);
 
 pub use kvxfer_core::BackendKind;
 #[cfg(feature = "libfabric")]
@@ -231,8 +236,20 @@ pub struct AgentConfig {
     /// environment. Not used by CUDA_IPC, whose copies do not wait on a
     /// peer.
     pub transfer_timeout: Option<Option<Duration>>,
+    /// How long a peer served by the backend (not by cross-memory attach)
+    /// may stay silent while transfers to it are in flight. Meanwhile the
+    /// agent probes it (a one-byte READ of its first host-memory region,
+    /// four times per timeout, only while nothing else completes); past
+    /// the timeout the peer is declared unreachable: its transfers fail
+    /// with [`Error::RemoteDisconnected`] naming it and later posts are
+    /// refused with that error until it is loaded again. A link slower
+    /// than the timeout at draining what is queued to one peer looks dead:
+    /// raise it there. `Some(Duration::ZERO)` turns it off; `None` (the
+    /// default) reads [`ENV_KEEPALIVE_MS`], else [`DEFAULT_KEEPALIVE`]
+    /// (2 s).
+    pub keepalive: Option<Duration>,
     /// The UCX transport's full configuration (keepalive, close and cancel
-    /// times, peer-failure detection, transports, …). `None` (the default):
+    /// times, transports, …; peer-failure detection must stay on). `None` (the default):
     /// [`UcxConfig::from_env`]. When given, the environment is not
     /// consulted for its fields; [`transfer_timeout`](Self::transfer_timeout),
     /// when set, still replaces its `op_timeout`.
@@ -296,6 +313,7 @@ impl Default for AgentConfig {
             release_timeout: DEFAULT_RELEASE_TIMEOUT,
             auth_key: None,
             transfer_timeout: None,
+            keepalive: None,
             #[cfg(feature = "ucx")]
             ucx: None,
             #[cfg(feature = "libfabric")]
@@ -319,7 +337,8 @@ impl fmt::Debug for AgentConfig {
             .field("idle_timeout", &self.idle_timeout)
             .field("release_timeout", &self.release_timeout)
             .field("auth_key", &self.auth_key.as_ref().map(|_| "<set>"))
-            .field("transfer_timeout", &self.transfer_timeout);
+            .field("transfer_timeout", &self.transfer_timeout)
+            .field("keepalive", &self.keepalive);
         #[cfg(feature = "ucx")]
         d.field("ucx", &self.ucx);
         #[cfg(feature = "libfabric")]
@@ -411,6 +430,35 @@ impl AgentConfig {
         self
     }
 
+    /// Sets [`keepalive`](Self::keepalive) to `Some(timeout)` (zero: off).
+    pub fn with_keepalive(mut self, timeout: Duration) -> Self {
+        self.keepalive = Some(timeout);
+        self
+    }
+
+    /// The keepalive timeout in force: [`keepalive`](Self::keepalive),
+    /// else [`ENV_KEEPALIVE_MS`], else [`DEFAULT_KEEPALIVE`]; zero is off.
+    /// A malformed variable is an error naming it.
+    pub fn effective_keepalive(&self) -> Result<Duration, Error> {
+        if let Some(d) = self.keepalive {
+            return Ok(d);
+        }
+        match std::env::var(ENV_KEEPALIVE_MS) {
+            Err(_) => Ok(DEFAULT_KEEPALIVE),
+            Ok(v) => v
+                .trim()
+                .parse::<u64>()
+                .map(Duration::from_millis)
+                .map_err(|_| {
+                    Error::backend(
+                        "kvxfer",
+                        -1,
+                        &format!("{ENV_KEEPALIVE_MS}={v:?}: expected milliseconds (0: off)"),
+                    )
+                }),
+        }
+    }
+
     /// Sets [`ucx`](Self::ucx): the UCX transport is built from `config`
     /// instead of [`UcxConfig::from_env`].
     #[cfg(feature = "ucx")]
@@ -430,7 +478,9 @@ impl AgentConfig {
     /// The configuration the UCX transport of an agent with these settings
     /// is built with: [`ucx`](Self::ucx), else [`UcxConfig::from_env`]
     /// (whose error, naming a malformed variable, is returned), with
-    /// [`transfer_timeout`](Self::transfer_timeout) applied when set.
+    /// [`transfer_timeout`](Self::transfer_timeout) applied when set. A
+    /// configuration with `peer_failure_detection` off is an error naming
+    /// it.
     #[cfg(feature = "ucx")]
     pub fn effective_ucx_config(&self) -> Result<UcxConfig, Error> {
         let mut c = match &self.ucx {
@@ -440,6 +490,15 @@ impl AgentConfig {
         if let Some(t) = self.transfer_timeout {
             // The UCX transport reads zero as "no deadline" too.
             c.op_timeout = t.filter(|d| !d.is_zero());
+        }
+        if !c.peer_failure_detection {
+            return Err(Error::backend(
+                "UCX",
+                -1,
+                "UcxConfig::peer_failure_detection = false: transfers to a dead peer could \
+                 then never end and its endpoint could not be closed safely; the agent \
+                 needs it on (peers on this host move by cross-memory attach anyway)",
+            ));
         }
         Ok(c)
     }
@@ -603,7 +662,6 @@ mod tests {
         uc.cancel_timeout_ms = 123;
         uc.close_timeout_ms = 45;
         uc.keepalive_interval_ms = Some(250);
-        uc.peer_failure_detection = false;
         let c = AgentConfig::default().with_ucx_config(uc.clone());
         assert_eq!(c.ucx.as_ref(), Some(&uc));
         assert_eq!(c.effective_ucx_config().unwrap(), uc);
@@ -612,7 +670,18 @@ mod tests {
         let eff = c.effective_ucx_config().unwrap();
         assert_eq!(eff.op_timeout, Some(ms300));
         assert_eq!(eff.cancel_timeout_ms, 123);
-        assert!(!eff.peer_failure_detection);
+        // Peer-failure detection off is refused, naming the setting.
+        let mut off = uc.clone();
+        off.peer_failure_detection = false;
+        let err = AgentConfig::default()
+            .with_ucx_config(off)
+            .effective_ucx_config()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("UCX error -1: UcxConfig::peer_failure_detection = false:"),
+            "{err}"
+        );
         for none in [None, Some(Duration::ZERO)] {
             let c = c.clone().with_transfer_timeout(none);
             assert_eq!(c.effective_ucx_config().unwrap().op_timeout, None);

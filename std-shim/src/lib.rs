@@ -38,6 +38,7 @@ pub mod clock;
 pub mod config;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+mod keepalive;
 pub mod side_channel;
 mod wake;
 

@@ -385,6 +385,19 @@ pub trait Transport {
     /// Transports that cannot cancel return [`Error::Unsupported`].
     fn cancel(&mut self, token: Token) -> Result<(), Error>;
 
+    /// Gives up on the transfer `token` because its peer is unreachable
+    /// (the engine's [`fail_peer`](crate::Engine::fail_peer)). As
+    /// [`cancel`](Transport::cancel), with one difference: a transport that
+    /// can stop the transfer only by dropping its connection to the peer
+    /// may do so (later posts to that peer then fail until it is connected
+    /// again), and may still report a completion for it, which the engine
+    /// ignores. Memory the transfer used stays reported by
+    /// [`in_use`](Transport::in_use) until the library has let go of it.
+    /// By default, [`cancel`](Transport::cancel).
+    fn abandon(&mut self, token: Token) -> Result<(), Error> {
+        self.cancel(token)
+    }
+
     /// Sends a notification to `peer`, outside any transfer.
     fn send_notification(&mut self, peer: &Self::Peer, msg: &[u8]) -> Result<(), Error>;
 

@@ -194,6 +194,19 @@ fn info() -> ExitCode {
         }
     }
     info_same_host();
+    match kvxfer::AgentConfig::default().effective_keepalive() {
+        Ok(d) if d.is_zero() => println!(
+            "keepalive of other peers: off ({}=0); a silent peer's transfers end at their deadline",
+            kvxfer::config::ENV_KEEPALIVE_MS
+        ),
+        Ok(d) => println!(
+            "keepalive of other peers: a peer silent for {} ms while transfers to it are in \
+             flight is failed ({} sets it, 0 turns it off)",
+            d.as_millis(),
+            kvxfer::config::ENV_KEEPALIVE_MS
+        ),
+        Err(e) => println!("keepalive: {e}"),
+    }
     info_cuda();
     ExitCode::SUCCESS
 }
@@ -231,10 +244,9 @@ fn info_ucx() {
                 println!("  transports (after UCX_TLS): {}", r.join(", "));
             }
             println!(
-                "  peer failure detection: {} ({}=0 turns it off; on, UCX 1.13 emulates RMA \
-                 between processes with tcp active messages, off lets it use sysv/posix shared memory)",
+                "  peer failure detection: {} (UCX 1.13 then emulates RMA between processes \
+                 with tcp active messages; peers on this host move by cross-memory attach)",
                 if cfg.peer_failure_detection { "on" } else { "off" },
-                kvxfer_ucx::PEER_FAILURE_DETECTION_ENV
             );
         }
         Err(e) => println!(

@@ -1113,6 +1113,13 @@ impl FabricTransport {
     /// Fails transfer `slot` with a timeout; its operations still in flight
     /// are cancelled where possible and their completions dropped.
     fn time_out(&mut self, slot: u32, after_ms: u64) {
+        self.abandon_slot(slot, Error::TimedOut { after_ms }, "timed out");
+    }
+
+    /// Gives up on transfer `slot`: its operations become orphans (their
+    /// memory stays in use until the provider reports them), its peer is
+    /// given up on, and it finishes with `error`.
+    fn abandon_slot(&mut self, slot: u32, error: Error, why: &str) {
         let gen = self.xfers[slot as usize].gen;
         let ep_fid = self.shared.ep_fid();
         for op in 0..self.ops.len() as u32 {
@@ -1161,7 +1168,7 @@ impl FabricTransport {
         }
         let x = &self.xfers[slot as usize];
         log::warn!(
-            "LIBFABRIC: {} to {} timed out after {after_ms} ms; the peer is given up on until it is connected again",
+            "LIBFABRIC: {} to {} {why}; the peer is given up on until it is connected again",
             x.op.name(),
             x.peer_label
         );
@@ -1170,7 +1177,7 @@ impl FabricTransport {
         let x = &mut self.xfers[slot as usize];
         x.outstanding = 0;
         x.next = x.segs.len();
-        x.error = Some(Error::TimedOut { after_ms });
+        x.error = Some(error);
         let idx = self
             .active
             .iter()
@@ -1638,6 +1645,29 @@ impl Transport for FabricTransport {
             backend: BACKEND,
             what: "cancel",
         })
+    }
+
+    /// Orphans the transfer's operations and gives its peer up (libfabric
+    /// cannot stop an RMA operation otherwise); the completion it then
+    /// reports carries `RemoteDisconnected`.
+    fn abandon(&mut self, token: Token) -> Result<(), Error> {
+        let Some(&slot) = self
+            .active
+            .iter()
+            .find(|&&s| self.xfers[s as usize].token == token)
+        else {
+            return Err(Error::Unsupported {
+                backend: BACKEND,
+                what: "abandoning a transfer that is not in flight",
+            });
+        };
+        let peer = self.xfers[slot as usize].peer_label.clone();
+        self.abandon_slot(
+            slot,
+            Error::disconnected(&peer),
+            "was abandoned (peer unreachable)",
+        );
+        Ok(())
     }
 
     fn send_notification(&mut self, peer: &FabricPeer, msg: &[u8]) -> Result<(), Error> {

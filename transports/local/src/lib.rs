@@ -632,6 +632,13 @@ impl<T: Transport> Transport for Local<T> {
         self.poll_cma()
     }
 
+    fn abandon(&mut self, token: Token) -> Result<(), Error> {
+        if self.xfers.iter().any(|x| x.token == token) {
+            return self.cancel(token);
+        }
+        self.inner.abandon(token)
+    }
+
     fn cancel(&mut self, token: Token) -> Result<(), Error> {
         let Some(pos) = self.xfers.iter().position(|x| x.token == token) else {
             return self.inner.cancel(token);

@@ -53,11 +53,6 @@ use std::time::Duration;
 
 pub use transport::{abandoned_transports, UcxPeer, UcxReg, UcxRemoteKey, UcxTransport};
 
-/// Environment variable that turns [`UcxConfig::peer_failure_detection`]
-/// off (`0`, `off`, `false`, `no`) or on (`1`, `on`, `true`, `yes`) in
-/// [`UcxConfig::from_env`].
-pub const PEER_FAILURE_DETECTION_ENV: &str = "KVXFER_UCX_PEER_FAILURE_DETECTION";
-
 /// Environment variable that sets [`UcxConfig::op_timeout`] in
 /// [`UcxConfig::from_env`], in milliseconds (`0` turns the deadline off).
 pub const OP_TIMEOUT_ENV: &str = "KVXFER_UCX_OP_TIMEOUT_MS";
@@ -139,10 +134,10 @@ pub struct UcxConfig {
     /// (`sysv`, `posix`) cannot, and `cma` offers only zero-copy RMA, which
     /// UCP does not pick for RMA lanes, so between processes UCX emulates
     /// RMA with active messages over `tcp` (`ucx_info`'s `rma_am(tcp/lo)`),
-    /// which needs the target to progress. Turn it off (also through
-    /// [`PEER_FAILURE_DETECTION_ENV`] with [`UcxConfig::from_env`]) to
-    /// allow every transport, at the price of transfers to a dead peer
-    /// that may never end.
+    /// which needs the target to progress. Off allows every transport, at
+    /// the price of transfers to a dead peer that may never end and of
+    /// endpoints that cannot be closed safely; the kvxfer agent refuses it
+    /// (its peers on this host move by cross-memory attach instead).
     pub peer_failure_detection: bool,
     /// How long [`deregister`](kvxfer_core::Transport::deregister) waits
     /// for the requests of cancelled or timed-out transfers to be released
@@ -161,31 +156,13 @@ pub struct UcxConfig {
 }
 
 impl UcxConfig {
-    /// The defaults, with [`peer_failure_detection`](Self::peer_failure_detection)
-    /// taken from [`PEER_FAILURE_DETECTION_ENV`] and
-    /// [`op_timeout`](Self::op_timeout) from [`OP_TIMEOUT_ENV`] when they
-    /// are set. A value that is not one of the accepted spellings is an
-    /// error naming it.
+    /// The defaults, with [`op_timeout`](Self::op_timeout) from
+    /// [`OP_TIMEOUT_ENV`] when it is set. A value that is not a number of
+    /// milliseconds is an error naming it.
     pub fn from_env() -> Result<UcxConfig, kvxfer_core::Error> {
         let mut cfg = UcxConfig::default();
         if let Some(v) = std::env::var_os(OP_TIMEOUT_ENV) {
             cfg.op_timeout = parse_op_timeout(&v.to_string_lossy())?;
-        }
-        if let Some(v) = std::env::var_os(PEER_FAILURE_DETECTION_ENV) {
-            let v = v.to_string_lossy();
-            cfg.peer_failure_detection = match v.trim().to_ascii_lowercase().as_str() {
-                "0" | "off" | "false" | "no" => false,
-                "1" | "on" | "true" | "yes" => true,
-                _ => {
-                    return Err(kvxfer_core::Error::backend(
-                        BACKEND,
-                        -1,
-                        &format!(
-                            "{PEER_FAILURE_DETECTION_ENV}={v:?}: expected 0/off/false/no or 1/on/true/yes"
-                        ),
-                    ))
-                }
-            };
         }
         Ok(cfg)
     }

@@ -1,0 +1,207 @@
+//! The agent's own keepalive for peers served by the backend (not by
+//! cross-memory attach): while transfers to such a peer are in flight and
+//! nothing from it has completed for a while, a one-byte READ of its first
+//! host-memory region probes it. A peer that answers neither the probe nor
+//! any transfer within the keepalive timeout is declared unreachable
+//! ([`Engine::fail_peer`](kvxfer_core::Engine::fail_peer)): its transfers
+//! fail with `RemoteDisconnected` naming it, and later posts are refused
+//! until it is loaded again.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use kvxfer_core::engine::XferHandle;
+use kvxfer_core::error::Name;
+use kvxfer_core::{Desc, Instant, MemKind, Region, Transport, XferOp, XferState};
+
+use crate::agent::AgentEngine;
+
+/// Bytes of the buffer probes read into.
+const PROBE_BUF: usize = 64;
+
+/// One peer's probe: a prepared READ, re-posted.
+struct Probe {
+    handle: XferHandle,
+    /// When it was last posted.
+    sent_at: Instant,
+    in_flight: bool,
+}
+
+/// Keepalive state of one agent.
+pub(crate) struct Keepalive {
+    timeout_ns: u64,
+    interval_ns: u64,
+    next_check: Instant,
+    /// Address of the probe buffer, made on first use. It is never freed:
+    /// a probe abandoned in a library may still write into it.
+    buf: Option<u64>,
+    registered: bool,
+    probes: HashMap<Name, Probe>,
+    /// Reused list of peers to visit, so that a check allocates nothing
+    /// once the agent has seen its peers.
+    busy: Vec<Name>,
+}
+
+impl Keepalive {
+    /// A keepalive declaring a peer unreachable after `timeout` without an
+    /// answer; `None` when `timeout` is zero (off).
+    pub(crate) fn new(timeout: Duration) -> Option<Keepalive> {
+        let timeout_ns = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+        (timeout_ns > 0).then(|| Keepalive {
+            timeout_ns,
+            // Probe four times per timeout, so that one lost to a busy link
+            // still leaves room for the next.
+            interval_ns: (timeout_ns / 4).max(1_000_000),
+            next_check: Instant::from_nanos(0),
+            buf: None,
+            registered: false,
+            probes: HashMap::new(),
+            busy: Vec::new(),
+        })
+    }
+
+    /// Checks the peers with transfers in flight: collects finished
+    /// probes, posts new ones, and fails peers silent for the timeout.
+    /// `near` tells peers served by cross-memory attach (watched by their
+    /// pidfds instead). Returns how many transfers failed.
+    pub(crate) fn check<T: Transport>(
+        &mut self,
+        e: &mut AgentEngine<T>,
+        now: Instant,
+        near: impl Fn(&AgentEngine<T>, &str) -> bool,
+    ) -> usize {
+        if now < self.next_check {
+            return 0;
+        }
+        self.next_check = Instant::from_nanos(now.nanos.saturating_add(self.interval_ns / 4));
+        self.busy.clear();
+        self.busy.extend(
+            e.busy_peers()
+                .filter(|p| !near(e, p))
+                .map(|p| Name::try_from(p).unwrap_or_default()),
+        );
+        // Probes of peers no longer busy: collect the finished ones.
+        self.probes.retain(|_, probe| {
+            if probe.in_flight {
+                match e.state(probe.handle) {
+                    Ok(XferState::InProgress) => return true,
+                    Ok(_) => probe.in_flight = false,
+                    Err(_) => return false,
+                }
+            }
+            true
+        });
+        let mut failed = 0;
+        let busy = std::mem::take(&mut self.busy);
+        for peer in &busy {
+            failed += self.check_peer(e, peer, now);
+        }
+        self.busy = busy;
+        failed
+    }
+
+    fn check_peer<T: Transport>(
+        &mut self,
+        e: &mut AgentEngine<T>,
+        peer: &Name,
+        now: Instant,
+    ) -> usize {
+        let Ok(activity) = e.peer_activity(peer) else {
+            return 0;
+        };
+        if activity.failed {
+            return 0;
+        }
+        let silent_for = activity
+            .heard_at
+            .map_or(0, |t| now.saturating_nanos_since(t));
+        match self.probes.get(peer) {
+            Some(p) if p.in_flight => {
+                // Silent for the timeout, with a probe out long enough to
+                // have had its answer.
+                if silent_for >= self.timeout_ns
+                    && now.saturating_nanos_since(p.sent_at) >= self.interval_ns
+                {
+                    log::warn!(
+                        "{}: peer {peer:?} answered neither a keepalive probe nor a transfer for {} ms; failing its transfers",
+                        e.name(),
+                        silent_for / 1_000_000
+                    );
+                    return e.fail_peer(peer, now).unwrap_or(0);
+                }
+                0
+            }
+            Some(p) if now.saturating_nanos_since(p.sent_at) < self.interval_ns => 0,
+            _ if silent_for < self.interval_ns => 0,
+            _ => {
+                self.probe(e, peer, now);
+                0
+            }
+        }
+    }
+
+    /// Posts `peer`'s probe, preparing it first if needed.
+    fn probe<T: Transport>(&mut self, e: &mut AgentEngine<T>, peer: &Name, now: Instant) {
+        if let Some(p) = self.probes.get_mut(peer) {
+            match e.post(p.handle, now) {
+                Ok(state) => {
+                    p.in_flight = state == XferState::InProgress;
+                    p.sent_at = now;
+                    return;
+                }
+                // Reloaded or released: prepare it again below.
+                Err(_) => {
+                    let _ = e.release(p.handle);
+                    self.probes.remove(peer);
+                }
+            }
+        }
+        let Some(target) = e
+            .remote_regions(peer)
+            .ok()
+            .and_then(|mut r| r.find(|r| r.kind == MemKind::Dram))
+        else {
+            // Nothing to read: no transfer of ours can reach it either.
+            return;
+        };
+        let Some(buf) = self.buffer(e) else { return };
+        let prepared = e.prepare(
+            XferOp::Read,
+            &[Desc::new(buf, 1)],
+            &[Desc::new(target.addr, 1)],
+            peer,
+            None,
+        );
+        let handle = match prepared {
+            Ok(h) => h,
+            Err(err) => {
+                log::debug!("{}: keepalive probe of {peer:?}: {err}", e.name());
+                return;
+            }
+        };
+        let in_flight = matches!(e.post(handle, now), Ok(XferState::InProgress));
+        self.probes.insert(
+            peer.clone(),
+            Probe {
+                handle,
+                sent_at: now,
+                in_flight,
+            },
+        );
+    }
+
+    /// The probe buffer's address, registering it on first use.
+    fn buffer<T: Transport>(&mut self, e: &mut AgentEngine<T>) -> Option<u64> {
+        let addr = *self.buf.get_or_insert_with(|| {
+            let buf: &'static mut [u8; PROBE_BUF] = Box::leak(Box::new([0u8; PROBE_BUF]));
+            buf.as_mut_ptr() as u64
+        });
+        if !self.registered {
+            match e.register(Region::dram(addr, PROBE_BUF as u64)) {
+                Ok(()) => self.registered = true,
+                Err(err) => log::warn!("{}: keepalive probe buffer: {err}", e.name()),
+            }
+        }
+        self.registered.then_some(addr)
+    }
+}
