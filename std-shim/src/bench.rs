@@ -428,6 +428,9 @@ pub struct BenchOptions {
     /// Describe each side as one strided list (address, block size,
     /// stride, count) instead of a descriptor per block.
     pub strided: bool,
+    /// Also measure raw TCP on loopback with the same request size
+    /// ([`crate::tcp_baseline`]) and report the ratios.
+    pub tcp_baseline: bool,
     /// Memory kind of both buffers (the spawned target's too).
     pub mem: MemKind,
     /// Device of the buffers (GPU ordinal for VRAM).
@@ -466,6 +469,7 @@ impl Default for BenchOptions {
             target_exe: None,
             stride: None,
             strided: false,
+            tcp_baseline: false,
             mem: MemKind::Dram,
             device: 0,
             progress_thread: false,
@@ -522,6 +526,8 @@ pub struct BenchReport {
     pub make_ms: f64,
     /// Per-transfer telemetry of the measured requests.
     pub telemetry: TelemetrySummary,
+    /// Raw TCP on loopback with the same request size, when asked for.
+    pub tcp: Option<crate::tcp_baseline::TcpBaseline>,
 }
 
 /// What the core's per-transfer telemetry ([`XferTelemetry`]) said about
@@ -628,6 +634,23 @@ impl BenchReport {
             self.make_ms,
             self.path,
             self.checksum,
+        ) + &self.tcp_line()
+    }
+
+    /// The raw-TCP comparison line of [`table`](Self::table) (empty without
+    /// a baseline).
+    fn tcp_line(&self) -> String {
+        let Some(b) = &self.tcp else {
+            return String::new();
+        };
+        format!(
+            "\nraw TCP on loopback, {} per request: request + 1-byte reply p50 {:.1} us \
+             (kvxfer p50 / TCP = {:.2}), stream {:.2} GB/s (kvxfer GB/s / TCP = {:.2})",
+            format_size(b.request_bytes),
+            b.p50_us,
+            self.p50_us / b.p50_us,
+            b.stream_gb_per_s,
+            self.gb_per_s / b.stream_gb_per_s,
         )
     }
 
@@ -635,12 +658,16 @@ impl BenchReport {
     pub fn json(&self) -> String {
         let t = &self.telemetry;
         format!(
-            "{{\"backend\":\"{}\",\"op\":\"{}\",\"mem\":\"{}\",\"block_size\":{},\"blocks\":{},\"inflight\":{},\"requests\":{},\"bytes\":{},\"seconds\":{:.6},\"gb_per_s\":{:.6},\"requests_per_s\":{:.3},\"latency_us\":{{\"p50\":{:.3},\"p99\":{:.3},\"max\":{:.3}}},\"telemetry\":{{\"bytes\":{},\"descs\":{},\"segments\":{},\"post_us_mean\":{:.3},\"post_us_max\":{:.3},\"xfer_us_p50\":{:.3},\"xfer_us_p99\":{:.3}}},\"lists\":{{\"strided\":{},\"prep_ms\":{:.3},\"make_ms\":{:.3}}},\"path\":\"{}\",\"checksum\":\"{:016x}\",\"verified\":true}}",
+            "{{\"backend\":\"{}\",\"op\":\"{}\",\"mem\":\"{}\",\"block_size\":{},\"blocks\":{},\"inflight\":{},\"requests\":{},\"bytes\":{},\"seconds\":{:.6},\"gb_per_s\":{:.6},\"requests_per_s\":{:.3},\"latency_us\":{{\"p50\":{:.3},\"p99\":{:.3},\"max\":{:.3}}},\"telemetry\":{{\"bytes\":{},\"descs\":{},\"segments\":{},\"post_us_mean\":{:.3},\"post_us_max\":{:.3},\"xfer_us_p50\":{:.3},\"xfer_us_p99\":{:.3}}},\"lists\":{{\"strided\":{},\"prep_ms\":{:.3},\"make_ms\":{:.3}}},\"path\":\"{}\",\"checksum\":\"{:016x}\",\"verified\":true,\"tcp_baseline\":{}}}",
             self.backend, self.op, mem_name(self.mem), self.block_size, self.blocks, self.inflight,
             self.requests, self.bytes, self.seconds, self.gb_per_s, self.requests_per_s,
             self.p50_us, self.p99_us, self.max_us, t.bytes, t.descs, t.segments, t.post_us_mean,
             t.post_us_max, t.xfer_us_p50, t.xfer_us_p99, self.strided, self.prep_ms,
-            self.make_ms, self.path, self.checksum
+            self.make_ms, self.path, self.checksum,
+            self.tcp.as_ref().map_or("null".to_string(), |b| format!(
+                "{{\"request_bytes\":{},\"requests\":{},\"p50_us\":{:.3},\"stream_gb_per_s\":{:.6}}}",
+                b.request_bytes, b.requests, b.p50_us, b.stream_gb_per_s
+            ))
         )
     }
 }
@@ -1038,6 +1065,13 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
         prep_ms,
         make_ms,
         telemetry: telemetry.summary(),
+        tcp: match opts.tcp_baseline {
+            true => Some(crate::tcp_baseline::measure(
+                opts.block_size * opts.blocks,
+                measured,
+            )?),
+            false => None,
+        },
     })
 }
 

@@ -40,6 +40,7 @@ pub mod config;
 pub mod etcd;
 mod keepalive;
 pub mod side_channel;
+pub mod tcp_baseline;
 mod wake;
 
 pub use agent::{Agent, AgentEngine, WaitOutcome, XferRequest};

@@ -59,6 +59,32 @@ fn bench_checks_each_request_with_fresh_data() {
     }
 }
 
+#[test]
+fn tcp_baseline_is_measured_in_the_same_run() {
+    let args = [
+        "--block-size",
+        "4KiB",
+        "--blocks",
+        "1",
+        "--inflight",
+        "1",
+        "--iters",
+        "200",
+        "--tcp-baseline",
+    ];
+    let last = bench_last_line(&args);
+    assert!(
+        last.starts_with("raw TCP on loopback, 4 KiB per request: request + 1-byte reply p50 ")
+            && last.contains("(kvxfer p50 / TCP = ")
+            && last.contains("(kvxfer GB/s / TCP = "),
+        "{last}"
+    );
+    let json = bench_last_line(&[&args[..], &["--json"]].concat());
+    let at = json.find("\"tcp_baseline\":{\"request_bytes\":4096,\"requests\":200,");
+    assert!(at.is_some(), "{json}");
+    assert!(json_number(&json, "p50_us") > 0, "{json}");
+}
+
 /// The number after `"key":` in a JSON report.
 fn json_number(json: &str, key: &str) -> u64 {
     let at = json.find(&format!("\"{key}\":")).expect(key) + key.len() + 3;

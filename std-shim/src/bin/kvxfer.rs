@@ -107,6 +107,10 @@ enum Cmd {
         /// stride, count) instead of one descriptor per block.
         #[arg(long)]
         strided: bool,
+        /// Also measure raw TCP on loopback with the same request size (a
+        /// request and a one-byte reply; a stream) and print the ratios.
+        #[arg(long)]
+        tcp_baseline: bool,
         /// Memory of both buffers (vram needs the cuda feature).
         #[arg(long, value_enum, default_value = "dram")]
         mem: Mem,
@@ -385,6 +389,7 @@ fn main() -> ExitCode {
             warmup,
             stride,
             strided,
+            tcp_baseline,
             mem,
             device,
             progress_thread,
@@ -412,6 +417,7 @@ fn main() -> ExitCode {
                 warmup,
                 stride,
                 strided,
+                tcp_baseline,
                 mem: mem.kind(),
                 device,
                 progress_thread,
