@@ -109,3 +109,9 @@ const char *kvxfer_fi_cq_strerror(struct fid_cq *cq, int prov_errno, const void 
 {
 	return fi_cq_strerror(cq, prov_errno, err_data, buf, len);
 }
+int kvxfer_fi_cq_wait_fd(struct fid_cq *cq, int *fd) { return fi_control(&cq->fid, FI_GETWAIT, fd); }
+int kvxfer_fi_trywait_cq(struct fid_fabric *fabric, struct fid_cq *cq)
+{
+	struct fid *fids[1] = { &cq->fid };
+	return fi_trywait(fabric, fids, 1);
+}

@@ -53,6 +53,10 @@ ssize_t kvxfer_fi_senddata(struct fid_ep *ep, const void *buf, size_t len, void 
 ssize_t kvxfer_fi_recv(struct fid_ep *ep, void *buf, size_t len, void *desc, fi_addr_t src_addr,
                        void *context);
 ssize_t kvxfer_fi_cancel(fid_t fid, void *context);
+/* The file descriptor of a CQ opened with FI_WAIT_FD (fi_control FI_GETWAIT). */
+int kvxfer_fi_cq_wait_fd(struct fid_cq *cq, int *fd);
+/* fi_trywait on one CQ: 0 when the caller may block on its descriptor. */
+int kvxfer_fi_trywait_cq(struct fid_fabric *fabric, struct fid_cq *cq);
 ssize_t kvxfer_fi_cq_read(struct fid_cq *cq, void *buf, size_t count);
 ssize_t kvxfer_fi_cq_readerr(struct fid_cq *cq, struct fi_cq_err_entry *buf, uint64_t flags);
 const char *kvxfer_fi_cq_strerror(struct fid_cq *cq, int prov_errno, const void *err_data,

@@ -242,6 +242,9 @@ pub(crate) struct Shared {
     pub(crate) ep: AtomicPtr<sys::fid_ep>,
     pub(crate) av: AtomicPtr<sys::fid_av>,
     pub(crate) cq: AtomicPtr<sys::fid_cq>,
+    /// The completion queue's wait descriptor (`FI_WAIT_FD`), or -1 where
+    /// the provider offers none.
+    pub(crate) wait_fd: std::ffi::c_int,
     pub(crate) domain: *mut sys::fid_domain,
     fabric: *mut sys::fid_fabric,
     pub(crate) info: Info,
@@ -280,6 +283,7 @@ impl Shared {
             ep: AtomicPtr::new(ptr::null_mut()),
             av: AtomicPtr::new(ptr::null_mut()),
             cq: AtomicPtr::new(ptr::null_mut()),
+            wait_fd: -1,
             domain: ptr::null_mut(),
             fabric: ptr::null_mut(),
             info,
@@ -304,17 +308,33 @@ impl Shared {
             return Err(fi_error(ret as i64, "fi_domain"));
         }
 
-        let mut cq_attr = sys::fi_cq_attr {
-            size: cq_size,
-            format: sys::FI_CQ_FORMAT_DATA,
-            wait_obj: sys::FI_WAIT_NONE,
-            ..Default::default()
-        };
+        // A wait descriptor lets an idle agent sleep until the provider
+        // has something; providers without one get a CQ without it.
         let mut cq: *mut sys::fid_cq = ptr::null_mut();
-        // SAFETY: domain is open; cq_attr is a valid attribute struct.
-        let ret = unsafe {
-            sys::kvxfer_fi_cq_open(shared.domain, &mut cq_attr, &mut cq, ptr::null_mut())
-        };
+        let mut ret = 0;
+        for wait_obj in [sys::FI_WAIT_FD, sys::FI_WAIT_NONE] {
+            let mut cq_attr = sys::fi_cq_attr {
+                size: cq_size,
+                format: sys::FI_CQ_FORMAT_DATA,
+                wait_obj,
+                ..Default::default()
+            };
+            // SAFETY: domain is open; cq_attr is a valid attribute struct.
+            ret = unsafe {
+                sys::kvxfer_fi_cq_open(shared.domain, &mut cq_attr, &mut cq, ptr::null_mut())
+            };
+            if ret == 0 {
+                if wait_obj == sys::FI_WAIT_FD {
+                    let mut fd: std::ffi::c_int = -1;
+                    // SAFETY: cq was just opened with FI_WAIT_FD; fd is a
+                    // valid out pointer.
+                    if unsafe { sys::kvxfer_fi_cq_wait_fd(cq, &mut fd) } == 0 {
+                        shared.wait_fd = fd;
+                    }
+                }
+                break;
+            }
+        }
         if ret != 0 {
             return Err(fi_error(ret as i64, "fi_cq_open"));
         }
@@ -410,6 +430,19 @@ impl Shared {
     /// The completion queue (null once closed).
     pub(crate) fn cq(&self) -> *mut sys::fid_cq {
         self.cq.load(Ordering::Relaxed)
+    }
+
+    /// Whether the caller may block on [`wait_fd`](Self::wait_fd) now
+    /// (`fi_trywait`): false while the provider has work to be polled.
+    pub(crate) fn try_wait(&self) -> bool {
+        let cq = self.cq();
+        if self.wait_fd < 0 || cq.is_null() {
+            return false;
+        }
+        // SAFETY: fabric and cq are open (cq checked above; the fabric
+        // outlives it); the caller owns the transport, so no other call
+        // on the domain runs meanwhile.
+        unsafe { sys::kvxfer_fi_trywait_cq(self.fabric, cq) == 0 }
     }
 
     /// The address vector (null once closed).

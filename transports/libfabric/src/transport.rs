@@ -1640,6 +1640,27 @@ impl Transport for FabricTransport {
         self.done.pop_front()
     }
 
+    /// Sleeps on the completion queue's wait descriptor when nothing is in
+    /// flight or queued and `fi_trywait` allows it.
+    fn arm(&mut self) -> kvxfer_core::Wake {
+        use kvxfer_core::Wake;
+        if self.shared.wait_fd < 0 {
+            return Wake::Unsupported;
+        }
+        if !self.done.is_empty()
+            || !self.active.is_empty()
+            || !self.pending_sends.is_empty()
+            || !self.ready.is_empty()
+        {
+            return Wake::Busy;
+        }
+        if self.shared.try_wait() {
+            Wake::Armed(self.shared.wait_fd)
+        } else {
+            Wake::Busy
+        }
+    }
+
     fn cancel(&mut self, _token: Token) -> Result<(), Error> {
         Err(Error::Unsupported {
             backend: BACKEND,
