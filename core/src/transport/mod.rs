@@ -147,6 +147,15 @@ impl<'a, L, K> Segments<'a, L, K> {
         self.len == 0
     }
 
+    /// The only segment, when there is exactly one.
+    pub fn single(&self) -> Option<Segment<'a, L, K>> {
+        if self.len == 1 {
+            self.iter().next()
+        } else {
+            None
+        }
+    }
+
     /// The segments, in order.
     pub fn iter(&self) -> SegmentsIter<'a, L, K> {
         SegmentsIter {

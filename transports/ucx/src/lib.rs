@@ -46,11 +46,13 @@
 // allocation-free by design, so it is returned by value.
 #![allow(clippy::result_large_err)]
 
+mod inline;
 mod status;
 mod transport;
 
 use std::time::Duration;
 
+pub use inline::{ACK_AM_ID, WRITE_AM_ID};
 pub use transport::{abandoned_transports, UcxPeer, UcxReg, UcxRemoteKey, UcxTransport};
 
 /// Environment variable that sets [`UcxConfig::op_timeout`] in
@@ -153,6 +155,12 @@ pub struct UcxConfig {
     /// segment, each acknowledged by the target, so an 8 KiB segment caps
     /// a large WRITE at a few hundred MB/s. Default: 64 KiB.
     pub tcp_seg_size: Option<u32>,
+    /// Largest WRITE of one segment sent as one active message that the
+    /// target copies into place and answers (one round trip instead of a
+    /// put and an endpoint flush), in bytes; 0 turns it off. Used only
+    /// when UCX's transports emulate RMA (no `rc`, `dc` or `ud` among
+    /// them). Default: 8192.
+    pub inline_write_max: u32,
 }
 
 impl UcxConfig {
@@ -180,6 +188,7 @@ impl Default for UcxConfig {
             cancel_timeout_ms: 5000,
             peer_failure_detection: true,
             tcp_seg_size: Some(64 << 10),
+            inline_write_max: 8192,
         }
     }
 }

@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kvxfer_core::mem::MemKinds;
+
+use crate::inline::{self, Inline};
 use kvxfer_core::{
     Capabilities, Completion, DescError, Error, MemKind, PostStatus, Region, Segments, Side, Token,
     Transport, XferOp,
@@ -155,7 +157,23 @@ struct XferSlot {
     /// Registrations (table indices) its segments read or write, one entry
     /// per run of segments in the same registration.
     regs: Vec<u32>,
+    /// A small WRITE sent as one active message waits for its
+    /// acknowledgement (see [`crate::inline`]); no library call touches
+    /// its memory meanwhile.
+    awaiting_ack: bool,
+    /// That message's header, kept until its send completes.
+    inline_hdr: [u8; inline::WRITE_HDR],
 }
+
+/// An active-message handler.
+type AmHandler = unsafe extern "C" fn(
+    *mut c_void,
+    *const c_void,
+    usize,
+    *mut c_void,
+    usize,
+    *const sys::ucp_am_recv_param_t,
+) -> sys::ucs_status_t;
 
 /// Received notifications, filled by the active-message handler.
 struct NoteQueue {
@@ -273,6 +291,10 @@ pub struct UcxTransport {
     scratch: Vec<*mut c_void>,
     /// Calls of `ucp_worker_progress` that did something.
     progress_events: u64,
+    /// State of small WRITEs in one round trip, shared with their handlers.
+    inline: Box<UnsafeCell<Inline>>,
+    /// Largest small WRITE sent that way (0: none).
+    inline_max: u64,
     _not_sync: PhantomData<Cell<()>>,
 }
 
@@ -483,6 +505,8 @@ impl UcxTransport {
             open_closes: 0,
             scratch: Vec::new(),
             progress_events: 0,
+            inline: Inline::new(),
+            inline_max: 0,
             _not_sync: PhantomData,
         };
 
@@ -555,6 +579,38 @@ impl UcxTransport {
         if st != UCS_OK {
             return Err(ucs_error("setting the notification handler", st));
         }
+        let inline_arg = transport.inline.get().cast::<c_void>();
+        for (id, cb) in [
+            (inline::WRITE_AM_ID, inline::write_received as AmHandler),
+            (inline::ACK_AM_ID, inline::ack_received as AmHandler),
+        ] {
+            let am = sys::ucp_am_handler_param_t {
+                field_mask: u64::from(
+                    sys::UCP_AM_HANDLER_PARAM_FIELD_ID
+                        | sys::UCP_AM_HANDLER_PARAM_FIELD_CB
+                        | sys::UCP_AM_HANDLER_PARAM_FIELD_ARG
+                        | sys::UCP_AM_HANDLER_PARAM_FIELD_FLAGS,
+                ),
+                id,
+                flags: sys::UCP_AM_FLAG_WHOLE_MSG,
+                cb: Some(cb),
+                arg: inline_arg,
+            };
+            // SAFETY: the worker is live; the handler's arg is the boxed
+            // Inline, which lives as long as the transport (and the worker).
+            let st = unsafe { sys::ucp_worker_set_am_recv_handler(transport.worker, &am) };
+            if st != UCS_OK {
+                return Err(ucs_error("setting the small-WRITE handlers", st));
+            }
+        }
+        // Hardware RMA (InfiniBand, RoCE) needs no help for small WRITEs.
+        let rdma = transport
+            .resources()
+            .iter()
+            .any(|r| r.starts_with("rc") || r.starts_with("dc") || r.starts_with("ud"));
+        if !rdma {
+            transport.inline_max = u64::from(config.inline_write_max);
+        }
         log::debug!(
             "UCX: transport ready, worker address of {} bytes",
             transport.address.len()
@@ -601,6 +657,21 @@ impl UcxTransport {
     /// [`progress`]: UcxTransport::progress
     pub fn progress_events(&self) -> u64 {
         self.progress_events
+    }
+
+    /// Small WRITEs from peers this transport copied into place and
+    /// refused (outside memory registered here), as one active message
+    /// each (see [`UcxConfig::inline_write_max`]).
+    pub fn small_writes_served(&self) -> (u64, u64) {
+        // SAFETY: handlers run only inside progress, which `&self` excludes.
+        let st = unsafe { &*self.inline.get() };
+        (st.served, st.refused)
+    }
+
+    /// The largest WRITE this transport sends as one active message (0
+    /// when it does not: turned off, or hardware RMA is available).
+    pub fn inline_write_max(&self) -> u64 {
+        self.inline_max
     }
 
     /// The transports and devices this transport's UCP context may use
@@ -671,6 +742,8 @@ impl UcxTransport {
                     internal: false,
                     started: Instant::now(),
                     regs: Vec::new(),
+                    awaiting_ack: false,
+                    inline_hdr: [0; inline::WRITE_HDR],
                 })));
                 (self.slots.len() - 1) as u32
             }
@@ -690,6 +763,7 @@ impl UcxTransport {
         slot.internal = false;
         slot.started = Instant::now();
         slot.regs.clear();
+        slot.awaiting_ack = false;
         if let Some(n) = note {
             slot.note.extend_from_slice(n);
         }
@@ -801,19 +875,51 @@ impl UcxTransport {
         loop {
             // SAFETY: the slot is live and no reference to it is held while
             // UCX runs (the issue_* calls below re-read through the pointer).
-            let (outstanding, status, phase, op, ep_index, has_note) = unsafe {
+            let (outstanding, status, phase, op, ep_index, has_note, awaiting) = unsafe {
                 let s = &*slot;
-                (s.outstanding, s.status, s.phase, s.op, s.ep, s.has_note)
+                (
+                    s.outstanding,
+                    s.status,
+                    s.phase,
+                    s.op,
+                    s.ep,
+                    s.has_note,
+                    s.awaiting_ack,
+                )
             };
             if outstanding > 0 {
                 return None;
             }
             let ep = self.ep_state(ep_index);
+            if awaiting {
+                // SAFETY: the state box is live while it is in the table.
+                let failed = ep.map_or(
+                    sys::UCS_ERR_ENDPOINT_TIMEOUT as sys::ucs_status_t,
+                    |e| unsafe { (*e).failed },
+                );
+                if failed == UCS_OK && status == UCS_OK {
+                    return None;
+                }
+                // The peer is gone (or the send failed): no answer comes.
+                // SAFETY: no other reference to the slot exists.
+                unsafe {
+                    (*slot).awaiting_ack = false;
+                    if (*slot).status == UCS_OK {
+                        (*slot).status = failed;
+                    }
+                }
+                continue;
+            }
             if status != UCS_OK {
                 // SAFETY: the state box is live while it is in the table.
                 let failed = ep.is_some_and(|e| unsafe { (*e).failed } != UCS_OK);
+                let refused = status == sys::UCS_ERR_INVALID_ADDR as sys::ucs_status_t;
                 let what = match phase {
                     Phase::Data => op.name(),
+                    // Only a small WRITE's acknowledgement says this.
+                    Phase::Flush if refused => {
+                        "WRITE refused by the peer: not inside memory it has registered"
+                    }
                     Phase::Flush => "flushing the endpoint after WRITE",
                     Phase::Notify => "sending the notification",
                 };
@@ -845,6 +951,87 @@ impl UcxTransport {
                     self.issue_note(slot, ep_handle);
                 }
                 Phase::Notify => return Some(Ok(())),
+            }
+        }
+    }
+
+    /// Sends a small WRITE of `[local, +len)` to `remote` as one active
+    /// message the target copies and answers (see [`crate::inline`]).
+    fn issue_inline(
+        &mut self,
+        slot: *mut XferSlot,
+        index: u32,
+        ep: sys::ucp_ep_h,
+        local: u64,
+        len: u64,
+        remote: u64,
+    ) {
+        // SAFETY: the slot was just allocated; no request refers to it.
+        let hdr = unsafe {
+            let s = &mut *slot;
+            s.inline_hdr = inline::write_header(index, s.token.0, remote);
+            s.phase = Phase::Flush;
+            s.awaiting_ack = true;
+            s.inline_hdr.as_ptr()
+        };
+        let param = Self::request_param(
+            slot,
+            sys::UCP_AM_SEND_FLAG_EAGER | sys::UCP_AM_SEND_FLAG_REPLY,
+        );
+        // SAFETY: the endpoint is live; the header lives in the boxed slot
+        // and the data in a registration the core keeps, both until the
+        // request completes (the slot is not freed before); param's
+        // user_data slot outlives the request.
+        let ret = unsafe {
+            sys::ucp_am_send_nbx(
+                ep,
+                inline::WRITE_AM_ID,
+                hdr.cast::<c_void>(),
+                inline::WRITE_HDR,
+                local as usize as *const c_void,
+                len as usize,
+                &param,
+            )
+        };
+        Self::track(slot, ret);
+    }
+
+    /// Reports a posted slot done (and frees it) or in progress.
+    fn finish_post(&mut self, index: u32) -> Result<PostStatus, Error> {
+        match self.advance(index) {
+            Some(result) => {
+                self.free_slot(index);
+                result.map(|()| PostStatus::Done)
+            }
+            None => {
+                self.active.push(index);
+                Ok(PostStatus::InProgress)
+            }
+        }
+    }
+
+    /// Matches received acknowledgements of small WRITEs to their slots,
+    /// and frees the buffers of acknowledgements sent.
+    fn take_acks(&mut self) {
+        // SAFETY: handlers run only inside progress, which is not running;
+        // no other reference to the state is held.
+        let st = unsafe { &mut *self.inline.get() };
+        if !st.pending() {
+            return;
+        }
+        st.reap();
+        for (index, token, written) in st.acks.drain(..) {
+            let Some(cell) = self.slots.get(index as usize) else {
+                continue;
+            };
+            // SAFETY: slots are live for the transport's life; no callback
+            // runs meanwhile and no other reference to this one is held.
+            let s = unsafe { &mut *cell.get() };
+            if s.token.0 == token && s.awaiting_ack {
+                s.awaiting_ack = false;
+                if !written && s.status == UCS_OK {
+                    s.status = sys::UCS_ERR_INVALID_ADDR as sys::ucs_status_t;
+                }
             }
         }
     }
@@ -1266,6 +1453,8 @@ impl Transport for UcxTransport {
             region: *region,
             packed,
         });
+        // SAFETY: handlers run only inside progress, which is not running.
+        unsafe { (*self.inline.get()).regions.push((region.addr, region.len)) };
         Ok(UcxReg {
             owner: self.owner,
             index,
@@ -1294,6 +1483,14 @@ impl Transport for UcxTransport {
             return;
         }
         if let Some(entry) = self.regs.remove(reg.index) {
+            // No small WRITE from a peer lands here from now on.
+            // SAFETY: handlers run only inside progress, which is not
+            // running.
+            let regions = unsafe { &mut (*self.inline.get()).regions };
+            let r = (entry.region.addr, entry.region.len);
+            if let Some(i) = regions.iter().position(|&x| x == r) {
+                regions.swap_remove(i);
+            }
             // Requests of cancelled or timed-out transfers may still use the
             // memory: wait for them (bounded), else unmap it once they end.
             if !self.zombies.is_empty() {
@@ -1597,6 +1794,12 @@ impl Transport for UcxTransport {
                 }
             }
         }
+        if op == XferOp::Write && self.inline_max > 0 {
+            if let Some(seg) = segments.single().filter(|g| g.len <= self.inline_max) {
+                self.issue_inline(slot, index, ep, seg.local_addr, seg.len, seg.remote_addr);
+                return self.finish_post(index);
+            }
+        }
         let param = Self::request_param(slot, 0);
         for seg in segments {
             let rkey = self
@@ -1632,20 +1835,12 @@ impl Transport for UcxTransport {
                 break;
             }
         }
-        match self.advance(index) {
-            Some(result) => {
-                self.free_slot(index);
-                result.map(|()| PostStatus::Done)
-            }
-            None => {
-                self.active.push(index);
-                Ok(PostStatus::InProgress)
-            }
-        }
+        self.finish_post(index)
     }
 
     fn poll(&mut self) -> Option<Completion> {
         self.progress();
+        self.take_acks();
         let mut i = 0;
         while i < self.active.len() {
             let index = self.active[i];
@@ -1734,7 +1929,9 @@ impl Transport for UcxTransport {
         use kvxfer_core::Wake;
         // SAFETY: as in `poll_notification`: no progress runs meanwhile.
         let queued = unsafe { (*self.notes.get()).len > 0 };
-        if !self.completions.is_empty() || queued || self.worker.is_null() {
+        // SAFETY: as above.
+        let acks = unsafe { (*self.inline.get()).pending() };
+        if !self.completions.is_empty() || queued || acks || self.worker.is_null() {
             return Wake::Busy;
         }
         let mut fd: std::ffi::c_int = -1;
@@ -1849,6 +2046,7 @@ impl Drop for UcxTransport {
                     Box::new(UnsafeCell::new(NoteQueue::empty())),
                 );
                 std::mem::forget(notes);
+                std::mem::forget(std::mem::replace(&mut self.inline, Inline::new()));
                 self.worker = ptr::null_mut();
                 self.context = ptr::null_mut();
                 return;
@@ -1900,6 +2098,7 @@ impl Drop for UcxTransport {
                     std::thread::yield_now();
                 }
             }
+            self.inline.get_mut().reap();
             for i in 0..self.slots.len() {
                 if !Self::release_requests(self.slot_ptr(i as u32)) {
                     log::warn!("UCX: a request of slot {i} is still running at close");

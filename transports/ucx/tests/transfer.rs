@@ -110,6 +110,7 @@ fn target_process() {
         .expect("register");
     let mut key = [0u8; 4096];
     let klen = t.pack_key(&reg, &mut key).expect("pack key");
+    let mut reg = Some(reg);
     let mut addr = [0u8; 4096];
     let alen = t.local_address(&mut addr).expect("address");
     println!("@ADDR {}", hex(&addr[..alen]));
@@ -154,6 +155,16 @@ fn target_process() {
                         println!("@OK");
                     }
                     ["SUM"] => println!("@SUM {:016x}", checksum(&buf)),
+                    ["SMALL"] => {
+                        let (served, refused) = t.small_writes_served();
+                        println!("@SMALL {served} {refused}");
+                    }
+                    ["UNREG"] => {
+                        if let Some(r) = reg.take() {
+                            t.deregister(r);
+                        }
+                        println!("@OK");
+                    }
                     ["HEX", off, n] => {
                         let off: usize = off.parse().expect("offset");
                         let n: usize = n.parse().expect("length");
@@ -176,7 +187,9 @@ fn target_process() {
             "target ran too long"
         );
     }
-    t.deregister(reg);
+    if let Some(reg) = reg {
+        t.deregister(reg);
+    }
     drop(t);
 }
 
@@ -448,6 +461,78 @@ fn write_100(tls: Option<&str>) {
         target.cmd("HEX 100 8", "@HEX"),
         "00".repeat(8),
         "bytes after the WRITE changed"
+    );
+    ini.close();
+    target.quit();
+}
+
+/// Over `tcp` a WRITE of one segment up to 8 KiB goes as one active
+/// message the target copies and answers; larger or scattered WRITEs go as
+/// puts. Data is compared byte for byte either way, and the target counts
+/// what it served. A small WRITE into memory the target no longer has
+/// registered is refused there and fails here, leaving the bytes alone.
+#[test]
+fn small_writes_go_in_one_message_over_tcp() {
+    let mut target = Target::spawn(Some("tcp"), 64 << 10);
+    let mut ini = Initiator::new(Some("tcp"), &target);
+    assert_eq!(ini.t.inline_write_max(), 8192);
+    let data = filled(16 << 10, 5);
+    let reg = ini.register(&data);
+    let base = data.as_ptr() as u64;
+    for (i, &(off, len)) in [(0u64, 100u64), (4096, 4096), (8192, 8192)]
+        .iter()
+        .enumerate()
+    {
+        ini.run(XferOp::Write, reg, &target, &[(base + off, off, len)], None)
+            .expect("small WRITE");
+        let got = target.cmd(&format!("HEX {off} {len}"), "@HEX");
+        assert_eq!(got, hex(&data[off as usize..(off + len) as usize]));
+        assert_eq!(target.cmd("SMALL", "@SMALL"), format!("{} 0", i + 1));
+    }
+    // Larger than 8 KiB, or two segments: puts, not counted.
+    ini.run(XferOp::Write, reg, &target, &[(base, 16384, 8193)], None)
+        .expect("WRITE of 8193 bytes");
+    ini.run(
+        XferOp::Write,
+        reg,
+        &target,
+        &[(base, 32768, 64), (base + 128, 32768 + 128, 64)],
+        None,
+    )
+    .expect("WRITE of two segments");
+    assert_eq!(
+        target.cmd("HEX 16384 8193", "@HEX"),
+        hex(&data[..8193]),
+        "large WRITE"
+    );
+    assert_eq!(target.cmd("SMALL", "@SMALL"), "3 0");
+    // A notification still follows the data.
+    ini.run(
+        XferOp::Write,
+        reg,
+        &target,
+        &[(base, 0, 64)],
+        Some(b"after"),
+    )
+    .expect("small WRITE with a notification");
+    let note = target.expect("@NOTE");
+    assert!(note.starts_with(&hex(b"after")), "{note}");
+    // Refused where the target deregistered its memory.
+    target.cmd("FILL 9", "@OK");
+    target.cmd("UNREG", "@OK");
+    let err = ini
+        .run(XferOp::Write, reg, &target, &[(base, 0, 64)], None)
+        .expect_err("a small WRITE into deregistered memory");
+    assert!(
+        err.to_string().starts_with(
+            "UCX error -7: WRITE refused by the peer: not inside memory it has registered: "
+        ),
+        "{err}"
+    );
+    assert_eq!(target.cmd("SMALL", "@SMALL"), "4 1");
+    assert_eq!(
+        target.cmd("HEX 0 64", "@HEX"),
+        hex(&filled(64 << 10, 9)[..64])
     );
     ini.close();
     target.quit();
