@@ -688,8 +688,9 @@ void unknownBackend()
     {
         std::cout << "error: " << e.what() << std::endl;
         CHECK_EQ(static_cast<int>(e.status()), static_cast<int>(KVXFER_ERR_UNSUPPORTED));
-        CHECK_EQ(std::string(e.what()),
-            std::string("kvxfer_agent_new: unsupported backend \"NOSUCH\"; supported: UCX, LIBFABRIC"));
+        // A build with the cuda feature lists CUDA_IPC after these.
+        std::string want = "kvxfer_agent_new: unsupported backend \"NOSUCH\"; supported: UCX, LIBFABRIC";
+        CHECK_EQ(std::string(e.what()).substr(0, want.size()), want);
     }
 }
 
