@@ -875,10 +875,12 @@ pub unsafe extern "C" fn kvxfer_make_xfer(
 unsafe fn request<'a>(xfer: *const kvxfer_xfer) -> Result<&'a XferRequest, Fail> {
     // SAFETY: per the caller.
     let h = unsafe { deref(xfer, "xfer") }?;
-    h.req.as_ref().ok_or(Fail::Arg(
-        kvxfer_status::KVXFER_ERR_RELEASED,
-        String::from("the transfer was released"),
-    ))
+    h.req.as_ref().ok_or_else(|| {
+        Fail::Arg(
+            kvxfer_status::KVXFER_ERR_RELEASED,
+            String::from("the transfer was released"),
+        )
+    })
 }
 
 /// Writes `s` to `out` if not NULL; a failed state becomes its error.

@@ -197,3 +197,44 @@ pub extern "C" fn kvxfer_last_error() -> *const c_char {
     });
     p.unwrap_or(EMPTY.as_ptr().cast::<c_char>())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CStr;
+
+    fn last() -> String {
+        // SAFETY: kvxfer_last_error returns a NUL-terminated string valid
+        // until the next failing call on this thread.
+        unsafe { CStr::from_ptr(kvxfer_last_error()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    #[test]
+    fn a_panic_becomes_a_status_and_a_message() {
+        let s = guard("kvxfer_test", || panic!("bad state {}", 7));
+        assert_eq!(s, KVXFER_ERR_PANIC);
+        assert_eq!(last(), "kvxfer_test: panic: bad state 7");
+        let s = guard("kvxfer_test", || panic!("plain"));
+        assert_eq!(s, KVXFER_ERR_PANIC);
+        assert_eq!(last(), "kvxfer_test: panic: plain");
+    }
+
+    #[test]
+    fn the_last_error_is_per_thread_and_kept_on_success() {
+        assert_eq!(
+            guard("f", || Err(Fail::Null("agent"))),
+            KVXFER_ERR_NULL_POINTER
+        );
+        assert_eq!(last(), "f: agent is NULL");
+        assert_eq!(guard("g", || Ok(())), KVXFER_OK);
+        assert_eq!(last(), "f: agent is NULL");
+        let other = std::thread::spawn(last).join().unwrap();
+        assert_eq!(other, "");
+        // A NUL inside a message is shown, not left to cut it short.
+        let s = guard("h", || Err(bad_arg(String::from("a\0b"))));
+        assert_eq!(s, KVXFER_ERR_INVALID_ARGUMENT);
+        assert_eq!(last(), "h: a\\0b");
+    }
+}
