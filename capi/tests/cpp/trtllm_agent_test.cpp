@@ -48,8 +48,8 @@ char const* gRole = "agent0";
 #define CHECK_EQ(a, b)                                                                                                 \
     do                                                                                                                 \
     {                                                                                                                  \
-        auto const& va_ = (a);                                                                                         \
-        auto const& vb_ = (b);                                                                                         \
+        auto const va_ = (a); /* copies: (a) may refer into a temporary */                                             \
+        auto const vb_ = (b);                                                                                          \
         if (!(va_ == vb_))                                                                                             \
         {                                                                                                              \
             std::ostringstream os_;                                                                                    \
