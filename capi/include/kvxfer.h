@@ -418,8 +418,8 @@ enum kvxfer_status kvxfer_xfer_status(const struct kvxfer_xfer *xfer,
 // Waits up to `timeout_ms` milliseconds (negative: without limit) for the
 // transfer to finish and writes its state to `*state` (if not NULL):
 // `KVXFER_XFER_DONE`, `KVXFER_XFER_FAILED` with its error returned, or
-// `KVXFER_XFER_IN_PROGRESS` when the time ran out (or it was never
-// posted) with `KVXFER_OK`.
+// `KVXFER_XFER_IN_PROGRESS` when the time ran out (`KVXFER_XFER_PREPARED`
+// if it was never posted) with `KVXFER_OK`.
 //
 // # Safety
 //

@@ -953,8 +953,8 @@ pub unsafe extern "C" fn kvxfer_xfer_status(
 /// Waits up to `timeout_ms` milliseconds (negative: without limit) for the
 /// transfer to finish and writes its state to `*state` (if not NULL):
 /// `KVXFER_XFER_DONE`, `KVXFER_XFER_FAILED` with its error returned, or
-/// `KVXFER_XFER_IN_PROGRESS` when the time ran out (or it was never
-/// posted) with `KVXFER_OK`.
+/// `KVXFER_XFER_IN_PROGRESS` when the time ran out (`KVXFER_XFER_PREPARED`
+/// if it was never posted) with `KVXFER_OK`.
 ///
 /// # Safety
 ///
@@ -982,7 +982,11 @@ pub unsafe extern "C" fn kvxfer_xfer_wait(
         let s = match outcome {
             WaitOutcome::Done => Ok(XferState::Done),
             WaitOutcome::Failed(e) => Err(e),
-            WaitOutcome::InProgress => Ok(XferState::InProgress),
+            // Never posted (Prepared), or still running.
+            WaitOutcome::InProgress => match r.status() {
+                Ok(XferState::Prepared) => Ok(XferState::Prepared),
+                _ => Ok(XferState::InProgress),
+            },
         };
         // SAFETY: per this function's contract.
         unsafe { report(s, state) }

@@ -185,6 +185,13 @@ int main(void)
     OK(kvxfer_prep_remote(a, "errors-b", &remote, 1, &rl));
     x = NULL;
     OK(kvxfer_make_xfer(a, KVXFER_READ, ll, &idx, 1, rl, &idx, 1, NULL, 0, &x));
+    /* Waiting on a request never posted returns at once, without limit too. */
+    OK(kvxfer_xfer_wait(x, 0, &st));
+    OK(kvxfer_xfer_wait(x, -1, &st));
+    if (st != KVXFER_XFER_PREPARED) {
+        fprintf(stderr, "FAIL: a request never posted is in state %d\n", (int)st);
+        return 1;
+    }
     uint32_t bad = 3;
     EXPECT(kvxfer_make_xfer(a, KVXFER_READ, ll, &bad, 1, rl, &idx, 1, NULL, 0, &x), KVXFER_ERR_INVALID_ARGUMENT,
            "kvxfer_make_xfer: local index 0: 3 is out of range for a prepared list of 1");
