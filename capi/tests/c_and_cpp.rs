@@ -248,11 +248,16 @@ fn device_memory() {
 
 #[test]
 fn c_error_paths() {
+    let built_in = if cfg!(feature = "cuda") {
+        r#"-DBUILT_IN="UCX, LIBFABRIC, CUDA_IPC""#
+    } else {
+        r#"-DBUILT_IN="UCX, LIBFABRIC""#
+    };
     let exe = compile(
         "cc",
         "c11",
         &["tests/c/error_paths.c"],
-        &[],
+        &[built_in],
         &out_dir().join("error_paths"),
     );
     let o = Command::new(exe)
