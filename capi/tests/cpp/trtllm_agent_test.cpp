@@ -448,10 +448,10 @@ int childMain()
             }
             else if (cmd == "quit")
             {
+                agent.reset(); // before the memory it may still have registered
                 for (auto& b : bufs)
                     if (b.vram)
                         cuda->free(b.dev);
-                agent.reset();
                 std::cout << "ok" << std::endl;
                 return 0;
             }
