@@ -182,6 +182,7 @@ int main(void)
     EXPECT(kvxfer_xfer_status(x, &st), KVXFER_ERR_RELEASED, "kvxfer_xfer_status: the transfer was released");
     EXPECT(kvxfer_xfer_wait(x, 0, &st), KVXFER_ERR_RELEASED, "kvxfer_xfer_wait: the transfer was released");
     OK(kvxfer_xfer_free(x));
+    x = NULL;
 
     kvxfer_local_list ll;
     kvxfer_remote_list rl;
@@ -207,6 +208,19 @@ int main(void)
     EXPECT(kvxfer_release_local(a, ll), KVXFER_ERR_RELEASED,
            "kvxfer_release_local: prepared list handle #0.0 is stale or released");
     OK(kvxfer_xfer_free(x));
+    x = NULL;
+
+    /* A request made before its peer was invalidated. */
+    x = NULL;
+    OK(kvxfer_prepare(a, KVXFER_WRITE, &local, 1, &remote, 1, "errors-b", NULL, 0, &x));
+    OK(kvxfer_invalidate_remote(a, "errors-b"));
+    EXPECT(kvxfer_xfer_post(x, &st), KVXFER_ERR_RELEASED,
+           "kvxfer_xfer_post: metadata of remote agent \"errors-b\" was reloaded or invalidated since this "
+           "request was prepared; prepare it again");
+    EXPECT(kvxfer_invalidate_remote(a, "errors-b"), KVXFER_ERR_UNKNOWN_PEER,
+           "kvxfer_invalidate_remote: unknown remote agent \"errors-b\"; load its metadata first");
+    OK(kvxfer_xfer_free(x));
+    x = NULL;
 
     /* The message arrived at b once. */
     size_t got = 0;
