@@ -188,6 +188,16 @@ fn connect_three_agents_over_ucx() {
 }
 
 #[test]
+fn agent_desc_over_ucx() {
+    scenarios_over("UCX", "AgentDesc");
+}
+
+#[test]
+fn agent_desc_over_libfabric() {
+    scenarios_over("LIBFABRIC", "AgentDesc");
+}
+
+#[test]
 fn sync_message_over_ucx() {
     scenarios_over("UCX", "SyncMessage");
 }

@@ -8,9 +8,9 @@
 //   trtllm_agent_test child WRAPPER.so         an agent driven by commands on
 //                                              stdin, answering on stdout
 //
-// Scenarios: Basic, Basic2, Connect, SyncMessage, LibfabricBackendBasic,
-// UnknownBackend, DeviceMemory. Prints "PASS <scenario>" and exits 0, or
-// names the failed check and exits 1.
+// Scenarios: Basic, Basic2, Connect, AgentDesc, SyncMessage,
+// LibfabricBackendBasic, UnknownBackend, DeviceMemory. Prints
+// "PASS <scenario>" and exits 0, or names the failed check and exits 1.
 #include "kvxfer_trtllm.hpp"
 
 #include <cctype>
@@ -306,6 +306,7 @@ private:
 //   new NAME PROGTHREAD            -> ok BACKEND
 //   reg SEED LEN dram|vram         -> ok ADDR        (buffer index = order)
 //   conn                           -> ok IP:PORT
+//   desc                           -> ok AGENTDESCHEX
 //   load NAME IP:PORT              -> ok
 //   check NAME ADDR LEN            -> ok             (waits until true)
 //   xfer read|write BUF NAME ADDR LEN MSGHEX|-       -> ok
@@ -374,6 +375,10 @@ int childMain()
             else if (cmd == "conn")
             {
                 out << " " << agent->getLocalConnectionInfo();
+            }
+            else if (cmd == "desc")
+            {
+                out << " " << hex(agent->getLocalAgentDesc().getBackendAgentDesc());
             }
             else if (cmd == "load")
             {
@@ -578,6 +583,59 @@ void connect(std::string const& argv0)
     c2.finish();
 }
 
+// AgentDesc: agent0 loads agent1 from its AgentDesc (no side channel),
+// which names the agent it describes.
+void agentDesc(std::string const& argv0)
+{
+    Child c1(argv0);
+    c1.ask("new agent1 1");
+    std::string addr1 = c1.ask("reg 1 " + std::to_string(kLen) + " dram").at(1);
+    AgentDesc desc{unhex(c1.ask("desc").at(1))};
+
+    Local a0{makeTransferAgent(configFor("agent0", true)), {}};
+    size_t m0 = a0.reg(10, kLen);
+    try
+    {
+        a0.agent->loadRemoteAgent("agent7", desc);
+        fail(__FILE__, __LINE__, "agent1's AgentDesc was loaded as agent7");
+    }
+    catch (kvxfer::Error const& e)
+    {
+        CHECK_EQ(std::string(e.what()), std::string("loadRemoteAgent: the agent there is \"agent1\", not \"agent7\""));
+    }
+    a0.agent->loadRemoteAgent("agent1", desc);
+    auto remote = remoteDesc(addr1, kLen);
+    CHECK(a0.agent->checkRemoteDescs("agent1", remote));
+    auto status = a0.agent->submitTransferRequests(
+        TransferRequest{TransferOp::kWRITE, a0.desc(m0), remote, "agent1", std::string("kv ready")});
+    CHECK_EQ(static_cast<int>(status->wait(10000)), static_cast<int>(TransferState::kSUCCESS));
+    CHECK_EQ(status->getLastStatusStr(), std::string("done"));
+    c1.ask("expect 0 10");
+    auto n = c1.ask("notifs");
+    CHECK_EQ(n.size(), size_t{3});
+    CHECK_EQ(n[1], std::string("agent0"));
+    CHECK_EQ(unhex(n[2]), std::string("kv ready"));
+
+    // A corrupted AgentDesc is refused with the reason.
+    std::string bad = desc.getBackendAgentDesc();
+    bad[bad.size() / 2] = static_cast<char>(bad[bad.size() / 2] ^ 0x55);
+    try
+    {
+        a0.agent->loadRemoteAgent("agent1", AgentDesc{bad});
+        fail(__FILE__, __LINE__, "a corrupted AgentDesc was loaded");
+    }
+    catch (kvxfer::Error const& e)
+    {
+        CHECK_EQ(static_cast<int>(e.status()), static_cast<int>(KVXFER_ERR_BAD_METADATA));
+        std::cout << "corrupted AgentDesc: " << e.what() << std::endl;
+    }
+
+    status.reset();
+    a0.agent->invalidateRemoteAgent("agent1");
+    a0.agent->deregisterMemory(a0.desc(m0));
+    c1.finish();
+}
+
 // SyncMessage: messages both ways, alone and around transfers.
 void syncMessage(std::string const& argv0)
 {
@@ -747,6 +805,8 @@ int main(int argc, char** argv)
             basic(self, TransferOp::kREAD, expectedBackend());
         else if (scenario == "Connect")
             connect(self);
+        else if (scenario == "AgentDesc")
+            agentDesc(self);
         else if (scenario == "SyncMessage")
             syncMessage(self);
         else if (scenario == "LibfabricBackendBasic")
