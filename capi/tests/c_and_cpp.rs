@@ -34,7 +34,11 @@ fn lib_dir() -> PathBuf {
         };
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
+        // The target folder of this run (a host build: target/<profile>).
+        let target = dir.parent().expect("target folder");
         cmd.args(["build", "-p", "kvxfer-capi", "--lib", "--profile", profile])
+            .arg("--target-dir")
+            .arg(target)
             .current_dir(crate_dir());
         if cfg!(feature = "cuda") {
             cmd.args(["--features", "cuda"]);
