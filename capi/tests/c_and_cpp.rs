@@ -8,7 +8,7 @@
 //!   and opened with `dlopen`; over UCX and LIBFABRIC, with data through
 //!   the backend (`KVXFER_SAME_HOST_CMA=0`) and by cross-memory attach.
 //! * `examples/`: the README's C and C++ examples, which must match these
-//!   files.
+//!   files; the C one also linked with the static library.
 //!
 //! `KVXFER_CAPI_SANITIZE=address` builds the programs with AddressSanitizer.
 
@@ -307,6 +307,42 @@ fn readme_example(file: &str, compiler: &str, std: &str) {
         .output()
         .expect("run the example");
     assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "written\n",
+        "{}",
+        show(&o)
+    );
+}
+
+#[test]
+fn c_example_links_the_static_library() {
+    let lib = lib_dir().join("libkvxfer_capi.a");
+    let exe = out_dir().join("write_static");
+    let o = Command::new("cc")
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(crate_dir().join("include"))
+        .arg(crate_dir().join("examples/write.c"))
+        .arg(&lib)
+        .args([
+            "-lucp",
+            "-luct",
+            "-lucs",
+            "-lfabric",
+            "-lpthread",
+            "-ldl",
+            "-lm",
+            "-o",
+        ])
+        .arg(&exe)
+        .output()
+        .expect("run cc");
+    assert!(o.status.success(), "{}", show(&o));
+    let o = Command::new(&exe)
+        .env_remove("KVXFER_BACKEND")
+        .env_remove("TRTLLM_NIXL_KVCACHE_BACKEND")
+        .output()
+        .expect("run the example");
     assert_eq!(
         String::from_utf8_lossy(&o.stdout),
         "written\n",
