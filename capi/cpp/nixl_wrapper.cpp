@@ -2,7 +2,10 @@
  * (makeTransferAgent("nixl", &config)), returning a kvxfer agent. Build:
  *
  *   g++ -std=c++17 -shared -fPIC -I capi/include capi/cpp/nixl_wrapper.cpp \
- *       -L target/release -lkvxfer_capi -o libtensorrt_llm_nixl_wrapper.so
+ *       -L target/release -lkvxfer_capi -Wl,-rpath,$PWD/target/release \
+ *       -o libtensorrt_llm_nixl_wrapper.so
+ *
+ * and put it where TensorRT-LLM's dlopen finds it (LD_LIBRARY_PATH).
  *
  * Inside a TensorRT-LLM build, add -DKVXFER_TRTLLM_UPSTREAM_HEADER and its
  * include path so that the agent implements TensorRT-LLM's own declarations.
