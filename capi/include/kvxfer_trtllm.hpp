@@ -15,14 +15,16 @@
 // Errors are thrown as kvxfer::Error (a std::runtime_error) carrying the
 // library's message. Backend: TRTLLM_NIXL_KVCACHE_BACKEND (UCX by default,
 // or LIBFABRIC), unless KVXFER_BACKEND is set or backendParams["backend"]
-// names one; backendParams["listen"] sets the side channel's "ip:port"
-// (default 127.0.0.1:0).
+// names one. The side channel (getLocalConnectionInfo) listens on
+// backendParams["listen"], else KVXFER_LISTEN, else 127.0.0.1:0: set an
+// address peers on other hosts can reach, e.g. KVXFER_LISTEN=10.0.0.5:0.
 #pragma once
 
 #include "kvxfer.h"
 
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -387,6 +389,10 @@ public:
         if (listen != config.backendParams.end())
         {
             cfg.listen = listen->second.c_str();
+        }
+        else if (char const* env = std::getenv("KVXFER_LISTEN"))
+        {
+            cfg.listen = env;
         }
         cfg.progress_thread = config.useProgThread ? 1 : 0;
         detail::check(kvxfer_agent_new(mName.c_str(), &cfg, &mAgent));

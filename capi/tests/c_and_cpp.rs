@@ -233,6 +233,12 @@ fn default_backend_is_ucx() {
 }
 
 #[test]
+fn side_channel_listens_on_kvxfer_listen() {
+    // Basic checks that agent1's connection info is on 127.0.0.2.
+    scenario("Basic", &[("KVXFER_LISTEN", "127.0.0.2:0")]);
+}
+
+#[test]
 fn libfabric_backend_basic_restores_the_variable() {
     // Unset before: unset after. Set before: that value after.
     scenario("LibfabricBackendBasic", &[("KVXFER_SAME_HOST_CMA", "0")]);

@@ -508,6 +508,13 @@ void basic(std::string const& argv0, TransferOp op, std::string const& wantBacke
     CHECK_EQ(c1.ask("new agent1 1").at(1), wantBackend);
     std::string addr1 = c1.ask("reg 1 " + std::to_string(kLen) + " dram").at(1);
     std::string info = c1.ask("conn").at(1);
+    // The side channel listens where KVXFER_LISTEN says, if set.
+    if (char const* listen = std::getenv("KVXFER_LISTEN"))
+    {
+        std::string host(listen);
+        host = host.substr(0, host.rfind(':') + 1);
+        CHECK_EQ(info.substr(0, host.size()), host);
+    }
 
     Local a0{makeTransferAgent(configFor("agent0", true)), {}};
     CHECK_EQ(backendOf(*a0.agent), wantBackend);
