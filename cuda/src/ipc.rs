@@ -1295,10 +1295,26 @@ impl Drop for CudaIpcTransport {
         //    this. The workers finish their current part and are joined
         //    (releasing their streams and bounce buffers); then the streams.
         self.pool = None;
+        let mut drained = true;
         for state in self.devices.iter().flatten() {
             if let Err(e) = state.synchronize() {
                 log::warn!("draining device {}: {e}", state.ctx.ordinal());
+                drained = false;
             }
+        }
+        if !drained {
+            // A copy may still be queued: leave the peer allocations open,
+            // the host memory pinned and the streams alive rather than
+            // release them under it.
+            log::error!(
+                "CUDA_IPC: dropped with copies that could not be drained; peer memory \
+                 handles, pinned host memory and streams are left in place"
+            );
+            std::mem::forget(std::mem::take(&mut self.my_opens));
+            std::mem::forget(std::mem::take(&mut self.host_pinned));
+            std::mem::forget(std::mem::take(&mut self.devices));
+            std::mem::forget(std::mem::take(&mut self.inflight));
+            return;
         }
         // 2. Return in-flight events to their pools.
         for f in std::mem::take(&mut self.inflight) {

@@ -1493,10 +1493,24 @@ impl<T: Transport> Drop for Staged<T> {
         }
         for op in std::mem::take(&mut self.ops) {
             for ch in op.chunks {
-                if let (Stage::Copy { ev, .. }, Some((index, _))) = (ch.stage, ch.slot) {
-                    if let Some(p) = Self::pool_mut(&mut self.pools, index) {
-                        p.free_events.push(ev);
+                match (ch.stage, ch.slot) {
+                    (Stage::Copy { ev, .. }, Some((index, _))) => {
+                        if let Some(p) = Self::pool_mut(&mut self.pools, index) {
+                            p.free_events.push(ev);
+                        }
                     }
+                    // On the wire: the inner transport lets go of the
+                    // bounce buffer, or says it still uses it (`in_use`,
+                    // checked before the buffer is freed below).
+                    (Stage::Wire { .. }, _) => {
+                        if let Err(e) = self.inner.abandon(Token(ch.token)) {
+                            log::warn!(
+                                "{}: a staged chunk cannot be ended: {e}",
+                                self.inner.name()
+                            );
+                        }
+                    }
+                    _ => {}
                 }
             }
         }
@@ -1522,12 +1536,34 @@ impl<T: Transport> Drop for Staged<T> {
         for p in self.pools.iter_mut().flatten() {
             slots.extend(p.slots.iter_mut().filter_map(Option::take));
         }
-        for slot in slots {
-            self.drop_slot(slot);
+        // A buffer the inner transport still uses (a request to a stopped
+        // peer) is given a bounded time, then left allocated rather than
+        // freed under the library.
+        let deadline = Instant::now() + DROP_WAIT;
+        for mut slot in slots {
+            let Some(reg) = slot.reg.take() else { continue };
+            while self.inner.in_use(&reg) && Instant::now() < deadline {
+                let _ = self.inner.poll();
+                std::thread::yield_now();
+            }
+            if self.inner.in_use(&reg) {
+                log::error!(
+                    "{}: a bounce buffer the library may still write is left allocated",
+                    self.inner.name()
+                );
+                std::mem::forget(reg);
+                std::mem::forget(slot);
+                continue;
+            }
+            self.inner.deregister(reg);
         }
         self.pools.clear();
     }
 }
+
+/// How long dropping [`Staged`] waits for the inner transport to let go of
+/// bounce buffers before it leaves them allocated.
+const DROP_WAIT: Duration = Duration::from_secs(1);
 
 /// The inner transport's view of a segment with host memory on both sides.
 fn direct_segment<'a, L, K>(
