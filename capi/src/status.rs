@@ -74,7 +74,9 @@ pub(crate) fn code_of(e: &Error) -> kvxfer_status {
         Error::RemoteDisconnected { .. } => KVXFER_ERR_REMOTE_DISCONNECTED,
         Error::TimedOut { .. } => KVXFER_ERR_TIMED_OUT,
         Error::Cancelled => KVXFER_ERR_CANCELLED,
-        Error::NotificationsLost { .. } => KVXFER_ERR_NOTIFICATIONS_LOST,
+        Error::NotificationsLost { .. } | Error::NotificationsRefused { .. } => {
+            KVXFER_ERR_NOTIFICATIONS_LOST
+        }
         Error::ShutDown => KVXFER_ERR_SHUT_DOWN,
         Error::CountMismatch { .. }
         | Error::LengthMismatch { .. }

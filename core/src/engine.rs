@@ -1290,6 +1290,12 @@ impl<'a, T: Transport> Engine<'a, T> {
         Ok(())
     }
 
+    /// The name of the peer a prepared remote list belongs to.
+    pub fn prepared_peer(&self, list: PreparedRemote) -> Result<&str, Error> {
+        let ri = self.prep_slot(list.index, list.generation, Side::Remote)?;
+        Ok(self.peers[self.preps[ri].peer as usize].name.as_str())
+    }
+
     /// Makes a transfer from entries of prepared lists: pair `k` moves
     /// `local[local_idx[k]]` and `remote[remote_idx[k]]`. Only counts,
     /// indices and lengths are checked; the descriptors were validated

@@ -400,6 +400,15 @@ pub enum Error {
         /// Messages lost.
         count: u64,
     },
+    /// `count` notifications claiming to come from `peer` were refused:
+    /// this agent has an authentication key and they were not sealed with
+    /// it (sent by a process without the key, or altered on the way).
+    NotificationsRefused {
+        /// The name the messages claimed.
+        peer: Name,
+        /// Messages refused.
+        count: u64,
+    },
 }
 
 impl Error {
@@ -555,6 +564,12 @@ impl fmt::Display for Error {
                 f,
                 "{count} notifications from {peer:?} were lost: the receive queue was full \
                  (raise the transport's notification queue, or take notifications sooner)"
+            ),
+            Error::NotificationsRefused { peer, count } => write!(
+                f,
+                "{count} notifications claiming to come from {peer:?} were refused: not \
+                 sealed with this agent's authentication key (a sender without the key, or \
+                 an altered message)"
             ),
         }
     }

@@ -113,8 +113,9 @@ pub enum StagedKey<K> {
     /// A host region of the peer: the inner transport's key.
     Host(Arc<K>),
     /// A VRAM region of the peer, moved through requests its `Staged`
-    /// serves (see the [module docs](self)).
-    Vram(Region),
+    /// serves (see the [module docs](self)), with the secret those
+    /// requests carry.
+    Vram(Region, [u8; msg::SECRET_LEN]),
 }
 
 /// One pinned bounce buffer, registered on its own with the inner
@@ -262,8 +263,8 @@ enum LocalSide<L> {
 enum RemoteSide<K> {
     /// Host memory of the peer, reached by the inner transport.
     Host(Arc<K>),
-    /// VRAM of the peer, reached through requests.
-    Vram,
+    /// VRAM of the peer, reached through requests carrying its secret.
+    Vram([u8; msg::SECRET_LEN]),
 }
 
 /// One segment of a staged transfer.
@@ -415,6 +416,10 @@ pub struct Staged<T: Transport> {
     /// Random; a request's id is its chunk's token XOR this, so that a
     /// peer cannot guess the id of another peer's request and answer it.
     salt: u64,
+    /// Random; the VRAM key this side publishes carries it, and a peer's
+    /// request is served only if it repeats it: only peers that loaded this
+    /// side's metadata may ask.
+    secret: [u8; msg::SECRET_LEN],
     inner: T,
 }
 
@@ -478,6 +483,7 @@ impl<T: Transport> Staged<T> {
                     .build_hasher()
                     .finish()
             },
+            secret: random_secret(),
             inner,
         }
     }
@@ -685,6 +691,14 @@ impl<T: Transport> Staged<T> {
             XferOp::Read => (Direction::Push, true),
         };
         let base = pool.slot_addr(slot);
+        let secret = ch
+            .pieces
+            .first()
+            .and_then(|p| match op.segs.get(p.seg).map(|w| &w.remote) {
+                Some(RemoteSide::Vram(secret)) => Some(*secret),
+                _ => None,
+            })
+            .unwrap_or_default();
         let req = Request {
             dir,
             id: ch.token ^ self.salt,
@@ -701,6 +715,7 @@ impl<T: Transport> Staged<T> {
             pool_len: pool.chunk as u64,
             addr: &addr,
             key: &pool.slot(slot).key,
+            secret,
         };
         msg::encode_request(&req, &mut self.out)?;
         self.inner.send_notification(&op.peer, &self.out)?;
@@ -795,7 +810,7 @@ impl<T: Transport> Staged<T> {
     /// remote side is VRAM.
     fn route(&self, oi: usize, seg: usize) -> (Option<u32>, bool) {
         let w = &self.ops[oi].segs[seg];
-        let remote_vram = matches!(w.remote, RemoteSide::Vram);
+        let remote_vram = matches!(w.remote, RemoteSide::Vram(_));
         let dev = match (&w.local, remote_vram) {
             (LocalSide::Vram(dev), _) => Some(*dev),
             (LocalSide::Host(_), true) => Some(self.first_own_pool().unwrap_or(0)),
@@ -960,6 +975,18 @@ impl<T: Transport> Staged<T> {
     /// here, then moves it with an internal transfer whose completion is
     /// answered to the peer.
     fn serve(&mut self, r: &Request<'_>, peer: Arc<T::Peer>) -> Result<(), Error> {
+        // Compared in full whatever the first difference, so that the time
+        // taken tells nothing of the secret.
+        let differ = r
+            .secret
+            .iter()
+            .zip(self.secret.iter())
+            .fold(0u8, |d, (a, b)| d | (a ^ b));
+        if differ != 0 {
+            return Err(
+                self.bad("a staging request without this agent's secret: load its metadata first")
+            );
+        }
         if r.ranges.is_empty() {
             return Err(self.bad("a staging request without ranges"));
         }
@@ -1561,6 +1588,24 @@ impl<T: Transport> Drop for Staged<T> {
     }
 }
 
+/// A random secret from the kernel (`/dev/urandom`), or, where that cannot
+/// be read, from the process's hasher seeds.
+fn random_secret() -> [u8; msg::SECRET_LEN] {
+    let mut s = [0u8; msg::SECRET_LEN];
+    let read = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut s));
+    if read.is_err() {
+        use std::hash::{BuildHasher, Hasher};
+        for half in s.chunks_mut(8) {
+            let v = std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish();
+            half.copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    s
+}
+
 /// How long dropping [`Staged`] waits for the inner transport to let go of
 /// bounce buffers before it leaves them allocated.
 const DROP_WAIT: Duration = Duration::from_secs(1);
@@ -1693,7 +1738,7 @@ impl<T: Transport> Transport for Staged<T> {
     fn pack_key(&self, reg: &Self::LocalReg, out: &mut [u8]) -> Result<usize, Error> {
         match reg {
             StagedReg::Host(r) => self.inner.pack_key(r, out),
-            StagedReg::Vram(_) => kvxfer_core::wire::copy_into(out, &msg::VRAM_KEY),
+            StagedReg::Vram(_) => kvxfer_core::wire::copy_into(out, &msg::vram_key(&self.secret)),
         }
     }
 
@@ -1721,18 +1766,20 @@ impl<T: Transport> Transport for Staged<T> {
             MemKind::Dram => Ok(StagedKey::Host(Arc::new(
                 self.inner.unpack_key(peer, region, key)?,
             ))),
-            MemKind::Vram if key == msg::VRAM_KEY => {
+            MemKind::Vram if msg::vram_secret(key).is_some() => {
                 // Transfers to the peer's VRAM go through a local bounce
                 // pool: make it now rather than in the first transfer.
                 if let Err(e) = self.host_pool_dev() {
                     log::debug!("{}: no bounce pool yet: {e}", self.inner.name());
                 }
-                Ok(StagedKey::Vram(*region))
+                let secret = msg::vram_secret(key).unwrap_or_default();
+                Ok(StagedKey::Vram(*region, secret))
             }
             MemKind::Vram => Err(self.bad(&format!(
-                "the peer's key for VRAM {:#x} ({}) is not a staging key of version {}",
+                "VRAM {:#x}: the peer's key ({} bytes, starting {}) is not of staging version {}",
                 region.addr,
-                crate::wire::hex(key),
+                key.len(),
+                crate::wire::hex(&key[..key.len().min(msg::VRAM_KEY.len())]),
                 msg::VERSION
             ))),
         }
@@ -1758,7 +1805,7 @@ impl<T: Transport> Transport for Staged<T> {
         let mut host_to_vram = false;
         for s in segments {
             let local_vram = matches!(s.local, StagedReg::Vram(_));
-            let remote_vram = matches!(s.remote, StagedKey::Vram(_));
+            let remote_vram = matches!(s.remote, StagedKey::Vram(..));
             staged |= local_vram || remote_vram;
             host_to_vram |= remote_vram && !local_vram;
         }
@@ -1785,7 +1832,7 @@ impl<T: Transport> Transport for Staged<T> {
             };
             let remote = match s.remote {
                 StagedKey::Host(r) => RemoteSide::Host(Arc::clone(r)),
-                StagedKey::Vram(_) => RemoteSide::Vram,
+                StagedKey::Vram(_, secret) => RemoteSide::Vram(*secret),
             };
             segs.push(Work {
                 local,
@@ -1989,7 +2036,18 @@ mod tests {
             pool_len: 512,
             addr: &addr,
             key: &key[..n],
+            secret: a.secret,
         };
+        // Without the server's secret (from its VRAM key), nothing is
+        // looked at.
+        let guess = Request {
+            secret: [0; msg::SECRET_LEN],
+            ..req.clone()
+        };
+        assert_eq!(
+            ask(&mut a, &mut b, &guess),
+            "LOOPBACK error 1: a staging request without this agent's secret: load its metadata first"
+        );
         assert_eq!(
             ask(&mut a, &mut b, &req),
             "LOOPBACK error 1: VRAM 0x1100 (+128 bytes) is not inside a VRAM region registered here"
@@ -2059,19 +2117,32 @@ mod tests {
             dev: 1,
             kind: MemKind::Vram,
         };
+        let key = msg::vram_key(b"sixteen byte key");
         assert!(matches!(
-            a.unpack_key(&peer, &region, &msg::VRAM_KEY),
-            Ok(StagedKey::Vram(r)) if r == region
+            a.unpack_key(&peer, &region, &key),
+            Ok(StagedKey::Vram(r, s)) if r == region && &s == b"sixteen byte key"
         ));
-        let mut v2 = msg::VRAM_KEY;
-        v2[5] = 2;
+        // Each side publishes its own random secret.
+        let vram = StagedReg::Vram(region);
+        let mut packed = [0u8; 64];
+        let n = a.pack_key(&vram, &mut packed).unwrap();
+        let other = Staged::new(Loopback::new(&mem, 3));
+        let mut packed2 = [0u8; 64];
+        let n2 = other.pack_key(&vram, &mut packed2).unwrap();
+        assert_eq!((n, n2), (22, 22));
+        assert_eq!(msg::vram_secret(&packed[..n]), Some(a.secret));
+        assert_ne!(packed[..n], packed2[..n2]);
+        let mut v1 = key;
+        v1[5] = 1;
         assert_eq!(
-            a.unpack_key(&peer, &region, &v2).unwrap_err().to_string(),
-            "LOOPBACK error 1: the peer's key for VRAM 0x1100 (004b58534702) is not a staging key of version 1"
+            a.unpack_key(&peer, &region, &v1).unwrap_err().to_string(),
+            "LOOPBACK error 1: VRAM 0x1100: the peer's key (22 bytes, starting 004b58534701) is not \
+             of staging version 2"
         );
         assert_eq!(
-            a.unpack_key(&peer, &region, &[]).unwrap_err().to_string(),
-            "LOOPBACK error 1: the peer's key for VRAM 0x1100 () is not a staging key of version 1"
+            a.unpack_key(&peer, &region, &msg::VRAM_KEY).unwrap_err().to_string(),
+            "LOOPBACK error 1: VRAM 0x1100: the peer's key (6 bytes, starting 004b58534702) is not \
+             of staging version 2"
         );
     }
 }

@@ -34,17 +34,38 @@ use kvxfer_core::Error;
 /// First bytes of every staging message.
 pub const PREFIX: [u8; 5] = *b"\0KXSG";
 /// Protocol version this build speaks.
-pub const VERSION: u8 = 1;
-/// The packed key of a VRAM region registered through `Staged`: tells a
-/// peer that requests for it are served, and in which protocol version.
+pub const VERSION: u8 = 2;
+/// How the packed key of a VRAM region registered through `Staged` starts:
+/// it tells a peer that requests for it are served, and in which protocol
+/// version. The serving side's [`SECRET_LEN`]-byte secret follows.
 pub const VRAM_KEY: [u8; 6] = [0, b'K', b'X', b'S', b'G', VERSION];
+/// Bytes of the secret a VRAM key carries and every request repeats: only
+/// peers that loaded the server's metadata (through the authenticated side
+/// channel, or signed entries in etcd) know it.
+pub const SECRET_LEN: usize = 16;
+
+/// The packed key of VRAM registered through a `Staged` whose secret is
+/// `secret`.
+pub fn vram_key(secret: &[u8; SECRET_LEN]) -> [u8; VRAM_KEY.len() + SECRET_LEN] {
+    let mut k = [0u8; VRAM_KEY.len() + SECRET_LEN];
+    k[..VRAM_KEY.len()].copy_from_slice(&VRAM_KEY);
+    k[VRAM_KEY.len()..].copy_from_slice(secret);
+    k
+}
+
+/// The secret in a peer's VRAM key, if `key` is one of this version.
+pub fn vram_secret(key: &[u8]) -> Option<[u8; SECRET_LEN]> {
+    let secret = key.strip_prefix(VRAM_KEY.as_slice())?;
+    secret.try_into().ok()
+}
 
 const KIND_PULL: u8 = 1;
 const KIND_PUSH: u8 = 2;
 const KIND_DONE: u8 = 3;
 /// Bytes after the prefix of a request without its address, key and
-/// ranges: version, kind, status, id, pool, pool length and three counts.
-pub const REQUEST_FIXED: usize = 3 + 8 + 2 * 8 + 3 * 2;
+/// ranges: version, kind, status, id, the server's secret, pool, pool
+/// length and three counts.
+pub const REQUEST_FIXED: usize = 3 + 8 + SECRET_LEN + 2 * 8 + 3 * 2;
 /// Bytes per range of a request.
 pub const RANGE_LEN: usize = 3 * 8;
 /// Bytes after the prefix of an answer without its text.
@@ -90,6 +111,8 @@ pub struct Request<'a> {
     pub addr: &'a [u8],
     /// The inner transport's packed key of the pool.
     pub key: &'a [u8],
+    /// The receiver's secret, from its VRAM key.
+    pub secret: [u8; SECRET_LEN],
 }
 
 /// A decoded staging message.
@@ -176,6 +199,8 @@ pub fn decode(msg: &[u8]) -> Result<Message<'_>, Error> {
             if status != 0 {
                 return Err(malformed(&format!("status {status} in a request")));
             }
+            let mut secret = [0u8; SECRET_LEN];
+            secret.copy_from_slice(r.take(SECRET_LEN, "the secret")?);
             let pool = r.u64("the pool address")?;
             let pool_len = r.u64("the pool length")?;
             let addr_len = r.u16("the address length")?;
@@ -211,6 +236,7 @@ pub fn decode(msg: &[u8]) -> Result<Message<'_>, Error> {
                 pool_len,
                 addr,
                 key,
+                secret,
             })
         }
         KIND_DONE => {
@@ -270,6 +296,7 @@ pub fn encode_request(req: &Request<'_>, out: &mut Vec<u8>) -> Result<(), Error>
         Direction::Push => KIND_PUSH,
     };
     header(out, kind, 0, req.id);
+    out.extend_from_slice(&req.secret);
     out.extend_from_slice(&req.pool.to_le_bytes());
     out.extend_from_slice(&req.pool_len.to_le_bytes());
     out.extend_from_slice(&addr_len.to_le_bytes());
@@ -337,11 +364,24 @@ mod tests {
             pool_len: 16 << 20,
             addr: b"address bytes",
             key: b"key",
+            secret: *b"sixteen byte key",
         }
     }
 
     fn text(e: Error) -> String {
         e.to_string()
+    }
+
+    #[test]
+    fn vram_keys_carry_the_secret() {
+        let k = vram_key(b"sixteen byte key");
+        assert_eq!(&k[..6], &VRAM_KEY);
+        assert_eq!(vram_secret(&k), Some(*b"sixteen byte key"));
+        assert_eq!(vram_secret(&k[..21]), None);
+        assert_eq!(vram_secret(&VRAM_KEY), None);
+        let mut v1 = k;
+        v1[5] = 1;
+        assert_eq!(vram_secret(&v1), None);
     }
 
     #[test]
@@ -398,7 +438,7 @@ mod tests {
         }
         assert_eq!(
             text(decode(&out[..5 + REQUEST_FIXED]).unwrap_err()),
-            "STAGING error 1: malformed staging message: 38 bytes end inside the address (needs 13 more)"
+            "STAGING error 1: malformed staging message: 54 bytes end inside the address (needs 13 more)"
         );
         assert_eq!(
             text(decode(&out[..out.len() - 1]).unwrap_err()),
@@ -406,7 +446,7 @@ mod tests {
         );
         // A count far beyond the message is refused before allocating.
         let mut huge = out.clone();
-        huge[36..38].copy_from_slice(&u16::MAX.to_le_bytes());
+        huge[52..54].copy_from_slice(&u16::MAX.to_le_bytes());
         assert_eq!(
             text(decode(&huge).unwrap_err()),
             "STAGING error 1: malformed staging message: 65535 ranges need 1572840 bytes, 48 left"
@@ -424,7 +464,7 @@ mod tests {
         };
         let err = |s: &str| Err(format!("STAGING error 1: malformed staging message: {s}"));
         assert_eq!(with(1, b'Y'), err("wrong prefix"));
-        assert_eq!(with(5, 2), err("version 2, this build speaks 1"));
+        assert_eq!(with(5, 1), err("version 1, this build speaks 2"));
         assert_eq!(with(6, 9), err("kind 9"));
         assert_eq!(with(7, 4), err("status 4"));
         let mut req = Vec::new();

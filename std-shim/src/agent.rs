@@ -15,6 +15,7 @@ use kvxfer_core::{
 
 use crate::clock::now;
 use crate::config::{select_backend_from_env, AgentConfig, BackendKind, BUILT_IN};
+use crate::note_auth::NoteKey;
 use crate::side_channel::{self, Client, Server};
 
 /// The engine over transport `T`, in tables the agent owns (sized from
@@ -174,6 +175,13 @@ struct State {
     orphans: Vec<XferHandle>,
     /// Probes of peers served by the backend; `None` when turned off.
     keepalive: Option<crate::keepalive::Keepalive>,
+    /// Seals and checks notifications when an authentication key is set.
+    note_key: Option<NoteKey>,
+    /// Reused for sealing outgoing notifications.
+    seal_buf: Vec<u8>,
+    /// Received notifications refused (not sealed with the key), by the
+    /// sender they claimed, not yet reported to the application.
+    refused: HashMap<String, u64>,
 }
 
 /// Longest notification buffer the agent grows to (16 MiB).
@@ -229,6 +237,27 @@ impl State {
         self.backend.as_mut().ok_or(Error::ShutDown)
     }
 
+    /// The backend, and `msg` as it goes to `peer`: sealed with the key
+    /// when one is set ([`crate::note_auth`]), else as it is.
+    fn sealed<'a>(
+        &'a mut self,
+        peer: &str,
+        msg: Option<&'a [u8]>,
+    ) -> Result<(&'a mut Backend, Option<&'a [u8]>), Error> {
+        let State {
+            backend,
+            note_key,
+            seal_buf,
+            ..
+        } = self;
+        let b = backend.as_mut().ok_or(Error::ShutDown)?;
+        let (Some(k), Some(m)) = (note_key.as_ref(), msg) else {
+            return Ok((b, msg));
+        };
+        k.seal(peer, m, seal_buf);
+        Ok((b, Some(seal_buf.as_slice())))
+    }
+
     /// Polls the engine once and collects notifications; returns how many
     /// transfers finished.
     fn progress(&mut self) -> usize {
@@ -245,6 +274,9 @@ impl State {
             lost,
             orphans,
             keepalive,
+            note_key,
+            refused,
+            ..
         } = self;
         let Some(backend) = backend.as_mut() else {
             return (0, 0);
@@ -283,8 +315,19 @@ impl State {
                 match e.poll_notification(notif_buf) {
                     None => break,
                     Some(Ok(note)) => {
-                        let msg = notif_buf.get(..note.len).unwrap_or(&[]).to_vec();
-                        notifs.entry(note.peer.as_str().to_string()).or_default().push(msg);
+                        let raw = notif_buf.get(..note.len).unwrap_or(&[]);
+                        let from = note.peer.as_str();
+                        let msg = match note_key {
+                            None => Some(raw),
+                            Some(k) => k.open(from, raw),
+                        };
+                        match msg {
+                            Some(m) => notifs.entry(from.to_string()).or_default().push(m.to_vec()),
+                            None => {
+                                log::warn!("refused a notification claiming to come from {from:?}: not sealed with this agent's key");
+                                *refused.entry(from.to_string()).or_default() += 1;
+                            }
+                        }
                     }
                     Some(Err(Error::BufferTooSmall { needed, .. }))
                         if (needed as usize) > notif_buf.len() && (needed as usize) <= MAX_NOTIF_BUF =>
@@ -428,7 +471,7 @@ fn progress_loop(shared: Arc<Shared>) {
         let (finished, inflight, activity, far, notes) = {
             let mut st = shared.lock();
             let (f, i) = st.progress_counting();
-            let notes = !st.notifs.is_empty() || !st.lost.is_empty();
+            let notes = !st.notifs.is_empty() || !st.lost.is_empty() || !st.refused.is_empty();
             (f, i, st.activity(), st.far_peers(), notes)
         };
         // With no idle sleep configured, poll without sleeping only while
@@ -522,6 +565,7 @@ impl Agent {
         let (kind, source) = select_backend_from_env(cfg.backend.as_deref())?;
         log::info!("agent {name}: backend {kind} (from {})", source.name());
         let keepalive = cfg.effective_keepalive()?;
+        let note_key = cfg.effective_auth_key().map(|k| NoteKey::new(&k, name));
         let backend = build_backend(kind, name, &cfg)?;
         let notif_buf = vec![0u8; cfg.capacities.notification_len as usize];
         let shared = Arc::new(Shared {
@@ -536,6 +580,9 @@ impl Agent {
                 lost: HashMap::new(),
                 orphans: Vec::new(),
                 keepalive: crate::keepalive::Keepalive::new(keepalive),
+                note_key,
+                seal_buf: Vec::new(),
+                refused: HashMap::new(),
             }),
             done: Condvar::new(),
             closed: AtomicBool::new(false),
@@ -770,9 +817,9 @@ impl Agent {
         notification: Option<&[u8]>,
     ) -> Result<XferRequest, Error> {
         let mut st = self.shared().lock();
-        let b = st.backend()?;
+        let (b, note) = st.sealed(peer, notification)?;
         let prepared: Result<XferHandle, Error> =
-            on_engine!(b, e => e.prepare_lists(op, local, remote, peer, notification));
+            on_engine!(b, e => e.prepare_lists(op, local, remote, peer, note));
         Ok(self.request(prepared?))
     }
 
@@ -854,6 +901,15 @@ impl Agent {
         notification: Option<&[u8]>,
     ) -> Result<XferRequest, Error> {
         let mut st = self.shared().lock();
+        if notification.is_some() && st.note_key.is_some() {
+            let b = st.backend()?;
+            let peer = on_engine!(b, e => e.prepared_peer(remote).map(str::to_string))?;
+            let (b, note) = st.sealed(&peer, notification)?;
+            let made: Result<XferHandle, Error> = on_engine!(b, e => {
+                e.make_xfer(op, local, local_idx, remote, remote_idx, note)
+            });
+            return Ok(self.request(made?));
+        }
         let b = st.backend()?;
         let made: Result<XferHandle, Error> = on_engine!(b, e => {
             e.make_xfer(op, local, local_idx, remote, remote_idx, notification)
@@ -912,8 +968,8 @@ impl Agent {
     /// Sends `msg` to `peer` outside any transfer.
     pub fn notify(&self, peer: &str, msg: &[u8]) -> Result<(), Error> {
         let mut st = self.shared().lock();
-        let b = st.backend()?;
-        let r = on_engine!(b, e => e.notify(peer, msg));
+        let (b, note) = st.sealed(peer, Some(msg))?;
+        let r = on_engine!(b, e => e.notify(peer, note.unwrap_or(msg)));
         self.shared().waker.wake();
         r
     }
@@ -939,6 +995,14 @@ impl Agent {
                 count,
             });
         }
+        let first = st.refused.keys().next().cloned();
+        if let Some(peer) = first {
+            let count = st.refused.remove(&peer).unwrap_or(0);
+            return Err(Error::NotificationsRefused {
+                peer: kvxfer_core::error::bounded(&peer),
+                count,
+            });
+        }
         Ok(std::mem::take(&mut st.notifs))
     }
 
@@ -958,7 +1022,7 @@ impl Agent {
                 if !self.shared().progress_thread {
                     st.progress();
                 }
-                if st.notifs.is_empty() && st.lost.is_empty() {
+                if st.notifs.is_empty() && st.lost.is_empty() && st.refused.is_empty() {
                     let left = deadline.saturating_duration_since(StdInstant::now());
                     if left.is_zero() {
                         return Ok(HashMap::new());

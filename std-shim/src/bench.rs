@@ -335,7 +335,7 @@ pub fn run_target(
     while !stop.load(Ordering::Acquire) {
         let notes = match agent.wait_notifications(Duration::from_millis(100)) {
             Ok(n) => n,
-            Err(e @ Error::NotificationsLost { .. }) => {
+            Err(e @ (Error::NotificationsLost { .. } | Error::NotificationsRefused { .. })) => {
                 log::warn!("target: {e}");
                 continue;
             }

@@ -39,6 +39,7 @@ pub mod config;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 mod keepalive;
+mod note_auth;
 pub mod side_channel;
 pub mod tcp_baseline;
 mod wake;
