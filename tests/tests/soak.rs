@@ -1,4 +1,6 @@
-//! Soak: transfers in a loop over UCX between two processes; resident
+//! Soak: transfers in a loop over UCX between two processes, on the
+//! network path (cross-memory attach off, so that both processes' UCX
+//! workers handle every transfer); resident
 //! memory (`VmRSS`) and open file descriptors of both processes must stay
 //! flat between the end of a warm-up and the end of the run: VmRSS may grow
 //! by at most 8 bytes per transfer after the warm-up, and the run makes at
@@ -48,12 +50,14 @@ fn soak(run_for: Duration, max_transfers: u64, warmup: Duration) {
         env: Vec::new(),
         prefix: Vec::new(),
     });
-    let agent = Agent::new("soak-ini", config("UCX", None)).expect("agent");
+    let cfg = config("UCX", None).with_same_host(false);
+    let agent = Agent::new("soak-ini", cfg).expect("agent");
     let src = Buf::from_vec(pattern(52, LEN));
     let dst = Buf::zeroed(LEN);
     src.register(&agent);
     dst.register(&agent);
     agent.connect(&target.addr).unwrap();
+    assert_eq!(agent.peer_path("soak-target").unwrap(), "UCX");
     let target_pid = target.proc.child.id().to_string();
     let start = Instant::now();
     let mut base: Option<(u64, usize, u64, u64, usize)> = None;

@@ -1902,6 +1902,25 @@ impl Transport for UcxTransport {
         Ok(())
     }
 
+    /// Cancels the transfer and force-closes its endpoint, which ends
+    /// every request UCX still holds on it (a peer that stopped answering
+    /// may otherwise keep them, and their memory, for ever). Later posts
+    /// to the peer fail until it is connected again.
+    fn abandon(&mut self, token: Token) -> Result<(), Error> {
+        let ep = self.active.iter().find_map(|&i| {
+            // SAFETY: active slots are live; only plain fields are read.
+            let s = unsafe { &*self.slot_ptr(i) };
+            (s.token == token && !s.internal).then_some(s.ep)
+        });
+        self.cancel(token)?;
+        if let Some(ep) = ep {
+            self.force_close(ep, sys::UCS_ERR_ENDPOINT_TIMEOUT as sys::ucs_status_t);
+            self.progress();
+            self.reap();
+        }
+        Ok(())
+    }
+
     fn send_notification(&mut self, peer: &UcxPeer, msg: &[u8]) -> Result<(), Error> {
         let (ep_index, ep) = self.live_ep(peer)?;
         self.check_note_len(msg)?;
