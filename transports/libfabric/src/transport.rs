@@ -28,8 +28,9 @@ const ENOKEY: i64 = -(sys::FI_ENOKEY as i64);
 const PACKED_KEY_LEN: usize = 9;
 /// Flag in a packed key: the region is addressed by virtual address.
 const KEY_FLAG_VIRT_ADDR: u8 = 1;
-/// Version byte leading a transport address.
-const ADDRESS_VERSION: u8 = 1;
+/// Version byte leading a transport address: `[version][provider length]
+/// [provider][longest notification accepted, u32 LE][endpoint name]`.
+const ADDRESS_VERSION: u8 = 2;
 /// Completion-queue entries read per `fi_cq_read`.
 const CQ_BATCH: usize = 64;
 /// How long `FabricTransport::new` keeps trying to post the notification
@@ -131,6 +132,8 @@ pub struct FabricPeer {
     /// Unique in this transport: an address-vector slot may be reused by
     /// a later `connect` once this peer was removed from it.
     id: u64,
+    /// The longest notification the peer accepts.
+    max_note: usize,
 }
 
 impl FabricPeer {
@@ -293,6 +296,8 @@ pub struct FabricTransport {
     recv: MsgBufs,
     recv_ops: Vec<u32>,
     ready: VecDeque<(u32, usize)>,
+    /// Notifications whose receive failed, not yet reported.
+    lost_notes: u64,
     repost: Vec<u32>,
     send: MsgBufs,
     free_sends: Vec<u32>,
@@ -425,6 +430,8 @@ impl FabricTransport {
         address.push(ADDRESS_VERSION);
         address.push(provider.len().min(255) as u8);
         address.extend_from_slice(&provider.as_bytes()[..provider.len().min(255)]);
+        let max_note = u32::try_from(config.max_notification).unwrap_or(u32::MAX);
+        address.extend_from_slice(&max_note.to_le_bytes());
         address.extend_from_slice(&name[..len.min(name.len())]);
 
         let slot = config.max_notification;
@@ -478,6 +485,7 @@ impl FabricTransport {
             },
             recv_ops: Vec::with_capacity(nrecv),
             ready: VecDeque::with_capacity(nrecv),
+            lost_notes: 0,
             repost: Vec::with_capacity(nrecv),
             send: MsgBufs {
                 mem: send_mem,
@@ -614,10 +622,13 @@ impl FabricTransport {
     /// `notification_len` bytes may go to `peer`: the notification fits,
     /// the transport is open and the peer was not given up on.
     fn check_send(&self, peer: &FabricPeer, notification_len: usize) -> Result<(), Error> {
-        if notification_len > self.config.max_notification {
+        // Longer than the peer's receive buffers, a message would be cut
+        // there and lost (with the provider's connection state after it).
+        let max = self.config.max_notification.min(peer.max_note);
+        if notification_len > max {
             return Err(Error::NotificationTooLong {
                 len: notification_len as u64,
-                max: self.config.max_notification as u64,
+                max: max as u64,
             });
         }
         if self.shared.ep().is_null() {
@@ -851,7 +862,11 @@ impl FabricTransport {
                 None => self.ready.push_back((buf, len.min(self.recv.slot))),
                 Some((errno, _, text)) => {
                     if errno.unsigned_abs() != sys::FI_ECANCELED {
+                        // A notification that did not arrive (longer than
+                        // this side accepts, or broken on the way): the
+                        // application learns it from poll_notification.
                         log::warn!("LIBFABRIC: notification receive failed: {text}");
+                        self.lost_notes += 1;
                         self.repost.push(buf);
                     }
                 }
@@ -1407,7 +1422,7 @@ impl Transport for FabricTransport {
             ));
         }
         let plen = address[1] as usize;
-        if address.len() <= 2 + plen {
+        if address.len() <= 2 + plen + 4 {
             return Err(Error::backend(
                 BACKEND,
                 einval,
@@ -1422,7 +1437,10 @@ impl Transport for FabricTransport {
                 &format!("peer uses provider {prov}, this agent {}", self.provider),
             ));
         }
-        let name = &address[2 + plen..];
+        let mut max_note = [0u8; 4];
+        max_note.copy_from_slice(&address[2 + plen..2 + plen + 4]);
+        let max_note = u32::from_le_bytes(max_note) as usize;
+        let name = &address[2 + plen + 4..];
         let av = self.shared.av();
         let mut fi_addr: sys::fi_addr_t = sys::FI_ADDR_NOTAVAIL;
         // SAFETY: av is open; name is an endpoint name of this provider
@@ -1463,6 +1481,7 @@ impl Transport for FabricTransport {
             addr: fi_addr,
             label: bounded(&label),
             id,
+            max_note,
         })
     }
 
@@ -1739,6 +1758,10 @@ impl Transport for FabricTransport {
         if self.ready.is_empty() {
             self.read_cq();
         }
+        if self.lost_notes > 0 {
+            let count = std::mem::take(&mut self.lost_notes);
+            return Some(Err(Error::NotificationDropped { len: 0, count }));
+        }
         let &(b, len) = self.ready.front()?;
         if len > buf.len() {
             return Some(Err(Error::BufferTooSmall {
@@ -1761,6 +1784,38 @@ impl Transport for FabricTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A notification longer than the receiver accepts is refused by the
+    /// sender (the receiver's limit travels in its address), so it is
+    /// never cut and lost there.
+    #[test]
+    fn a_notification_longer_than_the_receiver_takes_is_refused_when_sent() {
+        let cfg = FabricConfig::default().with_provider("tcp;ofi_rxm");
+        let small = FabricConfig {
+            max_notification: 256,
+            ..cfg.clone()
+        };
+        let mut rx = FabricTransport::new(&small).expect("receiver");
+        let mut tx = FabricTransport::new(&cfg).expect("sender");
+        let address = rx.address.clone();
+        let peer = tx.connect(&address).expect("connect");
+        assert_eq!(
+            tx.send_notification(&peer, &[7u8; 257]),
+            Err(Error::NotificationTooLong { len: 257, max: 256 })
+        );
+        tx.send_notification(&peer, &[7u8; 256]).expect("256 bytes");
+        let mut buf = [0u8; 4096];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let got = loop {
+            let _ = tx.poll();
+            match rx.poll_notification(&mut buf) {
+                Some(r) => break r,
+                None => assert!(Instant::now() < deadline, "nothing arrived"),
+            }
+        };
+        assert_eq!(got, Ok(256));
+        assert_eq!(rx.lost_notes, 0);
+    }
 
     /// A transfer whose notification send is still with the provider when
     /// it times out: the send buffer must come back when that send

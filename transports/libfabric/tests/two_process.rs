@@ -717,7 +717,7 @@ fn bad_inputs(provider: &str) {
     );
     let mut address = [0u8; 512];
     let n = ini.t.local_address(&mut address).expect("local address");
-    assert_eq!(address[0], 1, "address version");
+    assert_eq!(address[0], 2, "address version");
     assert_eq!(
         ini.t.local_address(&mut address[..n - 1]),
         Err(Error::BufferTooSmall {
