@@ -338,7 +338,11 @@ impl State {
                         *lost.entry(peer.as_str().to_string()).or_default() += count;
                     }
                     Some(Err(err)) => {
+                        // A message that did not arrive whole (too long,
+                        // broken): reported, sender unknown, never only
+                        // logged.
                         log::warn!("receiving a notification failed: {err}");
+                        *lost.entry(String::new()).or_default() += 1;
                         break;
                     }
                 }
