@@ -28,6 +28,9 @@ cargo fmt --all -- --check
 step "cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "cargo clippy of the agent with GPU support (feature cuda)"
+cargo clippy -p kvxfer --features cuda --all-targets -- -D warnings
+
 step "kvxfer-core builds for thumbv7em-none-eabihf (no_std, no alloc, 32-bit)"
 cargo build -p kvxfer-core --target thumbv7em-none-eabihf
 
@@ -56,6 +59,9 @@ if ! netns_works; then
     filter=(-- --skip link_cut)
 fi
 cargo test --workspace --no-fail-fast "${filter[@]}" 2>&1 | tee "$log" || status=$?
+
+step "the GPU tests that need no GPU: clear errors without a CUDA driver (feature cuda)"
+cargo test -p kvxfer --features cuda --test gpu 2>&1 | tee -a "$log" || status=$?
 
 step "libfabric 2.x: build, clippy and tests of the libfabric crates"
 scripts/libfabric2-check.sh 2>&1 | tee -a "$log" || status=$?
