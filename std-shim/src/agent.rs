@@ -461,6 +461,9 @@ impl Drop for Owner {
 /// Longest the idle progress thread sleeps on a transport's wake-up
 /// descriptor before polling anyway.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
+/// How long the progress thread polls without sleeping after something
+/// woke it.
+const HOT_AFTER_WAKE: Duration = Duration::from_millis(1);
 
 fn progress_loop(shared: Arc<Shared>) {
     // Spin while transfers are in flight (yielding the lock and the CPU
@@ -471,6 +474,10 @@ fn progress_loop(shared: Arc<Shared>) {
     let max_sleep = shared.cfg.progress_idle_sleep;
     let mut idle_rounds: u32 = 0;
     let mut last_activity: u64 = 0;
+    // After a wake-up, poll without sleeping for a while: a peer's next
+    // request (RMA served in software raises no completion here) is
+    // likely to follow within microseconds.
+    let mut hot_until = StdInstant::now();
     while !shared.closed.load(Ordering::Acquire) {
         let (finished, inflight, activity, far, notes) = {
             let mut st = shared.lock();
@@ -496,7 +503,7 @@ fn progress_loop(shared: Arc<Shared>) {
             std::thread::yield_now();
         } else {
             idle_rounds = idle_rounds.saturating_add(1);
-            if idle_rounds < 64 {
+            if idle_rounds < 64 || StdInstant::now() < hot_until {
                 std::thread::yield_now();
                 continue;
             }
@@ -504,7 +511,11 @@ fn progress_loop(shared: Arc<Shared>) {
             // one (and on the agent's own wake-ups), else back off.
             let wake = shared.lock().arm();
             match wake {
-                kvxfer_core::Wake::Armed(fd) => shared.waker.wait(fd, IDLE_WAIT),
+                kvxfer_core::Wake::Armed(fd) => {
+                    if shared.waker.wait(fd, IDLE_WAIT) {
+                        hot_until = StdInstant::now() + HOT_AFTER_WAKE;
+                    }
+                }
                 kvxfer_core::Wake::Busy => std::thread::yield_now(),
                 kvxfer_core::Wake::Unsupported => {
                     let step = Duration::from_micros(u64::from(idle_rounds - 63).min(1000) * 10);

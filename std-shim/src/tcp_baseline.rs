@@ -17,7 +17,8 @@ pub struct TcpBaseline {
     /// Requests measured in the ping-pong.
     pub requests: u64,
     /// Median time to send one request and receive a one-byte reply,
-    /// microseconds (one request in flight, `TCP_NODELAY`).
+    /// microseconds (one request in flight, `TCP_NODELAY`, both ends
+    /// polling non-blocking sockets without sleeping, as kvxfer's do).
     pub p50_us: f64,
     /// Bandwidth of a stream of requests with no reply until the end,
     /// gigabytes (10^9 bytes) per second.
@@ -32,12 +33,52 @@ fn io_err(what: &str, e: std::io::Error) -> Error {
     )
 }
 
+/// Reads exactly `buf.len()` bytes from a non-blocking socket, polling.
+fn spin_read(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        match s.read(&mut buf[at..]) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes all of `buf` to a non-blocking socket, polling.
+fn spin_write(s: &mut TcpStream, buf: &[u8]) -> std::io::Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        match s.write(&buf[at..]) {
+            Ok(n) => at += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Serves one connection: for each request of `n` bytes, a one-byte reply
 /// (ping-pong), then reads the stream to its end and replies once.
 fn serve(listener: TcpListener, n: usize, requests: u64) -> std::io::Result<()> {
     let (mut s, _) = listener.accept()?;
     s.set_nodelay(true)?;
     let mut buf = vec![0u8; n.min(16 << 20)];
+    s.set_nonblocking(true)?;
+    for _ in 0..requests {
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(buf.len());
+            spin_read(&mut s, &mut buf[..k])?;
+            left -= k;
+        }
+        spin_write(&mut s, &[1])?;
+    }
+    s.set_nonblocking(false)?;
     let mut read_exact = |s: &mut TcpStream, mut left: usize| -> std::io::Result<()> {
         while left > 0 {
             let k = left.min(buf.len());
@@ -46,10 +87,6 @@ fn serve(listener: TcpListener, n: usize, requests: u64) -> std::io::Result<()> 
         }
         Ok(())
     };
-    for _ in 0..requests {
-        read_exact(&mut s, n)?;
-        s.write_all(&[1])?;
-    }
     let mut total = [0u8; 8];
     s.read_exact(&mut total)?;
     read_exact(&mut s, u64::from_le_bytes(total) as usize)?;
@@ -85,14 +122,23 @@ pub fn measure(request_bytes: u64, requests: u64) -> Result<TcpBaseline, Error> 
     };
     let mut lat = Vec::with_capacity(requests as usize);
     let mut reply = [0u8; 1];
+    s.set_nonblocking(true)
+        .map_err(|e| io_err("non-blocking", e))?;
     for i in 0..warmup + requests {
         let t = Instant::now();
-        send(&mut s, n).map_err(|e| io_err("send", e))?;
-        s.read_exact(&mut reply).map_err(|e| io_err("reply", e))?;
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(data.len());
+            spin_write(&mut s, &data[..k]).map_err(|e| io_err("send", e))?;
+            left -= k;
+        }
+        spin_read(&mut s, &mut reply).map_err(|e| io_err("reply", e))?;
         if i >= warmup {
             lat.push(t.elapsed().as_nanos() as u64);
         }
     }
+    s.set_nonblocking(false)
+        .map_err(|e| io_err("blocking", e))?;
     lat.sort_unstable();
     let total = (requests.saturating_mul(request_bytes)).clamp(64 << 20, 1 << 30);
     let t = Instant::now();

@@ -27,8 +27,9 @@ impl Waker {
     }
 
     /// Blocks until `fd` is readable, [`wake`](Waker::wake) was called, or
-    /// `timeout` passed; then empties the channel.
-    pub(crate) fn wait(&self, fd: i32, timeout: Duration) {
+    /// `timeout` passed; then empties the channel. Returns whether it woke
+    /// before the timeout.
+    pub(crate) fn wait(&self, fd: i32, timeout: Duration) -> bool {
         let mut fds = [
             libc::pollfd {
                 fd,
@@ -44,8 +45,9 @@ impl Waker {
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: two valid pollfd entries for the duration of the call;
         // `poll` only writes their `revents`.
-        let _ = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
         let mut buf = [0u8; 64];
         while matches!((&self.rx).read(&mut buf), Ok(n) if n > 0) {}
+        ready > 0
     }
 }
