@@ -365,9 +365,19 @@ struct Shared {
     closed: AtomicBool,
     /// Wakes the progress thread from its idle sleep.
     waker: crate::wake::Waker,
+    /// Set (under the state lock) while the progress thread may block on
+    /// the transport's descriptor: only then do posts need to wake it.
+    sleeping: AtomicBool,
 }
 
 impl Shared {
+    /// Wakes the progress thread if it may be blocked on the transport.
+    fn nudge(&self) {
+        if self.sleeping.load(Ordering::SeqCst) {
+            self.waker.wake();
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state stays consistent across a panic elsewhere: the core
         // returns errors instead of panicking midway.
@@ -509,10 +519,22 @@ fn progress_loop(shared: Arc<Shared>) {
             }
             // Idle: sleep on the transport's wake-up descriptor where it has
             // one (and on the agent's own wake-ups), else back off.
-            let wake = shared.lock().arm();
+            // Marked before the transport is armed, under the lock posts
+            // take: a post after it sees the mark and wakes the thread; one
+            // before it left work that keeps the transport from arming.
+            let wake = {
+                let mut st = shared.lock();
+                shared.sleeping.store(true, Ordering::SeqCst);
+                st.arm()
+            };
+            if !matches!(wake, kvxfer_core::Wake::Armed(_)) {
+                shared.sleeping.store(false, Ordering::SeqCst);
+            }
             match wake {
                 kvxfer_core::Wake::Armed(fd) => {
-                    if shared.waker.wait(fd, IDLE_WAIT) {
+                    let woken = shared.waker.wait(fd, IDLE_WAIT);
+                    shared.sleeping.store(false, Ordering::SeqCst);
+                    if woken {
                         hot_until = StdInstant::now() + HOT_AFTER_WAKE;
                     }
                 }
@@ -601,6 +623,7 @@ impl Agent {
             }),
             done: Condvar::new(),
             closed: AtomicBool::new(false),
+            sleeping: AtomicBool::new(false),
             waker: crate::wake::Waker::new().map_err(|e| {
                 Error::backend(
                     kind.name(),
@@ -754,7 +777,7 @@ impl Agent {
     /// name) and returns the peer's name.
     pub fn load_remote(&self, blob: &[u8]) -> Result<String, Error> {
         let r = self.shared().load(blob);
-        self.shared().waker.wake();
+        self.shared().nudge();
         r
     }
 
@@ -985,7 +1008,7 @@ impl Agent {
         let mut st = self.shared().lock();
         let (b, note) = st.sealed(peer, Some(msg))?;
         let r = on_engine!(b, e => e.notify(peer, note.unwrap_or(msg)));
-        self.shared().waker.wake();
+        self.shared().nudge();
         r
     }
 
@@ -1123,7 +1146,7 @@ impl XferRequest {
             s
         });
         // The progress thread may sleep on the transport: it has work now.
-        self.shared.waker.wake();
+        self.shared.nudge();
         Ok(state)
     }
 

@@ -2,6 +2,7 @@
 //! attach (`process_vm_writev` / `process_vm_readv`).
 #![allow(unsafe_code)]
 
+use std::mem::MaybeUninit;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 /// Most iovecs one cross-memory-attach call takes (the kernel's `IOV_MAX`).
@@ -44,24 +45,26 @@ fn errno() -> i32 {
 /// during the call; the kernel checks the remote ranges itself and fails
 /// with `EFAULT` instead of touching unmapped memory.
 pub fn cma(write: bool, pid: u32, pieces: &[(u64, u64, u64)]) -> Result<usize, i32> {
-    let empty = libc::iovec {
-        iov_base: std::ptr::null_mut(),
-        iov_len: 0,
-    };
-    let mut local = [empty; IOV_MAX];
-    let mut remote = [empty; IOV_MAX];
+    // Only the first `n` entries are written and passed: zeroing two
+    // 1,024-entry arrays per call cost more than a 4 KiB copy.
+    let mut local = [const { MaybeUninit::<libc::iovec>::uninit() }; IOV_MAX];
+    let mut remote = [const { MaybeUninit::<libc::iovec>::uninit() }; IOV_MAX];
     let n = pieces.len().min(IOV_MAX);
     for (k, &(l, r, len)) in pieces.iter().take(n).enumerate() {
-        local[k] = libc::iovec {
+        local[k].write(libc::iovec {
             iov_base: l as usize as *mut libc::c_void,
             iov_len: len as usize,
-        };
-        remote[k] = libc::iovec {
+        });
+        remote[k].write(libc::iovec {
             iov_base: r as usize as *mut libc::c_void,
             iov_len: len as usize,
-        };
+        });
     }
-    let (l, r) = (local.as_ptr(), remote.as_ptr());
+    // The kernel reads the first `n` entries of each, written above.
+    let (l, r) = (
+        local.as_ptr().cast::<libc::iovec>(),
+        remote.as_ptr().cast::<libc::iovec>(),
+    );
     let res = if write {
         // SAFETY: `n` valid iovecs on each side; the local ranges are the
         // caller's registered memory (see above), read by the kernel.

@@ -626,10 +626,14 @@ impl<T: Transport> Transport for Local<T> {
     }
 
     fn poll(&mut self) -> Option<Completion> {
-        if let Some(c) = self.inner.poll() {
+        // Copies first: a finished one is returned without a trip through
+        // the inner transport's progress (a system call for UCX over tcp);
+        // the inner transport is polled whenever no copy has finished, so
+        // at least once per round of polls that drains completions.
+        if let Some(c) = self.poll_cma() {
             return Some(c);
         }
-        self.poll_cma()
+        self.inner.poll()
     }
 
     fn abandon(&mut self, token: Token) -> Result<(), Error> {
