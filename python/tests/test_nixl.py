@@ -53,7 +53,7 @@ def test_write_and_read_with_initialize_xfer(agent, nixl_peer, nbytes):
     peer = nixl_peer
     remote, md = peer.alloc("w", nbytes)
     name = load(agent, md)
-    assert name == peer.name
+    assert name == peer.name.encode()  # bytes, as NIXL returns it
     src = pattern(12, nbytes)
     r1 = reg(agent, src)
     local = agent.get_xfer_descs([(src.ctypes.data, nbytes, 0)], "DRAM")

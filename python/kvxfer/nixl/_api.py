@@ -53,6 +53,11 @@ def _unsupported(call: str, why: str) -> NotImplementedError:
     return NotImplementedError(f"kvxfer.nixl: {call} is not supported: {why}")
 
 
+def _name(agent: Union[str, bytes]) -> str:
+    """An agent name given as str or as bytes (what add_remote_agent returns)."""
+    return agent.decode() if isinstance(agent, (bytes, bytearray)) else agent
+
+
 def _mem_type(mem_type: str, call: str) -> str:
     try:
         return _MEM_TYPES[mem_type]
@@ -446,17 +451,18 @@ class nixl_agent:
         raise _unsupported("get_partial_agent_metadata",
                            "metadata always describes every registration; use get_agent_metadata")
 
-    def add_remote_agent(self, metadata: bytes) -> str:
-        """Loads a peer's metadata; returns its name."""
-        return self.agent.load_remote(metadata)
+    def add_remote_agent(self, metadata: bytes) -> bytes:
+        """Loads a peer's metadata; returns its name (as bytes, like NIXL;
+        every call taking an agent name accepts bytes or str)."""
+        return self.agent.load_remote(metadata).encode()
 
     def remove_remote_agent(self, agent: str) -> None:
         """Forgets a peer (disconnects)."""
-        self.agent.invalidate_remote(agent)
+        self.agent.invalidate_remote(_name(agent))
 
     def make_connection(self, remote_agent: str, backends: list[str] = []) -> None:  # noqa: B006
         """Checks that the peer is known (kvxfer connects on load)."""
-        self.agent.peer_path(remote_agent)
+        self.agent.peer_path(_name(remote_agent))
 
     @staticmethod
     def _peer_addr(ip_addr: str, port: int, call: str) -> str:
@@ -482,7 +488,7 @@ class nixl_agent:
         """Fetches and loads the metadata of the peer on ip_addr:port
         (synchronously: check_remote_metadata is true on return)."""
         got = self.agent.fetch_metadata(self._peer_addr(ip_addr, port, "fetch_remote_metadata"))
-        if got != remote_agent:
+        if got != _name(remote_agent):
             logger.warning("fetch_remote_metadata: %s:%s serves agent %r, not %r",
                            ip_addr, port, got, remote_agent)
 
@@ -496,6 +502,7 @@ class nixl_agent:
 
     def check_remote_metadata(self, agent: str, descs: Optional[nixlXferDList] = None) -> bool:
         """Whether the peer's metadata is loaded (and covers descs)."""
+        agent = _name(agent)
         if not self.agent.has_remote(agent):
             return False
         if descs is None or len(descs) == 0:
@@ -519,6 +526,7 @@ class nixl_agent:
         "NIXL_INIT_AGENT" (or ""), else of the named peer. Takes what
         get_xfer_descs takes, or an Nx5 array of strided rows (address,
         length, device ID, stride, count) with a mem_type."""
+        agent_name = _name(agent_name)
         local = agent_name in ("NIXL_INIT_AGENT", "")
         if not local and agent_name == self.name:
             raise _unsupported("prep_xfer_dlist", "loopback lists (agent_name is this agent)")
@@ -580,7 +588,7 @@ class nixl_agent:
             operation,
             pack_rows(local.rows, "local_descs")[0],
             pack_rows(remote.rows, "remote_descs")[0],
-            remote_agent,
+            _name(remote_agent),
             notif,
         )
         return nixl_xfer_handle(req, notif)
@@ -655,7 +663,7 @@ class nixl_agent:
         """Whether a notification from the peer starts with (or, with
         tag_is_prefix False, contains) lookup_tag; removes the one found."""
         self.update_notifs()
-        msgs = self.notifs.get(remote_agent_name, [])
+        msgs = self.notifs.get(_name(remote_agent_name), [])
         for i, msg in enumerate(msgs):
             if (tag_is_prefix and msg.startswith(lookup_tag)) or (
                 not tag_is_prefix and lookup_tag in msg
@@ -667,4 +675,4 @@ class nixl_agent:
     def send_notif(self, remote_agent_name: str, notif_msg: bytes,
                    backend: Optional[str] = None) -> None:
         """Sends a notification outside any transfer."""
-        self.agent.notify(remote_agent_name, as_bytes(notif_msg, "notif_msg") or b"")
+        self.agent.notify(_name(remote_agent_name), as_bytes(notif_msg, "notif_msg") or b"")
