@@ -678,9 +678,20 @@ impl Request {
         Ok(state_code(&s))
     }
 
-    /// The transfer's state code (see `post`).
+    /// The transfer's state code (see `post`). While the transfer is in
+    /// progress the calling thread yields its CPU once before returning,
+    /// so that a caller polling in a loop lets the threads moving the data
+    /// (the progress thread, same-host copy workers) run.
     fn status(&self, py: Python<'_>) -> PyResult<u8> {
-        let s = py.detach(|| self.with(|r| r.status())).py_err()?;
+        let s = py
+            .detach(|| {
+                let s = self.with(|r| r.status());
+                if matches!(s, Ok(XferState::InProgress)) {
+                    std::thread::yield_now();
+                }
+                s
+            })
+            .py_err()?;
         Ok(state_code(&s))
     }
 
@@ -722,6 +733,48 @@ impl Request {
             t.post_nanos,
             t.completed_at.map(|i| i.nanos),
         ))
+    }
+
+    /// Measures the Rust side of a post: `n` times, posts the transfer
+    /// and polls its status until it ends, all in Rust (the GIL released
+    /// once around the loop); returns each round's nanoseconds (for the
+    /// benchmark of the Python layer's overhead).
+    fn bench_post_poll(&self, py: Python<'_>, n: usize) -> PyResult<Vec<u64>> {
+        let mut out = Vec::with_capacity(n);
+        py.detach(|| {
+            self.with(|r| {
+                for _ in 0..n {
+                    let t0 = std::time::Instant::now();
+                    let mut s = r.post()?;
+                    while matches!(s, XferState::InProgress) {
+                        s = r.status()?;
+                    }
+                    if let XferState::Failed(e) = s {
+                        return Err(e);
+                    }
+                    out.push(u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX));
+                }
+                Ok(())
+            })
+        })
+        .py_err()?;
+        Ok(out)
+    }
+
+    /// Measures `n` status calls in Rust (the GIL released once around
+    /// the loop); returns their total nanoseconds.
+    fn bench_status(&self, py: Python<'_>, n: usize) -> PyResult<u64> {
+        let t0 = std::time::Instant::now();
+        py.detach(|| {
+            self.with(|r| {
+                for _ in 0..n {
+                    r.status()?;
+                }
+                Ok(())
+            })
+        })
+        .py_err()?;
+        Ok(u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX))
     }
 
     /// The backend moving this transfer.
