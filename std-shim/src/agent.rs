@@ -1018,8 +1018,12 @@ impl XferRequest {
             e.post_finished(self.handle, now());
             s
         });
-        // The progress thread may sleep on the transport: it has work now.
-        self.shared.waker.wake();
+        // The progress thread may sleep on the transport: it has work now,
+        // unless the transport finished the transfer (and its
+        // notification) inside the post.
+        if state != XferState::Done {
+            self.shared.waker.wake();
+        }
         Ok(state)
     }
 
