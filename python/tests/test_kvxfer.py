@@ -306,3 +306,45 @@ def test_torch_tensors_register_and_move(agent, kvxfer_peer):
     assert peer.data("torch").tobytes() == t.numpy().tobytes()
     agent.deregister(region)
     peer.call("free", "torch")
+
+
+def test_type_stubs_match_the_native_module():
+    import ast
+    import os
+
+    from kvxfer import _kvxfer
+
+    stub = os.path.join(os.path.dirname(kvxfer.__file__), "_kvxfer.pyi")
+    tree = ast.parse(open(stub).read())
+    declared = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            declared[node.name] = {
+                n.name for n in node.body if isinstance(n, ast.FunctionDef)
+            } - {"__init__", "__len__"}
+        elif isinstance(node, ast.AnnAssign):
+            declared[node.target.id] = None
+    public = {n for n in dir(_kvxfer) if not n.startswith("_")}
+    assert set(declared) == public
+    for name, methods in declared.items():
+        if methods:
+            obj = getattr(_kvxfer, name)
+            missing = {m for m in methods if not hasattr(obj, m)}
+            assert not missing, f"{name}: {missing}"
+            real = {m for m in dir(obj) if not m.startswith("_")}
+            assert real == methods, f"{name}: not in the stub: {real - methods}"
+
+
+def test_readme_python_example_runs_as_written(tmp_path):
+    import os
+
+    readme = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
+    text = open(readme).read()
+    start = text.index("```python\n", text.index("<!-- python-example -->")) + len("```python\n")
+    code = text[start : text.index("```\n", start)]
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "decode-0 has all 128 blocks\n"
