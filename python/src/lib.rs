@@ -488,11 +488,7 @@ impl Agent {
         let req = py
             .detach(|| self.inner.make_xfer(op, l, &li, r, &ri, notif))
             .py_err()?;
-        Ok(Request::new(
-            req,
-            self.inner.backend().name(),
-            remote.peer.clone(),
-        ))
+        Ok(Request::new(req, self.inner.clone(), remote.peer.clone()))
     }
 
     /// Prepares a transfer (not posted) between local and `peer`'s
@@ -513,11 +509,7 @@ impl Agent {
         let req = py
             .detach(|| self.inner.prepare(op, &l, &r, peer, notif))
             .py_err()?;
-        Ok(Request::new(
-            req,
-            self.inner.backend().name(),
-            peer.to_string(),
-        ))
+        Ok(Request::new(req, self.inner.clone(), peer.to_string()))
     }
 
     /// Sends `msg` to `peer` outside any transfer.
@@ -643,17 +635,19 @@ impl Drop for Prepared {
 struct Request {
     /// `None` once released.
     inner: RwLock<Option<XferRequest>>,
+    agent: RustAgent,
     handle: kvxfer::XferHandle,
     backend: &'static str,
     peer: String,
 }
 
 impl Request {
-    fn new(req: XferRequest, backend: &'static str, peer: String) -> Request {
+    fn new(req: XferRequest, agent: RustAgent, peer: String) -> Request {
         Request {
+            backend: agent.backend().name(),
+            agent,
             handle: req.handle(),
             inner: RwLock::new(Some(req)),
-            backend,
             peer,
         }
     }
@@ -679,15 +673,21 @@ impl Request {
     }
 
     /// The transfer's state code (see `post`). While the transfer is in
-    /// progress the calling thread yields its CPU once before returning,
-    /// so that a caller polling in a loop lets the threads moving the data
-    /// (the progress thread, same-host copy workers) run.
+    /// progress, the call polls the transport once itself (as NIXL's
+    /// status check progresses its backend), so that a caller polling in a
+    /// loop sees the completion without waiting for the progress thread to
+    /// be scheduled, and then yields its CPU once, so that the threads
+    /// moving the data run.
     fn status(&self, py: Python<'_>) -> PyResult<u8> {
         let s = py
             .detach(|| {
-                let s = self.with(|r| r.status());
+                let mut s = self.with(|r| r.status());
                 if matches!(s, Ok(XferState::InProgress)) {
-                    std::thread::yield_now();
+                    let _ = self.agent.make_progress();
+                    s = self.with(|r| r.status());
+                    if matches!(s, Ok(XferState::InProgress)) {
+                        std::thread::yield_now();
+                    }
                 }
                 s
             })
