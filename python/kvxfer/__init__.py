@@ -402,6 +402,11 @@ class Agent:
         knows us by."""
         return self._native.send_metadata(addr, self._auth_key, timeout)
 
+    def invalidate_metadata(self, addr: str, timeout: float = 5.0) -> None:
+        """Asks the agent at ``addr`` to forget our metadata (it can no
+        longer reach us until it loads it again)."""
+        self._native.invalidate_metadata(addr, self._auth_key, timeout)
+
     def has_peer(self, peer: str) -> bool:
         """Whether ``peer``'s metadata is loaded."""
         return self._native.has_remote(peer)

@@ -389,6 +389,24 @@ impl Agent {
         .py_err()
     }
 
+    /// Asks the agent at `addr` to forget this agent's metadata.
+    #[pyo3(signature = (addr, auth_key=None, timeout=5.0))]
+    fn invalidate_metadata(
+        &self,
+        py: Python<'_>,
+        addr: &str,
+        auth_key: Option<Vec<u8>>,
+        timeout: f64,
+    ) -> PyResult<()> {
+        let timeout = secs(timeout, "timeout")?;
+        py.detach(|| {
+            let key = auth_key.or_else(|| AgentConfig::default().effective_auth_key());
+            let mut c = Client::connect(addr, key.as_deref(), timeout)?;
+            c.invalidate(self.inner.name())
+        })
+        .py_err()
+    }
+
     /// Whether a peer of this name is loaded.
     fn has_remote(&self, py: Python<'_>, peer: &str) -> PyResult<bool> {
         py.detach(|| self.inner.has_remote(peer)).py_err()

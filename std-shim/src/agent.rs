@@ -341,6 +341,16 @@ impl side_channel::Handler for Shared {
     fn load(&self, blob: &[u8]) -> Result<String, Error> {
         Shared::load(self, blob)
     }
+    fn invalidate(&self, name: &str) -> Result<(), Error> {
+        let mut st = self.lock();
+        let b = st.backend()?;
+        on_engine!(b, e => e.invalidate_remote(name))?;
+        log::debug!(
+            "agent {}: peer {name:?} invalidated its metadata",
+            self.name
+        );
+        Ok(())
+    }
 }
 
 /// Owns the threads; shuts the agent down when the last [`Agent`] clone

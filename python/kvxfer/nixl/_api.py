@@ -493,12 +493,9 @@ class nixl_agent:
                            ip_addr, port, got, remote_agent)
 
     def invalidate_local_metadata(self, ip_addr: str = "", port: int = DEFAULT_COMM_PORT) -> None:
-        """Not offered: the peer calls remove_remote_agent."""
-        raise _unsupported(
-            "invalidate_local_metadata",
-            "kvxfer's side channel has no invalidation message; the peer calls "
-            "remove_remote_agent, and a peer that exits is detected",
-        )
+        """Asks the peer listening on ip_addr:port to forget our metadata."""
+        self.agent.invalidate_metadata(
+            self._peer_addr(ip_addr, port, "invalidate_local_metadata"))
 
     def check_remote_metadata(self, agent: str, descs: Optional[nixlXferDList] = None) -> bool:
         """Whether the peer's metadata is loaded (and covers descs)."""
