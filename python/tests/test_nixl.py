@@ -285,3 +285,21 @@ def test_peer_death_turns_transfers_to_err():
         a.deregister_memory(r)
     finally:
         peer.close()
+
+
+def test_torch_tensors_as_nixl_descriptors(agent, nixl_peer):
+    torch = pytest.importorskip("torch")
+    peer = nixl_peer
+    remote, md = peer.alloc("torch", 4 * 256)
+    name = load(agent, md)
+    tensors = [torch.full((256,), i + 1, dtype=torch.uint8) for i in range(4)]
+    reg = agent.register_memory(tensors)
+    assert list(reg) == [(t.data_ptr(), 256, 0) for t in tensors] and reg.getType() == "DRAM"
+    remote_descs = agent.get_xfer_descs([(remote + i * 256, 256, 0) for i in range(4)], "DRAM")
+    h = agent.initialize_xfer("WRITE", agent.get_xfer_descs(tensors), remote_descs, name)
+    agent.transfer(h)
+    assert wait(agent, h) == "DONE"
+    assert peer.data("torch").tobytes() == b"".join(t.numpy().tobytes() for t in tensors)
+    h.release()
+    agent.deregister_memory(reg)
+    peer.call("free", "torch")
