@@ -639,11 +639,17 @@ impl Prepared {
 impl Drop for Prepared {
     fn drop(&mut self) {
         if !self.released.swap(true, Ordering::AcqRel) {
-            // A shut-down agent has released everything already.
-            let _ = match self.side {
-                Side::Local(p) => self.agent.release_local(p),
-                Side::Remote(p) => self.agent.release_remote(p),
-            };
+            // Released without the GIL (it takes the agent's lock); a
+            // shut-down agent has released everything already.
+            let (agent, side) = (&self.agent, self.side);
+            Python::attach(|py| {
+                py.detach(|| {
+                    let _ = match side {
+                        Side::Local(p) => agent.release_local(p),
+                        Side::Remote(p) => agent.release_remote(p),
+                    };
+                })
+            });
         }
     }
 }
@@ -677,6 +683,21 @@ impl Request {
             None => Err(Error::StaleHandle {
                 handle: self.handle,
             }),
+        }
+    }
+}
+
+impl Drop for Request {
+    fn drop(&mut self) {
+        // Dropping an unreleased request releases it, which may wait for a
+        // transfer in flight: without the GIL.
+        let taken = self
+            .inner
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(req) = taken {
+            Python::attach(|py| py.detach(move || drop(req)));
         }
     }
 }
