@@ -44,8 +44,10 @@ def test_explicit_backend_list():
     with pytest.raises(RuntimeError) as e:
         nixl_agent("none", nixl_agent_config(backends=["GDS"]))
     assert str(e.value) == (
-        "nixl_agent: no supported backend in ['GDS']; kvxfer.nixl offers 'UCX' and 'LIBFABRIC'"
+        "nixl_agent: no supported backend in ['GDS']; kvxfer.nixl offers "
+        + ", ".join(repr(b) for b in kvxfer.BUILT_IN_BACKENDS.split(", "))
     )
+    assert kvxfer.BUILT_IN_BACKENDS.startswith("UCX, LIBFABRIC")
 
 
 @pytest.mark.parametrize("nbytes", [100, 64 * MIB], ids=["100B", "64MiB"])

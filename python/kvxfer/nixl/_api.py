@@ -12,7 +12,8 @@ Calls whose NIXL behaviour kvxfer does not offer raise
 
 Differences worth knowing:
 
-* An agent runs one backend, ``"UCX"`` or ``"LIBFABRIC"``. With the default
+* An agent runs one backend, ``"UCX"`` or ``"LIBFABRIC"`` (or
+  ``"CUDA_IPC"``, GPU to GPU on one host). With the default
   ``nixl_agent_config().backends`` the backend comes from ``KVXFER_BACKEND``,
   then ``TRTLLM_NIXL_KVCACHE_BACKEND``, else UCX; a list given explicitly
   picks its first supported entry.
@@ -41,7 +42,9 @@ logger = logging.getLogger(__name__)
 #: Port of the metadata listener when none is given (NIXL's default).
 DEFAULT_COMM_PORT = 8888
 
-_SUPPORTED = ("UCX", "LIBFABRIC")
+# Backends built into this kvxfer: UCX, LIBFABRIC (and CUDA_IPC, GPU to GPU
+# on one host, with the cuda feature).
+_SUPPORTED = tuple(b.strip() for b in _kvxfer.BUILT_IN_BACKENDS.split(","))
 _DEFAULT_BACKENDS = ["UCX"]
 _MEM_TYPES = {"DRAM": "DRAM", "VRAM": "VRAM", "cpu": "DRAM", "cuda": "VRAM"}
 _OPS = ("WRITE", "READ")
@@ -266,7 +269,7 @@ class nixl_agent:
         )
         self.name = agent_name
         self.notifs: Dict[str, List[bytes]] = {}
-        self.plugin_list = [b.strip() for b in _kvxfer.BUILT_IN_BACKENDS.split(",")]
+        self.plugin_list = list(_SUPPORTED)
         self.backends: Dict[str, nixl_backend_handle] = {self.agent.backend: 1}
         mems = ["DRAM", "VRAM"] if _kvxfer.CUDA else ["DRAM"]
         self.backend_mems: Dict[str, List[str]] = {self.agent.backend: mems}
@@ -283,7 +286,8 @@ class nixl_agent:
         chosen = None
         for b in backends:
             if b not in _SUPPORTED:
-                logger.warning("Skipping backend %s: kvxfer.nixl offers UCX and LIBFABRIC", b)
+                logger.warning("Skipping backend %s: kvxfer.nixl offers %s", b,
+                               ", ".join(_SUPPORTED))
             elif chosen is None:
                 chosen = b
             elif b != chosen:
@@ -292,7 +296,7 @@ class nixl_agent:
         if chosen is None:
             raise RuntimeError(
                 f"nixl_agent: no supported backend in {list(backends)!r}; "
-                "kvxfer.nixl offers 'UCX' and 'LIBFABRIC'"
+                f"kvxfer.nixl offers {', '.join(map(repr, _SUPPORTED))}"
             )
         return chosen
 
