@@ -348,3 +348,33 @@ def test_readme_python_example_runs_as_written(tmp_path):
                          timeout=60, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout == "decode-0 has all 128 blocks\n"
+
+
+@pytest.mark.parametrize(
+    "env,want",
+    [
+        ({"TRTLLM_NIXL_KVCACHE_BACKEND": "LIBFABRIC"}, "LIBFABRIC"),
+        ({"KVXFER_BACKEND": "UCX", "TRTLLM_NIXL_KVCACHE_BACKEND": "LIBFABRIC"}, "UCX"),
+        ({}, "UCX"),
+    ],
+)
+def test_backend_selection_order(env, want):
+    import os
+
+    code = (
+        "import kvxfer; from kvxfer.nixl import nixl_agent; "
+        "print(kvxfer.Agent('sel', kvxfer.Config(listen=None)).backend, "
+        "list(nixl_agent('sel2').backends))"
+    )
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("KVXFER_BACKEND", "TRTLLM_NIXL_KVCACHE_BACKEND")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**base, **env}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [want, f"['{want}']"]
+
+
+def test_unknown_backend_is_named():
+    with pytest.raises(kvxfer.UnsupportedBackendError) as e:
+        kvxfer.Agent("bad", kvxfer.Config(backend="GDS", listen=None))
+    assert str(e.value).startswith('unsupported backend "GDS"; supported: UCX, LIBFABRIC')
