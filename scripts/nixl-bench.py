@@ -89,8 +89,14 @@ def case_name(blocks, block_size, stride):
     return name if stride == block_size else f"{name}@{fmt_size(stride)}"
 
 
+API = "nixl"  # or "kvxfer": kvxfer.nixl, the same API over kvxfer (--api)
+
+
 def nixl_api():
-    """Import the NIXL Python API (nixl-cu12 or nixl-cu13 wheel, or 'nixl')."""
+    """Import the NIXL Python API (nixl-cu12 or nixl-cu13 wheel, or 'nixl'),
+    or kvxfer's (--api kvxfer)."""
+    if API == "kvxfer":
+        return importlib.import_module("kvxfer.nixl")
     for module in ("nixl_cu12", "nixl_cu13", "nixl._api"):
         try:
             return importlib.import_module(module)
@@ -100,7 +106,7 @@ def nixl_api():
 
 
 def nixl_version():
-    for dist in ("nixl-cu12", "nixl-cu13", "nixl"):
+    for dist in (("kvxfer",) if API == "kvxfer" else ("nixl-cu12", "nixl-cu13", "nixl")):
         try:
             return dist, importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -176,8 +182,10 @@ def xfer_descs(addr, blocks, block_size, stride, strided):
 
 # ---------------------------------------------------------------- target side
 
-def target_main(conn):
+def target_main(conn, api):
     """Target process: expose buffers, then check what the initiator wrote."""
+    global API
+    API = api
     code = 0
     try:
         serve(conn)
@@ -283,6 +291,8 @@ def run_case(agent, conn, name, blocks, block_size, stride, seed, args):
     elapsed = time.perf_counter_ns() - t_start
     lat = lat[:iters]
 
+    if args.overhead:
+        measure_overhead(agent, handle, name)
     agent.release_xfer_handle(handle)
     agent.release_dlist_handle(local)
     agent.release_dlist_handle(remote)
@@ -294,12 +304,47 @@ def run_case(agent, conn, name, blocks, block_size, stride, seed, args):
         raise RuntimeError(f"target: {msg}")
 
     p50, p99 = np.percentile(lat, [50, 99]) / 1e3
-    line = (f"nixl case={name} bytes={nbytes} blocks={blocks} prep_ms={prep_ms:.3f} "
+    line = (f"{API} case={name} bytes={nbytes} blocks={blocks} prep_ms={prep_ms:.3f} "
             f"make_ms={make_ms:.3f} iters={iters} "
             f"GBps={nbytes * iters / elapsed:.3f} p50_us={p50:.1f} p99_us={p99:.1f}")
     print(f"{line} {'verified' if msg[1] is None else 'MISMATCH: ' + msg[1]}",
           flush=True)
     return msg[1] is None
+
+
+def measure_overhead(agent, handle, name, rounds=5, posts=2000, polls=200000):
+    """kvxfer only: what the Python layer (kvxfer.nixl and the native
+    binding) adds over the Rust calls it makes.
+
+    Rounds alternate between the Python loop (transfer(), then
+    check_xfer_state() until "DONE") and the same loop run in Rust
+    (XferRequest::post, then status until done); the difference of the
+    median round trips is the cost of one transfer() plus the
+    check_xfer_state() calls of a round. Then check_xfer_state() on a
+    finished request against the Rust status call, per call.
+    """
+    req = handle._req
+    py_lat, rust_lat = [], []
+    for _ in range(rounds):
+        for _ in range(posts):
+            py_lat.append(post(agent, handle))
+        rust_lat.extend(req.bench_post_poll(posts))
+    polls_per_post = []
+    for _ in range(200):  # how many check_xfer_state calls a round makes
+        n, state = 0, agent.transfer(handle)
+        while state == "PROC":
+            state, n = agent.check_xfer_state(handle), n + 1
+        polls_per_post.append(n)
+    t0 = time.perf_counter_ns()
+    for _ in range(polls):
+        agent.check_xfer_state(handle)
+    py_check = (time.perf_counter_ns() - t0) / polls
+    rust_check = req.bench_status(polls) / polls
+    py50, rust50 = np.median(py_lat) / 1e3, np.median(rust_lat) / 1e3
+    print(f"{API} overhead case={name} python_p50_us={py50:.2f} rust_p50_us={rust50:.2f} "
+          f"per_post_us={py50 - rust50:.2f} polls_per_post_p50={np.median(polls_per_post):.0f} "
+          f"check_python_us={py_check / 1e3:.3f} check_rust_us={rust_check / 1e3:.3f} "
+          f"check_added_us={(py_check - rust_check) / 1e3:.3f}", flush=True)
 
 
 def selected_cases(args):
@@ -337,19 +382,28 @@ def parse_args():
     p.add_argument("--max-iters", type=int, default=1000000)
     p.add_argument("--iters", type=int, help="measured posts (overrides --seconds)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--api", choices=["nixl", "kvxfer"], default="nixl",
+                   help="run on NIXL (default) or on kvxfer.nixl, the same API over kvxfer")
+    p.add_argument("--overhead", action="store_true",
+                   help="kvxfer: also measure what the Python layer adds per transfer + "
+                        "check_xfer_state over the Rust calls")
     p.add_argument("--timeout", type=int, default=300,
                    help="give up on a case after this many seconds (default 300)")
     return p.parse_args()
 
 
 def main():
+    global API
     args = parse_args()
+    API = args.api
+    if args.overhead and API != "kvxfer":
+        sys.exit("--overhead measures kvxfer's Python layer; use it with --api kvxfer")
     cases = selected_cases(args)
     dist, version = nixl_version()
 
     ctx = mp.get_context("spawn")
     conn, child_conn = ctx.Pipe()
-    target = ctx.Process(target=target_main, args=(child_conn,), daemon=True)
+    target = ctx.Process(target=target_main, args=(child_conn, API), daemon=True)
     target.start()
     child_conn.close()
 
@@ -364,7 +418,7 @@ def main():
         if msg[0] != "hello":
             raise RuntimeError(f"target: {msg}")
         conn.send(("peer", agent.get_agent_metadata()))
-        print(f"nixl version={version} dist={dist} ucx={ucx_version()} backend=UCX "
+        print(f"{API} version={version} dist={dist} ucx={ucx_version()} backend=UCX "
               f"UCX_TLS={os.environ.get('UCX_TLS', '(unset)')} "
               f"descs={'strided' if args.strided else 'list'} "
               f"python={sys.version.split()[0]}", flush=True)
@@ -375,10 +429,10 @@ def main():
             signal.alarm(0)
         conn.send(("quit",))
     except (EOFError, ConnectionError):
-        print("nixl error: target process went away", file=sys.stderr)
+        print(f"{API} error: target process went away", file=sys.stderr)
         ok = False
     except (RuntimeError, TimeoutError) as e:
-        print(f"nixl error: {e}", file=sys.stderr)
+        print(f"{API} error: {e}", file=sys.stderr)
         ok = False
     except Exception:  # noqa: BLE001 - NIXL raises its own exception types
         traceback.print_exc()
@@ -390,7 +444,7 @@ def main():
         if target.is_alive():
             target.kill()
     if target.exitcode not in (0, None) and ok:
-        print(f"nixl error: target exited with {target.exitcode}", file=sys.stderr)
+        print(f"{API} error: target exited with {target.exitcode}", file=sys.stderr)
         ok = False
     hard_exit(0 if ok else 1)
 

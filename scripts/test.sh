@@ -2,8 +2,10 @@
 # Runs every check kvxfer has: formatting, lints, the no_std build of the
 # core, shell script lints, the whole test suite (multi-process transfers over
 # real UCX and libfabric on loopback), the libfabric crates against
-# libfabric 2.x, and a short run of each fuzz target.
-# Installs what it needs first (scripts/setup.sh --test).
+# libfabric 2.x, the Python package's tests (pytest, over UCX and over
+# libfabric), and a short run of each fuzz target.
+# Installs what it needs first (scripts/setup.sh --test, which also builds
+# and installs the Python package into ~/.cache/kvxfer/py-venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -65,7 +67,8 @@ cargo test -p kvxfer --features cuda --test gpu 2>&1 | tee -a "$log" || status=$
 
 step "libfabric 2.x: build, clippy and tests of the libfabric crates"
 scripts/libfabric2-check.sh 2>&1 | tee -a "$log" || status=$?
-# One closing line for the whole suite (cargo prints one per test binary).
+# One closing line for the whole suite (cargo prints one per test binary,
+# pytest one per run).
 read -r passed failed ignored < <(awk '/^test result:/ {
         for (i = 1; i <= NF; i++) {
             if ($(i) ~ /^passed;?$/) p += $(i - 1)
@@ -74,8 +77,28 @@ read -r passed failed ignored < <(awk '/^test result:/ {
             if ($(i) ~ /^out;?$/ && $(i - 1) == "filtered") g += $(i - 2)
         }
     } END { print p + 0, f + 0, g + 0 }' "$log")
+
+# The Python package (installed from python/ by the set-up), over each
+# backend; its counts join the closing line.
+step "pytest: the Python package (kvxfer, kvxfer.nixl)"
+venv=${KVXFER_PY_VENV:-$HOME/.cache/kvxfer/py-venv}
+for backend in UCX LIBFABRIC; do
+    echo "-- KVXFER_BACKEND=$backend" >&2
+    KVXFER_BACKEND=$backend "$venv/bin/python" -m pytest -q -rs -p no:cacheprovider \
+        python/tests 2>&1 | tee "$log.py" || status=$?
+    read -r p f s < <(awk '/ in [0-9.]+s/ {
+            for (i = 1; i <= NF; i++) {
+                if ($(i) ~ /^passed/) p += $(i - 1)
+                if ($(i) ~ /^(failed|errors?)/) f += $(i - 1)
+                if ($(i) ~ /^skipped/) s += $(i - 1)
+            }
+        } END { print p + 0, f + 0, s + 0 }' "$log.py")
+    rm -f "$log.py"
+    passed=$((passed + p)) failed=$((failed + f)) ignored=$((ignored + s))
+done
+
 if ((status != 0)); then
-    echo "cargo test: ${passed} passed, ${failed} failed, ${ignored} skipped"
+    echo "tests: ${passed} passed, ${failed} failed, ${ignored} skipped"
     exit "$status"
 fi
 
@@ -84,4 +107,4 @@ if [[ -x scripts/fuzz-smoke.sh && "${KVXFER_SKIP_FUZZ:-0}" != 1 ]]; then
     scripts/fuzz-smoke.sh
 fi
 
-echo "cargo test: ${passed} passed, ${failed} failed, ${ignored} skipped"
+echo "tests: ${passed} passed, ${failed} failed, ${ignored} skipped"

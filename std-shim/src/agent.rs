@@ -421,6 +421,16 @@ impl side_channel::Handler for Shared {
     fn load(&self, blob: &[u8]) -> Result<String, Error> {
         Shared::load(self, blob)
     }
+    fn invalidate(&self, name: &str) -> Result<(), Error> {
+        let mut st = self.lock();
+        let b = st.backend()?;
+        on_engine!(b, e => e.invalidate_remote(name))?;
+        log::debug!(
+            "agent {}: peer {name:?} invalidated its metadata",
+            self.name
+        );
+        Ok(())
+    }
 }
 
 /// Owns the threads; shuts the agent down when the last [`Agent`] clone
@@ -1145,8 +1155,12 @@ impl XferRequest {
             e.post_finished(self.handle, now());
             s
         });
-        // The progress thread may sleep on the transport: it has work now.
-        self.shared.nudge();
+        // The progress thread may sleep on the transport: it has work now,
+        // unless the transport finished the transfer (and its
+        // notification) inside the post.
+        if state != XferState::Done {
+            self.shared.nudge();
+        }
         Ok(state)
     }
 

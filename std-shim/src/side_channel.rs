@@ -57,6 +57,7 @@ const MAC_LEN: usize = 32;
 const OP_AUTH: u8 = 0x01;
 const OP_GET: u8 = 0x02;
 const OP_PUSH: u8 = 0x03;
+const OP_INVALIDATE: u8 = 0x04;
 const STATUS_OK: u8 = 0x00;
 const STATUS_ERR: u8 = 0x01;
 
@@ -68,6 +69,15 @@ pub trait Handler: Send + Sync + 'static {
     fn metadata(&self) -> Result<Vec<u8>, Error>;
     /// Loads a peer's metadata; returns the peer's name.
     fn load(&self, blob: &[u8]) -> Result<String, Error>;
+    /// Forgets the peer `name` at its own request; refused unless
+    /// implemented.
+    fn invalidate(&self, name: &str) -> Result<(), Error> {
+        let _ = name;
+        Err(Error::Unsupported {
+            backend: "SIDE_CHANNEL",
+            what: "invalidation",
+        })
+    }
 }
 
 /// Socket timeouts and the authentication key.
@@ -576,6 +586,20 @@ fn serve(
                 }
                 Err(e) => send_err_on(&mut stream, &mut session, &e.to_string(), peer, io_t)?,
             },
+            Some(&OP_INVALIDATE) => {
+                let r = std::str::from_utf8(&req[1..])
+                    .map_err(|_| Error::InvalidName {
+                        len: (req.len() - 1) as u64,
+                    })
+                    .and_then(|name| handler.invalidate(name).map(|()| name));
+                match r {
+                    Ok(name) => {
+                        log::info!("side channel: {peer} invalidated the metadata of {name:?}");
+                        send_on(&mut stream, &mut session, &[STATUS_OK], peer, io_t)?;
+                    }
+                    Err(e) => send_err_on(&mut stream, &mut session, &e.to_string(), peer, io_t)?,
+                }
+            }
             other => {
                 let text = format!("unknown request {:#04x}", other.copied().unwrap_or(0));
                 let _ = send_err_on(&mut stream, &mut session, &text, peer, io_t);
@@ -746,6 +770,15 @@ impl Client {
         let name = self.request(&p, "push metadata")?;
         String::from_utf8(name).map_err(|_| protocol_error(&self.peer, "peer name is not UTF-8"))
     }
+
+    /// Asks the peer to forget the metadata it holds under `name` (ours,
+    /// as pushed or fetched before).
+    pub fn invalidate(&mut self, name: &str) -> Result<(), Error> {
+        let mut p = Vec::with_capacity(1 + name.len());
+        p.push(OP_INVALIDATE);
+        p.extend_from_slice(name.as_bytes());
+        self.request(&p, "invalidate metadata").map(drop)
+    }
 }
 
 #[cfg(test)]
@@ -835,6 +868,25 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn invalidation_is_refused_unless_the_handler_offers_it() {
+        let (s, _) = server(None);
+        let addr = s.local_addr().to_string();
+        let mut c = Client::connect(&addr, None, Duration::from_secs(2)).unwrap();
+        match c.invalidate("peer-3") {
+            Err(Error::Backend { text, .. }) => assert_eq!(
+                text.as_str(),
+                format!(
+                    "{addr}: invalidate metadata: backend SIDE_CHANNEL does not support \
+                     invalidation"
+                )
+            ),
+            other => panic!("{other:?}"),
+        }
+        // The connection stays usable.
+        assert_eq!(c.get_metadata().unwrap(), b"metadata\0with zero");
     }
 
     #[test]

@@ -349,3 +349,32 @@ fn different_backends_refuse_each_other() {
     u.quit();
     l.quit();
 }
+
+/// A peer asks, over the side channel, to have its metadata forgotten;
+/// asking for a name the agent does not know is answered with the error.
+#[test]
+fn side_channel_invalidation_forgets_the_peer() {
+    use kvxfer::side_channel::Client;
+    let cfg = || AgentConfig::default().with_backend("UCX");
+    let a = Agent::new("inv-a", cfg()).unwrap();
+    let b = Agent::new("inv-b", cfg()).unwrap();
+    let b_addr = b.listen_addr().unwrap().to_string();
+    assert_eq!(a.connect(&b_addr).unwrap(), "inv-b");
+    assert!(b.has_remote("inv-a").unwrap());
+    let mut c = Client::connect(&b_addr, None, Duration::from_secs(5)).unwrap();
+    c.invalidate("inv-a").unwrap();
+    assert!(!b.has_remote("inv-a").unwrap());
+    match c.invalidate("inv-a") {
+        Err(Error::Backend { text, .. }) => assert_eq!(
+            text.as_str(),
+            format!(
+                "{b_addr}: invalidate metadata: unknown remote agent \"inv-a\"; load its \
+                 metadata first"
+            )
+        ),
+        other => panic!("{other:?}"),
+    }
+    // Pushing again makes it known again.
+    assert_eq!(a.connect(&b_addr).unwrap(), "inv-b");
+    assert!(b.has_remote("inv-a").unwrap());
+}
