@@ -30,11 +30,30 @@ pub(crate) const AV_REMOVE_CLEANUP_ENV: &CStr = c"FI_AV_REMOVE_CLEANUP";
 /// libfabric call, so it must be in place before any; and changing the
 /// environment is sound only while no other thread reads it. Both hold in
 /// a constructor of the executable, which the loader runs before `main`
-/// with the process's one thread.
+/// with the process's one thread. A library loaded later (`dlopen` of the
+/// C ABI or the Python module) may run it in a process that has threads
+/// already: then it changes nothing, and [`FabricTransport::new`] fails
+/// asking for the variable instead.
+///
+/// [`FabricTransport::new`]: crate::FabricTransport::new
 extern "C" fn set_av_remove_cleanup() {
+    if !single_threaded() {
+        return;
+    }
     // SAFETY: both strings are NUL-terminated literals; setenv copies them.
-    // See above for why no other thread can read the environment now.
+    // This process has one thread (checked above), so no other thread
+    // reads the environment meanwhile.
     unsafe { libc::setenv(AV_REMOVE_CLEANUP_ENV.as_ptr(), c"1".as_ptr(), 0) };
+}
+
+/// Whether this process has exactly one thread (`Threads:` in
+/// `/proc/self/status`); false when that cannot be read.
+fn single_threaded() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .is_some_and(|n| n.trim() == "1")
+    })
 }
 
 /// Runs [`set_av_remove_cleanup`] before `main`.

@@ -37,25 +37,26 @@ const CQ_BATCH: usize = 64;
 /// receive buffers while the provider asks to retry.
 const RECV_SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Logs, once, when the environment turns `FI_AV_REMOVE_CLEANUP` off:
-/// then a timed-out peer's queued operations are not ended, and
-/// deregistration after a timeout waits its whole bound.
-fn warn_without_av_remove_cleanup() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let name = crate::fabric::AV_REMOVE_CLEANUP_ENV.to_string_lossy();
-        let v = std::env::var(&*name).unwrap_or_default();
-        if !matches!(
-            v.to_ascii_lowercase().as_str(),
-            "1" | "yes" | "true" | "on" | "y"
-        ) {
-            log::warn!(
-                "LIBFABRIC: {}={v:?}: operations of a timed-out peer are not ended when it \
-                 is removed; memory they use stays registered until they are",
-                name
-            );
-        }
-    });
+/// Fails unless `FI_AV_REMOVE_CLEANUP` is on. Without it `tcp;ofi_rxm`
+/// keeps the connection to a removed peer, and with it every operation
+/// still queued there: a timed-out or abandoned transfer's memory could be
+/// written after it was deregistered. kvxfer sets the variable before
+/// `main`; it is missing only where the environment turned it off or
+/// kvxfer was loaded into a running, threaded process.
+fn require_av_remove_cleanup() -> Result<(), Error> {
+    let name = crate::fabric::AV_REMOVE_CLEANUP_ENV.to_string_lossy();
+    let v = std::env::var(&*name).unwrap_or_default();
+    if matches!(
+        v.to_ascii_lowercase().as_str(),
+        "1" | "yes" | "true" | "on" | "y"
+    ) {
+        return Ok(());
+    }
+    Err(Error::backend(
+        BACKEND,
+        -(sys::FI_EINVAL as i64),
+        &format!("{name}={v:?}; set {name}=1 before the process starts"),
+    ))
 }
 
 /// Process-wide counter for requested memory keys.
@@ -364,7 +365,7 @@ impl FabricTransport {
                 ),
             ));
         }
-        warn_without_av_remove_cleanup();
+        require_av_remove_cleanup()?;
         let tried = candidates(config);
         let mut last = 0i64;
         let mut info = None;

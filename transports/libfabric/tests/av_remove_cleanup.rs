@@ -1,6 +1,7 @@
 //! `FI_AV_REMOVE_CLEANUP=1` is in the environment from the start of a
 //! process that links kvxfer-libfabric (libfabric reads it on its first
-//! call), unless the environment already sets it.
+//! call), unless the environment already sets it; turned off, a transport
+//! refuses to start, naming it.
 
 use std::process::Command;
 
@@ -15,11 +16,16 @@ fn child_prints_the_variable() {
     }
     let v = std::env::var("FI_AV_REMOVE_CLEANUP").unwrap_or_else(|_| "<unset>".into());
     println!("@VALUE {v}");
-    // Keep the crate linked in, as any user of it is.
-    assert!(kvxfer_libfabric::version().0 >= 1);
+    // A transport starts only with the variable on.
+    let cfg = kvxfer_libfabric::FabricConfig::default().with_provider("tcp;ofi_rxm");
+    match kvxfer_libfabric::FabricTransport::new(&cfg) {
+        Ok(_) => println!("@TRANSPORT ok"),
+        Err(e) => println!("@TRANSPORT {e}"),
+    }
 }
 
-fn child_value(set: Option<&str>) -> String {
+/// What the child printed for `tag`.
+fn child_line(set: Option<&str>, tag: &str) -> String {
     let mut cmd = Command::new(std::env::current_exe().expect("current exe"));
     cmd.args([
         "--ignored",
@@ -36,12 +42,19 @@ fn child_value(set: Option<&str>) -> String {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "child failed: {text}");
     text.lines()
-        .find_map(|l| l.split_once("@VALUE ").map(|(_, v)| v.to_string()))
-        .unwrap_or_else(|| panic!("no value printed: {text}"))
+        .find_map(|l| l.split_once(tag).map(|(_, v)| v.to_string()))
+        .unwrap_or_else(|| panic!("no {tag} printed: {text}"))
 }
 
 #[test]
 fn set_before_main_unless_the_environment_sets_it() {
-    assert_eq!(child_value(None), "1");
-    assert_eq!(child_value(Some("0")), "0");
+    assert_eq!(child_line(None, "@VALUE "), "1");
+    assert_eq!(child_line(None, "@TRANSPORT "), "ok");
+    assert_eq!(child_line(Some("0"), "@VALUE "), "0");
+    // Turned off, the transport refuses to start, naming the variable.
+    assert_eq!(
+        child_line(Some("0"), "@TRANSPORT "),
+        "LIBFABRIC error -22: FI_AV_REMOVE_CLEANUP=\"0\"; set FI_AV_REMOVE_CLEANUP=1 before the \
+         process starts"
+    );
 }
