@@ -29,7 +29,14 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import _kvxfer
+# libfabric must end the queued operations of a peer it drops, or their
+# memory could be written after it was deregistered; the native module sets
+# this itself only when it is loaded into a process without threads (which
+# numpy's or torch's thread pools rule out), so it is set here, through
+# Python's own environment, before libfabric can read it.
+os.environ.setdefault("FI_AV_REMOVE_CLEANUP", "1")
+
+from . import _kvxfer  # noqa: E402  (after the environment is set)
 from ._kvxfer import (  # noqa: F401  (re-exported)
     BackendError,
     BadMetadataError,
