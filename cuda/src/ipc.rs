@@ -655,6 +655,9 @@ pub struct CudaIpcTransport {
     my_opens: HashMap<OpenKey, u32>,
     inflight: Vec<InFlight>,
     outbox: VecDeque<Outgoing>,
+    /// Queued standalone notifications that could not be sent, by peer
+    /// pid, with the last reason; reported by the next send to that peer.
+    undelivered: Vec<(u32, u64, String)>,
     /// Device pairs whose peer access was set up (their states, and so
     /// their contexts, live as long as the transport).
     peer_pairs: Vec<(u32, u32)>,
@@ -708,6 +711,7 @@ impl CudaIpcTransport {
             my_opens: HashMap::new(),
             inflight: Vec::new(),
             outbox: VecDeque::new(),
+            undelivered: Vec::new(),
             peer_pairs: Vec::new(),
             peer_access: !std::env::var(PEER_ACCESS_ENV).is_ok_and(|v| v.trim() == "0"),
             host_pinned: HashMap::new(),
@@ -766,7 +770,17 @@ impl CudaIpcTransport {
             match self.chan.send(&o.to, &o.msg) {
                 Ok(true) => {}
                 Ok(false) => return,
-                Err(e) => log::warn!("dropping notification to pid {}: {e}", o.pid),
+                Err(e) => {
+                    log::warn!("dropping notification to pid {}: {e}", o.pid);
+                    let pid = o.pid;
+                    match self.undelivered.iter_mut().find(|u| u.0 == pid) {
+                        Some(u) => {
+                            u.1 += 1;
+                            u.2 = e.to_string();
+                        }
+                        None => self.undelivered.push((pid, 1, e.to_string())),
+                    }
+                }
             }
             self.outbox.pop_front();
         }
@@ -1707,6 +1721,17 @@ impl Transport for CudaIpcTransport {
             });
         }
         self.flush_outbox();
+        let pid = peer.addr.pid;
+        if let Some(i) = self.undelivered.iter().position(|u| u.0 == pid) {
+            // Earlier notifications to this peer, accepted and queued, were
+            // lost: said here rather than only logged.
+            let (_, n, why) = self.undelivered.swap_remove(i);
+            return Err(Error::backend(
+                BACKEND,
+                -1,
+                &format!("{n} queued notifications to pid {pid} were not sent ({why})"),
+            ));
+        }
         if self.outbox.is_empty() {
             match self.chan.send(&peer.sock, msg) {
                 Ok(true) => return Ok(()),

@@ -1600,3 +1600,39 @@ fn gpu_drop_with_peer_dram_transfers_in_flight() {
         b.deregister(rb);
     }
 }
+
+/// Standalone notifications queued for a peer that then goes away are not
+/// lost in silence: the next notification to it fails, saying how many
+/// were not sent.
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_queued_notifications_to_a_peer_that_went_away_are_reported() {
+    let mut a = CudaIpcTransport::new().unwrap();
+    let b = CudaIpcTransport::new().unwrap();
+    let mut buf = [0u8; 128];
+    let n = b.local_address(&mut buf).unwrap();
+    let pb = a.connect(&buf[..n]).unwrap();
+    // b never reads: its socket fills and the rest waits in a's queue.
+    let msg = [7u8; 4096];
+    for _ in 0..2000 {
+        a.send_notification(&pb, &msg).unwrap();
+    }
+    drop(b);
+    let err = a.send_notification(&pb, b"after").unwrap_err().to_string();
+    let prefix = "CUDA_IPC error -1: ";
+    assert!(err.starts_with(prefix), "{err}");
+    let count: u64 = err[prefix.len()..]
+        .split(' ')
+        .next()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(count > 0 && count <= 2000, "{err}");
+    assert!(
+        err.contains(&format!(
+            " queued notifications to pid {} were not sent (",
+            std::process::id()
+        )),
+        "{err}"
+    );
+    println!("RESULT {err}");
+}
