@@ -1588,6 +1588,25 @@ impl<T: Transport> Drop for Staged<T> {
     }
 }
 
+impl<T: Transport> Staged<T> {
+    /// Refuses `what` for a staged VRAM transfer of this side (its copies
+    /// and requests cannot be stopped); other tokens are the inner
+    /// transport's.
+    fn refuse_staged(&self, token: Token, what: &'static str) -> Result<(), Error> {
+        if self
+            .ops
+            .iter()
+            .any(|o| o.token == token && o.serves.is_none())
+        {
+            return Err(Error::Unsupported {
+                backend: self.inner.name(),
+                what,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// A random secret from the kernel (`/dev/urandom`), or, where that cannot
 /// be read, from the process's hasher seeds.
 fn random_secret() -> [u8; msg::SECRET_LEN] {
@@ -1870,30 +1889,12 @@ impl<T: Transport> Transport for Staged<T> {
     }
 
     fn cancel(&mut self, token: Token) -> Result<(), Error> {
-        if self
-            .ops
-            .iter()
-            .any(|o| o.token == token && o.serves.is_none())
-        {
-            return Err(Error::Unsupported {
-                backend: self.inner.name(),
-                what: "cancel of a staged VRAM transfer",
-            });
-        }
+        self.refuse_staged(token, "cancel of a staged VRAM transfer")?;
         self.inner.cancel(token)
     }
 
     fn abandon(&mut self, token: Token) -> Result<(), Error> {
-        if self
-            .ops
-            .iter()
-            .any(|o| o.token == token && o.serves.is_none())
-        {
-            return Err(Error::Unsupported {
-                backend: self.inner.name(),
-                what: "abandoning a staged VRAM transfer",
-            });
-        }
+        self.refuse_staged(token, "abandoning a staged VRAM transfer")?;
         self.inner.abandon(token)
     }
 

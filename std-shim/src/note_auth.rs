@@ -48,14 +48,19 @@ impl NoteKey {
         }
     }
 
-    fn tag(&self, from: &str, to: &str, msg: &[u8]) -> [u8; TAG_LEN] {
+    /// The MAC of `msg` from `from` to `to`, not yet finalized.
+    fn mac(&self, from: &str, to: &str, msg: &[u8]) -> HmacSha256 {
         let mut m = self.mac.clone();
         m.update(&(from.len() as u32).to_le_bytes());
         m.update(from.as_bytes());
         m.update(&(to.len() as u32).to_le_bytes());
         m.update(to.as_bytes());
         m.update(msg);
-        let full = m.finalize().into_bytes();
+        m
+    }
+
+    fn tag(&self, from: &str, to: &str, msg: &[u8]) -> [u8; TAG_LEN] {
+        let full = self.mac(from, to, msg).finalize().into_bytes();
         let mut t = [0u8; TAG_LEN];
         t.copy_from_slice(&full[..TAG_LEN]);
         t
@@ -79,13 +84,7 @@ impl NoteKey {
             return None;
         }
         let (tag, msg) = rest.split_at(TAG_LEN);
-        let mut m = self.mac.clone();
-        m.update(&(from.len() as u32).to_le_bytes());
-        m.update(from.as_bytes());
-        m.update(&(to.len() as u32).to_le_bytes());
-        m.update(to.as_bytes());
-        m.update(msg);
-        m.verify_truncated_left(tag).ok()?;
+        self.mac(from, to, msg).verify_truncated_left(tag).ok()?;
         Some(msg)
     }
 }

@@ -561,28 +561,25 @@ impl UcxTransport {
             sys::ucp_worker_release_address(transport.worker, addr);
         }
 
-        let am = sys::ucp_am_handler_param_t {
-            field_mask: u64::from(
-                sys::UCP_AM_HANDLER_PARAM_FIELD_ID
-                    | sys::UCP_AM_HANDLER_PARAM_FIELD_CB
-                    | sys::UCP_AM_HANDLER_PARAM_FIELD_ARG
-                    | sys::UCP_AM_HANDLER_PARAM_FIELD_FLAGS,
-            ),
-            id: NOTIFICATION_AM_ID,
-            flags: sys::UCP_AM_FLAG_WHOLE_MSG,
-            cb: Some(notification_received),
-            arg: transport.notes.get().cast::<c_void>(),
-        };
-        // SAFETY: the worker is live; the handler's arg is the boxed queue,
-        // which lives as long as the transport (and so the worker).
-        let st = unsafe { sys::ucp_worker_set_am_recv_handler(transport.worker, &am) };
-        if st != UCS_OK {
-            return Err(ucs_error("setting the notification handler", st));
-        }
+        // Notifications, and small WRITEs with their acknowledgements.
+        let notes_arg = transport.notes.get().cast::<c_void>();
         let inline_arg = transport.inline.get().cast::<c_void>();
-        for (id, cb) in [
-            (inline::WRITE_AM_ID, inline::write_received as AmHandler),
-            (inline::ACK_AM_ID, inline::ack_received as AmHandler),
+        for (id, cb, arg) in [
+            (
+                NOTIFICATION_AM_ID,
+                notification_received as AmHandler,
+                notes_arg,
+            ),
+            (
+                inline::WRITE_AM_ID,
+                inline::write_received as AmHandler,
+                inline_arg,
+            ),
+            (
+                inline::ACK_AM_ID,
+                inline::ack_received as AmHandler,
+                inline_arg,
+            ),
         ] {
             let am = sys::ucp_am_handler_param_t {
                 field_mask: u64::from(
@@ -594,13 +591,14 @@ impl UcxTransport {
                 id,
                 flags: sys::UCP_AM_FLAG_WHOLE_MSG,
                 cb: Some(cb),
-                arg: inline_arg,
+                arg,
             };
-            // SAFETY: the worker is live; the handler's arg is the boxed
-            // Inline, which lives as long as the transport (and the worker).
+            // SAFETY: the worker is live; each handler's arg is a box the
+            // transport owns (the notification queue, the Inline state),
+            // which lives as long as the transport and so the worker.
             let st = unsafe { sys::ucp_worker_set_am_recv_handler(transport.worker, &am) };
             if st != UCS_OK {
-                return Err(ucs_error("setting the small-WRITE handlers", st));
+                return Err(ucs_error("setting the active-message handlers", st));
             }
         }
         // Hardware RMA (InfiniBand, RoCE) needs no help for small WRITEs.
