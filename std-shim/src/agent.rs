@@ -949,18 +949,16 @@ impl Agent {
         notification: Option<&[u8]>,
     ) -> Result<XferRequest, Error> {
         let mut st = self.shared().lock();
-        if notification.is_some() && st.note_key.is_some() {
+        // Sealing names the receiver: the list's peer, looked up only then.
+        let peer = if notification.is_some() && st.note_key.is_some() {
             let b = st.backend()?;
-            let peer = on_engine!(b, e => e.prepared_peer(remote).map(str::to_string))?;
-            let (b, note) = st.sealed(&peer, notification)?;
-            let made: Result<XferHandle, Error> = on_engine!(b, e => {
-                e.make_xfer(op, local, local_idx, remote, remote_idx, note)
-            });
-            return Ok(self.request(made?));
-        }
-        let b = st.backend()?;
+            on_engine!(b, e => e.prepared_peer(remote).map(str::to_string))?
+        } else {
+            String::new()
+        };
+        let (b, note) = st.sealed(&peer, notification)?;
         let made: Result<XferHandle, Error> = on_engine!(b, e => {
-            e.make_xfer(op, local, local_idx, remote, remote_idx, notification)
+            e.make_xfer(op, local, local_idx, remote, remote_idx, note)
         });
         Ok(self.request(made?))
     }
