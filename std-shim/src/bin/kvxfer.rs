@@ -144,18 +144,6 @@ impl Mem {
     }
 }
 
-/// Refuses VRAM in a kvxfer built without CUDA, saying how to get it.
-fn check_mem(mem: Mem, what: &str) -> Result<(), ExitCode> {
-    if matches!(mem, Mem::Vram) && !cfg!(feature = "cuda") {
-        eprintln!(
-            "kvxfer {what}: --mem vram needs a kvxfer built with CUDA support:\n  \
-             cargo build --release -p kvxfer --features cuda"
-        );
-        return Err(ExitCode::from(2));
-    }
-    Ok(())
-}
-
 #[derive(Copy, Clone, Debug, ValueEnum)]
 enum Op {
     Read,
@@ -344,9 +332,6 @@ fn main() -> ExitCode {
             mem,
             device,
         } => {
-            if let Err(code) = check_mem(mem, "target") {
-                return code;
-            }
             let stop = Arc::new(AtomicBool::new(false));
             bench::stop_on_stdin_eof(Arc::clone(&stop));
             let opts = TargetOptions {
@@ -369,7 +354,7 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("kvxfer target: {e}");
-                    ExitCode::FAILURE
+                    ExitCode::from(e.exit_code())
                 }
             }
         }
@@ -395,9 +380,6 @@ fn main() -> ExitCode {
             progress_thread,
             json,
         } => {
-            if let Err(code) = check_mem(mem, "bench") {
-                return code;
-            }
             let opts = BenchOptions {
                 peer,
                 etcd,
@@ -429,9 +411,13 @@ fn main() -> ExitCode {
                     println!("{}", if json { r.json() } else { r.table() });
                     ExitCode::SUCCESS
                 }
+                Err(e @ bench::BenchError::Options(_)) => {
+                    eprintln!("kvxfer bench: {e}");
+                    ExitCode::from(e.exit_code())
+                }
                 Err(e) => {
                     eprintln!("kvxfer bench: FAILED: {e}");
-                    ExitCode::FAILURE
+                    ExitCode::from(e.exit_code())
                 }
             }
         }
