@@ -41,6 +41,7 @@ pub mod etcd;
 mod keepalive;
 mod note_auth;
 pub mod side_channel;
+pub mod sweep;
 pub mod tcp_baseline;
 mod wake;
 
