@@ -12,7 +12,8 @@
 //! * an optional progress thread, and blocking [`XferRequest::wait`] with a
 //!   timeout;
 //! * the `kvxfer` command-line tool (`info`, `target`, `bench`), see
-//!   [`bench`](mod@bench).
+//!   [`bench`](mod@bench), and its size sweeps with a chart, see
+//!   [`sweep`].
 //!
 //! Logging goes through the `log` facade: nothing is printed unless the
 //! application installs a logger.

@@ -176,7 +176,8 @@ pub fn svg(points: &[SweepPoint], path: &std::path::Path) -> Result<(), String> 
         v if v >= 1.0 => format!("{v:.1}"),
         v => format!("{v:.2}"),
     };
-    let style = |j: usize| Palette99::pick(j).stroke_width(2);
+    // Palette99 without its yellow (index 2), which is faint on white.
+    let style = |j: usize| Palette99::pick(if j < 2 { j } else { j + 1 }).stroke_width(2);
     let bandwidth = |r: &BenchReport| r.gb_per_s;
     let latency = |r: &BenchReport| r.p50_us;
     let (b_hi, l_lo, l_hi) = points
