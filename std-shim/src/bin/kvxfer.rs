@@ -169,7 +169,10 @@ fn info() -> ExitCode {
     println!("kvxfer {}", env!("CARGO_PKG_VERSION"));
     match kvxfer::config::select_backend_from_env(None) {
         Ok((b, src)) => println!("selected backend: {b} (from {})", src.name()),
-        Err(e) => println!("selected backend: error: {e}"),
+        Err(e) => match bench::check_setup(None, None, kvxfer::MemKind::Dram) {
+            Err(why) => println!("selected backend: {why}"),
+            Ok(_) => println!("selected backend: error: {e}"),
+        },
     }
     for kind in BackendKind::ALL {
         if !kvxfer::config::is_built_in(kind) {
