@@ -55,7 +55,7 @@ pub fn parse_backends(s: &str) -> Result<Vec<SweepBackend>, String> {
         })
         .collect();
     if list.is_empty() {
-        return Err(format!("backend list {s:?} names no backend"));
+        return Err("names no backend".to_string());
     }
     Ok(list)
 }
@@ -66,13 +66,11 @@ pub fn parse_backends(s: &str) -> Result<Vec<SweepBackend>, String> {
 pub fn parse_range(s: &str) -> Result<Vec<u64>, String> {
     let (lo, hi) = s
         .split_once("..")
-        .ok_or_else(|| format!("sweep {s:?}: expected LOW..HIGH, e.g. 4KiB..64MiB"))?;
+        .ok_or_else(|| "expected LOW..HIGH, e.g. 4KiB..64MiB".to_string())?;
     let lo = crate::bench::parse_size(lo)?;
     let hi = crate::bench::parse_size(hi)?;
     if lo == 0 || hi < lo {
-        return Err(format!(
-            "sweep {s:?}: LOW must be positive and at most HIGH"
-        ));
+        return Err("LOW must be positive and at most HIGH".to_string());
     }
     let mut sizes = vec![lo];
     while let Some(&last) = sizes.last() {

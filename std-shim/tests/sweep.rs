@@ -130,3 +130,41 @@ fn sweep_writes_table_json_and_chart() {
     assert!(per_colour.values().all(|&n| n == 4), "{per_colour:?}");
     std::fs::remove_dir_all(&dir).expect("remove the temp dir");
 }
+
+/// A sweep that cannot work is refused before the first point, naming
+/// the option and the value.
+#[test]
+fn sweep_refuses_bad_ranges_and_backends_up_front() {
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--sweep", "64MiB..4KiB"],
+            "kvxfer bench: --sweep 64MiB..4KiB: LOW must be positive and at most HIGH",
+        ),
+        (
+            &["--sweep", "4KiB"],
+            "kvxfer bench: --sweep 4KiB: expected LOW..HIGH, e.g. 4KiB..64MiB",
+        ),
+        (
+            // UCX would work: FOO is found before UCX is measured.
+            &["--sweep", "4KiB..8KiB", "--backend", "UCX,FOO"],
+            "kvxfer bench: --backend=FOO: no such backend; built in: ",
+        ),
+    ];
+    for (args, want) in cases {
+        let started = std::time::Instant::now();
+        let out = Command::new(KVXFER)
+            .arg("bench")
+            .args(args)
+            .output()
+            .expect("run kvxfer bench --sweep");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err.lines().last().unwrap_or_default();
+        assert!(last.starts_with(want), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "{args:?}"
+        );
+    }
+}
