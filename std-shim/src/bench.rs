@@ -148,6 +148,14 @@ pub fn check_setup(
             ),
         })
     })?;
+    #[cfg(feature = "cuda")]
+    if kind == crate::BackendKind::CudaIpc && !kvxfer_cuda::driver_present() {
+        return Err(BenchError::Options(
+            "backend CUDA_IPC: no CUDA driver found (libcuda.so.1); it needs an NVIDIA GPU and \
+             its driver"
+                .to_string(),
+        ));
+    }
     check_provider(kind, provider)?;
     check_mem(mem)?;
     Ok(kind)

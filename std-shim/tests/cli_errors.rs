@@ -78,6 +78,26 @@ fn backend_not_built_in_says_how_to_build_it() {
     assert_eq!(code, 2);
 }
 
+/// A setting only the transport reads fails the spawned target first: the
+/// verdict is the target's error and exit status, not the bench protocol.
+#[test]
+fn spawned_target_that_fails_to_start_is_named_with_its_error() {
+    let (code, last) = last_line(
+        &["bench"],
+        &[
+            ("KVXFER_BACKEND", "UCX"),
+            ("KVXFER_UCX_OP_TIMEOUT_MS", "abc"),
+        ],
+    );
+    assert_eq!(
+        last,
+        "kvxfer bench: FAILED: the target exited (exit status: 1) before serving: opening the \
+         transport: UCX error -1: KVXFER_UCX_OP_TIMEOUT_MS=\"abc\": expected milliseconds (0 \
+         for no deadline)"
+    );
+    assert_eq!(code, 1);
+}
+
 #[test]
 fn provider_not_offered_is_named_with_those_offered() {
     let (code, last) = last_line(
