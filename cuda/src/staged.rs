@@ -44,6 +44,10 @@
 //! notification attached to it is sent after that, so it still reaches the
 //! target after the data.
 //!
+//! When the inner transport registers VRAM itself (UCX built with CUDA,
+//! see [`Staged::native_vram`]), VRAM registrations and keys go to it and
+//! every transfer passes straight through: no staging.
+//!
 //! Staging needs a CUDA driver on both sides when either side is VRAM: a
 //! DRAM-only initiator moving to a peer's VRAM uses a bounce pool on GPU 0.
 
@@ -97,11 +101,13 @@ impl Default for StagingConfig {
     }
 }
 
-/// A registration of [`Staged`]: host memory registered with the inner
+/// A registration of [`Staged`]: memory registered with the inner
 /// transport, or a VRAM region staged through bounce buffers.
 #[derive(Debug)]
 pub enum StagedReg<L> {
-    /// Host memory, registered with the inner transport.
+    /// Memory registered with the inner transport: host memory, or VRAM
+    /// when the inner transport registers it itself
+    /// ([`Staged::native_vram`]).
     Host(Arc<L>),
     /// VRAM of GPU `dev`; not registered with the inner transport.
     Vram(Region),
@@ -110,7 +116,9 @@ pub enum StagedReg<L> {
 /// A peer's key as seen through [`Staged`].
 #[derive(Debug)]
 pub enum StagedKey<K> {
-    /// A host region of the peer: the inner transport's key.
+    /// A region of the peer the inner transport reaches itself (host
+    /// memory, or VRAM when the inner transport registers it): the inner
+    /// transport's key.
     Host(Arc<K>),
     /// A VRAM region of the peer, moved through requests its `Staged`
     /// serves (see the [module docs](self)), with the secret those
@@ -492,6 +500,15 @@ impl<T: Transport> Staged<T> {
     /// one in progress): a progress loop that sees it move keeps polling.
     pub fn staging_events(&self) -> u64 {
         self.events
+    }
+
+    /// Whether VRAM goes to the inner transport, which registers and
+    /// moves it itself (its [`Capabilities::mem_kinds`] holds VRAM: UCX
+    /// with CUDA support), rather than through bounce buffers. Both sides
+    /// of a VRAM transfer must agree: a peer's VRAM key is either the
+    /// inner transport's or a staging key.
+    pub fn native_vram(&self) -> bool {
+        self.inner.capabilities().mem_kinds.contains(MemKind::Vram)
     }
 
     /// The wrapped transport.
@@ -1670,6 +1687,9 @@ impl<T: Transport> Transport for Staged<T> {
                 region.addr, region.len
             )));
         }
+        if self.native_vram() {
+            return Ok(StagedReg::Host(Arc::new(self.inner.register(region)?)));
+        }
         self.pool(region.dev)?;
         self.vram.push(*region);
         Ok(StagedReg::Vram(*region))
@@ -1775,6 +1795,9 @@ impl<T: Transport> Transport for Staged<T> {
                 let secret = msg::vram_secret(key).unwrap_or_default();
                 Ok(StagedKey::Vram(*region, secret))
             }
+            MemKind::Vram if self.native_vram() => Ok(StagedKey::Host(Arc::new(
+                self.inner.unpack_key(peer, region, key)?,
+            ))),
             MemKind::Vram => Err(self.bad(&format!(
                 "VRAM {:#x}: the peer's key ({} bytes, starting {}) is not of staging version {}",
                 region.addr,

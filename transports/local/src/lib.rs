@@ -14,6 +14,10 @@
 //! peers, go through the inner transport; a notification attached to a
 //! transfer is sent once all its bytes have moved.
 //!
+//! Cross-memory attach moves host memory only. Where the inner transport
+//! registers GPU memory itself (UCX built with CUDA), a transfer with VRAM
+//! on either side goes to the inner transport, same host or not.
+//!
 //! Cross-memory attach needs ptrace permission over the peer (same user;
 //! Yama `ptrace_scope` 0, or 1 with the peer a descendant). Where it is
 //! refused, the peer is served by the inner transport. The remote side
@@ -35,10 +39,57 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvxfer_core::{
-    Capabilities, Completion, Error, PostStatus, Region, Segments, Token, Transport, XferOp,
+    Capabilities, Completion, Error, MemKind, PostStatus, Region, Segment, Segments, Token,
+    Transport, XferOp,
 };
 
 use pool::{Part, Pool, Progress};
+
+/// Most segments a transfer handed to the inner transport may have
+/// without allocating.
+const INNER_INLINE: usize = 64;
+
+/// A registration of [`Local`]: the inner transport's, and whether it is
+/// GPU memory (which cross-memory attach cannot move).
+#[derive(Debug)]
+pub struct LocalReg<L> {
+    inner: L,
+    vram: bool,
+}
+
+impl<L> LocalReg<L> {
+    /// The inner transport's registration.
+    pub fn inner(&self) -> &L {
+        &self.inner
+    }
+}
+
+/// A peer's key as seen through [`Local`]: the inner transport's, and
+/// whether the peer's region is GPU memory.
+#[derive(Debug)]
+pub struct LocalKey<K> {
+    inner: K,
+    vram: bool,
+}
+
+impl<K> LocalKey<K> {
+    /// The inner transport's key.
+    pub fn inner(&self) -> &K {
+        &self.inner
+    }
+}
+
+/// The inner transport's view of a segment.
+fn inner_segment<'a, L, K>(s: Segment<'a, LocalReg<L>, LocalKey<K>>) -> Segment<'a, L, K> {
+    Segment {
+        local_addr: s.local_addr,
+        remote_addr: s.remote_addr,
+        len: s.len,
+        local: &s.local.inner,
+        remote: &s.remote.inner,
+        remote_region_addr: s.remote_region_addr,
+    }
+}
 
 /// Environment variable: `0` serves same-host peers through the inner
 /// transport too.
@@ -353,7 +404,7 @@ impl<T: Transport> Local<T> {
         op: XferOp,
         peer_id: u64,
         pid: u32,
-        segments: Segments<'_, T::LocalReg, T::RemoteKey>,
+        segments: Segments<'_, LocalReg<T::LocalReg>, LocalKey<T::RemoteKey>>,
         notification: Option<&[u8]>,
         token: Token,
     ) -> Result<PostStatus, Error> {
@@ -429,6 +480,37 @@ impl<T: Transport> Local<T> {
         Ok(PostStatus::InProgress)
     }
 
+    /// Hands a transfer to the inner transport.
+    fn post_inner(
+        &mut self,
+        op: XferOp,
+        peer_id: u64,
+        segments: Segments<'_, LocalReg<T::LocalReg>, LocalKey<T::RemoteKey>>,
+        notification: Option<&[u8]>,
+        token: Token,
+    ) -> Result<PostStatus, Error> {
+        let entry = self
+            .peers
+            .get(&peer_id)
+            .ok_or_else(|| Error::disconnected(""))?;
+        let unwrap = inner_segment::<T::LocalReg, T::RemoteKey>;
+        if segments.len() <= INNER_INLINE {
+            let mut v: heapless::Vec<Segment<'_, T::LocalReg, T::RemoteKey>, INNER_INLINE> =
+                heapless::Vec::new();
+            for s in segments {
+                if v.push(unwrap(s)).is_err() {
+                    break;
+                }
+            }
+            self.inner
+                .post(op, &entry.inner, v.as_slice().into(), notification, token)
+        } else {
+            let v: Vec<_> = segments.iter().map(unwrap).collect();
+            self.inner
+                .post(op, &entry.inner, v.as_slice().into(), notification, token)
+        }
+    }
+
     /// Hands the notification of a transfer whose data has moved to the
     /// inner transport, as a transfer without segments under the same
     /// token: its completion (once the message is out) completes the
@@ -490,9 +572,9 @@ impl<T: Transport> Local<T> {
 }
 
 impl<T: Transport> Transport for Local<T> {
-    type LocalReg = T::LocalReg;
+    type LocalReg = LocalReg<T::LocalReg>;
     type Peer = LocalPeer;
-    type RemoteKey = T::RemoteKey;
+    type RemoteKey = LocalKey<T::RemoteKey>;
 
     fn name(&self) -> &'static str {
         self.inner.name()
@@ -504,12 +586,15 @@ impl<T: Transport> Transport for Local<T> {
         c
     }
 
-    fn register(&mut self, region: &Region) -> Result<T::LocalReg, Error> {
-        self.inner.register(region)
+    fn register(&mut self, region: &Region) -> Result<LocalReg<T::LocalReg>, Error> {
+        Ok(LocalReg {
+            inner: self.inner.register(region)?,
+            vram: region.kind == MemKind::Vram,
+        })
     }
 
-    fn deregister(&mut self, reg: T::LocalReg) {
-        self.inner.deregister(reg)
+    fn deregister(&mut self, reg: LocalReg<T::LocalReg>) {
+        self.inner.deregister(reg.inner)
     }
 
     fn arm(&mut self) -> kvxfer_core::Wake {
@@ -520,13 +605,13 @@ impl<T: Transport> Transport for Local<T> {
         }
     }
 
-    fn in_use(&mut self, reg: &T::LocalReg) -> bool {
+    fn in_use(&mut self, reg: &LocalReg<T::LocalReg>) -> bool {
         // Cross-memory-attach parts end before `cancel` returns.
-        self.inner.in_use(reg)
+        self.inner.in_use(&reg.inner)
     }
 
-    fn pack_key(&self, reg: &T::LocalReg, out: &mut [u8]) -> Result<usize, Error> {
-        self.inner.pack_key(reg, out)
+    fn pack_key(&self, reg: &LocalReg<T::LocalReg>, out: &mut [u8]) -> Result<usize, Error> {
+        self.inner.pack_key(&reg.inner, out)
     }
 
     fn local_address(&self, out: &mut [u8]) -> Result<usize, Error> {
@@ -587,23 +672,26 @@ impl<T: Transport> Transport for Local<T> {
         peer: &LocalPeer,
         region: &Region,
         key: &[u8],
-    ) -> Result<T::RemoteKey, Error> {
+    ) -> Result<LocalKey<T::RemoteKey>, Error> {
         let entry = self
             .peers
             .get(&peer.id)
             .ok_or_else(|| backend(libc::EINVAL, "peer handle of another transport"))?;
-        self.inner.unpack_key(&entry.inner, region, key)
+        Ok(LocalKey {
+            inner: self.inner.unpack_key(&entry.inner, region, key)?,
+            vram: region.kind == MemKind::Vram,
+        })
     }
 
-    fn release_key(&mut self, key: T::RemoteKey) {
-        self.inner.release_key(key)
+    fn release_key(&mut self, key: LocalKey<T::RemoteKey>) {
+        self.inner.release_key(key.inner)
     }
 
     fn post(
         &mut self,
         op: XferOp,
         peer: &LocalPeer,
-        segments: Segments<'_, T::LocalReg, T::RemoteKey>,
+        segments: Segments<'_, LocalReg<T::LocalReg>, LocalKey<T::RemoteKey>>,
         notification: Option<&[u8]>,
         token: Token,
     ) -> Result<PostStatus, Error> {
@@ -613,16 +701,14 @@ impl<T: Transport> Transport for Local<T> {
             .as_ref()
             .map(|n| (n.pid, n.pidfd.as_raw_fd()));
         match near {
-            Some((pid, pidfd)) => {
+            // GPU memory is the inner transport's to move.
+            Some((pid, pidfd)) if !segments.iter().any(|s| s.local.vram || s.remote.vram) => {
                 if ffi::exited(pidfd) {
                     return Err(Error::disconnected(""));
                 }
                 self.post_cma(op, peer.id, pid, segments, notification, token)
             }
-            None => match self.peers.get(&peer.id) {
-                Some(e) => self.inner.post(op, &e.inner, segments, notification, token),
-                None => Err(Error::disconnected("")),
-            },
+            _ => self.post_inner(op, peer.id, segments, notification, token),
         }
     }
 
