@@ -911,7 +911,16 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
         )
     };
     let prep_ms = prep_started.elapsed().as_secs_f64() * 1e3;
-    let path = agent.peer_path(&peer)?.to_string();
+    let path = match (opts.mem, agent.vram_path()?) {
+        (MemKind::Vram, "native") => {
+            format!("{} with VRAM registered natively", agent.backend().name())
+        }
+        (MemKind::Vram, "staged") => format!(
+            "{}, VRAM staged through pinned host memory",
+            agent.peer_path(&peer)?
+        ),
+        _ => agent.peer_path(&peer)?.to_string(),
+    };
     let idx: Vec<u32> = (0..count).collect();
     let make_started = Instant::now();
     let reqs: Vec<XferRequest> = (0..opts.inflight)

@@ -1,6 +1,9 @@
-//! GPU tests of the Agent: VRAM over CUDA_IPC, and VRAM staged through
-//! pinned host memory over UCX and libfabric. Two processes each: this test
-//! binary re-runs itself as the target (`KVXFER_GPU_ROLE=target`).
+//! GPU tests of the Agent: VRAM over CUDA_IPC, VRAM staged through pinned
+//! host memory over UCX and libfabric, and VRAM that UCX registers and
+//! moves itself (`ucx_native_*`: they need a UCX with CUDA support, such
+//! as the `libucx-cu12` wheel's, and fail without one). Two processes
+//! each: this test binary re-runs itself as the target
+//! (`KVXFER_GPU_ROLE=target`).
 //!
 //! Ignored by default; on a GPU machine:
 //!
@@ -139,11 +142,49 @@ impl Mem {
     }
 }
 
+/// Suffix of a backend name in these tests: UCX registering VRAM itself.
+/// `"UCX"` alone stages VRAM, whatever UCX supports.
+const NATIVE: &str = " native";
+
+/// The backend's name and whether its VRAM is native (see [`NATIVE`]).
+fn split_backend(backend: &str) -> (&str, bool) {
+    match backend.strip_suffix(NATIVE) {
+        Some(b) => (b, true),
+        None => (backend, false),
+    }
+}
+
+/// How VRAM must move for `backend` ([`Agent::vram_path`]).
+fn expected_vram_path(backend: &str) -> &'static str {
+    match split_backend(backend) {
+        ("CUDA_IPC", _) => "cuda-ipc",
+        (_, true) => "native",
+        (_, false) => "staged",
+    }
+}
+
 fn config(backend: &str, provider: Option<&str>) -> AgentConfig {
+    let (name, native) = split_backend(backend);
     let mut c = AgentConfig::default();
-    c.backend = Some(backend.to_string());
+    c.backend = Some(name.to_string());
     c.provider = provider.map(str::to_string);
+    if name == "UCX" {
+        let mut u = kvxfer::config::UcxConfig::from_env().expect("UCX settings");
+        u.native_vram = native;
+        c = c.with_ucx_config(u);
+    }
     c
+}
+
+/// An agent for `backend` whose VRAM moves as the backend's name says.
+fn agent(name: &str, backend: &str, provider: Option<&str>) -> Agent {
+    let a = Agent::new(name, config(backend, provider)).expect("agent");
+    assert_eq!(
+        a.vram_path().expect("VRAM path"),
+        expected_vram_path(backend),
+        "{backend}: VRAM path (a native test needs a UCX with CUDA support)"
+    );
+    a
 }
 
 fn parse_kind(s: &str) -> MemKind {
@@ -168,6 +209,7 @@ fn target_role() -> Result<(), Error> {
     let addr = agent.listen_addr().expect("target listens");
     println!("LISTEN {addr}");
     println!("REGION {} {} {}", mem.addr(), mem.len(), mem.dev());
+    println!("VRAMPATH {}", agent.vram_path()?);
     std::io::stdout().flush().ok();
     for line in std::io::stdin().lock().lines() {
         let line = line.unwrap_or_default();
@@ -265,6 +307,11 @@ impl Target {
             .map(|x| x.parse().unwrap_or(0))
             .collect();
         t.region = (r[0], r[1], r[2] as u32);
+        assert_eq!(
+            t.expect("VRAMPATH"),
+            expected_vram_path(backend),
+            "target's VRAM path"
+        );
         t
     }
 
@@ -352,7 +399,7 @@ fn scenario(
         "dram"
     };
     let mut target = Target::spawn(backend, provider, tk, len, 11);
-    let agent = Agent::new("gpu-init", config(backend, provider)).expect("initiator agent");
+    let agent = agent("gpu-init", backend, provider);
     let src = pattern(22, len);
     let mem = Mem::new(ikind, init_dev(), &src).expect("initiator memory");
     mem.register(&agent).expect("register initiator memory");
@@ -659,6 +706,118 @@ fn libfabric_staged_dram_to_vram_64_mib() {
     scenario("LIBFABRIC", TCP_RXM, MemKind::Dram, MemKind::Vram, n, n);
 }
 
+// VRAM that UCX registers itself (UCX with CUDA support): `cuda_ipc` and
+// `cuda_copy` between the processes, no staging and no CPU of the target.
+
+const UCX_NATIVE: &str = "UCX native";
+
+#[test]
+#[ignore = "needs a GPU and a UCX with CUDA support"]
+fn ucx_native_trtllm_device_memory_100_bytes() {
+    scenario(UCX_NATIVE, None, MemKind::Vram, MemKind::Vram, 100, 100);
+}
+
+#[test]
+#[ignore = "needs a GPU and a UCX with CUDA support"]
+fn ucx_native_vram_to_vram_256_mib() {
+    let n = 256 * MIB;
+    scenario(UCX_NATIVE, None, MemKind::Vram, MemKind::Vram, n, n);
+}
+
+#[test]
+#[ignore = "needs a GPU and a UCX with CUDA support"]
+fn ucx_native_vram_to_vram_kv_shaped_128_x_16_kib() {
+    let block = 16 << 10;
+    scenario(
+        UCX_NATIVE,
+        None,
+        MemKind::Vram,
+        MemKind::Vram,
+        KV_LEN,
+        block,
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU and a UCX with CUDA support"]
+fn ucx_native_vram_to_dram_64_mib() {
+    let n = 64 * MIB;
+    scenario(UCX_NATIVE, None, MemKind::Vram, MemKind::Dram, n, n);
+}
+
+#[test]
+#[ignore = "needs a GPU and a UCX with CUDA support"]
+fn ucx_native_dram_to_vram_64_mib() {
+    let n = 64 * MIB;
+    scenario(UCX_NATIVE, None, MemKind::Dram, MemKind::Vram, n, n);
+}
+
+#[test]
+#[ignore = "needs a GPU and a UCX with CUDA support"]
+fn ucx_native_dram_to_vram_kv_shaped_128_x_16_kib() {
+    let block = 16 << 10;
+    scenario(
+        UCX_NATIVE,
+        None,
+        MemKind::Dram,
+        MemKind::Vram,
+        KV_LEN,
+        block,
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU and a UCX with CUDA support"]
+fn ucx_native_crossing_writes() {
+    staged_crossing_writes(UCX_NATIVE, None);
+}
+
+/// With VRAM registered natively the target's CPU takes no part in a
+/// transfer into its VRAM: a WRITE into a stopped (SIGSTOP) target's VRAM
+/// completes, its data is there once the target resumes, and the
+/// notification sent after it arrives then.
+#[test]
+#[ignore = "needs a GPU and a UCX with CUDA support"]
+fn ucx_native_stopped_target_write_completes_without_its_cpu() {
+    let n = 64 * MIB;
+    let mut target = Target::spawn(UCX_NATIVE, None, "vram", n, 11);
+    let agent = agent("gpu-init", UCX_NATIVE, None);
+    let src = Mem::new(MemKind::Vram, init_dev(), &pattern(22, n)).expect("VRAM");
+    src.register(&agent).expect("register");
+    let peer = agent.connect(&target.listen).expect("connect");
+    let (raddr, _, rdev) = target.region;
+    let remote = [Desc::on_dev(raddr, n as u64, rdev)];
+    let local = [Desc::on_dev(src.addr(), n as u64, src.dev())];
+    // A first WRITE sets up the connection's CUDA IPC mapping.
+    let req = agent
+        .submit(XferOp::Write, &local, &remote, &peer, Some(b"first"))
+        .expect("post WRITE");
+    wait_done(&req, "first WRITE");
+    drop(req);
+    assert_eq!(target.ask("WAITNOTE first", "NOTE"), "ok");
+
+    signal(&target, "STOP");
+    let src2 = Mem::new(MemKind::Vram, init_dev(), &pattern(33, n)).expect("VRAM");
+    src2.register(&agent).expect("register");
+    let local2 = [Desc::on_dev(src2.addr(), n as u64, src2.dev())];
+    let t0 = Instant::now();
+    let req = agent
+        .submit(XferOp::Write, &local2, &remote, &peer, Some(b"stopped"))
+        .expect("post WRITE");
+    let outcome = req.wait(Duration::from_secs(10));
+    let took = t0.elapsed();
+    signal(&target, "CONT");
+    assert!(
+        matches!(outcome, WaitOutcome::Done),
+        "WRITE into a stopped target's VRAM: {outcome:?}"
+    );
+    drop(req);
+    assert_eq!(target.ask("WAITNOTE stopped", "NOTE"), "ok");
+    assert_eq!(target.ask("CHECK 33", "CHECK"), "ok");
+    eprintln!("UCX native: 64 MiB WRITE into a stopped target's VRAM completed in {took:?}");
+    agent.shutdown();
+}
+
 /// Sends `sig` (`STOP`, `CONT`) to the target process.
 fn signal(target: &Target, sig: &str) {
     let ok = Command::new("kill")
@@ -680,6 +839,7 @@ fn staged_stopped_target(backend: &str, provider: Option<&str>) {
     let deadline = Duration::from_secs(2);
     let cfg = config(backend, provider).with_transfer_timeout(Some(deadline));
     let agent = Agent::new("gpu-init", cfg).expect("initiator agent");
+    assert_eq!(agent.vram_path().expect("VRAM path"), "staged");
     let first = Mem::new(MemKind::Vram, init_dev(), &pattern(22, n)).expect("VRAM");
     first.register(&agent).expect("register");
     let second = Mem::new(MemKind::Vram, init_dev(), &pattern(33, n)).expect("VRAM");
@@ -760,8 +920,8 @@ fn libfabric_staged_stopped_target_times_out_then_recovers() {
 /// same buffers. Both WRITEs complete and land whole.
 fn staged_crossing_writes(backend: &str, provider: Option<&str>) {
     let n = 64 * MIB;
-    let a = Agent::new("cross-a", config(backend, provider)).expect("agent a");
-    let b = Agent::new("cross-b", config(backend, provider)).expect("agent b");
+    let a = agent("cross-a", backend, provider);
+    let b = agent("cross-b", backend, provider);
     let a_src = Mem::new(MemKind::Vram, init_dev(), &pattern(1, n)).expect("VRAM");
     let a_dst = Mem::new(MemKind::Vram, init_dev(), &vec![0; n]).expect("VRAM");
     let b_src = Mem::new(MemKind::Vram, target_dev(), &pattern(2, n)).expect("VRAM");
@@ -828,8 +988,8 @@ fn libfabric_staged_crossing_writes_do_not_deadlock() {
 #[test]
 #[ignore = "needs a GPU"]
 fn vram_registration_checks_pointer_attributes() {
-    for (backend, provider) in [("CUDA_IPC", None), ("UCX", None)] {
-        let agent = Agent::new("gpu-reg", config(backend, provider)).expect("agent");
+    for (backend, provider) in [("CUDA_IPC", None), ("UCX", None), ("UCX native", None)] {
+        let agent = agent("gpu-reg", backend, provider);
         let host = vec![0u8; 4096];
         // SAFETY: the buffer outlives the agent; registration is refused.
         let r = unsafe { agent.register(host.as_ptr() as u64, 4096, 0, MemKind::Vram) };
