@@ -772,49 +772,81 @@ fn ucx_native_crossing_writes() {
     staged_crossing_writes(UCX_NATIVE, None);
 }
 
-/// With VRAM registered natively the target's CPU takes no part in a
-/// transfer into its VRAM: a WRITE into a stopped (SIGSTOP) target's VRAM
-/// completes, its data is there once the target resumes, and the
-/// notification sent after it arrives then.
+/// A stopped (SIGSTOP) target with natively registered VRAM: the data
+/// part of a WRITE into its VRAM needs none of its CPU (`cuda_ipc`: the
+/// initiator's GPU copies into the target's memory), but the WRITE's
+/// endpoint flush and notification go through the target's UCX worker.
+/// The WRITE either completes or fails with `TimedOut` at the deadline —
+/// it never hangs — and once the target resumes a WRITE lands whole, with
+/// its notification after the data.
 #[test]
 #[ignore = "needs a GPU and a UCX with CUDA support"]
-fn ucx_native_stopped_target_write_completes_without_its_cpu() {
+fn ucx_native_stopped_target_never_hangs_then_recovers() {
     let n = 64 * MIB;
     let mut target = Target::spawn(UCX_NATIVE, None, "vram", n, 11);
-    let agent = agent("gpu-init", UCX_NATIVE, None);
+    let deadline = Duration::from_secs(2);
+    let cfg = config(UCX_NATIVE, None).with_transfer_timeout(Some(deadline));
+    let agent = Agent::new("gpu-init", cfg).expect("initiator agent");
+    assert_eq!(agent.vram_path().expect("VRAM path"), "native");
     let src = Mem::new(MemKind::Vram, init_dev(), &pattern(22, n)).expect("VRAM");
     src.register(&agent).expect("register");
+    let src2 = Mem::new(MemKind::Vram, init_dev(), &pattern(33, n)).expect("VRAM");
+    src2.register(&agent).expect("register");
     let peer = agent.connect(&target.listen).expect("connect");
     let (raddr, _, rdev) = target.region;
     let remote = [Desc::on_dev(raddr, n as u64, rdev)];
-    let local = [Desc::on_dev(src.addr(), n as u64, src.dev())];
+    let whole = |m: &Mem| [Desc::on_dev(m.addr(), n as u64, m.dev())];
     // A first WRITE sets up the connection's CUDA IPC mapping.
     let req = agent
-        .submit(XferOp::Write, &local, &remote, &peer, Some(b"first"))
+        .submit(XferOp::Write, &whole(&src), &remote, &peer, Some(b"first"))
         .expect("post WRITE");
     wait_done(&req, "first WRITE");
     drop(req);
     assert_eq!(target.ask("WAITNOTE first", "NOTE"), "ok");
+    assert_eq!(target.ask("CHECK 22", "CHECK"), "ok");
 
     signal(&target, "STOP");
-    let src2 = Mem::new(MemKind::Vram, init_dev(), &pattern(33, n)).expect("VRAM");
-    src2.register(&agent).expect("register");
-    let local2 = [Desc::on_dev(src2.addr(), n as u64, src2.dev())];
     let t0 = Instant::now();
     let req = agent
-        .submit(XferOp::Write, &local2, &remote, &peer, Some(b"stopped"))
+        .submit(
+            XferOp::Write,
+            &whole(&src2),
+            &remote,
+            &peer,
+            Some(b"stopped"),
+        )
         .expect("post WRITE");
-    let outcome = req.wait(Duration::from_secs(10));
+    let outcome = req.wait(Duration::from_secs(30));
     let took = t0.elapsed();
     signal(&target, "CONT");
-    assert!(
-        matches!(outcome, WaitOutcome::Done),
-        "WRITE into a stopped target's VRAM: {outcome:?}"
-    );
     drop(req);
-    assert_eq!(target.ask("WAITNOTE stopped", "NOTE"), "ok");
+    eprintln!("UCX native: WRITE into a stopped target's VRAM: {outcome:?} after {took:?}");
+    assert!(
+        took < deadline + Duration::from_secs(3),
+        "ended only after {took:?}"
+    );
+    let peer = match outcome {
+        WaitOutcome::Done => {
+            assert_eq!(target.ask("WAITNOTE stopped", "NOTE"), "ok");
+            peer
+        }
+        WaitOutcome::Failed(Error::TimedOut { after_ms }) => {
+            assert!(after_ms >= 2000, "timed out after {after_ms} ms");
+            std::thread::sleep(Duration::from_secs(1));
+            // UCX closes the connection of a timed-out transfer.
+            let peer = agent.connect(&target.listen).expect("reconnect");
+            let req = agent
+                .submit(XferOp::Write, &whole(&src2), &remote, &peer, Some(b"again"))
+                .expect("post WRITE");
+            wait_done(&req, "WRITE after the target resumed");
+            drop(req);
+            assert_eq!(target.ask("WAITNOTE again", "NOTE"), "ok");
+            peer
+        }
+        other => panic!("WRITE to a stopped target: {other:?}"),
+    };
     assert_eq!(target.ask("CHECK 33", "CHECK"), "ok");
-    eprintln!("UCX native: 64 MiB WRITE into a stopped target's VRAM completed in {took:?}");
+    drop(peer);
     agent.shutdown();
 }
 
@@ -984,29 +1016,40 @@ fn libfabric_staged_crossing_writes_do_not_deadlock() {
     staged_crossing_writes("LIBFABRIC", TCP_RXM);
 }
 
-/// A host pointer registered as VRAM is refused by pointer attributes.
+/// A host pointer registered as VRAM is refused by pointer attributes, as
+/// is VRAM registered with the wrong device id; VRAM with its own is taken.
+fn registration_checks_pointer_attributes(backend: &str) {
+    let agent = agent("gpu-reg", backend, None);
+    let host = vec![0u8; 4096];
+    // SAFETY: the buffer outlives the agent; registration is refused.
+    let r = unsafe { agent.register(host.as_ptr() as u64, 4096, 0, MemKind::Vram) };
+    assert!(
+        matches!(r, Err(Error::Backend { .. })),
+        "{backend}: host memory as VRAM gave {r:?}"
+    );
+    // Wrong device id for real VRAM.
+    let count = kvxfer_cuda::device_count().expect("device count");
+    let buf = DeviceBuffer::new(0, 4096).expect("VRAM");
+    // SAFETY: as above.
+    let r = unsafe { agent.register(buf.ptr(), 4096, count, MemKind::Vram) };
+    assert!(r.is_err(), "{backend}: VRAM on device {count} accepted");
+    // SAFETY: `buf` lives until after the agent's shutdown below.
+    unsafe { agent.register(buf.ptr(), 4096, 0, MemKind::Vram) }
+        .unwrap_or_else(|e| panic!("{backend}: registering VRAM: {e}"));
+    agent.shutdown();
+}
+
 #[test]
 #[ignore = "needs a GPU"]
 fn vram_registration_checks_pointer_attributes() {
-    for (backend, provider) in [("CUDA_IPC", None), ("UCX", None), ("UCX native", None)] {
-        let agent = agent("gpu-reg", backend, provider);
-        let host = vec![0u8; 4096];
-        // SAFETY: the buffer outlives the agent; registration is refused.
-        let r = unsafe { agent.register(host.as_ptr() as u64, 4096, 0, MemKind::Vram) };
-        assert!(
-            matches!(r, Err(Error::Backend { .. })),
-            "{backend}: host memory as VRAM gave {r:?}"
-        );
-        // Wrong device id for real VRAM.
-        let count = kvxfer_cuda::device_count().expect("device count");
-        let buf = DeviceBuffer::new(0, 4096).expect("VRAM");
-        // SAFETY: as above.
-        let r = unsafe { agent.register(buf.ptr(), 4096, count, MemKind::Vram) };
-        assert!(r.is_err(), "{backend}: VRAM on device {count} accepted");
-        // SAFETY: `buf` lives until after the agent's shutdown below.
-        unsafe { agent.register(buf.ptr(), 4096, 0, MemKind::Vram) }.expect("register VRAM");
-        agent.shutdown();
-    }
+    registration_checks_pointer_attributes("CUDA_IPC");
+    registration_checks_pointer_attributes("UCX");
+}
+
+#[test]
+#[ignore = "needs a GPU and a UCX with CUDA support"]
+fn ucx_native_vram_registration_checks_pointer_attributes() {
+    registration_checks_pointer_attributes(UCX_NATIVE);
 }
 
 /// Without a CUDA driver, CUDA_IPC and VRAM registration fail with a clear

@@ -1843,8 +1843,21 @@ impl Transport for UcxTransport {
                 return self.finish_post(index);
             }
         }
-        let param = Self::request_param(slot, 0);
+        let mut param = Self::request_param(slot, 0);
         for seg in segments {
+            if self.cuda {
+                // The local memory's type, so that UCX need not detect it.
+                let vram = self
+                    .regs
+                    .get(seg.local.index)
+                    .is_some_and(|r| r.region.kind == MemKind::Vram);
+                param.op_attr_mask |= sys::UCP_OP_ATTR_FIELD_MEMORY_TYPE;
+                param.memory_type = if vram {
+                    sys::UCS_MEMORY_TYPE_CUDA
+                } else {
+                    sys::UCS_MEMORY_TYPE_HOST
+                };
+            }
             let rkey = self
                 .keys
                 .get(seg.remote.index)
