@@ -1963,6 +1963,46 @@ mod tests {
     const BASE: u64 = 0x1000;
     type Mem = LoopbackMemory<4096>;
 
+    /// A loopback agent that registers host memory only, as UCX without
+    /// CUDA support and libfabric do: VRAM is staged over it.
+    fn host_only(mem: &Mem, id: u32) -> Loopback<'_, 4096> {
+        let mut t = Loopback::new(mem, id);
+        let mut caps = t.capabilities();
+        caps.mem_kinds = MemKinds::DRAM;
+        t.set_capabilities(caps);
+        t
+    }
+
+    #[test]
+    fn vram_passes_through_to_an_inner_transport_that_registers_it() {
+        let mem = Box::new(Mem::new(BASE));
+        assert!(!Staged::new(host_only(&mem, 1)).native_vram());
+        // The loopback transport takes VRAM itself.
+        let mut a = Staged::new(Loopback::new(&mem, 1));
+        assert!(a.native_vram());
+        let region = Region {
+            addr: 0x1100,
+            len: 256,
+            dev: 0,
+            kind: MemKind::Vram,
+        };
+        // The peer's VRAM key is the inner transport's: no staging.
+        let peer = a.connect(&2u32.to_le_bytes()).unwrap();
+        let b = Loopback::new(&mem, 2);
+        let mut key = [0u8; 64];
+        let n = b.pack_key(&region, &mut key).unwrap();
+        assert!(matches!(
+            a.unpack_key(&peer, &region, &key[..n]),
+            Ok(StagedKey::Host(k)) if *k == region
+        ));
+        // A staging key still names staged VRAM.
+        let staged = msg::vram_key(b"sixteen byte key");
+        assert!(matches!(
+            a.unpack_key(&peer, &region, &staged),
+            Ok(StagedKey::Vram(r, _)) if r == region
+        ));
+    }
+
     fn recv<T: Transport>(t: &mut T) -> Option<Vec<u8>> {
         let mut b = vec![0; 4096];
         t.poll_notification(&mut b).map(|r| {
@@ -2001,7 +2041,7 @@ mod tests {
     #[test]
     fn user_notifications_pass_and_staging_messages_are_taken_out() {
         let mem = Box::new(Mem::new(BASE));
-        let mut a = Staged::new(Loopback::new(&mem, 1));
+        let mut a = Staged::new(host_only(&mem, 1));
         let mut b = Loopback::new(&mem, 2);
         let to_a = b.connect(&1u32.to_le_bytes()).unwrap();
         let mut done = Vec::new();
@@ -2020,7 +2060,7 @@ mod tests {
     #[test]
     fn a_notification_larger_than_the_buffer_waits_for_one_that_fits() {
         let mem = Box::new(Mem::new(BASE));
-        let mut a = Staged::new(Loopback::new(&mem, 1));
+        let mut a = Staged::new(host_only(&mem, 1));
         let mut b = Loopback::new(&mem, 2);
         let to_a = b.connect(&1u32.to_le_bytes()).unwrap();
         let long = [7u8; 100];
@@ -2043,7 +2083,7 @@ mod tests {
     #[test]
     fn requests_outside_registered_vram_or_the_pool_are_answered_with_the_reason() {
         let mem = Box::new(Mem::new(BASE));
-        let mut a = Staged::new(Loopback::new(&mem, 1));
+        let mut a = Staged::new(host_only(&mem, 1));
         let mut b = Loopback::new(&mem, 2);
         let pool = Region::dram(0x1800, 512);
         let reg = b.register(&pool).unwrap();
@@ -2132,7 +2172,7 @@ mod tests {
     #[test]
     fn vram_keys_of_another_protocol_version_are_refused() {
         let mem = Box::new(Mem::new(BASE));
-        let mut a = Staged::new(Loopback::new(&mem, 1));
+        let mut a = Staged::new(host_only(&mem, 1));
         let peer = a.connect(&2u32.to_le_bytes()).unwrap();
         let region = Region {
             addr: 0x1100,
@@ -2149,7 +2189,7 @@ mod tests {
         let vram = StagedReg::Vram(region);
         let mut packed = [0u8; 64];
         let n = a.pack_key(&vram, &mut packed).unwrap();
-        let other = Staged::new(Loopback::new(&mem, 3));
+        let other = Staged::new(host_only(&mem, 3));
         let mut packed2 = [0u8; 64];
         let n2 = other.pack_key(&vram, &mut packed2).unwrap();
         assert_eq!((n, n2), (22, 22));
