@@ -1808,6 +1808,20 @@ impl<T: Transport> Transport for Staged<T> {
         }
     }
 
+    fn local_kind(&self, reg: &Self::LocalReg) -> MemKind {
+        match reg {
+            StagedReg::Host(r) => self.inner.local_kind(r),
+            StagedReg::Vram(_) => MemKind::Vram,
+        }
+    }
+
+    fn remote_kind(&self, key: &Self::RemoteKey) -> MemKind {
+        match key {
+            StagedKey::Host(k) => self.inner.remote_kind(k),
+            StagedKey::Vram(..) => MemKind::Vram,
+        }
+    }
+
     fn release_key(&mut self, key: Self::RemoteKey) {
         if let StagedKey::Host(k) = key {
             if let Some(k) = unwrap_arc(k, "remote key") {

@@ -39,57 +39,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvxfer_core::{
-    Capabilities, Completion, Error, MemKind, PostStatus, Region, Segment, Segments, Token,
-    Transport, XferOp,
+    Capabilities, Completion, Error, MemKind, PostStatus, Region, Segments, Token, Transport,
+    XferOp,
 };
 
 use pool::{Part, Pool, Progress};
-
-/// Most segments a transfer handed to the inner transport may have
-/// without allocating.
-const INNER_INLINE: usize = 64;
-
-/// A registration of [`Local`]: the inner transport's, and whether it is
-/// GPU memory (which cross-memory attach cannot move).
-#[derive(Debug)]
-pub struct LocalReg<L> {
-    inner: L,
-    vram: bool,
-}
-
-impl<L> LocalReg<L> {
-    /// The inner transport's registration.
-    pub fn inner(&self) -> &L {
-        &self.inner
-    }
-}
-
-/// A peer's key as seen through [`Local`]: the inner transport's, and
-/// whether the peer's region is GPU memory.
-#[derive(Debug)]
-pub struct LocalKey<K> {
-    inner: K,
-    vram: bool,
-}
-
-impl<K> LocalKey<K> {
-    /// The inner transport's key.
-    pub fn inner(&self) -> &K {
-        &self.inner
-    }
-}
-
-/// The inner transport's view of a segment.
-fn inner_segment<'a, L, K>(s: Segment<'a, LocalReg<L>, LocalKey<K>>) -> Segment<'a, L, K> {
-    Segment {
-        local_addr: s.local_addr,
-        remote_addr: s.remote_addr,
-        len: s.len,
-        local: &s.local.inner,
-        remote: &s.remote.inner,
-        remote_region_addr: s.remote_region_addr,
-    }
-}
 
 /// Environment variable: `0` serves same-host peers through the inner
 /// transport too.
@@ -404,7 +358,7 @@ impl<T: Transport> Local<T> {
         op: XferOp,
         peer_id: u64,
         pid: u32,
-        segments: Segments<'_, LocalReg<T::LocalReg>, LocalKey<T::RemoteKey>>,
+        segments: Segments<'_, T::LocalReg, T::RemoteKey>,
         notification: Option<&[u8]>,
         token: Token,
     ) -> Result<PostStatus, Error> {
@@ -480,35 +434,14 @@ impl<T: Transport> Local<T> {
         Ok(PostStatus::InProgress)
     }
 
-    /// Hands a transfer to the inner transport.
-    fn post_inner(
-        &mut self,
-        op: XferOp,
-        peer_id: u64,
-        segments: Segments<'_, LocalReg<T::LocalReg>, LocalKey<T::RemoteKey>>,
-        notification: Option<&[u8]>,
-        token: Token,
-    ) -> Result<PostStatus, Error> {
-        let entry = self
-            .peers
-            .get(&peer_id)
-            .ok_or_else(|| Error::disconnected(""))?;
-        let unwrap = inner_segment::<T::LocalReg, T::RemoteKey>;
-        if segments.len() <= INNER_INLINE {
-            let mut v: heapless::Vec<Segment<'_, T::LocalReg, T::RemoteKey>, INNER_INLINE> =
-                heapless::Vec::new();
-            for s in segments {
-                if v.push(unwrap(s)).is_err() {
-                    break;
-                }
-            }
-            self.inner
-                .post(op, &entry.inner, v.as_slice().into(), notification, token)
-        } else {
-            let v: Vec<_> = segments.iter().map(unwrap).collect();
-            self.inner
-                .post(op, &entry.inner, v.as_slice().into(), notification, token)
-        }
+    /// Whether a segment lies in GPU memory on either side (only where the
+    /// inner transport registers GPU memory at all).
+    fn touches_vram(&self, segments: Segments<'_, T::LocalReg, T::RemoteKey>) -> bool {
+        let vram = MemKind::Vram;
+        self.inner.capabilities().mem_kinds.contains(vram)
+            && segments.iter().any(|s| {
+                self.inner.local_kind(s.local) == vram || self.inner.remote_kind(s.remote) == vram
+            })
     }
 
     /// Hands the notification of a transfer whose data has moved to the
@@ -572,9 +505,9 @@ impl<T: Transport> Local<T> {
 }
 
 impl<T: Transport> Transport for Local<T> {
-    type LocalReg = LocalReg<T::LocalReg>;
+    type LocalReg = T::LocalReg;
     type Peer = LocalPeer;
-    type RemoteKey = LocalKey<T::RemoteKey>;
+    type RemoteKey = T::RemoteKey;
 
     fn name(&self) -> &'static str {
         self.inner.name()
@@ -586,15 +519,12 @@ impl<T: Transport> Transport for Local<T> {
         c
     }
 
-    fn register(&mut self, region: &Region) -> Result<LocalReg<T::LocalReg>, Error> {
-        Ok(LocalReg {
-            inner: self.inner.register(region)?,
-            vram: region.kind == MemKind::Vram,
-        })
+    fn register(&mut self, region: &Region) -> Result<T::LocalReg, Error> {
+        self.inner.register(region)
     }
 
-    fn deregister(&mut self, reg: LocalReg<T::LocalReg>) {
-        self.inner.deregister(reg.inner)
+    fn deregister(&mut self, reg: T::LocalReg) {
+        self.inner.deregister(reg)
     }
 
     fn arm(&mut self) -> kvxfer_core::Wake {
@@ -605,13 +535,13 @@ impl<T: Transport> Transport for Local<T> {
         }
     }
 
-    fn in_use(&mut self, reg: &LocalReg<T::LocalReg>) -> bool {
+    fn in_use(&mut self, reg: &T::LocalReg) -> bool {
         // Cross-memory-attach parts end before `cancel` returns.
-        self.inner.in_use(&reg.inner)
+        self.inner.in_use(reg)
     }
 
-    fn pack_key(&self, reg: &LocalReg<T::LocalReg>, out: &mut [u8]) -> Result<usize, Error> {
-        self.inner.pack_key(&reg.inner, out)
+    fn pack_key(&self, reg: &T::LocalReg, out: &mut [u8]) -> Result<usize, Error> {
+        self.inner.pack_key(reg, out)
     }
 
     fn local_address(&self, out: &mut [u8]) -> Result<usize, Error> {
@@ -672,26 +602,31 @@ impl<T: Transport> Transport for Local<T> {
         peer: &LocalPeer,
         region: &Region,
         key: &[u8],
-    ) -> Result<LocalKey<T::RemoteKey>, Error> {
+    ) -> Result<T::RemoteKey, Error> {
         let entry = self
             .peers
             .get(&peer.id)
             .ok_or_else(|| backend(libc::EINVAL, "peer handle of another transport"))?;
-        Ok(LocalKey {
-            inner: self.inner.unpack_key(&entry.inner, region, key)?,
-            vram: region.kind == MemKind::Vram,
-        })
+        self.inner.unpack_key(&entry.inner, region, key)
     }
 
-    fn release_key(&mut self, key: LocalKey<T::RemoteKey>) {
-        self.inner.release_key(key.inner)
+    fn release_key(&mut self, key: T::RemoteKey) {
+        self.inner.release_key(key)
+    }
+
+    fn local_kind(&self, reg: &T::LocalReg) -> MemKind {
+        self.inner.local_kind(reg)
+    }
+
+    fn remote_kind(&self, key: &T::RemoteKey) -> MemKind {
+        self.inner.remote_kind(key)
     }
 
     fn post(
         &mut self,
         op: XferOp,
         peer: &LocalPeer,
-        segments: Segments<'_, LocalReg<T::LocalReg>, LocalKey<T::RemoteKey>>,
+        segments: Segments<'_, T::LocalReg, T::RemoteKey>,
         notification: Option<&[u8]>,
         token: Token,
     ) -> Result<PostStatus, Error> {
@@ -702,13 +637,16 @@ impl<T: Transport> Transport for Local<T> {
             .map(|n| (n.pid, n.pidfd.as_raw_fd()));
         match near {
             // GPU memory is the inner transport's to move.
-            Some((pid, pidfd)) if !segments.iter().any(|s| s.local.vram || s.remote.vram) => {
+            Some((pid, pidfd)) if !self.touches_vram(segments) => {
                 if ffi::exited(pidfd) {
                     return Err(Error::disconnected(""));
                 }
                 self.post_cma(op, peer.id, pid, segments, notification, token)
             }
-            _ => self.post_inner(op, peer.id, segments, notification, token),
+            _ => match self.peers.get(&peer.id) {
+                Some(e) => self.inner.post(op, &e.inner, segments, notification, token),
+                None => Err(Error::disconnected("")),
+            },
         }
     }
 

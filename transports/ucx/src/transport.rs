@@ -1740,6 +1740,20 @@ impl Transport for UcxTransport {
         })
     }
 
+    fn local_kind(&self, reg: &UcxReg) -> MemKind {
+        match self.regs.get(reg.index) {
+            Some(r) if reg.owner == self.owner => r.region.kind,
+            _ => MemKind::Dram,
+        }
+    }
+
+    fn remote_kind(&self, key: &UcxRemoteKey) -> MemKind {
+        match self.keys.get(key.index) {
+            Some(k) if key.owner == self.owner => k.region.kind,
+            _ => MemKind::Dram,
+        }
+    }
+
     fn release_key(&mut self, key: UcxRemoteKey) {
         if key.owner != self.owner {
             log::error!("UCX: release_key: key belongs to another transport; ignored");
