@@ -273,8 +273,8 @@ fn ucx_vram_path(cfg: &kvxfer_ucx::UcxConfig, t: &kvxfer_ucx::UcxTransport) -> S
             .to_string();
     }
     let why = if cfg.native_vram {
-        "this UCX has no CUDA support (built without CUDA, its cuda module or the CUDA \
-         driver missing); see the README for a CUDA-enabled UCX"
+        "this UCX has no CUDA support: built without CUDA, or its cuda module or the CUDA \
+         driver is missing; the README says how to get a CUDA-enabled UCX"
             .to_string()
     } else {
         format!("{}=0", kvxfer_ucx::NATIVE_VRAM_ENV)
