@@ -1209,7 +1209,16 @@ fn measure(
         )
     };
     let prep_ms = prep_started.elapsed().as_secs_f64() * 1e3;
-    let path = agent.peer_path(&peer).step(prep_step)?.to_string();
+    let path = match (opts.mem, agent.vram_path().step(prep_step)?) {
+        (MemKind::Vram, "native") => {
+            format!("{} with VRAM registered natively", agent.backend().name())
+        }
+        (MemKind::Vram, "staged") => format!(
+            "{}, VRAM staged through pinned host memory",
+            agent.peer_path(&peer).step(prep_step)?
+        ),
+        _ => agent.peer_path(&peer).step(prep_step)?.to_string(),
+    };
     let verify_step = || format!("verifying the data with {peer}");
     let xfer_step = || format!("{} of a request to {peer}", opts.op.name());
     let idx: Vec<u32> = (0..count).collect();

@@ -258,6 +258,7 @@ fn info_ucx() {
                  with tcp active messages; peers on this host move by cross-memory attach)",
                 if cfg.peer_failure_detection { "on" } else { "off" },
             );
+            println!("  VRAM: {}", ucx_vram_path(&cfg, &t));
         }
         Err(e) => println!(
             "  transport fails: {e}\n  (Debian: apt-get install libucx0 ucx-utils; `ucx_info -d` lists devices)"
@@ -265,11 +266,36 @@ fn info_ucx() {
     }
 }
 
+/// Which path VRAM takes over UCX, and why.
+#[cfg(feature = "ucx")]
+fn ucx_vram_path(cfg: &kvxfer_ucx::UcxConfig, t: &kvxfer_ucx::UcxTransport) -> String {
+    if !cfg!(feature = "cuda") {
+        return "none (this kvxfer is built without the cuda feature)".to_string();
+    }
+    if t.native_vram() {
+        return "native: this UCX supports CUDA memory and registers VRAM itself \
+                (cuda_ipc/cuda_copy on this host, GPUDirect RDMA across hosts where the NIC \
+                supports it)"
+            .to_string();
+    }
+    let why = if cfg.native_vram {
+        "this UCX has no CUDA support: built without CUDA, or its cuda module or the CUDA \
+         driver is missing; the README says how to get a CUDA-enabled UCX"
+            .to_string()
+    } else {
+        format!("{}=0", kvxfer_ucx::NATIVE_VRAM_ENV)
+    };
+    format!("staged through pinned host memory ({why})")
+}
+
 #[cfg(feature = "libfabric")]
 fn info_libfabric() {
     let (major, minor) = kvxfer_libfabric::version();
     let usable = kvxfer_libfabric::usable_providers();
     println!("LIBFABRIC: built in; libfabric {major}.{minor}");
+    if cfg!(feature = "cuda") {
+        println!("  VRAM: staged through pinned host memory (FI_HMEM is not used yet)");
+    }
     if usable.is_empty() {
         println!(
             "  no provider offers FI_EP_RDM with FI_RMA here (Debian: apt-get install libfabric1; \
