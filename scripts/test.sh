@@ -62,6 +62,30 @@ if ! netns_works; then
 fi
 cargo test --workspace --no-fail-fast "${filter[@]}" 2>&1 | tee "$log" || status=$?
 
+step "examples: cargo run --example write_notify, prepared_lists, etcd_discovery"
+for example in write_notify prepared_lists; do
+    cargo run -q -p kvxfer --example "$example" 2>&1 | tee -a "$log" || status=$?
+done
+# etcd_discovery needs an etcd: one of its own on loopback, in a scratch dir.
+etcd_dir=$(mktemp -d)
+etcd --data-dir "$etcd_dir" --listen-client-urls http://127.0.0.1:23479 \
+    --advertise-client-urls http://127.0.0.1:23479 \
+    --listen-peer-urls http://127.0.0.1:23480 >"$etcd_dir.log" 2>&1 &
+etcd_pid=$!
+for _ in $(seq 100); do
+    (: >/dev/tcp/127.0.0.1/23479) 2>/dev/null && break
+    sleep 0.1
+done
+KVXFER_EXAMPLE_ETCD=http://127.0.0.1:23479 \
+    cargo run -q -p kvxfer --features etcd --example etcd_discovery 2>&1 | tee -a "$log" ||
+    status=$?
+kill "$etcd_pid"
+wait "$etcd_pid" 2>/dev/null || true
+rm -rf "$etcd_dir" "$etcd_dir.log"
+
+step "cargo doc -p kvxfer (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc -q -p kvxfer --no-deps || status=$?
+
 step "the GPU tests that need no GPU: clear errors without a CUDA driver (feature cuda)"
 cargo test -p kvxfer --features cuda --test gpu 2>&1 | tee -a "$log" || status=$?
 

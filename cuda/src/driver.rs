@@ -348,6 +348,27 @@ impl Drop for Context {
         let res = unsafe { sys::cuDevicePrimaryCtxRelease_v2(self.dev) };
         if let Err(e) = check(res, "cuDevicePrimaryCtxRelease") {
             log::warn!("releasing context of device {}: {e}", self.ordinal);
+            return;
+        }
+        // After the last release the primary context is gone, but it stays
+        // bound on this thread if it was current: the next library to use
+        // the thread's current context (UCX's CUDA module, when a UCP
+        // context is created) then crashes in the driver. Unbind it.
+        let (mut flags, mut active) = (0u32, 0i32);
+        // SAFETY: `dev` is valid; both out-parameters are valid.
+        let st = unsafe { sys::cuDevicePrimaryCtxGetState(self.dev, &mut flags, &mut active) };
+        if st != sys::CUresult::CUDA_SUCCESS || active != 0 {
+            return;
+        }
+        let mut cur: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: `cur` is a valid out-parameter.
+        let got = unsafe { sys::cuCtxGetCurrent(&mut cur) };
+        if got == sys::CUresult::CUDA_SUCCESS && cur == self.ctx {
+            // SAFETY: unbinding (a null context) is always valid.
+            let res = unsafe { sys::cuCtxSetCurrent(std::ptr::null_mut()) };
+            if let Err(e) = check(res, "cuCtxSetCurrent(null)") {
+                log::warn!("unbinding context of device {}: {e}", self.ordinal);
+            }
         }
     }
 }

@@ -44,6 +44,10 @@
 //! notification attached to it is sent after that, so it still reaches the
 //! target after the data.
 //!
+//! When the inner transport registers VRAM itself (UCX built with CUDA,
+//! see [`Staged::native_vram`]), VRAM registrations and keys go to it and
+//! every transfer passes straight through: no staging.
+//!
 //! Staging needs a CUDA driver on both sides when either side is VRAM: a
 //! DRAM-only initiator moving to a peer's VRAM uses a bounce pool on GPU 0.
 
@@ -97,11 +101,13 @@ impl Default for StagingConfig {
     }
 }
 
-/// A registration of [`Staged`]: host memory registered with the inner
+/// A registration of [`Staged`]: memory registered with the inner
 /// transport, or a VRAM region staged through bounce buffers.
 #[derive(Debug)]
 pub enum StagedReg<L> {
-    /// Host memory, registered with the inner transport.
+    /// Memory registered with the inner transport: host memory, or VRAM
+    /// when the inner transport registers it itself
+    /// ([`Staged::native_vram`]).
     Host(Arc<L>),
     /// VRAM of GPU `dev`; not registered with the inner transport.
     Vram(Region),
@@ -110,7 +116,9 @@ pub enum StagedReg<L> {
 /// A peer's key as seen through [`Staged`].
 #[derive(Debug)]
 pub enum StagedKey<K> {
-    /// A host region of the peer: the inner transport's key.
+    /// A region of the peer the inner transport reaches itself (host
+    /// memory, or VRAM when the inner transport registers it): the inner
+    /// transport's key.
     Host(Arc<K>),
     /// A VRAM region of the peer, moved through requests its `Staged`
     /// serves (see the [module docs](self)), with the secret those
@@ -492,6 +500,15 @@ impl<T: Transport> Staged<T> {
     /// one in progress): a progress loop that sees it move keeps polling.
     pub fn staging_events(&self) -> u64 {
         self.events
+    }
+
+    /// Whether VRAM goes to the inner transport, which registers and
+    /// moves it itself (its [`Capabilities::mem_kinds`] holds VRAM: UCX
+    /// with CUDA support), rather than through bounce buffers. Both sides
+    /// of a VRAM transfer must agree: a peer's VRAM key is either the
+    /// inner transport's or a staging key.
+    pub fn native_vram(&self) -> bool {
+        self.inner.capabilities().mem_kinds.contains(MemKind::Vram)
     }
 
     /// The wrapped transport.
@@ -1689,6 +1706,9 @@ impl<T: Transport> Transport for Staged<T> {
                 region.addr, region.len
             )));
         }
+        if self.native_vram() {
+            return Ok(StagedReg::Host(Arc::new(self.inner.register(region)?)));
+        }
         self.pool(region.dev)?;
         self.vram.push(*region);
         Ok(StagedReg::Vram(*region))
@@ -1794,6 +1814,9 @@ impl<T: Transport> Transport for Staged<T> {
                 let secret = msg::vram_secret(key).unwrap_or_default();
                 Ok(StagedKey::Vram(*region, secret))
             }
+            MemKind::Vram if self.native_vram() => Ok(StagedKey::Host(Arc::new(
+                self.inner.unpack_key(peer, region, key)?,
+            ))),
             MemKind::Vram => Err(self.bad(&format!(
                 "VRAM {:#x}: the peer's key ({} bytes, starting {}) is not of staging version {}",
                 region.addr,
@@ -1801,6 +1824,20 @@ impl<T: Transport> Transport for Staged<T> {
                 crate::wire::hex(&key[..key.len().min(msg::VRAM_KEY.len())]),
                 msg::VERSION
             ))),
+        }
+    }
+
+    fn local_kind(&self, reg: &Self::LocalReg) -> MemKind {
+        match reg {
+            StagedReg::Host(r) => self.inner.local_kind(r),
+            StagedReg::Vram(_) => MemKind::Vram,
+        }
+    }
+
+    fn remote_kind(&self, key: &Self::RemoteKey) -> MemKind {
+        match key {
+            StagedKey::Host(k) => self.inner.remote_kind(k),
+            StagedKey::Vram(..) => MemKind::Vram,
         }
     }
 
@@ -1941,6 +1978,46 @@ mod tests {
     const BASE: u64 = 0x1000;
     type Mem = LoopbackMemory<4096>;
 
+    /// A loopback agent that registers host memory only, as UCX without
+    /// CUDA support and libfabric do: VRAM is staged over it.
+    fn host_only(mem: &Mem, id: u32) -> Loopback<'_, 4096> {
+        let mut t = Loopback::new(mem, id);
+        let mut caps = t.capabilities();
+        caps.mem_kinds = MemKinds::DRAM;
+        t.set_capabilities(caps);
+        t
+    }
+
+    #[test]
+    fn vram_passes_through_to_an_inner_transport_that_registers_it() {
+        let mem = Box::new(Mem::new(BASE));
+        assert!(!Staged::new(host_only(&mem, 1)).native_vram());
+        // The loopback transport takes VRAM itself.
+        let mut a = Staged::new(Loopback::new(&mem, 1));
+        assert!(a.native_vram());
+        let region = Region {
+            addr: 0x1100,
+            len: 256,
+            dev: 0,
+            kind: MemKind::Vram,
+        };
+        // The peer's VRAM key is the inner transport's: no staging.
+        let peer = a.connect(&2u32.to_le_bytes()).unwrap();
+        let b = Loopback::new(&mem, 2);
+        let mut key = [0u8; 64];
+        let n = b.pack_key(&region, &mut key).unwrap();
+        assert!(matches!(
+            a.unpack_key(&peer, &region, &key[..n]),
+            Ok(StagedKey::Host(k)) if *k == region
+        ));
+        // A staging key still names staged VRAM.
+        let staged = msg::vram_key(b"sixteen byte key");
+        assert!(matches!(
+            a.unpack_key(&peer, &region, &staged),
+            Ok(StagedKey::Vram(r, _)) if r == region
+        ));
+    }
+
     fn recv<T: Transport>(t: &mut T) -> Option<Vec<u8>> {
         let mut b = vec![0; 4096];
         t.poll_notification(&mut b).map(|r| {
@@ -1979,7 +2056,7 @@ mod tests {
     #[test]
     fn user_notifications_pass_and_staging_messages_are_taken_out() {
         let mem = Box::new(Mem::new(BASE));
-        let mut a = Staged::new(Loopback::new(&mem, 1));
+        let mut a = Staged::new(host_only(&mem, 1));
         let mut b = Loopback::new(&mem, 2);
         let to_a = b.connect(&1u32.to_le_bytes()).unwrap();
         let mut done = Vec::new();
@@ -1998,7 +2075,7 @@ mod tests {
     #[test]
     fn a_notification_larger_than_the_buffer_waits_for_one_that_fits() {
         let mem = Box::new(Mem::new(BASE));
-        let mut a = Staged::new(Loopback::new(&mem, 1));
+        let mut a = Staged::new(host_only(&mem, 1));
         let mut b = Loopback::new(&mem, 2);
         let to_a = b.connect(&1u32.to_le_bytes()).unwrap();
         let long = [7u8; 100];
@@ -2021,7 +2098,7 @@ mod tests {
     #[test]
     fn requests_outside_registered_vram_or_the_pool_are_answered_with_the_reason() {
         let mem = Box::new(Mem::new(BASE));
-        let mut a = Staged::new(Loopback::new(&mem, 1));
+        let mut a = Staged::new(host_only(&mem, 1));
         let mut b = Loopback::new(&mem, 2);
         let pool = Region::dram(0x1800, 512);
         let reg = b.register(&pool).unwrap();
@@ -2110,7 +2187,7 @@ mod tests {
     #[test]
     fn vram_keys_of_another_protocol_version_are_refused() {
         let mem = Box::new(Mem::new(BASE));
-        let mut a = Staged::new(Loopback::new(&mem, 1));
+        let mut a = Staged::new(host_only(&mem, 1));
         let peer = a.connect(&2u32.to_le_bytes()).unwrap();
         let region = Region {
             addr: 0x1100,
@@ -2127,7 +2204,7 @@ mod tests {
         let vram = StagedReg::Vram(region);
         let mut packed = [0u8; 64];
         let n = a.pack_key(&vram, &mut packed).unwrap();
-        let other = Staged::new(Loopback::new(&mem, 3));
+        let other = Staged::new(host_only(&mem, 3));
         let mut packed2 = [0u8; 64];
         let n2 = other.pack_key(&vram, &mut packed2).unwrap();
         assert_eq!((n, n2), (22, 22));

@@ -984,6 +984,29 @@ impl Agent {
         Ok(if near { CMA } else { self.backend().name() })
     }
 
+    /// How this agent's backend moves VRAM: `"native"` (UCX with CUDA
+    /// support registers and moves it itself: `cuda_ipc` and `cuda_copy` on
+    /// one host, the network transports across hosts), `"staged"`
+    /// (through pinned host buffers, the target's CPU serving each chunk),
+    /// `"cuda-ipc"` (the CUDA_IPC backend) or `"none"` (built without the
+    /// `cuda` feature).
+    pub fn vram_path(&self) -> Result<&'static str, Error> {
+        let mut st = self.shared().lock();
+        let b = st.backend()?;
+        #[cfg(feature = "cuda")]
+        let native = |n: bool| if n { "native" } else { "staged" };
+        Ok(match *b {
+            #[cfg(all(feature = "ucx", feature = "cuda"))]
+            Backend::Ucx(ref e) => native(e.transport().native_vram()),
+            #[cfg(all(feature = "libfabric", feature = "cuda"))]
+            Backend::Fabric(ref e) => native(e.transport().native_vram()),
+            #[cfg(feature = "cuda")]
+            Backend::CudaIpc(_) => "cuda-ipc",
+            #[allow(unreachable_patterns)]
+            _ => "none",
+        })
+    }
+
     /// The side-channel key in force ([`AgentConfig::effective_auth_key`]).
     #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     pub(crate) fn auth_key(&self) -> Option<Vec<u8>> {

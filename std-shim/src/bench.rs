@@ -33,6 +33,199 @@ use crate::{Agent, AgentConfig, WaitOutcome, XferRequest};
 /// Errors of the benchmark's own protocol carry this backend name.
 pub const BENCH: &str = "BENCH";
 
+/// Why `kvxfer bench` or `kvxfer target` failed, worded for the last line a
+/// user reads: the cause and the value that caused it.
+#[derive(Debug)]
+pub enum BenchError {
+    /// An option cannot work here; found before any process or transport
+    /// started (`kvxfer` exits with status 2).
+    Options(String),
+    /// The spawned target exited before it served: its exit status and the
+    /// last line it wrote to standard error.
+    TargetExited {
+        /// How it exited ("exit status: 1", "signal: 9 (SIGKILL)").
+        status: String,
+        /// Its last line on standard error, without its `kvxfer target: `.
+        error: String,
+    },
+    /// A step of the run failed.
+    Run {
+        /// The step ("connecting to the target at 127.0.0.1:1").
+        step: String,
+        /// The error of that step.
+        error: Error,
+    },
+}
+
+impl std::fmt::Display for BenchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BenchError::Options(what) => f.write_str(what),
+            BenchError::TargetExited { status, error } if error.is_empty() => write!(
+                f,
+                "the target exited ({status}) before serving, saying nothing on standard error"
+            ),
+            BenchError::TargetExited { status, error } => {
+                write!(f, "the target exited ({status}) before serving: {error}")
+            }
+            BenchError::Run { step, error } => write!(f, "{step}: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for BenchError {}
+
+impl From<Error> for BenchError {
+    fn from(error: Error) -> Self {
+        BenchError::Run {
+            step: "running".to_string(),
+            error,
+        }
+    }
+}
+
+impl BenchError {
+    /// The exit status `kvxfer` ends with: 2 for options that cannot work,
+    /// 1 for a failed run.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            BenchError::Options(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Attaches the step that failed to an error.
+trait Step<T> {
+    fn step(self, step: impl FnOnce() -> String) -> Result<T, BenchError>;
+}
+
+impl<T> Step<T> for Result<T, Error> {
+    fn step(self, step: impl FnOnce() -> String) -> Result<T, BenchError> {
+        self.map_err(|error| BenchError::Run {
+            step: step(),
+            error,
+        })
+    }
+}
+
+/// Checks what can be checked before anything starts: the backend (from
+/// `backend`, else the environment), the libfabric provider (from
+/// `provider`, else `KVXFER_LIBFABRIC_PROVIDER`) and the memory kind.
+/// Returns the backend that will be used.
+pub fn check_setup(
+    backend: Option<&str>,
+    provider: Option<&str>,
+    mem: MemKind,
+) -> Result<crate::BackendKind, BenchError> {
+    use crate::config::{self, BackendSource};
+    let (kind, _) = config::select_backend_from_env(backend).map_err(|_| {
+        let (value, source) = match backend {
+            Some(b) => (b.to_string(), "--backend".to_string()),
+            None => [
+                (config::ENV_BACKEND, BackendSource::EnvKvxfer),
+                (config::ENV_TRTLLM_BACKEND, BackendSource::EnvTrtllm),
+            ]
+            .into_iter()
+            .find_map(|(var, s)| {
+                std::env::var(var)
+                    .ok()
+                    .filter(|v| !v.trim().is_empty())
+                    .map(|v| (v, s.name().to_string()))
+            })
+            .unwrap_or_default(),
+        };
+        BenchError::Options(match crate::BackendKind::parse(&value) {
+            Ok(k) => format!(
+                "{source}={value}: backend {k} is not built into this kvxfer \
+                 (cargo build --release -p kvxfer --features {}); built in: {}",
+                feature_of(k),
+                config::BUILT_IN
+            ),
+            Err(_) => format!(
+                "{source}={value}: no such backend; built in: {}",
+                config::BUILT_IN
+            ),
+        })
+    })?;
+    #[cfg(feature = "cuda")]
+    if kind == crate::BackendKind::CudaIpc && !kvxfer_cuda::driver_present() {
+        return Err(BenchError::Options(
+            "backend CUDA_IPC: no CUDA driver found (libcuda.so.1); it needs an NVIDIA GPU and \
+             its driver"
+                .to_string(),
+        ));
+    }
+    check_provider(kind, provider)?;
+    check_mem(mem)?;
+    Ok(kind)
+}
+
+/// The cargo feature that builds `kind` in.
+fn feature_of(kind: crate::BackendKind) -> &'static str {
+    match kind {
+        crate::BackendKind::Ucx => "ucx",
+        crate::BackendKind::Libfabric => "libfabric",
+        crate::BackendKind::CudaIpc => "cuda",
+    }
+}
+
+/// A libfabric provider that libfabric does not offer here is refused,
+/// naming those it offers.
+#[cfg(feature = "libfabric")]
+fn check_provider(kind: crate::BackendKind, provider: Option<&str>) -> Result<(), BenchError> {
+    if kind != crate::BackendKind::Libfabric {
+        return Ok(());
+    }
+    let (value, source) = match provider {
+        Some(p) => (p.to_string(), "--provider"),
+        None => match std::env::var(kvxfer_libfabric::PROVIDER_ENV) {
+            Ok(p) if !p.trim().is_empty() => (p, kvxfer_libfabric::PROVIDER_ENV),
+            _ => return Ok(()),
+        },
+    };
+    if kvxfer_libfabric::provider_usable(&value) {
+        return Ok(());
+    }
+    let usable = kvxfer_libfabric::usable_providers();
+    Err(BenchError::Options(format!(
+        "{source}={value}: libfabric {}.{} does not offer this provider with RDM and RMA here; \
+         offered: {}",
+        kvxfer_libfabric::version().0,
+        kvxfer_libfabric::version().1,
+        if usable.is_empty() {
+            "none".to_string()
+        } else {
+            usable.join(", ")
+        }
+    )))
+}
+
+#[cfg(not(feature = "libfabric"))]
+fn check_provider(_kind: crate::BackendKind, _provider: Option<&str>) -> Result<(), BenchError> {
+    Ok(())
+}
+
+/// VRAM needs the `cuda` feature and a CUDA driver.
+fn check_mem(mem: MemKind) -> Result<(), BenchError> {
+    if mem != MemKind::Vram {
+        return Ok(());
+    }
+    #[cfg(feature = "cuda")]
+    if !kvxfer_cuda::driver_present() {
+        return Err(BenchError::Options(
+            "--mem vram: no CUDA driver found (libcuda.so.1); VRAM needs an NVIDIA GPU and its driver"
+                .to_string(),
+        ));
+    }
+    #[cfg(not(feature = "cuda"))]
+    return Err(BenchError::Options(format!(
+        "--mem vram: {VRAM_NEEDS_CUDA}"
+    )));
+    #[cfg(feature = "cuda")]
+    Ok(())
+}
+
 fn bench_err(text: &str) -> Error {
     Error::backend(BENCH, -1, text)
 }
@@ -315,7 +508,10 @@ pub fn run_target(
     opts: &TargetOptions,
     stop: &AtomicBool,
     ready: impl FnOnce(&str),
-) -> Result<(), Error> {
+) -> Result<(), BenchError> {
+    check_setup(opts.backend.as_deref(), opts.provider.as_deref(), opts.mem)?;
+    let len = usize::try_from(opts.size)
+        .map_err(|_| BenchError::Options(format!("--size {}: too large", opts.size)))?;
     let cfg = agent_config(
         AgentConfig::default()
             .with_listen(Some(&opts.listen))
@@ -323,14 +519,14 @@ pub fn run_target(
         &opts.backend,
         &opts.provider,
     );
-    let agent = Agent::new(&opts.name, cfg)?;
-    let len = usize::try_from(opts.size)
-        .map_err(|_| bench_err(&format!("buffer size {} too large", opts.size)))?;
-    let mut buf = Buffer::new(&agent, len, Some(seed()), opts.mem, opts.device)?;
-    let discovery = join_etcd(&agent, &opts.etcd, &opts.etcd_prefix)?;
+    let agent = Agent::new(&opts.name, cfg).step(|| "opening the transport".to_string())?;
+    let mut buf = Buffer::new(&agent, len, Some(seed()), opts.mem, opts.device)
+        .step(|| format!("registering {len} bytes"))?;
+    let discovery = join_etcd(&agent, &opts.etcd, &opts.etcd_prefix)
+        .step(|| "publishing the target in etcd".to_string())?;
     let addr = agent
         .listen_addr()
-        .ok_or_else(|| bench_err("target has no side channel"))?;
+        .ok_or_else(|| BenchError::Options(format!("--listen {}: no side channel", opts.listen)))?;
     ready(&addr.to_string());
     while !stop.load(Ordering::Acquire) {
         let notes = match agent.wait_notifications(Duration::from_millis(100)) {
@@ -339,7 +535,7 @@ pub fn run_target(
                 log::warn!("target: {e}");
                 continue;
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e).step(|| "waiting for requests".to_string()),
         };
         for (peer, msgs) in notes {
             for m in msgs {
@@ -683,15 +879,26 @@ pub fn mem_name(kind: MemKind) -> &'static str {
 /// A spawned `kvxfer target`, killed when dropped.
 struct TargetChild {
     child: Child,
+    err: Arc<std::sync::Mutex<TargetStderr>>,
+}
+
+/// What a spawned target wrote to standard error.
+#[derive(Default)]
+struct TargetStderr {
+    /// Whether it serves (its lines then go straight on).
+    serving: bool,
+    /// Lines held until it serves.
+    held: Vec<String>,
+    /// The last line.
+    last: String,
 }
 
 impl TargetChild {
-    fn spawn(opts: &BenchOptions, size: u64) -> Result<(TargetChild, String), Error> {
+    fn spawn(opts: &BenchOptions, size: u64) -> Result<(TargetChild, String), BenchError> {
         let exe = match &opts.target_exe {
             Some(p) => p.clone(),
-            None => {
-                std::env::current_exe().map_err(|e| bench_err(&format!("locating kvxfer: {e}")))?
-            }
+            None => std::env::current_exe()
+                .map_err(|e| BenchError::Options(format!("locating kvxfer to spawn: {e}")))?,
         };
         let mut cmd = Command::new(&exe);
         cmd.args([
@@ -712,16 +919,35 @@ impl TargetChild {
         }
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(Stdio::piped());
+        let spawn_step = || format!("spawning the target {}", exe.display());
         let child = cmd
             .spawn()
-            .map_err(|e| bench_err(&format!("spawning {}: {e}", exe.display())))?;
-        let mut guard = TargetChild { child };
-        let stdout = guard
-            .child
-            .stdout
-            .take()
-            .ok_or_else(|| bench_err("target has no stdout"))?;
+            .map_err(|e| bench_err(&e.to_string()))
+            .step(spawn_step)?;
+        let err = Arc::new(std::sync::Mutex::new(TargetStderr::default()));
+        let mut guard = TargetChild {
+            child,
+            err: Arc::clone(&err),
+        };
+        let (stdout, stderr) = match (guard.child.stdout.take(), guard.child.stderr.take()) {
+            (Some(o), Some(e)) => (o, e),
+            _ => return Err(bench_err("no pipe to the target")).step(spawn_step),
+        };
+        // Its standard error goes on to ours; until it serves, its lines
+        // are held: if it fails, its last line is its error, which the
+        // verdict carries.
+        let err_done = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut e = err.lock().unwrap_or_else(|e| e.into_inner());
+                if e.serving {
+                    eprintln!("{line}");
+                } else {
+                    e.held.push(line.clone());
+                }
+                e.last = line;
+            }
+        });
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut line = String::new();
@@ -732,19 +958,56 @@ impl TargetChild {
         });
         let line = rx
             .recv_timeout(Duration::from_secs(30))
-            .map_err(|_| bench_err("target did not report its address within 30 s"))?
-            .map_err(|e| bench_err(&format!("reading the target's address: {e}")))?;
-        let addr = line
-            .trim()
-            .strip_prefix("listening ")
-            .ok_or_else(|| {
-                bench_err(&format!(
-                    "target said {:?}, expected \"listening ADDR\"",
-                    line.trim()
-                ))
-            })?
-            .to_string();
+            .map_err(|_| bench_err("it did not report its address within 30 s"))
+            .and_then(|r| r.map_err(|e| bench_err(&format!("reading its address: {e}"))))
+            .step(|| "starting the target".to_string())?;
+        let Some(addr) = line.trim().strip_prefix("listening ") else {
+            // It ended its standard output without an address: it failed.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let status = loop {
+                match guard.child.try_wait() {
+                    Ok(Some(st)) => break st.to_string(),
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    _ => break "still running".to_string(),
+                }
+            };
+            if status != "still running" {
+                let _ = err_done.join();
+            }
+            let mut e = guard.err.lock().unwrap_or_else(|e| e.into_inner());
+            let last = e.held.pop();
+            for l in e.held.drain(..) {
+                eprintln!("{l}");
+            }
+            drop(e);
+            let error = last.unwrap_or_else(|| format!("it said {:?}", line.trim()));
+            let error = error
+                .strip_prefix("kvxfer target: ")
+                .unwrap_or(&error)
+                .to_string();
+            return Err(BenchError::TargetExited { status, error });
+        };
+        let addr = addr.to_string();
+        let mut e = guard.err.lock().unwrap_or_else(|e| e.into_inner());
+        e.serving = true;
+        for l in e.held.drain(..) {
+            eprintln!("{l}");
+        }
+        drop(e);
         Ok((guard, addr))
+    }
+
+    /// How the target exited and its last line on standard error, if it
+    /// has exited.
+    fn exited(&mut self) -> Option<(String, String)> {
+        let st = self.child.try_wait().ok().flatten()?;
+        // Give its standard error a moment to drain.
+        std::thread::sleep(Duration::from_millis(50));
+        let e = self.err.lock().unwrap_or_else(|e| e.into_inner());
+        let last = e.last.strip_prefix("kvxfer target: ").unwrap_or(&e.last);
+        Some((st.to_string(), last.to_string()))
     }
 }
 
@@ -802,11 +1065,14 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)] as f64 / 1000.0
 }
 
-/// Runs the benchmark and verifies the data.
-pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
+/// Runs the benchmark and verifies the data. Options that cannot work
+/// here (backend, provider, memory kind, sizes) are refused before
+/// anything starts.
+pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
+    check_setup(opts.backend.as_deref(), opts.provider.as_deref(), opts.mem)?;
     if opts.block_size == 0 || opts.blocks == 0 || opts.inflight == 0 {
-        return Err(bench_err(&format!(
-            "block size ({}), blocks ({}) and inflight ({}) must be positive",
+        return Err(BenchError::Options(format!(
+            "--block-size {}, --blocks {}, --inflight {}: each must be positive",
             opts.block_size, opts.blocks, opts.inflight
         )));
     }
@@ -815,8 +1081,8 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
         .checked_mul(opts.blocks)
         .filter(|&t| usize::try_from(t).is_ok())
         .ok_or_else(|| {
-            bench_err(&format!(
-                "{} blocks of {} bytes do not fit in memory",
+            BenchError::Options(format!(
+                "--blocks {} of --block-size {}: do not fit in memory",
                 opts.blocks, opts.block_size
             ))
         })?;
@@ -827,12 +1093,12 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
         .and_then(|x| x.checked_add(opts.block_size))
         .filter(|&t| stride >= opts.block_size && usize::try_from(t).is_ok())
         .ok_or_else(|| {
-            bench_err(&format!(
-                "stride {stride} must be at least the block size {} and fit in memory",
+            BenchError::Options(format!(
+                "--stride {stride}: must be at least the block size {} and fit in memory",
                 opts.block_size
             ))
         })?;
-    let (_child, addr) = match (&opts.peer, &opts.etcd) {
+    let (mut child, addr) = match (&opts.peer, &opts.etcd) {
         (_, Some(_)) => (None, String::new()),
         (Some(p), None) => (None, p.clone()),
         (None, None) => {
@@ -840,6 +1106,29 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
             (Some(c), a)
         }
     };
+    let r = measure(opts, &addr, total, stride, span);
+    match (r, child.as_mut().and_then(TargetChild::exited)) {
+        // A target that died explains the failure better than what the
+        // initiator saw of it.
+        (Err(BenchError::Run { step, error }), Some((status, last))) => Err(BenchError::Run {
+            step: match last.is_empty() {
+                true => format!("{step} (the target exited, {status})"),
+                false => format!("{step} (the target exited, {status}: {last})"),
+            },
+            error,
+        }),
+        (r, _) => r,
+    }
+}
+
+/// The run against the target at `addr` (or found through etcd).
+fn measure(
+    opts: &BenchOptions,
+    addr: &str,
+    total: u64,
+    stride: u64,
+    span: u64,
+) -> Result<BenchReport, BenchError> {
     let cfg = agent_config(
         AgentConfig::default().with_progress_thread(opts.progress_thread),
         &opts.backend,
@@ -851,22 +1140,29 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
         Some(_) => format!("kvxfer-bench-{:08x}", seed() as u32),
         None => "kvxfer-bench".to_string(),
     };
-    let agent = Agent::new(&name, cfg)?;
+    let agent = Agent::new(&name, cfg).step(|| "opening the transport".to_string())?;
     let mut buf = Buffer::new(
         &agent,
         span as usize,
         (opts.op == XferOp::Write).then(seed),
         opts.mem,
         opts.device,
-    )?;
+    )
+    .step(|| format!("registering {span} bytes"))?;
     let t = Duration::from_secs(10);
-    let discovery = join_etcd(&agent, &opts.etcd, &opts.etcd_prefix)?;
+    let discovery =
+        join_etcd(&agent, &opts.etcd, &opts.etcd_prefix).step(|| "joining etcd".to_string())?;
     let peer = match &discovery {
-        Some(d) => etcd_fetch(d, &opts.target_name, t)?,
-        None => agent.connect(&addr)?,
+        Some(d) => etcd_fetch(d, &opts.target_name, t)
+            .step(|| format!("finding the target {:?} in etcd", opts.target_name))?,
+        None => agent
+            .connect(addr)
+            .step(|| format!("connecting to the target at {addr}"))?,
     };
-    agent.notify(&peer, b"bench:region")?;
-    let region = await_reply(&agent, &peer, "bench:region ", t)?;
+    let region = agent
+        .notify(&peer, b"bench:region")
+        .and_then(|()| await_reply(&agent, &peer, "bench:region ", t))
+        .step(|| format!("asking the target {peer} for its buffer"))?;
     let mut it = region.split_whitespace().map(str::parse::<u64>);
     let (raddr, rlen) = match (it.next(), it.next()) {
         (Some(Ok(a)), Some(Ok(l))) => (a, l),
@@ -874,29 +1170,31 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
             return Err(bench_err(&format!(
                 "target's region reply {region:?} is malformed"
             )))
+            .step(|| format!("asking the target {peer} for its buffer"))
         }
     };
     if rlen < span {
-        return Err(bench_err(&format!(
-            "target buffer is {rlen} bytes, {span} needed"
+        return Err(BenchError::Options(format!(
+            "the target's buffer is {rlen} bytes, {span} needed (kvxfer target --size)"
         )));
     }
     let count = u32::try_from(opts.blocks).map_err(|_| {
-        bench_err(&format!(
-            "{} blocks: at most {} per request",
+        BenchError::Options(format!(
+            "--blocks {}: at most {} per request",
             opts.blocks,
             u32::MAX
         ))
     })?;
     // Both lists prepared once, each request made from them by index, as
     // an engine's connector does.
+    let prep_step = || format!("preparing the lists of {count} blocks for {peer}");
     let prep_started = Instant::now();
     let (pl, pr) = if opts.strided {
         let l = Strided::new(buf.addr(), opts.block_size, stride, count);
         let r = Strided::new(raddr, opts.block_size, stride, count);
         (
-            agent.prep_local_list(l.into())?,
-            agent.prep_remote_list(&peer, r.into())?,
+            agent.prep_local_list(l.into()).step(prep_step)?,
+            agent.prep_remote_list(&peer, r.into()).step(prep_step)?,
         )
     } else {
         let local: Vec<Desc> = (0..opts.blocks)
@@ -906,22 +1204,34 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
             .map(|i| Desc::new(raddr + i * stride, opts.block_size))
             .collect();
         (
-            agent.prep_local(&local)?,
-            agent.prep_remote(&peer, &remote)?,
+            agent.prep_local(&local).step(prep_step)?,
+            agent.prep_remote(&peer, &remote).step(prep_step)?,
         )
     };
     let prep_ms = prep_started.elapsed().as_secs_f64() * 1e3;
-    let path = agent.peer_path(&peer)?.to_string();
+    let path = match (opts.mem, agent.vram_path().step(prep_step)?) {
+        (MemKind::Vram, "native") => {
+            format!("{} with VRAM registered natively", agent.backend().name())
+        }
+        (MemKind::Vram, "staged") => format!(
+            "{}, VRAM staged through pinned host memory",
+            agent.peer_path(&peer).step(prep_step)?
+        ),
+        _ => agent.peer_path(&peer).step(prep_step)?.to_string(),
+    };
+    let verify_step = || format!("verifying the data with {peer}");
+    let xfer_step = || format!("{} of a request to {peer}", opts.op.name());
     let idx: Vec<u32> = (0..count).collect();
     let make_started = Instant::now();
     let reqs: Vec<XferRequest> = (0..opts.inflight)
         .map(|_| agent.make_xfer(opts.op, pl, &idx, pr, &idx, None))
-        .collect::<Result<_, _>>()?;
+        .collect::<Result<_, _>>()
+        .step(|| format!("making {} requests from the prepared lists", opts.inflight))?;
     let make_ms = make_started.elapsed().as_secs_f64() * 1e3 / opts.inflight as f64;
     let mut started: Vec<Instant> = Vec::with_capacity(reqs.len());
     for r in &reqs {
         started.push(Instant::now());
-        r.post()?;
+        r.post().step(xfer_step)?;
     }
     let iters = match (opts.iters, opts.duration) {
         (Some(n), _) => n,
@@ -945,14 +1255,15 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
             if !live[i] {
                 continue;
             }
-            match r.status()? {
+            match r.status().step(xfer_step)? {
                 XferState::Done => {}
-                XferState::Failed(e) => return Err(e),
+                XferState::Failed(e) => return Err(e).step(xfer_step),
                 XferState::InProgress | XferState::Prepared => {
                     if started[i].elapsed() > opts.request_timeout {
                         return Err(Error::TimedOut {
                             after_ms: opts.request_timeout.as_millis() as u64,
-                        });
+                        })
+                        .step(xfer_step);
                     }
                     continue;
                 }
@@ -966,7 +1277,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
             if completed > opts.warmup {
                 measured += 1;
                 lat.push(now.duration_since(started[i]).as_nanos() as u64);
-                telemetry.add(r.telemetry()?);
+                telemetry.add(r.telemetry().step(xfer_step)?);
                 bar.tick(measured, t0);
             }
             let time_up = opts
@@ -974,7 +1285,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
                 .is_some_and(|d| completed > opts.warmup && t0.elapsed() >= d);
             if posted < wanted && !time_up {
                 started[i] = Instant::now();
-                r.post()?;
+                r.post().step(xfer_step)?;
                 posted += 1;
             } else {
                 live[i] = false;
@@ -1012,31 +1323,37 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
         }
         Ok(ours)
     };
-    let mut ours = sums_agree(&buf, &format!("after {}", opts.op.name()))?;
+    let mut ours = sums_agree(&buf, &format!("after {}", opts.op.name())).step(verify_step)?;
     // Each prepared request once more, with fresh bytes at the source.
     for (i, r) in reqs.iter().enumerate() {
         let fresh = seed() ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         if opts.op == XferOp::Write {
-            buf.refill(fresh)?;
+            buf.refill(fresh).step(verify_step)?;
         } else {
-            agent.notify(&peer, format!("bench:fill {fresh}").as_bytes())?;
-            await_reply(&agent, &peer, "bench:fill ok", t)?;
+            agent
+                .notify(&peer, format!("bench:fill {fresh}").as_bytes())
+                .and_then(|()| await_reply(&agent, &peer, "bench:fill ok", t))
+                .step(verify_step)?;
         }
-        r.post()?;
+        r.post().step(xfer_step)?;
         match r.wait(opts.request_timeout) {
             WaitOutcome::Done => {}
-            WaitOutcome::Failed(e) => return Err(e),
+            WaitOutcome::Failed(e) => return Err(e).step(xfer_step),
             WaitOutcome::InProgress => {
                 return Err(Error::TimedOut {
                     after_ms: opts.request_timeout.as_millis() as u64,
                 })
+                .step(xfer_step)
             }
         }
-        ours = sums_agree(&buf, &format!("after request {i} moved fresh data"))?;
+        ours =
+            sums_agree(&buf, &format!("after request {i} moved fresh data")).step(verify_step)?;
     }
     drop(reqs);
-    agent.release_local(pl)?;
-    agent.release_remote(pr)?;
+    agent
+        .release_local(pl)
+        .and_then(|()| agent.release_remote(pr))
+        .step(|| "releasing the prepared lists".to_string())?;
     drop(discovery);
     drop(buf);
     let backend = agent.backend().name().to_string();
@@ -1066,10 +1383,10 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, Error> {
         make_ms,
         telemetry: telemetry.summary(),
         tcp: match opts.tcp_baseline {
-            true => Some(crate::tcp_baseline::measure(
-                opts.block_size * opts.blocks,
-                measured,
-            )?),
+            true => Some(
+                crate::tcp_baseline::measure(opts.block_size * opts.blocks, measured)
+                    .step(|| "measuring raw TCP on loopback".to_string())?,
+            ),
             false => None,
         },
     })

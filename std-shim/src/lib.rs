@@ -12,7 +12,8 @@
 //! * an optional progress thread, and blocking [`XferRequest::wait`] with a
 //!   timeout;
 //! * the `kvxfer` command-line tool (`info`, `target`, `bench`), see
-//!   [`bench`](mod@bench).
+//!   [`bench`](mod@bench), and its size sweeps with a chart, see
+//!   [`sweep`].
 //!
 //! Logging goes through the `log` facade: nothing is printed unless the
 //! application installs a logger.
@@ -41,6 +42,7 @@ pub mod etcd;
 mod keepalive;
 mod note_auth;
 pub mod side_channel;
+pub mod sweep;
 pub mod tcp_baseline;
 mod wake;
 

@@ -1,6 +1,9 @@
-//! GPU tests of the Agent: VRAM over CUDA_IPC, and VRAM staged through
-//! pinned host memory over UCX and libfabric. Two processes each: this test
-//! binary re-runs itself as the target (`KVXFER_GPU_ROLE=target`).
+//! GPU tests of the Agent: VRAM over CUDA_IPC, VRAM staged through pinned
+//! host memory over UCX and libfabric, and VRAM that UCX registers and
+//! moves itself (`ucx_native_*`: they need a UCX with CUDA support, such
+//! as the `libucx-cu12` wheel's, and fail without one). Two processes
+//! each: this test binary re-runs itself as the target
+//! (`KVXFER_GPU_ROLE=target`).
 //!
 //! Ignored by default; on a GPU machine:
 //!
@@ -139,11 +142,49 @@ impl Mem {
     }
 }
 
+/// Suffix of a backend name in these tests: UCX registering VRAM itself.
+/// `"UCX"` alone stages VRAM, whatever UCX supports.
+const NATIVE: &str = " native";
+
+/// The backend's name and whether its VRAM is native (see [`NATIVE`]).
+fn split_backend(backend: &str) -> (&str, bool) {
+    match backend.strip_suffix(NATIVE) {
+        Some(b) => (b, true),
+        None => (backend, false),
+    }
+}
+
+/// How VRAM must move for `backend` ([`Agent::vram_path`]).
+fn expected_vram_path(backend: &str) -> &'static str {
+    match split_backend(backend) {
+        ("CUDA_IPC", _) => "cuda-ipc",
+        (_, true) => "native",
+        (_, false) => "staged",
+    }
+}
+
 fn config(backend: &str, provider: Option<&str>) -> AgentConfig {
+    let (name, native) = split_backend(backend);
     let mut c = AgentConfig::default();
-    c.backend = Some(backend.to_string());
+    c.backend = Some(name.to_string());
     c.provider = provider.map(str::to_string);
+    if name == "UCX" {
+        let mut u = kvxfer::config::UcxConfig::from_env().expect("UCX settings");
+        u.native_vram = native;
+        c = c.with_ucx_config(u);
+    }
     c
+}
+
+/// An agent for `backend` whose VRAM moves as the backend's name says.
+fn agent(name: &str, backend: &str, provider: Option<&str>) -> Agent {
+    let a = Agent::new(name, config(backend, provider)).expect("agent");
+    assert_eq!(
+        a.vram_path().expect("VRAM path"),
+        expected_vram_path(backend),
+        "{backend}: VRAM path (a native test needs a UCX with CUDA support)"
+    );
+    a
 }
 
 fn parse_kind(s: &str) -> MemKind {
@@ -168,6 +209,7 @@ fn target_role() -> Result<(), Error> {
     let addr = agent.listen_addr().expect("target listens");
     println!("LISTEN {addr}");
     println!("REGION {} {} {}", mem.addr(), mem.len(), mem.dev());
+    println!("VRAMPATH {}", agent.vram_path()?);
     std::io::stdout().flush().ok();
     for line in std::io::stdin().lock().lines() {
         let line = line.unwrap_or_default();
@@ -265,6 +307,11 @@ impl Target {
             .map(|x| x.parse().unwrap_or(0))
             .collect();
         t.region = (r[0], r[1], r[2] as u32);
+        assert_eq!(
+            t.expect("VRAMPATH"),
+            expected_vram_path(backend),
+            "target's VRAM path"
+        );
         t
     }
 
@@ -352,7 +399,7 @@ fn scenario(
         "dram"
     };
     let mut target = Target::spawn(backend, provider, tk, len, 11);
-    let agent = Agent::new("gpu-init", config(backend, provider)).expect("initiator agent");
+    let agent = agent("gpu-init", backend, provider);
     let src = pattern(22, len);
     let mem = Mem::new(ikind, init_dev(), &src).expect("initiator memory");
     mem.register(&agent).expect("register initiator memory");
@@ -659,6 +706,150 @@ fn libfabric_staged_dram_to_vram_64_mib() {
     scenario("LIBFABRIC", TCP_RXM, MemKind::Dram, MemKind::Vram, n, n);
 }
 
+// VRAM that UCX registers itself (UCX with CUDA support): `cuda_ipc` and
+// `cuda_copy` between the processes, no staging and no CPU of the target.
+
+const UCX_NATIVE: &str = "UCX native";
+
+#[test]
+#[ignore = "needs a GPU and a UCX with CUDA support"]
+fn ucx_native_trtllm_device_memory_100_bytes() {
+    scenario(UCX_NATIVE, None, MemKind::Vram, MemKind::Vram, 100, 100);
+}
+
+#[test]
+#[ignore = "needs a GPU and a UCX with CUDA support"]
+fn ucx_native_vram_to_vram_256_mib() {
+    let n = 256 * MIB;
+    scenario(UCX_NATIVE, None, MemKind::Vram, MemKind::Vram, n, n);
+}
+
+#[test]
+#[ignore = "needs a GPU and a UCX with CUDA support"]
+fn ucx_native_vram_to_vram_kv_shaped_128_x_16_kib() {
+    let block = 16 << 10;
+    scenario(
+        UCX_NATIVE,
+        None,
+        MemKind::Vram,
+        MemKind::Vram,
+        KV_LEN,
+        block,
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU and a UCX with CUDA support"]
+fn ucx_native_vram_to_dram_64_mib() {
+    let n = 64 * MIB;
+    scenario(UCX_NATIVE, None, MemKind::Vram, MemKind::Dram, n, n);
+}
+
+#[test]
+#[ignore = "needs a GPU and a UCX with CUDA support"]
+fn ucx_native_dram_to_vram_64_mib() {
+    let n = 64 * MIB;
+    scenario(UCX_NATIVE, None, MemKind::Dram, MemKind::Vram, n, n);
+}
+
+#[test]
+#[ignore = "needs a GPU and a UCX with CUDA support"]
+fn ucx_native_dram_to_vram_kv_shaped_128_x_16_kib() {
+    let block = 16 << 10;
+    scenario(
+        UCX_NATIVE,
+        None,
+        MemKind::Dram,
+        MemKind::Vram,
+        KV_LEN,
+        block,
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU and a UCX with CUDA support"]
+fn ucx_native_crossing_writes() {
+    staged_crossing_writes(UCX_NATIVE, None);
+}
+
+/// A stopped (SIGSTOP) target with natively registered VRAM: the data
+/// part of a WRITE into its VRAM needs none of its CPU (`cuda_ipc`: the
+/// initiator's GPU copies into the target's memory), but the WRITE's
+/// endpoint flush and notification go through the target's UCX worker.
+/// The WRITE either completes or fails with `TimedOut` at the deadline —
+/// it never hangs — and once the target resumes a WRITE lands whole, with
+/// its notification after the data.
+#[test]
+#[ignore = "needs a GPU and a UCX with CUDA support"]
+fn ucx_native_stopped_target_never_hangs_then_recovers() {
+    let n = 64 * MIB;
+    let mut target = Target::spawn(UCX_NATIVE, None, "vram", n, 11);
+    let deadline = Duration::from_secs(2);
+    let cfg = config(UCX_NATIVE, None).with_transfer_timeout(Some(deadline));
+    let agent = Agent::new("gpu-init", cfg).expect("initiator agent");
+    assert_eq!(agent.vram_path().expect("VRAM path"), "native");
+    let src = Mem::new(MemKind::Vram, init_dev(), &pattern(22, n)).expect("VRAM");
+    src.register(&agent).expect("register");
+    let src2 = Mem::new(MemKind::Vram, init_dev(), &pattern(33, n)).expect("VRAM");
+    src2.register(&agent).expect("register");
+    let peer = agent.connect(&target.listen).expect("connect");
+    let (raddr, _, rdev) = target.region;
+    let remote = [Desc::on_dev(raddr, n as u64, rdev)];
+    let whole = |m: &Mem| [Desc::on_dev(m.addr(), n as u64, m.dev())];
+    // A first WRITE sets up the connection's CUDA IPC mapping.
+    let req = agent
+        .submit(XferOp::Write, &whole(&src), &remote, &peer, Some(b"first"))
+        .expect("post WRITE");
+    wait_done(&req, "first WRITE");
+    drop(req);
+    assert_eq!(target.ask("WAITNOTE first", "NOTE"), "ok");
+    assert_eq!(target.ask("CHECK 22", "CHECK"), "ok");
+
+    signal(&target, "STOP");
+    let t0 = Instant::now();
+    let req = agent
+        .submit(
+            XferOp::Write,
+            &whole(&src2),
+            &remote,
+            &peer,
+            Some(b"stopped"),
+        )
+        .expect("post WRITE");
+    let outcome = req.wait(Duration::from_secs(30));
+    let took = t0.elapsed();
+    signal(&target, "CONT");
+    drop(req);
+    eprintln!("UCX native: WRITE into a stopped target's VRAM: {outcome:?} after {took:?}");
+    assert!(
+        took < deadline + Duration::from_secs(3),
+        "ended only after {took:?}"
+    );
+    let peer = match outcome {
+        WaitOutcome::Done => {
+            assert_eq!(target.ask("WAITNOTE stopped", "NOTE"), "ok");
+            peer
+        }
+        WaitOutcome::Failed(Error::TimedOut { after_ms }) => {
+            assert!(after_ms >= 2000, "timed out after {after_ms} ms");
+            std::thread::sleep(Duration::from_secs(1));
+            // UCX closes the connection of a timed-out transfer.
+            let peer = agent.connect(&target.listen).expect("reconnect");
+            let req = agent
+                .submit(XferOp::Write, &whole(&src2), &remote, &peer, Some(b"again"))
+                .expect("post WRITE");
+            wait_done(&req, "WRITE after the target resumed");
+            drop(req);
+            assert_eq!(target.ask("WAITNOTE again", "NOTE"), "ok");
+            peer
+        }
+        other => panic!("WRITE to a stopped target: {other:?}"),
+    };
+    assert_eq!(target.ask("CHECK 33", "CHECK"), "ok");
+    drop(peer);
+    agent.shutdown();
+}
+
 /// Sends `sig` (`STOP`, `CONT`) to the target process.
 fn signal(target: &Target, sig: &str) {
     let ok = Command::new("kill")
@@ -680,6 +871,7 @@ fn staged_stopped_target(backend: &str, provider: Option<&str>) {
     let deadline = Duration::from_secs(2);
     let cfg = config(backend, provider).with_transfer_timeout(Some(deadline));
     let agent = Agent::new("gpu-init", cfg).expect("initiator agent");
+    assert_eq!(agent.vram_path().expect("VRAM path"), "staged");
     let first = Mem::new(MemKind::Vram, init_dev(), &pattern(22, n)).expect("VRAM");
     first.register(&agent).expect("register");
     let second = Mem::new(MemKind::Vram, init_dev(), &pattern(33, n)).expect("VRAM");
@@ -760,8 +952,8 @@ fn libfabric_staged_stopped_target_times_out_then_recovers() {
 /// same buffers. Both WRITEs complete and land whole.
 fn staged_crossing_writes(backend: &str, provider: Option<&str>) {
     let n = 64 * MIB;
-    let a = Agent::new("cross-a", config(backend, provider)).expect("agent a");
-    let b = Agent::new("cross-b", config(backend, provider)).expect("agent b");
+    let a = agent("cross-a", backend, provider);
+    let b = agent("cross-b", backend, provider);
     let a_src = Mem::new(MemKind::Vram, init_dev(), &pattern(1, n)).expect("VRAM");
     let a_dst = Mem::new(MemKind::Vram, init_dev(), &vec![0; n]).expect("VRAM");
     let b_src = Mem::new(MemKind::Vram, target_dev(), &pattern(2, n)).expect("VRAM");
@@ -824,29 +1016,40 @@ fn libfabric_staged_crossing_writes_do_not_deadlock() {
     staged_crossing_writes("LIBFABRIC", TCP_RXM);
 }
 
-/// A host pointer registered as VRAM is refused by pointer attributes.
+/// A host pointer registered as VRAM is refused by pointer attributes, as
+/// is VRAM registered with the wrong device id; VRAM with its own is taken.
+fn registration_checks_pointer_attributes(backend: &str) {
+    let agent = agent("gpu-reg", backend, None);
+    let host = vec![0u8; 4096];
+    // SAFETY: the buffer outlives the agent; registration is refused.
+    let r = unsafe { agent.register(host.as_ptr() as u64, 4096, 0, MemKind::Vram) };
+    assert!(
+        matches!(r, Err(Error::Backend { .. })),
+        "{backend}: host memory as VRAM gave {r:?}"
+    );
+    // Wrong device id for real VRAM.
+    let count = kvxfer_cuda::device_count().expect("device count");
+    let buf = DeviceBuffer::new(0, 4096).expect("VRAM");
+    // SAFETY: as above.
+    let r = unsafe { agent.register(buf.ptr(), 4096, count, MemKind::Vram) };
+    assert!(r.is_err(), "{backend}: VRAM on device {count} accepted");
+    // SAFETY: `buf` lives until after the agent's shutdown below.
+    unsafe { agent.register(buf.ptr(), 4096, 0, MemKind::Vram) }
+        .unwrap_or_else(|e| panic!("{backend}: registering VRAM: {e}"));
+    agent.shutdown();
+}
+
 #[test]
 #[ignore = "needs a GPU"]
 fn vram_registration_checks_pointer_attributes() {
-    for (backend, provider) in [("CUDA_IPC", None), ("UCX", None)] {
-        let agent = Agent::new("gpu-reg", config(backend, provider)).expect("agent");
-        let host = vec![0u8; 4096];
-        // SAFETY: the buffer outlives the agent; registration is refused.
-        let r = unsafe { agent.register(host.as_ptr() as u64, 4096, 0, MemKind::Vram) };
-        assert!(
-            matches!(r, Err(Error::Backend { .. })),
-            "{backend}: host memory as VRAM gave {r:?}"
-        );
-        // Wrong device id for real VRAM.
-        let count = kvxfer_cuda::device_count().expect("device count");
-        let buf = DeviceBuffer::new(0, 4096).expect("VRAM");
-        // SAFETY: as above.
-        let r = unsafe { agent.register(buf.ptr(), 4096, count, MemKind::Vram) };
-        assert!(r.is_err(), "{backend}: VRAM on device {count} accepted");
-        // SAFETY: `buf` lives until after the agent's shutdown below.
-        unsafe { agent.register(buf.ptr(), 4096, 0, MemKind::Vram) }.expect("register VRAM");
-        agent.shutdown();
-    }
+    registration_checks_pointer_attributes("CUDA_IPC");
+    registration_checks_pointer_attributes("UCX");
+}
+
+#[test]
+#[ignore = "needs a GPU and a UCX with CUDA support"]
+fn ucx_native_vram_registration_checks_pointer_attributes() {
+    registration_checks_pointer_attributes(UCX_NATIVE);
 }
 
 /// Without a CUDA driver, CUDA_IPC and VRAM registration fail with a clear

@@ -24,7 +24,7 @@ pub mod loopback;
 
 use crate::desc::SegRec;
 use crate::error::Error;
-use crate::mem::{MemKinds, Region};
+use crate::mem::{MemKind, MemKinds, Region};
 use crate::storage::{RegionSlot, RemoteSlot};
 
 /// Identifies a posted transfer to its transport; handed back in the
@@ -373,6 +373,22 @@ pub trait Transport {
 
     /// Releases an unpacked key.
     fn release_key(&mut self, key: Self::RemoteKey);
+
+    /// The kind of memory `reg` registered. A wrapper that moves host
+    /// memory by other means (same-host cross-memory attach) leaves
+    /// segments in GPU memory to the transport. Default: host memory, for
+    /// transports whose capabilities hold DRAM only.
+    fn local_kind(&self, reg: &Self::LocalReg) -> MemKind {
+        let _ = reg;
+        MemKind::Dram
+    }
+
+    /// The kind of the peer's memory behind `key` (see
+    /// [`local_kind`](Self::local_kind)). Default: host memory.
+    fn remote_kind(&self, key: &Self::RemoteKey) -> MemKind {
+        let _ = key;
+        MemKind::Dram
+    }
 
     /// Starts moving `segments` to or from `peer`. `notification`, when
     /// given, must reach the peer after the data. Must not block.

@@ -124,6 +124,21 @@ enum Cmd {
         /// Print one JSON object instead of the table.
         #[arg(long)]
         json: bool,
+        /// Measure each request size from LOW to HIGH, doubling (one block
+        /// per request, 1 s each unless --iters or --duration), over each
+        /// backend of --backend, which may then be a list
+        /// (UCX,LIBFABRIC:shm); prints a table and writes OUT.json and
+        /// OUT.svg (bandwidth and p50 latency against size).
+        #[arg(long, value_name = "LOW..HIGH", conflicts_with_all = ["peer", "etcd", "tcp_baseline"])]
+        sweep: Option<String>,
+        /// Path of the sweep's files without extension.
+        #[arg(
+            long,
+            value_name = "OUT",
+            default_value = "kvxfer-sweep",
+            requires = "sweep"
+        )]
+        out: std::path::PathBuf,
     },
 }
 
@@ -144,18 +159,6 @@ impl Mem {
     }
 }
 
-/// Refuses VRAM in a kvxfer built without CUDA, saying how to get it.
-fn check_mem(mem: Mem, what: &str) -> Result<(), ExitCode> {
-    if matches!(mem, Mem::Vram) && !cfg!(feature = "cuda") {
-        eprintln!(
-            "kvxfer {what}: --mem vram needs a kvxfer built with CUDA support:\n  \
-             cargo build --release -p kvxfer --features cuda"
-        );
-        return Err(ExitCode::from(2));
-    }
-    Ok(())
-}
-
 #[derive(Copy, Clone, Debug, ValueEnum)]
 enum Op {
     Read,
@@ -166,7 +169,10 @@ fn info() -> ExitCode {
     println!("kvxfer {}", env!("CARGO_PKG_VERSION"));
     match kvxfer::config::select_backend_from_env(None) {
         Ok((b, src)) => println!("selected backend: {b} (from {})", src.name()),
-        Err(e) => println!("selected backend: error: {e}"),
+        Err(e) => match bench::check_setup(None, None, kvxfer::MemKind::Dram) {
+            Err(why) => println!("selected backend: {why}"),
+            Ok(_) => println!("selected backend: error: {e}"),
+        },
     }
     for kind in BackendKind::ALL {
         if !kvxfer::config::is_built_in(kind) {
@@ -252,6 +258,7 @@ fn info_ucx() {
                  with tcp active messages; peers on this host move by cross-memory attach)",
                 if cfg.peer_failure_detection { "on" } else { "off" },
             );
+            println!("  VRAM: {}", ucx_vram_path(&cfg, &t));
         }
         Err(e) => println!(
             "  transport fails: {e}\n  (Debian: apt-get install libucx0 ucx-utils; `ucx_info -d` lists devices)"
@@ -259,11 +266,36 @@ fn info_ucx() {
     }
 }
 
+/// Which path VRAM takes over UCX, and why.
+#[cfg(feature = "ucx")]
+fn ucx_vram_path(cfg: &kvxfer_ucx::UcxConfig, t: &kvxfer_ucx::UcxTransport) -> String {
+    if !cfg!(feature = "cuda") {
+        return "none (this kvxfer is built without the cuda feature)".to_string();
+    }
+    if t.native_vram() {
+        return "native: this UCX supports CUDA memory and registers VRAM itself \
+                (cuda_ipc/cuda_copy on this host, GPUDirect RDMA across hosts where the NIC \
+                supports it)"
+            .to_string();
+    }
+    let why = if cfg.native_vram {
+        "this UCX has no CUDA support: built without CUDA, or its cuda module or the CUDA \
+         driver is missing; the README says how to get a CUDA-enabled UCX"
+            .to_string()
+    } else {
+        format!("{}=0", kvxfer_ucx::NATIVE_VRAM_ENV)
+    };
+    format!("staged through pinned host memory ({why})")
+}
+
 #[cfg(feature = "libfabric")]
 fn info_libfabric() {
     let (major, minor) = kvxfer_libfabric::version();
     let usable = kvxfer_libfabric::usable_providers();
     println!("LIBFABRIC: built in; libfabric {major}.{minor}");
+    if cfg!(feature = "cuda") {
+        println!("  VRAM: staged through pinned host memory (FI_HMEM is not used yet)");
+    }
     if usable.is_empty() {
         println!(
             "  no provider offers FI_EP_RDM with FI_RMA here (Debian: apt-get install libfabric1; \
@@ -327,6 +359,105 @@ fn info_cuda() {
     }
 }
 
+/// `kvxfer bench --sweep RANGE`: every size over every backend of
+/// `base.backend`, then the table (or JSON) and the files.
+fn run_sweep(base: &BenchOptions, range: &str, out: &std::path::Path, json: bool) -> ExitCode {
+    use kvxfer::sweep::{self, SweepBackend, SweepPoint};
+    let usage = |e: String| {
+        eprintln!("kvxfer bench: {e}");
+        ExitCode::from(2)
+    };
+    let sizes = match sweep::parse_range(range) {
+        Ok(s) => s,
+        Err(e) => return usage(format!("--sweep {range}: {e}")),
+    };
+    let backends = match &base.backend {
+        Some(list) => match sweep::parse_backends(list) {
+            Ok(b) => b,
+            Err(e) => return usage(format!("--backend {list}: {e}")),
+        },
+        None => match kvxfer::config::select_backend_from_env(None) {
+            Ok((kind, _)) => vec![SweepBackend {
+                backend: kind.name().to_string(),
+                provider: base.provider.clone(),
+            }],
+            // Named by the check below, with its source.
+            Err(_) => vec![],
+        },
+    };
+    let mut base = base.clone();
+    if base.iters.is_none() && base.duration.is_none() {
+        base.duration = Some(Duration::from_secs(1));
+    }
+    base.progress_bar = false;
+    // Every backend is checked before the first is measured.
+    let checks: Vec<_> = if backends.is_empty() {
+        vec![bench::check_setup(None, base.provider.as_deref(), base.mem).map(|_| ())]
+    } else {
+        backends
+            .iter()
+            .map(|b| {
+                let provider = b.provider.as_deref().or(base.provider.as_deref());
+                bench::check_setup(Some(&b.backend), provider, base.mem).map(|_| ())
+            })
+            .collect()
+    };
+    if let Some(Err(e)) = checks.into_iter().find(Result::is_err) {
+        return usage(e.to_string());
+    }
+    let mut points = Vec::new();
+    for b in &backends {
+        for &size in &sizes {
+            let opts = sweep::point_options(&base, b, size);
+            match bench::run_bench(&opts) {
+                Ok(report) => {
+                    eprintln!(
+                        "sweep: {} {}: {:.3} GB/s, p50 {:.1} us",
+                        b.label(),
+                        bench::format_size(size),
+                        report.gb_per_s,
+                        report.p50_us
+                    );
+                    points.push(SweepPoint {
+                        label: b.label(),
+                        report,
+                    });
+                }
+                Err(e) => {
+                    eprintln!(
+                        "kvxfer bench: FAILED: sweep {} at {}: {e}",
+                        b.label(),
+                        bench::format_size(size)
+                    );
+                    return ExitCode::from(e.exit_code());
+                }
+            }
+        }
+    }
+    let json_path = out.with_extension("json");
+    let svg_path = out.with_extension("svg");
+    let json_text = sweep::json(&points);
+    if let Err(e) = std::fs::write(&json_path, &json_text) {
+        eprintln!("kvxfer bench: writing {}: {e}", json_path.display());
+        return ExitCode::FAILURE;
+    }
+    if let Err(e) = sweep::svg(&points, &svg_path) {
+        eprintln!("kvxfer bench: {e}");
+        return ExitCode::FAILURE;
+    }
+    if json {
+        println!("{json_text}");
+    } else {
+        println!("{}", sweep::table(&points));
+        println!(
+            "sweep written to {} and {}",
+            json_path.display(),
+            svg_path.display()
+        );
+    }
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
@@ -344,9 +475,6 @@ fn main() -> ExitCode {
             mem,
             device,
         } => {
-            if let Err(code) = check_mem(mem, "target") {
-                return code;
-            }
             let stop = Arc::new(AtomicBool::new(false));
             bench::stop_on_stdin_eof(Arc::clone(&stop));
             let opts = TargetOptions {
@@ -369,7 +497,7 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("kvxfer target: {e}");
-                    ExitCode::FAILURE
+                    ExitCode::from(e.exit_code())
                 }
             }
         }
@@ -394,10 +522,9 @@ fn main() -> ExitCode {
             device,
             progress_thread,
             json,
+            sweep,
+            out,
         } => {
-            if let Err(code) = check_mem(mem, "bench") {
-                return code;
-            }
             let opts = BenchOptions {
                 peer,
                 etcd,
@@ -424,14 +551,21 @@ fn main() -> ExitCode {
                 progress_bar: !json,
                 ..BenchOptions::default()
             };
+            if let Some(range) = sweep {
+                return run_sweep(&opts, &range, &out, json);
+            }
             match bench::run_bench(&opts) {
                 Ok(r) => {
                     println!("{}", if json { r.json() } else { r.table() });
                     ExitCode::SUCCESS
                 }
+                Err(e @ bench::BenchError::Options(_)) => {
+                    eprintln!("kvxfer bench: {e}");
+                    ExitCode::from(e.exit_code())
+                }
                 Err(e) => {
                     eprintln!("kvxfer bench: FAILED: {e}");
-                    ExitCode::FAILURE
+                    ExitCode::from(e.exit_code())
                 }
             }
         }

@@ -14,6 +14,10 @@
 //! peers, go through the inner transport; a notification attached to a
 //! transfer is sent once all its bytes have moved.
 //!
+//! Cross-memory attach moves host memory only. Where the inner transport
+//! registers GPU memory itself (UCX built with CUDA), a transfer with VRAM
+//! on either side goes to the inner transport, same host or not.
+//!
 //! Cross-memory attach needs ptrace permission over the peer (same user;
 //! Yama `ptrace_scope` 0, or 1 with the peer a descendant). Where it is
 //! refused, the peer is served by the inner transport. The remote side
@@ -35,7 +39,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvxfer_core::{
-    Capabilities, Completion, Error, PostStatus, Region, Segments, Token, Transport, XferOp,
+    Capabilities, Completion, Error, MemKind, PostStatus, Region, Segments, Token, Transport,
+    XferOp,
 };
 
 use pool::{Part, Pool, Progress};
@@ -429,6 +434,16 @@ impl<T: Transport> Local<T> {
         Ok(PostStatus::InProgress)
     }
 
+    /// Whether a segment lies in GPU memory on either side (only where the
+    /// inner transport registers GPU memory at all).
+    fn touches_vram(&self, segments: Segments<'_, T::LocalReg, T::RemoteKey>) -> bool {
+        let vram = MemKind::Vram;
+        self.inner.capabilities().mem_kinds.contains(vram)
+            && segments.iter().any(|s| {
+                self.inner.local_kind(s.local) == vram || self.inner.remote_kind(s.remote) == vram
+            })
+    }
+
     /// Hands the notification of a transfer whose data has moved to the
     /// inner transport, as a transfer without segments under the same
     /// token: its completion (once the message is out) completes the
@@ -599,6 +614,14 @@ impl<T: Transport> Transport for Local<T> {
         self.inner.release_key(key)
     }
 
+    fn local_kind(&self, reg: &T::LocalReg) -> MemKind {
+        self.inner.local_kind(reg)
+    }
+
+    fn remote_kind(&self, key: &T::RemoteKey) -> MemKind {
+        self.inner.remote_kind(key)
+    }
+
     fn post(
         &mut self,
         op: XferOp,
@@ -613,13 +636,14 @@ impl<T: Transport> Transport for Local<T> {
             .as_ref()
             .map(|n| (n.pid, n.pidfd.as_raw_fd()));
         match near {
-            Some((pid, pidfd)) => {
+            // GPU memory is the inner transport's to move.
+            Some((pid, pidfd)) if !self.touches_vram(segments) => {
                 if ffi::exited(pidfd) {
                     return Err(Error::disconnected(""));
                 }
                 self.post_cma(op, peer.id, pid, segments, notification, token)
             }
-            None => match self.peers.get(&peer.id) {
+            _ => match self.peers.get(&peer.id) {
                 Some(e) => self.inner.post(op, &e.inner, segments, notification, token),
                 None => Err(Error::disconnected("")),
             },

@@ -59,6 +59,11 @@ pub use transport::{abandoned_transports, UcxPeer, UcxReg, UcxRemoteKey, UcxTran
 /// [`UcxConfig::from_env`], in milliseconds (`0` turns the deadline off).
 pub const OP_TIMEOUT_ENV: &str = "KVXFER_UCX_OP_TIMEOUT_MS";
 
+/// Environment variable that sets [`UcxConfig::native_vram`] in
+/// [`UcxConfig::from_env`]: `0` keeps VRAM off UCX even where it has CUDA
+/// support (a wrapper such as `kvxfer_cuda::Staged` then stages it).
+pub const NATIVE_VRAM_ENV: &str = "KVXFER_UCX_NATIVE_VRAM";
+
 /// The version of the UCX library loaded, as UCX spells it (`"1.13.1"`).
 pub fn version() -> String {
     // SAFETY: ucp_get_version_string takes no argument and returns a
@@ -161,6 +166,14 @@ pub struct UcxConfig {
     /// when UCX's transports emulate RMA (no `rc`, `dc` or `ud` among
     /// them). Default: 8192.
     pub inline_write_max: u32,
+    /// Register GPU memory (VRAM) with UCX itself when the UCX library
+    /// loaded supports CUDA memory (built with CUDA, its `cuda` module
+    /// found): UCX then moves it with `cuda_ipc` and `cuda_copy` on one
+    /// host and over the network transports (GPUDirect RDMA where the NIC
+    /// supports it) across hosts. Without that support, or with `false`,
+    /// the transport registers host memory only. Also set through
+    /// [`NATIVE_VRAM_ENV`] with [`UcxConfig::from_env`]. Default: `true`.
+    pub native_vram: bool,
 }
 
 impl UcxConfig {
@@ -171,6 +184,19 @@ impl UcxConfig {
         let mut cfg = UcxConfig::default();
         if let Some(v) = std::env::var_os(OP_TIMEOUT_ENV) {
             cfg.op_timeout = parse_op_timeout(&v.to_string_lossy())?;
+        }
+        if let Some(v) = std::env::var_os(NATIVE_VRAM_ENV) {
+            cfg.native_vram = match v.to_string_lossy().trim() {
+                "0" => false,
+                "1" => true,
+                other => {
+                    return Err(kvxfer_core::Error::backend(
+                        BACKEND,
+                        -1,
+                        &format!("{NATIVE_VRAM_ENV}={other:?}: expected 0 or 1"),
+                    ))
+                }
+            };
         }
         Ok(cfg)
     }
@@ -189,6 +215,7 @@ impl Default for UcxConfig {
             peer_failure_detection: true,
             tcp_seg_size: Some(64 << 10),
             inline_write_max: 8192,
+            native_vram: true,
         }
     }
 }

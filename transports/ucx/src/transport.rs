@@ -295,6 +295,8 @@ pub struct UcxTransport {
     inline: Box<UnsafeCell<Inline>>,
     /// Largest small WRITE sent that way (0: none).
     inline_max: u64,
+    /// VRAM is registered with UCX itself (see [`UcxConfig::native_vram`]).
+    cuda: bool,
     _not_sync: PhantomData<Cell<()>>,
 }
 
@@ -507,6 +509,7 @@ impl UcxTransport {
             progress_events: 0,
             inline: Inline::new(),
             inline_max: 0,
+            cuda: false,
             _not_sync: PhantomData,
         };
 
@@ -533,6 +536,7 @@ impl UcxTransport {
             return Err(ucs_error("creating the UCP context", st));
         }
         drop(ucp_config);
+        transport.cuda = config.native_vram && transport.supports_cuda();
 
         let wparams = sys::ucp_worker_params_t {
             field_mask: u64::from(sys::UCP_WORKER_PARAM_FIELD_THREAD_MODE),
@@ -614,6 +618,29 @@ impl UcxTransport {
             transport.address.len()
         );
         Ok(transport)
+    }
+
+    /// Whether the UCP context can use CUDA memory: UCX was built with
+    /// CUDA and its `cuda` module loaded (it needs the CUDA driver).
+    fn supports_cuda(&self) -> bool {
+        let mut attr = sys::ucp_context_attr_t {
+            field_mask: u64::from(sys::UCP_ATTR_FIELD_MEMORY_TYPES),
+            ..Default::default()
+        };
+        // SAFETY: the context is live; attr is valid for the call.
+        let st = unsafe { sys::ucp_context_query(self.context, &mut attr) };
+        if st != UCS_OK {
+            log::debug!("UCX: ucp_context_query failed ({st}); host memory only");
+            return false;
+        }
+        attr.memory_types & (1u64 << sys::UCS_MEMORY_TYPE_CUDA) != 0
+    }
+
+    /// Whether this transport registers VRAM with UCX itself (UCX with
+    /// CUDA support and [`UcxConfig::native_vram`]); otherwise it takes
+    /// host memory only.
+    pub fn native_vram(&self) -> bool {
+        self.cuda
     }
 
     /// The settings this transport was created with.
@@ -1392,7 +1419,11 @@ impl Transport for UcxTransport {
 
     fn capabilities(&self) -> Capabilities {
         let mut caps = Capabilities::default();
-        caps.mem_kinds = MemKinds::DRAM;
+        caps.mem_kinds = if self.cuda {
+            MemKinds::DRAM_VRAM
+        } else {
+            MemKinds::DRAM
+        };
         caps.max_segments = 0;
         caps.max_notification = self.config.max_notification;
         caps.can_cancel = true;
@@ -1401,7 +1432,7 @@ impl Transport for UcxTransport {
     }
 
     fn register(&mut self, region: &Region) -> Result<UcxReg, Error> {
-        if region.kind != MemKind::Dram {
+        if region.kind == MemKind::Vram && !self.cuda {
             return Err(Error::UnsupportedMemKind {
                 backend: BACKEND,
                 kind: region.kind,
@@ -1414,7 +1445,7 @@ impl Transport for UcxTransport {
                 len: region.len,
             });
         }
-        let params = sys::ucp_mem_map_params_t {
+        let mut params = sys::ucp_mem_map_params_t {
             field_mask: u64::from(
                 sys::UCP_MEM_MAP_PARAM_FIELD_ADDRESS | sys::UCP_MEM_MAP_PARAM_FIELD_LENGTH,
             ),
@@ -1422,6 +1453,11 @@ impl Transport for UcxTransport {
             length: len.unwrap_or(0),
             ..Default::default()
         };
+        if region.kind == MemKind::Vram {
+            // UCX finds the device from the pointer's attributes.
+            params.field_mask |= u64::from(sys::UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE);
+            params.memory_type = sys::UCS_MEMORY_TYPE_CUDA;
+        }
         let mut memh: sys::ucp_mem_h = ptr::null_mut();
         // SAFETY: the context is live; UCX only registers (pins/records) the
         // given range, which the caller owns for the registration's life.
@@ -1451,8 +1487,11 @@ impl Transport for UcxTransport {
             region: *region,
             packed,
         });
-        // SAFETY: handlers run only inside progress, which is not running.
-        unsafe { (*self.inline.get()).regions.push((region.addr, region.len)) };
+        if region.kind == MemKind::Dram {
+            // SAFETY: handlers run only inside progress, which is not
+            // running.
+            unsafe { (*self.inline.get()).regions.push((region.addr, region.len)) };
+        }
         Ok(UcxReg {
             owner: self.owner,
             index,
@@ -1699,6 +1738,20 @@ impl Transport for UcxTransport {
         })
     }
 
+    fn local_kind(&self, reg: &UcxReg) -> MemKind {
+        match self.regs.get(reg.index) {
+            Some(r) if reg.owner == self.owner => r.region.kind,
+            _ => MemKind::Dram,
+        }
+    }
+
+    fn remote_kind(&self, key: &UcxRemoteKey) -> MemKind {
+        match self.keys.get(key.index) {
+            Some(k) if key.owner == self.owner => k.region.kind,
+            _ => MemKind::Dram,
+        }
+    }
+
     fn release_key(&mut self, key: UcxRemoteKey) {
         if key.owner != self.owner {
             log::error!("UCX: release_key: key belongs to another transport; ignored");
@@ -1734,6 +1787,7 @@ impl Transport for UcxTransport {
         }
         // Check every segment before anything is issued: UCX writes where
         // the segments say, so they must lie inside what was registered.
+        let mut host_only = true;
         for (i, seg) in segments.iter().enumerate() {
             let index = i as u32;
             let bad = |side, addr, reason| Error::InvalidDesc {
@@ -1776,6 +1830,7 @@ impl Transport for UcxTransport {
                 };
                 return Err(bad(Side::Remote, seg.remote_addr, reason));
             }
+            host_only &= local.kind == MemKind::Dram && remote.kind == MemKind::Dram;
         }
 
         let index = self.alloc_slot(token, op, ep_index, notification);
@@ -1792,14 +1847,29 @@ impl Transport for UcxTransport {
                 }
             }
         }
-        if op == XferOp::Write && self.inline_max > 0 {
+        // The target copies a small WRITE into place with the CPU: host
+        // memory only.
+        if op == XferOp::Write && self.inline_max > 0 && host_only {
             if let Some(seg) = segments.single().filter(|g| g.len <= self.inline_max) {
                 self.issue_inline(slot, index, ep, seg.local_addr, seg.len, seg.remote_addr);
                 return self.finish_post(index);
             }
         }
-        let param = Self::request_param(slot, 0);
+        let mut param = Self::request_param(slot, 0);
         for seg in segments {
+            if self.cuda {
+                // The local memory's type, so that UCX need not detect it.
+                let vram = self
+                    .regs
+                    .get(seg.local.index)
+                    .is_some_and(|r| r.region.kind == MemKind::Vram);
+                param.op_attr_mask |= sys::UCP_OP_ATTR_FIELD_MEMORY_TYPE;
+                param.memory_type = if vram {
+                    sys::UCS_MEMORY_TYPE_CUDA
+                } else {
+                    sys::UCS_MEMORY_TYPE_HOST
+                };
+            }
             let rkey = self
                 .keys
                 .get(seg.remote.index)
