@@ -1,18 +1,68 @@
 //! Test data: seeded patterns, a checksum, hex, and byte comparison.
 
-/// Fills `buf` with the pseudo-random bytes of `seed` (xorshift64): the
-/// same bytes as [`pattern`] of the same length.
-pub fn fill(buf: &mut [u8], seed: u64) {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    for chunk in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+/// SplitMix64's output function.
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The 8 pattern bytes of `seed` from offset `word * 8` (zero for seed 0).
+#[inline]
+fn pattern_word(seed: u64, word: u64) -> [u8; 8] {
+    if seed == 0 {
+        return [0; 8];
+    }
+    splitmix64(seed ^ word.wrapping_mul(0xd6e8_feb8_6659_fd93)).to_le_bytes()
+}
+
+/// Byte `offset` of the pseudo-random pattern of `seed`. The pattern is
+/// addressable at any offset, so both ends of a transfer agree on the
+/// bytes of any part of it; seed 0 is all zeros.
+pub fn pattern_byte(seed: u64, offset: u64) -> u8 {
+    pattern_word(seed, offset / 8)[(offset % 8) as usize]
+}
+
+/// Fills `buf` with the pattern of `seed` from `offset` on.
+pub fn fill_pattern(buf: &mut [u8], seed: u64, offset: u64) {
+    let mut off = offset;
+    let mut i = 0;
+    while i < buf.len() {
+        let w = pattern_word(seed, off / 8);
+        let start = (off % 8) as usize;
+        let n = (8 - start).min(buf.len() - i);
+        buf[i..i + n].copy_from_slice(&w[start..start + n]);
+        i += n;
+        off += n as u64;
     }
 }
 
-/// `len` pseudo-random bytes of `seed` (see [`fill`]).
+/// Checks that `buf` holds the pattern of `seed` from `offset` on; `Err`
+/// gives the index of the first differing byte, the byte found and the
+/// byte expected.
+pub fn check_pattern(buf: &[u8], seed: u64, offset: u64) -> Result<(), (usize, u8, u8)> {
+    let mut off = offset;
+    let mut i = 0;
+    while i < buf.len() {
+        let w = pattern_word(seed, off / 8);
+        let start = (off % 8) as usize;
+        let n = (8 - start).min(buf.len() - i);
+        if let Some(k) = (0..n).find(|&k| buf[i + k] != w[start + k]) {
+            return Err((i + k, buf[i + k], w[start + k]));
+        }
+        i += n;
+        off += n as u64;
+    }
+    Ok(())
+}
+
+/// Fills `buf` with the pattern of `seed` (see [`pattern_byte`]).
+pub fn fill(buf: &mut [u8], seed: u64) {
+    fill_pattern(buf, seed, 0);
+}
+
+/// The first `len` bytes of the pattern of `seed` (see [`pattern_byte`]).
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     fill(&mut v, seed);
@@ -92,10 +142,26 @@ mod tests {
         fill(&mut f, 7);
         assert_eq!(p, f);
         assert_ne!(p, pattern(8, 21));
+        assert_eq!(pattern(0, 9), [0; 9]);
         assert_eq!(unhex(&hex(&p)).as_deref(), Some(&p[..]));
         assert_eq!(hex(&[0, 0xab, 0x10]), "00ab10");
         assert_eq!(unhex("0"), None);
         assert_eq!(unhex("zz"), None);
+    }
+
+    #[test]
+    fn pattern_is_addressable_at_any_offset() {
+        let mut a = vec![0u8; 100];
+        fill_pattern(&mut a, 7, 3);
+        for (i, &b) in a.iter().enumerate() {
+            assert_eq!(b, pattern_byte(7, 3 + i as u64));
+        }
+        assert_eq!(check_pattern(&a[10..], 7, 13), Ok(()));
+        a[50] ^= 1;
+        assert_eq!(check_pattern(&a, 7, 3), Err((50, a[50], a[50] ^ 1)));
+        let mut z = vec![1u8; 9];
+        fill_pattern(&mut z, 0, 5);
+        assert_eq!(z, vec![0u8; 9]);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! provider: a transport crate describes itself with a [`Backend`] and
 //! instantiates the suite in one line of an integration test,
 //!
-//! ```ignore
+//! ```text
 //! kvxfer_testkit::conformance_suite!(tcp, Ucx::tls("tcp"));
 //! ```
 //!
@@ -29,7 +29,10 @@ use std::time::Duration;
 
 use kvxfer_core::{Error, Transport};
 
-pub use data::{assert_same, checksum, fill, first_diff, hex, pattern, unhex};
+pub use data::{
+    assert_same, check_pattern, checksum, fill, fill_pattern, first_diff, hex, pattern,
+    pattern_byte, splitmix64, unhex,
+};
 pub use initiator::Initiator;
 pub use memory::{HostMemory, Memory};
 pub use target::Target;
