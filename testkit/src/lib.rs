@@ -1,4 +1,4 @@
-//! kvxfer's conformance suite for every [`Transport`](kvxfer_core::Transport),
+//! kvxfer's conformance suite for every [`Transport`],
 //! and the helpers the repository's tests share.
 //!
 //! One suite, many backends, as rustls runs one API suite per crypto
