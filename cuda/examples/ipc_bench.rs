@@ -30,23 +30,19 @@ use std::time::{Duration, Instant};
 
 use kvxfer_core::{Error, Region, Segment, Token, Transport, XferOp};
 use kvxfer_cuda::{CudaIpcTransport, DeviceBuffer};
+use kvxfer_testkit::hex;
 
 const ROLE: &str = "KVXFER_CUDA_BENCH_ROLE";
 const ITERS: u32 = 20;
 const WARMUP: u32 = 3;
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len() / 2)
-        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap_or(0))
-        .collect()
+    kvxfer_testkit::unhex(s).unwrap_or_default()
 }
 
+/// The bytes the bench moves and checks.
 fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i.wrapping_mul(31) >> 3) as u8).collect()
+    kvxfer_testkit::pattern(1, len)
 }
 
 fn env_dev(name: &str) -> u32 {

@@ -16,6 +16,7 @@ use kvxfer_core::{Error, MemKind, PostStatus, Region, Segment, Token, Transport,
 use kvxfer_cuda::driver::{self, NO_DRIVER};
 use kvxfer_cuda::wire::{DramKey, IpcAddress, IpcKey};
 use kvxfer_cuda::{CudaIpcTransport, DeviceBuffer, PinnedBuffer};
+use kvxfer_testkit::{first_diff as first_mismatch, hex, pattern};
 
 const ROLE: &str = "KVXFER_CUDA_TEST_ROLE";
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -23,38 +24,8 @@ const MIB: usize = 1 << 20;
 
 // ---------------------------------------------------------------- helpers
 
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = vec![0u8; len];
-    for chunk in out.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    out
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len() / 2)
-        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("hex"))
-        .collect()
-}
-
-fn first_mismatch(a: &[u8], b: &[u8]) -> Option<usize> {
-    if a == b {
-        return None;
-    }
-    Some(
-        a.iter()
-            .zip(b)
-            .position(|(x, y)| x != y)
-            .unwrap_or(a.len().min(b.len())),
-    )
+    kvxfer_testkit::unhex(s).expect("hex")
 }
 
 /// Memory of either kind for the two-process tests, zeroed at creation.

@@ -26,27 +26,10 @@ use std::time::{Duration, Instant};
 
 use kvxfer::{Agent, AgentConfig, Desc, Error, MemKind, WaitOutcome, XferOp};
 use kvxfer_cuda::DeviceBuffer;
+use kvxfer_testkit::{first_diff, pattern};
 
 const ROLE: &str = "KVXFER_GPU_ROLE";
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Deterministic bytes for `seed`; seed 0 is all zeroes.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    if seed == 0 {
-        return vec![0; len];
-    }
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let bytes = x.to_le_bytes();
-        let n = (len - v.len()).min(8);
-        v.extend_from_slice(&bytes[..n]);
-    }
-    v
-}
 
 /// The target's contents after the initiator WROTE `pattern(22)`'s blocks
 /// `[i * step, +block)` over `pattern(11)`.
@@ -58,14 +41,6 @@ fn mixed(len: usize, block: usize, step: usize) -> Vec<u8> {
         want[o..o + block].copy_from_slice(&src[o..o + block]);
     }
     want
-}
-
-/// First offset where `got` and `want` differ, if any.
-fn first_diff(got: &[u8], want: &[u8]) -> Option<usize> {
-    if got.len() != want.len() {
-        return Some(got.len().min(want.len()));
-    }
-    got.iter().zip(want).position(|(a, b)| a != b)
 }
 
 fn env_u32(name: &str) -> u32 {

@@ -13,7 +13,7 @@
 //!   command waits at most a timeout ([`STEP`] unless given), and a peer that
 //!   does not answer in time is killed and the test fails with the tail of
 //!   its standard error.
-//! * [`pattern`], [`fill_pattern`], [`check_pattern`], [`fnv1a64`]:
+//! * [`fill_pattern`], [`check_pattern`] (from `kvxfer-testkit`):
 //!   reproducible pseudo-random data from a seed, addressable at any offset,
 //!   so both ends of a transfer agree on the expected bytes without moving
 //!   them through the test; [`random_seed`] picks a fresh seed per run.
@@ -64,6 +64,8 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+pub use kvxfer_testkit::{check_pattern, fill_pattern, hex, splitmix64, unhex};
 
 /// What every reply line of a peer starts with; other output is ignored.
 pub const REPLY_PREFIX: &str = "@kvx ";
@@ -576,28 +578,6 @@ pub fn debug_of(e: &kvxfer::Error) -> String {
     format!("{e:?}")
 }
 
-/// Lower-case hex of `b`.
-pub fn hex(b: &[u8]) -> String {
-    const D: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        s.push(D[(x >> 4) as usize] as char);
-        s.push(D[(x & 15) as usize] as char);
-    }
-    s
-}
-
-/// Bytes of hex text; `None` if it is not hex of whole bytes.
-pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 /// A fresh non-zero seed (time and process id), different per call.
 pub fn random_seed() -> u64 {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -606,73 +586,6 @@ pub fn random_seed() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     splitmix64(t ^ (u64::from(std::process::id()) << 32) ^ n.wrapping_mul(0x9e37)) | 1
-}
-
-/// SplitMix64's output function.
-pub fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// The 8 pattern bytes of `seed` starting at offset `word * 8` (all zero
-/// for seed 0).
-#[inline]
-fn pattern_word(seed: u64, word: u64) -> [u8; 8] {
-    if seed == 0 {
-        return [0; 8];
-    }
-    splitmix64(seed ^ word.wrapping_mul(0xd6e8_feb8_6659_fd93)).to_le_bytes()
-}
-
-/// Byte `offset` of the pseudo-random pattern `seed` (seed 0 is all zeros).
-pub fn pattern(seed: u64, offset: u64) -> u8 {
-    pattern_word(seed, offset / 8)[(offset % 8) as usize]
-}
-
-/// Fills `buf` with pattern `seed` from `offset` on.
-pub fn fill_pattern(buf: &mut [u8], seed: u64, offset: u64) {
-    let mut off = offset;
-    let mut i = 0;
-    while i < buf.len() {
-        let w = pattern_word(seed, off / 8);
-        let start = (off % 8) as usize;
-        let n = (8 - start).min(buf.len() - i);
-        buf[i..i + n].copy_from_slice(&w[start..start + n]);
-        i += n;
-        off += n as u64;
-    }
-}
-
-/// Checks that `buf` holds pattern `seed` from `offset` on; `Err` gives
-/// the index of the first differing byte, the byte found and the byte
-/// expected.
-pub fn check_pattern(buf: &[u8], seed: u64, offset: u64) -> Result<(), (usize, u8, u8)> {
-    let mut off = offset;
-    let mut i = 0;
-    while i < buf.len() {
-        let w = pattern_word(seed, off / 8);
-        let start = (off % 8) as usize;
-        let n = (8 - start).min(buf.len() - i);
-        if buf[i..i + n] != w[start..start + n] {
-            for k in 0..n {
-                if buf[i + k] != w[start + k] {
-                    return Err((i + k, buf[i + k], w[start + k]));
-                }
-            }
-        }
-        i += n;
-        off += n as u64;
-    }
-    Ok(())
-}
-
-/// FNV-1a (64 bit) of `b`: a quick checksum for comparing buffers.
-pub fn fnv1a64(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf2_9ce4_8422_2325, |h, &x| {
-        (h ^ u64::from(x)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }
 
 /// Zeroed, page-aligned heap memory, freed on drop.
@@ -737,22 +650,6 @@ impl Drop for AlignedBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pattern_is_addressable_at_any_offset() {
-        let mut a = vec![0u8; 100];
-        fill_pattern(&mut a, 7, 3);
-        for (i, &b) in a.iter().enumerate() {
-            assert_eq!(b, pattern(7, 3 + i as u64));
-        }
-        assert_eq!(check_pattern(&a[10..], 7, 13), Ok(()));
-        a[50] ^= 1;
-        assert_eq!(check_pattern(&a, 7, 3), Err((50, a[50], a[50] ^ 1)));
-        let mut z = vec![1u8; 9];
-        fill_pattern(&mut z, 0, 5);
-        assert_eq!(z, vec![0u8; 9]);
-        assert_ne!(fnv1a64(&a), fnv1a64(&z));
-    }
 
     #[test]
     fn hex_and_lists_round_trip() {

@@ -33,17 +33,10 @@ const LEASE: Duration = Duration::from_secs(2);
 
 /// The bytes agent `name` serves in its `generation`-th life.
 fn pattern(name: &str, generation: u64, len: usize) -> Vec<u8> {
-    let mut x = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+    let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     }) ^ generation.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    kvxfer_testkit::pattern(seed | 1, len)
 }
 
 /// A heap buffer registered with the agent; deregistered, then freed.

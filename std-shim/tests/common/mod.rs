@@ -16,15 +16,11 @@ impl Drop for ChildGuard {
     }
 }
 
-/// Lower-case hex of `b`.
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
+// Not every test that includes this module uses it.
+#[allow(unused_imports)]
+pub use kvxfer_testkit::hex;
 
 /// Bytes of hex text (panics on anything else).
 pub fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
+    kvxfer_testkit::unhex(s).expect("hex")
 }

@@ -19,13 +19,11 @@ pub const TAG: &str = "RELTAG ";
 pub const CHILD_LIFETIME: Duration = Duration::from_secs(180);
 
 /// Deterministic bytes: the first `len` bytes of pattern `seed` (see
-/// [`kvxfer_tests::fill_pattern`]). Seed 0, all zeros there, is refused:
+/// [`kvxfer_testkit::pattern`]). Seed 0, all zeros there, is refused:
 /// the buffers compared against a pattern start zeroed.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     assert_ne!(seed, 0, "pattern seed 0 is all zeros");
-    let mut v = vec![0u8; len];
-    kvxfer_tests::fill_pattern(&mut v, seed, 0);
-    v
+    kvxfer_testkit::pattern(seed, len)
 }
 
 /// A heap buffer addressed only through its raw pointer, so that a

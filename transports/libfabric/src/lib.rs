@@ -55,7 +55,8 @@
 //!
 //! A transfer whose operations fail completes with the provider's error
 //! text; one towards a peer that died completes with
-//! [`Error::RemoteDisconnected`](kvxfer_core::Error::RemoteDisconnected). A transfer not finished within
+//! [`Error::RemoteDisconnected`](kvxfer_core::Error::RemoteDisconnected),
+//! and the peer is given up on as after a timeout (below). A transfer not finished within
 //! [`FabricConfig::op_timeout`] completes with [`Error::TimedOut`](kvxfer_core::Error::TimedOut); its
 //! operations are cancelled with `fi_cancel` where the provider allows.
 //!

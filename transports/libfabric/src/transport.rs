@@ -594,7 +594,7 @@ impl FabricTransport {
     }
 
     /// Removes peer `id` at `addr` from the address vector after a
-    /// timeout: the provider then drops its connection and reports the
+    /// timeout or once it is found gone: the provider then drops its connection and reports the
     /// operations on it. Transfers and notifications to it fail until it
     /// is connected again.
     fn give_up(&mut self, addr: sys::fi_addr_t, id: u64, label: &str) {
@@ -613,7 +613,7 @@ impl FabricTransport {
         let ret = unsafe { sys::kvxfer_fi_av_remove(av, &mut a, 1, 0) };
         if ret != 0 {
             log::warn!(
-                "LIBFABRIC: fi_av_remove({label}) after a timeout: {}",
+                "LIBFABRIC: fi_av_remove({label}) of a peer given up on: {}",
                 strerror(ret as i64)
             );
         }
@@ -840,16 +840,26 @@ impl FabricTransport {
                 }
                 x.outstanding -= 1;
                 if let Some((errno, prov_errno, text)) = error {
+                    let mut gone = None;
                     if x.error.is_none() {
-                        x.error = Some(if self.given_up.contains(&x.peer_id) {
+                        let e = if self.given_up.contains(&x.peer_id) {
                             // Flushed by the removal of its peer.
                             Error::disconnected("")
                         } else {
                             Self::xfer_error(x, errno, prov_errno, self.prov_errno_is_errno, &text)
-                        });
+                        };
+                        if matches!(e, Error::RemoteDisconnected { .. }) {
+                            gone = Some((x.peer, x.peer_id, x.peer_label.clone()));
+                        }
+                        x.error = Some(e);
                     }
                     // Stop issuing further segments.
                     x.next = x.segs.len();
+                    // A dead peer is given up on as after a timeout: later
+                    // posts to it fail at once, not at their deadline.
+                    if let Some((addr, id, label)) = gone {
+                        self.give_up(addr, id, &label);
+                    }
                 }
             }
             OpKind::Notif { buf } => {

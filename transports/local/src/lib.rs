@@ -549,8 +549,14 @@ impl<T: Transport> Transport for Local<T> {
             return self.inner.local_address(out);
         };
         if out.len() < HEADER {
+            // The whole length, as for any other buffer too small.
+            let inner = match self.inner.local_address(&mut []) {
+                Ok(n) => n as u64,
+                Err(Error::BufferTooSmall { needed, .. }) => needed,
+                Err(e) => return Err(e),
+            };
             return Err(Error::BufferTooSmall {
-                needed: HEADER as u64,
+                needed: HEADER as u64 + inner,
                 available: out.len() as u64,
             });
         }

@@ -23,6 +23,7 @@ use kvxfer_core::{
 };
 use kvxfer_libfabric::{FabricConfig, FabricTransport};
 use kvxfer_local::{Local, LocalConfig};
+use kvxfer_testkit::{checksum, fill, hex, unhex};
 use kvxfer_ucx::{UcxConfig, UcxTransport};
 
 const ROLE_ENV: &str = "KVXFER_LOCAL_TEST_ROLE";
@@ -66,41 +67,15 @@ fn now() -> CoreInstant {
     CoreInstant::from_nanos(0)
 }
 
-fn fill(buf: &mut [u8], seed: u64) {
-    let mut x = seed | 1;
-    for chunk in buf.chunks_mut(8) {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        let v = x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
-        chunk.copy_from_slice(&v[..chunk.len()]);
-    }
-}
-
-/// FNV-style checksum of `count` blocks of `block` bytes, `stride` apart
-/// from `off`.
+/// The checksum of `count` blocks of `block` bytes, `stride` apart from
+/// `off`.
 fn blocks_sum(buf: &[u8], off: usize, block: usize, stride: usize, count: usize) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut blocks = Vec::with_capacity(block * count);
     for k in 0..count {
         let at = off + k * stride;
-        for w in buf[at..at + block].chunks(8) {
-            let mut v = [0u8; 8];
-            v[..w.len()].copy_from_slice(w);
-            h = (h ^ u64::from_le_bytes(v)).wrapping_mul(0x100_0000_01b3);
-        }
+        blocks.extend_from_slice(&buf[at..at + block]);
     }
-    h
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
+    checksum(&blocks)
 }
 
 /// A buffer that lives until the process ends, as registered memory must.
@@ -207,7 +182,7 @@ impl Peer {
             meta: Vec::new(),
             base: 0,
         };
-        p.meta = unhex(&p.expect("META "));
+        p.meta = unhex(&p.expect("META ")).expect("metadata hex");
         p.base = p
             .expect("REGION ")
             .split(' ')
