@@ -4,8 +4,8 @@ use std::ffi::{c_char, c_void, CStr};
 use std::time::Duration;
 
 use kvxfer::{
-    Agent, AgentConfig, BackendKind, Desc, MemKind, PreparedLocal, PreparedRemote, WaitOutcome,
-    XferOp, XferRequest, XferState,
+    Agent, AgentConfig, Desc, MemKind, PreparedLocal, PreparedRemote, WaitOutcome, XferOp,
+    XferRequest, XferState,
 };
 
 use crate::status::{bad_arg, guard, kvxfer_status, Fail};
@@ -430,11 +430,7 @@ pub unsafe extern "C" fn kvxfer_agent_backend(
         if name.is_null() {
             return Err(Fail::Null("name"));
         }
-        let s: &'static CStr = match a.agent.backend() {
-            BackendKind::Ucx => c"UCX",
-            BackendKind::Libfabric => c"LIBFABRIC",
-            _ => c"CUDA_IPC",
-        };
+        let s: &'static CStr = a.agent.backend().descriptor().c_name;
         // SAFETY: non-NULL and writable per the contract.
         unsafe { *name = s.as_ptr() };
         Ok(())

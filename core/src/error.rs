@@ -303,7 +303,7 @@ pub enum Error {
     },
     /// The transport library failed.
     Backend {
-        /// Backend name ("UCX", "LIBFABRIC", "CUDA_IPC", …).
+        /// Backend name: its transport's [`Transport::name`](crate::Transport::name).
         backend: &'static str,
         /// The library's own status code.
         code: i64,

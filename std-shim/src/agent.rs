@@ -9,12 +9,12 @@ use std::time::{Duration, Instant as StdInstant};
 
 use kvxfer_core::engine::{PreparedLocal, PreparedRemote, XferHandle};
 use kvxfer_core::{
-    Capacities, Desc, DescList, Engine, EngineConfig, Error, MemKind, Region, Storage, XferOp,
-    XferState, XferTelemetry,
+    Capacities, Desc, DescList, Engine, Error, MemKind, Region, XferOp, XferState, XferTelemetry,
 };
 
+use crate::backends::{self, on_engine, on_engine_arms, AgentTransport, BackendKind, Engines};
 use crate::clock::now;
-use crate::config::{select_backend_from_env, AgentConfig, BackendKind, BUILT_IN};
+use crate::config::{select_backend_from_env, AgentConfig};
 use crate::note_auth::NoteKey;
 use crate::side_channel::{self, Client, Server};
 
@@ -22,147 +22,10 @@ use crate::side_channel::{self, Client, Server};
 /// [`AgentConfig::capacities`]).
 pub type AgentEngine<T> = Engine<'static, T>;
 
-/// The UCX transport as the agent uses it: with the `cuda` feature, VRAM
-/// is staged through pinned host memory ([`kvxfer_cuda::Staged`]).
-#[cfg(all(feature = "ucx", feature = "cuda"))]
-type UcxT = kvxfer_cuda::Staged<Local<kvxfer_ucx::UcxTransport>>;
-#[cfg(all(feature = "ucx", not(feature = "cuda")))]
-type UcxT = Local<kvxfer_ucx::UcxTransport>;
-/// The libfabric transport as the agent uses it (see [`UcxT`]).
-#[cfg(all(feature = "libfabric", feature = "cuda"))]
-type FabricT = kvxfer_cuda::Staged<Local<kvxfer_libfabric::FabricTransport>>;
-#[cfg(all(feature = "libfabric", not(feature = "cuda")))]
-type FabricT = Local<kvxfer_libfabric::FabricTransport>;
-
-/// Same-host peers of a host-memory transport over cross-memory attach
-/// ([`AgentConfig::same_host`]).
-type Local<T> = kvxfer_local::Local<T>;
-
-/// The same-host layer under VRAM staging (with the `cuda` feature).
-#[cfg(feature = "cuda")]
-#[allow(dead_code)]
-fn local_of<T: kvxfer_core::Transport>(t: &kvxfer_cuda::Staged<Local<T>>) -> &Local<T> {
-    t.inner()
-}
-#[cfg(not(feature = "cuda"))]
-#[allow(dead_code)]
-fn local_of<T: kvxfer_core::Transport>(t: &Local<T>) -> &Local<T> {
-    t
-}
-
-/// Requests the staging layer served for peers (with the `cuda` feature).
-#[cfg(feature = "cuda")]
-#[allow(dead_code)]
-fn staging_events<T: kvxfer_core::Transport>(t: &kvxfer_cuda::Staged<T>) -> u64 {
-    t.staging_events()
-}
-#[cfg(not(feature = "cuda"))]
-#[allow(dead_code)]
-fn staging_events<T>(_t: &T) -> u64 {
-    0
-}
-
-#[allow(dead_code)]
-fn local<T: kvxfer_core::Transport>(t: T, cfg: &AgentConfig) -> Local<T> {
-    let mut lc = kvxfer_local::LocalConfig::from_env();
-    lc.enabled &= cfg.same_host;
-    kvxfer_local::Local::new(t, lc)
-}
-
-/// Wraps a host-memory transport for VRAM staging (with the `cuda`
-/// feature). A peer's answer to a staging request gets the transport's
-/// per-transfer deadline (`None`: no deadline).
-#[cfg(feature = "cuda")]
-#[allow(dead_code)]
-fn staged<T: kvxfer_core::Transport>(t: T, deadline: Option<Duration>) -> kvxfer_cuda::Staged<T> {
-    let cfg = kvxfer_cuda::StagingConfig {
-        reply_timeout: deadline.unwrap_or(Duration::MAX),
-        ..kvxfer_cuda::StagingConfig::default()
-    };
-    kvxfer_cuda::Staged::with_config(t, cfg)
-}
-#[cfg(not(feature = "cuda"))]
-#[allow(dead_code)]
-fn staged<T>(t: T, _deadline: Option<Duration>) -> T {
-    t
-}
-
-/// One engine per backend built into this kvxfer.
-enum Backend {
-    #[cfg(feature = "ucx")]
-    Ucx(Box<AgentEngine<UcxT>>),
-    #[cfg(feature = "libfabric")]
-    Fabric(Box<AgentEngine<FabricT>>),
-    #[cfg(feature = "cuda")]
-    CudaIpc(Box<AgentEngine<kvxfer_cuda::CudaIpcTransport>>),
-}
-
-/// Runs `$body` with `$e` bound to the backend's engine (`&mut`).
-macro_rules! on_engine {
-    ($backend:expr, $e:ident => $body:expr) => {
-        match *$backend {
-            #[cfg(feature = "ucx")]
-            Backend::Ucx(ref mut $e) => $body,
-            #[cfg(feature = "libfabric")]
-            Backend::Fabric(ref mut $e) => $body,
-            #[cfg(feature = "cuda")]
-            Backend::CudaIpc(ref mut $e) => $body,
-        }
-    };
-}
-
-/// A new engine over `transport`, with tables sized from `cfg`.
-fn boxed_engine<T: kvxfer_core::Transport>(
-    name: &str,
-    transport: T,
-    cfg: &AgentConfig,
-) -> Result<Box<AgentEngine<T>>, Error> {
-    let config = EngineConfig::default().with_segments_per_xfer(cfg.segments_per_xfer);
-    let storage = Storage::owned(&cfg.capacities);
-    Ok(Box::new(Engine::new(name, transport, config, storage)?))
-}
-
-/// Builds the transport and engine for `kind`.
-fn build_backend(kind: BackendKind, name: &str, cfg: &AgentConfig) -> Result<Backend, Error> {
-    cfg.capacities.check()?;
-    match kind {
-        #[cfg(feature = "ucx")]
-        BackendKind::Ucx => {
-            let uc = cfg.effective_ucx_config()?;
-            log::debug!("{name}: UCX transport with {uc:?}");
-            let t = local(kvxfer_ucx::UcxTransport::new(&uc)?, cfg);
-            let t = staged(t, uc.op_timeout);
-            Ok(Backend::Ucx(boxed_engine(name, t, cfg)?))
-        }
-        #[cfg(feature = "libfabric")]
-        BackendKind::Libfabric => {
-            let fabric_cfg = cfg.effective_fabric_config();
-            log::debug!("{name}: libfabric transport with {fabric_cfg:?}");
-            let t = local(kvxfer_libfabric::FabricTransport::new(&fabric_cfg)?, cfg);
-            let deadline = Some(fabric_cfg.op_timeout).filter(|d| !d.is_zero());
-            Ok(Backend::Fabric(boxed_engine(
-                name,
-                staged(t, deadline),
-                cfg,
-            )?))
-        }
-        #[cfg(feature = "cuda")]
-        BackendKind::CudaIpc => {
-            let t = kvxfer_cuda::CudaIpcTransport::new()?;
-            Ok(Backend::CudaIpc(boxed_engine(name, t, cfg)?))
-        }
-        #[allow(unreachable_patterns)]
-        other => Err(Error::UnsupportedBackend {
-            value: kvxfer_core::error::bounded(other.name()),
-            supported: BUILT_IN,
-        }),
-    }
-}
-
 /// Everything behind the agent's one lock.
 struct State {
     /// `None` once shut down.
-    backend: Option<Backend>,
+    backend: Option<Engines>,
     /// Received notifications, by sending peer, oldest first.
     notifs: HashMap<String, Vec<Vec<u8>>>,
     /// Buffer notifications are received into; grows on demand.
@@ -192,35 +55,19 @@ impl State {
     /// (UCX: `ucp_worker_progress` calls that did something); constant
     /// for transports that do not report it. Staged VRAM adds the requests it serves for peers, which the
     /// engine does not see as transfers of its own.
-    fn activity(&self) -> u64 {
-        match self.backend.as_ref() {
-            #[cfg(feature = "ucx")]
-            Some(Backend::Ucx(e)) => {
-                let l = local_of(e.transport());
-                (l.inner().progress_events())
-                    .wrapping_add(l.cma_transfers())
-                    .wrapping_add(staging_events(e.transport()))
-            }
-            #[cfg(feature = "libfabric")]
-            Some(Backend::Fabric(e)) => {
-                let t = e.transport();
-                local_of(t).cma_transfers().wrapping_add(staging_events(t))
-            }
-            #[allow(unreachable_patterns)]
-            _ => 0,
+    fn activity(&mut self) -> u64 {
+        match self.backend.as_mut() {
+            Some(b) => on_engine!(b, e => AgentTransport::activity(e.transport())),
+            None => 0,
         }
     }
 
     /// Peers whose transfers may need this agent to make progress for them
     /// (served in software by UCX or libfabric, not by cross-memory attach).
-    fn far_peers(&self) -> usize {
-        match self.backend.as_ref() {
-            #[cfg(feature = "ucx")]
-            Some(Backend::Ucx(e)) => local_of(e.transport()).far_peers(),
-            #[cfg(feature = "libfabric")]
-            Some(Backend::Fabric(e)) => local_of(e.transport()).far_peers(),
-            #[allow(unreachable_patterns)]
-            _ => 0,
+    fn far_peers(&mut self) -> usize {
+        match self.backend.as_mut() {
+            Some(b) => on_engine!(b, e => AgentTransport::far_peers(e.transport())),
+            None => 0,
         }
     }
 
@@ -233,7 +80,7 @@ impl State {
         }
     }
 
-    fn backend(&mut self) -> Result<&mut Backend, Error> {
+    fn backend(&mut self) -> Result<&mut Engines, Error> {
         self.backend.as_mut().ok_or(Error::ShutDown)
     }
 
@@ -243,7 +90,7 @@ impl State {
         &'a mut self,
         peer: &str,
         msg: Option<&'a [u8]>,
-    ) -> Result<(&'a mut Backend, Option<&'a [u8]>), Error> {
+    ) -> Result<(&'a mut Engines, Option<&'a [u8]>), Error> {
         let State {
             backend,
             note_key,
@@ -284,22 +131,15 @@ impl State {
         let at = now();
         let mut failed = 0;
         if let Some(k) = keepalive.as_mut() {
-            failed = match *backend {
-                #[cfg(feature = "ucx")]
-                Backend::Ucx(ref mut e) => k.check(e, at, |e, p| {
-                    e.remote_peer(p)
-                        .is_ok_and(|p| local_of(e.transport()).is_near(p))
-                }),
-                #[cfg(feature = "libfabric")]
-                Backend::Fabric(ref mut e) => k.check(e, at, |e, p| {
-                    e.remote_peer(p)
-                        .is_ok_and(|p| local_of(e.transport()).is_near(p))
-                }),
-                // CUDA IPC peers are on this host; their copies do not wait
-                // on them.
-                #[allow(unreachable_patterns)]
-                _ => 0,
-            };
+            failed = on_engine!(backend, e => {
+                if AgentTransport::keepalive(e.transport()) {
+                    k.check(e, at, |e, p| {
+                        e.remote_peer(p).is_ok_and(|p| AgentTransport::is_near(e.transport(), p))
+                    })
+                } else {
+                    0
+                }
+            });
         }
         on_engine!(backend, e => {
             let n = e.poll(at) + failed;
@@ -352,8 +192,8 @@ impl State {
     }
 }
 
-/// What the agent's threads and requests share.
-struct Shared {
+/// The agent itself, shared by its clones, threads and requests.
+struct AgentInner {
     name: String,
     kind: BackendKind,
     cfg: AgentConfig,
@@ -370,7 +210,7 @@ struct Shared {
     sleeping: AtomicBool,
 }
 
-impl Shared {
+impl AgentInner {
     /// Wakes the progress thread if it may be blocked on the transport.
     fn nudge(&self) {
         if self.sleeping.load(Ordering::SeqCst) {
@@ -414,17 +254,18 @@ impl Shared {
     }
 }
 
-impl side_channel::Handler for Shared {
+impl side_channel::Handler for AgentInner {
     fn metadata(&self) -> Result<Vec<u8>, Error> {
-        Shared::metadata(self)
+        AgentInner::metadata(self)
     }
     fn load(&self, blob: &[u8]) -> Result<String, Error> {
-        Shared::load(self, blob)
+        AgentInner::load(self, blob)
     }
     fn invalidate(&self, name: &str) -> Result<(), Error> {
         let mut st = self.lock();
         let b = st.backend()?;
-        on_engine!(b, e => e.invalidate_remote(name))?;
+        let r: Result<(), Error> = on_engine!(b, e => e.invalidate_remote(name));
+        r?;
         log::debug!(
             "agent {}: peer {name:?} invalidated its metadata",
             self.name
@@ -436,7 +277,7 @@ impl side_channel::Handler for Shared {
 /// Owns the threads; shuts the agent down when the last [`Agent`] clone
 /// goes.
 struct Owner {
-    shared: Arc<Shared>,
+    inner: Arc<AgentInner>,
     server: Mutex<Option<Server>>,
     listen_addr: Option<SocketAddr>,
     progress: Mutex<Option<JoinHandle<()>>>,
@@ -444,10 +285,10 @@ struct Owner {
 
 impl Owner {
     fn shutdown(&self) {
-        if self.shared.closed.swap(true, Ordering::SeqCst) {
+        if self.inner.closed.swap(true, Ordering::SeqCst) {
             return;
         }
-        log::info!("agent {}: shutting down", self.shared.name);
+        log::info!("agent {}: shutting down", self.inner.name);
         // No new metadata from outside, then no progress, then the engine.
         if let Some(mut s) = self
             .server
@@ -457,7 +298,7 @@ impl Owner {
         {
             s.stop();
         }
-        self.shared.waker.wake();
+        self.inner.waker.wake();
         if let Some(t) = self
             .progress
             .lock()
@@ -466,9 +307,9 @@ impl Owner {
         {
             let _ = t.join();
         }
-        let backend = self.shared.lock().backend.take();
+        let backend = self.inner.lock().backend.take();
         drop(backend);
-        self.shared.done.notify_all();
+        self.inner.done.notify_all();
     }
 }
 
@@ -485,22 +326,22 @@ const IDLE_WAIT: Duration = Duration::from_millis(100);
 /// woke it.
 const HOT_AFTER_WAKE: Duration = Duration::from_millis(1);
 
-fn progress_loop(shared: Arc<Shared>) {
+fn progress_loop(inner: Arc<AgentInner>) {
     // Spin while transfers are in flight (yielding the lock and the CPU
     // between polls); back off to `progress_idle_sleep` when idle.
     // A target serving a peer's RMA in software (UCX over tcp) has no
     // transfer of its own in flight: the transport's activity count keeps
     // it polling while that traffic lasts.
-    let max_sleep = shared.cfg.progress_idle_sleep;
+    let max_sleep = inner.cfg.progress_idle_sleep;
     let mut idle_rounds: u32 = 0;
     let mut last_activity: u64 = 0;
     // After a wake-up, poll without sleeping for a while: a peer's next
     // request (RMA served in software raises no completion here) is
     // likely to follow within microseconds.
     let mut hot_until = StdInstant::now();
-    while !shared.closed.load(Ordering::Acquire) {
+    while !inner.closed.load(Ordering::Acquire) {
         let (finished, inflight, activity, far, notes) = {
-            let mut st = shared.lock();
+            let mut st = inner.lock();
             let (f, i) = st.progress_counting();
             let notes = !st.notifs.is_empty() || !st.lost.is_empty() || !st.refused.is_empty();
             (f, i, st.activity(), st.far_peers(), notes)
@@ -516,7 +357,7 @@ fn progress_loop(shared: Arc<Shared>) {
         let active = activity != last_activity;
         last_activity = activity;
         if finished > 0 || notes {
-            shared.done.notify_all();
+            inner.done.notify_all();
         }
         if finished > 0 || inflight > 0 || active {
             idle_rounds = 0;
@@ -533,17 +374,17 @@ fn progress_loop(shared: Arc<Shared>) {
             // take: a post after it sees the mark and wakes the thread; one
             // before it left work that keeps the transport from arming.
             let wake = {
-                let mut st = shared.lock();
-                shared.sleeping.store(true, Ordering::SeqCst);
+                let mut st = inner.lock();
+                inner.sleeping.store(true, Ordering::SeqCst);
                 st.arm()
             };
             if !matches!(wake, kvxfer_core::Wake::Armed(_)) {
-                shared.sleeping.store(false, Ordering::SeqCst);
+                inner.sleeping.store(false, Ordering::SeqCst);
             }
             match wake {
                 kvxfer_core::Wake::Armed(fd) => {
-                    let woken = shared.waker.wait(fd, IDLE_WAIT);
-                    shared.sleeping.store(false, Ordering::SeqCst);
+                    let woken = inner.waker.wait(fd, IDLE_WAIT);
+                    inner.sleeping.store(false, Ordering::SeqCst);
                     if woken {
                         hot_until = StdInstant::now() + HOT_AFTER_WAKE;
                     }
@@ -596,8 +437,8 @@ pub struct Agent {
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Agent")
-            .field("name", &self.owner.shared.name)
-            .field("backend", &self.owner.shared.kind)
+            .field("name", &self.owner.inner.name)
+            .field("backend", &self.owner.inner.kind)
             .field("listen_addr", &self.owner.listen_addr)
             .finish()
     }
@@ -613,9 +454,9 @@ impl Agent {
         log::info!("agent {name}: backend {kind} (from {})", source.name());
         let keepalive = cfg.effective_keepalive()?;
         let note_key = cfg.effective_auth_key().map(|k| NoteKey::new(&k, name));
-        let backend = build_backend(kind, name, &cfg)?;
+        let backend = backends::build(kind, name, &cfg)?;
         let notif_buf = vec![0u8; cfg.capacities.notification_len as usize];
-        let shared = Arc::new(Shared {
+        let inner = Arc::new(AgentInner {
             name: name.to_string(),
             kind,
             progress_thread: cfg.progress_thread,
@@ -642,14 +483,14 @@ impl Agent {
                 )
             })?,
         });
-        let server = match &shared.cfg.listen {
+        let server = match &inner.cfg.listen {
             Some(listen) => {
                 let opts = side_channel::Options {
-                    io_timeout: shared.cfg.io_timeout,
-                    idle_timeout: shared.cfg.idle_timeout,
-                    key: shared.cfg.effective_auth_key(),
+                    io_timeout: inner.cfg.io_timeout,
+                    idle_timeout: inner.cfg.idle_timeout,
+                    key: inner.cfg.effective_auth_key(),
                 };
-                let handler: Arc<dyn side_channel::Handler> = shared.clone();
+                let handler: Arc<dyn side_channel::Handler> = inner.clone();
                 Some(Server::start(listen, handler, opts)?)
             }
             None => None,
@@ -658,8 +499,8 @@ impl Agent {
         if let Some(a) = listen_addr {
             log::info!("agent {name}: side channel on {a}");
         }
-        let progress = if shared.progress_thread {
-            let s = Arc::clone(&shared);
+        let progress = if inner.progress_thread {
+            let s = Arc::clone(&inner);
             let t = std::thread::Builder::new()
                 .name("kvxfer-progress".into())
                 .spawn(move || progress_loop(s))
@@ -676,7 +517,7 @@ impl Agent {
         };
         Ok(Agent {
             owner: Arc::new(Owner {
-                shared,
+                inner,
                 server: Mutex::new(server),
                 listen_addr,
                 progress: Mutex::new(progress),
@@ -684,18 +525,18 @@ impl Agent {
         })
     }
 
-    fn shared(&self) -> &Arc<Shared> {
-        &self.owner.shared
+    fn inner(&self) -> &Arc<AgentInner> {
+        &self.owner.inner
     }
 
     /// This agent's name.
     pub fn name(&self) -> &str {
-        &self.shared().name
+        &self.inner().name
     }
 
     /// The backend in use.
     pub fn backend(&self) -> BackendKind {
-        self.shared().kind
+        self.inner().kind
     }
 
     /// Where the side channel listens (with the port chosen), if it runs.
@@ -721,7 +562,7 @@ impl Agent {
         dev: u32,
         kind: MemKind,
     ) -> Result<(), Error> {
-        let mut st = self.shared().lock();
+        let mut st = self.inner().lock();
         let b = st.backend()?;
         on_engine!(b, e => e.register(Region { addr, len, dev, kind }))
     }
@@ -757,10 +598,10 @@ impl Agent {
     /// [`Error::RegionInUse`]: the memory must then stay allocated (call
     /// again later). Only `Ok` means the memory may be freed.
     pub fn deregister(&self, addr: u64) -> Result<Region, Error> {
-        let deadline = StdInstant::now() + self.shared().cfg.release_timeout;
+        let deadline = StdInstant::now() + self.inner().cfg.release_timeout;
         loop {
             let r = {
-                let mut st = self.shared().lock();
+                let mut st = self.inner().lock();
                 let b = st.backend()?;
                 let r = on_engine!(b, e => e.deregister(addr));
                 if matches!(r, Err(Error::RegionInUse { .. })) {
@@ -780,14 +621,14 @@ impl Agent {
     /// This agent's metadata: name, backend, transport address, registered
     /// regions and their keys.
     pub fn local_metadata(&self) -> Result<Vec<u8>, Error> {
-        self.shared().metadata()
+        self.inner().metadata()
     }
 
     /// Loads a peer's metadata (replacing an earlier load under the same
     /// name) and returns the peer's name.
     pub fn load_remote(&self, blob: &[u8]) -> Result<String, Error> {
-        let r = self.shared().load(blob);
-        self.shared().nudge();
+        let r = self.inner().load(blob);
+        self.inner().nudge();
         r
     }
 
@@ -798,10 +639,10 @@ impl Agent {
     /// Fetch again (call `connect` again) after the peer registers more
     /// memory.
     pub fn connect(&self, addr: &str) -> Result<String, Error> {
-        if self.shared().closed.load(Ordering::Acquire) {
+        if self.inner().closed.load(Ordering::Acquire) {
             return Err(Error::ShutDown);
         }
-        let cfg = &self.shared().cfg;
+        let cfg = &self.inner().cfg;
         let key = cfg.effective_auth_key();
         let mut client = Client::connect(addr, key.as_deref(), cfg.io_timeout)?;
         let theirs = client.get_metadata()?;
@@ -817,21 +658,21 @@ impl Agent {
 
     /// Checks that every descriptor lies in a region the peer registered.
     pub fn check_remote(&self, peer: &str, descs: &[Desc]) -> Result<(), Error> {
-        let mut st = self.shared().lock();
+        let mut st = self.inner().lock();
         let b = st.backend()?;
         on_engine!(b, e => e.check_remote(peer, descs))
     }
 
     /// Whether a peer of this name is loaded.
     pub fn has_remote(&self, peer: &str) -> Result<bool, Error> {
-        let mut st = self.shared().lock();
+        let mut st = self.inner().lock();
         let b = st.backend()?;
         Ok(on_engine!(b, e => e.has_remote(peer)))
     }
 
     /// Forgets a peer: its connection and keys are released.
     pub fn invalidate_remote(&self, peer: &str) -> Result<(), Error> {
-        let mut st = self.shared().lock();
+        let mut st = self.inner().lock();
         let b = st.backend()?;
         on_engine!(b, e => e.invalidate_remote(peer))
     }
@@ -864,7 +705,7 @@ impl Agent {
         peer: &str,
         notification: Option<&[u8]>,
     ) -> Result<XferRequest, Error> {
-        let mut st = self.shared().lock();
+        let mut st = self.inner().lock();
         let (b, note) = st.sealed(peer, notification)?;
         let prepared: Result<XferHandle, Error> =
             on_engine!(b, e => e.prepare_lists(op, local, remote, peer, note));
@@ -897,7 +738,7 @@ impl Agent {
     /// [`prep_local`](Agent::prep_local) for an explicit or strided list; a
     /// strided list inside one registration takes no per-entry memory.
     pub fn prep_local_list(&self, list: DescList<'_>) -> Result<PreparedLocal, Error> {
-        let mut st = self.shared().lock();
+        let mut st = self.inner().lock();
         let b = st.backend()?;
         on_engine!(b, e => e.prep_local_list(list))
     }
@@ -908,7 +749,7 @@ impl Agent {
         peer: &str,
         list: DescList<'_>,
     ) -> Result<PreparedRemote, Error> {
-        let mut st = self.shared().lock();
+        let mut st = self.inner().lock();
         let b = st.backend()?;
         on_engine!(b, e => e.prep_remote_list(peer, list))
     }
@@ -923,7 +764,7 @@ impl Agent {
     /// Releases a list made by [`prep_local`](Agent::prep_local); using it
     /// afterwards is [`Error::StalePrepared`].
     pub fn release_local(&self, list: PreparedLocal) -> Result<(), Error> {
-        let mut st = self.shared().lock();
+        let mut st = self.inner().lock();
         let b = st.backend()?;
         on_engine!(b, e => e.release_local(list))
     }
@@ -931,7 +772,7 @@ impl Agent {
     /// Releases a list made by [`prep_remote`](Agent::prep_remote); using
     /// it afterwards is [`Error::StalePrepared`].
     pub fn release_remote(&self, list: PreparedRemote) -> Result<(), Error> {
-        let mut st = self.shared().lock();
+        let mut st = self.inner().lock();
         let b = st.backend()?;
         on_engine!(b, e => e.release_remote(list))
     }
@@ -948,11 +789,13 @@ impl Agent {
         remote_idx: &[u32],
         notification: Option<&[u8]>,
     ) -> Result<XferRequest, Error> {
-        let mut st = self.shared().lock();
+        let mut st = self.inner().lock();
         // Sealing names the receiver: the list's peer, looked up only then.
         let peer = if notification.is_some() && st.note_key.is_some() {
             let b = st.backend()?;
-            on_engine!(b, e => e.prepared_peer(remote).map(str::to_string))?
+            let r: Result<String, Error> =
+                on_engine!(b, e => e.prepared_peer(remote).map(str::to_string));
+            r?
         } else {
             String::new()
         };
@@ -968,19 +811,12 @@ impl Agent {
     /// [`AgentConfig::same_host`]), else the backend's name.
     pub fn peer_path(&self, peer: &str) -> Result<&'static str, Error> {
         const CMA: &str = "cross-memory attach";
-        let mut st = self.shared().lock();
+        let mut st = self.inner().lock();
         let b = st.backend()?;
-        let near = match *b {
-            #[cfg(feature = "ucx")]
-            Backend::Ucx(ref e) => local_of(e.transport()).is_near(e.remote_peer(peer)?),
-            #[cfg(feature = "libfabric")]
-            Backend::Fabric(ref e) => local_of(e.transport()).is_near(e.remote_peer(peer)?),
-            #[cfg(feature = "cuda")]
-            Backend::CudaIpc(ref e) => {
-                e.remote_peer(peer)?;
-                false
-            }
-        };
+        let near = on_engine!(b, e => {
+            let p = e.remote_peer(peer)?;
+            AgentTransport::is_near(e.transport(), p)
+        });
         Ok(if near { CMA } else { self.backend().name() })
     }
 
@@ -991,44 +827,33 @@ impl Agent {
     /// `"cuda-ipc"` (the CUDA_IPC backend) or `"none"` (built without the
     /// `cuda` feature).
     pub fn vram_path(&self) -> Result<&'static str, Error> {
-        let mut st = self.shared().lock();
+        let mut st = self.inner().lock();
         let b = st.backend()?;
-        #[cfg(feature = "cuda")]
-        let native = |n: bool| if n { "native" } else { "staged" };
-        Ok(match *b {
-            #[cfg(all(feature = "ucx", feature = "cuda"))]
-            Backend::Ucx(ref e) => native(e.transport().native_vram()),
-            #[cfg(all(feature = "libfabric", feature = "cuda"))]
-            Backend::Fabric(ref e) => native(e.transport().native_vram()),
-            #[cfg(feature = "cuda")]
-            Backend::CudaIpc(_) => "cuda-ipc",
-            #[allow(unreachable_patterns)]
-            _ => "none",
-        })
+        Ok(on_engine!(b, e => AgentTransport::vram_path(e.transport())))
     }
 
     /// The side-channel key in force ([`AgentConfig::effective_auth_key`]).
     #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     pub(crate) fn auth_key(&self) -> Option<Vec<u8>> {
-        self.shared().cfg.effective_auth_key()
+        self.inner().cfg.effective_auth_key()
     }
 
     /// Requests released (or dropped) while their transport could not
     /// cancel them and still running: each is released, its slot and
     /// memory freed, as soon as it ends.
     pub fn orphaned_transfers(&self) -> usize {
-        self.shared().lock().orphans.len()
+        self.inner().lock().orphans.len()
     }
 
     /// The sizes of this agent's tables, as configured.
     pub fn capacities(&self) -> Capacities {
-        self.shared().cfg.capacities
+        self.inner().cfg.capacities
     }
 
     /// The request that owns `handle`, a transfer of this agent's engine.
     fn request(&self, handle: XferHandle) -> XferRequest {
         XferRequest {
-            shared: Arc::clone(self.shared()),
+            inner: Arc::clone(self.inner()),
             handle,
             released: false,
         }
@@ -1036,10 +861,10 @@ impl Agent {
 
     /// Sends `msg` to `peer` outside any transfer.
     pub fn notify(&self, peer: &str, msg: &[u8]) -> Result<(), Error> {
-        let mut st = self.shared().lock();
+        let mut st = self.inner().lock();
         let (b, note) = st.sealed(peer, Some(msg))?;
         let r = on_engine!(b, e => e.notify(peer, note.unwrap_or(msg)));
-        self.shared().nudge();
+        self.inner().nudge();
         r
     }
 
@@ -1051,9 +876,9 @@ impl Agent {
     /// naming the sender and the count, once per sender; the messages
     /// received meanwhile stay for the next call.
     pub fn take_notifications(&self) -> Result<HashMap<String, Vec<Vec<u8>>>, Error> {
-        let mut st = self.shared().lock();
+        let mut st = self.inner().lock();
         st.backend()?;
-        if !self.shared().progress_thread {
+        if !self.inner().progress_thread {
             st.progress();
         }
         let first = st.lost.keys().next().cloned();
@@ -1086,9 +911,9 @@ impl Agent {
         let deadline = StdInstant::now() + timeout;
         loop {
             {
-                let mut st = self.shared().lock();
+                let mut st = self.inner().lock();
                 st.backend()?;
-                if !self.shared().progress_thread {
+                if !self.inner().progress_thread {
                     st.progress();
                 }
                 if st.notifs.is_empty() && st.lost.is_empty() && st.refused.is_empty() {
@@ -1096,9 +921,9 @@ impl Agent {
                     if left.is_zero() {
                         return Ok(HashMap::new());
                     }
-                    if self.shared().progress_thread {
+                    if self.inner().progress_thread {
                         let wait = left.min(Duration::from_millis(100));
-                        drop(self.shared().done.wait_timeout(st, wait));
+                        drop(self.inner().done.wait_timeout(st, wait));
                     } else {
                         drop(st);
                         std::thread::sleep(left.min(Duration::from_millis(1)));
@@ -1114,12 +939,12 @@ impl Agent {
     /// only without a progress thread, by an agent that is the target of
     /// transfers over a backend that serves RMA in software.
     pub fn make_progress(&self) -> Result<usize, Error> {
-        let mut st = self.shared().lock();
+        let mut st = self.inner().lock();
         st.backend()?;
         let n = st.progress();
         drop(st);
         if n > 0 {
-            self.shared().done.notify_all();
+            self.inner().done.notify_all();
         }
         Ok(n)
     }
@@ -1148,12 +973,12 @@ pub enum WaitOutcome {
 /// waited for up to [`AgentConfig::release_timeout`].
 #[derive(Debug)]
 pub struct XferRequest {
-    shared: Arc<Shared>,
+    inner: Arc<AgentInner>,
     handle: XferHandle,
     released: bool,
 }
 
-impl std::fmt::Debug for Shared {
+impl std::fmt::Debug for AgentInner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Agent").field("name", &self.name).finish()
     }
@@ -1169,7 +994,7 @@ impl XferRequest {
     /// (`Done` when the transport completed it inline). Refused with
     /// [`Error::InProgress`] while a previous post runs.
     pub fn post(&self) -> Result<XferState, Error> {
-        let mut st = self.shared.lock();
+        let mut st = self.inner.lock();
         let b = st.backend()?;
         let state = on_engine!(b, e => {
             let s = e.post(self.handle, now())?;
@@ -1180,7 +1005,7 @@ impl XferRequest {
         // unless the transport finished the transfer (and its
         // notification) inside the post.
         if state != XferState::Done {
-            self.shared.nudge();
+            self.inner.nudge();
         }
         Ok(state)
     }
@@ -1192,9 +1017,9 @@ impl XferRequest {
 
     /// The transfer's state. Without a progress thread, polls first.
     pub fn status(&self) -> Result<XferState, Error> {
-        let mut st = self.shared.lock();
+        let mut st = self.inner.lock();
         st.backend()?;
-        if !self.shared.progress_thread {
+        if !self.inner.progress_thread {
             st.progress();
         }
         let b = st.backend()?;
@@ -1209,7 +1034,7 @@ impl XferRequest {
     /// The transfer's telemetry (bytes, segments, post and completion
     /// times).
     pub fn telemetry(&self) -> Result<XferTelemetry, Error> {
-        let mut st = self.shared.lock();
+        let mut st = self.inner.lock();
         let b = st.backend()?;
         on_engine!(b, e => e.telemetry(self.handle))
     }
@@ -1217,10 +1042,10 @@ impl XferRequest {
     /// Waits up to `timeout` for the transfer to finish.
     pub fn wait(&self, timeout: Duration) -> WaitOutcome {
         let deadline = StdInstant::now() + timeout;
-        let mut st = self.shared.lock();
+        let mut st = self.inner.lock();
         let mut spins: u32 = 0;
         loop {
-            if !self.shared.progress_thread {
+            if !self.inner.progress_thread {
                 st.progress();
             }
             let state = match st.backend() {
@@ -1237,11 +1062,11 @@ impl XferRequest {
             if left.is_zero() {
                 return WaitOutcome::InProgress;
             }
-            if self.shared.progress_thread {
+            if self.inner.progress_thread {
                 // Woken by the progress thread when transfers finish; the
                 // cap guards against a wake-up lost to a shutdown race.
                 let (g, _) = self
-                    .shared
+                    .inner
                     .done
                     .wait_timeout(st, left.min(Duration::from_millis(1)))
                     .unwrap_or_else(PoisonError::into_inner);
@@ -1254,7 +1079,7 @@ impl XferRequest {
                 } else {
                     std::thread::sleep(Duration::from_micros(20).min(left));
                 }
-                st = self.shared.lock();
+                st = self.inner.lock();
             }
         }
     }
@@ -1270,7 +1095,7 @@ impl XferRequest {
             return Ok(());
         }
         self.released = true;
-        let mut st = self.shared.lock();
+        let mut st = self.inner.lock();
         let Ok(b) = st.backend() else { return Ok(()) };
         let first: Result<(), Error> = on_engine!(b, e => e.release(self.handle));
         match first {
@@ -1278,9 +1103,9 @@ impl XferRequest {
             Err(Error::InProgress { .. }) => {
                 // The transport cannot cancel: wait for the end, bounded.
                 drop(st);
-                let limit = self.shared.cfg.release_timeout;
+                let limit = self.inner.cfg.release_timeout;
                 let outcome = self.wait(limit);
-                let mut st = self.shared.lock();
+                let mut st = self.inner.lock();
                 let Ok(b) = st.backend() else { return Ok(()) };
                 let r: Result<(), Error> = on_engine!(b, e => e.release(self.handle));
                 if let Err(Error::InProgress { .. }) = r {
@@ -1328,7 +1153,7 @@ mod tests {
         };
         let cfg = AgentConfig::default().with_capacities(caps);
         let t = kvxfer_core::transport::loopback::Loopback::new(&MEM, 1);
-        let e = boxed_engine("sized", t, &cfg).unwrap();
+        let e = backends::boxed_engine("sized", t, &cfg).unwrap();
         assert_eq!(*e.capacities(), caps);
     }
 
@@ -1337,14 +1162,7 @@ mod tests {
     #[test]
     fn default_tables_take_about_65_mib() {
         let caps = crate::config::DEFAULT_CAPACITIES;
-        let sizes = [
-            #[cfg(feature = "ucx")]
-            caps.bytes::<UcxT>(),
-            #[cfg(feature = "libfabric")]
-            caps.bytes::<FabricT>(),
-            #[cfg(feature = "cuda")]
-            caps.bytes::<kvxfer_cuda::CudaIpcTransport>(),
-        ];
+        let sizes = backends::table_bytes(&caps);
         for b in sizes {
             let mib = b as f64 / f64::from(1 << 20);
             assert!((60.0..=70.0).contains(&mib), "{mib:.1} MiB");

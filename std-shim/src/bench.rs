@@ -139,7 +139,7 @@ pub fn check_setup(
             Ok(k) => format!(
                 "{source}={value}: backend {k} is not built into this kvxfer \
                  (cargo build --release -p kvxfer --features {}); built in: {}",
-                feature_of(k),
+                k.feature(),
                 config::BUILT_IN
             ),
             Err(_) => format!(
@@ -148,62 +148,9 @@ pub fn check_setup(
             ),
         })
     })?;
-    #[cfg(feature = "cuda")]
-    if kind == crate::BackendKind::CudaIpc && !kvxfer_cuda::driver_present() {
-        return Err(BenchError::Options(
-            "backend CUDA_IPC: no CUDA driver found (libcuda.so.1); it needs an NVIDIA GPU and \
-             its driver"
-                .to_string(),
-        ));
-    }
-    check_provider(kind, provider)?;
+    kind.preflight(provider).map_err(BenchError::Options)?;
     check_mem(mem)?;
     Ok(kind)
-}
-
-/// The cargo feature that builds `kind` in.
-fn feature_of(kind: crate::BackendKind) -> &'static str {
-    match kind {
-        crate::BackendKind::Ucx => "ucx",
-        crate::BackendKind::Libfabric => "libfabric",
-        crate::BackendKind::CudaIpc => "cuda",
-    }
-}
-
-/// A libfabric provider that libfabric does not offer here is refused,
-/// naming those it offers.
-#[cfg(feature = "libfabric")]
-fn check_provider(kind: crate::BackendKind, provider: Option<&str>) -> Result<(), BenchError> {
-    if kind != crate::BackendKind::Libfabric {
-        return Ok(());
-    }
-    let (value, source) = match provider {
-        Some(p) => (p.to_string(), "--provider"),
-        None => match std::env::var(kvxfer_libfabric::PROVIDER_ENV) {
-            Ok(p) if !p.trim().is_empty() => (p, kvxfer_libfabric::PROVIDER_ENV),
-            _ => return Ok(()),
-        },
-    };
-    if kvxfer_libfabric::provider_usable(&value) {
-        return Ok(());
-    }
-    let usable = kvxfer_libfabric::usable_providers();
-    Err(BenchError::Options(format!(
-        "{source}={value}: libfabric {}.{} does not offer this provider with RDM and RMA here; \
-         offered: {}",
-        kvxfer_libfabric::version().0,
-        kvxfer_libfabric::version().1,
-        if usable.is_empty() {
-            "none".to_string()
-        } else {
-            usable.join(", ")
-        }
-    )))
-}
-
-#[cfg(not(feature = "libfabric"))]
-fn check_provider(_kind: crate::BackendKind, _provider: Option<&str>) -> Result<(), BenchError> {
-    Ok(())
 }
 
 /// VRAM needs the `cuda` feature and a CUDA driver.

@@ -20,7 +20,8 @@
 //!    [`transfer_timeout`](AgentConfig::transfer_timeout) (every backend)
 //!    and [`provider`](AgentConfig::provider) (libfabric);
 //! 2. the backend's own configuration when one is given
-//!    (`AgentConfig::ucx`, `AgentConfig::fabric`), taken as it is: the
+//!    (`AgentConfig::with_ucx_config`, `AgentConfig::with_fabric_config`),
+//!    taken as it is: the
 //!    environment is then not consulted for its fields;
 //! 3. otherwise the backend's defaults with its environment variables
 //!    applied: for UCX `UcxConfig::from_env` (`KVXFER_UCX_OP_TIMEOUT_MS`),
@@ -51,37 +52,8 @@ pub const ENV_KEEPALIVE_MS: &str = "KVXFER_KEEPALIVE_MS";
 /// Keepalive timeout by default ([`AgentConfig::keepalive`]).
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(2);
 
-pub use kvxfer_core::BackendKind;
-#[cfg(feature = "libfabric")]
-pub use kvxfer_libfabric::FabricConfig;
-#[cfg(feature = "ucx")]
-pub use kvxfer_ucx::UcxConfig;
-
-/// The backends built into this kvxfer (cargo features `ucx`, `libfabric`,
-/// `cuda`), comma separated, as named in [`Error::UnsupportedBackend`].
-pub const BUILT_IN: &str = match (
-    cfg!(feature = "ucx"),
-    cfg!(feature = "libfabric"),
-    cfg!(feature = "cuda"),
-) {
-    (true, true, true) => "UCX, LIBFABRIC, CUDA_IPC",
-    (true, true, false) => "UCX, LIBFABRIC",
-    (true, false, true) => "UCX, CUDA_IPC",
-    (true, false, false) => "UCX",
-    (false, true, true) => "LIBFABRIC, CUDA_IPC",
-    (false, true, false) => "LIBFABRIC",
-    (false, false, true) => "CUDA_IPC",
-    (false, false, false) => "none",
-};
-
-/// Whether this build of kvxfer contains `kind`.
-pub const fn is_built_in(kind: BackendKind) -> bool {
-    match kind {
-        BackendKind::Ucx => cfg!(feature = "ucx"),
-        BackendKind::Libfabric => cfg!(feature = "libfabric"),
-        BackendKind::CudaIpc => cfg!(feature = "cuda"),
-    }
-}
+pub use crate::backends::settings::*;
+pub use crate::backends::{BackendKind, BUILT_IN};
 
 /// Where the chosen backend's name came from; names the source in errors.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -128,13 +100,9 @@ pub fn select_backend(
         .into_iter()
         .find_map(|(v, s)| v.filter(|v| !v.trim().is_empty()).map(|v| (v, s)))
         .unwrap_or(("UCX", BackendSource::Default));
-    let unsupported = || Error::UnsupportedBackend {
-        value: kvxfer_core::error::bounded(value),
-        supported: BUILT_IN,
-    };
     match BackendKind::parse(value) {
-        Ok(kind) if is_built_in(kind) => Ok((kind, source)),
-        _ => Err(unsupported()),
+        Ok(kind) if kind.is_built_in() => Ok((kind, source)),
+        _ => Err(crate::backends::unsupported(value)),
     }
 }
 
@@ -229,9 +197,9 @@ pub struct AgentConfig {
     /// [`Error::TimedOut`]. `Some(Some(d))`: deadline `d`; `Some(None)`: no
     /// deadline (a transfer to a peer that stopped may then never end; a
     /// zero duration means the same); `None` (the default): the backend
-    /// decides — UCX takes `UcxConfig::op_timeout` of `ucx`, else
+    /// decides — UCX takes `UcxConfig::op_timeout` of its configuration, else
     /// `KVXFER_UCX_OP_TIMEOUT_MS`, else 5 s; libfabric takes
-    /// `FabricConfig::op_timeout` of `fabric`, else 5 s.
+    /// `FabricConfig::op_timeout` of its configuration, else 5 s.
     /// When set, it wins over both the backend configuration and the
     /// environment. Not used by CUDA_IPC, whose copies do not wait on a
     /// peer.
@@ -248,20 +216,13 @@ pub struct AgentConfig {
     /// default) reads [`ENV_KEEPALIVE_MS`], else [`DEFAULT_KEEPALIVE`]
     /// (2 s).
     pub keepalive: Option<Duration>,
-    /// The UCX transport's full configuration (keepalive, close and cancel
-    /// times, transports, …; peer-failure detection must stay on). `None` (the default):
-    /// [`UcxConfig::from_env`]. When given, the environment is not
-    /// consulted for its fields; [`transfer_timeout`](Self::transfer_timeout),
-    /// when set, still replaces its `op_timeout`.
-    #[cfg(feature = "ucx")]
-    pub ucx: Option<UcxConfig>,
-    /// The libfabric transport's full configuration (provider, transfer
-    /// timeout, queue sizes). `None` (the default): `FabricConfig::default()`.
+    /// Each backend's own configuration, set with its `with_*_config`
+    /// method (`with_ucx_config`, `with_fabric_config`). When given, the
+    /// environment is not consulted for its fields;
     /// [`provider`](Self::provider) and
     /// [`transfer_timeout`](Self::transfer_timeout), when set, replace the
     /// matching fields of it.
-    #[cfg(feature = "libfabric")]
-    pub fabric: Option<FabricConfig>,
+    pub(crate) backends: crate::backends::BackendConfigs,
 }
 
 /// Table sizes of an agent by default, fit for an engine with a KV cache of
@@ -314,10 +275,7 @@ impl Default for AgentConfig {
             auth_key: None,
             transfer_timeout: None,
             keepalive: None,
-            #[cfg(feature = "ucx")]
-            ucx: None,
-            #[cfg(feature = "libfabric")]
-            fabric: None,
+            backends: crate::backends::BackendConfigs::default(),
         }
     }
 }
@@ -338,11 +296,8 @@ impl fmt::Debug for AgentConfig {
             .field("release_timeout", &self.release_timeout)
             .field("auth_key", &self.auth_key.as_ref().map(|_| "<set>"))
             .field("transfer_timeout", &self.transfer_timeout)
-            .field("keepalive", &self.keepalive);
-        #[cfg(feature = "ucx")]
-        d.field("ucx", &self.ucx);
-        #[cfg(feature = "libfabric")]
-        d.field("fabric", &self.fabric);
+            .field("keepalive", &self.keepalive)
+            .field("backends", &self.backends);
         d.finish()
     }
 }
@@ -457,69 +412,6 @@ impl AgentConfig {
                     )
                 }),
         }
-    }
-
-    /// Sets [`ucx`](Self::ucx): the UCX transport is built from `config`
-    /// instead of [`UcxConfig::from_env`].
-    #[cfg(feature = "ucx")]
-    pub fn with_ucx_config(mut self, config: UcxConfig) -> Self {
-        self.ucx = Some(config);
-        self
-    }
-
-    /// Sets [`fabric`](Self::fabric): the libfabric transport is built from
-    /// `config` instead of `FabricConfig::default()`.
-    #[cfg(feature = "libfabric")]
-    pub fn with_fabric_config(mut self, config: FabricConfig) -> Self {
-        self.fabric = Some(config);
-        self
-    }
-
-    /// The configuration the UCX transport of an agent with these settings
-    /// is built with: [`ucx`](Self::ucx), else [`UcxConfig::from_env`]
-    /// (whose error, naming a malformed variable, is returned), with
-    /// [`transfer_timeout`](Self::transfer_timeout) applied when set. A
-    /// configuration with `peer_failure_detection` off is an error naming
-    /// it.
-    #[cfg(feature = "ucx")]
-    pub fn effective_ucx_config(&self) -> Result<UcxConfig, Error> {
-        let mut c = match &self.ucx {
-            Some(c) => c.clone(),
-            None => UcxConfig::from_env()?,
-        };
-        if let Some(t) = self.transfer_timeout {
-            // The UCX transport reads zero as "no deadline" too.
-            c.op_timeout = t.filter(|d| !d.is_zero());
-        }
-        if !c.peer_failure_detection {
-            return Err(Error::backend(
-                "UCX",
-                -1,
-                "UcxConfig::peer_failure_detection = false: transfers to a dead peer could \
-                 then never end and its endpoint could not be closed safely; the agent \
-                 needs it on (peers on this host move by cross-memory attach anyway)",
-            ));
-        }
-        Ok(c)
-    }
-
-    /// The configuration the libfabric transport of an agent with these
-    /// settings is built with: [`fabric`](Self::fabric), else the
-    /// defaults, with [`provider`](Self::provider) and
-    /// [`transfer_timeout`](Self::transfer_timeout) applied when set. No
-    /// deadline is an `op_timeout` of [`Duration::MAX`]. A provider left
-    /// unset here is chosen by the transport (`KVXFER_LIBFABRIC_PROVIDER`,
-    /// else the first usable one).
-    #[cfg(feature = "libfabric")]
-    pub fn effective_fabric_config(&self) -> FabricConfig {
-        let mut c = self.fabric.clone().unwrap_or_default();
-        if let Some(p) = &self.provider {
-            c.provider = Some(p.clone());
-        }
-        if let Some(t) = self.transfer_timeout {
-            c.op_timeout = t.filter(|d| !d.is_zero()).unwrap_or(Duration::MAX);
-        }
-        c
     }
 
     /// The side-channel key in effect: the configured one, else
@@ -640,8 +532,8 @@ mod tests {
     fn transport_settings_builder() {
         let c = AgentConfig::default();
         assert_eq!(c.transfer_timeout, None);
-        assert_eq!(c.ucx, None);
-        assert_eq!(c.fabric, None);
+        assert_eq!(c.ucx_config(), None);
+        assert_eq!(c.fabric_config(), None);
         // Nothing set: libfabric's defaults, provider left to the transport.
         assert_eq!(c.effective_fabric_config(), FabricConfig::default());
 
@@ -663,7 +555,7 @@ mod tests {
         uc.close_timeout_ms = 45;
         uc.keepalive_interval_ms = Some(250);
         let c = AgentConfig::default().with_ucx_config(uc.clone());
-        assert_eq!(c.ucx.as_ref(), Some(&uc));
+        assert_eq!(c.ucx_config(), Some(&uc));
         assert_eq!(c.effective_ucx_config().unwrap(), uc);
         // ... except for the deadline, when the neutral one is set.
         let c = c.with_transfer_timeout(Some(ms300));
@@ -693,7 +585,7 @@ mod tests {
             .with_provider("shm")
             .with_op_timeout(Duration::from_secs(2));
         let c = AgentConfig::default().with_fabric_config(fc.clone());
-        assert_eq!(c.fabric.as_ref(), Some(&fc));
+        assert_eq!(c.fabric_config(), Some(&fc));
         assert_eq!(c.effective_fabric_config(), fc);
         let eff = c
             .with_provider("tcp;ofi_rxm")

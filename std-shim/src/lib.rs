@@ -34,6 +34,7 @@
 )]
 
 mod agent;
+pub mod backends;
 pub mod bench;
 pub mod clock;
 pub mod config;
