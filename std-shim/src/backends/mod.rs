@@ -15,13 +15,10 @@ use kvxfer_core::{EngineConfig, Error, Storage, Transport};
 use crate::agent::AgentEngine;
 use crate::config::AgentConfig;
 
-mod cuda_ipc;
-mod libfabric;
-mod ucx;
-
 /// Calls `$m! { { args } Variant module "feature", … }` with every
-/// backend kvxfer knows, in the order users see them. A new backend is a
-/// line here, its file and its crate.
+/// backend kvxfer knows, in the order users see them: `module` is the
+/// backend's file in this folder. A new backend is a line here, its file,
+/// its cargo feature and its crate.
 macro_rules! with_backends {
     ($m:ident! { $($args:tt)* }) => {
         $m! { { $($args)* }
@@ -75,6 +72,8 @@ pub struct Descriptor {
 /// per-backend hooks' dispatch.
 macro_rules! declare {
     ({} $($v:ident $m:ident $f:literal),*) => {
+        $(mod $m;)*
+
         /// A backend kvxfer knows, built in or not: see
         /// [`is_built_in`](BackendKind::is_built_in) and
         /// [`descriptor`](BackendKind::descriptor).
