@@ -108,7 +108,7 @@ enum Command {
 /// once the discovery is dropped too. After [`Agent::shutdown`] the
 /// discovery withdraws the agent's entry by itself.
 pub struct EtcdDiscovery {
-    inner: Arc<Inner>,
+    inner: Arc<DiscoveryInner>,
     commands: mpsc::UnboundedSender<Command>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
@@ -134,7 +134,7 @@ impl EtcdDiscovery {
     /// when etcd cannot be reached within [`EtcdConfig::timeout`].
     pub fn start(agent: &Agent, cfg: EtcdConfig) -> Result<EtcdDiscovery, Error> {
         let (prefix, ttl) = cfg.validate()?;
-        let inner = Arc::new(Inner {
+        let inner = Arc::new(DiscoveryInner {
             agent: agent.clone(),
             auth: agent.auth_key(),
             name: agent.name().to_string(),

@@ -12,7 +12,7 @@ pub(super) struct Settings {
 
 /// The background thread: a current-thread runtime running [`Session`].
 pub(super) fn background(
-    inner: Arc<Inner>,
+    inner: Arc<DiscoveryInner>,
     settings: Settings,
     commands: mpsc::UnboundedReceiver<Command>,
     stop: oneshot::Receiver<()>,
@@ -53,7 +53,7 @@ pub(super) fn background(
 
 /// The connection to etcd and what hangs on it.
 pub(super) struct Session {
-    pub(super) inner: Arc<Inner>,
+    pub(super) inner: Arc<DiscoveryInner>,
     pub(super) settings: Settings,
     pub(super) client: Client,
     pub(super) lease: i64,
@@ -74,7 +74,7 @@ impl Session {
     }
 
     /// Connects, publishes and starts following the prefix.
-    pub(super) async fn open(inner: Arc<Inner>, settings: Settings) -> Result<Session, Error> {
+    pub(super) async fn open(inner: Arc<DiscoveryInner>, settings: Settings) -> Result<Session, Error> {
         let opts = ConnectOptions::new()
             .with_connect_timeout(settings.timeout)
             .with_timeout(settings.timeout);
@@ -329,7 +329,7 @@ impl Session {
 /// Runs `f` with the request timeout; errors name the endpoints and `what`.
 pub(super) async fn timed<T>(
     settings: &Settings,
-    inner: &Inner,
+    inner: &DiscoveryInner,
     what: &str,
     f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
 ) -> Result<T, Error> {
@@ -353,7 +353,7 @@ pub(super) async fn timed<T>(
 /// Grants a lease and opens its keep-alive stream.
 pub(super) async fn grant(
     settings: &Settings,
-    inner: &Inner,
+    inner: &DiscoveryInner,
     client: &mut Client,
 ) -> Result<(i64, LeaseKeeper, LeaseKeepAliveStream), Error> {
     let mut c = client.clone();
@@ -376,7 +376,7 @@ pub(super) async fn grant(
 /// after it.
 pub(super) async fn follow(
     settings: &Settings,
-    inner: &Inner,
+    inner: &DiscoveryInner,
     client: &mut Client,
 ) -> Result<WatchStream, Error> {
     let mut c = client.clone();

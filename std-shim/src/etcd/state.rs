@@ -34,7 +34,7 @@ pub(super) struct Known {
 }
 
 /// State shared by the handle and the background task.
-pub(super) struct Inner {
+pub(super) struct DiscoveryInner {
     pub(super) agent: Agent,
     /// The agent's side-channel key: metadata is published signed with it
     /// and only metadata signed with it is loaded.
@@ -48,7 +48,7 @@ pub(super) struct Inner {
     pub(super) changed: Condvar,
 }
 
-impl Inner {
+impl DiscoveryInner {
     pub(super) fn lock(&self) -> MutexGuard<'_, Known> {
         self.known.lock().unwrap_or_else(PoisonError::into_inner)
     }

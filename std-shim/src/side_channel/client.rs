@@ -7,7 +7,7 @@ pub struct Client {
     pub(super) stream: TcpStream,
     pub(super) peer: String,
     pub(super) timeout: Duration,
-    pub(super) session: Option<Session>,
+    pub(super) session: Option<FrameAuth>,
 }
 
 impl Client {
@@ -105,7 +105,7 @@ impl Client {
                             .map_err(|_| {
                                 protocol_error(&self.peer, "server authentication failed")
                             })?;
-                        self.session = Some(Session::new(key, &hello[4..], &nonce_c, b'C'));
+                        self.session = Some(FrameAuth::new(key, &hello[4..], &nonce_c, b'C'));
                         Ok(())
                     }
                     Some(&STATUS_ERR) => Err(protocol_error(

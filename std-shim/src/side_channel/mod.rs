@@ -235,7 +235,7 @@ fn mac(key: &[u8], label: &[u8], nonce: &[u8]) -> HmacSha256 {
 
 /// The per-frame authentication of one connection after an authenticated
 /// handshake.
-struct Session {
+struct FrameAuth {
     key: [u8; MAC_LEN],
     send_label: u8,
     recv_label: u8,
@@ -243,13 +243,13 @@ struct Session {
     recv_seq: u64,
 }
 
-impl Session {
+impl FrameAuth {
     /// The session of the side whose frames carry `send_label` (`b'C'` for
     /// the client, `b'S'` for the server).
-    fn new(key: &[u8], nonce_s: &[u8], nonce_c: &[u8], send_label: u8) -> Session {
+    fn new(key: &[u8], nonce_s: &[u8], nonce_c: &[u8], send_label: u8) -> FrameAuth {
         let mut m = mac(key, b"kvxfer-session", nonce_s);
         m.update(nonce_c);
-        Session {
+        FrameAuth {
             key: m.finalize().into_bytes().into(),
             send_label,
             recv_label: if send_label == b'C' { b'S' } else { b'C' },
@@ -289,7 +289,7 @@ impl Session {
 /// Sends `payload`, sealed when the connection has a session.
 fn send_on(
     stream: &mut TcpStream,
-    session: &mut Option<Session>,
+    session: &mut Option<FrameAuth>,
     payload: &[u8],
     peer: &str,
     timeout: Duration,
@@ -303,7 +303,7 @@ fn send_on(
 /// Sends `ERR text`, sealed when the connection has a session.
 fn send_err_on(
     stream: &mut TcpStream,
-    session: &mut Option<Session>,
+    session: &mut Option<FrameAuth>,
     text: &str,
     peer: &str,
     timeout: Duration,

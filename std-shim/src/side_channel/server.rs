@@ -208,7 +208,7 @@ pub(super) fn serve(
                 .into_bytes(),
         );
         send(&mut stream, &ok, peer, io_t)?;
-        session = Some(Session::new(key, &nonce_s, &msg[1 + MAC_LEN..], b'S'));
+        session = Some(FrameAuth::new(key, &nonce_s, &msg[1 + MAC_LEN..], b'S'));
     }
 
     loop {
