@@ -64,7 +64,7 @@ pub enum BackendSource {
     EnvKvxfer,
     /// The `TRTLLM_NIXL_KVCACHE_BACKEND` variable.
     EnvTrtllm,
-    /// Nothing was set: the default, UCX.
+    /// Nothing was set: [`BackendKind::DEFAULT`], UCX.
     Default,
 }
 
@@ -99,7 +99,7 @@ pub fn select_backend(
     let (value, source) = sources
         .into_iter()
         .find_map(|(v, s)| v.filter(|v| !v.trim().is_empty()).map(|v| (v, s)))
-        .unwrap_or(("UCX", BackendSource::Default));
+        .unwrap_or((BackendKind::DEFAULT.name(), BackendSource::Default));
     match BackendKind::parse(value) {
         Ok(kind) if kind.is_built_in() => Ok((kind, source)),
         _ => Err(crate::backends::unsupported(value)),

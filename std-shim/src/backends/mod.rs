@@ -16,7 +16,8 @@ use crate::agent::AgentEngine;
 use crate::config::AgentConfig;
 
 /// Calls `$m! { { args } Variant module "feature", … }` with every
-/// backend kvxfer knows, in the order users see them: `module` is the
+/// backend kvxfer knows, in the order users see them, the default first:
+/// `module` is the
 /// backend's file in this folder. A new backend is a line here, its file,
 /// its cargo feature and its crate.
 macro_rules! with_backends {
@@ -88,6 +89,9 @@ macro_rules! declare {
         impl BackendKind {
             /// Every backend, in the order they are listed to users.
             pub const ALL: &'static [BackendKind] = &[$(BackendKind::$v),*];
+
+            /// The backend used when nothing names one: the first listed.
+            pub const DEFAULT: BackendKind = BackendKind::ALL[0];
 
             /// What the backend is: name, aliases, settings.
             pub const fn descriptor(self) -> &'static Descriptor {
@@ -452,6 +456,7 @@ mod tests {
     fn descriptors_agree_with_the_list() {
         let names: Vec<&str> = BackendKind::ALL.iter().map(|k| k.name()).collect();
         assert_eq!(names, ["UCX", "LIBFABRIC", "CUDA_IPC"]);
+        assert_eq!(BackendKind::DEFAULT, BackendKind::Ucx);
         for &k in BackendKind::ALL {
             let d = k.descriptor();
             assert_eq!(d.c_name.to_str(), Ok(d.name));

@@ -28,7 +28,7 @@ enum Cmd {
         /// Side-channel address to listen on.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
-        /// Backend (UCX, LIBFABRIC); default from KVXFER_BACKEND.
+        /// Backend name (`kvxfer info` lists them); default from KVXFER_BACKEND.
         #[arg(long)]
         backend: Option<String>,
         /// libfabric provider, e.g. "tcp;ofi_rxm" or "shm".
@@ -71,7 +71,7 @@ enum Cmd {
         /// Name of the target to find in etcd.
         #[arg(long, default_value = "kvxfer-target", requires = "etcd")]
         target_name: String,
-        /// Backend (UCX, LIBFABRIC); default from KVXFER_BACKEND.
+        /// Backend name (`kvxfer info` lists them); default from KVXFER_BACKEND.
         #[arg(long)]
         backend: Option<String>,
         /// libfabric provider, e.g. "tcp;ofi_rxm" or "shm".

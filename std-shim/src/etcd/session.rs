@@ -74,7 +74,10 @@ impl Session {
     }
 
     /// Connects, publishes and starts following the prefix.
-    pub(super) async fn open(inner: Arc<DiscoveryInner>, settings: Settings) -> Result<Session, Error> {
+    pub(super) async fn open(
+        inner: Arc<DiscoveryInner>,
+        settings: Settings,
+    ) -> Result<Session, Error> {
         let opts = ConnectOptions::new()
             .with_connect_timeout(settings.timeout)
             .with_timeout(settings.timeout);
