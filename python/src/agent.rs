@@ -5,7 +5,7 @@ use super::*;
 /// An agent (the native half of `kvxfer.Agent` and `kvxfer.nixl.nixl_agent`).
 #[pyclass(frozen, module = "kvxfer._kvxfer")]
 pub(super) struct Agent {
-    pub(super) inner: RustAgent,
+    inner: RustAgent,
 }
 
 #[pymethods]
@@ -17,7 +17,7 @@ impl Agent {
     #[new]
     #[pyo3(signature = (name, backend=None, listen=Some("127.0.0.1:0".to_string()),
         progress_thread=true, same_host=true, transfer_timeout=None, auth_key=None))]
-    pub(super) fn new(
+    fn new(
         py: Python<'_>,
         name: &str,
         backend: Option<String>,
@@ -47,19 +47,19 @@ impl Agent {
 
     /// The agent's name.
     #[getter]
-    pub(super) fn name(&self) -> &str {
+    fn name(&self) -> &str {
         self.inner.name()
     }
 
     /// The backend in use: "UCX", "LIBFABRIC" or "CUDA_IPC".
     #[getter]
-    pub(super) fn backend(&self) -> &'static str {
+    fn backend(&self) -> &'static str {
         self.inner.backend().name()
     }
 
     /// Where the side channel listens ("ip:port"), or None.
     #[getter]
-    pub(super) fn listen_addr(&self) -> Option<String> {
+    fn listen_addr(&self) -> Option<String> {
         self.inner.listen_addr().map(|a| a.to_string())
     }
 
@@ -67,7 +67,7 @@ impl Agent {
     /// ("DRAM" or "VRAM"). The Python caller keeps the memory alive until
     /// it is deregistered.
     #[pyo3(signature = (addr, length, dev=0, kind="DRAM"))]
-    pub(super) fn register(
+    fn register(
         &self,
         py: Python<'_>,
         addr: u64,
@@ -85,32 +85,32 @@ impl Agent {
     }
 
     /// Deregisters the region starting at `addr`; returns its length.
-    pub(super) fn deregister(&self, py: Python<'_>, addr: u64) -> PyResult<u64> {
+    fn deregister(&self, py: Python<'_>, addr: u64) -> PyResult<u64> {
         py.detach(|| self.inner.deregister(addr))
             .py_err()
             .map(|r| r.len)
     }
 
     /// This agent's metadata blob.
-    pub(super) fn local_metadata<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+    fn local_metadata<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         let md = py.detach(|| self.inner.local_metadata()).py_err()?;
         Ok(PyBytes::new(py, &md))
     }
 
     /// Loads a peer's metadata; returns the peer's name.
-    pub(super) fn load_remote(&self, py: Python<'_>, blob: &[u8]) -> PyResult<String> {
+    fn load_remote(&self, py: Python<'_>, blob: &[u8]) -> PyResult<String> {
         py.detach(|| self.inner.load_remote(blob)).py_err()
     }
 
     /// Fetches and loads the metadata of the agent whose side channel
     /// listens on `addr`, then pushes ours; returns the peer's name.
-    pub(super) fn connect(&self, py: Python<'_>, addr: &str) -> PyResult<String> {
+    fn connect(&self, py: Python<'_>, addr: &str) -> PyResult<String> {
         py.detach(|| self.inner.connect(addr)).py_err()
     }
 
     /// Fetches and loads the metadata of the agent at `addr` (no push).
     #[pyo3(signature = (addr, auth_key=None, timeout=5.0))]
-    pub(super) fn fetch_metadata(
+    fn fetch_metadata(
         &self,
         py: Python<'_>,
         addr: &str,
@@ -130,7 +130,7 @@ impl Agent {
     /// Pushes this agent's metadata to the agent at `addr`; returns the
     /// name it loaded us under.
     #[pyo3(signature = (addr, auth_key=None, timeout=5.0))]
-    pub(super) fn send_metadata(
+    fn send_metadata(
         &self,
         py: Python<'_>,
         addr: &str,
@@ -149,7 +149,7 @@ impl Agent {
 
     /// Asks the agent at `addr` to forget this agent's metadata.
     #[pyo3(signature = (addr, auth_key=None, timeout=5.0))]
-    pub(super) fn invalidate_metadata(
+    fn invalidate_metadata(
         &self,
         py: Python<'_>,
         addr: &str,
@@ -166,24 +166,24 @@ impl Agent {
     }
 
     /// Whether a peer of this name is loaded.
-    pub(super) fn has_remote(&self, py: Python<'_>, peer: &str) -> PyResult<bool> {
+    fn has_remote(&self, py: Python<'_>, peer: &str) -> PyResult<bool> {
         py.detach(|| self.inner.has_remote(peer)).py_err()
     }
 
     /// Checks that every descriptor (packed triples) lies in memory `peer`
     /// registered.
-    pub(super) fn check_remote(&self, py: Python<'_>, peer: &str, descs: &[u8]) -> PyResult<()> {
+    fn check_remote(&self, py: Python<'_>, peer: &str, descs: &[u8]) -> PyResult<()> {
         let descs = parse_descs(descs)?;
         py.detach(|| self.inner.check_remote(peer, &descs)).py_err()
     }
 
     /// Forgets a peer: its connection and keys are released.
-    pub(super) fn invalidate_remote(&self, py: Python<'_>, peer: &str) -> PyResult<()> {
+    fn invalidate_remote(&self, py: Python<'_>, peer: &str) -> PyResult<()> {
         py.detach(|| self.inner.invalidate_remote(peer)).py_err()
     }
 
     /// Prepares a local list (packed triples) for `make_xfer`.
-    pub(super) fn prep_local(&self, py: Python<'_>, descs: &[u8]) -> PyResult<Prepared> {
+    fn prep_local(&self, py: Python<'_>, descs: &[u8]) -> PyResult<Prepared> {
         let descs = parse_descs(descs)?;
         let p = py.detach(|| self.inner.prep_local(&descs)).py_err()?;
         Ok(self.prepared(Side::Local(p), descs.len(), String::new()))
@@ -192,7 +192,7 @@ impl Agent {
     /// Prepares a local list of `count` blocks of `length` bytes spaced
     /// `stride` bytes apart from `addr`.
     #[pyo3(signature = (addr, length, stride, count, dev=0))]
-    pub(super) fn prep_local_strided(
+    fn prep_local_strided(
         &self,
         py: Python<'_>,
         addr: u64,
@@ -207,12 +207,7 @@ impl Agent {
     }
 
     /// Prepares a list of `peer`'s memory (packed triples).
-    pub(super) fn prep_remote(
-        &self,
-        py: Python<'_>,
-        peer: &str,
-        descs: &[u8],
-    ) -> PyResult<Prepared> {
+    fn prep_remote(&self, py: Python<'_>, peer: &str, descs: &[u8]) -> PyResult<Prepared> {
         let descs = parse_descs(descs)?;
         let p = py
             .detach(|| self.inner.prep_remote(peer, &descs))
@@ -222,7 +217,7 @@ impl Agent {
 
     /// [`prep_local_strided`] for `peer`'s memory.
     #[pyo3(signature = (peer, addr, length, stride, count, dev=0))]
-    pub(super) fn prep_remote_strided(
+    fn prep_remote_strided(
         &self,
         py: Python<'_>,
         peer: &str,
@@ -243,7 +238,7 @@ impl Agent {
     /// `u32`s): pair k moves `local[local_idx[k]]` and
     /// `remote[remote_idx[k]]`.
     #[pyo3(signature = (op, local, local_idx, remote, remote_idx, notif=None))]
-    pub(super) fn make_xfer(
+    fn make_xfer(
         &self,
         py: Python<'_>,
         op: &str,
@@ -275,7 +270,7 @@ impl Agent {
     /// Prepares a transfer (not posted) between local and `peer`'s
     /// descriptors (packed triples), paired by position.
     #[pyo3(signature = (op, local, remote, peer, notif=None))]
-    pub(super) fn prepare(
+    fn prepare(
         &self,
         py: Python<'_>,
         op: &str,
@@ -294,18 +289,18 @@ impl Agent {
     }
 
     /// Sends `msg` to `peer` outside any transfer.
-    pub(super) fn notify(&self, py: Python<'_>, peer: &str, msg: &[u8]) -> PyResult<()> {
+    fn notify(&self, py: Python<'_>, peer: &str, msg: &[u8]) -> PyResult<()> {
         py.detach(|| self.inner.notify(peer, msg)).py_err()
     }
 
     /// Takes the notifications received so far: {peer: [bytes, ...]}.
-    pub(super) fn take_notifications(&self, py: Python<'_>) -> PyResult<Py<PyDict>> {
+    fn take_notifications(&self, py: Python<'_>) -> PyResult<Py<PyDict>> {
         let n = py.detach(|| self.inner.take_notifications()).py_err()?;
         notifications_to_py(py, n)
     }
 
     /// Like `take_notifications`, waiting up to `timeout` seconds for one.
-    pub(super) fn wait_notifications(&self, py: Python<'_>, timeout: f64) -> PyResult<Py<PyDict>> {
+    fn wait_notifications(&self, py: Python<'_>, timeout: f64) -> PyResult<Py<PyDict>> {
         let t = secs(timeout, "timeout")?;
         let n = py.detach(|| self.inner.wait_notifications(t)).py_err()?;
         notifications_to_py(py, n)
@@ -313,23 +308,23 @@ impl Agent {
 
     /// How data to and from `peer` moves ("cross-memory attach" or the
     /// backend's name).
-    pub(super) fn peer_path(&self, py: Python<'_>, peer: &str) -> PyResult<&'static str> {
+    fn peer_path(&self, py: Python<'_>, peer: &str) -> PyResult<&'static str> {
         py.detach(|| self.inner.peer_path(peer)).py_err()
     }
 
     /// Polls the transport once; returns how many transfers finished.
-    pub(super) fn make_progress(&self, py: Python<'_>) -> PyResult<usize> {
+    fn make_progress(&self, py: Python<'_>) -> PyResult<usize> {
         py.detach(|| self.inner.make_progress()).py_err()
     }
 
     /// Shuts the agent down; afterwards every call raises `ShutDownError`.
-    pub(super) fn shutdown(&self, py: Python<'_>) {
+    fn shutdown(&self, py: Python<'_>) {
         py.detach(|| self.inner.shutdown());
     }
 }
 
 impl Agent {
-    pub(super) fn prepared(&self, side: Side, len: usize, peer: String) -> Prepared {
+    fn prepared(&self, side: Side, len: usize, peer: String) -> Prepared {
         Prepared {
             agent: self.inner.clone(),
             side,

@@ -32,24 +32,24 @@ pub(super) struct Prepared {
 #[pymethods]
 impl Prepared {
     /// Entries in the list.
-    pub(super) fn __len__(&self) -> usize {
+    fn __len__(&self) -> usize {
         self.len
     }
 
     /// The peer the list was prepared for ("" for a local list).
     #[getter]
-    pub(super) fn peer(&self) -> &str {
+    fn peer(&self) -> &str {
         &self.peer
     }
 
     /// Whether the list holds this agent's memory.
     #[getter]
-    pub(super) fn is_local(&self) -> bool {
+    fn is_local(&self) -> bool {
         matches!(self.side, Side::Local(_))
     }
 
     /// Releases the list; idempotent.
-    pub(super) fn release(&self, py: Python<'_>) -> PyResult<()> {
+    fn release(&self, py: Python<'_>) -> PyResult<()> {
         if self.released.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
@@ -83,11 +83,11 @@ impl Drop for Prepared {
 #[pyclass(frozen, module = "kvxfer._kvxfer")]
 pub(super) struct Request {
     /// `None` once released.
-    pub(super) inner: RwLock<Option<XferRequest>>,
-    pub(super) agent: RustAgent,
-    pub(super) handle: kvxfer::XferHandle,
-    pub(super) backend: &'static str,
-    pub(super) peer: String,
+    inner: RwLock<Option<XferRequest>>,
+    agent: RustAgent,
+    handle: kvxfer::XferHandle,
+    backend: &'static str,
+    peer: String,
 }
 
 impl Request {
@@ -101,10 +101,7 @@ impl Request {
         }
     }
 
-    pub(super) fn with<T>(
-        &self,
-        f: impl FnOnce(&XferRequest) -> Result<T, Error>,
-    ) -> Result<T, Error> {
+    fn with<T>(&self, f: impl FnOnce(&XferRequest) -> Result<T, Error>) -> Result<T, Error> {
         let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
         match g.as_ref() {
             Some(r) => f(r),
@@ -134,7 +131,7 @@ impl Drop for Request {
 impl Request {
     /// Posts (or re-posts) the transfer; returns its state code right
     /// after (0 prepared, 1 in progress, 2 done, 3 failed).
-    pub(super) fn post(&self, py: Python<'_>) -> PyResult<u8> {
+    fn post(&self, py: Python<'_>) -> PyResult<u8> {
         let s = py.detach(|| self.with(|r| r.post())).py_err()?;
         Ok(state_code(&s))
     }
@@ -145,7 +142,7 @@ impl Request {
     /// loop sees the completion without waiting for the progress thread to
     /// be scheduled, and then yields its CPU once, so that the threads
     /// moving the data run.
-    pub(super) fn status(&self, py: Python<'_>) -> PyResult<u8> {
+    fn status(&self, py: Python<'_>) -> PyResult<u8> {
         let s = py
             .detach(|| {
                 let mut s = self.with(|r| r.status());
@@ -163,7 +160,7 @@ impl Request {
     }
 
     /// Waits up to `timeout` seconds; returns the state code reached.
-    pub(super) fn wait(&self, py: Python<'_>, timeout: f64) -> PyResult<u8> {
+    fn wait(&self, py: Python<'_>, timeout: f64) -> PyResult<u8> {
         let t = secs(timeout, "timeout")?;
         let outcome = py.detach(|| self.with(|r| Ok(r.wait(t)))).py_err()?;
         Ok(match outcome {
@@ -175,7 +172,7 @@ impl Request {
 
     /// Why the transfer failed, as an exception instance; None unless it
     /// failed.
-    pub(super) fn failure(&self, py: Python<'_>) -> PyResult<Option<PyErr>> {
+    fn failure(&self, py: Python<'_>) -> PyResult<Option<PyErr>> {
         let s = py.detach(|| self.with(|r| r.status()));
         Ok(match s {
             Ok(XferState::Failed(e)) | Err(e) => Some(to_py(e)),
@@ -187,7 +184,7 @@ impl Request {
     /// completed_ns); times are nanoseconds on the agent's monotonic clock,
     /// None when not reached.
     #[allow(clippy::type_complexity)]
-    pub(super) fn telemetry(
+    fn telemetry(
         &self,
         py: Python<'_>,
     ) -> PyResult<(u64, u32, u32, Option<u64>, u64, Option<u64>)> {
@@ -206,7 +203,7 @@ impl Request {
     /// and polls its status until it ends, all in Rust (the GIL released
     /// once around the loop); returns each round's nanoseconds (for the
     /// benchmark of the Python layer's overhead).
-    pub(super) fn bench_post_poll(&self, py: Python<'_>, n: usize) -> PyResult<Vec<u64>> {
+    fn bench_post_poll(&self, py: Python<'_>, n: usize) -> PyResult<Vec<u64>> {
         let mut out = Vec::with_capacity(n);
         py.detach(|| {
             self.with(|r| {
@@ -230,7 +227,7 @@ impl Request {
 
     /// Measures `n` status calls in Rust (the GIL released once around
     /// the loop); returns their total nanoseconds.
-    pub(super) fn bench_status(&self, py: Python<'_>, n: usize) -> PyResult<u64> {
+    fn bench_status(&self, py: Python<'_>, n: usize) -> PyResult<u64> {
         let t0 = std::time::Instant::now();
         py.detach(|| {
             self.with(|r| {
@@ -246,19 +243,19 @@ impl Request {
 
     /// The backend moving this transfer.
     #[getter]
-    pub(super) fn backend(&self) -> &'static str {
+    fn backend(&self) -> &'static str {
         self.backend
     }
 
     /// The peer of this transfer.
     #[getter]
-    pub(super) fn peer(&self) -> &str {
+    fn peer(&self) -> &str {
         &self.peer
     }
 
     /// Whether the request was released.
     #[getter]
-    pub(super) fn released(&self) -> bool {
+    fn released(&self) -> bool {
         self.inner
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -267,7 +264,7 @@ impl Request {
 
     /// Releases the transfer (one in progress is cancelled where the
     /// backend can, else waited for); idempotent.
-    pub(super) fn release(&self, py: Python<'_>) -> PyResult<()> {
+    fn release(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| {
             let taken = self.inner.write().unwrap_or_else(|p| p.into_inner()).take();
             match taken {

@@ -212,7 +212,7 @@ pub unsafe extern "C" fn kvxfer_make_xfer(
 /// # Safety
 ///
 /// `xfer` is NULL or a live handle.
-pub(super) unsafe fn request<'a>(xfer: *const kvxfer_xfer) -> Result<&'a XferRequest, Fail> {
+unsafe fn request<'a>(xfer: *const kvxfer_xfer) -> Result<&'a XferRequest, Fail> {
     // SAFETY: per the caller.
     let h = unsafe { deref(xfer, "xfer") }?;
     h.req.as_ref().ok_or_else(|| {
@@ -228,7 +228,7 @@ pub(super) unsafe fn request<'a>(xfer: *const kvxfer_xfer) -> Result<&'a XferReq
 /// # Safety
 ///
 /// `out` is NULL or writable.
-pub(super) unsafe fn report(
+unsafe fn report(
     s: Result<XferState, kvxfer::Error>,
     out: *mut kvxfer_xfer_state,
 ) -> Result<(), Fail> {

@@ -4,10 +4,10 @@ use super::*;
 
 /// Longest the idle progress thread sleeps on a transport's wake-up
 /// descriptor before polling anyway.
-pub(super) const IDLE_WAIT: Duration = Duration::from_millis(100);
+const IDLE_WAIT: Duration = Duration::from_millis(100);
 /// How long the progress thread polls without sleeping after something
 /// woke it.
-pub(super) const HOT_AFTER_WAKE: Duration = Duration::from_millis(1);
+const HOT_AFTER_WAKE: Duration = Duration::from_millis(1);
 
 pub(super) fn progress_loop(inner: Arc<AgentInner>) {
     // Spin while transfers are in flight (yielding the lock and the CPU

@@ -128,7 +128,7 @@ impl XferRequest {
         self.release_inner()
     }
 
-    pub(super) fn release_inner(&mut self) -> Result<(), Error> {
+    fn release_inner(&mut self) -> Result<(), Error> {
         if self.released {
             return Ok(());
         }

@@ -28,7 +28,7 @@ pub(super) struct State {
 }
 
 /// Longest notification buffer the agent grows to (16 MiB).
-pub(super) const MAX_NOTIF_BUF: usize = 16 << 20;
+const MAX_NOTIF_BUF: usize = 16 << 20;
 
 impl State {
     /// A count that moves whenever the transport did work while polled

@@ -3,7 +3,7 @@
 use super::*;
 
 /// Where a bench buffer lives.
-pub(super) enum Storage {
+enum Storage {
     Host(Vec<u8>),
     #[cfg(feature = "cuda")]
     Device(kvxfer_cuda::DeviceBuffer),
@@ -12,9 +12,9 @@ pub(super) enum Storage {
 /// A registered buffer (host memory, or VRAM with the `cuda` feature),
 /// deregistered before it is freed.
 pub(super) struct Buffer {
-    pub(super) agent: Agent,
-    pub(super) storage: Storage,
-    pub(super) addr: u64,
+    agent: Agent,
+    storage: Storage,
+    addr: u64,
     pub(super) len: usize,
 }
 

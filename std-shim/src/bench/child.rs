@@ -4,19 +4,19 @@ use super::*;
 
 /// A spawned `kvxfer target`, killed when dropped.
 pub(super) struct TargetChild {
-    pub(super) child: Child,
-    pub(super) err: Arc<std::sync::Mutex<TargetStderr>>,
+    child: Child,
+    err: Arc<std::sync::Mutex<TargetStderr>>,
 }
 
 /// What a spawned target wrote to standard error.
 #[derive(Default)]
-pub(super) struct TargetStderr {
+struct TargetStderr {
     /// Whether it serves (its lines then go straight on).
-    pub(super) serving: bool,
+    serving: bool,
     /// Lines held until it serves.
-    pub(super) held: Vec<String>,
+    held: Vec<String>,
     /// The last line.
-    pub(super) last: String,
+    last: String,
 }
 
 impl TargetChild {

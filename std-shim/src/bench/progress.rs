@@ -7,13 +7,13 @@ use super::*;
 /// [`BenchOptions::progress_bar`] is set; otherwise nothing is printed.
 #[cfg_attr(not(feature = "cli"), allow(dead_code))]
 pub(super) struct ProgressBar {
-    pub(super) enabled: bool,
+    enabled: bool,
     /// Measured requests wanted, or the duration wanted in milliseconds.
-    pub(super) total: u64,
-    pub(super) by_time: Option<Duration>,
-    pub(super) started: Instant,
+    total: u64,
+    by_time: Option<Duration>,
+    started: Instant,
     #[cfg(feature = "cli")]
-    pub(super) bar: Option<indicatif::ProgressBar>,
+    bar: Option<indicatif::ProgressBar>,
 }
 
 impl ProgressBar {

@@ -163,9 +163,9 @@ pub struct TelemetrySummary {
 /// Collects telemetry of completed requests.
 #[derive(Default)]
 pub(super) struct TelemetryAcc {
-    pub(super) last: XferTelemetry,
-    pub(super) post_ns: Vec<u64>,
-    pub(super) xfer_ns: Vec<u64>,
+    last: XferTelemetry,
+    post_ns: Vec<u64>,
+    xfer_ns: Vec<u64>,
 }
 
 impl TelemetryAcc {
@@ -248,7 +248,7 @@ impl BenchReport {
 
     /// The raw-TCP comparison line of [`table`](Self::table) (empty without
     /// a baseline).
-    pub(super) fn tcp_line(&self) -> String {
+    fn tcp_line(&self) -> String {
         let Some(b) = &self.tcp else {
             return String::new();
         };

@@ -67,7 +67,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
 }
 
 /// The run against the target at `addr` (or found through etcd).
-pub(super) fn measure(
+fn measure(
     opts: &BenchOptions,
     addr: &str,
     total: u64,

@@ -52,20 +52,20 @@ pub(super) fn background(
 }
 
 /// The connection to etcd and what hangs on it.
-pub(super) struct Session {
-    pub(super) inner: Arc<DiscoveryInner>,
-    pub(super) settings: Settings,
-    pub(super) client: Client,
-    pub(super) lease: i64,
-    pub(super) keeper: LeaseKeeper,
-    pub(super) keepalive: LeaseKeepAliveStream,
-    pub(super) watch: WatchStream,
+struct Session {
+    inner: Arc<DiscoveryInner>,
+    settings: Settings,
+    client: Client,
+    lease: i64,
+    keeper: LeaseKeeper,
+    keepalive: LeaseKeepAliveStream,
+    watch: WatchStream,
     /// The metadata last written.
-    pub(super) published: Vec<u8>,
+    published: Vec<u8>,
 }
 
 impl Session {
-    pub(super) async fn timed<T>(
+    async fn timed<T>(
         &self,
         what: &str,
         f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
@@ -74,10 +74,7 @@ impl Session {
     }
 
     /// Connects, publishes and starts following the prefix.
-    pub(super) async fn open(
-        inner: Arc<DiscoveryInner>,
-        settings: Settings,
-    ) -> Result<Session, Error> {
+    async fn open(inner: Arc<DiscoveryInner>, settings: Settings) -> Result<Session, Error> {
         let opts = ConnectOptions::new()
             .with_connect_timeout(settings.timeout)
             .with_timeout(settings.timeout);
@@ -117,7 +114,7 @@ impl Session {
     }
 
     /// Serves until stopped; returns why it ended on its own, if it did.
-    pub(super) async fn run(
+    async fn run(
         &mut self,
         mut commands: mpsc::UnboundedReceiver<Command>,
         mut stop: oneshot::Receiver<()>,
@@ -186,7 +183,7 @@ impl Session {
     }
 
     /// Applies one watch response.
-    pub(super) async fn on_watch(&mut self, r: &etcd_client::WatchResponse) -> Result<(), Error> {
+    async fn on_watch(&mut self, r: &etcd_client::WatchResponse) -> Result<(), Error> {
         if r.canceled() {
             return Err(etcd_err(
                 -1,
@@ -225,7 +222,7 @@ impl Session {
     }
 
     /// Writes the agent's metadata if it changed (or if `force`).
-    pub(super) async fn republish(&mut self, force: bool) -> Result<(), Error> {
+    async fn republish(&mut self, force: bool) -> Result<(), Error> {
         let now = self.inner.agent.local_metadata()?;
         if !force && now == self.published {
             return Ok(());
@@ -251,7 +248,7 @@ impl Session {
     }
 
     /// Gets `name`'s entry and applies it.
-    pub(super) async fn fetch(&mut self, name: &str) -> Result<(), Error> {
+    async fn fetch(&mut self, name: &str) -> Result<(), Error> {
         let key = format!("{}{name}", self.inner.prefix);
         let mut c = self.client.clone();
         let r = self.timed(&format!("get {key}"), c.get(key, None)).await?;
@@ -264,10 +261,7 @@ impl Session {
     /// Reconnects after a failure: a new lease, the entry written again, a
     /// fresh listing and watch. Retries until it works or `stop` fires;
     /// returns `Some` when the session must end.
-    pub(super) async fn recover(
-        &mut self,
-        stop: &mut oneshot::Receiver<()>,
-    ) -> Option<Option<Error>> {
+    async fn recover(&mut self, stop: &mut oneshot::Receiver<()>) -> Option<Option<Error>> {
         loop {
             tokio::select! {
                 _ = &mut *stop => {
@@ -291,7 +285,7 @@ impl Session {
         }
     }
 
-    pub(super) async fn reopen(&mut self) -> Result<(), Error> {
+    async fn reopen(&mut self) -> Result<(), Error> {
         let old = self.lease;
         let (lease, keeper, keepalive) =
             grant(&self.settings, &self.inner, &mut self.client).await?;
@@ -307,7 +301,7 @@ impl Session {
     }
 
     /// Revokes the lease, so the entry disappears now.
-    pub(super) async fn withdraw(&mut self) {
+    async fn withdraw(&mut self) {
         let mut c = self.client.clone();
         match self
             .timed(
@@ -330,7 +324,7 @@ impl Session {
 }
 
 /// Runs `f` with the request timeout; errors name the endpoints and `what`.
-pub(super) async fn timed<T>(
+async fn timed<T>(
     settings: &Settings,
     inner: &DiscoveryInner,
     what: &str,
@@ -354,7 +348,7 @@ pub(super) async fn timed<T>(
 }
 
 /// Grants a lease and opens its keep-alive stream.
-pub(super) async fn grant(
+async fn grant(
     settings: &Settings,
     inner: &DiscoveryInner,
     client: &mut Client,
@@ -377,7 +371,7 @@ pub(super) async fn grant(
 
 /// Lists the prefix, applies the listing and watches from the revision
 /// after it.
-pub(super) async fn follow(
+async fn follow(
     settings: &Settings,
     inner: &DiscoveryInner,
     client: &mut Client,

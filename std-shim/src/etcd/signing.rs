@@ -4,10 +4,10 @@ use super::*;
 
 /// Start of a signed entry: the magic, then an HMAC-SHA256 tag, then the
 /// metadata.
-pub(super) const SIGNED: &[u8; 4] = b"KVXS";
-pub(super) const TAG_LEN: usize = 32;
+const SIGNED: &[u8; 4] = b"KVXS";
+const TAG_LEN: usize = 32;
 
-pub(super) fn metadata_mac(key: &[u8], name: &str, meta: &[u8]) -> hmac::Hmac<sha2::Sha256> {
+fn metadata_mac(key: &[u8], name: &str, meta: &[u8]) -> hmac::Hmac<sha2::Sha256> {
     use hmac::Mac;
     let mut m = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key)
         .expect("HMAC takes keys of any length");
@@ -65,7 +65,7 @@ mod tests {
     use super::*;
 
     #[test]
-    pub(super) fn entries_are_sealed_and_opened_with_the_key() {
+    fn entries_are_sealed_and_opened_with_the_key() {
         let meta = b"some metadata bytes".as_slice();
         let sealed = seal(Some(b"k1"), "peer", meta);
         assert!(sealed.starts_with(SIGNED));

@@ -16,7 +16,7 @@ pub enum PeerState {
 
 pub(super) struct PeerEntry {
     /// etcd revision of the last event applied.
-    pub(super) revision: i64,
+    revision: i64,
     /// The metadata loaded, while loaded.
     pub(super) blob: Option<Vec<u8>>,
     pub(super) state: PeerState,
@@ -59,7 +59,7 @@ impl DiscoveryInner {
         (!name.is_empty() && name != self.name).then_some(name)
     }
 
-    pub(super) fn follows(&self, known: &Known, name: &str) -> bool {
+    fn follows(&self, known: &Known, name: &str) -> bool {
         self.load_all || known.wanted.contains(name) || known.peers.contains_key(name)
     }
 
@@ -147,7 +147,7 @@ impl DiscoveryInner {
         self.record(name, revision, None, PeerState::Gone);
     }
 
-    pub(super) fn record(&self, name: &str, revision: i64, blob: Option<&[u8]>, state: PeerState) {
+    fn record(&self, name: &str, revision: i64, blob: Option<&[u8]>, state: PeerState) {
         let mut known = self.lock();
         known.peers.insert(
             name.to_string(),

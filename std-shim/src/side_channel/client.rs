@@ -5,8 +5,8 @@ use super::*;
 /// A connection to a peer's side channel.
 pub struct Client {
     pub(super) stream: TcpStream,
-    pub(super) peer: String,
-    pub(super) timeout: Duration,
+    peer: String,
+    timeout: Duration,
     pub(super) session: Option<FrameAuth>,
 }
 
@@ -59,7 +59,7 @@ impl Client {
         .map_err(|e| frame_error(e, &self.peer, what, self.timeout))
     }
 
-    pub(super) fn handshake(&mut self, key: Option<&[u8]>) -> Result<(), Error> {
+    fn handshake(&mut self, key: Option<&[u8]>) -> Result<(), Error> {
         let hello = self.recv("read hello from")?;
         if hello.len() < 4 || hello[..2] != *b"KX" {
             return Err(protocol_error(&self.peer, "not a kvxfer side channel"));
@@ -118,7 +118,7 @@ impl Client {
         }
     }
 
-    pub(super) fn request(&mut self, payload: &[u8], what: &str) -> Result<Vec<u8>, Error> {
+    fn request(&mut self, payload: &[u8], what: &str) -> Result<Vec<u8>, Error> {
         send_on(
             &mut self.stream,
             &mut self.session,

@@ -5,10 +5,10 @@ use super::*;
 /// A running side-channel server. Stops (and closes its connections) on
 /// [`stop`](Server::stop) or drop.
 pub struct Server {
-    pub(super) addr: SocketAddr,
-    pub(super) stop: Arc<AtomicBool>,
-    pub(super) conns: Arc<Mutex<HashMap<u64, TcpStream>>>,
-    pub(super) thread: Option<JoinHandle<()>>,
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    conns: Arc<Mutex<HashMap<u64, TcpStream>>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl Server {
@@ -75,7 +75,7 @@ impl Drop for Server {
     }
 }
 
-pub(super) fn accept_loop(
+fn accept_loop(
     listener: TcpListener,
     handler: Arc<dyn Handler>,
     opts: Options,
@@ -148,7 +148,7 @@ pub(super) fn send(
 }
 
 /// Serves one connection until it closes, idles out or misbehaves.
-pub(super) fn serve(
+fn serve(
     mut stream: TcpStream,
     peer: &str,
     handler: &dyn Handler,
