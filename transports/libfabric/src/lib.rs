@@ -94,13 +94,24 @@
 // allocation), so every fallible function here returns a large `Err`.
 #![allow(clippy::result_large_err)]
 #![deny(missing_docs)]
+#![deny(unsafe_code)]
 
+#[allow(unsafe_code)]
 mod fabric;
+mod mr;
+mod notify;
+mod peers;
+mod progress;
+#[cfg(test)]
+mod tests;
 mod transport;
+mod xfer;
 
 use std::time::Duration;
 
-pub use transport::{FabricPeer, FabricReg, FabricRemoteKey, FabricTransport};
+pub use mr::FabricReg;
+pub use peers::{FabricPeer, FabricRemoteKey};
+pub use transport::FabricTransport;
 
 /// The backend name: "LIBFABRIC".
 pub const BACKEND: &str = "LIBFABRIC";
@@ -214,10 +225,7 @@ pub fn usable_providers() -> Vec<String> {
 /// The version of the libfabric library loaded, `(major, minor)`, from
 /// `fi_version()`.
 pub fn version() -> (u32, u32) {
-    // SAFETY: fi_version takes no argument, has no precondition and only
-    // returns the library's version number.
-    let v = unsafe { libfabric_sys::fi_version() };
-    (v >> 16, v & 0xffff)
+    fabric::library_version()
 }
 
 /// Whether libfabric offers provider `name` with the capabilities kvxfer

@@ -1,15 +1,23 @@
-//! RAII wrappers over libfabric's objects.
+//! libfabric's objects and calls: the crate's only module with `unsafe`.
 //!
-//! [`Info`] owns an `fi_info` list. [`Shared`] owns the fabric, domain,
+//! Each handle closes in `Drop` and keeps what it belongs to open:
+//! [`Info`] owns an `fi_info` list. [`FabricObjects`] owns the fabric, domain,
 //! completion queue, address vector and endpoint of one transport; memory
-//! registrations ([`crate::FabricReg`]) keep it alive through an [`Arc`], so
+//! registrations ([`MemoryRegion`]) keep it alive through an [`Arc`], so
 //! a registration is always closed before the domain it belongs to, whatever
 //! order the owner drops things in.
 //!
 //! Close order: endpoint → address vector → completion queue → (memory
 //! registrations, through the `Arc`) → domain → fabric → info.
+//!
+//! The rest of the crate calls libfabric only through the crate-private
+//! methods here. Their safety rests on two rules that the transport's
+//! state logic keeps, stated again where they matter: memory handed to an
+//! operation stays allocated and registered until its completion is read
+//! or the endpoint is closed, and every call on the domain is serialised
+//! (`FI_THREAD_DOMAIN`).
 
-use std::ffi::{c_void, CStr, CString};
+use std::ffi::{CStr, CString};
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,6 +26,12 @@ use kvxfer_core::Error;
 use libfabric_sys as sys;
 
 use crate::BACKEND;
+
+mod mr;
+mod ops;
+
+pub(crate) use mr::{MemoryRegion, MrDesc, MsgBufs};
+pub(crate) use ops::{CqBatch, OpContexts};
 
 /// libfabric's setting that makes `fi_av_remove` close the connection to
 /// the removed peer (`tcp;ofi_rxm` keeps it open otherwise, and with it
@@ -105,6 +119,14 @@ pub(crate) const MR_MODE_SUPPORTED: u32 = sys::FI_MR_LOCAL
 /// whose semantics kvxfer relies on.
 pub(crate) const FALLBACK_API_VERSION: u32 = sys::FI_VERSION(1, 9);
 
+/// The version of the libfabric library loaded, `(major, minor)`.
+pub(crate) fn library_version() -> (u32, u32) {
+    // SAFETY: fi_version takes no argument, has no precondition and only
+    // returns the library's version number.
+    let v = unsafe { sys::fi_version() };
+    (v >> 16, v & 0xffff)
+}
+
 /// The API version requested from `fi_getinfo`: the newest that both the
 /// headers kvxfer was built with and the library loaded offer.
 pub(crate) fn api_version() -> u32 {
@@ -138,6 +160,19 @@ pub(crate) fn progress(dom: &sys::fi_domain_attr) -> (sys::fi_progress, sys::fi_
     #[cfg(not(libfabric_v2))]
     let data = dom.data_progress;
     (data, dom.control_progress)
+}
+
+/// What kvxfer reads of a provider's attributes.
+#[derive(Copy, Clone, Debug)]
+pub(crate) struct ProviderAttrs {
+    /// The `mr_mode` bits the provider asks for.
+    pub(crate) mr_mode: u32,
+    /// Bytes of a memory key.
+    pub(crate) key_size: usize,
+    /// Longest message (and RMA operation).
+    pub(crate) max_msg: u64,
+    /// Transmit queue size.
+    pub(crate) tx_size: usize,
 }
 
 /// An owned `fi_info` list (freed with `fi_freeinfo`).
@@ -211,6 +246,23 @@ impl Info {
         self.0
     }
 
+    /// The attributes of the first entry kvxfer reads.
+    pub(crate) fn attrs(&self) -> ProviderAttrs {
+        // SAFETY: self.0 is the valid first entry of the list from
+        // fi_getinfo; its attribute structs are filled in by libfabric.
+        unsafe {
+            let d = &*(*self.0).domain_attr;
+            let e = &*(*self.0).ep_attr;
+            let t = &*(*self.0).tx_attr;
+            ProviderAttrs {
+                mr_mode: d.mr_mode as u32,
+                key_size: d.mr_key_size,
+                max_msg: e.max_msg_size as u64,
+                tx_size: t.size,
+            }
+        }
+    }
+
     /// The provider name of the first entry.
     pub(crate) fn provider(&self) -> String {
         // SAFETY: self.0 is a valid fi_info from fi_getinfo; fabric_attr and
@@ -257,7 +309,7 @@ unsafe fn close_fid(fid: *mut sys::fid, what: &str) {
 /// The endpoint, address vector and completion queue may be closed early
 /// (when the transport is dropped while registrations are still alive);
 /// the domain and fabric live until the last registration is gone.
-pub(crate) struct Shared {
+pub(crate) struct FabricObjects {
     pub(crate) ep: AtomicPtr<sys::fid_ep>,
     pub(crate) av: AtomicPtr<sys::fid_av>,
     pub(crate) cq: AtomicPtr<sys::fid_cq>,
@@ -278,7 +330,7 @@ pub(crate) struct Shared {
 }
 
 /// A memory registration handle that may cross threads on its way to
-/// [`Shared::close_dropped_regs`].
+/// [`FabricObjects::close_dropped_regs`].
 struct MrPtr(*mut sys::fid_mr);
 // SAFETY: the pointer is only handed over, never used, until the owner of
 // the transport closes it.
@@ -289,16 +341,24 @@ unsafe impl Send for MrPtr {}
 // used through `&mut self` (the std shim holds it in a Mutex), and
 // registrations are created, used and dropped by the owner of the
 // transport. Closing happens once, in Drop, when no other reference exists.
-unsafe impl Send for Shared {}
+unsafe impl Send for FabricObjects {}
 // SAFETY: see `Send`; shared references only read the pointers.
-unsafe impl Sync for Shared {}
+unsafe impl Sync for FabricObjects {}
 
-impl Shared {
+impl std::fmt::Debug for FabricObjects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FabricObjects")
+            .field("provider", &self.info.provider())
+            .finish()
+    }
+}
+
+impl FabricObjects {
     /// Opens fabric, domain, completion queue, address vector and endpoint
     /// for the first entry of `info`, binds and enables the endpoint.
-    pub(crate) fn open(info: Info, cq_size: usize) -> Result<Arc<Shared>, Error> {
+    pub(crate) fn open(info: Info, cq_size: usize) -> Result<Arc<FabricObjects>, Error> {
         let fi = info.first();
-        let mut shared = Shared {
+        let mut shared = FabricObjects {
             ep: AtomicPtr::new(ptr::null_mut()),
             av: AtomicPtr::new(ptr::null_mut()),
             cq: AtomicPtr::new(ptr::null_mut()),
@@ -436,7 +496,7 @@ impl Shared {
             std::mem::take(&mut *self.dropped_regs.lock().unwrap_or_else(|e| e.into_inner()));
         for MrPtr(mr) in regs {
             // SAFETY: mr is an open registration of this domain, handed
-            // over once by its FabricReg's Drop and closed only here.
+            // over once by its MemoryRegion's Drop and closed only here.
             unsafe { close_fid(&mut (*mr).fid, "memory registration") };
         }
     }
@@ -503,14 +563,14 @@ impl Shared {
     }
 }
 
-impl Drop for Shared {
+impl Drop for FabricObjects {
     fn drop(&mut self) {
         self.close_endpoint();
         // Nobody else holds this value: the transport and every
         // registration are gone.
         self.close_dropped_regs();
         if !self.domain.is_null() {
-            // SAFETY: every registration holds an Arc<Shared>, so none is
+            // SAFETY: every registration holds an Arc<FabricObjects>, so none is
             // left; the endpoint, AV and CQ are closed.
             unsafe { close_fid(&mut (*self.domain).fid, "domain") };
         }
@@ -520,16 +580,6 @@ impl Drop for Shared {
         }
     }
 }
-
-/// A raw `void *` that may cross threads (a memory descriptor from
-/// `fi_mr_desc`, only ever passed back to libfabric).
-#[derive(Copy, Clone, Debug)]
-pub(crate) struct Desc(pub(crate) *mut c_void);
-// SAFETY: the descriptor is an opaque token that kvxfer never dereferences;
-// libfabric reads it only in calls that the transport serialises.
-unsafe impl Send for Desc {}
-// SAFETY: as above.
-unsafe impl Sync for Desc {}
 
 #[cfg(test)]
 mod tests {
