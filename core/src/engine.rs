@@ -17,6 +17,18 @@
 //! in-progress transfer asks the transport to cancel it; if it cannot, the
 //! release is refused with [`Error::InProgress`].
 //!
+//! # Deadlines
+//!
+//! With [`EngineConfig::deadline`] set, each post must finish within it.
+//! [`Engine::poll`] gives up on every transfer in flight whose deadline
+//! has come (`now >= posted + deadline`): it asks the transport to
+//! [`abandon`](Transport::abandon) it and fails it with
+//! [`Error::TimedOut`]. If the transport cannot abandon it yet, it stays in
+//! flight (its memory stays reported by [`Transport::in_use`]) and is tried
+//! again [`ABANDON_RETRY`] later. A completion arriving after that is
+//! ignored. [`Engine::poll_timeout`] says when the next deadline comes, so
+//! that a caller sleeping on the transport wakes in time.
+//!
 //! # Remote agents
 //!
 //! [`Engine::load_remote`] connects to a peer from its metadata and unpacks
@@ -33,6 +45,7 @@
 //! [`Engine::poll_notification`].
 
 use core::fmt;
+use core::time::Duration;
 
 use crate::desc::{self, DescList, Resolved, SegRec};
 use crate::error::{bounded, Error, MetaError, Name, Side, NAME_CAP};
@@ -56,13 +69,20 @@ pub struct EngineConfig {
     /// Most segments of one transfer after coalescing (default: no limit
     /// but the segment table's).
     pub segments_per_xfer: u32,
+    /// How long each post may take before [`Engine::poll`] gives up on it
+    /// with [`Error::TimedOut`] (default `None`: no deadline).
+    pub deadline: Option<Duration>,
 }
+
+/// How long after a refused [`Transport::abandon`] the engine asks again.
+pub const ABANDON_RETRY: Duration = Duration::from_millis(1);
 
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             coalesce: true,
             segments_per_xfer: u32::MAX,
+            deadline: None,
         }
     }
 }
@@ -77,6 +97,12 @@ impl EngineConfig {
     /// Sets [`segments_per_xfer`](Self::segments_per_xfer).
     pub fn with_segments_per_xfer(mut self, n: u32) -> Self {
         self.segments_per_xfer = n;
+        self
+    }
+
+    /// Sets [`deadline`](Self::deadline).
+    pub fn with_deadline(mut self, deadline: Option<Duration>) -> Self {
+        self.deadline = deadline;
         self
     }
 }
@@ -342,6 +368,9 @@ pub struct Engine<'a, T: Transport> {
     free_note: u32,
     in_flight: usize,
     ignored_completions: u64,
+    /// No transfer in flight expires before this (it may be earlier than
+    /// the true next deadline, never later).
+    next_expiry: Option<Instant>,
 }
 
 impl<'a, T: Transport> Engine<'a, T> {
@@ -420,6 +449,7 @@ impl<'a, T: Transport> Engine<'a, T> {
             free_note,
             in_flight: 0,
             ignored_completions: 0,
+            next_expiry: None,
         })
     }
 
@@ -701,26 +731,89 @@ impl<'a, T: Transport> Engine<'a, T> {
     pub fn fail_peer(&mut self, peer: &str, now: Instant) -> Result<usize, Error> {
         let p = self.peer_index(peer)?;
         self.peers[p].failed = true;
-        let name = self.peers[p].name.clone();
         let mut failed = 0;
         for i in 0..self.xfers.len() {
             let s = &self.xfers[i];
             if !(s.live && s.peer as usize == p && s.state == XferState::InProgress) {
                 continue;
             }
-            let token = token_of(i, s.generation, s.posts);
-            if let Err(e) = self.transport.abandon(token) {
-                log::warn!("{}: {peer:?} is unreachable, but a transfer to it cannot be cancelled ({e}); it stays in flight", self.name);
-                continue;
+            let error = Error::RemoteDisconnected {
+                peer: self.peers[p].name.clone(),
+            };
+            match self.give_up(i, error, now) {
+                Ok(()) => failed += 1,
+                Err(e) => log::warn!("{}: {peer:?} is unreachable, but a transfer to it cannot be cancelled ({e}); it stays in flight", self.name),
             }
-            let s = &mut self.xfers[i];
-            s.state = XferState::Failed(Error::RemoteDisconnected { peer: name.clone() });
-            s.telemetry.completed_at = Some(now);
-            self.in_flight -= 1;
-            self.peers[p].in_flight = self.peers[p].in_flight.saturating_sub(1);
-            failed += 1;
         }
         Ok(failed)
+    }
+
+    /// Gives up on in-flight transfer `i`: asks the transport to abandon
+    /// it and, if it can, fails it with `error` at `now`. If it cannot,
+    /// the transfer stays in flight and the transport's error is returned.
+    fn give_up(&mut self, i: usize, error: Error, now: Instant) -> Result<(), Error> {
+        let s = &self.xfers[i];
+        self.transport.abandon(token_of(i, s.generation, s.posts))?;
+        let s = &mut self.xfers[i];
+        s.state = XferState::Failed(error);
+        s.telemetry.completed_at = Some(now);
+        s.expires = None;
+        self.in_flight -= 1;
+        let peer = &mut self.peers[s.peer as usize];
+        peer.in_flight = peer.in_flight.saturating_sub(1);
+        Ok(())
+    }
+
+    /// Gives up on every transfer in flight whose deadline has come; returns
+    /// how many failed. One the transport cannot abandon yet is tried again
+    /// [`ABANDON_RETRY`] later.
+    fn expire(&mut self, now: Instant) -> usize {
+        if !self.next_expiry.is_some_and(|at| at <= now) {
+            return 0;
+        }
+        let mut next: Option<Instant> = None;
+        let mut failed = 0;
+        for i in 0..self.xfers.len() {
+            let s = &self.xfers[i];
+            if !(s.live && s.state == XferState::InProgress) {
+                continue;
+            }
+            let Some(at) = s.expires else {
+                continue;
+            };
+            if now < at {
+                next = Some(next.map_or(at, |n| n.min(at)));
+                continue;
+            }
+            let posted = s.telemetry.posted_at.unwrap_or(now);
+            let after_ms = now.saturating_nanos_since(posted) / 1_000_000;
+            match self.give_up(i, Error::TimedOut { after_ms }, now) {
+                Ok(()) => failed += 1,
+                Err(e) => {
+                    log::debug!(
+                        "{}: transfer #{i} is past its deadline but cannot be abandoned yet ({e})",
+                        self.name
+                    );
+                    let retry = now.saturating_add(ABANDON_RETRY);
+                    self.xfers[i].expires = Some(retry);
+                    next = Some(next.map_or(retry, |n| n.min(retry)));
+                }
+            }
+        }
+        self.next_expiry = next;
+        failed
+    }
+
+    /// When [`poll`](Engine::poll) next has a deadline to enforce, if any
+    /// transfer in flight has one: a caller that sleeps until new
+    /// completions should wake by then. It may be earlier than needed
+    /// (never later).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.in_flight == 0 {
+            None
+        } else {
+            self.next_expiry
+        }
     }
 
     /// What is known of a loaded peer's liveness: transfers in flight to
@@ -1433,6 +1526,10 @@ impl<'a, T: Transport> Engine<'a, T> {
             }
             Ok(PostStatus::InProgress) => {
                 slot.state = XferState::InProgress;
+                slot.expires = self.config.deadline.map(|d| now.saturating_add(d));
+                if let Some(at) = slot.expires {
+                    self.next_expiry = Some(self.next_expiry.map_or(at, |n| n.min(at)));
+                }
                 self.in_flight += 1;
                 let peer = &mut self.peers[p];
                 if peer.in_flight == 0 {
@@ -1481,9 +1578,11 @@ impl<'a, T: Transport> Engine<'a, T> {
         self.ignored_completions
     }
 
-    /// Drains the transport's completions; returns how many transfers
-    /// finished. Completions for released or reused slots, or for an
-    /// earlier post of the same transfer, are ignored (and counted in
+    /// Drains the transport's completions, then gives up on transfers past
+    /// their [deadline](EngineConfig::deadline); returns how many transfers
+    /// finished (timed-out ones included). Completions for released or
+    /// reused slots, for an earlier post of the same transfer, or for a
+    /// transfer already failed, are ignored (and counted in
     /// [`ignored_completions`](Engine::ignored_completions)).
     pub fn poll(&mut self, now: Instant) -> usize {
         let mut finished = 0;
@@ -1507,6 +1606,7 @@ impl<'a, T: Transport> Engine<'a, T> {
                     let peer = &mut self.peers[s.peer as usize];
                     peer.in_flight = peer.in_flight.saturating_sub(1);
                     peer.heard_at = Some(now);
+                    s.expires = None;
                     finished += 1;
                 }
                 _ => {
@@ -1519,7 +1619,7 @@ impl<'a, T: Transport> Engine<'a, T> {
                 }
             }
         }
-        finished
+        finished + self.expire(now)
     }
 
     /// Frees slot `i`: its regions and peer lose a user, its generation
