@@ -105,12 +105,12 @@ struct RegEntry {
 /// An endpoint and what its error handler learnt. Boxed so that the error
 /// handler's `arg` stays valid while the box lives.
 struct EpState {
-    /// Null once the endpoint was force-closed after a timeout.
+    /// Null once the endpoint was force-closed by an abandon.
     ep: sys::ucp_ep_h,
     /// `UCS_OK`, or the status the error handler reported (or
-    /// `UCS_ERR_ENDPOINT_TIMEOUT` after a transfer on it timed out).
+    /// `UCS_ERR_ENDPOINT_TIMEOUT` after a transfer on it was abandoned).
     failed: sys::ucs_status_t,
-    /// The force close started after a timeout, until UCX finished it.
+    /// The force close started by an abandon, until UCX finished it.
     closing: *mut c_void,
 }
 
@@ -152,8 +152,6 @@ struct XferSlot {
     has_note: bool,
     /// A stand-alone notification: no completion is reported.
     internal: bool,
-    /// When the transfer was posted, for the deadline.
-    started: Instant,
     /// Registrations (table indices) its segments read or write, one entry
     /// per run of segments in the same registration.
     regs: Vec<u32>,
@@ -276,7 +274,7 @@ pub struct UcxTransport {
     /// call their error handler, so they live until the worker is gone.
     #[allow(clippy::vec_box)]
     graveyard: Vec<Box<UnsafeCell<EpState>>>,
-    /// Slots of cancelled or timed-out transfers whose requests UCX still
+    /// Slots of cancelled or abandoned transfers whose requests UCX still
     /// holds: reported (or dropped) already, freed once their outstanding
     /// count is zero. While any exist, the unmapping of memory and the
     /// destruction of remote keys wait in the two lists below.
@@ -471,8 +469,9 @@ impl UcxTransport {
                 set_tcp_option(&ucp_config, "RX_SEG_SIZE", &seg.to_string())?;
             }
         }
-        if let Some(ms) = config.keepalive_interval_ms {
+        if let Some(interval) = config.keepalive_interval {
             if std::env::var_os("UCX_KEEPALIVE_INTERVAL").is_none() {
+                let ms = interval.as_millis().max(1);
                 config_modify(&ucp_config, "KEEPALIVE_INTERVAL", &format!("{ms}ms"))?;
             }
         }
@@ -648,13 +647,6 @@ impl UcxTransport {
         &self.config
     }
 
-    /// Changes the per-transfer deadline ([`UcxConfig::op_timeout`]) for
-    /// transfers posted from now on and those in flight (`None` or zero:
-    /// no deadline).
-    pub fn set_op_timeout(&mut self, op_timeout: Option<Duration>) {
-        self.config.op_timeout = op_timeout;
-    }
-
     /// This transport's packed worker address (what
     /// [`Transport::local_address`] writes).
     pub fn worker_address(&self) -> &[u8] {
@@ -765,7 +757,6 @@ impl UcxTransport {
                     note: Vec::new(),
                     has_note: false,
                     internal: false,
-                    started: Instant::now(),
                     regs: Vec::new(),
                     awaiting_ack: false,
                     inline_hdr: [0; inline::WRITE_HDR],
@@ -786,7 +777,6 @@ impl UcxTransport {
         slot.note.clear();
         slot.has_note = note.is_some();
         slot.internal = false;
-        slot.started = Instant::now();
         slot.regs.clear();
         slot.awaiting_ack = false;
         if let Some(n) = note {
@@ -956,7 +946,7 @@ impl UcxTransport {
             // SAFETY: the state box is live while it is in the table.
             let ep_handle = unsafe { (*ep).ep };
             if ep_handle.is_null() {
-                // Force-closed after a timeout: nothing more can be issued.
+                // Force-closed by an abandon: nothing more can be issued.
                 return Some(Err(Error::disconnected("")));
             }
             match phase {
@@ -1109,7 +1099,7 @@ impl UcxTransport {
     /// a flush, or, with peer failure detection, a forced close (which
     /// ends every outstanding request with `UCS_ERR_CANCELED`) when `force`
     /// or when the endpoint failed. An endpoint force-closed earlier
-    /// (after a timeout) only has that close waited for.
+    /// (by an abandon) only has that close waited for.
     fn close_ep(&mut self, state: Box<UnsafeCell<EpState>>, force: bool) {
         let s = state.get();
         // SAFETY: the box is live; nobody else holds a reference.
@@ -1149,7 +1139,7 @@ impl UcxTransport {
         } else {
             return;
         };
-        let timeout = Duration::from_millis(u64::from(self.config.close_timeout_ms));
+        let timeout = self.config.close_timeout;
         // SAFETY (closure): the request is live until freed below.
         let done = self.progress_until(timeout, |_| unsafe {
             sys::ucp_request_check_status(req) != UCS_INPROGRESS
@@ -1245,52 +1235,6 @@ impl UcxTransport {
         })
     }
 
-    /// Fails the active transfer at `active[pos]`, `elapsed` after its
-    /// post, with [`Error::TimedOut`], and treats its endpoint as failed.
-    fn time_out(&mut self, pos: usize, elapsed: Duration) {
-        let index = self.active.swap_remove(pos);
-        let slot = self.slot_ptr(index);
-        self.cancel_requests(slot);
-        // SAFETY: the slot is live; only plain fields are read.
-        let (token, internal, op, ep) =
-            unsafe { ((*slot).token, (*slot).internal, (*slot).op, (*slot).ep) };
-        let after_ms = elapsed.as_millis() as u64;
-        if internal {
-            log::warn!("UCX: notification timed out after {after_ms} ms; endpoint closed");
-        } else {
-            log::warn!(
-                "UCX: {} timed out after {after_ms} ms; endpoint closed",
-                op.name()
-            );
-            self.completions.push_back(Completion {
-                token,
-                result: Err(Error::TimedOut { after_ms }),
-            });
-        }
-        self.retire_slot(index);
-        self.force_close(ep, sys::UCS_ERR_ENDPOINT_TIMEOUT as sys::ucs_status_t);
-    }
-
-    /// Fails the transfers in flight for longer than the deadline.
-    fn expire(&mut self) {
-        let Some(limit) = self.config.op_timeout.filter(|d| !d.is_zero()) else {
-            return;
-        };
-        let now = Instant::now();
-        let mut i = 0;
-        while i < self.active.len() {
-            // SAFETY: active slots are live; only a plain field is read.
-            let started = unsafe { (*self.slot_ptr(self.active[i])).started };
-            let elapsed = now.saturating_duration_since(started);
-            if elapsed > limit {
-                // Swaps the last entry into `i`, which is looked at next.
-                self.time_out(i, elapsed);
-            } else {
-                i += 1;
-            }
-        }
-    }
-
     /// Frees zombie slots UCX has let go of, then (once none is left) the
     /// memory handles and remote keys that waited for them, and finishes
     /// forced closes. Never waits.
@@ -1369,7 +1313,7 @@ impl UcxTransport {
                 unsafe { (*t.slot_ptr(z)).outstanding == 0 }
             })
         };
-        let timeout = Duration::from_millis(u64::from(self.config.cancel_timeout_ms));
+        let timeout = self.config.cancel_timeout;
         if !self.progress_until(timeout, all_done) {
             let mut eps: Vec<u32> = Vec::new();
             for &z in &self.zombies {
@@ -1383,7 +1327,7 @@ impl UcxTransport {
                 log::warn!("UCX: cancelled requests still running after {timeout:?}; closing their endpoint");
                 self.force_close(ep, sys::UCS_ERR_CANCELED as sys::ucs_status_t);
             }
-            let timeout = Duration::from_millis(u64::from(self.config.close_timeout_ms));
+            let timeout = self.config.close_timeout;
             self.progress_until(timeout, all_done);
         }
         self.reap();
@@ -1528,7 +1472,7 @@ impl Transport for UcxTransport {
             if let Some(i) = regions.iter().position(|&x| x == r) {
                 regions.swap_remove(i);
             }
-            // Requests of cancelled or timed-out transfers may still use the
+            // Requests of cancelled or abandoned transfers may still use the
             // memory: wait for them (bounded), else unmap it once they end.
             if !self.zombies.is_empty() {
                 self.drain_zombies();
@@ -1645,7 +1589,7 @@ impl Transport for UcxTransport {
         let Some(state) = self.eps.remove(peer.index) else {
             return;
         };
-        // Requests of cancelled or timed-out transfers still on this
+        // Requests of cancelled or abandoned transfers still on this
         // endpoint use its remote keys: a forced close ends them first.
         let zombies = self.zombies_on(peer.index);
         let state = if zombies {
@@ -1688,7 +1632,7 @@ impl Transport for UcxTransport {
             let pending =
                 unsafe { (*state.get()).ep.is_null() && !(*state.get()).closing.is_null() };
             if pending {
-                // Force-closed after a timeout: finished from later polls.
+                // Force-closed by an abandon: finished from later polls.
                 self.closing.push(state);
             } else {
                 self.close_ep(state, false);
@@ -1762,7 +1706,7 @@ impl Transport for UcxTransport {
                 return;
             }
             if self.zombies_on(entry.ep) {
-                // A cancelled or timed-out transfer's request may use it.
+                // A cancelled or abandoned transfer's request may use it.
                 self.deferred_rkeys.push(entry.rkey);
             } else {
                 // SAFETY: the rkey is live and destroyed once; the core hands
@@ -1932,9 +1876,6 @@ impl Transport for UcxTransport {
                 None => i += 1,
             }
         }
-        if !self.active.is_empty() {
-            self.expire();
-        }
         if !self.zombies.is_empty()
             || self.open_closes > 0
             || !self.deferred_unmaps.is_empty()
@@ -2094,7 +2035,7 @@ const WORKER_DRAIN: Duration = Duration::from_millis(50);
 impl Drop for UcxTransport {
     fn drop(&mut self) {
         if !self.worker.is_null() {
-            // 1. In-flight requests (and those of cancelled or timed-out
+            // 1. In-flight requests (and those of cancelled or abandoned
             //    transfers): cancel, and let them be released.
             let slots: Vec<u32> = self.active.drain(..).collect();
             for index in slots {
@@ -2104,7 +2045,7 @@ impl Drop for UcxTransport {
             for i in 0..self.zombies.len() {
                 self.cancel_requests(self.slot_ptr(self.zombies[i]));
             }
-            let timeout = Duration::from_millis(u64::from(self.config.close_timeout_ms));
+            let timeout = self.config.close_timeout;
             let released = self.progress_until(timeout, |t| {
                 t.zombies.iter().all(|&i| {
                     // SAFETY: zombie slots are live; only the counter is read.
