@@ -259,9 +259,9 @@ pub struct AgentConfig {
     pub ucx: Option<UcxConfig>,
     /// The libfabric transport's full configuration (provider, queue
     /// sizes). `None` (the default): `FabricConfig::default()`.
-    /// [`provider`](Self::provider), when set, replaces its provider; its
-    /// `op_timeout` is not used (deadlines are the engine's:
-    /// [`transfer_timeout`](Self::transfer_timeout)).
+    /// [`provider`](Self::provider), when set, replaces its provider.
+    /// Deadlines are the engine's:
+    /// [`transfer_timeout`](Self::transfer_timeout).
     #[cfg(feature = "libfabric")]
     pub fabric: Option<FabricConfig>,
 }
@@ -516,9 +516,8 @@ impl AgentConfig {
 
     /// The configuration the libfabric transport of an agent with these
     /// settings is built with: [`fabric`](Self::fabric), else the
-    /// defaults, with [`provider`](Self::provider) applied when set and no
-    /// transport deadline (`op_timeout` of [`Duration::MAX`]: the engine
-    /// keeps the deadline). A provider left unset here is chosen by the
+    /// defaults, with [`provider`](Self::provider) applied when set. A
+    /// provider left unset here is chosen by the
     /// transport (`KVXFER_LIBFABRIC_PROVIDER`, else the first usable one).
     #[cfg(feature = "libfabric")]
     pub fn effective_fabric_config(&self) -> FabricConfig {
@@ -526,7 +525,6 @@ impl AgentConfig {
         if let Some(p) = &self.provider {
             c.provider = Some(p.clone());
         }
-        c.op_timeout = Duration::MAX;
         c
     }
 
@@ -665,15 +663,15 @@ mod tests {
         assert_eq!(c.ucx, None);
         assert_eq!(c.fabric, None);
         // Nothing set: libfabric's defaults, provider left to the
-        // transport, no transport deadline (the engine keeps it).
-        let plain = FabricConfig::default().with_op_timeout(Duration::MAX);
-        assert_eq!(c.effective_fabric_config(), plain);
+        // transport.
+        assert_eq!(c.effective_fabric_config(), FabricConfig::default());
 
         let ms300 = Duration::from_millis(300);
         let c = AgentConfig::default().with_transfer_timeout(Some(ms300));
         assert_eq!(c.transfer_timeout, Some(Some(ms300)));
         assert_eq!(c.effective_transfer_timeout(), Ok(Some(ms300)));
-        assert_eq!(c.effective_fabric_config().op_timeout, Duration::MAX);
+        // The deadline does not touch the transport's configuration.
+        assert_eq!(c.effective_fabric_config(), FabricConfig::default());
         assert_eq!(
             AgentConfig::default()
                 .with_transfer_timeout(None)
@@ -712,19 +710,16 @@ mod tests {
         // The same for libfabric, with the neutral provider on top.
         let fc = FabricConfig::default()
             .with_provider("shm")
-            .with_op_timeout(Duration::from_secs(2));
+            .with_cancel_timeout(Duration::from_secs(2));
         let c = AgentConfig::default().with_fabric_config(fc.clone());
         assert_eq!(c.fabric.as_ref(), Some(&fc));
-        assert_eq!(
-            c.effective_fabric_config(),
-            fc.clone().with_op_timeout(Duration::MAX)
-        );
+        assert_eq!(c.effective_fabric_config(), fc);
         let eff = c
             .with_provider("tcp;ofi_rxm")
             .with_transfer_timeout(Some(ms300))
             .effective_fabric_config();
         assert_eq!(eff.provider.as_deref(), Some("tcp;ofi_rxm"));
-        assert_eq!(eff.op_timeout, Duration::MAX);
+        assert_eq!(eff.cancel_timeout, Duration::from_secs(2));
         assert_eq!(eff.max_transfers, fc.max_transfers);
 
         let text = format!(

@@ -34,11 +34,14 @@
 //! chunk is done with that answer. The peer serves requests while its
 //! transport is polled (an `Agent` with its progress thread, the default,
 //! always is) and only for VRAM it registered; it connects back to the
-//! requester's address to move the data and to answer. A request without
-//! an answer within [`StagingConfig::reply_timeout`] fails the transfer
-//! with [`Error::TimedOut`]; its bounce buffer is not reused until the
-//! late answer arrives, so a late pull or push cannot mix into a later
-//! transfer.
+//! requester's address to move the data and to answer, giving up on a
+//! request it could not serve within [`StagingConfig::reply_timeout`].
+//!
+//! Staging keeps no deadline for this side's transfers: the engine does,
+//! and [`abandon`](Transport::abandon)s a transfer past it. A request
+//! still without an answer then is given up; its bounce buffer is not
+//! reused until the late answer arrives, so a late pull or push cannot
+//! mix into a later transfer.
 //!
 //! The transfer completes once every chunk's data is at its destination; a
 //! notification attached to it is sent after that, so it still reaches the
@@ -97,8 +100,10 @@ pub struct StagingConfig {
     pub chunk: usize,
     /// Bounce buffers per GPU: chunks in flight at once.
     pub chunks: usize,
-    /// How long a request to a peer (a chunk into or out of the peer's
-    /// VRAM) may wait for its answer.
+    /// How long serving a peer's request (a chunk into or out of VRAM
+    /// registered here) may take before it is given up and answered with
+    /// [`Error::TimedOut`]. This side's own transfers, and their requests
+    /// to peers, have the engine's deadline instead.
     pub reply_timeout: Duration,
 }
 
@@ -637,8 +642,14 @@ impl<T: Transport> Transport for Staged<T> {
     }
 
     fn abandon(&mut self, token: Token) -> Result<(), Error> {
-        self.refuse_staged(token, "abandoning a staged VRAM transfer")?;
-        self.inner.abandon(token)
+        match self
+            .ops
+            .iter()
+            .position(|o| o.token == token && o.serves.is_none())
+        {
+            Some(oi) => self.abandon_staged(oi),
+            None => self.inner.abandon(token),
+        }
     }
 
     fn send_notification(&mut self, peer: &Self::Peer, msg: &[u8]) -> Result<(), Error> {

@@ -44,8 +44,8 @@ pub(super) enum Stage {
     Copy { ev: usize, next: Next },
     /// The inner transport moves it; `then_copy` for READ into a bounce slot.
     Wire { then_copy: bool },
-    /// A request is with the peer since `since`; `then_copy` for READ.
-    Await { since: Instant, then_copy: bool },
+    /// A request is with the peer; `then_copy` for READ.
+    Await { then_copy: bool },
 }
 
 /// Part of a segment that a chunk moves.
@@ -83,6 +83,11 @@ pub(super) struct Op<T: Transport> {
     /// For a transfer serving a peer's request: the request's id, answered
     /// over `peer` instead of reporting a completion.
     pub(super) serves: Option<u64>,
+    /// For a transfer serving a peer's request: when serving began (see
+    /// [`StagingConfig::reply_timeout`]).
+    pub(super) serving_since: Option<Instant>,
+    /// Abandoned by the engine: finishes without a completion.
+    pub(super) abandoned: bool,
 }
 
 impl<T: Transport> Op<T> {
@@ -206,10 +211,7 @@ impl<T: Transport> Staged<T> {
         };
         msg::encode_request(&req, &mut self.out)?;
         self.inner.send_notification(&op.peer, &self.out)?;
-        self.ops[oi].chunks[c].stage = Stage::Await {
-            since: Instant::now(),
-            then_copy,
-        };
+        self.ops[oi].chunks[c].stage = Stage::Await { then_copy };
         Ok(())
     }
 
@@ -480,6 +482,8 @@ impl<T: Transport> Staged<T> {
             chunks: Vec::new(),
             error: None,
             serves: None,
+            serving_since: None,
+            abandoned: false,
         });
         // The copies into bounce buffers (one per block: many for
         // KV-shaped transfers) start at the next poll, so that posting

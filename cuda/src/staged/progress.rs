@@ -35,7 +35,7 @@ impl<T: Transport> Staged<T> {
     }
 
     /// The peer answered request `id` (a chunk awaiting it, or a
-    /// lost bounce buffer whose request timed out).
+    /// lost bounce buffer whose request was abandoned).
     pub(super) fn on_answer(&mut self, id: u64, result: Result<(), &str>) {
         let id = id ^ self.salt;
         let found = self
@@ -122,38 +122,107 @@ impl<T: Transport> Staged<T> {
         }
     }
 
-    /// Fails chunks whose request waited longer than the reply timeout;
-    /// their bounce buffers wait for the late answer in `lost`, and fresh
-    /// ones take their places (up to [`MAX_LOST`]).
-    pub(super) fn expire_requests(&mut self) {
+    /// Gives up on serving peers' requests that took longer than
+    /// [`StagingConfig::reply_timeout`]: their chunks on the inner
+    /// transport are abandoned, and the request is answered with
+    /// [`Error::TimedOut`] once its copies ended.
+    ///
+    /// This side's own transfers have no deadline here (the engine keeps
+    /// it and calls [`abandon`](Transport::abandon)), but a transfer
+    /// serving a peer's request belongs to no engine: without this bound
+    /// one to a requester that died unnoticed (over `shm`, say) would keep
+    /// its bounce buffer, and the memory of the VRAM it serves, forever.
+    pub(super) fn expire_served(&mut self) {
         let limit = self.cfg.reply_timeout;
         for oi in 0..self.ops.len() {
-            let mut c = 0;
-            while c < self.ops[oi].chunks.len() {
-                let ch = &self.ops[oi].chunks[c];
-                let Stage::Await { since, .. } = ch.stage else {
-                    c += 1;
-                    continue;
-                };
-                let waited = since.elapsed();
-                if waited < limit {
-                    c += 1;
-                    continue;
-                }
-                let ch = self.ops[oi].chunks.swap_remove(c);
-                if let Some((index, slot)) = ch.slot {
-                    self.lose_slot(ch.token, index, slot);
-                }
-                log::warn!(
-                    "{}: no answer to staging request {:#x} within {waited:?}",
+            let op = &self.ops[oi];
+            let Some(since) = op.serving_since else {
+                continue;
+            };
+            let waited = since.elapsed();
+            if op.error.is_some() || waited < limit {
+                continue;
+            }
+            log::warn!(
+                "{}: staging request {:#x} of a peer not served within {waited:?}",
+                self.inner.name(),
+                op.serves.unwrap_or(0)
+            );
+            self.ops[oi].fail(Error::TimedOut {
+                after_ms: waited.as_millis() as u64,
+            });
+            self.abandon_wire(oi);
+        }
+    }
+
+    /// Abandons the chunks of op `oi` on the inner transport; each then
+    /// completes there (or already did), which retires it.
+    pub(super) fn abandon_wire(&mut self, oi: usize) {
+        for c in 0..self.ops[oi].chunks.len() {
+            let ch = &self.ops[oi].chunks[c];
+            if !matches!(ch.stage, Stage::Wire { .. }) {
+                continue;
+            }
+            if let Err(e) = self.inner.abandon(Token(ch.token)) {
+                log::debug!(
+                    "{}: staged chunk {:#x} not abandoned: {e}",
                     self.inner.name(),
                     ch.token
                 );
-                self.ops[oi].fail(Error::TimedOut {
-                    after_ms: waited.as_millis() as u64,
-                });
             }
         }
+    }
+
+    /// [`Transport::abandon`] of this side's staged transfer `oi`, at the
+    /// engine's deadline or when its peer is unreachable. The transfer
+    /// starts nothing more and ends without a completion (the engine has
+    /// failed it). Requests awaiting the peer's answer are given up: their
+    /// bounce buffers wait in `lost` for the late answer, so that a late
+    /// pull or push cannot mix into a later transfer. Chunks on the inner
+    /// transport are abandoned there, and the inner transport reports
+    /// their memory through `in_use` while it may touch it. CUDA copies
+    /// already queued cannot be stopped: they are waited for here (local
+    /// copies, they end on their own), so that no copy touches the
+    /// transfer's memory once this returns.
+    pub(super) fn abandon_staged(&mut self, oi: usize) -> Result<(), Error> {
+        // Chunks on the wire first: a refusal leaves the transfer as it is
+        // (in flight; the engine asks again).
+        for ch in &self.ops[oi].chunks {
+            if matches!(ch.stage, Stage::Wire { .. }) {
+                self.inner.abandon(Token(ch.token))?;
+            }
+        }
+        let op = &mut self.ops[oi];
+        op.abandoned = true;
+        op.fail(Error::disconnected(""));
+        let mut c = 0;
+        while c < self.ops[oi].chunks.len() {
+            let ch = &self.ops[oi].chunks[c];
+            match (ch.stage, ch.slot) {
+                (Stage::Await { .. }, slot) => {
+                    let ch = self.ops[oi].chunks.swap_remove(c);
+                    log::warn!(
+                        "{}: staging request {:#x} abandoned before its answer",
+                        self.inner.name(),
+                        ch.token
+                    );
+                    if let Some((index, slot)) = slot {
+                        self.lose_slot(ch.token, index, slot);
+                    }
+                }
+                (Stage::Copy { ev, .. }, Some((index, _))) => {
+                    if let Some(p) = Self::pool_mut(&mut self.pools, index) {
+                        if let Err(e) = p.synchronize() {
+                            log::warn!("{}: {e}", self.inner.name());
+                        }
+                        p.free_events.push(ev);
+                    }
+                    self.retire(oi, c);
+                }
+                _ => c += 1,
+            }
+        }
+        Ok(())
     }
 
     /// Moves every staged transfer forward; finished ones go to `done`.
@@ -169,10 +238,10 @@ impl<T: Transport> Staged<T> {
         // them (and peers' requests still get served).
         if awaiting || !self.lost.is_empty() || !self.user_notes.is_empty() {
             self.pump_notifications();
-            self.expire_requests();
         }
         if self.ops.iter().any(|o| o.serves.is_some()) {
             self.events = self.events.wrapping_add(1);
+            self.expire_served();
         }
         // 2. Completions of the inner transport.
         while let Some(c) = self.inner.poll() {
@@ -255,6 +324,8 @@ impl<T: Transport> Staged<T> {
                             self.forget_requester(&peer);
                         }
                     }
+                    // The engine failed it already.
+                    None if op.abandoned => {}
                     None => self.done.push_back(Completion {
                         token: op.token,
                         result,

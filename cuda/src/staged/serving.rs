@@ -137,6 +137,8 @@ impl<T: Transport> Staged<T> {
             chunks: Vec::new(),
             error: None,
             serves: Some(r.id),
+            serving_since: Some(Instant::now()),
+            abandoned: false,
         });
         let oi = self.ops.len() - 1;
         self.start_chunks(oi);

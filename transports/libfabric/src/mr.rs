@@ -115,7 +115,7 @@ impl FabricTransport {
             self.fabric.close_dropped_regs();
             return;
         }
-        // Operations of timed-out transfers may still touch this memory:
+        // Operations of abandoned transfers may still touch this memory:
         // wait until the provider reports them (their peers were removed
         // from the address vector, which flushes them where the provider
         // can).
@@ -123,7 +123,7 @@ impl FabricTransport {
         while self.orphans_touch(r.addr, r.len) {
             if start.elapsed() >= self.config.cancel_timeout || self.fabric.cq().is_null() {
                 log::error!(
-                    "LIBFABRIC: provider {}: operations of timed-out transfers on {:#x}+{} \
+                    "LIBFABRIC: provider {}: operations of abandoned transfers on {:#x}+{} \
                      not reported within {:?}; the registration stays open and the provider \
                      may still touch that memory",
                     self.provider,

@@ -107,7 +107,7 @@ impl FabricTransport {
         while let Some(p) = self.pending_sends.front() {
             let (peer, buf, len, kind) = (p.peer, p.buf, p.len, p.op_kind());
             if self.given_up.contains(&p.peer_id) {
-                log::warn!("LIBFABRIC: a queued notification is dropped: its peer timed out");
+                log::warn!("LIBFABRIC: a queued notification is dropped: its peer was given up on");
                 if let Some(p) = self.pending_sends.pop_front() {
                     self.drop_pending(p, Error::disconnected(""));
                 }

@@ -90,7 +90,7 @@ pub(crate) fn unpack_key(region: &Region, key: &[u8]) -> Result<FabricRemoteKey,
 
 impl FabricTransport {
     /// Removes peer `id` at `addr` from the address vector after a
-    /// timeout or once it is found gone: the provider then drops its connection and reports the
+    /// transfer to it was abandoned or once it is found gone: the provider then drops its connection and reports the
     /// operations on it. Transfers and notifications to it fail until it
     /// is connected again.
     pub(crate) fn give_up(&mut self, addr: sys::fi_addr_t, id: u64, label: &str) {

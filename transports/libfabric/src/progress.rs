@@ -45,7 +45,7 @@ impl FabricTransport {
     /// the provider reports socket errors as its `prov_errno` (tcp,
     /// sockets), so a cancelled operation with `ENOTCONN` there means the
     /// peer is gone. So does any operation of a live transfer that comes
-    /// back `FI_ECANCELED`: kvxfer cancels only operations of timed-out
+    /// back `FI_ECANCELED`: kvxfer cancels only operations of abandoned
     /// transfers, so the provider cancelled it itself, tearing down the
     /// connection (`tcp;ofi_rxm` does so to a killed peer's operations,
     /// with `prov_errno` ENOENT).
@@ -132,7 +132,7 @@ impl FabricTransport {
                     }
                     // Stop issuing further segments.
                     x.next = x.segs.len();
-                    // A dead peer is given up on as after a timeout: later
+                    // A dead peer is given up on as after an abandon: later
                     // posts to it fail at once, not at their deadline.
                     if let Some((addr, id, label)) = gone {
                         self.give_up(addr, id, &label);

@@ -41,14 +41,14 @@ mod notifications {
     }
 
     /// A transfer whose notification send is still with the provider when
-    /// it times out: the send buffer must come back when that send
-    /// completes, or the pool drains one buffer per such timeout.
+    /// it is abandoned: the send buffer must come back when that send
+    /// completes, or the pool drains one buffer per such abandon.
     #[test]
-    fn a_timed_out_notification_send_gives_its_buffer_back() {
+    fn an_abandoned_notification_send_gives_its_buffer_back() {
         let cfg = FabricConfig::default().with_provider("tcp;ofi_rxm");
         let mut t = FabricTransport::new(&cfg).expect("tcp;ofi_rxm transport");
         let sends = t.free_sends.len();
-        // A real peer (this endpoint itself): the timeout removes it from
+        // A real peer (this endpoint itself): the abandon removes it from
         // the address vector.
         let address = t.address.clone();
         let peer = t.connect(&address).expect("connect to itself");
@@ -57,6 +57,7 @@ mod notifications {
             let x = &mut t.xfers[slot as usize];
             x.peer = peer.addr;
             x.peer_id = peer.id;
+            x.peer_label = peer.label.clone();
             x.gen = x.gen.wrapping_add(1);
             x.live = true;
             x.token = Token(7);
@@ -74,10 +75,17 @@ mod notifications {
                 buf,
             })
             .unwrap();
-        t.time_out(slot, 1);
+        t.abandon(Token(7)).expect("in flight");
         assert_eq!(
             t.poll().map(|c| (c.token, c.result)),
-            Some((Token(7), Err(Error::TimedOut { after_ms: 1 })))
+            Some((Token(7), Err(Error::disconnected(peer.label()))))
+        );
+        assert_eq!(
+            t.abandon(Token(7)),
+            Err(Error::Unsupported {
+                backend: crate::BACKEND,
+                what: "abandoning a transfer that is not in flight",
+            })
         );
         assert_eq!(t.free_sends.len(), sends - 1, "still with the provider");
         // The provider reports the orphaned send at last.
@@ -107,10 +115,10 @@ mod notifications {
         let x = &mut t.xfers[slot as usize];
         x.peer = peer.addr;
         x.peer_id = peer.id;
+        x.peer_label = peer.label.clone();
         x.gen = x.gen.wrapping_add(1);
         x.live = true;
         x.token = token;
-        x.started = Instant::now();
         x.notif = notif.to_vec();
         x.has_notif = true;
         x.notif_sent = false;
@@ -195,10 +203,10 @@ mod notifications {
         t.disconnect(peer);
     }
 
-    /// A transfer timing out with its notification still queued: the
+    /// A transfer abandoned with its notification still queued: the
     /// notification is never sent and its buffer comes back.
     #[test]
-    fn a_timed_out_transfer_drops_its_queued_notification() {
+    fn an_abandoned_transfer_drops_its_queued_notification() {
         let (mut t, peer) = self_connected();
         let sends = t.free_sends.len();
         let ops = std::mem::take(&mut t.free_ops);
@@ -206,14 +214,13 @@ mod notifications {
         assert!(t.poll().is_none());
         assert_eq!(t.pending_sends.len(), 1);
         assert_eq!(t.free_sends.len(), sends - 1);
-        let slot = t.active[0];
-        t.time_out(slot, 1);
+        t.abandon(Token(11)).expect("in flight");
         assert!(t.pending_sends.is_empty());
         assert_eq!(t.free_sends.len(), sends);
         t.free_ops = ops;
         assert_eq!(
             t.poll().map(|c| (c.token, c.result)),
-            Some((Token(11), Err(Error::TimedOut { after_ms: 1 })))
+            Some((Token(11), Err(Error::disconnected(peer.label()))))
         );
         let mut buf = [0u8; 64];
         let deadline = Instant::now() + Duration::from_millis(200);
@@ -226,7 +233,7 @@ mod notifications {
 }
 
 mod setup {
-    use std::time::{Duration, Instant};
+    use std::time::Instant;
 
     use kvxfer_core::{Error, Region, Transport};
     use libfabric_sys as sys;
@@ -280,17 +287,15 @@ mod setup {
         assert_eq!(t.fabric.dropped_regs(), 0);
     }
 
-    /// More receive buffers than the provider's receive queue holds, and no
-    /// transfer deadline: on libfabric 1.x, rxm answers FI_EAGAIN past its
+    /// More receive buffers than the provider's receive queue holds: on
+    /// libfabric 1.x, rxm answers FI_EAGAIN past its
     /// 2048 entries and `new` gives up after its own bound. libfabric 2.x's
     /// rxm grows its queue (as do its shm, sockets and tcp): all are
     /// posted.
     #[test]
     fn more_receive_buffers_than_the_queue_holds() {
-        let mut cfg = FabricConfig::default()
-            .with_provider("tcp;ofi_rxm")
-            .with_op_timeout(Duration::MAX);
-        cfg.notification_buffers = 100_000;
+        let mut cfg = FabricConfig::default().with_provider("tcp;ofi_rxm");
+        cfg.notification_queue = 100_000;
         cfg.max_notification = 16;
         let start = Instant::now();
         let r = FabricTransport::new(&cfg);

@@ -29,7 +29,7 @@ pub(crate) const RECV_SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Fails unless `FI_AV_REMOVE_CLEANUP` is on. Without it `tcp;ofi_rxm`
 /// keeps the connection to a removed peer, and with it every operation
-/// still queued there: a timed-out or abandoned transfer's memory could be
+/// still queued there: an abandoned transfer's memory could be
 /// written after it was deregistered. kvxfer sets the variable before
 /// `main`; it is missing only where the environment turned it off or
 /// kvxfer was loaded into a running, threaded process.
@@ -89,7 +89,7 @@ pub struct FabricTransport {
     pub(crate) cq_entries: CqBatch,
     /// Id of the next peer `connect` makes.
     pub(crate) next_peer_id: u64,
-    /// Peers given up on after a timeout: removed from the address
+    /// Peers given up on (after an abandon, or found gone): removed from the address
     /// vector, until `disconnect`.
     pub(crate) given_up: Vec<u64>,
     /// Registrations whose deregistration timed out waiting for orphaned
@@ -130,7 +130,7 @@ impl FabricTransport {
     /// Fails with [`Error::Backend`] naming LIBFABRIC, the provider(s) tried
     /// and libfabric's reason when no provider is usable, or naming the
     /// provider when it keeps refusing (`FI_EAGAIN`) the notification
-    /// receive buffers for 5 s, whatever [`FabricConfig::op_timeout`] is.
+    /// receive buffers for 5 s.
     pub fn new(config: &FabricConfig) -> Result<FabricTransport, Error> {
         if config.max_transfers == 0 || config.max_ops == 0 || config.max_notification == 0 {
             return Err(Error::backend(
@@ -181,7 +181,7 @@ impl FabricTransport {
                 ),
             ));
         }
-        let cq_size = (config.max_ops + config.notification_buffers + 64).max(attrs.tx_size);
+        let cq_size = (config.max_ops + config.notification_queue + 64).max(attrs.tx_size);
         let fabric = FabricObjects::open(info, cq_size)?;
         let name = fabric
             .name()
@@ -189,7 +189,7 @@ impl FabricTransport {
         let address = encode_address(&provider, config.max_notification, &name);
 
         let slot = config.max_notification;
-        let nrecv = config.notification_buffers.max(1);
+        let nrecv = config.notification_queue.max(1);
         let nsend = 64usize;
         let recv = MsgBufs::new(&fabric, mr_mode, key_size, slot, nrecv)?;
         let send = MsgBufs::new(&fabric, mr_mode, key_size, slot, nsend)?;
@@ -232,7 +232,7 @@ impl FabricTransport {
             t.repost.push(b);
         }
         // Post the receives, progressing the queue if the provider pushes
-        // back; bounded on its own (op_timeout may be unbounded).
+        // back, for at most RECV_SETUP_TIMEOUT.
         let start = Instant::now();
         while !t.repost.is_empty() {
             t.post_receives()?;
@@ -279,7 +279,7 @@ impl FabricTransport {
     }
 
     /// Registrations whose deregistration is still deferred: operations of
-    /// timed-out transfers referencing them were not reported within
+    /// abandoned transfers referencing them were not reported within
     /// [`FabricConfig::cancel_timeout`], so their memory must stay
     /// allocated (see the [crate documentation](crate#failure)).
     pub fn deferred_deregistrations(&self) -> usize {
@@ -413,9 +413,12 @@ impl Transport for FabricTransport {
         })
     }
 
-    /// Orphans the transfer's operations and gives its peer up (libfabric
-    /// cannot stop an RMA operation otherwise); the completion it then
-    /// reports carries `RemoteDisconnected`.
+    /// Called by the engine at the transfer's deadline or when its peer is
+    /// unreachable. Orphans the transfer's operations (their memory stays
+    /// reported by `in_use` until the provider reports them) and gives its
+    /// peer up, since libfabric cannot stop an RMA operation otherwise; the
+    /// completion it then reports, which the engine ignores, carries
+    /// `RemoteDisconnected`.
     fn abandon(&mut self, token: Token) -> Result<(), Error> {
         let Some(&slot) = self
             .active
@@ -428,11 +431,7 @@ impl Transport for FabricTransport {
             });
         };
         let peer = self.xfers[slot as usize].peer_label.clone();
-        self.abandon_slot(
-            slot,
-            Error::disconnected(&peer),
-            "was abandoned (peer unreachable)",
-        );
+        self.abandon_slot(slot, Error::disconnected(&peer), "was abandoned");
         Ok(())
     }
 

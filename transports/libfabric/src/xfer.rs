@@ -1,8 +1,6 @@
 //! Transfers: their slots, the libfabric operations of their segments,
 //! and how they advance, are abandoned and finish.
 
-use std::time::Instant;
-
 use kvxfer_core::error::Name;
 use kvxfer_core::{Completion, Error, PostStatus, Segments, Token, XferOp};
 use libfabric_sys as sys;
@@ -25,7 +23,7 @@ pub(crate) enum OpKind {
     Notif { buf: u32 },
     /// A receive into notification buffer `buf`.
     Recv { buf: u32 },
-    /// The operation of a transfer that already ended (timed out); its
+    /// The operation of a transfer that already ended (abandoned); its
     /// completion is dropped, and the send buffer `buf` of an orphaned
     /// notification goes back to the pool with it. `local`/`len`: the
     /// application memory an orphaned RMA operation may still touch (`len`
@@ -64,7 +62,6 @@ pub(crate) struct Xfer {
     pub(crate) notif: Vec<u8>,
     pub(crate) has_notif: bool,
     pub(crate) notif_sent: bool,
-    pub(crate) started: Instant,
 }
 
 impl Xfer {
@@ -84,7 +81,6 @@ impl Xfer {
             notif: Vec::new(),
             has_notif: false,
             notif_sent: false,
-            started: Instant::now(),
         }
     }
 }
@@ -164,7 +160,6 @@ impl FabricTransport {
 
     /// Finishes what can be finished among the active transfers.
     pub(crate) fn advance(&mut self) {
-        let now = Instant::now();
         let mut i = 0;
         while i < self.active.len() {
             let slot = self.active[i];
@@ -175,12 +170,6 @@ impl FabricTransport {
                         self.xfers[slot as usize].token
                     );
                 }
-            }
-            let x = &self.xfers[slot as usize];
-            let elapsed = now.saturating_duration_since(x.started);
-            if x.error.is_none() && elapsed > self.config.op_timeout {
-                self.time_out(slot, elapsed.as_millis() as u64);
-                continue;
             }
             let x = &self.xfers[slot as usize];
             let data_done = x.outstanding == 0 && (x.next >= x.segs.len() || x.error.is_some());
@@ -195,12 +184,6 @@ impl FabricTransport {
             }
             self.finish(slot, i);
         }
-    }
-
-    /// Fails transfer `slot` with a timeout; its operations still in flight
-    /// are cancelled where possible and their completions dropped.
-    pub(crate) fn time_out(&mut self, slot: u32, after_ms: u64) {
-        self.abandon_slot(slot, Error::TimedOut { after_ms }, "timed out");
     }
 
     /// Gives up on transfer `slot`: its operations become orphans (their
@@ -261,7 +244,7 @@ impl FabricTransport {
             .active
             .iter()
             .position(|&s| s == slot)
-            .expect("a timed-out transfer is active");
+            .expect("an abandoned transfer is active");
         self.finish(slot, idx);
     }
 
@@ -333,7 +316,6 @@ impl FabricTransport {
         if let Some(n) = notification {
             x.notif.extend_from_slice(n);
         }
-        x.started = Instant::now();
         for s in segments {
             let base = if s.remote.virt_addr {
                 s.remote_addr
