@@ -121,7 +121,7 @@ impl FabricTransport {
         // can).
         let start = Instant::now();
         while self.orphans_touch(r.addr, r.len) {
-            if start.elapsed() >= self.config.cancel_timeout || self.fabric.cq().is_null() {
+            if start.elapsed() >= self.config.cancel_timeout || !self.fabric.is_open() {
                 log::error!(
                     "LIBFABRIC: provider {}: operations of abandoned transfers on {:#x}+{} \
                      not reported within {:?}; the registration stays open and the provider \

@@ -126,7 +126,7 @@ impl FabricTransport {
                 max: max as u64,
             });
         }
-        if self.fabric.ep().is_null() {
+        if !self.fabric.is_open() {
             return Err(Error::ShutDown);
         }
         if self.given_up.contains(&peer.id) {

@@ -14,7 +14,7 @@ use crate::{FabricTransport, BACKEND};
 impl FabricTransport {
     /// Reads the completion queue until it is empty (bounded).
     pub(crate) fn read_cq(&mut self) {
-        if self.fabric.cq().is_null() {
+        if !self.fabric.is_open() {
             return;
         }
         for _ in 0..64 {

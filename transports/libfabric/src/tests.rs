@@ -287,6 +287,24 @@ mod setup {
         assert_eq!(t.fabric.dropped_regs(), 0);
     }
 
+    /// A registration outliving its transport keeps the domain (and the
+    /// fabric) open: the endpoint closes with the transport, the domain
+    /// with the last registration.
+    #[test]
+    fn a_registration_keeps_its_domain_open_after_the_transport() {
+        let cfg = FabricConfig::default().with_provider("tcp;ofi_rxm");
+        let mut t = FabricTransport::new(&cfg).expect("transport");
+        let buf = vec![0u8; 4096];
+        let reg = t
+            .register(&Region::dram(buf.as_ptr() as u64, 4096))
+            .expect("register");
+        let domain = std::sync::Arc::downgrade(t.fabric.domain());
+        drop(t);
+        assert!(domain.upgrade().is_some(), "closed under a registration");
+        drop(reg);
+        assert!(domain.upgrade().is_none(), "left open after the last one");
+    }
+
     /// More receive buffers than the provider's receive queue holds: on
     /// libfabric 1.x, rxm answers FI_EAGAIN past its
     /// 2048 entries and `new` gives up after its own bound. libfabric 2.x's

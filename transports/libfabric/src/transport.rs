@@ -2,7 +2,6 @@
 //! implementation, which hands each call to the module of its sub-machine.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvxfer_core::mem::MemKinds;
@@ -55,7 +54,7 @@ fn require_av_remove_cleanup() -> Result<(), Error> {
 /// (`xfer`), notifications (`notify`), peers (`peers`), registrations
 /// (`mr`) and completion-queue progress (`progress`).
 pub struct FabricTransport {
-    pub(crate) fabric: Arc<FabricObjects>,
+    pub(crate) fabric: FabricObjects,
     pub(crate) provider: String,
     pub(crate) mr_mode: u32,
     pub(crate) prov_errno_is_errno: bool,
@@ -389,7 +388,7 @@ impl Transport for FabricTransport {
     /// flight or queued and `fi_trywait` allows it.
     fn arm(&mut self) -> kvxfer_core::Wake {
         use kvxfer_core::Wake;
-        if self.fabric.wait_fd < 0 {
+        if self.fabric.wait_fd() < 0 {
             return Wake::Unsupported;
         }
         if !self.done.is_empty()
@@ -400,7 +399,7 @@ impl Transport for FabricTransport {
             return Wake::Busy;
         }
         if self.fabric.try_wait() {
-            Wake::Armed(self.fabric.wait_fd)
+            Wake::Armed(self.fabric.wait_fd())
         } else {
             Wake::Busy
         }

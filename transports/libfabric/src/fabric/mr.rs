@@ -10,7 +10,7 @@ use std::sync::Arc;
 use kvxfer_core::Error;
 use libfabric_sys as sys;
 
-use super::{fi_error, FabricObjects};
+use super::{fi_error, Domain, FabricObjects};
 use crate::BACKEND;
 
 const ENOKEY: i64 = -(sys::FI_ENOKEY as i64);
@@ -41,22 +41,22 @@ fn fresh_key(key_size: usize) -> u64 {
     }
 }
 
-/// An open `fid_mr`. Dropping it hands the handle to its
-/// [`FabricObjects`], whose owner closes it (a registration may be dropped
-/// on any thread; the domain takes no concurrent call); the `Arc` keeps
-/// the domain open until then.
+/// An open `fid_mr`. Dropping it hands the handle to its [`Domain`],
+/// whose owner closes it (a registration may be dropped on any thread; the
+/// domain takes no concurrent call); the `Arc` keeps the domain open until
+/// then.
 #[derive(Debug)]
 pub(crate) struct MemoryRegion {
     mr: *mut sys::fid_mr,
     desc: MrDesc,
     key: u64,
-    objects: Arc<FabricObjects>,
+    domain: Arc<Domain>,
 }
 
 // SAFETY: the handle is only read after creation; Drop (on whatever
-// thread) only hands it to `objects`, under a lock, and the owner of the
+// thread) only hands it to `domain`, under a lock, and the owner of the
 // transport closes it there, serialised with its other calls. The domain
-// stays alive through `objects`.
+// stays alive through `domain`.
 unsafe impl Send for MemoryRegion {}
 // SAFETY: shared references only read plain fields.
 unsafe impl Sync for MemoryRegion {}
@@ -69,7 +69,7 @@ impl MemoryRegion {
     /// closed (the transport's registrations: the application, through the
     /// core's contract; its own buffers: [`MsgBufs`]).
     pub(crate) fn register(
-        objects: &Arc<FabricObjects>,
+        objects: &FabricObjects,
         mr_mode: u32,
         key_size: usize,
         addr: u64,
@@ -82,12 +82,12 @@ impl MemoryRegion {
         let mr = loop {
             let requested = if prov_key { 0 } else { fresh_key(key_size) };
             let mut mr: *mut sys::fid_mr = ptr::null_mut();
-            // SAFETY: the domain is open (objects is alive); [addr,
+            // SAFETY: the domain is open (held by objects); [addr,
             // addr+len) is memory of this process that the caller keeps
             // alive while registered.
             let ret = unsafe {
                 sys::kvxfer_fi_mr_reg(
-                    objects.domain,
+                    objects.domain().raw(),
                     addr as *const c_void,
                     ulen,
                     access,
@@ -112,7 +112,7 @@ impl MemoryRegion {
             mr,
             desc: MrDesc(ptr::null_mut()),
             key: 0,
-            objects: objects.clone(),
+            domain: objects.domain().clone(),
         };
         if mr_mode & sys::FI_MR_ENDPOINT != 0 {
             // SAFETY: mr and the endpoint are open objects of the same domain.
@@ -154,7 +154,7 @@ impl MemoryRegion {
 
 impl Drop for MemoryRegion {
     fn drop(&mut self) {
-        self.objects.drop_reg(self.mr);
+        self.domain.drop_reg(self.mr);
     }
 }
 
@@ -173,7 +173,7 @@ impl MsgBufs {
     /// Allocates and registers `count` buffers of `slot` bytes for sends
     /// and receives.
     pub(crate) fn new(
-        objects: &Arc<FabricObjects>,
+        objects: &FabricObjects,
         mr_mode: u32,
         key_size: usize,
         slot: usize,
