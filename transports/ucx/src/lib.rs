@@ -45,7 +45,11 @@
 // allocation-free by design, so it is returned by value.
 #![allow(clippy::result_large_err)]
 
+mod endpoint;
+mod ffi;
 mod inline;
+mod ops;
+mod slot;
 mod status;
 mod transport;
 
