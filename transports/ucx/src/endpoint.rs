@@ -11,12 +11,12 @@ use ucx_sys as sys;
 
 use kvxfer_core::Region;
 
-use crate::ffi::{UCS_INPROGRESS, UCS_OK};
+use crate::ffi::{MemHandle, RKey, UCS_INPROGRESS, UCS_OK};
 use crate::status::status_text;
 use crate::transport::{UcxPeer, UcxTransport};
 
 pub(crate) struct RegEntry {
-    pub(crate) memh: sys::ucp_mem_h,
+    pub(crate) memh: MemHandle,
     pub(crate) region: Region,
     pub(crate) packed: Vec<u8>,
 }
@@ -34,9 +34,9 @@ pub(crate) struct EpState {
 }
 
 pub(crate) struct KeyEntry {
-    /// Null once the key's endpoint was disconnected (the key was destroyed
-    /// then, before the endpoint).
-    pub(crate) rkey: sys::ucp_rkey_h,
+    /// `None` once the key's endpoint was disconnected (the key was
+    /// destroyed then, before the endpoint).
+    pub(crate) rkey: Option<RKey>,
     pub(crate) ep: u32,
     /// The peer's region the key covers.
     pub(crate) region: Region,
@@ -145,7 +145,7 @@ impl UcxTransport {
         unsafe { sys::ucp_request_free(req) };
         if !done {
             log::warn!("UCX: endpoint close did not finish in {timeout:?}");
-            self.graveyard.push(state);
+            self.graveyard.bury(state);
         }
     }
 
@@ -208,19 +208,9 @@ impl UcxTransport {
             }
         }
         if self.zombies.is_empty() {
-            for rkey in self.deferred_rkeys.drain(..) {
-                // SAFETY: the rkey is live, no request uses it any more,
-                // and it is destroyed once (it left the list).
-                unsafe { sys::ucp_rkey_destroy(rkey) };
-            }
-            for memh in self.deferred_unmaps.drain(..) {
-                // SAFETY: mapped by this context, no request uses it any
-                // more; unmapped once (it left the list).
-                let st = unsafe { sys::ucp_mem_unmap(self.context, memh) };
-                if st != UCS_OK {
-                    log::warn!("UCX: unmapping memory: {}", status_text(st));
-                }
-            }
+            // No request uses them any more.
+            self.deferred_rkeys.release_all();
+            self.deferred_unmaps.release_all();
         }
         if self.open_closes == 0 {
             return;
@@ -243,21 +233,17 @@ impl UcxTransport {
                 self.open_closes = self.open_closes.saturating_sub(1);
             }
         }
-        let mut i = 0;
-        while i < self.closing.len() {
-            let s = self.closing[i].get();
+        let finished = self.closing.reap(|state| {
             // SAFETY: as above.
-            let req = unsafe { (*s).closing };
+            let req = unsafe { (*state.get()).closing };
             if done(req) {
                 // SAFETY: finished close request, freed once; the state's
                 // error handler can no longer be called, so it may go.
                 unsafe { sys::ucp_request_free(req) };
-                self.closing.swap_remove(i);
-                self.open_closes = self.open_closes.saturating_sub(1);
-            } else {
-                i += 1;
             }
-        }
+            done(req)
+        });
+        self.open_closes = self.open_closes.saturating_sub(finished);
     }
 
     /// Waits (up to the cancel timeout) for the zombies' requests to end;

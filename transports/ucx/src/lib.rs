@@ -65,24 +65,12 @@ pub const NATIVE_VRAM_ENV: &str = "KVXFER_UCX_NATIVE_VRAM";
 
 /// The version of the UCX library loaded, as UCX spells it (`"1.13.1"`).
 pub fn version() -> String {
-    // SAFETY: ucp_get_version_string takes no argument and returns a
-    // pointer to a static NUL-terminated string (or null, checked).
-    let p = unsafe { ucx_sys::ucp_get_version_string() };
-    if p.is_null() {
-        return String::from("unknown");
-    }
-    // SAFETY: non-null, NUL-terminated and static (see above).
-    unsafe { std::ffi::CStr::from_ptr(p) }
-        .to_string_lossy()
-        .into_owned()
+    ffi::version_string()
 }
 
 /// The version of the UCX library loaded, `(major, minor)`.
 pub fn version_number() -> (u32, u32) {
-    let (mut major, mut minor, mut release) = (0, 0, 0);
-    // SAFETY: ucp_get_version only writes the three numbers through the
-    // pointers, which point at live locals.
-    unsafe { ucx_sys::ucp_get_version(&mut major, &mut minor, &mut release) };
+    let (major, minor, _) = ffi::version_numbers();
     (major, minor)
 }
 

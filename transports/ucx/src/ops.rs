@@ -13,9 +13,9 @@ use kvxfer_core::{
 use ucx_sys as sys;
 
 use crate::endpoint::{EpState, KeyEntry, RegEntry};
-use crate::ffi::{ep_failed, UCS_OK};
+use crate::ffi::{ep_failed, MemHandle, RKey, UCS_OK};
 use crate::slot::Phase;
-use crate::status::{status_text, ucs_error};
+use crate::status::ucs_error;
 use crate::transport::{UcxPeer, UcxReg, UcxRemoteKey, UcxTransport};
 use crate::BACKEND;
 
@@ -69,30 +69,8 @@ impl Transport for UcxTransport {
             params.field_mask |= u64::from(sys::UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE);
             params.memory_type = sys::UCS_MEMORY_TYPE_CUDA;
         }
-        let mut memh: sys::ucp_mem_h = ptr::null_mut();
-        // SAFETY: the context is live; UCX only registers (pins/records) the
-        // given range, which the caller owns for the registration's life.
-        let st = unsafe { sys::ucp_mem_map(self.context, &params, &mut memh) };
-        if st != UCS_OK {
-            let what = format!("registering [{:#x}, +{})", region.addr, region.len);
-            return Err(ucs_error(&what, st));
-        }
-        let mut buf: *mut c_void = ptr::null_mut();
-        let mut size: usize = 0;
-        // SAFETY: context and memh are live; out pointers are valid.
-        let st = unsafe { sys::ucp_rkey_pack(self.context, memh, &mut buf, &mut size) };
-        if st != UCS_OK {
-            // SAFETY: memh was mapped above and is unmapped once.
-            unsafe { sys::ucp_mem_unmap(self.context, memh) };
-            return Err(ucs_error("packing the remote key", st));
-        }
-        // SAFETY: UCX returned `size` readable bytes at `buf`, copied and
-        // then released exactly once.
-        let packed = unsafe {
-            let v = std::slice::from_raw_parts(buf.cast::<u8>(), size).to_vec();
-            sys::ucp_rkey_buffer_release(buf);
-            v
-        };
+        let what = format!("registering [{:#x}, +{})", region.addr, region.len);
+        let (memh, packed) = MemHandle::map(self.worker.context(), &params, &what)?;
         let index = self.regs.insert(RegEntry {
             memh,
             region: *region,
@@ -151,16 +129,13 @@ impl Transport for UcxTransport {
                     entry.region.len,
                     self.zombies.len()
                 );
-                self.deferred_unmaps.push(entry.memh);
+                self.deferred_unmaps.bury(entry.memh);
                 return;
             }
-            // SAFETY: memh was mapped by this context and is unmapped once;
-            // the core hands a registration back only when no transfer uses
-            // it, and no cancelled transfer's request is left (above).
-            let st = unsafe { sys::ucp_mem_unmap(self.context, entry.memh) };
-            if st != UCS_OK {
-                log::warn!("UCX: unmapping memory: {}", status_text(st));
-            }
+            // Unmapped here: the core hands a registration back only when no
+            // transfer uses it, and no cancelled transfer's request is left
+            // (above).
+            drop(entry.memh);
         }
     }
 
@@ -225,7 +200,7 @@ impl Transport for UcxTransport {
         // SAFETY: the worker is live; the address bytes are valid for the
         // call (UCX copies what it needs); the error handler's arg is the
         // boxed state, kept alive until the endpoint is closed.
-        let st = unsafe { sys::ucp_ep_create(self.worker, &params, &mut ep) };
+        let st = unsafe { sys::ucp_ep_create(self.worker.raw(), &params, &mut ep) };
         if st != UCS_OK {
             if self.config.peer_failure_detection {
                 log::warn!(
@@ -269,16 +244,14 @@ impl Transport for UcxTransport {
         let defer = zombies && self.zombies_on(peer.index);
         // Remote keys unpacked on this endpoint go before the endpoint.
         for key in self.keys.iter_mut().map(|(_, k)| k) {
-            if key.ep == peer.index && !key.rkey.is_null() {
+            if key.ep != peer.index {
+                continue;
+            }
+            if let Some(rkey) = key.rkey.take() {
                 if defer {
-                    self.deferred_rkeys.push(key.rkey);
-                } else {
-                    // SAFETY: the rkey is live, no request uses it, and it
-                    // is destroyed once; it is nulled so release_key does
-                    // not destroy it again.
-                    unsafe { sys::ucp_rkey_destroy(key.rkey) };
+                    self.deferred_rkeys.bury(rkey);
                 }
-                key.rkey = ptr::null_mut();
+                // Else destroyed here: no request uses it.
             }
         }
         if defer {
@@ -300,7 +273,7 @@ impl Transport for UcxTransport {
                 unsafe { (*state.get()).ep.is_null() && !(*state.get()).closing.is_null() };
             if pending {
                 // Force-closed by an abandon: finished from later polls.
-                self.closing.push(state);
+                self.closing.bury(state);
             } else {
                 self.close_ep(state, false);
             }
@@ -327,19 +300,16 @@ impl Transport for UcxTransport {
         if ep.is_null() {
             return Err(Error::disconnected(""));
         }
-        let mut rkey: sys::ucp_rkey_h = ptr::null_mut();
-        // SAFETY: the endpoint is live; the key bytes are valid for the call
-        // (UCX copies what it needs); the out pointer is valid.
-        let st = unsafe { sys::ucp_ep_rkey_unpack(ep, key.as_ptr().cast::<c_void>(), &mut rkey) };
-        if st != UCS_OK {
+        // SAFETY: the endpoint is live (in the table, not closed).
+        let rkey = unsafe { RKey::unpack(ep, key) }.map_err(|st| {
             let what = format!(
                 "unpacking the remote key of [{:#x}, +{})",
                 region.addr, region.len
             );
-            return Err(ucs_error(&what, st));
-        }
+            ucs_error(&what, st)
+        })?;
         let index = self.keys.insert(KeyEntry {
-            rkey,
+            rkey: Some(rkey),
             ep: peer.index,
             region: *region,
         });
@@ -368,19 +338,19 @@ impl Transport for UcxTransport {
             log::error!("UCX: release_key: key belongs to another transport; ignored");
             return;
         }
-        if let Some(entry) = self.keys.remove(key.index) {
-            if entry.rkey.is_null() {
-                return;
-            }
-            if self.zombies_on(entry.ep) {
+        if let Some(KeyEntry {
+            rkey: Some(rkey),
+            ep,
+            ..
+        }) = self.keys.remove(key.index)
+        {
+            if self.zombies_on(ep) {
                 // A cancelled or abandoned transfer's request may use it.
-                self.deferred_rkeys.push(entry.rkey);
-            } else {
-                // SAFETY: the rkey is live and destroyed once; the core hands
-                // a key back only when no transfer uses it, and no cancelled
-                // transfer's request on its endpoint is left.
-                unsafe { sys::ucp_rkey_destroy(entry.rkey) };
+                self.deferred_rkeys.bury(rkey);
             }
+            // Else destroyed here: the core hands a key back only when no
+            // transfer uses it, and no cancelled transfer's request on its
+            // endpoint is left.
         }
     }
 
@@ -426,7 +396,7 @@ impl Transport for UcxTransport {
             }
             let remote = match self.keys.get(seg.remote.index) {
                 Some(k)
-                    if seg.remote.owner == self.owner && k.ep == ep_index && !k.rkey.is_null() =>
+                    if seg.remote.owner == self.owner && k.ep == ep_index && k.rkey.is_some() =>
                 {
                     k.region
                 }
@@ -484,7 +454,8 @@ impl Transport for UcxTransport {
             let rkey = self
                 .keys
                 .get(seg.remote.index)
-                .map_or(ptr::null_mut(), |k| k.rkey);
+                .and_then(|k| k.rkey.as_ref())
+                .map_or(ptr::null_mut(), RKey::raw);
             let len = seg.len as usize;
             // SAFETY: the endpoint and rkey are live (checked above); the
             // local range lies in a registration the core keeps until the
@@ -626,20 +597,13 @@ impl Transport for UcxTransport {
         let queued = unsafe { !(*self.notes.get()).is_empty() };
         // SAFETY: as above.
         let acks = unsafe { (*self.inline.get()).pending() };
-        if !self.completions.is_empty() || queued || acks || self.worker.is_null() {
+        if !self.completions.is_empty() || queued || acks {
             return Wake::Busy;
         }
-        let mut fd: std::ffi::c_int = -1;
-        // SAFETY: the worker is live; the out pointer is valid. The worker
-        // was created with UCP_FEATURE_WAKEUP.
-        if unsafe { sys::ucp_worker_get_efd(self.worker, &mut fd) } != UCS_OK || fd < 0 {
-            return Wake::Unsupported;
-        }
-        // SAFETY: the worker is live and no other call on it overlaps
-        // (`&mut self`).
-        match unsafe { sys::ucp_worker_arm(self.worker) } {
-            UCS_OK => Wake::Armed(fd),
-            _ => Wake::Busy,
+        match self.worker.arm() {
+            Ok(fd) => Wake::Armed(fd),
+            Err(true) => Wake::Busy,
+            Err(false) => Wake::Unsupported,
         }
     }
 

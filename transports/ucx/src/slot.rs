@@ -384,7 +384,7 @@ impl UcxTransport {
             // the worker is live. Completed ones are skipped.
             unsafe {
                 if sys::ucp_request_check_status(req) == sys::UCS_INPROGRESS {
-                    sys::ucp_request_cancel(self.worker, req);
+                    sys::ucp_request_cancel(self.worker.raw(), req);
                 }
             }
         }

@@ -11,13 +11,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kvxfer_core::{Completion, Error};
-use kvxfer_transport_common::{NoteQueue, Slab};
+use kvxfer_transport_common::{Graveyard, NoteQueue, Slab};
 use ucx_sys as sys;
 
 use crate::endpoint::{EpState, KeyEntry, RegEntry};
 use crate::ffi::{
     config_modify, notification_received, set_tcp_option, tls_include_tcp, AmHandler, ConfigGuard,
-    UCS_OK,
+    Context, MemHandle, RKey, Worker, UCS_OK,
 };
 use crate::inline::{self, Inline};
 use crate::slot::OpSlot;
@@ -79,8 +79,9 @@ pub struct UcxRemoteKey {
 pub struct UcxTransport {
     pub(crate) owner: u64,
     pub(crate) config: UcxConfig,
-    pub(crate) context: sys::ucp_context_h,
-    pub(crate) worker: sys::ucp_worker_h,
+    /// Owns the context; destroyed after `Drop` has closed every
+    /// endpoint and released every registration and key.
+    pub(crate) worker: Worker,
     pub(crate) address: Vec<u8>,
     pub(crate) regs: Slab<RegEntry>,
     pub(crate) eps: Slab<Box<UnsafeCell<EpState>>>,
@@ -95,18 +96,16 @@ pub struct UcxTransport {
     pub(crate) notes: Box<UnsafeCell<NoteQueue>>,
     /// Endpoint states whose close did not finish in time: UCX may still
     /// call their error handler, so they live until the worker is gone.
-    #[allow(clippy::vec_box)]
-    pub(crate) graveyard: Vec<Box<UnsafeCell<EpState>>>,
+    pub(crate) graveyard: Graveyard<Box<UnsafeCell<EpState>>>,
     /// Slots of cancelled or abandoned transfers whose requests UCX still
     /// holds: reported (or dropped) already, freed once their outstanding
     /// count is zero. While any exist, the unmapping of memory and the
     /// destruction of remote keys wait in the two lists below.
     pub(crate) zombies: Vec<u32>,
-    pub(crate) deferred_unmaps: Vec<sys::ucp_mem_h>,
-    pub(crate) deferred_rkeys: Vec<sys::ucp_rkey_h>,
+    pub(crate) deferred_unmaps: Graveyard<MemHandle>,
+    pub(crate) deferred_rkeys: Graveyard<RKey>,
     /// Disconnected endpoints whose force close has not finished yet.
-    #[allow(clippy::vec_box)]
-    pub(crate) closing: Vec<Box<UnsafeCell<EpState>>>,
+    pub(crate) closing: Graveyard<Box<UnsafeCell<EpState>>>,
     /// Force closes in flight (in the endpoint table or in `closing`).
     pub(crate) open_closes: usize,
     pub(crate) scratch: Vec<*mut c_void>,
@@ -169,13 +168,17 @@ impl UcxTransport {
             }
         }
 
+        let context = Context::new(&ucp_config)?;
+        drop(ucp_config);
+        let cuda = config.native_vram && context.supports_cuda();
+        let worker = Worker::new(&context)?;
+        let address = worker.address()?;
         let queue_len = config.notification_queue.max(1) as usize;
         let mut transport = UcxTransport {
             owner: NEXT_OWNER.fetch_add(1, Ordering::Relaxed),
             config: config.clone(),
-            context: ptr::null_mut(),
-            worker: ptr::null_mut(),
-            address: Vec::new(),
+            worker,
+            address,
             regs: Slab::new(),
             eps: Slab::new(),
             keys: Slab::new(),
@@ -187,71 +190,19 @@ impl UcxTransport {
                 queue_len,
                 config.max_notification as usize,
             ))),
-            graveyard: Vec::new(),
+            graveyard: Graveyard::new(),
             zombies: Vec::new(),
-            deferred_unmaps: Vec::new(),
-            deferred_rkeys: Vec::new(),
-            closing: Vec::new(),
+            deferred_unmaps: Graveyard::new(),
+            deferred_rkeys: Graveyard::new(),
+            closing: Graveyard::new(),
             open_closes: 0,
             scratch: Vec::new(),
             progress_events: 0,
             inline: Inline::new(),
             inline_max: 0,
-            cuda: false,
+            cuda,
             _not_sync: PhantomData,
         };
-
-        let params = sys::ucp_params_t {
-            field_mask: u64::from(sys::UCP_PARAM_FIELD_FEATURES),
-            features: u64::from(
-                sys::UCP_FEATURE_RMA | sys::UCP_FEATURE_AM | sys::UCP_FEATURE_WAKEUP,
-            ),
-            ..Default::default()
-        };
-        // SAFETY: params and config are valid for the call; the out pointer
-        // is valid. ucp_init (a static inline) is exactly this call.
-        let st = unsafe {
-            sys::ucp_init_version(
-                sys::UCP_API_MAJOR,
-                sys::UCP_API_MINOR,
-                &params,
-                ucp_config.0,
-                &mut transport.context,
-            )
-        };
-        if st != UCS_OK {
-            transport.context = ptr::null_mut();
-            return Err(ucs_error("creating the UCP context", st));
-        }
-        drop(ucp_config);
-        transport.cuda = config.native_vram && transport.supports_cuda();
-
-        let wparams = sys::ucp_worker_params_t {
-            field_mask: u64::from(sys::UCP_WORKER_PARAM_FIELD_THREAD_MODE),
-            thread_mode: sys::UCS_THREAD_MODE_SERIALIZED,
-            ..Default::default()
-        };
-        // SAFETY: the context is live; params and out pointer are valid.
-        let st =
-            unsafe { sys::ucp_worker_create(transport.context, &wparams, &mut transport.worker) };
-        if st != UCS_OK {
-            transport.worker = ptr::null_mut();
-            return Err(ucs_error("creating the UCP worker", st));
-        }
-
-        let mut addr: *mut sys::ucp_address_t = ptr::null_mut();
-        let mut addr_len: usize = 0;
-        // SAFETY: the worker is live; out pointers are valid.
-        let st = unsafe { sys::ucp_worker_get_address(transport.worker, &mut addr, &mut addr_len) };
-        if st != UCS_OK {
-            return Err(ucs_error("getting the worker address", st));
-        }
-        // SAFETY: UCX returned `addr_len` readable bytes at `addr`, which we
-        // copy and then release exactly once.
-        unsafe {
-            transport.address = std::slice::from_raw_parts(addr.cast::<u8>(), addr_len).to_vec();
-            sys::ucp_worker_release_address(transport.worker, addr);
-        }
 
         // Notifications, and small WRITEs with their acknowledgements.
         let notes_arg = transport.notes.get().cast::<c_void>();
@@ -273,25 +224,10 @@ impl UcxTransport {
                 inline_arg,
             ),
         ] {
-            let am = sys::ucp_am_handler_param_t {
-                field_mask: u64::from(
-                    sys::UCP_AM_HANDLER_PARAM_FIELD_ID
-                        | sys::UCP_AM_HANDLER_PARAM_FIELD_CB
-                        | sys::UCP_AM_HANDLER_PARAM_FIELD_ARG
-                        | sys::UCP_AM_HANDLER_PARAM_FIELD_FLAGS,
-                ),
-                id,
-                flags: sys::UCP_AM_FLAG_WHOLE_MSG,
-                cb: Some(cb),
-                arg,
-            };
-            // SAFETY: the worker is live; each handler's arg is a box the
-            // transport owns (the notification queue, the Inline state),
+            // SAFETY: each handler's arg is a box the transport owns (the
+            // notification queue, the Inline state) and the handler expects,
             // which lives as long as the transport and so the worker.
-            let st = unsafe { sys::ucp_worker_set_am_recv_handler(transport.worker, &am) };
-            if st != UCS_OK {
-                return Err(ucs_error("setting the active-message handlers", st));
-            }
+            unsafe { transport.worker.set_am_handler(id, cb, arg)? };
         }
         // Hardware RMA (InfiniBand, RoCE) needs no help for small WRITEs.
         let rdma = transport
@@ -306,22 +242,6 @@ impl UcxTransport {
             transport.address.len()
         );
         Ok(transport)
-    }
-
-    /// Whether the UCP context can use CUDA memory: UCX was built with
-    /// CUDA and its `cuda` module loaded (it needs the CUDA driver).
-    pub(crate) fn supports_cuda(&self) -> bool {
-        let mut attr = sys::ucp_context_attr_t {
-            field_mask: u64::from(sys::UCP_ATTR_FIELD_MEMORY_TYPES),
-            ..Default::default()
-        };
-        // SAFETY: the context is live; attr is valid for the call.
-        let st = unsafe { sys::ucp_context_query(self.context, &mut attr) };
-        if st != UCS_OK {
-            log::debug!("UCX: ucp_context_query failed ({st}); host memory only");
-            return false;
-        }
-        attr.memory_types & (1u64 << sys::UCS_MEMORY_TYPE_CUDA) != 0
     }
 
     /// Whether this transport registers VRAM with UCX itself (UCX with
@@ -344,9 +264,7 @@ impl UcxTransport {
 
     /// Runs `ucp_worker_progress` once; returns whether anything happened.
     pub fn progress(&mut self) -> bool {
-        // SAFETY: the worker is live (new() fails otherwise) and `&mut self`
-        // serializes calls.
-        let busy = unsafe { sys::ucp_worker_progress(self.worker) != 0 };
+        let busy = self.worker.progress();
         if busy {
             self.progress_events = self.progress_events.wrapping_add(1);
         }
@@ -384,33 +302,7 @@ impl UcxTransport {
     /// (`"tcp/lo"`, `"posix/memory"`, …), as UCX lists its resources after
     /// applying `UCX_TLS`.
     pub fn resources(&self) -> Vec<String> {
-        extern "C" {
-            fn open_memstream(ptr: *mut *mut std::ffi::c_char, size: *mut usize) -> *mut sys::FILE;
-            fn fclose(stream: *mut sys::FILE) -> std::ffi::c_int;
-            fn free(p: *mut c_void);
-        }
-        let mut buf: *mut std::ffi::c_char = ptr::null_mut();
-        let mut size: usize = 0;
-        // SAFETY: both out pointers are valid; the stream is closed below.
-        let stream = unsafe { open_memstream(&mut buf, &mut size) };
-        if stream.is_null() {
-            return Vec::new();
-        }
-        // SAFETY: the context is live and the stream open.
-        unsafe { sys::ucp_context_print_info(self.context, stream) };
-        // SAFETY: the stream is open and closed once; after fclose `buf`
-        // holds `size` bytes (NUL-terminated) owned by us.
-        let text = unsafe {
-            fclose(stream);
-            if buf.is_null() {
-                String::new()
-            } else {
-                let t = String::from_utf8_lossy(std::slice::from_raw_parts(buf.cast::<u8>(), size))
-                    .into_owned();
-                free(buf.cast::<c_void>());
-                t
-            }
-        };
+        let text = self.worker.context().info();
         parse_resources(&text)
     }
 
@@ -469,113 +361,99 @@ const WORKER_DRAIN: Duration = Duration::from_millis(50);
 
 impl Drop for UcxTransport {
     fn drop(&mut self) {
-        if !self.worker.is_null() {
-            // 1. In-flight requests (and those of cancelled or abandoned
-            //    transfers): cancel, and let them be released.
-            let slots: Vec<u32> = self.active.drain(..).collect();
-            for index in slots {
-                self.cancel_requests(self.slot_ptr(index));
-                self.retire_slot(index);
-            }
-            for i in 0..self.zombies.len() {
-                self.cancel_requests(self.slot_ptr(self.zombies[i]));
-            }
-            let timeout = self.config.close_timeout;
-            let released = self.progress_until(timeout, |t| {
-                t.zombies.iter().all(|&i| {
-                    // SAFETY: zombie slots are live; only the counter is read.
-                    unsafe { (*t.slot_ptr(i)).outstanding == 0 }
-                })
-            });
-            // Requests still running end with their endpoints' forced close,
-            // before the keys and memory they use go.
-            let force = !released;
-            if force && !self.config.peer_failure_detection {
-                // Without peer error handling a forced close is undefined
-                // behaviour in UCX, so these requests cannot be ended:
-                // leave everything they may use (worker, endpoints, keys,
-                // memory handles, and the slots and queue UCX calls back
-                // into) to the process rather than free it under them.
-                log::error!(
-                    "UCX: dropped with requests still running and peer failure detection \
-                     off; the worker, its endpoints, keys and registrations are left in \
-                     place (the registered memory must stay allocated)"
-                );
-                ABANDONED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                std::mem::forget(std::mem::take(&mut self.slots));
-                std::mem::forget(std::mem::replace(&mut self.eps, Slab::new()));
-                let notes = std::mem::replace(
-                    &mut self.notes,
-                    Box::new(UnsafeCell::new(NoteQueue::new(0, 0))),
-                );
-                std::mem::forget(notes);
-                std::mem::forget(std::mem::replace(&mut self.inline, Inline::new()));
-                self.worker = ptr::null_mut();
-                self.context = ptr::null_mut();
-                return;
-            }
-            // 2. Remote keys (with peer failure detection the forced close
-            //    comes first when requests are still running).
-            if force && self.config.peer_failure_detection {
-                let eps: Vec<_> = self.eps.drain().collect();
-                for state in eps {
-                    self.close_ep(state, true);
-                }
-            }
-            for key in self.keys.drain() {
-                if !key.rkey.is_null() {
-                    self.deferred_rkeys.push(key.rkey);
-                }
-            }
-            for rkey in self.deferred_rkeys.drain(..) {
-                // SAFETY: live rkey, destroyed once (it left the list).
-                unsafe { sys::ucp_rkey_destroy(rkey) };
-            }
-            // 3. Endpoints, and the forced closes still running.
+        // 1. In-flight requests (and those of cancelled or abandoned
+        //    transfers): cancel, and let them be released.
+        let slots: Vec<u32> = self.active.drain(..).collect();
+        for index in slots {
+            self.cancel_requests(self.slot_ptr(index));
+            self.retire_slot(index);
+        }
+        for i in 0..self.zombies.len() {
+            self.cancel_requests(self.slot_ptr(self.zombies[i]));
+        }
+        let timeout = self.config.close_timeout;
+        let released = self.progress_until(timeout, |t| {
+            t.zombies.iter().all(|&i| {
+                // SAFETY: zombie slots are live; only the counter is read.
+                unsafe { (*t.slot_ptr(i)).outstanding == 0 }
+            })
+        });
+        // Requests still running end with their endpoints' forced close,
+        // before the keys and memory they use go.
+        let force = !released;
+        if force && !self.config.peer_failure_detection {
+            // Without peer error handling a forced close is undefined
+            // behaviour in UCX, so these requests cannot be ended: leave
+            // everything they may use (worker, context, endpoints, keys,
+            // memory handles, and the slots and queue UCX calls back into)
+            // to the process rather than free it under them.
+            log::error!(
+                "UCX: dropped with requests still running and peer failure detection \
+                 off; the worker, its endpoints, keys and registrations are left in \
+                 place (the registered memory must stay allocated)"
+            );
+            ABANDONED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            std::mem::forget(std::mem::take(&mut self.slots));
+            std::mem::forget(std::mem::take(&mut self.eps));
+            std::mem::forget(std::mem::take(&mut self.keys));
+            std::mem::forget(std::mem::take(&mut self.regs));
+            std::mem::forget(std::mem::take(&mut self.deferred_rkeys));
+            std::mem::forget(std::mem::take(&mut self.deferred_unmaps));
+            std::mem::forget(std::mem::take(&mut self.closing));
+            std::mem::forget(std::mem::take(&mut self.graveyard));
+            let notes = std::mem::replace(
+                &mut self.notes,
+                Box::new(UnsafeCell::new(NoteQueue::new(0, 0))),
+            );
+            std::mem::forget(notes);
+            std::mem::forget(std::mem::replace(&mut self.inline, Inline::new()));
+            self.worker.leak();
+            return;
+        }
+        // 2. Remote keys (with peer failure detection the forced close
+        //    comes first when requests are still running).
+        if force && self.config.peer_failure_detection {
             let eps: Vec<_> = self.eps.drain().collect();
             for state in eps {
-                self.close_ep(state, force);
-            }
-            let closing: Vec<_> = self.closing.drain(..).collect();
-            for state in closing {
                 self.close_ep(state, true);
             }
-            // 4. Memory handles.
-            for reg in self.regs.drain() {
-                self.deferred_unmaps.push(reg.memh);
-            }
-            for memh in self.deferred_unmaps.drain(..) {
-                // SAFETY: memh mapped by this context, unmapped once (it
-                // left the list).
-                unsafe { sys::ucp_mem_unmap(self.context, memh) };
-            }
-            // 5. The worker. UCX keeps internal endpoints for connections
-            //    peers opened to us; a wire-up reply still queued on one
-            //    (its TCP connection not yet established) trips an
-            //    assertion inside ucp_worker_destroy in UCX 1.13, seen when
-            //    an agent is dropped right after a peer connected. Progress
-            //    a short, fixed time first so such replies go out.
-            let deadline = Instant::now() + WORKER_DRAIN;
-            while Instant::now() < deadline {
-                if !self.progress() {
-                    std::thread::yield_now();
-                }
-            }
-            self.inline.get_mut().reap();
-            for i in 0..self.slots.len() {
-                if !Self::release_requests(self.slot_ptr(i as u32)) {
-                    log::warn!("UCX: a request of slot {i} is still running at close");
-                }
-            }
-            // SAFETY: every endpoint is closed; destroyed once.
-            unsafe { sys::ucp_worker_destroy(self.worker) };
-            self.worker = ptr::null_mut();
         }
-        // 6. The context.
-        if !self.context.is_null() {
-            // SAFETY: the worker is gone; the context is released once.
-            unsafe { sys::ucp_cleanup(self.context) };
-            self.context = ptr::null_mut();
+        for key in self.keys.drain() {
+            drop(key.rkey);
+        }
+        self.deferred_rkeys.release_all();
+        // 3. Endpoints, and the forced closes still running.
+        let eps: Vec<_> = self.eps.drain().collect();
+        for state in eps {
+            self.close_ep(state, force);
+        }
+        let closing: Vec<_> = self.closing.drain().collect();
+        for state in closing {
+            self.close_ep(state, true);
+        }
+        // 4. Memory handles.
+        for reg in self.regs.drain() {
+            drop(reg.memh);
+        }
+        self.deferred_unmaps.release_all();
+        // 5. The worker, then the context, go with the fields. UCX keeps
+        //    internal endpoints for connections peers opened to us; a
+        //    wire-up reply still queued on one (its TCP connection not yet
+        //    established) trips an assertion inside ucp_worker_destroy in
+        //    UCX 1.13, seen when an agent is dropped right after a peer
+        //    connected. Progress a short, fixed time first so such replies
+        //    go out.
+        let deadline = Instant::now() + WORKER_DRAIN;
+        while Instant::now() < deadline {
+            if !self.progress() {
+                std::thread::yield_now();
+            }
+        }
+        self.inline.get_mut().reap();
+        for i in 0..self.slots.len() {
+            if !Self::release_requests(self.slot_ptr(i as u32)) {
+                log::warn!("UCX: a request of slot {i} is still running at close");
+            }
         }
     }
 }
