@@ -11,7 +11,7 @@ use ucx_sys as sys;
 
 use crate::endpoint::EpState;
 use crate::slot::OpSlot;
-use crate::status::{status_text, ucs_error};
+use crate::status::ucs_error;
 use crate::BACKEND;
 use kvxfer_transport_common::NoteQueue;
 
@@ -30,6 +30,20 @@ pub(crate) type AmHandler = unsafe extern "C" fn(
 
 /// Releases a `ucp_config_t` read by `ucp_config_read`.
 pub(crate) struct ConfigGuard(pub(crate) *mut sys::ucp_config_t);
+
+impl ConfigGuard {
+    /// UCX's configuration from its `UCX_*` environment variables.
+    pub(crate) fn read() -> Result<ConfigGuard, Error> {
+        let mut raw: *mut sys::ucp_config_t = ptr::null_mut();
+        // SAFETY: null prefix and file name select the defaults ("UCX_"
+        // environment variables, no file); the out pointer is valid.
+        let st = unsafe { sys::ucp_config_read(ptr::null(), ptr::null(), &mut raw) };
+        if st != UCS_OK {
+            return Err(ucs_error("reading the UCX configuration", st));
+        }
+        Ok(ConfigGuard(raw))
+    }
+}
 
 impl Drop for ConfigGuard {
     fn drop(&mut self) {
@@ -160,6 +174,43 @@ pub(crate) unsafe extern "C" fn notification_received(
     // the worker; the handler runs inside progress under `&mut self`.
     unsafe { (*queue).push(bytes) };
     UCS_OK
+}
+
+// SAFETY: the worker is in serialized mode and every UCX call and callback
+// happens under the transport's `&mut self` (or touches no UCX state), so
+// moving the transport to another thread is sound. The raw pointers inside
+// are owned by the transport alone (see its documentation, "Threads").
+unsafe impl Send for crate::transport::UcxTransport {}
+
+/// Sets the transport's active-message handlers: notifications into its
+/// queue, small WRITEs and their acknowledgements into its `Inline` state.
+pub(crate) fn install_handlers(t: &mut crate::transport::UcxTransport) -> Result<(), Error> {
+    let notes_arg = t.notes.get().cast::<c_void>();
+    let inline_arg = t.inline.get().cast::<c_void>();
+    for (id, cb, arg) in [
+        (
+            crate::NOTIFICATION_AM_ID,
+            notification_received as AmHandler,
+            notes_arg,
+        ),
+        (
+            crate::inline::WRITE_AM_ID,
+            crate::inline::write_received as AmHandler,
+            inline_arg,
+        ),
+        (
+            crate::inline::ACK_AM_ID,
+            crate::inline::ack_received as AmHandler,
+            inline_arg,
+        ),
+    ] {
+        // SAFETY: each arg is a box the transport owns (the notification
+        // queue, the Inline state) of the type its handler expects; the
+        // transport drops its worker before those boxes (field order), and
+        // leaks both when it leaks the worker.
+        unsafe { t.worker.set_am_handler(id, cb, arg)? };
+    }
+    Ok(())
 }
 
 /// A UCP context (`ucp_context_h`), released with `ucp_cleanup` when the
@@ -483,6 +534,19 @@ impl Drop for RKey {
         // and its endpoint is not closed yet (see the type's docs).
         unsafe { sys::ucp_rkey_destroy(self.raw) };
     }
+}
+
+/// UCX's own text for `status` (`ucs_status_string`).
+pub(crate) fn status_text(status: sys::ucs_status_t) -> &'static str {
+    // SAFETY: ucs_status_string accepts any status value and returns a
+    // pointer to a static, NUL-terminated string (or "Unknown error").
+    let ptr = unsafe { sys::ucs_status_string(status) };
+    if ptr.is_null() {
+        return "unknown UCS status";
+    }
+    // SAFETY: non-null, NUL-terminated, static storage (see above).
+    let s = unsafe { std::ffi::CStr::from_ptr(ptr) };
+    s.to_str().unwrap_or("non-UTF-8 UCS status text")
 }
 
 /// The version of the UCX library loaded, as UCX spells it.

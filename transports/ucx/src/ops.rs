@@ -596,7 +596,7 @@ impl Transport for UcxTransport {
         // SAFETY: as in `poll_notification`: no progress runs meanwhile.
         let queued = unsafe { !(*self.notes.get()).is_empty() };
         // SAFETY: as above.
-        let acks = unsafe { (*self.inline.get()).pending() };
+        let acks = self.inline_state().pending();
         if !self.completions.is_empty() || queued || acks {
             return Wake::Busy;
         }

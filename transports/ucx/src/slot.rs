@@ -10,7 +10,7 @@ use kvxfer_core::{Error, PostStatus, Token, XferOp};
 use ucx_sys as sys;
 
 use crate::ffi::{request_done, UCS_OK};
-use crate::inline;
+use crate::inline::{self, Inline};
 use crate::status::xfer_error;
 use crate::transport::UcxTransport;
 use crate::NOTIFICATION_AM_ID;
@@ -56,6 +56,20 @@ pub(crate) struct OpSlot {
 }
 
 impl UcxTransport {
+    /// Requests of slot `index` UCX has not completed yet.
+    pub(crate) fn outstanding(&self, index: u32) -> u32 {
+        // SAFETY: slots are live for the transport's life; only the
+        // counter is read, and no callback runs while `&self` is held.
+        unsafe { (*self.slot_ptr(index)).outstanding }
+    }
+
+    /// The state of small WRITEs, to read.
+    pub(crate) fn inline_state(&self) -> &Inline {
+        // SAFETY: its handlers run only inside progress, which needs
+        // `&mut self`, excluded while the reference lives.
+        unsafe { &*self.inline.get() }
+    }
+
     pub(crate) fn alloc_slot(
         &mut self,
         token: Token,

@@ -6,7 +6,6 @@ use std::collections::VecDeque;
 use std::ffi::c_void;
 use std::fmt;
 use std::marker::PhantomData;
-use std::ptr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -16,13 +15,12 @@ use ucx_sys as sys;
 
 use crate::endpoint::{EpState, KeyEntry, RegEntry};
 use crate::ffi::{
-    config_modify, notification_received, set_tcp_option, tls_include_tcp, AmHandler, ConfigGuard,
-    Context, MemHandle, RKey, Worker, UCS_OK,
+    config_modify, install_handlers, set_tcp_option, tls_include_tcp, ConfigGuard, Context,
+    MemHandle, RKey, Worker,
 };
-use crate::inline::{self, Inline};
+use crate::inline::Inline;
 use crate::slot::OpSlot;
-use crate::status::ucs_error;
-use crate::{UcxConfig, BACKEND, NOTIFICATION_AM_ID};
+use crate::{UcxConfig, BACKEND};
 
 /// Distinguishes transports, so that a handle given out by one is refused
 /// by another.
@@ -120,12 +118,6 @@ pub struct UcxTransport {
     pub(crate) _not_sync: PhantomData<Cell<()>>,
 }
 
-// SAFETY: see the type's documentation: the worker is in serialized mode
-// and every UCX call and callback happens under `&mut self` (or touches no
-// UCX state), so moving the transport to another thread is sound. The raw
-// pointers inside are owned by this value alone.
-unsafe impl Send for UcxTransport {}
-
 impl fmt::Debug for UcxTransport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("UcxTransport")
@@ -140,14 +132,7 @@ impl UcxTransport {
     /// Creates a UCP context (RMA and active messages, configured from the
     /// `UCX_*` environment variables and `config`) and a serialized worker.
     pub fn new(config: &UcxConfig) -> Result<UcxTransport, Error> {
-        let mut raw_config: *mut sys::ucp_config_t = ptr::null_mut();
-        // SAFETY: null prefix and file name select the defaults ("UCX_"
-        // environment variables, no file); the out pointer is valid.
-        let st = unsafe { sys::ucp_config_read(ptr::null(), ptr::null(), &mut raw_config) };
-        if st != UCS_OK {
-            return Err(ucs_error("reading the UCX configuration", st));
-        }
-        let ucp_config = ConfigGuard(raw_config);
+        let ucp_config = ConfigGuard::read()?;
         if let Some(tls) = &config.tls {
             config_modify(&ucp_config, "TLS", tls)?;
         }
@@ -204,31 +189,7 @@ impl UcxTransport {
             _not_sync: PhantomData,
         };
 
-        // Notifications, and small WRITEs with their acknowledgements.
-        let notes_arg = transport.notes.get().cast::<c_void>();
-        let inline_arg = transport.inline.get().cast::<c_void>();
-        for (id, cb, arg) in [
-            (
-                NOTIFICATION_AM_ID,
-                notification_received as AmHandler,
-                notes_arg,
-            ),
-            (
-                inline::WRITE_AM_ID,
-                inline::write_received as AmHandler,
-                inline_arg,
-            ),
-            (
-                inline::ACK_AM_ID,
-                inline::ack_received as AmHandler,
-                inline_arg,
-            ),
-        ] {
-            // SAFETY: each handler's arg is a box the transport owns (the
-            // notification queue, the Inline state) and the handler expects,
-            // which lives as long as the transport and so the worker.
-            unsafe { transport.worker.set_am_handler(id, cb, arg)? };
-        }
+        install_handlers(&mut transport)?;
         // Hardware RMA (InfiniBand, RoCE) needs no help for small WRITEs.
         let rdma = transport
             .resources()
@@ -287,9 +248,7 @@ impl UcxTransport {
     /// refused (outside memory registered here), as one active message
     /// each (see [`UcxConfig::inline_write_max`]).
     pub fn small_writes_served(&self) -> (u64, u64) {
-        // SAFETY: handlers run only inside progress, which `&self` excludes.
-        let st = unsafe { &*self.inline.get() };
-        (st.served, st.refused)
+        self.inline_state().served()
     }
 
     /// The largest WRITE this transport sends as one active message (0
@@ -373,10 +332,7 @@ impl Drop for UcxTransport {
         }
         let timeout = self.config.close_timeout;
         let released = self.progress_until(timeout, |t| {
-            t.zombies.iter().all(|&i| {
-                // SAFETY: zombie slots are live; only the counter is read.
-                unsafe { (*t.slot_ptr(i)).outstanding == 0 }
-            })
+            t.zombies.iter().all(|&i| t.outstanding(i) == 0)
         });
         // Requests still running end with their endpoints' forced close,
         // before the keys and memory they use go.
