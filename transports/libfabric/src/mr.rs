@@ -34,35 +34,40 @@ impl FabricReg {
     }
 }
 
+/// Whether an orphaned operation of `ops` may still touch
+/// `[addr, addr+len)`.
+fn orphans_touch(ops: &[OpKind], addr: u64, len: u64) -> bool {
+    let end = addr.saturating_add(len);
+    ops.iter().any(|k| match *k {
+        OpKind::Orphan { local, len: l, .. } => {
+            l > 0 && local < end && addr < local.saturating_add(l)
+        }
+        _ => false,
+    })
+}
+
 impl FabricTransport {
     /// Whether an orphaned operation may still touch `[addr, addr+len)`.
     pub(crate) fn orphans_touch(&self, addr: u64, len: u64) -> bool {
-        let end = addr.saturating_add(len);
-        self.ops.iter().any(|k| match *k {
-            OpKind::Orphan { local, len: l, .. } => {
-                l > 0 && local < end && addr < local.saturating_add(l)
-            }
-            _ => false,
-        })
+        orphans_touch(&self.ops, addr, len)
     }
 
     /// Closes the deferred registrations no orphaned operation references
     /// any more.
     pub(crate) fn release_deferred(&mut self) {
-        let mut i = 0;
-        while i < self.deferred.len() {
-            let r = self.deferred[i].region;
-            if self.orphans_touch(r.addr, r.len) {
-                i += 1;
-            } else {
-                log::info!(
-                    "LIBFABRIC: deferred deregistration of {:#x}+{} done",
-                    r.addr,
-                    r.len
-                );
-                drop(self.deferred.swap_remove(i));
+        let ops = &self.ops;
+        self.deferred.reap(|reg| {
+            let r = reg.region;
+            if orphans_touch(ops, r.addr, r.len) {
+                return false;
             }
-        }
+            log::info!(
+                "LIBFABRIC: deferred deregistration of {:#x}+{} done",
+                r.addr,
+                r.len
+            );
+            true
+        });
         self.fabric.close_dropped_regs();
     }
 
@@ -131,7 +136,7 @@ impl FabricTransport {
                     r.len,
                     self.config.cancel_timeout
                 );
-                self.deferred.push(reg);
+                self.deferred.bury(reg);
                 return;
             }
             self.read_cq();

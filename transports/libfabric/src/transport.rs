@@ -9,6 +9,7 @@ use kvxfer_core::wire::copy_into;
 use kvxfer_core::{
     Capabilities, Completion, Error, PostStatus, Region, Segments, Token, Transport, XferOp,
 };
+use kvxfer_transport_common::Graveyard;
 use libfabric_sys as sys;
 
 use crate::fabric::{strerror, CqBatch, FabricObjects, Info, MsgBufs, OpContexts};
@@ -94,7 +95,7 @@ pub struct FabricTransport {
     /// Registrations whose deregistration timed out waiting for orphaned
     /// operations; closed once those are reported, or after the endpoint
     /// in `Drop`.
-    pub(crate) deferred: Vec<FabricReg>,
+    pub(crate) deferred: Graveyard<FabricReg>,
 }
 
 impl std::fmt::Debug for FabricTransport {
@@ -221,7 +222,7 @@ impl FabricTransport {
             cq_entries: CqBatch::new(CQ_BATCH),
             next_peer_id: 1,
             given_up: Vec::new(),
-            deferred: Vec::new(),
+            deferred: Graveyard::new(),
         };
         for b in 0..nrecv as u32 {
             let op = t
@@ -293,7 +294,7 @@ impl Drop for FabricTransport {
         // held elsewhere keep the domain open.
         self.fabric.close_endpoint();
         // Deferred registrations: no operation is left to use them.
-        self.deferred.clear();
+        self.deferred.release_all();
         self.fabric.close_dropped_regs();
     }
 }
