@@ -48,28 +48,19 @@
 // allocation-free by design, so it is returned by value.
 #![allow(clippy::result_large_err)]
 
-// Endpoint states and cancelled operations read through the pointers
-// UCX's callbacks hold.
-#[allow(unsafe_code)]
 mod endpoint;
-// The FFI boundary: RAII handles, configuration, callbacks.
+// The FFI boundary: RAII handles, callbacks, calls on requests and
+// endpoints, and access to what callbacks write. The only `unsafe`.
 #[allow(unsafe_code)]
 mod ffi;
-// Active-message handlers of small WRITEs.
-#[allow(unsafe_code)]
-mod inline;
-// UCX calls of registration, connection and posting.
-#[allow(unsafe_code)]
 mod ops;
-// Operation slots, shared with request callbacks.
-#[allow(unsafe_code)]
 mod slot;
 mod status;
 mod transport;
 
 use std::time::Duration;
 
-pub use inline::{ACK_AM_ID, WRITE_AM_ID};
+pub use ffi::inline::{ACK_AM_ID, WRITE_AM_ID};
 pub use transport::{abandoned_transports, UcxPeer, UcxReg, UcxRemoteKey, UcxTransport};
 
 /// Environment variable that sets [`UcxConfig::native_vram`] in

@@ -1,9 +1,7 @@
 //! [`Transport`] for [`UcxTransport`]: registration, connection, keys,
 //! posting, progress, cancel and notifications.
 
-use std::cell::UnsafeCell;
 use std::ffi::c_void;
-use std::ptr;
 
 use kvxfer_core::mem::MemKinds;
 use kvxfer_core::{
@@ -12,8 +10,8 @@ use kvxfer_core::{
 };
 use ucx_sys as sys;
 
-use crate::endpoint::{EpState, KeyEntry, RegEntry};
-use crate::ffi::{ep_failed, MemHandle, RKey, UCS_OK};
+use crate::endpoint::{KeyEntry, RegEntry};
+use crate::ffi::MemHandle;
 use crate::slot::Phase;
 use crate::status::ucs_error;
 use crate::transport::{UcxPeer, UcxReg, UcxRemoteKey, UcxTransport};
@@ -77,9 +75,7 @@ impl Transport for UcxTransport {
             packed,
         });
         if region.kind == MemKind::Dram {
-            // SAFETY: handlers run only inside progress, which is not
-            // running.
-            unsafe { (*self.inline.get()).regions.push((region.addr, region.len)) };
+            self.inline_mut().regions.push((region.addr, region.len));
         }
         Ok(UcxReg {
             owner: self.owner,
@@ -90,8 +86,7 @@ impl Transport for UcxTransport {
     fn in_use(&mut self, reg: &UcxReg) -> bool {
         let uses = |t: &Self| {
             t.zombies.iter().any(|&z| {
-                // SAFETY: zombie slots are live; only plain fields are read.
-                let s = unsafe { &*t.slot_ptr(z) };
+                let s = t.slot(z);
                 s.outstanding > 0 && s.regs.contains(&reg.index)
             })
         };
@@ -110,9 +105,7 @@ impl Transport for UcxTransport {
         }
         if let Some(entry) = self.regs.remove(reg.index) {
             // No small WRITE from a peer lands here from now on.
-            // SAFETY: handlers run only inside progress, which is not
-            // running.
-            let regions = unsafe { &mut (*self.inline.get()).regions };
+            let regions = &mut self.inline_mut().regions;
             let r = (entry.region.addr, entry.region.len);
             if let Some(i) = regions.iter().position(|&x| x == r) {
                 regions.swap_remove(i);
@@ -173,50 +166,22 @@ impl Transport for UcxTransport {
         if address.is_empty() {
             return Err(self.foreign("empty worker address"));
         }
-        let state = Box::new(UnsafeCell::new(EpState {
-            ep: ptr::null_mut(),
-            failed: UCS_OK,
-            closing: ptr::null_mut(),
-        }));
-        let params = sys::ucp_ep_params_t {
-            field_mask: u64::from(
-                sys::UCP_EP_PARAM_FIELD_REMOTE_ADDRESS
-                    | sys::UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE
-                    | sys::UCP_EP_PARAM_FIELD_ERR_HANDLER,
-            ),
-            address: address.as_ptr().cast::<sys::ucp_address_t>(),
-            err_mode: if self.config.peer_failure_detection {
-                sys::UCP_ERR_HANDLING_MODE_PEER
-            } else {
-                sys::UCP_ERR_HANDLING_MODE_NONE
-            },
-            err_handler: sys::ucp_err_handler_t {
-                cb: Some(ep_failed),
-                arg: state.get().cast::<c_void>(),
-            },
-            ..Default::default()
-        };
-        let mut ep: sys::ucp_ep_h = ptr::null_mut();
-        // SAFETY: the worker is live; the address bytes are valid for the
-        // call (UCX copies what it needs); the error handler's arg is the
-        // boxed state, kept alive until the endpoint is closed.
-        let st = unsafe { sys::ucp_ep_create(self.worker.raw(), &params, &mut ep) };
-        if st != UCS_OK {
-            if self.config.peer_failure_detection {
-                log::warn!(
-                    "UCX: no transport reaches the peer with peer failure detection; \
-                     UCX 1.13's sysv/posix cannot detect a dead peer, so UCX_TLS needs \
-                     tcp or cma too (or turn peer_failure_detection off)"
-                );
+        let index = match self.create_ep(address) {
+            Ok(index) => index,
+            Err(st) => {
+                if self.config.peer_failure_detection {
+                    log::warn!(
+                        "UCX: no transport reaches the peer with peer failure detection; \
+                         UCX 1.13's sysv/posix cannot detect a dead peer, so UCX_TLS needs \
+                         tcp or cma too (or turn peer_failure_detection off)"
+                    );
+                }
+                return Err(ucs_error(
+                    "creating an endpoint from the peer's worker address",
+                    st,
+                ));
             }
-            return Err(ucs_error(
-                "creating an endpoint from the peer's worker address",
-                st,
-            ));
-        }
-        // SAFETY: no other reference to the new state exists.
-        unsafe { (*state.get()).ep = ep };
-        let index = self.eps.insert(state);
+        };
         Ok(UcxPeer {
             owner: self.owner,
             index,
@@ -257,20 +222,16 @@ impl Transport for UcxTransport {
         if defer {
             // The index may go to a new endpoint: detach the zombies that
             // outlived the close (they end with the worker at the latest).
-            for &z in &self.zombies {
-                // SAFETY: zombie slots are live; no reference is held and no
-                // callback runs meanwhile.
-                unsafe {
-                    if (*self.slot_ptr(z)).ep == peer.index {
-                        (*self.slot_ptr(z)).ep = u32::MAX;
-                    }
+            for z in self.zombies.clone() {
+                let s = self.slot_mut(z);
+                if s.ep == peer.index {
+                    s.ep = u32::MAX;
                 }
             }
         }
-        if let Some(state) = state {
-            // SAFETY: the box is live; nobody else holds a reference.
-            let pending =
-                unsafe { (*state.get()).ep.is_null() && !(*state.get()).closing.is_null() };
+        if let Some(mut state) = state {
+            let s = state.get_mut();
+            let pending = s.ep.is_null() && !s.closing.is_null();
             if pending {
                 // Force-closed by an abandon: finished from later polls.
                 self.closing.bury(state);
@@ -289,19 +250,16 @@ impl Transport for UcxTransport {
         if peer.owner != self.owner {
             return Err(self.foreign("peer handle belongs to another UCX transport"));
         }
-        let Some(state) = self.ep_state(peer.index) else {
+        if self.ep(peer.index).is_none() {
             return Err(self.foreign("peer handle was disconnected"));
-        };
+        }
         if key.is_empty() {
             return Err(self.foreign("empty remote key"));
         }
-        // SAFETY: the state box is live while in the table.
-        let ep = unsafe { (*state).ep };
-        if ep.is_null() {
+        let Some(unpacked) = self.unpack_rkey(peer.index, key) else {
             return Err(Error::disconnected(""));
-        }
-        // SAFETY: the endpoint is live (in the table, not closed).
-        let rkey = unsafe { RKey::unpack(ep, key) }.map_err(|st| {
+        };
+        let rkey = unpacked.map_err(|st| {
             let what = format!(
                 "unpacking the remote key of [{:#x}, +{})",
                 region.addr, region.len
@@ -362,7 +320,7 @@ impl Transport for UcxTransport {
         notification: Option<&[u8]>,
         token: Token,
     ) -> Result<PostStatus, Error> {
-        let (ep_index, ep) = self.live_ep(peer)?;
+        let ep_index = self.live_ep(peer)?;
         if let Some(n) = notification {
             self.check_note_len(n)?;
         }
@@ -415,76 +373,23 @@ impl Transport for UcxTransport {
         }
 
         let index = self.alloc_slot(token, op, ep_index, notification);
-        let slot = self.slot_ptr(index);
-        {
-            // SAFETY: the slot was just allocated; no request of it is in
-            // flight, so no callback touches it.
-            // Neighbouring segments mostly share a registration: keep one
-            // entry per run, O(1) per segment.
-            let regs = unsafe { &mut (*slot).regs };
-            for seg in segments.iter() {
-                if regs.last() != Some(&seg.local.index) {
-                    regs.push(seg.local.index);
-                }
+        // Neighbouring segments mostly share a registration: keep one entry
+        // per run, O(1) per segment.
+        let regs = &mut self.slot_mut(index).regs;
+        for seg in segments.iter() {
+            if regs.last() != Some(&seg.local.index) {
+                regs.push(seg.local.index);
             }
         }
         // The target copies a small WRITE into place with the CPU: host
         // memory only.
         if op == XferOp::Write && self.inline_max > 0 && host_only {
             if let Some(seg) = segments.single().filter(|g| g.len <= self.inline_max) {
-                self.issue_inline(slot, index, ep, seg.local_addr, seg.len, seg.remote_addr);
+                self.issue_inline(index, seg.local, seg.local_addr, seg.len, seg.remote_addr);
                 return self.finish_post(index);
             }
         }
-        let mut param = Self::request_param(slot, 0);
-        for seg in segments {
-            if self.cuda {
-                // The local memory's type, so that UCX need not detect it.
-                let vram = self
-                    .regs
-                    .get(seg.local.index)
-                    .is_some_and(|r| r.region.kind == MemKind::Vram);
-                param.op_attr_mask |= sys::UCP_OP_ATTR_FIELD_MEMORY_TYPE;
-                param.memory_type = if vram {
-                    sys::UCS_MEMORY_TYPE_CUDA
-                } else {
-                    sys::UCS_MEMORY_TYPE_HOST
-                };
-            }
-            let rkey = self
-                .keys
-                .get(seg.remote.index)
-                .and_then(|k| k.rkey.as_ref())
-                .map_or(ptr::null_mut(), RKey::raw);
-            let len = seg.len as usize;
-            // SAFETY: the endpoint and rkey are live (checked above); the
-            // local range lies in a registration the core keeps until the
-            // transfer ends, and the remote range in the peer's region the
-            // rkey covers; param's user_data slot outlives the request.
-            let ret = unsafe {
-                match op {
-                    XferOp::Write => sys::ucp_put_nbx(
-                        ep,
-                        seg.local_addr as usize as *const c_void,
-                        len,
-                        seg.remote_addr,
-                        rkey,
-                        &param,
-                    ),
-                    XferOp::Read => sys::ucp_get_nbx(
-                        ep,
-                        seg.local_addr as usize as *mut c_void,
-                        len,
-                        seg.remote_addr,
-                        rkey,
-                        &param,
-                    ),
-                }
-            };
-            if !Self::track(slot, ret) {
-                break;
-            }
-        }
+        self.issue_segments(index, op, segments);
         self.finish_post(index)
     }
 
@@ -497,11 +402,7 @@ impl Transport for UcxTransport {
             match self.advance(index) {
                 Some(result) => {
                     self.active.swap_remove(i);
-                    // SAFETY: the slot has ended; no request refers to it.
-                    let (token, internal) = unsafe {
-                        let s = &*self.slot_ptr(index);
-                        (s.token, s.internal)
-                    };
+                    let (token, internal) = (self.slot(index).token, self.slot(index).internal);
                     self.free_slot(index);
                     if internal {
                         if let Err(e) = result {
@@ -530,8 +431,7 @@ impl Transport for UcxTransport {
             return Ok(());
         }
         let found = self.active.iter().position(|&i| {
-            // SAFETY: active slots are live; only plain fields are read.
-            let s = unsafe { &*self.slot_ptr(i) };
+            let s = self.slot(i);
             s.token == token && !s.internal
         });
         let Some(pos) = found else {
@@ -542,8 +442,7 @@ impl Transport for UcxTransport {
         // has released its requests; the memory and keys they use stay
         // until then (see deregister, release_key and disconnect).
         let index = self.active.swap_remove(pos);
-        let slot = self.slot_ptr(index);
-        self.cancel_requests(slot);
+        self.cancel_requests(index);
         self.progress();
         self.retire_slot(index);
         Ok(())
@@ -555,8 +454,7 @@ impl Transport for UcxTransport {
     /// to the peer fail until it is connected again.
     fn abandon(&mut self, token: Token) -> Result<(), Error> {
         let ep = self.active.iter().find_map(|&i| {
-            // SAFETY: active slots are live; only plain fields are read.
-            let s = unsafe { &*self.slot_ptr(i) };
+            let s = self.slot(i);
             (s.token == token && !s.internal).then_some(s.ep)
         });
         self.cancel(token)?;
@@ -569,16 +467,13 @@ impl Transport for UcxTransport {
     }
 
     fn send_notification(&mut self, peer: &UcxPeer, msg: &[u8]) -> Result<(), Error> {
-        let (ep_index, ep) = self.live_ep(peer)?;
+        let ep_index = self.live_ep(peer)?;
         self.check_note_len(msg)?;
         let index = self.alloc_slot(Token(u64::MAX), XferOp::Write, ep_index, Some(msg));
-        let slot = self.slot_ptr(index);
-        // SAFETY: the slot was just allocated; no request refers to it.
-        unsafe {
-            (*slot).internal = true;
-            (*slot).phase = Phase::Notify;
-        }
-        self.issue_note(slot, ep);
+        let slot = self.slot_mut(index);
+        slot.internal = true;
+        slot.phase = Phase::Notify;
+        self.issue_note(index);
         match self.advance(index) {
             Some(result) => {
                 self.free_slot(index);
@@ -593,9 +488,7 @@ impl Transport for UcxTransport {
 
     fn arm(&mut self) -> kvxfer_core::Wake {
         use kvxfer_core::Wake;
-        // SAFETY: as in `poll_notification`: no progress runs meanwhile.
-        let queued = unsafe { !(*self.notes.get()).is_empty() };
-        // SAFETY: as above.
+        let queued = !self.notes().is_empty();
         let acks = self.inline_state().pending();
         if !self.completions.is_empty() || queued || acks {
             return Wake::Busy;
@@ -608,13 +501,9 @@ impl Transport for UcxTransport {
     }
 
     fn poll_notification(&mut self, buf: &mut [u8]) -> Option<Result<usize, Error>> {
-        // SAFETY: the queue is only touched by the handler, which runs inside
-        // progress; no progress runs while this reference lives.
-        let empty = unsafe { (*self.notes.get()).is_empty() };
-        if empty {
+        if self.notes().is_empty() {
             self.progress();
         }
-        // SAFETY: as above.
-        unsafe { (*self.notes.get()).pop_into(buf) }
+        self.notes_mut().pop_into(buf)
     }
 }

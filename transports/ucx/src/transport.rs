@@ -14,11 +14,11 @@ use kvxfer_transport_common::{Graveyard, NoteQueue, Slab};
 use ucx_sys as sys;
 
 use crate::endpoint::{EpState, KeyEntry, RegEntry};
+use crate::ffi::inline::Inline;
 use crate::ffi::{
     config_modify, install_handlers, set_tcp_option, tls_include_tcp, ConfigGuard, Context,
     MemHandle, RKey, Worker,
 };
-use crate::inline::Inline;
 use crate::slot::OpSlot;
 use crate::{UcxConfig, BACKEND};
 
@@ -273,14 +273,6 @@ impl UcxTransport {
             what,
         )
     }
-
-    pub(crate) fn ep_state(&self, index: u32) -> Option<*mut EpState> {
-        self.eps.get(index).map(|b| b.get())
-    }
-
-    pub(crate) fn slot_ptr(&self, index: u32) -> *mut OpSlot {
-        self.slots[index as usize].get()
-    }
 }
 
 /// The `tl/dev` names of the resource lines of `ucp_context_print_info`
@@ -324,11 +316,11 @@ impl Drop for UcxTransport {
         //    transfers): cancel, and let them be released.
         let slots: Vec<u32> = self.active.drain(..).collect();
         for index in slots {
-            self.cancel_requests(self.slot_ptr(index));
+            self.cancel_requests(index);
             self.retire_slot(index);
         }
         for i in 0..self.zombies.len() {
-            self.cancel_requests(self.slot_ptr(self.zombies[i]));
+            self.cancel_requests(self.zombies[i]);
         }
         let timeout = self.config.close_timeout;
         let released = self.progress_until(timeout, |t| {
@@ -407,7 +399,7 @@ impl Drop for UcxTransport {
         }
         self.inline.get_mut().reap();
         for i in 0..self.slots.len() {
-            if !Self::release_requests(self.slot_ptr(i as u32)) {
+            if !self.release_requests(i as u32) {
                 log::warn!("UCX: a request of slot {i} is still running at close");
             }
         }
