@@ -366,7 +366,7 @@ impl Capacities {
 
 impl Capacities {
     /// Checks the sizes the engine can index: regions, peers and transfers
-    /// at most 65,535 each; otherwise [`Error::InvalidCapacity`].
+    /// at most 65,535 each; otherwise [`Error::InvalidCapacity`](crate::Error::InvalidCapacity).
     pub fn check(&self) -> Result<(), crate::Error> {
         let max = u16::MAX as u32;
         for (setting, value) in [

@@ -19,5 +19,5 @@ mod note_queue;
 mod slab;
 
 pub use graveyard::Graveyard;
-pub use note_queue::NoteQueue;
+pub use note_queue::{NoteQueue, LOST_HEAD, LOST_KEPT};
 pub use slab::Slab;

@@ -31,15 +31,13 @@
 //! the transport list and the keepalive interval that bounds how long a dead
 //! peer goes unnoticed.
 //!
-//! Known limitation of UCX 1.13 over `tcp`, on the target side: a target
-//! process that is stalled while WRITEs to it sit in its socket, and whose
-//! initiator goes away meanwhile (exits, drops its transport, is killed),
-//! is aborted by UCX when it resumes (`Fatal: unexpected error: Endpoint
-//! timeout` from `ucp_put_handler`, which fails to acknowledge a WRITE on
-//! the broken connection). No call of kvxfer is on that path, so it cannot
-//! be caught here; the libfabric transport's targets survive the same
-//! test. The workspace README gives the reproduction, and the ignored test
-//! `stalled_target_survives_its_initiator_going_away` shows it.
+//! All `unsafe` is in one private module, `ffi` (RAII handles, callbacks,
+//! the calls on requests and endpoints); the state logic above it has none.
+//!
+//! A known limitation of UCX 1.13 over `tcp` (a stalled target aborted when
+//! its initiator goes away) is described in the workspace README, "Known
+//! limitation"; the ignored test `stalled_target_survives_its_initiator_going_away`
+//! shows it.
 #![deny(missing_docs)]
 // `unsafe` only where UCX is called or calls back; every block says why
 // it is sound (`// SAFETY:`).

@@ -28,7 +28,7 @@ static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
 
 /// A registered local region (a `ucp_mem_h` and its packed remote key,
 /// kept in the transport's table). Hand it back with
-/// [`Transport::deregister`].
+/// [`Transport::deregister`](kvxfer_core::Transport::deregister).
 #[derive(Debug)]
 pub struct UcxReg {
     pub(crate) owner: u64,
@@ -36,7 +36,7 @@ pub struct UcxReg {
 }
 
 /// A connection to a peer (a `ucp_ep_h`, kept in the transport's table).
-/// Hand it back with [`Transport::disconnect`].
+/// Hand it back with [`Transport::disconnect`](kvxfer_core::Transport::disconnect).
 #[derive(Debug)]
 pub struct UcxPeer {
     pub(crate) owner: u64,
@@ -44,7 +44,7 @@ pub struct UcxPeer {
 }
 
 /// A peer's unpacked remote key (a `ucp_rkey_h`, kept in the transport's
-/// table). Hand it back with [`Transport::release_key`].
+/// table). Hand it back with [`Transport::release_key`](kvxfer_core::Transport::release_key).
 #[derive(Debug)]
 pub struct UcxRemoteKey {
     pub(crate) owner: u64,
@@ -218,7 +218,7 @@ impl UcxTransport {
     }
 
     /// This transport's packed worker address (what
-    /// [`Transport::local_address`] writes).
+    /// [`Transport::local_address`](kvxfer_core::Transport::local_address) writes).
     pub fn worker_address(&self) -> &[u8] {
         &self.address
     }
@@ -233,7 +233,7 @@ impl UcxTransport {
     }
 
     /// How many calls of `ucp_worker_progress` (from [`progress`],
-    /// [`Transport::poll`] and the other calls that progress) did
+    /// [`Transport::poll`](kvxfer_core::Transport::poll) and the other calls that progress) did
     /// something so far. A target serving a peer's RMA in software (UCX
     /// emulates RMA over active messages on `tcp`) completes no transfer
     /// of its own, so a progress loop watches this count to know that it
