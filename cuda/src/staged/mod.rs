@@ -178,7 +178,7 @@ pub struct Staged<T: Transport> {
     secret: [u8; msg::SECRET_LEN],
     /// The room of the segment list of DRAM-only posts longer than
     /// [`DIRECT_INLINE`], kept between posts so that they do not allocate
-    /// once it has grown; see [`recycle`].
+    /// once it has grown; see [`recycle`](progress::recycle).
     direct: Vec<Segment<'static, (), ()>>,
     inner: T,
 }
