@@ -56,17 +56,19 @@ pub(super) fn progress_loop(inner: Arc<AgentInner>) {
             // Marked before the transport is armed, under the lock posts
             // take: a post after it sees the mark and wakes the thread; one
             // before it left work that keeps the transport from arming.
-            let wake = {
+            let (wake, limit) = {
                 let mut st = inner.lock();
                 inner.sleeping.store(true, Ordering::SeqCst);
-                st.arm()
+                (st.arm(), st.poll_timeout())
             };
             if !matches!(wake, kvxfer_core::Wake::Armed(_)) {
                 inner.sleeping.store(false, Ordering::SeqCst);
             }
             match wake {
                 kvxfer_core::Wake::Armed(fd) => {
-                    let woken = inner.waker.wait(fd, IDLE_WAIT);
+                    // Awake by the engine's next deadline, at the latest.
+                    let wait = limit.map_or(IDLE_WAIT, |l| l.min(IDLE_WAIT));
+                    let woken = inner.waker.wait(fd, wait);
                     inner.sleeping.store(false, Ordering::SeqCst);
                     if woken {
                         hot_until = StdInstant::now() + HOT_AFTER_WAKE;
@@ -75,6 +77,7 @@ pub(super) fn progress_loop(inner: Arc<AgentInner>) {
                 kvxfer_core::Wake::Busy => std::thread::yield_now(),
                 kvxfer_core::Wake::Unsupported => {
                     let step = Duration::from_micros(u64::from(idle_rounds - 63).min(1000) * 10);
+                    let step = limit.map_or(step, |l| l.min(step));
                     std::thread::sleep(step.min(max_sleep));
                 }
             }

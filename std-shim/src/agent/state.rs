@@ -51,6 +51,14 @@ impl State {
         }
     }
 
+    /// How long the progress thread may sleep before the engine has a
+    /// deadline to enforce ([`Engine::poll_timeout`]); `None`: no limit.
+    pub(super) fn poll_timeout(&mut self) -> Option<Duration> {
+        let b = self.backend.as_mut()?;
+        let at = on_engine!(b, e => e.poll_timeout())?;
+        Some(Duration::from_nanos(at.saturating_nanos_since(now())))
+    }
+
     /// Asks the transport whether the progress thread may sleep on its
     /// descriptor (see [`kvxfer_core::Wake`]).
     pub(super) fn arm(&mut self) -> kvxfer_core::Wake {

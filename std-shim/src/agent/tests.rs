@@ -17,7 +17,7 @@ fn engine_tables_are_sized_from_the_config() {
     };
     let cfg = AgentConfig::default().with_capacities(caps);
     let t = kvxfer_core::transport::loopback::Loopback::new(&MEM, 1);
-    let e = backends::boxed_engine("sized", t, &cfg).unwrap();
+    let e = backends::boxed_engine("sized", t, &cfg, None).unwrap();
     assert_eq!(*e.capacities(), caps);
 }
 

@@ -29,8 +29,12 @@ mod imp {
     /// No configuration types.
     pub(crate) mod settings {}
 
-    /// The transport of an agent.
-    pub(crate) fn build(_name: &str, _cfg: &AgentConfig) -> Result<Transport, Error> {
+    /// The transport of an agent; its copies do not wait on a peer.
+    pub(crate) fn build(
+        _name: &str,
+        _cfg: &AgentConfig,
+        _deadline: Option<std::time::Duration>,
+    ) -> Result<Transport, Error> {
         kvxfer_cuda::CudaIpcTransport::new()
     }
 

@@ -43,11 +43,15 @@ mod imp {
     }
 
     /// The transport of an agent named `name` with `cfg`
-    /// ([`AgentConfig::effective_fabric_config`]).
-    pub(crate) fn build(name: &str, cfg: &AgentConfig) -> Result<Transport, Error> {
+    /// ([`AgentConfig::effective_fabric_config`]); `deadline` bounds the
+    /// wait for a peer's answer to a staging request.
+    pub(crate) fn build(
+        name: &str,
+        cfg: &AgentConfig,
+        deadline: Option<Duration>,
+    ) -> Result<Transport, Error> {
         let fc = cfg.effective_fabric_config();
         log::debug!("{name}: libfabric transport with {fc:?}");
-        let deadline = Some(fc.op_timeout).filter(|d| !d.is_zero());
         Ok(host_memory(FabricTransport::new(&fc)?, cfg, deadline))
     }
 
@@ -147,18 +151,13 @@ mod imp {
 
         /// The configuration the libfabric transport of an agent with these
         /// settings is built with: [`fabric_config`](Self::fabric_config),
-        /// else the defaults, with [`provider`](Self::provider) and
-        /// [`transfer_timeout`](Self::transfer_timeout) applied when set.
-        /// No deadline is an `op_timeout` of [`Duration::MAX`]. A provider
-        /// left unset here is chosen by the transport
+        /// else the defaults, with [`provider`](Self::provider) applied
+        /// when set. A provider left unset here is chosen by the transport
         /// (`KVXFER_LIBFABRIC_PROVIDER`, else the first usable one).
         pub fn effective_fabric_config(&self) -> FabricConfig {
             let mut c = self.backends.libfabric.clone().unwrap_or_default();
             if let Some(p) = &self.provider {
                 c.provider = Some(p.clone());
-            }
-            if let Some(t) = self.transfer_timeout {
-                c.op_timeout = t.filter(|d| !d.is_zero()).unwrap_or(Duration::MAX);
             }
             c
         }

@@ -4,7 +4,7 @@
 //! A backend's file holds its [`Descriptor`] (compiled in every build, so
 //! that a build without it can say how to get it) and, under its cargo
 //! feature, the transport the agent drives (`Transport`), how to build it
-//! from an [`AgentConfig`] (`build`), its own configuration (`Config`,
+//! from an [`AgentConfig`] and the engine's per-transfer deadline (`build`), its own configuration (`Config`,
 //! `settings`), what `kvxfer bench` checks before starting (`preflight`)
 //! and what `kvxfer info` shows (`report`). The enum [`BackendKind`], the
 //! agent's dispatch and the list of backends in errors are generated from
@@ -162,10 +162,14 @@ macro_rules! declare {
             cfg: &AgentConfig,
         ) -> Result<Engines, Error> {
             cfg.capacities.check()?;
+            let deadline = cfg.effective_transfer_timeout()?;
             match kind {
                 $(
                     #[cfg(feature = $f)]
-                    BackendKind::$v => Ok(Engines::$v(boxed_engine(name, $m::build(name, cfg)?, cfg)?)),
+                    BackendKind::$v => {
+                        let t = $m::build(name, cfg, deadline)?;
+                        Ok(Engines::$v(boxed_engine(name, t, cfg, deadline)?))
+                    }
                 )*
                 #[allow(unreachable_patterns)]
                 other => Err(unsupported(other.name())),
@@ -345,13 +349,17 @@ pub(crate) trait AgentTransport: Transport {
     fn vram_path(&self) -> &'static str;
 }
 
-/// A new engine over `transport`, with tables sized from `cfg`.
+/// A new engine over `transport`, with tables sized from `cfg` and
+/// per-transfer deadline `deadline`.
 pub(crate) fn boxed_engine<T: Transport>(
     name: &str,
     transport: T,
     cfg: &AgentConfig,
+    deadline: Option<core::time::Duration>,
 ) -> Result<Box<AgentEngine<T>>, Error> {
-    let config = EngineConfig::default().with_segments_per_xfer(cfg.segments_per_xfer);
+    let config = EngineConfig::default()
+        .with_segments_per_xfer(cfg.segments_per_xfer)
+        .with_deadline(deadline);
     let storage = Storage::owned(&cfg.capacities);
     Ok(Box::new(kvxfer_core::Engine::new(
         name, transport, config, storage,

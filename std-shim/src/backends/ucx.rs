@@ -11,7 +11,6 @@ pub(super) const DESCRIPTOR: Descriptor = Descriptor {
     needs: Some("libucx-dev"),
     settings: &[
         "AgentConfig::with_ucx_config",
-        "KVXFER_UCX_OP_TIMEOUT_MS",
         "KVXFER_UCX_NATIVE_VRAM",
         "UCX_TLS and UCX's other variables",
     ],
@@ -22,6 +21,8 @@ pub(super) use imp::*;
 
 #[cfg(feature = "ucx")]
 mod imp {
+    use std::time::Duration;
+
     use kvxfer_core::Error;
     use kvxfer_ucx::{UcxConfig, UcxTransport};
 
@@ -41,11 +42,16 @@ mod imp {
     }
 
     /// The transport of an agent named `name` with `cfg`
-    /// ([`AgentConfig::effective_ucx_config`]).
-    pub(crate) fn build(name: &str, cfg: &AgentConfig) -> Result<Transport, Error> {
+    /// ([`AgentConfig::effective_ucx_config`]); `deadline` bounds the wait
+    /// for a peer's answer to a staging request.
+    pub(crate) fn build(
+        name: &str,
+        cfg: &AgentConfig,
+        deadline: Option<Duration>,
+    ) -> Result<Transport, Error> {
         let uc = cfg.effective_ucx_config()?;
         log::debug!("{name}: UCX transport with {uc:?}");
-        Ok(host_memory(UcxTransport::new(&uc)?, cfg, uc.op_timeout))
+        Ok(host_memory(UcxTransport::new(&uc)?, cfg, deadline))
     }
 
     /// Nothing to check before an agent is made.
@@ -145,19 +151,13 @@ mod imp {
         /// The configuration the UCX transport of an agent with these
         /// settings is built with: [`ucx_config`](Self::ucx_config), else
         /// [`UcxConfig::from_env`] (whose error, naming a malformed
-        /// variable, is returned), with
-        /// [`transfer_timeout`](Self::transfer_timeout) applied when set.
-        /// A configuration with `peer_failure_detection` off is an error
-        /// naming it.
+        /// variable, is returned). A configuration with
+        /// `peer_failure_detection` off is an error naming it.
         pub fn effective_ucx_config(&self) -> Result<UcxConfig, Error> {
-            let mut c = match &self.backends.ucx {
+            let c = match &self.backends.ucx {
                 Some(c) => c.clone(),
                 None => UcxConfig::from_env()?,
             };
-            if let Some(t) = self.transfer_timeout {
-                // The UCX transport reads zero as "no deadline" too.
-                c.op_timeout = t.filter(|d| !d.is_zero());
-            }
             if !c.peer_failure_detection {
                 return Err(Error::backend(
                     "UCX",
@@ -177,7 +177,6 @@ mod imp {
         fn descriptor_names_the_crates_settings() {
             let d = super::super::DESCRIPTOR;
             assert_eq!(d.name, kvxfer_ucx::BACKEND);
-            assert!(d.settings.contains(&kvxfer_ucx::OP_TIMEOUT_ENV));
             assert!(d.settings.contains(&kvxfer_ucx::NATIVE_VRAM_ENV));
         }
     }
