@@ -182,6 +182,8 @@ struct State {
     /// Received notifications refused (not sealed with the key), by the
     /// sender they claimed, not yet reported to the application.
     refused: HashMap<String, u64>,
+    /// Records the agent's metrics ([`crate::meter`]).
+    meter: crate::meter::Meter,
 }
 
 /// Longest notification buffer the agent grows to (16 MiB).
@@ -237,6 +239,24 @@ impl State {
         self.backend.as_mut().ok_or(Error::ShutDown)
     }
 
+    /// Records a transfer made from prepared lists ([`crate::meter`]).
+    fn metered(
+        &mut self,
+        made: Result<XferHandle, Error>,
+        op: XferOp,
+        remote: PreparedRemote,
+        note: bool,
+    ) -> Result<XferHandle, Error> {
+        let State { backend, meter, .. } = self;
+        match backend.as_mut() {
+            Some(b) => on_engine!(b, e => {
+                let peer = e.prepared_peer(remote).unwrap_or("");
+                meter.prepared(made, op, peer, note)
+            }),
+            None => made,
+        }
+    }
+
     /// The backend, and `msg` as it goes to `peer`: sealed with the key
     /// when one is set ([`crate::note_auth`]), else as it is.
     fn sealed<'a>(
@@ -276,6 +296,7 @@ impl State {
             keepalive,
             note_key,
             refused,
+            meter,
             ..
         } = self;
         let Some(backend) = backend.as_mut() else {
@@ -303,6 +324,7 @@ impl State {
         }
         on_engine!(backend, e => {
             let n = e.poll(at) + failed;
+            meter.settle(e);
             if n > 0 && !orphans.is_empty() {
                 // Released requests the transport could not cancel: free
                 // their slots once they have ended.
@@ -322,8 +344,12 @@ impl State {
                             Some(k) => k.open(from, raw),
                         };
                         match msg {
-                            Some(m) => notifs.entry(from.to_string()).or_default().push(m.to_vec()),
+                            Some(m) => {
+                                meter.note_received(from);
+                                notifs.entry(from.to_string()).or_default().push(m.to_vec())
+                            }
                             None => {
+                                meter.note_refused(from);
                                 log::warn!("refused a notification claiming to come from {from:?}: not sealed with this agent's key");
                                 *refused.entry(from.to_string()).or_default() += 1;
                             }
@@ -335,6 +361,7 @@ impl State {
                         notif_buf.resize(needed as usize, 0);
                     }
                     Some(Err(Error::NotificationsLost { peer, count })) => {
+                        meter.notes_lost(&peer, count);
                         *lost.entry(peer.as_str().to_string()).or_default() += count;
                     }
                     Some(Err(err)) => {
@@ -342,6 +369,7 @@ impl State {
                         // broken): reported, sender unknown, never only
                         // logged.
                         log::warn!("receiving a notification failed: {err}");
+                        meter.notes_lost("", 1);
                         *lost.entry(String::new()).or_default() += 1;
                         break;
                     }
@@ -408,7 +436,8 @@ impl Shared {
         let b = st.backend()?;
         let loaded: Result<kvxfer_core::error::Name, Error> =
             on_engine!(b, e => e.load_remote(blob));
-        let name = loaded?;
+        let name = st.meter.check(crate::metrics::Op::Load, loaded)?;
+        st.meter.loaded(&name);
         log::debug!("agent {}: loaded metadata of {name:?}", self.name);
         Ok(name.as_str().to_string())
     }
@@ -440,6 +469,11 @@ struct Owner {
     server: Mutex<Option<Server>>,
     listen_addr: Option<SocketAddr>,
     progress: Mutex<Option<JoinHandle<()>>>,
+    /// The agent's metrics, and the endpoint serving them if asked for.
+    metrics: (
+        Arc<crate::metrics::AgentMetrics>,
+        Option<crate::metrics::Endpoint>,
+    ),
 }
 
 impl Owner {
@@ -615,6 +649,8 @@ impl Agent {
         let note_key = cfg.effective_auth_key().map(|k| NoteKey::new(&k, name));
         let backend = build_backend(kind, name, &cfg)?;
         let notif_buf = vec![0u8; cfg.capacities.notification_len as usize];
+        let (meter, endpoint) = crate::meter::Meter::for_agent(name, kind.name(), &cfg)?;
+        let metrics = (Arc::clone(meter.metrics()), endpoint);
         let shared = Arc::new(Shared {
             name: name.to_string(),
             kind,
@@ -630,6 +666,7 @@ impl Agent {
                 note_key,
                 seal_buf: Vec::new(),
                 refused: HashMap::new(),
+                meter,
             }),
             done: Condvar::new(),
             closed: AtomicBool::new(false),
@@ -680,6 +717,7 @@ impl Agent {
                 server: Mutex::new(server),
                 listen_addr,
                 progress: Mutex::new(progress),
+                metrics,
             }),
         })
     }
@@ -701,6 +739,19 @@ impl Agent {
     /// Where the side channel listens (with the port chosen), if it runs.
     pub fn listen_addr(&self) -> Option<SocketAddr> {
         self.owner.listen_addr
+    }
+
+    /// This agent's metrics (see [`crate::metrics`]): take a
+    /// [`snapshot`](crate::metrics::AgentMetrics::snapshot) or
+    /// [`encode`](crate::metrics::AgentMetrics::encode) them.
+    pub fn metrics(&self) -> Arc<crate::metrics::AgentMetrics> {
+        Arc::clone(&self.owner.metrics.0)
+    }
+
+    /// Where this agent's metrics endpoint listens (with the port chosen),
+    /// if [`AgentConfig::metrics_addr`] asked for one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.owner.metrics.1.as_ref().map(|e| e.local_addr())
     }
 
     /// Registers `[addr, addr + len)` on device `dev` as memory of `kind`,
@@ -801,18 +852,24 @@ impl Agent {
         if self.shared().closed.load(Ordering::Acquire) {
             return Err(Error::ShutDown);
         }
-        let cfg = &self.shared().cfg;
-        let key = cfg.effective_auth_key();
-        let mut client = Client::connect(addr, key.as_deref(), cfg.io_timeout)?;
-        let theirs = client.get_metadata()?;
-        let peer = self.load_remote(&theirs)?;
-        let ours = self.local_metadata()?;
-        let as_seen = client.push_metadata(&ours)?;
-        log::info!(
-            "agent {}: connected to {peer:?} at {addr} (it knows us as {as_seen:?})",
-            self.name()
-        );
-        Ok(peer)
+        let r = (|| {
+            let cfg = &self.shared().cfg;
+            let key = cfg.effective_auth_key();
+            let mut client = Client::connect(addr, key.as_deref(), cfg.io_timeout)?;
+            let theirs = client.get_metadata()?;
+            let peer = self.load_remote(&theirs)?;
+            let ours = self.local_metadata()?;
+            let as_seen = client.push_metadata(&ours)?;
+            log::info!(
+                "agent {}: connected to {peer:?} at {addr} (it knows us as {as_seen:?})",
+                self.name()
+            );
+            Ok(peer)
+        })();
+        if let Err(e) = &r {
+            self.owner.metrics.0.error(crate::metrics::Op::Connect, e);
+        }
+        r
     }
 
     /// Checks that every descriptor lies in a region the peer registered.
@@ -868,6 +925,9 @@ impl Agent {
         let (b, note) = st.sealed(peer, notification)?;
         let prepared: Result<XferHandle, Error> =
             on_engine!(b, e => e.prepare_lists(op, local, remote, peer, note));
+        let prepared = st
+            .meter
+            .prepared(prepared, op, peer, notification.is_some());
         Ok(self.request(prepared?))
     }
 
@@ -960,6 +1020,7 @@ impl Agent {
         let made: Result<XferHandle, Error> = on_engine!(b, e => {
             e.make_xfer(op, local, local_idx, remote, remote_idx, note)
         });
+        let made = st.metered(made, op, remote, notification.is_some());
         Ok(self.request(made?))
     }
 
@@ -1039,6 +1100,7 @@ impl Agent {
         let mut st = self.shared().lock();
         let (b, note) = st.sealed(peer, Some(msg))?;
         let r = on_engine!(b, e => e.notify(peer, note.unwrap_or(msg)));
+        let r = st.meter.notified(peer, r);
         self.shared().nudge();
         r
     }
@@ -1170,12 +1232,16 @@ impl XferRequest {
     /// [`Error::InProgress`] while a previous post runs.
     pub fn post(&self) -> Result<XferState, Error> {
         let mut st = self.shared.lock();
-        let b = st.backend()?;
+        let State { backend, meter, .. } = &mut *st;
+        let b = backend.as_mut().ok_or(Error::ShutDown)?;
         let state = on_engine!(b, e => {
-            let s = e.post(self.handle, now())?;
-            e.post_finished(self.handle, now());
-            s
-        });
+            let r = e.post(self.handle, now());
+            if r.is_ok() {
+                e.post_finished(self.handle, now());
+            }
+            meter.posted(e, self.handle, &r);
+            r
+        })?;
         // The progress thread may sleep on the transport: it has work now,
         // unless the transport finished the transfer (and its
         // notification) inside the post.
@@ -1273,6 +1339,7 @@ impl XferRequest {
         let mut st = self.shared.lock();
         let Ok(b) = st.backend() else { return Ok(()) };
         let first: Result<(), Error> = on_engine!(b, e => e.release(self.handle));
+        st.meter.released(self.handle, &first);
         match first {
             Ok(()) => Ok(()),
             Err(Error::InProgress { .. }) => {
@@ -1283,6 +1350,7 @@ impl XferRequest {
                 let mut st = self.shared.lock();
                 let Ok(b) = st.backend() else { return Ok(()) };
                 let r: Result<(), Error> = on_engine!(b, e => e.release(self.handle));
+                st.meter.released(self.handle, &r);
                 if let Err(Error::InProgress { .. }) = r {
                     log::warn!(
                         "transfer {} still in progress {} ms after release ({outcome:?}); it is \

@@ -499,6 +499,9 @@ pub struct TargetOptions {
     pub etcd: Option<String>,
     /// etcd namespace prefix; default `/kvxfer/`.
     pub etcd_prefix: Option<String>,
+    /// Serve the target's metrics over HTTP on this address
+    /// ([`AgentConfig::metrics_addr`]); `None`: as the environment says.
+    pub metrics_addr: Option<String>,
 }
 
 /// Runs a target until `stop` is set: registers a buffer of random bytes,
@@ -512,14 +515,20 @@ pub fn run_target(
     check_setup(opts.backend.as_deref(), opts.provider.as_deref(), opts.mem)?;
     let len = usize::try_from(opts.size)
         .map_err(|_| BenchError::Options(format!("--size {}: too large", opts.size)))?;
-    let cfg = agent_config(
+    let mut cfg = agent_config(
         AgentConfig::default()
             .with_listen(Some(&opts.listen))
             .with_progress_idle_sleep(opts.idle_sleep),
         &opts.backend,
         &opts.provider,
     );
+    if let Some(m) = &opts.metrics_addr {
+        cfg = cfg.with_metrics_addr(Some(m));
+    }
     let agent = Agent::new(&opts.name, cfg).step(|| "opening the transport".to_string())?;
+    if let Some(m) = agent.metrics_addr() {
+        log::info!("{}: metrics on http://{m}/metrics", opts.name);
+    }
     let mut buf = Buffer::new(&agent, len, Some(seed()), opts.mem, opts.device)
         .step(|| format!("registering {len} bytes"))?;
     let discovery = join_etcd(&agent, &opts.etcd, &opts.etcd_prefix)
@@ -646,6 +655,10 @@ pub struct BenchOptions {
     pub etcd_prefix: Option<String>,
     /// Name of the target to find in etcd.
     pub target_name: String,
+    /// Serve the initiator's metrics over HTTP on this address
+    /// ([`AgentConfig::metrics_addr`]); `None`: as the environment says
+    /// (a spawned target never inherits `KVXFER_METRICS_ADDR`).
+    pub metrics_addr: Option<String>,
 }
 
 impl Default for BenchOptions {
@@ -673,6 +686,7 @@ impl Default for BenchOptions {
             etcd: None,
             etcd_prefix: None,
             target_name: "kvxfer-target".to_string(),
+            metrics_addr: None,
         }
     }
 }
@@ -917,6 +931,8 @@ impl TargetChild {
         if opts.mem == MemKind::Vram {
             cmd.args(["--mem", "vram", "--device", &opts.device.to_string()]);
         }
+        // Its metrics endpoint would take the bench's own address.
+        cmd.env_remove(crate::metrics::ENV_METRICS_ADDR);
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -1134,7 +1150,10 @@ fn measure(
         &opts.backend,
         &opts.provider,
     );
-    let cfg = sized_for(cfg, opts);
+    let mut cfg = sized_for(cfg, opts);
+    if let Some(m) = &opts.metrics_addr {
+        cfg = cfg.with_metrics_addr(Some(m));
+    }
     let name = match opts.etcd {
         // Unique, so that benchmarks sharing an etcd never replace each other.
         Some(_) => format!("kvxfer-bench-{:08x}", seed() as u32),

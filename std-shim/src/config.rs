@@ -262,6 +262,13 @@ pub struct AgentConfig {
     /// matching fields of it.
     #[cfg(feature = "libfabric")]
     pub fabric: Option<FabricConfig>,
+    /// Record metrics ([`crate::metrics`]). `None` (the default): on,
+    /// unless `KVXFER_METRICS=0`.
+    pub metrics: Option<bool>,
+    /// Serve the process's metrics over HTTP in Prometheus' text format on
+    /// this address (`host:port`). `Some(None)`: no endpoint; `None` (the
+    /// default): `KVXFER_METRICS_ADDR` if set, else no endpoint.
+    pub metrics_addr: Option<Option<String>>,
 }
 
 /// Table sizes of an agent by default, fit for an engine with a KV cache of
@@ -318,6 +325,8 @@ impl Default for AgentConfig {
             ucx: None,
             #[cfg(feature = "libfabric")]
             fabric: None,
+            metrics: None,
+            metrics_addr: None,
         }
     }
 }
@@ -343,6 +352,8 @@ impl fmt::Debug for AgentConfig {
         d.field("ucx", &self.ucx);
         #[cfg(feature = "libfabric")]
         d.field("fabric", &self.fabric);
+        d.field("metrics", &self.metrics)
+            .field("metrics_addr", &self.metrics_addr);
         d.finish()
     }
 }

@@ -11,6 +11,9 @@
 //!   each agent serves, optionally authenticated with `KVXFER_AUTH_KEY`;
 //! * an optional progress thread, and blocking [`XferRequest::wait`] with a
 //!   timeout;
+//! * [metrics](mod@metrics) per agent, backend and peer, readable by the
+//!   application and served in Prometheus' text format over HTTP
+//!   (`KVXFER_METRICS_ADDR`);
 //! * the `kvxfer` command-line tool (`info`, `target`, `bench`), see
 //!   [`bench`](mod@bench), and its size sweeps with a chart, see
 //!   [`sweep`].
@@ -40,6 +43,8 @@ pub mod config;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 mod keepalive;
+mod meter;
+pub mod metrics;
 mod note_auth;
 pub mod side_channel;
 pub mod sweep;
