@@ -725,7 +725,8 @@ fn endpoints() -> std::sync::MutexGuard<'static, Vec<(String, Weak<EndpointInner
 /// Serves the metrics of every agent of this process on `addr`
 /// (`host:port`, port 0 picks a free one): `GET /metrics` answers with
 /// [`encode`] as `text/plain; version=0.0.4`. Asked again for an address
-/// it already serves (a port other than 0), it returns that server.
+/// it already serves (as asked for with a port other than 0, or as
+/// [`Endpoint::local_addr`] gave it), it returns that server.
 pub fn serve(addr: &str) -> std::io::Result<Endpoint> {
     let mut all = endpoints();
     all.retain(|(_, w)| w.strong_count() > 0);
@@ -759,9 +760,12 @@ pub fn serve(addr: &str) -> std::io::Result<Endpoint> {
         stop,
         thread: Mutex::new(Some(thread)),
     });
+    // Found again by the address asked for (unless it left the port to
+    // the system) and by the address it got.
     if !addr.ends_with(":0") {
         all.push((addr.to_string(), Arc::downgrade(&inner)));
     }
+    all.push((local.to_string(), Arc::downgrade(&inner)));
     log::info!("metrics served on http://{local}/metrics");
     Ok(Endpoint { inner })
 }
