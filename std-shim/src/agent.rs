@@ -324,7 +324,7 @@ impl State {
         }
         on_engine!(backend, e => {
             let n = e.poll(at) + failed;
-            meter.settle(e);
+            meter.settle(e, n > 0);
             if n > 0 && !orphans.is_empty() {
                 // Released requests the transport could not cancel: free
                 // their slots once they have ended.
@@ -852,24 +852,26 @@ impl Agent {
         if self.shared().closed.load(Ordering::Acquire) {
             return Err(Error::ShutDown);
         }
-        let r = (|| {
-            let cfg = &self.shared().cfg;
-            let key = cfg.effective_auth_key();
-            let mut client = Client::connect(addr, key.as_deref(), cfg.io_timeout)?;
-            let theirs = client.get_metadata()?;
-            let peer = self.load_remote(&theirs)?;
-            let ours = self.local_metadata()?;
-            let as_seen = client.push_metadata(&ours)?;
-            log::info!(
-                "agent {}: connected to {peer:?} at {addr} (it knows us as {as_seen:?})",
-                self.name()
-            );
-            Ok(peer)
-        })();
+        let r = self.connect_inner(addr);
         if let Err(e) = &r {
             self.owner.metrics.0.error(crate::metrics::Op::Connect, e);
         }
         r
+    }
+
+    fn connect_inner(&self, addr: &str) -> Result<String, Error> {
+        let cfg = &self.shared().cfg;
+        let key = cfg.effective_auth_key();
+        let mut client = Client::connect(addr, key.as_deref(), cfg.io_timeout)?;
+        let theirs = client.get_metadata()?;
+        let peer = self.load_remote(&theirs)?;
+        let ours = self.local_metadata()?;
+        let as_seen = client.push_metadata(&ours)?;
+        log::info!(
+            "agent {}: connected to {peer:?} at {addr} (it knows us as {as_seen:?})",
+            self.name()
+        );
+        Ok(peer)
     }
 
     /// Checks that every descriptor lies in a region the peer registered.
@@ -1235,6 +1237,7 @@ impl XferRequest {
         let State { backend, meter, .. } = &mut *st;
         let b = backend.as_mut().ok_or(Error::ShutDown)?;
         let state = on_engine!(b, e => {
+            meter.posting(e, self.handle);
             let r = e.post(self.handle, now());
             if r.is_ok() {
                 e.post_finished(self.handle, now());

@@ -9,9 +9,11 @@
 //! adds to atomics: no allocation, no other lock.
 //!
 //! The engine reports how many transfers ended in a poll, not which; the
-//! meter keeps the transfers it saw posted and, whenever fewer are in
-//! flight in the engine than in its list, looks up which ended and
-//! records them (before anything can re-post or release them).
+//! meter keeps the transfers it saw posted and, after a poll in which
+//! some ended (or when fewer are in flight in the engine than in its
+//! list), looks up which and records them, under the same lock, before
+//! anything can re-post or release them. A re-post of a transfer whose
+//! end was not seen yet records that end first.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -124,7 +126,6 @@ impl Meter {
         if let Err(err) = r {
             self.m.error(Op::Post, err);
         }
-        self.settle(e);
         let Some(s) = self.slots.get_mut(h.index as usize) else {
             return;
         };
@@ -152,10 +153,41 @@ impl Meter {
         }
     }
 
+    /// Transfer `h` is about to be posted: if an earlier post of it
+    /// ended unrecorded, it is recorded now, before the new post replaces
+    /// its telemetry.
+    pub(crate) fn posting<T: Transport>(&mut self, e: &AgentEngine<T>, h: XferHandle) {
+        let Some(s) = self.slots.get_mut(h.index as usize) else {
+            return;
+        };
+        if !self.on || !s.pending || s.generation != h.generation {
+            return;
+        }
+        let state = e.state(h);
+        if matches!(state, Ok(XferState::InProgress)) {
+            return;
+        }
+        if let Some(peer) = s.peer.as_ref() {
+            peer.in_flight.fetch_sub(1, Ordering::Relaxed);
+            if let Ok(state) = &state {
+                let tel = e.telemetry(h).unwrap_or(XferTelemetry::EMPTY);
+                record_end(peer, s, &tel, state);
+            }
+        }
+        s.pending = false;
+        if let Some(i) = self.pending.iter().position(|&p| p == h.index) {
+            self.pending.swap_remove(i);
+        }
+    }
+
     /// Records the transfers in flight that have ended since the last
-    /// call. Cheap when none did.
-    pub(crate) fn settle<T: Transport>(&mut self, e: &AgentEngine<T>) {
-        if !self.on || self.pending.len() <= e.in_flight() {
+    /// call: looks when `finished` (the engine said some transfers ended)
+    /// or when fewer transfers are in flight in the engine than posted
+    /// ones in the meter's list (the engine's count also holds keepalive
+    /// probes, so this alone would miss some).
+    pub(crate) fn settle<T: Transport>(&mut self, e: &AgentEngine<T>, finished: bool) {
+        if !self.on || self.pending.is_empty() || (!finished && self.pending.len() <= e.in_flight())
+        {
             return;
         }
         let mut i = 0;
