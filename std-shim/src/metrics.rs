@@ -483,6 +483,13 @@ fn seconds(ns: u64) -> String {
 /// Per-peer counters: name, help, value.
 type PeerField = (&'static str, &'static str, fn(&PeerSnapshot) -> u64);
 
+/// Per-peer histograms by direction: name, help, value.
+type PeerHistograms = (
+    &'static str,
+    &'static str,
+    fn(&PeerSnapshot) -> &[HistogramSnapshot; 2],
+);
+
 const PEER_COUNTERS: [PeerField; 5] = [
     (
         "kvxfer_transfer_timeouts_total",
@@ -575,7 +582,7 @@ fn encode_agents(agents: &[Snapshot], out: &mut String) {
             let _ = writeln!(out, "}} {}", p.in_flight);
         }
     }
-    let hists: [(&str, &str, fn(&PeerSnapshot) -> &[HistogramSnapshot; 2]); 2] = [
+    let hists: [PeerHistograms; 2] = [
         (
             "kvxfer_transfer_latency_seconds",
             "Time from post to completion of completed transfers, by peer and direction.",

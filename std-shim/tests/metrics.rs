@@ -91,12 +91,12 @@ fn ask(agent: &Agent, peer: &str, msg: &str, prefix: &str) -> String {
     let end = Instant::now() + Duration::from_secs(20);
     while Instant::now() < end {
         let mut all = agent.wait_notifications(Duration::from_secs(1)).unwrap();
-        for m in all.remove(peer).unwrap_or_default() {
+        if let Some(m) = all.remove(peer).and_then(|v| v.into_iter().next()) {
             let m = String::from_utf8(m).unwrap();
-            if let Some(rest) = m.strip_prefix(prefix) {
-                return rest.to_string();
-            }
-            panic!("unexpected reply {m:?} to {msg:?}");
+            return match m.strip_prefix(prefix) {
+                Some(rest) => rest.to_string(),
+                None => panic!("unexpected reply {m:?} to {msg:?}"),
+            };
         }
     }
     panic!("no reply to {msg:?}");
