@@ -4,7 +4,8 @@
 //! while real transfers move over UCX and over libfabric (`tcp;ofi_rxm`),
 //! and its HTTP API must report exactly the transfers made: bytes and
 //! counts by direction and peer, latency histogram counts, notifications
-//! each way, nothing in flight, no failure. Failures are counted exactly
+//! each way, nothing in flight, no failure (the READs made from prepared
+//! lists by index). Failures are counted exactly
 //! by kind: an unknown peer, an unreachable address, a transfer to a
 //! stopped target that times out.
 #![cfg(all(feature = "ucx", feature = "libfabric", feature = "cli"))]
@@ -273,10 +274,22 @@ fn prometheus_sees_the_transfers(backend: &str) {
             .unwrap();
         assert_eq!(req.wait(Duration::from_secs(20)), WaitOutcome::Done);
     }
-    for i in 0..READS {
-        let l = [Desc::new(back.as_ptr() as u64 + i * READ_LEN, READ_LEN)];
-        let r = [Desc::new(raddr + i * WRITE_LEN, READ_LEN)];
-        let req = agent.submit(XferOp::Read, &l, &r, &peer, None).unwrap();
+    // The READs from prepared lists, by index (`make_xfer`).
+    let l: Vec<Desc> = (0..READS)
+        .map(|i| Desc::new(back.as_ptr() as u64 + i * READ_LEN, READ_LEN))
+        .collect();
+    let r: Vec<Desc> = (0..READS)
+        .map(|i| Desc::new(raddr + i * WRITE_LEN, READ_LEN))
+        .collect();
+    let (lp, rp) = (
+        agent.prep_local(&l).unwrap(),
+        agent.prep_remote(&peer, &r).unwrap(),
+    );
+    for i in 0..READS as u32 {
+        let req = agent
+            .make_xfer(XferOp::Read, lp, &[i], rp, &[i], None)
+            .unwrap();
+        req.post().unwrap();
         assert_eq!(req.wait(Duration::from_secs(20)), WaitOutcome::Done);
     }
     // The bytes moved: the target's checksum of what was written, and
