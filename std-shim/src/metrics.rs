@@ -374,13 +374,6 @@ impl AgentMetrics {
         }
     }
 
-    /// Appends the agent's metrics to `out` in Prometheus' text format
-    /// (without `# HELP`/`# TYPE` lines; [`encode`] writes those once for
-    /// all agents).
-    pub fn encode_samples(&self, out: &mut String) {
-        encode_agents(std::slice::from_ref(&self.snapshot()), out);
-    }
-
     /// The agent's metrics in Prometheus' text format, with `# HELP` and
     /// `# TYPE` lines.
     pub fn encode(&self) -> String {
