@@ -15,7 +15,8 @@
 #                             (feature `etcd`), iproute2 (link-cut test),
 #                             procps (kill), autotools and xz-utils to
 #                             build libfabric 2.x (scripts/libfabric2-check.sh),
-#                             and the Python package as with --python
+#                             prometheus (the metrics scrape test), and the
+#                             Python package as with --python
 #
 # As root it installs what is missing; otherwise it prints the exact command
 # and fails.
@@ -31,6 +32,7 @@ if [[ ${1:-} == --test ]]; then
         ucx-utils libfabric-bin
         shellcheck iproute2 procps xz-utils autoconf automake libtool
         etcd-server etcd-client protobuf-compiler libprotobuf-dev
+        prometheus
     )
     python=1
 elif [[ ${1:-} == --python ]]; then

@@ -576,3 +576,92 @@ impl fmt::Display for Error {
 }
 
 impl core::error::Error for Error {}
+
+impl Error {
+    /// Every value [`Error::kind`] returns, indexed by
+    /// [`Error::kind_index`]: a table of counters with one per kind (as the
+    /// metrics of the std shim keep) is an array of `KINDS.len()`.
+    pub const KINDS: [&'static str; 32] = [
+        "invalid_desc",
+        "not_registered",
+        "overlapping_registration",
+        "invalid_region",
+        "region_busy",
+        "unknown_peer",
+        "count_mismatch",
+        "length_mismatch",
+        "stale_handle",
+        "in_progress",
+        "capacity_exceeded",
+        "invalid_capacity",
+        "region_in_use",
+        "unsupported_mem_kind",
+        "unsupported",
+        "backend",
+        "remote_disconnected",
+        "cancelled",
+        "timed_out",
+        "bad_metadata",
+        "buffer_too_small",
+        "notification_too_long",
+        "invalid_name",
+        "shut_down",
+        "unsupported_backend",
+        "stale_peer",
+        "stale_prepared",
+        "index_out_of_range",
+        "malformed_notification",
+        "notification_dropped",
+        "notifications_lost",
+        "notifications_refused",
+    ];
+
+    /// The kind of error, as a short `snake_case` name fit for a metric
+    /// label: `"timed_out"`, `"unknown_peer"`, … (one per variant, see
+    /// [`Error::KINDS`]).
+    pub fn kind(&self) -> &'static str {
+        match Self::KINDS.get(self.kind_index()) {
+            Some(k) => k,
+            None => "unknown",
+        }
+    }
+
+    /// Position of [`kind`](Error::kind) in [`Error::KINDS`] (always in
+    /// range).
+    pub const fn kind_index(&self) -> usize {
+        match self {
+            Error::InvalidDesc { .. } => 0,
+            Error::NotRegistered { .. } => 1,
+            Error::OverlappingRegistration { .. } => 2,
+            Error::InvalidRegion { .. } => 3,
+            Error::RegionBusy { .. } => 4,
+            Error::UnknownPeer { .. } => 5,
+            Error::CountMismatch { .. } => 6,
+            Error::LengthMismatch { .. } => 7,
+            Error::StaleHandle { .. } => 8,
+            Error::InProgress { .. } => 9,
+            Error::CapacityExceeded { .. } => 10,
+            Error::InvalidCapacity { .. } => 11,
+            Error::RegionInUse { .. } => 12,
+            Error::UnsupportedMemKind { .. } => 13,
+            Error::Unsupported { .. } => 14,
+            Error::Backend { .. } => 15,
+            Error::RemoteDisconnected { .. } => 16,
+            Error::Cancelled => 17,
+            Error::TimedOut { .. } => 18,
+            Error::BadMetadata(_) => 19,
+            Error::BufferTooSmall { .. } => 20,
+            Error::NotificationTooLong { .. } => 21,
+            Error::InvalidName { .. } => 22,
+            Error::ShutDown => 23,
+            Error::UnsupportedBackend { .. } => 24,
+            Error::StalePeer { .. } => 25,
+            Error::StalePrepared { .. } => 26,
+            Error::IndexOutOfRange { .. } => 27,
+            Error::MalformedNotification { .. } => 28,
+            Error::NotificationDropped { .. } => 29,
+            Error::NotificationsLost { .. } => 30,
+            Error::NotificationsRefused { .. } => 31,
+        }
+    }
+}

@@ -466,3 +466,19 @@ pub fn address_range(addr: u64) -> Result<(u64, u64), Error> {
     )?;
     Ok((base, size as u64))
 }
+
+/// Free and total bytes of GPU memory of device `ordinal`, as
+/// `cuMemGetInfo` reports them (free counts every process's allocations).
+pub fn memory_info(ordinal: u32) -> Result<(u64, u64), Error> {
+    init()?;
+    let ctx = Context::new(ordinal)?;
+    ctx.bind()?;
+    let (mut free, mut total) = (0usize, 0usize);
+    // SAFETY: a context of the device is current; both out-parameters are
+    // valid.
+    check(
+        unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) },
+        "cuMemGetInfo",
+    )?;
+    Ok((free as u64, total as u64))
+}

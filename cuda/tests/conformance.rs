@@ -10,9 +10,12 @@
 
 use std::time::Duration;
 
-use kvxfer_core::{Error, Region};
+use kvxfer_core::{Error, MetaError, Region};
+use kvxfer_cuda::wire::IpcAddress;
 use kvxfer_cuda::{CudaIpcTransport, DeviceBuffer};
-use kvxfer_testkit::{conformance_suite, Backend, Expect, HostMemory, Memory, PeerDeath};
+use kvxfer_testkit::{
+    conformance_suite, Backend, EmptyMetadata, Expect, HostMemory, Memory, PeerDeath,
+};
 
 /// GPU memory of device 0, zeroed.
 struct Vram(DeviceBuffer);
@@ -35,6 +38,22 @@ impl Memory for Vram {
     }
 }
 
+/// Prints the transport's warnings (e.g. an IPC mapping of a dead peer
+/// that would not close) to stderr, where a test's output shows them.
+struct Warnings;
+
+impl log::Log for Warnings {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Warn
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            eprintln!("[{} {}] {}", r.level(), r.target(), r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
 /// CUDA_IPC moving GPU memory (`true`) or host memory.
 struct CudaIpc {
     vram: bool,
@@ -44,6 +63,9 @@ impl Backend for CudaIpc {
     type T = CudaIpcTransport;
 
     fn transport(&self) -> CudaIpcTransport {
+        if log::set_logger(&Warnings).is_ok() {
+            log::set_max_level(log::LevelFilter::Warn);
+        }
         CudaIpcTransport::new().expect("CUDA_IPC transport (needs a GPU)")
     }
 
@@ -54,6 +76,18 @@ impl Backend for CudaIpc {
             peer_death: Some(PeerDeath {
                 within: Duration::from_secs(5),
                 error: |e| matches!(e, Error::RemoteDisconnected { .. }),
+            }),
+            // CUDA_IPC reads its own addresses and keys: an empty one is
+            // short by exactly its length (a key by its tag byte).
+            empty_metadata: Some(EmptyMetadata {
+                address: Error::BadMetadata(MetaError::Truncated {
+                    needed: IpcAddress::LEN as u64,
+                    available: 0,
+                }),
+                key: Error::BadMetadata(MetaError::Truncated {
+                    needed: 1,
+                    available: 0,
+                }),
             }),
         }
     }

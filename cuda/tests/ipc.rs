@@ -1607,3 +1607,84 @@ fn gpu_queued_notifications_to_a_peer_that_went_away_are_reported() {
     );
     println!("RESULT {err}");
 }
+
+/// A peer killed while its VRAM is mapped here: a WRITE into it is refused
+/// with `RemoteDisconnected` naming its pid, nothing stays in flight, and
+/// releasing the key closes the mapping, so the dead peer's GPU memory is
+/// free again.
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_vram_of_a_dead_peer_is_refused_and_released() {
+    const TEST: &str = "gpu_vram_of_a_dead_peer_is_refused_and_released";
+    const HELD: u64 = 4 << 30;
+    const SLACK: u64 = 256 << 20;
+    if role().is_some() {
+        // The peer: HELD bytes of VRAM, published, kept until killed.
+        let mut t = CudaIpcTransport::new().unwrap();
+        let buf = DeviceBuffer::new(0, HELD).unwrap();
+        let reg = t.register(&buf.region()).unwrap();
+        publish(&t, &reg);
+        let _ = parent_lines().recv_timeout(TIMEOUT);
+        std::process::exit(3);
+    }
+    let mut t = CudaIpcTransport::new().unwrap();
+    let src = DeviceBuffer::from_host(0, &pattern(5, 4096)).unwrap();
+    let reg = t.register(&src.region()).unwrap();
+    let (baseline, _) = driver::memory_info(0).unwrap();
+    let mut peer = Peer::spawn(TEST, "hold");
+    let (p, region, key) = attach(&mut t, &peer);
+    let pid = peer.child.id();
+    let seg = Segment {
+        local_addr: src.ptr(),
+        remote_addr: region.addr,
+        len: 4096,
+        local: &reg,
+        remote: &key,
+        remote_region_addr: region.addr,
+    };
+    let write = |t: &mut CudaIpcTransport| {
+        t.post(
+            XferOp::Write,
+            &p,
+            kvxfer_core::Segments::from(&[seg][..]),
+            None,
+            Token(9),
+        )
+    };
+    assert_eq!(write(&mut t), Ok(PostStatus::InProgress));
+    wait_done(&mut t, Token(9)).expect("WRITE to the live peer");
+    peer.child.kill().unwrap();
+    peer.child.wait().unwrap();
+    assert_eq!(
+        write(&mut t),
+        Err(Error::disconnected(&format!(
+            "CUDA_IPC peer pid {pid} is gone"
+        )))
+    );
+    assert_eq!(t.in_flight(), 0);
+    assert!(t.poll().is_none());
+    let (mapped, _) = driver::memory_info(0).unwrap();
+    t.release_key(key);
+    t.disconnect(p);
+    let start = Instant::now();
+    let released = loop {
+        let (free, _) = driver::memory_info(0).unwrap();
+        if free + SLACK >= baseline || start.elapsed() > TIMEOUT {
+            break free;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    println!(
+        "RESULT free GPU memory: {} MiB before the peer, {} MiB with its dead \
+         memory mapped, {} MiB after release ({:?})",
+        baseline >> 20,
+        mapped >> 20,
+        released >> 20,
+        start.elapsed()
+    );
+    assert!(
+        released + SLACK >= baseline,
+        "the dead peer's {HELD} bytes were not freed: {released} bytes free, {baseline} before"
+    );
+    t.deregister(reg);
+}

@@ -119,6 +119,10 @@ class Config:
             backend's default (5 s).
         auth_key: shared key of the side channel (HMAC); None reads
             ``KVXFER_AUTH_KEY``.
+        metrics_addr: ``"ip:port"`` to serve the process's metrics on in
+            Prometheus' text format (``GET /metrics``; port 0 picks one);
+            None reads ``KVXFER_METRICS_ADDR``, ``""`` serves none.
+            ``KVXFER_METRICS=0`` turns recording off.
     """
 
     backend: Optional[str] = None
@@ -127,6 +131,7 @@ class Config:
     same_host: bool = True
     transfer_timeout: Optional[float] = None
     auth_key: Optional[bytes] = None
+    metrics_addr: Optional[str] = None
 
 
 class Strided(NamedTuple):
@@ -322,6 +327,7 @@ class Agent:
             same_host=cfg.same_host,
             transfer_timeout=cfg.transfer_timeout,
             auth_key=cfg.auth_key,
+            metrics_addr=cfg.metrics_addr,
         )
         self._auth_key = cfg.auth_key
         self._regions: Dict[int, Region] = {}
@@ -342,6 +348,16 @@ class Agent:
     def listen_addr(self) -> Optional[str]:
         """``"ip:port"`` of the side channel, or None."""
         return self._native.listen_addr
+
+    @property
+    def metrics_addr(self) -> Optional[str]:
+        """``"ip:port"`` of the metrics endpoint, or None."""
+        return self._native.metrics_addr
+
+    def metrics_text(self) -> str:
+        """This agent's metrics in Prometheus' text format (the endpoint
+        serves those of every agent of the process)."""
+        return self._native.metrics_text()
 
     # -------------------------------------------------------------- memory
 

@@ -13,10 +13,13 @@ impl Agent {
     /// Creates the agent `name`. `backend` None lets `KVXFER_BACKEND`,
     /// then `TRTLLM_NIXL_KVCACHE_BACKEND`, choose (else UCX); `listen`
     /// None serves no side channel; `transfer_timeout` None leaves the
-    /// backend's default, 0 means no deadline.
+    /// backend's default, 0 means no deadline; `metrics_addr` None lets
+    /// `KVXFER_METRICS_ADDR` decide where metrics are served, "" serves
+    /// none.
     #[new]
     #[pyo3(signature = (name, backend=None, listen=Some("127.0.0.1:0".to_string()),
-        progress_thread=true, same_host=true, transfer_timeout=None, auth_key=None))]
+        progress_thread=true, same_host=true, transfer_timeout=None, auth_key=None,
+        metrics_addr=None))]
     fn new(
         py: Python<'_>,
         name: &str,
@@ -26,6 +29,7 @@ impl Agent {
         same_host: bool,
         transfer_timeout: Option<f64>,
         auth_key: Option<Vec<u8>>,
+        metrics_addr: Option<String>,
     ) -> PyResult<Self> {
         let mut cfg = AgentConfig::default()
             .with_listen(listen.as_deref())
@@ -40,6 +44,9 @@ impl Agent {
         }
         if let Some(k) = auth_key {
             cfg = cfg.with_auth_key(k);
+        }
+        if let Some(m) = metrics_addr {
+            cfg = cfg.with_metrics_addr(Some(m.as_str()).filter(|m| !m.is_empty()));
         }
         let inner = py.detach(|| RustAgent::new(name, cfg)).py_err()?;
         Ok(Agent { inner })
@@ -61,6 +68,17 @@ impl Agent {
     #[getter]
     fn listen_addr(&self) -> Option<String> {
         self.inner.listen_addr().map(|a| a.to_string())
+    }
+
+    /// Where the metrics endpoint listens ("ip:port"), or None.
+    #[getter]
+    fn metrics_addr(&self) -> Option<String> {
+        self.inner.metrics_addr().map(|a| a.to_string())
+    }
+
+    /// This agent's metrics in Prometheus' text format.
+    fn metrics_text(&self) -> String {
+        self.inner.metrics().encode()
     }
 
     /// Registers `[addr, addr + length)` on device `dev` as `kind`

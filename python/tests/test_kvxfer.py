@@ -378,3 +378,43 @@ def test_unknown_backend_is_named():
     with pytest.raises(kvxfer.UnsupportedBackendError) as e:
         kvxfer.Agent("bad", kvxfer.Config(backend="GDS", listen=None))
     assert str(e.value).startswith('unsupported backend "GDS"; supported: UCX, LIBFABRIC')
+
+
+def test_metrics_endpoint_counts_the_transfers(kvxfer_peer):
+    import urllib.request
+
+    peer = kvxfer_peer
+    a = kvxfer.Agent("kv-metrics", kvxfer.Config(metrics_addr="127.0.0.1:0"))
+    try:
+        assert a.metrics_addr is not None
+        remote, _ = peer.alloc("m", 4096)
+        name = connect(a, peer)
+        src = pattern(5, 4096)
+        region = a.register(src)
+        for _ in range(3):
+            with a.transfer("WRITE", [region.desc()], [(remote, 4096)], name) as req:
+                assert req.wait(30.0)
+        assert np.array_equal(peer.data("m"), src)
+        labels = f'agent="kv-metrics",backend="{a.backend}",peer="{name}"'
+        want = [
+            f'kvxfer_transferred_bytes_total{{{labels},direction="write"}} 12288',
+            f'kvxfer_transfers_total{{{labels},direction="write"}} 3',
+            f'kvxfer_transfers_total{{{labels},direction="read"}} 0',
+        ]
+        text = a.metrics_text()
+        with urllib.request.urlopen(f"http://{a.metrics_addr}/metrics", timeout=10) as r:
+            assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            served = r.read().decode()
+        for line in want:
+            assert line in text.splitlines(), text
+            assert line in served.splitlines(), served
+        a.deregister(region)
+        peer.call("free", "m")
+    finally:
+        a.close()
+    # Without an address (and no KVXFER_METRICS_ADDR), nothing is served.
+    b = kvxfer.Agent("kv-no-metrics", kvxfer.Config(listen=None, metrics_addr=""))
+    try:
+        assert b.metrics_addr is None
+    finally:
+        b.close()

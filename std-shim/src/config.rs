@@ -226,6 +226,13 @@ pub struct AgentConfig {
     /// Deadlines are the engine's:
     /// [`transfer_timeout`](Self::transfer_timeout).
     pub(crate) backends: crate::backends::BackendConfigs,
+    /// Record metrics ([`crate::metrics`]). `None` (the default): on,
+    /// unless `KVXFER_METRICS=0`.
+    pub metrics: Option<bool>,
+    /// Serve the process's metrics over HTTP in Prometheus' text format on
+    /// this address (`host:port`). `Some(None)`: no endpoint; `None` (the
+    /// default): `KVXFER_METRICS_ADDR` if set, else no endpoint.
+    pub metrics_addr: Option<Option<String>>,
 }
 
 /// Table sizes of an agent by default, fit for an engine with a KV cache of
@@ -279,6 +286,8 @@ impl Default for AgentConfig {
             transfer_timeout: None,
             keepalive: None,
             backends: crate::backends::BackendConfigs::default(),
+            metrics: None,
+            metrics_addr: None,
         }
     }
 }
@@ -300,7 +309,9 @@ impl fmt::Debug for AgentConfig {
             .field("auth_key", &self.auth_key.as_ref().map(|_| "<set>"))
             .field("transfer_timeout", &self.transfer_timeout)
             .field("keepalive", &self.keepalive)
-            .field("backends", &self.backends);
+            .field("backends", &self.backends)
+            .field("metrics", &self.metrics)
+            .field("metrics_addr", &self.metrics_addr);
         d.finish()
     }
 }

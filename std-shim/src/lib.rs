@@ -8,6 +8,10 @@
 //! [`backends`]). It wraps the `no_std` core (`kvxfer-core`), adding threads,
 //! sockets and the clock. Logging goes through the `log` facade.
 //!
+//! Metrics per agent, backend and peer (see [`metrics`](mod@metrics)) are
+//! readable by the application and served in Prometheus' text format over
+//! HTTP (`KVXFER_METRICS_ADDR`).
+//!
 //! Cargo features: `ucx`, `libfabric`, `cli` (the `kvxfer` tool, see
 //! [`bench`](mod@bench)) by default; `cuda` (the CUDA_IPC backend and VRAM
 //! staged through pinned host memory) and `etcd` (discovery, `etcd`
@@ -30,6 +34,8 @@ pub mod config;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 mod keepalive;
+mod meter;
+pub mod metrics;
 mod note_auth;
 pub mod side_channel;
 pub mod sweep;

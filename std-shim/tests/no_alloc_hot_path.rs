@@ -8,6 +8,11 @@
 //! a counting global allocator watches. (UCX's own memory comes from its
 //! pools and C `malloc`; what is counted is every Rust heap allocation of
 //! the Agent, the core and the transport.)
+//!
+//! Metrics are recorded on that path (on by default, and asked for
+//! explicitly here) and served over HTTP while another thread scrapes the
+//! endpoint as fast as it answers: the counts must then equal the
+//! transfers made, still without an allocation on the measuring thread.
 #![cfg(feature = "ucx")]
 #![allow(clippy::result_large_err)]
 
@@ -89,7 +94,9 @@ fn hot_path_allocates_nothing(op: XferOp) {
         AgentConfig::default()
             .with_backend("UCX")
             .with_listen(None)
-            .with_progress_thread(false),
+            .with_progress_thread(false)
+            .with_metrics(true)
+            .with_metrics_addr(Some("127.0.0.1:0")),
     )
     .unwrap();
     // The source holds a pattern, the destination zeros.
@@ -120,11 +127,24 @@ fn hot_path_allocates_nothing(op: XferOp) {
     for _ in 0..50 {
         run_once(&req);
     }
+    let scraper = Scraper::start(initiator.metrics_addr().expect("metrics endpoint"));
     let n = allocations_in(|| {
         for _ in 0..1000 {
             run_once(&req);
         }
     });
+    let scrapes = scraper.stop();
+    assert!(scrapes > 0, "the endpoint was never scraped");
+    let snap = initiator.metrics().snapshot();
+    let p = snap.peer(&peer).expect("peer series");
+    let d = kvxfer::metrics::direction(op);
+    assert_eq!(p.transfers[d], 1050, "{p:?}");
+    assert_eq!(p.bytes[d], 1050 * BLOCK * BLOCKS);
+    assert_eq!(p.transfers[1 - d], 0);
+    assert_eq!(p.latency[d].count, 1050);
+    assert_eq!(p.post_time[d].count, 1050);
+    assert_eq!(p.in_flight, 0);
+    assert!(p.failures.is_empty(), "{:?}", p.failures);
     let t = req.telemetry().unwrap();
     assert_eq!(t.descs, BLOCKS as u32);
     assert_eq!(
@@ -146,6 +166,41 @@ fn hot_path_allocates_nothing(op: XferOp) {
             "block {i} differs"
         );
         assert_ne!(local_buf[r.start], 0, "block {i} was not moved");
+    }
+}
+
+/// Scrapes a metrics endpoint in a loop from its own thread (whose
+/// allocations are not counted) until stopped.
+struct Scraper {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl Scraper {
+    fn start(addr: std::net::SocketAddr) -> Scraper {
+        use std::io::{Read, Write};
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut scrapes = 0;
+            while !flag.load(Ordering::Relaxed) {
+                let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
+                s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+                let mut body = String::new();
+                s.read_to_string(&mut body).unwrap();
+                assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+                assert!(body.contains("kvxfer_transfers_total{agent=\"noalloc-initiator\""));
+                scrapes += 1;
+            }
+            scrapes
+        });
+        Scraper { stop, thread }
+    }
+
+    /// Stops it; how many scrapes it made.
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("scraper")
     }
 }
 

@@ -13,7 +13,8 @@ use kvxfer::{Agent, AgentConfig, Desc, Error, WaitOutcome, XferOp};
 fn agent(name: &str, key: &[u8]) -> Agent {
     let cfg = AgentConfig::default()
         .with_backend("UCX")
-        .with_auth_key(key.to_vec());
+        .with_auth_key(key.to_vec())
+        .with_metrics(true);
     Agent::new(name, cfg).expect("agent")
 }
 
@@ -109,6 +110,18 @@ fn only_notifications_sealed_with_the_key_are_delivered() {
         collect(&b, 1, Duration::from_secs(10)).unwrap(),
         vec![("na-a".to_string(), b"still here".to_vec())]
     );
+    // The metrics count the same: four sent and received, with two
+    // transfers, and the two refused from senders `na-b` never loaded
+    // (the series of unknown senders, peer "").
+    let (sa, sb) = (a.metrics().snapshot(), b.metrics().snapshot());
+    let to_b = sa.peer("na-b").unwrap();
+    assert_eq!(to_b.notifications_sent, 4);
+    assert_eq!(to_b.transfers, [0, 2]);
+    let from_a = sb.peer("na-a").unwrap();
+    assert_eq!(from_a.notifications_received, 4);
+    assert_eq!(from_a.notifications_refused, 0);
+    assert_eq!(sb.peer("").unwrap().notifications_refused, 2);
+    assert_eq!(sb.peer("").unwrap().notifications_received, 0);
     a.shutdown();
     b.shutdown();
 }

@@ -60,7 +60,8 @@ fn a_full_queue_reports_lost_notifications_with_their_sender() {
     let cfg = AgentConfig::default()
         .with_backend("UCX")
         .with_progress_thread(false)
-        .with_ucx_config(ucx);
+        .with_ucx_config(ucx)
+        .with_metrics(true);
     let agent = Agent::new("quiet-target", cfg).unwrap();
     let addr = agent.listen_addr().unwrap().to_string();
     let mut child = Command::new(std::env::current_exe().unwrap())
@@ -106,5 +107,10 @@ fn a_full_queue_reports_lost_notifications_with_their_sender() {
         .map(|m| String::from_utf8_lossy(&m[1..]).parse().unwrap())
         .collect();
     assert!(seq.windows(2).all(|w| w[0] < w[1]), "out of order: {seq:?}");
+    // The metrics count the same, under the sender's name.
+    let snap = agent.metrics().snapshot();
+    let p = snap.peer("noisy-sender").expect("sender's series");
+    assert_eq!(p.notifications_received, got.len() as u64);
+    assert_eq!(p.notifications_lost, lost);
     agent.shutdown();
 }

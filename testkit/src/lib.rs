@@ -77,6 +77,19 @@ pub struct Expect {
     /// How a dead peer shows; `None` where it is not detected (the suite
     /// is then instantiated with `no_peer_death`).
     pub peer_death: Option<PeerDeath>,
+    /// The exact errors for an empty address and an empty key, where the
+    /// transport reads them itself; `None` where the library under it
+    /// refuses them, with an [`Error::Backend`] naming [`name`](Self::name).
+    pub empty_metadata: Option<EmptyMetadata>,
+}
+
+/// The exact errors a transport gives for empty metadata.
+#[derive(Clone, Debug)]
+pub struct EmptyMetadata {
+    /// Of [`Transport::connect`] to an empty address.
+    pub address: Error,
+    /// Of [`Transport::unpack_key`] of an empty key.
+    pub key: Error,
 }
 
 /// How a transport reports a peer killed mid-stream.

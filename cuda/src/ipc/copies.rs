@@ -41,7 +41,9 @@ impl CudaIpcTransport {
                     ),
                 ));
             }
-            if s.remote.kind == MemKind::Dram && checked_pid != Some(s.remote.pid) {
+            // VRAM too: an IPC mapping keeps a dead peer's memory alive,
+            // so copies into it would go on succeeding unseen.
+            if checked_pid != Some(s.remote.pid) {
                 check_alive(s.remote.pid)?;
                 checked_pid = Some(s.remote.pid);
             }
@@ -182,6 +184,12 @@ impl CudaIpcTransport {
             }
         }
         let needs_pool = segments.iter().any(|s| s.remote.kind == MemKind::Dram);
+        // The peer whose VRAM the copies touch, checked again at
+        // completion (its death fails no copy).
+        let vram_peer = segments
+            .iter()
+            .find(|s| s.remote.kind == MemKind::Vram && s.remote.pid != self.addr.pid)
+            .map(|s| s.remote.pid);
         if needs_pool && self.pool.is_none() {
             self.pool = Some(CmaPool::new()?);
         }
@@ -236,6 +244,7 @@ impl CudaIpcTransport {
                     events,
                     cma,
                     notify,
+                    vram_peer,
                 });
                 Ok(PostStatus::InProgress)
             }

@@ -58,6 +58,15 @@
 //!   used; **poll** reports the transfer only when all its events are
 //!   complete (`cuEventQuery`) and all its parts have finished, so no byte
 //!   of its memory is touched after it is reported, whether done or failed.
+//! * **A dead peer** is seen through its pid (`kill(pid, 0)` gives
+//!   `ESRCH`): a `post` to a peer already gone fails at once with
+//!   `RemoteDisconnected`, for VRAM as for DRAM. Copies into a dead peer's
+//!   VRAM do not fail (its IPC mapping keeps the memory alive), so a
+//!   transfer touching another process's VRAM is checked again when its
+//!   copies have completed and fails with `RemoteDisconnected` if the peer
+//!   is gone by then. The mapping stays open until its keys are released,
+//!   so no copy can touch unmapped memory; releasing them closes it
+//!   (`cuIpcCloseMemHandle`).
 //! * **Notifications** travel over a [`NotifyChannel`]. The one attached to
 //!   a transfer is sent only after the transfer's copies completed, and the
 //!   transfer completes only once it is sent, so the target always sees the
@@ -226,6 +235,9 @@ struct InFlight {
     cma: Option<Arc<CmaParts>>,
     /// Notification to send once the events completed.
     notify: Option<Outgoing>,
+    /// Pid of the other process whose VRAM the copies touch: gone by the
+    /// time they completed, the transfer fails with `RemoteDisconnected`.
+    vram_peer: Option<u32>,
 }
 
 /// GPU-to-GPU transfers between processes on one host over CUDA IPC.
@@ -522,6 +534,13 @@ impl Transport for CudaIpcTransport {
                 Ok(true) => self.inflight[i].cma.as_ref().and_then(|c| c.take_error()),
                 Err(e) => Some(e),
             };
+            // A dead peer's VRAM stays mapped and takes copies without
+            // error: its process is what tells.
+            let failed = failed.or_else(|| {
+                self.inflight[i]
+                    .vram_peer
+                    .and_then(|pid| cma::check_alive(pid).err())
+            });
             if let Some(e) = failed {
                 let f = self.inflight.remove(i);
                 return Some(Completion {

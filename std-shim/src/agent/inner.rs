@@ -58,7 +58,8 @@ impl AgentInner {
         let b = st.backend()?;
         let loaded: Result<kvxfer_core::error::Name, Error> =
             on_engine!(b, e => e.load_remote(blob));
-        let name = loaded?;
+        let name = st.meter.check(crate::metrics::Op::Load, loaded)?;
+        st.meter.loaded(&name);
         log::debug!("agent {}: loaded metadata of {name:?}", self.name);
         Ok(name.as_str().to_string())
     }
@@ -91,6 +92,11 @@ pub(super) struct Owner {
     pub(super) server: Mutex<Option<Server>>,
     pub(super) listen_addr: Option<SocketAddr>,
     pub(super) progress: Mutex<Option<JoinHandle<()>>>,
+    /// The agent's metrics, and the endpoint serving them if asked for.
+    pub(super) metrics: (
+        Arc<crate::metrics::AgentMetrics>,
+        Option<crate::metrics::Endpoint>,
+    ),
 }
 
 impl Owner {

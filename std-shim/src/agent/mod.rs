@@ -88,6 +88,8 @@ impl Agent {
         let note_key = cfg.effective_auth_key().map(|k| NoteKey::new(&k, name));
         let backend = backends::build(kind, name, &cfg)?;
         let notif_buf = vec![0u8; cfg.capacities.notification_len as usize];
+        let (meter, endpoint) = crate::meter::Meter::for_agent(name, kind.name(), &cfg)?;
+        let metrics = (Arc::clone(meter.metrics()), endpoint);
         let inner = Arc::new(AgentInner {
             name: name.to_string(),
             kind,
@@ -103,6 +105,7 @@ impl Agent {
                 note_key,
                 seal_buf: Vec::new(),
                 refused: HashMap::new(),
+                meter,
             }),
             done: Condvar::new(),
             closed: AtomicBool::new(false),
@@ -153,6 +156,7 @@ impl Agent {
                 server: Mutex::new(server),
                 listen_addr,
                 progress: Mutex::new(progress),
+                metrics,
             }),
         })
     }
@@ -174,6 +178,19 @@ impl Agent {
     /// Where the side channel listens (with the port chosen), if it runs.
     pub fn listen_addr(&self) -> Option<SocketAddr> {
         self.owner.listen_addr
+    }
+
+    /// This agent's metrics (see [`crate::metrics`]): take a
+    /// [`snapshot`](crate::metrics::AgentMetrics::snapshot) or
+    /// [`encode`](crate::metrics::AgentMetrics::encode) them.
+    pub fn metrics(&self) -> Arc<crate::metrics::AgentMetrics> {
+        Arc::clone(&self.owner.metrics.0)
+    }
+
+    /// Where this agent's metrics endpoint listens (with the port chosen),
+    /// if [`AgentConfig::metrics_addr`] asked for one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.owner.metrics.1.as_ref().map(|e| e.local_addr())
     }
 
     /// Registers `[addr, addr + len)` on device `dev` as memory of `kind`,
@@ -274,6 +291,14 @@ impl Agent {
         if self.inner().closed.load(Ordering::Acquire) {
             return Err(Error::ShutDown);
         }
+        let r = self.connect_inner(addr);
+        if let Err(e) = &r {
+            self.owner.metrics.0.error(crate::metrics::Op::Connect, e);
+        }
+        r
+    }
+
+    fn connect_inner(&self, addr: &str) -> Result<String, Error> {
         let cfg = &self.inner().cfg;
         let key = cfg.effective_auth_key();
         let mut client = Client::connect(addr, key.as_deref(), cfg.io_timeout)?;
@@ -341,6 +366,9 @@ impl Agent {
         let (b, note) = st.sealed(peer, notification)?;
         let prepared: Result<XferHandle, Error> =
             on_engine!(b, e => e.prepare_lists(op, local, remote, peer, note));
+        let prepared = st
+            .meter
+            .prepared(prepared, op, peer, notification.is_some());
         Ok(self.request(prepared?))
     }
 
@@ -435,6 +463,7 @@ impl Agent {
         let made: Result<XferHandle, Error> = on_engine!(b, e => {
             e.make_xfer(op, local, local_idx, remote, remote_idx, note)
         });
+        let made = st.metered(made, op, remote, notification.is_some());
         Ok(self.request(made?))
     }
 
@@ -496,6 +525,7 @@ impl Agent {
         let mut st = self.inner().lock();
         let (b, note) = st.sealed(peer, Some(msg))?;
         let r = on_engine!(b, e => e.notify(peer, note.unwrap_or(msg)));
+        let r = st.meter.notified(peer, r);
         self.inner().nudge();
         r
     }

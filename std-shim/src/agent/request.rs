@@ -33,12 +33,17 @@ impl XferRequest {
     /// [`Error::InProgress`] while a previous post runs.
     pub fn post(&self) -> Result<XferState, Error> {
         let mut st = self.inner.lock();
-        let b = st.backend()?;
+        let State { backend, meter, .. } = &mut *st;
+        let b = backend.as_mut().ok_or(Error::ShutDown)?;
         let state = on_engine!(b, e => {
-            let s = e.post(self.handle, now())?;
-            e.post_finished(self.handle, now());
-            s
-        });
+            meter.posting(e, self.handle);
+            let r = e.post(self.handle, now());
+            if r.is_ok() {
+                e.post_finished(self.handle, now());
+            }
+            meter.posted(e, self.handle, &r);
+            r
+        })?;
         // The progress thread may sleep on the transport: it has work now,
         // unless the transport finished the transfer (and its
         // notification) inside the post.
@@ -136,6 +141,7 @@ impl XferRequest {
         let mut st = self.inner.lock();
         let Ok(b) = st.backend() else { return Ok(()) };
         let first: Result<(), Error> = on_engine!(b, e => e.release(self.handle));
+        st.meter.released(self.handle, &first);
         match first {
             Ok(()) => Ok(()),
             Err(Error::InProgress { .. }) => {
@@ -146,6 +152,7 @@ impl XferRequest {
                 let mut st = self.inner.lock();
                 let Ok(b) = st.backend() else { return Ok(()) };
                 let r: Result<(), Error> = on_engine!(b, e => e.release(self.handle));
+                st.meter.released(self.handle, &r);
                 if let Err(Error::InProgress { .. }) = r {
                     log::warn!(
                         "transfer {} still in progress {} ms after release ({outcome:?}); it is \

@@ -25,6 +25,8 @@ pub(super) struct State {
     /// Received notifications refused (not sealed with the key), by the
     /// sender they claimed, not yet reported to the application.
     pub(super) refused: HashMap<String, u64>,
+    /// Records the agent's metrics ([`crate::meter`]).
+    pub(super) meter: crate::meter::Meter,
 }
 
 /// Longest notification buffer the agent grows to (16 MiB).
@@ -72,6 +74,24 @@ impl State {
         self.backend.as_mut().ok_or(Error::ShutDown)
     }
 
+    /// Records a transfer made from prepared lists ([`crate::meter`]).
+    pub(super) fn metered(
+        &mut self,
+        made: Result<XferHandle, Error>,
+        op: XferOp,
+        remote: PreparedRemote,
+        note: bool,
+    ) -> Result<XferHandle, Error> {
+        let State { backend, meter, .. } = self;
+        match backend.as_mut() {
+            Some(b) => on_engine!(b, e => {
+                let peer = e.prepared_peer(remote).unwrap_or("");
+                meter.prepared(made, op, peer, note)
+            }),
+            None => made,
+        }
+    }
+
     /// The backend, and `msg` as it goes to `peer`: sealed with the key
     /// when one is set ([`crate::note_auth`]), else as it is.
     pub(super) fn sealed<'a>(
@@ -111,6 +131,7 @@ impl State {
             keepalive,
             note_key,
             refused,
+            meter,
             ..
         } = self;
         let Some(backend) = backend.as_mut() else {
@@ -131,6 +152,7 @@ impl State {
         }
         on_engine!(backend, e => {
             let n = e.poll(at) + failed;
+            meter.settle(e, n > 0);
             if n > 0 && !orphans.is_empty() {
                 // Released requests the transport could not cancel: free
                 // their slots once they have ended.
@@ -150,8 +172,12 @@ impl State {
                             Some(k) => k.open(from, raw),
                         };
                         match msg {
-                            Some(m) => notifs.entry(from.to_string()).or_default().push(m.to_vec()),
+                            Some(m) => {
+                                meter.note_received(from);
+                                notifs.entry(from.to_string()).or_default().push(m.to_vec())
+                            }
                             None => {
+                                meter.note_refused(from);
                                 log::warn!("refused a notification claiming to come from {from:?}: not sealed with this agent's key");
                                 *refused.entry(from.to_string()).or_default() += 1;
                             }
@@ -163,6 +189,7 @@ impl State {
                         notif_buf.resize(needed as usize, 0);
                     }
                     Some(Err(Error::NotificationsLost { peer, count })) => {
+                        meter.notes_lost(&peer, count);
                         *lost.entry(peer.as_str().to_string()).or_default() += count;
                     }
                     Some(Err(err)) => {
@@ -170,6 +197,7 @@ impl State {
                         // broken): reported, sender unknown, never only
                         // logged.
                         log::warn!("receiving a notification failed: {err}");
+                        meter.notes_lost("", 1);
                         *lost.entry(String::new()).or_default() += 1;
                         break;
                     }

@@ -46,6 +46,8 @@ impl TargetChild {
         if opts.mem == MemKind::Vram {
             cmd.args(["--mem", "vram", "--device", &opts.device.to_string()]);
         }
+        // Its metrics endpoint would take the bench's own address.
+        cmd.env_remove(crate::metrics::ENV_METRICS_ADDR);
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -59,6 +59,10 @@ pub struct BenchOptions {
     pub etcd_prefix: Option<String>,
     /// Name of the target to find in etcd.
     pub target_name: String,
+    /// Serve the initiator's metrics over HTTP on this address
+    /// ([`AgentConfig::metrics_addr`]); `None`: as the environment says
+    /// (a spawned target never inherits `KVXFER_METRICS_ADDR`).
+    pub metrics_addr: Option<String>,
 }
 
 impl Default for BenchOptions {
@@ -86,6 +90,7 @@ impl Default for BenchOptions {
             etcd: None,
             etcd_prefix: None,
             target_name: "kvxfer-target".to_string(),
+            metrics_addr: None,
         }
     }
 }

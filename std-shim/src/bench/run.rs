@@ -79,7 +79,10 @@ fn measure(
         &opts.backend,
         &opts.provider,
     );
-    let cfg = sized_for(cfg, opts);
+    let mut cfg = sized_for(cfg, opts);
+    if let Some(m) = &opts.metrics_addr {
+        cfg = cfg.with_metrics_addr(Some(m));
+    }
     let name = match opts.etcd {
         // Unique, so that benchmarks sharing an etcd never replace each other.
         Some(_) => format!("kvxfer-bench-{:08x}", seed() as u32),

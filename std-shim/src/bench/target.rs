@@ -62,6 +62,9 @@ pub struct TargetOptions {
     pub etcd: Option<String>,
     /// etcd namespace prefix; default `/kvxfer/`.
     pub etcd_prefix: Option<String>,
+    /// Serve the target's metrics over HTTP on this address
+    /// ([`AgentConfig::metrics_addr`]); `None`: as the environment says.
+    pub metrics_addr: Option<String>,
 }
 
 /// Runs a target until `stop` is set: registers a buffer of random bytes,
@@ -75,14 +78,20 @@ pub fn run_target(
     check_setup(opts.backend.as_deref(), opts.provider.as_deref(), opts.mem)?;
     let len = usize::try_from(opts.size)
         .map_err(|_| BenchError::Options(format!("--size {}: too large", opts.size)))?;
-    let cfg = agent_config(
+    let mut cfg = agent_config(
         AgentConfig::default()
             .with_listen(Some(&opts.listen))
             .with_progress_idle_sleep(opts.idle_sleep),
         &opts.backend,
         &opts.provider,
     );
+    if let Some(m) = &opts.metrics_addr {
+        cfg = cfg.with_metrics_addr(Some(m));
+    }
     let agent = Agent::new(&opts.name, cfg).step(|| "opening the transport".to_string())?;
+    if let Some(m) = agent.metrics_addr() {
+        log::info!("{}: metrics on http://{m}/metrics", opts.name);
+    }
     let mut buf = Buffer::new(&agent, len, Some(seed()), opts.mem, opts.device)
         .step(|| format!("registering {len} bytes"))?;
     let discovery = join_etcd(&agent, &opts.etcd, &opts.etcd_prefix)

@@ -56,6 +56,10 @@ enum Cmd {
         /// etcd namespace prefix.
         #[arg(long, default_value = "/kvxfer/", requires = "etcd")]
         etcd_prefix: Option<String>,
+        /// Serve metrics in Prometheus' text format at
+        /// http://ADDR/metrics (default from KVXFER_METRICS_ADDR).
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<String>,
     },
     /// Measure transfers against a target (spawned on loopback by default).
     Bench {
@@ -124,6 +128,10 @@ enum Cmd {
         /// Print one JSON object instead of the table.
         #[arg(long)]
         json: bool,
+        /// Serve the initiator's metrics in Prometheus' text format at
+        /// http://ADDR/metrics (default from KVXFER_METRICS_ADDR).
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<String>,
         /// Measure each request size from LOW to HIGH, doubling (one block
         /// per request, 1 s each unless --iters or --duration), over each
         /// backend of --backend, which may then be a list
@@ -377,6 +385,7 @@ fn main() -> ExitCode {
             idle_sleep,
             mem,
             device,
+            metrics_addr,
         } => {
             let stop = Arc::new(AtomicBool::new(false));
             bench::stop_on_stdin_eof(Arc::clone(&stop));
@@ -391,6 +400,7 @@ fn main() -> ExitCode {
                 idle_sleep,
                 mem: mem.kind(),
                 device,
+                metrics_addr,
             };
             let r = bench::run_target(&opts, &stop, |addr| {
                 println!("listening {addr}");
@@ -427,6 +437,7 @@ fn main() -> ExitCode {
             json,
             sweep,
             out,
+            metrics_addr,
         } => {
             let opts = BenchOptions {
                 peer,
@@ -452,6 +463,7 @@ fn main() -> ExitCode {
                 device,
                 progress_thread,
                 progress_bar: !json,
+                metrics_addr,
                 ..BenchOptions::default()
             };
             if let Some(range) = sweep {

@@ -61,6 +61,7 @@ impl Backend for Fabric {
                     },
                 },
             }),
+            empty_metadata: None,
         }
     }
 

@@ -38,6 +38,7 @@ impl Backend for OverUcx {
         Expect {
             name: "UCX",
             peer_death: peer_death(),
+            empty_metadata: None,
         }
     }
 }
@@ -55,6 +56,7 @@ impl Backend for OverFabric {
         Expect {
             name: kvxfer_libfabric::BACKEND,
             peer_death: peer_death(),
+            empty_metadata: None,
         }
     }
 }

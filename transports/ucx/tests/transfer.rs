@@ -52,6 +52,7 @@ impl Backend for Ucx {
                     )
                 },
             }),
+            empty_metadata: None,
         }
     }
 
