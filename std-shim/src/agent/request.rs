@@ -35,7 +35,7 @@ impl XferRequest {
         let mut st = self.inner.lock();
         let State { backend, meter, .. } = &mut *st;
         let b = backend.as_mut().ok_or(Error::ShutDown)?;
-        let state = on_engine!(b, e => {
+        let state: Result<XferState, Error> = on_engine!(b, e => {
             meter.posting(e, self.handle);
             let r = e.post(self.handle, now());
             if r.is_ok() {
@@ -43,7 +43,8 @@ impl XferRequest {
             }
             meter.posted(e, self.handle, &r);
             r
-        })?;
+        });
+        let state = state?;
         // The progress thread may sleep on the transport: it has work now,
         // unless the transport finished the transfer (and its
         // notification) inside the post.

@@ -57,7 +57,8 @@ impl State {
     /// deadline to enforce ([`Engine::poll_timeout`]); `None`: no limit.
     pub(super) fn poll_timeout(&mut self) -> Option<Duration> {
         let b = self.backend.as_mut()?;
-        let at = on_engine!(b, e => e.poll_timeout())?;
+        let at: Option<kvxfer_core::Instant> = on_engine!(b, e => e.poll_timeout());
+        let at = at?;
         Some(Duration::from_nanos(at.saturating_nanos_since(now())))
     }
 
