@@ -20,6 +20,9 @@ pub const TEXT_CAP: usize = 96;
 pub type Name = heapless::String<NAME_CAP>;
 /// A bounded error text from a library.
 pub type Text = heapless::String<TEXT_CAP>;
+/// Longest list of rails and their failures kept in
+/// [`Error::RailsFailed`], in bytes.
+pub const RAILS_CAP: usize = 192;
 
 /// Copies `s` into a bounded string, cutting it at a character boundary if
 /// it does not fit.
@@ -315,6 +318,15 @@ pub enum Error {
         /// The peer's name.
         peer: Name,
     },
+    /// Every network rail to the peer failed (a transport striping over
+    /// several rails); no rail is left to carry the transfer.
+    RailsFailed {
+        /// The peer's name.
+        peer: Name,
+        /// Each rail tried and why it failed, comma separated (bounded to
+        /// [`RAILS_CAP`] bytes).
+        rails: heapless::String<RAILS_CAP>,
+    },
     /// The transfer was cancelled.
     Cancelled,
     /// A deadline passed.
@@ -437,6 +449,15 @@ impl Error {
         }
     }
 
+    /// Every rail to `peer` failed; `rails` lists them with their reasons
+    /// (bounded to [`RAILS_CAP`] bytes).
+    pub fn rails_failed(peer: &str, rails: &str) -> Error {
+        Error::RailsFailed {
+            peer: bounded(peer),
+            rails: bounded(rails),
+        }
+    }
+
     /// A remote-disconnected error for `peer`.
     pub fn disconnected(peer: &str) -> Error {
         Error::RemoteDisconnected {
@@ -521,6 +542,9 @@ impl fmt::Display for Error {
             Error::Unsupported { backend, what } => write!(f, "backend {backend} does not support {what}"),
             Error::Backend { backend, code, text } => write!(f, "{backend} error {code}: {text}"),
             Error::RemoteDisconnected { peer } => write!(f, "remote agent {peer:?} disconnected"),
+            Error::RailsFailed { peer, rails } => {
+                write!(f, "peer {peer}: every rail failed ({rails})")
+            }
             Error::Cancelled => f.write_str("transfer cancelled"),
             Error::TimedOut { after_ms } => write!(f, "timed out after {after_ms} ms"),
             Error::BadMetadata(e) => write!(f, "bad metadata: {e}"),

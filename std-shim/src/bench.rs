@@ -1361,6 +1361,24 @@ fn measure(
 
     lat.sort_unstable();
     let bytes = measured * total;
+    let rails = agent.rail_stats();
+    let path = if rails.is_empty() {
+        path
+    } else {
+        let each: Vec<String> = rails
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {} {} MiB {} failures",
+                    r.name,
+                    r.state.name(),
+                    r.bytes >> 20,
+                    r.failures
+                )
+            })
+            .collect();
+        format!("{path} over {} rails ({})", rails.len(), each.join(", "))
+    };
     Ok(BenchReport {
         backend,
         op: opts.op.name(),

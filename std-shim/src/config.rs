@@ -262,6 +262,11 @@ pub struct AgentConfig {
     /// matching fields of it.
     #[cfg(feature = "libfabric")]
     pub fabric: Option<FabricConfig>,
+    /// Network interfaces to reach peers over, one rail each (libfabric:
+    /// one domain and endpoint per interface; see `kvxfer_rails`). `None`
+    /// (the default): `KVXFER_RAILS` (comma separated), else one endpoint
+    /// as the provider chooses.
+    pub rails: Option<Vec<String>>,
 }
 
 /// Table sizes of an agent by default, fit for an engine with a KV cache of
@@ -318,6 +323,7 @@ impl Default for AgentConfig {
             ucx: None,
             #[cfg(feature = "libfabric")]
             fabric: None,
+            rails: None,
         }
     }
 }
@@ -338,7 +344,8 @@ impl fmt::Debug for AgentConfig {
             .field("release_timeout", &self.release_timeout)
             .field("auth_key", &self.auth_key.as_ref().map(|_| "<set>"))
             .field("transfer_timeout", &self.transfer_timeout)
-            .field("keepalive", &self.keepalive);
+            .field("keepalive", &self.keepalive)
+            .field("rails", &self.rails);
         #[cfg(feature = "ucx")]
         d.field("ucx", &self.ucx);
         #[cfg(feature = "libfabric")]
@@ -501,6 +508,22 @@ impl AgentConfig {
             ));
         }
         Ok(c)
+    }
+
+    /// The rails in effect: [`rails`](Self::rails), else `KVXFER_RAILS`;
+    /// empty for one endpoint as the provider chooses.
+    pub fn effective_rails(&self) -> Vec<String> {
+        match &self.rails {
+            Some(r) => r.clone(),
+            None => kvxfer_rails::rails_from_env().unwrap_or_default(),
+        }
+    }
+
+    /// This configuration over the network interfaces `names`, one rail
+    /// each (see [`rails`](Self::rails)).
+    pub fn with_rails(mut self, names: &[&str]) -> Self {
+        self.rails = Some(names.iter().map(|s| (*s).to_owned()).collect());
+        self
     }
 
     /// The configuration the libfabric transport of an agent with these

@@ -148,7 +148,17 @@ impl Info {
     /// provider `prov` (libfabric's spelling, e.g. `tcp;ofi_rxm`). On
     /// failure returns libfabric's negative code.
     pub(crate) fn get(prov: &str) -> Result<Info, i64> {
+        Info::get_on(prov, None)
+    }
+
+    /// As [`Info::get`], on the domain named `domain` only when given (for
+    /// the `tcp` and `verbs` providers, the network interface or device).
+    pub(crate) fn get_on(prov: &str, domain: Option<&str>) -> Result<Info, i64> {
         let prov_c = CString::new(prov).map_err(|_| -(sys::FI_EINVAL as i64))?;
+        let domain_c = domain
+            .map(CString::new)
+            .transpose()
+            .map_err(|_| -(sys::FI_EINVAL as i64))?;
         // SAFETY: fi_allocinfo returns a zeroed fi_info with all attribute
         // structs allocated, or null (checked).
         let hints = unsafe { sys::kvxfer_fi_allocinfo() };
@@ -176,6 +186,13 @@ impl Info {
                 set_progress(dom, sys::FI_PROGRESS_MANUAL, sys::FI_PROGRESS_MANUAL);
             }
             (*(*hints).fabric_attr).prov_name = libc::strdup(prov_c.as_ptr());
+            if let Some(d) = &domain_c {
+                // The tcp provider names its domains after interfaces; an
+                // IPv4 address keeps the endpoint on that interface's
+                // subnet.
+                dom.name = libc::strdup(d.as_ptr());
+                (*hints).addr_format = sys::FI_SOCKADDR_IN;
+            }
         }
         let mut info: *mut sys::fi_info = ptr::null_mut();
         let mut ret = -(sys::FI_ENODATA as i32);
