@@ -1357,11 +1357,11 @@ fn measure(
     drop(discovery);
     drop(buf);
     let backend = agent.backend().name().to_string();
+    let rails = agent.rail_stats();
     agent.shutdown();
 
     lat.sort_unstable();
     let bytes = measured * total;
-    let rails = agent.rail_stats();
     let path = if rails.is_empty() {
         path
     } else {

@@ -186,11 +186,10 @@ impl Info {
                 set_progress(dom, sys::FI_PROGRESS_MANUAL, sys::FI_PROGRESS_MANUAL);
             }
             (*(*hints).fabric_attr).prov_name = libc::strdup(prov_c.as_ptr());
-            if let Some(d) = &domain_c {
-                // The tcp provider names its domains after interfaces; an
-                // IPv4 address keeps the endpoint on that interface's
-                // subnet.
-                dom.name = libc::strdup(d.as_ptr());
+            if domain_c.is_some() {
+                // An IPv4 address keeps the endpoint on its interface's
+                // subnet (the entry is picked by domain name below: rxm
+                // does not filter on a domain name in the hints).
                 (*hints).addr_format = sys::FI_SOCKADDR_IN;
             }
         }
@@ -220,7 +219,36 @@ impl Info {
         if info.is_null() {
             return Err(-(sys::FI_ENODATA as i64));
         }
-        Ok(Info(info))
+        let Some(want) = domain_c else {
+            return Ok(Info(info));
+        };
+        // The tcp provider names its domains after interfaces: keep the
+        // first entry on `want`, alone.
+        let mut e = info;
+        let mut picked: *mut sys::fi_info = ptr::null_mut();
+        while !e.is_null() {
+            // SAFETY: e is an entry of the list fi_getinfo returned, which
+            // we own until fi_freeinfo below; domain_attr and its name are
+            // filled in by libfabric (null checked).
+            unsafe {
+                let d = (*e).domain_attr;
+                if !d.is_null()
+                    && !(*d).name.is_null()
+                    && CStr::from_ptr((*d).name) == want.as_c_str()
+                {
+                    picked = sys::fi_dupinfo(e);
+                    break;
+                }
+                e = (*e).next;
+            }
+        }
+        // SAFETY: info came from fi_getinfo and is freed once; `picked` is
+        // an independent copy (fi_dupinfo copies one entry, `next` null).
+        unsafe { sys::fi_freeinfo(info) };
+        if picked.is_null() {
+            return Err(-(sys::FI_ENODATA as i64));
+        }
+        Ok(Info(picked))
     }
 
     /// The first entry of the list.
