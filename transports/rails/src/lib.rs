@@ -568,8 +568,11 @@ impl<T: Transport> Rails<T> {
             let mut bytes = q.parts[first as usize].len;
             if bytes < self.cfg.stripe_min && self.rails[r].state == RailState::Up {
                 while let Some(&(t, i)) = self.queue.front() {
+                    if t != tok {
+                        break;
+                    }
                     let len = q.parts[i as usize].len;
-                    if t != tok || idx.len() >= 64 || bytes + len > self.cfg.stripe_min {
+                    if idx.len() >= 64 || bytes + len > self.cfg.stripe_min {
                         break;
                     }
                     idx.push(i);
