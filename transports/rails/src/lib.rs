@@ -230,6 +230,33 @@ struct PeerRec<T: Transport> {
     name: String,
     addrs: Vec<Vec<u8>>,
     conns: Vec<Option<T::Peer>>,
+    /// By rail: the fence asked of this peer after the rail failed, not
+    /// yet acknowledged (sequence number, when last sent).
+    fence: Vec<Option<(u64, Option<Instant>)>>,
+    /// By rail: the newest fence this peer asked of us and we served.
+    served: Vec<u64>,
+}
+
+/// Prefix of a fence request: "close your connection on rail R".
+const FENCE: &[u8; 4] = b"KVRF";
+/// Prefix of a fence acknowledgement.
+const FENCE_ACK: &[u8; 4] = b"KVRA";
+
+fn control(kind: &[u8; 4], rail: usize, seq: u64, agent: &str) -> Vec<u8> {
+    let mut m = kind.to_vec();
+    m.extend_from_slice(&(rail as u32).to_le_bytes());
+    m.extend_from_slice(&seq.to_le_bytes());
+    m.extend_from_slice(agent.as_bytes());
+    m
+}
+
+fn parse_control(m: &[u8]) -> Option<(&[u8], usize, u64, &str)> {
+    if m.len() < 16 || (&m[..4] != FENCE && &m[..4] != FENCE_ACK) {
+        return None;
+    }
+    let rail = u32::from_le_bytes(m[4..8].try_into().ok()?) as usize;
+    let seq = u64::from_le_bytes(m[8..16].try_into().ok()?);
+    Some((&m[..4], rail, seq, std::str::from_utf8(&m[16..]).ok()?))
 }
 
 struct Part<T: Transport> {
@@ -275,6 +302,7 @@ pub struct Rails<T: Transport> {
     rr: usize,
     done: VecDeque<Completion>,
     deferred: Vec<RailsReg<T>>,
+    next_fence: u64,
 }
 
 const MAGIC: &[u8; 4] = b"KVR1";
@@ -343,6 +371,7 @@ impl<T: Transport> Rails<T> {
             rr: 0,
             done: VecDeque::new(),
             deferred: Vec::new(),
+            next_fence: 1,
         }
     }
 
@@ -381,7 +410,9 @@ impl<T: Transport> Rails<T> {
 
     /// Whether rail `r` may carry parts to peer `p` with key `key` now.
     fn usable(&self, r: usize, p: &PeerRec<T>) -> bool {
-        self.rails[r].state != RailState::Down && p.conns.get(r).is_some_and(|c| c.is_some())
+        self.rails[r].state != RailState::Down
+            && p.conns.get(r).is_some_and(|c| c.is_some())
+            && p.fence.get(r).is_some_and(|f| f.is_none())
     }
 
     /// "name: reason, ..." of the rails to peer `p`.
@@ -421,6 +452,12 @@ impl<T: Transport> Rails<T> {
         }
         rail.state = RailState::Down;
         rail.last_error = reason.to_owned();
+        for p in self.peers.values_mut() {
+            if p.conns.get(r).is_some_and(|c| c.is_some()) && p.fence[r].is_none() {
+                p.fence[r] = Some((self.next_fence, None));
+                self.next_fence += 1;
+            }
+        }
         rail.retry_at = now + rail.backoff;
         rail.backoff = (rail.backoff * 2).min(self.cfg.backoff_max);
         let mine: Vec<u64> = self
@@ -457,6 +494,15 @@ impl<T: Transport> Rails<T> {
             return;
         };
         if q.left > 0 || q.ghosts > 0 {
+            return;
+        }
+        // Bytes of abandoned WRITEs may still reach the peer over a
+        // connection it has not closed yet: wait for its fences.
+        if self
+            .peers
+            .get(&q.peer)
+            .is_some_and(|p| p.fence.iter().any(Option::is_some))
+        {
             return;
         }
         let q = self.reqs.remove(&tok).expect("present");
@@ -737,6 +783,108 @@ impl<T: Transport> Rails<T> {
     }
 }
 
+impl<T: Transport> Rails<T> {
+    /// Sends `msg` to peer `id` on a working rail other than `avoid`, else
+    /// on `avoid` itself when it is reconnected.
+    fn send_control(&mut self, id: u64, avoid: usize, msg: &[u8]) -> bool {
+        let Some(p) = self.peers.get(&id) else {
+            return false;
+        };
+        let mut order: Vec<usize> = (0..self.rails.len())
+            .filter(|&r| r != avoid && self.usable(r, p))
+            .collect();
+        if self.rails[avoid].state != RailState::Down
+            && p.conns.get(avoid).is_some_and(|c| c.is_some())
+        {
+            order.push(avoid);
+        }
+        for r in order {
+            let conn = p.conns[r].as_ref().expect("connected");
+            if self.rails[r].t.send_notification(conn, msg).is_ok() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Sends the fences not yet sent, or not acknowledged within a second.
+    fn send_fences(&mut self) {
+        let now = Instant::now();
+        let mut todo = Vec::new();
+        for (&id, p) in &self.peers {
+            for (r, f) in p.fence.iter().enumerate() {
+                if let Some((seq, sent)) = *f {
+                    if sent.is_none_or_late(now) {
+                        todo.push((id, r, seq));
+                    }
+                }
+            }
+        }
+        for (id, r, seq) in todo {
+            let msg = control(FENCE, r, seq, &self.agent);
+            if self.send_control(id, r, &msg) {
+                if let Some(p) = self.peers.get_mut(&id) {
+                    p.fence[r] = Some((seq, Some(now)));
+                }
+            }
+        }
+    }
+
+    /// Handles a fence request or acknowledgement; false if `m` is neither.
+    fn on_control(&mut self, m: &[u8]) -> bool {
+        let Some((kind, r, seq, from)) = parse_control(m) else {
+            return false;
+        };
+        let Some((&id, _)) = self.peers.iter().find(|(_, p)| p.name == from) else {
+            return true;
+        };
+        if kind == FENCE {
+            // Close our connection on rail r (bytes still on their way over
+            // it are then refused), open a fresh one, acknowledge.
+            let p = self.peers.get_mut(&id).expect("found");
+            if r < p.conns.len() && p.served[r] < seq {
+                p.served[r] = seq;
+                if let Some(old) = p.conns[r].take() {
+                    self.rails[r].t.disconnect(old);
+                }
+                match self.rails[r].t.connect(&p.addrs[r]) {
+                    Ok(c) => p.conns[r] = Some(c),
+                    Err(e) => log::warn!("rails: reconnect rail {r} to {from}: {e}"),
+                }
+            }
+            let ack = control(FENCE_ACK, r, seq, &self.agent);
+            if !self.send_control(id, r, &ack) {
+                log::warn!("rails: no rail to acknowledge a fence of {from}");
+            }
+        } else {
+            let p = self.peers.get_mut(&id).expect("found");
+            if p.fence.get(r).is_some_and(|f| f.is_some_and(|(s, _)| s == seq)) {
+                p.fence[r] = None;
+                let waiting: Vec<Token> = self
+                    .reqs
+                    .iter()
+                    .filter(|(_, q)| q.peer == id)
+                    .map(|(&t, _)| t)
+                    .collect();
+                for t in waiting {
+                    self.maybe_finish(t);
+                }
+            }
+        }
+        true
+    }
+}
+
+trait Late {
+    fn is_none_or_late(&self, now: Instant) -> bool;
+}
+
+impl Late for Option<Instant> {
+    fn is_none_or_late(&self, now: Instant) -> bool {
+        self.map_or(true, |t| now.duration_since(t) > Duration::from_secs(1))
+    }
+}
+
 impl<T: Transport> Transport for Rails<T> {
     type LocalReg = RailsReg<T>;
     type Peer = RailsPeer;
@@ -867,7 +1015,17 @@ impl<T: Transport> Transport for Rails<T> {
         }
         let id = self.next_peer;
         self.next_peer += 1;
-        self.peers.insert(id, PeerRec { name, addrs, conns });
+        let n = conns.len();
+        self.peers.insert(
+            id,
+            PeerRec {
+                name,
+                addrs,
+                conns,
+                fence: vec![None; n],
+                served: vec![0; n],
+            },
+        );
         Ok(RailsPeer { id })
     }
 
@@ -1037,6 +1195,7 @@ impl<T: Transport> Transport for Rails<T> {
             }
         }
         self.check_rails();
+        self.send_fences();
         self.pump();
         self.done.pop_front()
     }
@@ -1105,7 +1264,15 @@ impl<T: Transport> Transport for Rails<T> {
         let n = self.rails.len();
         for k in 0..n {
             let r = (self.rr + k) % n;
-            if let Some(x) = self.rails[r].t.poll_notification(buf) {
+            while let Some(x) = self.rails[r].t.poll_notification(buf) {
+                if n > 1 {
+                    if let Ok(len) = x {
+                        let m = buf[..len].to_vec();
+                        if self.on_control(&m) {
+                            continue;
+                        }
+                    }
+                }
                 return Some(x);
             }
         }
