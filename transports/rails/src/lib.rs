@@ -224,6 +224,10 @@ struct Rail<T: Transport> {
     ghosts: usize,
     backoff: Duration,
     retry_at: Instant,
+    /// Last completion, or when the rail last became busy.
+    progress: Instant,
+    /// Last completion.
+    done_at: Option<Instant>,
 }
 
 struct PeerRec<T: Transport> {
@@ -281,7 +285,6 @@ struct Flight {
     req: Token,
     parts: Vec<u32>,
     bytes: u64,
-    at: Instant,
     ghost: bool,
 }
 
@@ -359,6 +362,8 @@ impl<T: Transport> Rails<T> {
                     ghosts: 0,
                     backoff: cfg.backoff_min,
                     retry_at: now,
+                    progress: now,
+                    done_at: None,
                 })
                 .collect(),
             cfg,
@@ -665,6 +670,9 @@ impl<T: Transport> Rails<T> {
             }
             Ok(PostStatus::InProgress) => {
                 let rail = &mut self.rails[r];
+                if rail.posts == 0 {
+                    rail.progress = Instant::now();
+                }
                 rail.in_flight += bytes;
                 rail.posts += 1;
                 self.flights.insert(
@@ -673,7 +681,6 @@ impl<T: Transport> Rails<T> {
                         req: tok,
                         parts: idx,
                         bytes,
-                        at: Instant::now(),
                         ghost: false,
                     },
                 );
@@ -712,6 +719,9 @@ impl<T: Transport> Rails<T> {
         rail.posts -= 1;
         match c.result {
             Ok(()) => {
+                let now = Instant::now();
+                rail.progress = now;
+                rail.done_at = Some(now);
                 rail.bytes += f.bytes;
                 if rail.state == RailState::Probing {
                     log::info!("rails: rail {} is up again", rail.name);
@@ -736,16 +746,23 @@ impl<T: Transport> Rails<T> {
     fn check_rails(&mut self) {
         let now = Instant::now();
         let timeout = self.cfg.rail_timeout;
-        let mut late: Vec<usize> = self
-            .flights
+        // A busy rail without a completion for `timeout` fails when another
+        // rail completed something meanwhile (the peer and this process
+        // are alive); when none did, after three times as long (every link
+        // down, or a stall of the peer or of this process).
+        let fresh = self
+            .rails
             .iter()
-            .filter(|(_, f)| !f.ghost && now.duration_since(f.at) > timeout)
-            .map(|(k, _)| k.0)
+            .any(|r| r.done_at.is_some_and(|t| now.duration_since(t) <= timeout));
+        let limit = if fresh { timeout } else { timeout * 3 };
+        let late: Vec<usize> = (0..self.rails.len())
+            .filter(|&r| {
+                let rail = &self.rails[r];
+                rail.posts > 0 && now.duration_since(rail.progress) > limit
+            })
             .collect();
-        late.sort_unstable();
-        late.dedup();
         for r in late {
-            let reason = format!("no completion within {} ms", timeout.as_millis());
+            let reason = format!("no completion within {} ms", limit.as_millis());
             self.mark_down(r, &reason);
         }
         for r in 0..self.rails.len() {
