@@ -16,28 +16,40 @@
 //!
 //! # Failover
 //!
-//! A rail whose part fails, or does not complete within
-//! [`RailsConfig::rail_timeout`] (500 ms), is marked down: its parts in
-//! flight are abandoned in the inner transport and issued again on the
-//! other rails. A down rail is tried again after a back-off (200 ms,
-//! doubling up to 5 s): once the inner transport has reported every
-//! abandoned part, the rail is connected to each peer anew and carries one
-//! part as a probe; when that completes, the rail is used as before. Only
-//! when every rail to a peer is down does a transfer fail, with
-//! [`Error::RailsFailed`] naming the peer and each rail's failure.
+//! A busy rail without a completion for [`RailsConfig::rail_timeout`]
+//! (500 ms) while another rail completed something, or for three times as
+//! long when none did (every link down, or a stall of either process), or
+//! whose part fails, is marked down: its parts in flight are abandoned in
+//! the inner transport and issued again on the other rails. A down rail is
+//! tried again after a back-off (200 ms, doubling up to 5 s): once the
+//! inner transport has reported every abandoned part, the rail is
+//! connected to each peer anew and carries one part as a probe; when that
+//! completes, the rail is used as before. Only when every rail to a peer
+//! is down does a transfer fail, with [`Error::RailsFailed`] naming the
+//! peer and each rail's failure. The agent's keepalive should be longer
+//! than three rail timeouts, or it gives the peer up first.
 //!
-//! A part issued again is safe for a READ (the same remote bytes land in
-//! the same local place). For a WRITE, the abandoned attempt may still
-//! deliver its bytes late; they are the same bytes as the new attempt's,
-//! because the source must not change while its transfer is in flight.
-//! What must not happen is a late delivery after the application has seen
-//! the transfer complete (and maybe written newer data to the same remote
-//! bytes): therefore a transfer completes, and its notification is sent,
-//! only once every part is done **and** the inner transport has reported
-//! every abandoned attempt of its parts (it reports one once the library
-//! has let go of it: for libfabric `tcp;ofi_rxm`, after the connection was
-//! closed and its operations flushed). Until then no newer write of kvxfer
-//! to those bytes exists for this transfer.
+//! # Stale WRITEs
+//!
+//! A part issued again is safe for a READ: the same remote bytes land in
+//! the same local place, and an abandoned READ's reply cannot land once
+//! the inner transport closed that connection. A WRITE is the hazard:
+//! bytes of the abandoned attempt may still sit in the kernel's send
+//! buffer of the closed TCP connection, and Linux delivers them when the
+//! link comes back, after the transfer completed and maybe after a newer
+//! WRITE to the same remote bytes (the failover test saw exactly that
+//! before this was handled). Therefore, when a rail fails, the peer is
+//! sent a *fence* over a working rail: it closes its end of that rail's
+//! connection (bytes that arrive there afterwards are refused with a TCP
+//! reset, never written) and acknowledges. A transfer to the peer
+//! completes, and its notification is sent, only once every part is done,
+//! the inner transport has reported every abandoned attempt, **and** every
+//! fence to that peer is acknowledged; the failed rail carries data again
+//! only after its fence. Before that acknowledgement, the late bytes can
+//! only be the same bytes the transfer writes anyway (its source must not
+//! change while it is in flight), and no newer write of kvxfer to them
+//! exists. A transfer that fails because every rail failed leaves the
+//! remote bytes undefined, as any failed WRITE.
 //!
 //! With one rail, [`Rails`] only forwards: one inner post per transfer,
 //! no striping, no rail deadline, the inner transport's errors unchanged.
