@@ -9,7 +9,7 @@
 //! each and at least one per rail; smaller segments are batched (up to
 //! 1 MiB per batch) and spread over the rails. Each part goes to the
 //! working rail with the fewest bytes in flight, while that rail has less
-//! than [`RailsConfig::window`] bytes in flight (16 MiB); the rest wait in
+//! than [`RailsConfig::window`] bytes in flight (64 MiB); the rest wait in
 //! the transport and are issued from [`poll`](Transport::poll). A transfer
 //! completes when all its parts have; its notification is sent after that,
 //! on one working rail, so it still follows all the data.
@@ -95,7 +95,7 @@ pub struct RailsConfig {
     /// Parts start at multiples of this many bytes from the segment's
     /// start. 4 KiB.
     pub align: u64,
-    /// Most bytes in flight on one rail before more wait. 16 MiB.
+    /// Most bytes in flight on one rail before more wait. 64 MiB.
     pub window: u64,
     /// A part not complete within this is taken as its rail's failure.
     /// 500 ms.
@@ -112,7 +112,7 @@ impl Default for RailsConfig {
             stripe_min: 1 << 20,
             part_max: 4 << 20,
             align: 4096,
-            window: 16 << 20,
+            window: 64 << 20,
             rail_timeout: Duration::from_millis(500),
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(5),
