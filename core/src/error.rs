@@ -20,9 +20,6 @@ pub const TEXT_CAP: usize = 96;
 pub type Name = heapless::String<NAME_CAP>;
 /// A bounded error text from a library.
 pub type Text = heapless::String<TEXT_CAP>;
-/// Longest list of rails and their failures kept in
-/// [`Error::RailsFailed`], in bytes.
-pub const RAILS_CAP: usize = 192;
 
 /// Copies `s` into a bounded string, cutting it at a character boundary if
 /// it does not fit.
@@ -324,8 +321,8 @@ pub enum Error {
         /// The peer's name.
         peer: Name,
         /// Each rail tried and why it failed, comma separated (bounded to
-        /// [`RAILS_CAP`] bytes).
-        rails: heapless::String<RAILS_CAP>,
+        /// [`TEXT_CAP`] bytes).
+        rails: Text,
     },
     /// The transfer was cancelled.
     Cancelled,
@@ -450,7 +447,7 @@ impl Error {
     }
 
     /// Every rail to `peer` failed; `rails` lists them with their reasons
-    /// (bounded to [`RAILS_CAP`] bytes).
+    /// (bounded to [`TEXT_CAP`] bytes).
     pub fn rails_failed(peer: &str, rails: &str) -> Error {
         Error::RailsFailed {
             peer: bounded(peer),

@@ -151,10 +151,22 @@ mod tests {
 
     /// Two sockets, two NICs each; no PCI detail.
     const TWO_NUMA: [Nic<'static>; 4] = [
-        Nic { numa: Some(0), pci: "" },
-        Nic { numa: Some(0), pci: "" },
-        Nic { numa: Some(1), pci: "" },
-        Nic { numa: Some(1), pci: "" },
+        Nic {
+            numa: Some(0),
+            pci: "",
+        },
+        Nic {
+            numa: Some(0),
+            pci: "",
+        },
+        Nic {
+            numa: Some(1),
+            pci: "",
+        },
+        Nic {
+            numa: Some(1),
+            pci: "",
+        },
     ];
 
     #[test]
@@ -166,14 +178,23 @@ mod tests {
     #[test]
     fn unknown_or_nicless_numa_node_uses_every_rail() {
         assert_eq!(pick(&TWO_NUMA, Mem::Host { numa: None }, &[]), [0, 1, 2, 3]);
-        assert_eq!(pick(&TWO_NUMA, Mem::Host { numa: Some(2) }, &[]), [0, 1, 2, 3]);
+        assert_eq!(
+            pick(&TWO_NUMA, Mem::Host { numa: Some(2) }, &[]),
+            [0, 1, 2, 3]
+        );
     }
 
     #[test]
     fn explicit_map_wins_over_numa() {
         let map = [
-            MapEntry { key: MapKey::Numa(0), rail: 3 },
-            MapEntry { key: MapKey::Numa(0), rail: 1 },
+            MapEntry {
+                key: MapKey::Numa(0),
+                rail: 3,
+            },
+            MapEntry {
+                key: MapKey::Numa(0),
+                rail: 1,
+            },
         ];
         assert_eq!(pick(&TWO_NUMA, Mem::Host { numa: Some(0) }, &map), [1, 3]);
         // Other nodes keep the topology's choice.
@@ -206,8 +227,33 @@ mod tests {
         let bus = b"0123456789abcdef";
         let hi = [b'0', b'1', b'8', b'9'][g / 2];
         let tail = [
-            b'/', b'0', b'0', b'0', b'0', b':', hi, b'2', b':', b'0', bus[g % 2], b'.', b'0',
-            b'/', b'0', b'0', b'0', b'0', b':', hi, b'3', bus[g % 2], b':', b'0', b'0', b'.', b'0',
+            b'/',
+            b'0',
+            b'0',
+            b'0',
+            b'0',
+            b':',
+            hi,
+            b'2',
+            b':',
+            b'0',
+            bus[g % 2],
+            b'.',
+            b'0',
+            b'/',
+            b'0',
+            b'0',
+            b'0',
+            b'0',
+            b':',
+            hi,
+            b'3',
+            bus[g % 2],
+            b':',
+            b'0',
+            b'0',
+            b'.',
+            b'0',
         ];
         b[base.len()..base.len() + tail.len()].copy_from_slice(&tail);
         b
@@ -235,7 +281,12 @@ mod tests {
                 pci: as_str(&path),
                 numa: Some((g / 4) as u32),
             };
-            assert_eq!(pick(&nics, mem, &[]), [(g / 2) as u16], "GPU {g}: {}", as_str(&path));
+            assert_eq!(
+                pick(&nics, mem, &[]),
+                [(g / 2) as u16],
+                "GPU {g}: {}",
+                as_str(&path)
+            );
         }
     }
 
@@ -250,7 +301,11 @@ mod tests {
         };
         assert_eq!(pick(&nics, mem, &[]), [2, 3]);
         // Unknown path and node: every rail.
-        let mem = Mem::Gpu { index: 9, pci: "", numa: None };
+        let mem = Mem::Gpu {
+            index: 9,
+            pci: "",
+            numa: None,
+        };
         assert_eq!(pick(&nics, mem, &[]), [0, 1, 2, 3]);
     }
 
@@ -258,18 +313,31 @@ mod tests {
     fn explicit_map_wins_over_pci() {
         let nics = hgx();
         let path = hgx_gpu(0);
-        let map = [MapEntry { key: MapKey::Gpu(0), rail: 3 }];
-        let mem = Mem::Gpu { index: 0, pci: as_str(&path), numa: Some(0) };
+        let map = [MapEntry {
+            key: MapKey::Gpu(0),
+            rail: 3,
+        }];
+        let mem = Mem::Gpu {
+            index: 0,
+            pci: as_str(&path),
+            numa: Some(0),
+        };
         assert_eq!(pick(&nics, mem, &map), [3]);
         // A rail index past the NICs is ignored.
-        let map = [MapEntry { key: MapKey::Gpu(0), rail: 7 }];
+        let map = [MapEntry {
+            key: MapKey::Gpu(0),
+            rail: 7,
+        }];
         assert_eq!(pick(&nics, mem, &map), [0]);
     }
 
     #[test]
     fn output_is_bounded_by_the_buffer() {
         let mut out = [0u16; 1];
-        assert_eq!(choose(&TWO_NUMA, Mem::Host { numa: None }, &[], &mut out), 1);
+        assert_eq!(
+            choose(&TWO_NUMA, Mem::Host { numa: None }, &[], &mut out),
+            1
+        );
         assert_eq!(out, [0]);
     }
 

@@ -27,7 +27,11 @@ pub(crate) fn fabric_rails(
         rails.push((iface.clone(), FabricTransport::new(&c)?));
     }
     if rails.len() > 1 {
-        log::info!("{name}: libfabric over {} rails: {}", rails.len(), names.join(", "));
+        log::info!(
+            "{name}: libfabric over {} rails: {}",
+            rails.len(),
+            names.join(", ")
+        );
     }
     Ok(kvxfer_rails::Rails::new(
         name,

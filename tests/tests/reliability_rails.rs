@@ -101,13 +101,21 @@ impl Net {
             for (side, dev, host) in [(0, &da, 1), (1, &db, 2)] {
                 let ns = &net.ns[side];
                 ip(&["link", "set", dev, "netns", ns])?;
-                ip(&["-n", ns, "addr", "add", &format!("10.216.{i}.{host}/24"), "dev", dev])?;
+                ip(&[
+                    "-n",
+                    ns,
+                    "addr",
+                    "add",
+                    &format!("10.216.{i}.{host}/24"),
+                    "dev",
+                    dev,
+                ])?;
                 ip(&["-n", ns, "link", "set", dev, "up"])?;
                 cmd(
                     "tc",
                     &[
-                        "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", RATE,
-                        "burst", "256kb", "latency", "50ms",
+                        "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", RATE, "burst",
+                        "256kb", "latency", "50ms",
                     ],
                 )?;
             }
@@ -202,7 +210,9 @@ impl Stream<'_> {
     }
 
     fn small_remote(&self) -> Vec<Desc> {
-        (0..BLOCKS).map(|i| self.remote(i * SPREAD, SMALL)).collect()
+        (0..BLOCKS)
+            .map(|i| self.remote(i * SPREAD, SMALL))
+            .collect()
     }
 
     fn small_local(b: &Buf) -> Vec<Desc> {
@@ -210,17 +220,13 @@ impl Stream<'_> {
     }
 
     fn run(&self, op: XferOp, local: &[Desc], remote: &[Desc]) -> Result<(), kvxfer::Error> {
-        let req = self
-            .agent
-            .submit(op, local, remote, "rails-target", None)?;
+        let req = self.agent.submit(op, local, remote, "rails-target", None)?;
         match req.wait(Duration::from_secs(30)) {
             WaitOutcome::Done => Ok(()),
             WaitOutcome::Failed(e) => Err(e),
-            WaitOutcome::InProgress => panic!(
-                "round {}: {} unfinished after 30 s",
-                self.round,
-                op.name()
-            ),
+            WaitOutcome::InProgress => {
+                panic!("round {}: {} unfinished after 30 s", self.round, op.name())
+            }
         }
     }
 
@@ -232,10 +238,18 @@ impl Stream<'_> {
         let t = Instant::now();
         self.run(XferOp::Write, &[src.desc(0, LEN)], &[self.remote(0, LEN)])?;
         big += t.elapsed();
-        self.run(XferOp::Write, &Self::small_local(small), &self.small_remote())?;
+        self.run(
+            XferOp::Write,
+            &Self::small_local(small),
+            &self.small_remote(),
+        )?;
         self.dst.fill(&vec![0; LEN]);
         let t = Instant::now();
-        self.run(XferOp::Read, &[self.dst.desc(0, LEN)], &[self.remote(0, LEN)])?;
+        self.run(
+            XferOp::Read,
+            &[self.dst.desc(0, LEN)],
+            &[self.remote(0, LEN)],
+        )?;
         big += t.elapsed();
         self.dst_small.fill(&vec![0; BLOCKS * SMALL]);
         self.run(
@@ -330,7 +344,9 @@ fn initiator() {
     let link = |dev: &str, state: &str| {
         ip(&["-n", &ns_a, "link", "set", "dev", dev, state]).expect("ip link set");
     };
-    let before: Vec<f64> = (0..3).map(|_| s.round().expect("round before the cut")).collect();
+    let before: Vec<f64> = (0..3)
+        .map(|_| s.round().expect("round before the cut"))
+        .collect();
     if mode == "all_down" {
         // Cut every link while a 64 MiB WRITE is in flight.
         let req = agent
@@ -359,8 +375,8 @@ fn initiator() {
         let text = e.to_string();
         let want = |ms: [u32; 2]| {
             format!(
-                "peer rails-target: every rail failed ({}: no completion within {} ms, {}: no \
-                 completion within {} ms)",
+                "peer rails-target: every rail failed ({}: silent for {} ms, {}: silent for {} \
+                 ms)",
                 devs_b[0], ms[0], devs_b[1], ms[1]
             )
         };
@@ -404,12 +420,19 @@ fn initiator() {
     let bytes_at_cut = agent.rail_stats()[cut_rail].bytes;
     link(&devs_a[cut_rail], "down");
     let first = s.round().expect("round across the cut");
-    let during: Vec<f64> = (0..3).map(|_| s.round().expect("round, link down")).collect();
+    let during: Vec<f64> = (0..3)
+        .map(|_| s.round().expect("round, link down"))
+        .collect();
     let stats = agent.rail_stats();
     let moved_while_down = stats[cut_rail].bytes - bytes_at_cut;
     // Down, and each probe after a back-off failed again.
     assert!(stats[cut_rail].failures >= 1, "{}", rail_line(&agent));
-    assert_ne!(stats[cut_rail].state, RailState::Up, "{}", rail_line(&agent));
+    assert_ne!(
+        stats[cut_rail].state,
+        RailState::Up,
+        "{}",
+        rail_line(&agent)
+    );
     let probes_failed = stats[cut_rail].failures;
     link(&devs_a[cut_rail], "up");
     let up = Instant::now();
@@ -425,14 +448,17 @@ fn initiator() {
     }
     let recovered = up.elapsed();
     let bytes_back = agent.rail_stats()[cut_rail].bytes;
-    let after: Vec<f64> = (0..3).map(|_| s.round().expect("round after recovery")).collect();
+    let after: Vec<f64> = (0..3)
+        .map(|_| s.round().expect("round after recovery"))
+        .collect();
     let stats = agent.rail_stats();
     assert!(
         stats.iter().all(|r| r.state == RailState::Up),
         "{}",
         rail_line(&agent)
     );
-    let share = (stats[cut_rail].bytes - bytes_back) as f64 / (3 * 2 * (LEN + BLOCKS * SMALL)) as f64;
+    let share =
+        (stats[cut_rail].bytes - bytes_back) as f64 / (3 * 2 * (LEN + BLOCKS * SMALL)) as f64;
     let (b, d, a) = (gbps(&before), gbps(&during), gbps(&after));
     println!(
         "{TAG}64 MiB WRITE+READ: {b:.3} GB/s before, {d:.3} with rail {} down \

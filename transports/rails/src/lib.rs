@@ -774,7 +774,7 @@ impl<T: Transport> Rails<T> {
             })
             .collect();
         for r in late {
-            let reason = format!("no completion within {} ms", limit.as_millis());
+            let reason = format!("silent for {} ms", limit.as_millis());
             self.mark_down(r, &reason);
         }
         for r in 0..self.rails.len() {
@@ -887,7 +887,10 @@ impl<T: Transport> Rails<T> {
             }
         } else {
             let p = self.peers.get_mut(&id).expect("found");
-            if p.fence.get(r).is_some_and(|f| f.is_some_and(|(s, _)| s == seq)) {
+            if p.fence
+                .get(r)
+                .is_some_and(|f| f.is_some_and(|(s, _)| s == seq))
+            {
                 p.fence[r] = None;
                 let waiting: Vec<Token> = self
                     .reqs
@@ -1033,7 +1036,10 @@ impl<T: Transport> Transport for Rails<T> {
             match self.rails[r].t.connect(a) {
                 Ok(c) => conns.push(Some(c)),
                 Err(e) => {
-                    log::warn!("rails: rail {} cannot reach {name}: {e}", self.rails[r].name);
+                    log::warn!(
+                        "rails: rail {} cannot reach {name}: {e}",
+                        self.rails[r].name
+                    );
                     first_err.get_or_insert(e);
                     conns.push(None);
                 }
@@ -1152,9 +1158,7 @@ impl<T: Transport> Transport for Rails<T> {
                 .t
                 .post(op, conn, Segments::from(&segs[..]), notification, token);
         }
-        let up = (0..self.rails.len())
-            .filter(|&r| self.usable(r, p))
-            .count() as u64;
+        let up = (0..self.rails.len()).filter(|&r| self.usable(r, p)).count() as u64;
         if up == 0 {
             return Err(Error::rails_failed(&p.name, &self.reasons(p)));
         }
