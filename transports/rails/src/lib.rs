@@ -1086,7 +1086,19 @@ impl<T: Transport> Transport for Rails<T> {
         let mut b = key;
         let mut keys = Vec::with_capacity(self.rails.len());
         for r in 0..self.rails.len() {
-            let k = match (take_bytes(&mut b), p.conns.get(r).and_then(Option::as_ref)) {
+            let Some(packed) = take_bytes(&mut b) else {
+                for (i, k) in keys.into_iter().enumerate() {
+                    if let Some(k) = k {
+                        self.rails[i].t.release_key(k);
+                    }
+                }
+                return Err(Error::backend(
+                    self.name(),
+                    -22,
+                    &format!("rails: key of {} bytes has no key for rail {r}", key.len()),
+                ));
+            };
+            let k = match (Some(packed), p.conns.get(r).and_then(Option::as_ref)) {
                 (Some(k), Some(conn)) => match self.rails[r].t.unpack_key(conn, region, k) {
                     Ok(k) => Some(k),
                     Err(e) => {
@@ -1239,7 +1251,7 @@ impl<T: Transport> Transport for Rails<T> {
         }
         Err(Error::Unsupported {
             backend: self.name(),
-            what: "cancel over several rails",
+            what: "cancel",
         })
     }
 
