@@ -327,6 +327,28 @@ fn info_libfabric() {
             Err(e) => println!("  {p}: offered, but the transport fails: {e}"),
         }
     }
+    // KVXFER_RAILS: one endpoint per interface, each opened here.
+    let rails = kvxfer::AgentConfig::default().effective_rails();
+    if !rails.is_empty() {
+        let cfg = kvxfer::AgentConfig::default()
+            .with_backend("LIBFABRIC")
+            .with_listen(None);
+        match kvxfer::Agent::new("kvxfer-info", cfg) {
+            Ok(a) => {
+                for r in a.rail_stats() {
+                    println!(
+                        "  rail {}: {}, {} bytes, {} failures",
+                        r.name,
+                        r.state.name(),
+                        r.bytes,
+                        r.failures
+                    );
+                }
+                a.shutdown();
+            }
+            Err(e) => println!("  rails {}: {e}", rails.join(",")),
+        }
+    }
 }
 
 fn info_cuda() {
