@@ -21,8 +21,7 @@ impl Backend for TwoRails {
         let rail = || {
             let cfg = FabricConfig::default()
                 .with_provider("tcp;ofi_rxm")
-                .with_interface("lo")
-                .with_op_timeout(Duration::from_secs(60));
+                .with_interface("lo");
             (
                 "lo".to_string(),
                 FabricTransport::new(&cfg).expect("libfabric on lo"),
