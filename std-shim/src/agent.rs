@@ -30,9 +30,13 @@ type UcxT = kvxfer_cuda::Staged<Local<kvxfer_ucx::UcxTransport>>;
 type UcxT = Local<kvxfer_ucx::UcxTransport>;
 /// The libfabric transport as the agent uses it (see [`UcxT`]).
 #[cfg(all(feature = "libfabric", feature = "cuda"))]
-type FabricT = kvxfer_cuda::Staged<Local<kvxfer_libfabric::FabricTransport>>;
+type FabricT = kvxfer_cuda::Staged<Local<FabricRails>>;
 #[cfg(all(feature = "libfabric", not(feature = "cuda")))]
-type FabricT = Local<kvxfer_libfabric::FabricTransport>;
+type FabricT = Local<FabricRails>;
+/// libfabric over one endpoint, or one per network rail
+/// ([`AgentConfig::rails`]).
+#[cfg(feature = "libfabric")]
+type FabricRails = kvxfer_rails::Rails<kvxfer_libfabric::FabricTransport>;
 
 /// Same-host peers of a host-memory transport over cross-memory attach
 /// ([`AgentConfig::same_host`]).
@@ -157,7 +161,7 @@ fn build_backend(kind: BackendKind, name: &str, cfg: &AgentConfig) -> Result<Bac
         BackendKind::Libfabric => {
             let fabric_cfg = cfg.effective_fabric_config();
             log::debug!("{name}: libfabric transport with {fabric_cfg:?}");
-            let t = local(kvxfer_libfabric::FabricTransport::new(&fabric_cfg)?, cfg);
+            let t = local(crate::rails::fabric_rails(name, &fabric_cfg, cfg)?, cfg);
             Ok(Backend::Fabric(boxed_engine(
                 name,
                 staged(t, deadline),
@@ -1074,6 +1078,17 @@ impl Agent {
             }
         };
         Ok(if near { CMA } else { self.backend().name() })
+    }
+
+    /// Bytes, failures and state of each network rail; empty unless the
+    /// libfabric backend runs over several rails ([`AgentConfig::rails`]).
+    pub fn rail_stats(&self) -> Vec<kvxfer_rails::RailStats> {
+        let st = self.shared().lock();
+        match st.backend.as_ref() {
+            #[cfg(feature = "libfabric")]
+            Some(Backend::Fabric(e)) => crate::rails::stats(local_of(e.transport()).inner()),
+            _ => Vec::new(),
+        }
     }
 
     /// How this agent's backend moves VRAM: `"native"` (UCX with CUDA

@@ -1376,10 +1376,28 @@ fn measure(
     drop(discovery);
     drop(buf);
     let backend = agent.backend().name().to_string();
+    let rails = agent.rail_stats();
     agent.shutdown();
 
     lat.sort_unstable();
     let bytes = measured * total;
+    let path = if rails.is_empty() {
+        path
+    } else {
+        let each: Vec<String> = rails
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {} {} MiB {} failures",
+                    r.name,
+                    r.state.name(),
+                    r.bytes >> 20,
+                    r.failures
+                )
+            })
+            .collect();
+        format!("{path} over {} rails ({})", rails.len(), each.join(", "))
+    };
     Ok(BenchReport {
         backend,
         op: opts.op.name(),

@@ -271,6 +271,11 @@ pub struct AgentConfig {
     /// this address (`host:port`). `Some(None)`: no endpoint; `None` (the
     /// default): `KVXFER_METRICS_ADDR` if set, else no endpoint.
     pub metrics_addr: Option<Option<String>>,
+    /// Network interfaces to reach peers over, one rail each (libfabric:
+    /// one domain and endpoint per interface; see `kvxfer_rails`). `None`
+    /// (the default): `KVXFER_RAILS` (comma separated), else one endpoint
+    /// as the provider chooses.
+    pub rails: Option<Vec<String>>,
 }
 
 /// Table sizes of an agent by default, fit for an engine with a KV cache of
@@ -329,6 +334,7 @@ impl Default for AgentConfig {
             fabric: None,
             metrics: None,
             metrics_addr: None,
+            rails: None,
         }
     }
 }
@@ -349,7 +355,8 @@ impl fmt::Debug for AgentConfig {
             .field("release_timeout", &self.release_timeout)
             .field("auth_key", &self.auth_key.as_ref().map(|_| "<set>"))
             .field("transfer_timeout", &self.transfer_timeout)
-            .field("keepalive", &self.keepalive);
+            .field("keepalive", &self.keepalive)
+            .field("rails", &self.rails);
         #[cfg(feature = "ucx")]
         d.field("ucx", &self.ucx);
         #[cfg(feature = "libfabric")]
@@ -523,6 +530,22 @@ impl AgentConfig {
             ));
         }
         Ok(c)
+    }
+
+    /// The rails in effect: [`rails`](Self::rails), else `KVXFER_RAILS`;
+    /// empty for one endpoint as the provider chooses.
+    pub fn effective_rails(&self) -> Vec<String> {
+        match &self.rails {
+            Some(r) => r.clone(),
+            None => kvxfer_rails::rails_from_env().unwrap_or_default(),
+        }
+    }
+
+    /// This configuration over the network interfaces `names`, one rail
+    /// each (see [`rails`](Self::rails)).
+    pub fn with_rails(mut self, names: &[&str]) -> Self {
+        self.rails = Some(names.iter().map(|s| (*s).to_owned()).collect());
+        self
     }
 
     /// The configuration the libfabric transport of an agent with these

@@ -40,12 +40,14 @@ mod agent;
 pub mod bench;
 pub mod clock;
 pub mod config;
+pub use kvxfer_rails::{RailState, RailStats};
 #[cfg(feature = "etcd")]
 pub mod etcd;
 mod keepalive;
 mod meter;
 pub mod metrics;
 mod note_auth;
+mod rails;
 pub mod side_channel;
 pub mod sweep;
 pub mod tcp_baseline;

@@ -34,6 +34,10 @@ enum Cmd {
         /// libfabric provider, e.g. "tcp;ofi_rxm" or "shm".
         #[arg(long)]
         provider: Option<String>,
+        /// Network interfaces to use as rails, comma separated (libfabric;
+        /// sets KVXFER_RAILS).
+        #[arg(long, value_name = "IF,IF,...")]
+        rails: Option<String>,
         /// Size of the served buffer (units B, KiB, MiB, GiB).
         #[arg(long, default_value = "64MiB", value_parser = bench::parse_size)]
         size: u64,
@@ -81,6 +85,10 @@ enum Cmd {
         /// libfabric provider, e.g. "tcp;ofi_rxm" or "shm".
         #[arg(long)]
         provider: Option<String>,
+        /// Network interfaces to use as rails, comma separated (libfabric;
+        /// sets KVXFER_RAILS).
+        #[arg(long, value_name = "IF,IF,...")]
+        rails: Option<String>,
         /// Direction.
         #[arg(long, value_enum, default_value = "write")]
         op: Op,
@@ -327,6 +335,28 @@ fn info_libfabric() {
             Err(e) => println!("  {p}: offered, but the transport fails: {e}"),
         }
     }
+    // KVXFER_RAILS: one endpoint per interface, each opened here.
+    let rails = kvxfer::AgentConfig::default().effective_rails();
+    if !rails.is_empty() {
+        let cfg = kvxfer::AgentConfig::default()
+            .with_backend("LIBFABRIC")
+            .with_listen(None);
+        match kvxfer::Agent::new("kvxfer-info", cfg) {
+            Ok(a) => {
+                for r in a.rail_stats() {
+                    println!(
+                        "  rail {}: {}, {} bytes, {} failures",
+                        r.name,
+                        r.state.name(),
+                        r.bytes,
+                        r.failures
+                    );
+                }
+                a.shutdown();
+            }
+            Err(e) => println!("  rails {}: {e}", rails.join(",")),
+        }
+    }
 }
 
 fn info_cuda() {
@@ -475,6 +505,7 @@ fn main() -> ExitCode {
             listen,
             backend,
             provider,
+            rails,
             size,
             name,
             etcd,
@@ -484,6 +515,7 @@ fn main() -> ExitCode {
             device,
             metrics_addr,
         } => {
+            set_rails(rails.as_deref());
             let stop = Arc::new(AtomicBool::new(false));
             bench::stop_on_stdin_eof(Arc::clone(&stop));
             let opts = TargetOptions {
@@ -518,6 +550,7 @@ fn main() -> ExitCode {
             target_name,
             backend,
             provider,
+            rails,
             op,
             block_size,
             blocks,
@@ -536,6 +569,7 @@ fn main() -> ExitCode {
             out,
             metrics_addr,
         } => {
+            set_rails(rails.as_deref());
             let opts = BenchOptions {
                 peer,
                 etcd,
@@ -582,4 +616,17 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `--rails`: the interfaces for this process and a target it spawns.
+fn set_rails(rails: Option<&str>) {
+    if let Some(r) = rails {
+        // Set before any agent or thread of this process starts.
+        std::env::set_var(kvxfer_rails_env(), r);
+    }
+}
+
+/// The variable `--rails` sets.
+fn kvxfer_rails_env() -> &'static str {
+    "KVXFER_RAILS"
 }

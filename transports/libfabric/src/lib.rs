@@ -176,6 +176,12 @@ pub struct FabricConfig {
     /// abandoned transfers that still reference it. Default 3 s. See the
     /// [crate documentation](crate#failure).
     pub cancel_timeout: Duration,
+    /// The network interface (libfabric domain) to open the endpoint on,
+    /// e.g. `eth1`; `None`: the provider's first. With `tcp;ofi_rxm` the
+    /// endpoint then takes that interface's IPv4 address, so its traffic
+    /// uses that interface's subnet (one rail of
+    /// [`kvxfer-rails`](https://docs.rs/kvxfer-rails)).
+    pub interface: Option<String>,
 }
 
 impl Default for FabricConfig {
@@ -187,6 +193,7 @@ impl Default for FabricConfig {
             notification_queue: 64,
             max_notification: 4096,
             cancel_timeout: Duration::from_secs(3),
+            interface: None,
         }
     }
 }
@@ -195,6 +202,13 @@ impl FabricConfig {
     /// This configuration with provider `name`.
     pub fn with_provider(mut self, name: &str) -> Self {
         self.provider = Some(name.to_owned());
+        self
+    }
+
+    /// This configuration on network interface `name` (see
+    /// [`FabricConfig::interface`]).
+    pub fn with_interface(mut self, name: &str) -> Self {
+        self.interface = Some(name.to_owned());
         self
     }
 

@@ -147,7 +147,7 @@ impl FabricTransport {
         let mut last = 0i64;
         let mut info = None;
         for p in &tried {
-            match Info::get(p) {
+            match Info::get_on(p, config.interface.as_deref()) {
                 Ok(i) => {
                     info = Some(i);
                     break;
@@ -163,8 +163,13 @@ impl FabricTransport {
                 BACKEND,
                 last,
                 &format!(
-                    "no usable provider (tried {}): {}",
+                    "no usable provider (tried {}{}): {}",
                     tried.join(", "),
+                    config
+                        .interface
+                        .as_deref()
+                        .map(|i| format!(" on interface {i}"))
+                        .unwrap_or_default(),
                     strerror(last)
                 ),
             ));
