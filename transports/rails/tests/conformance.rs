@@ -38,6 +38,7 @@ impl Backend for TwoRails {
                 // Both rails fail: the transfer names the rails.
                 error: |e| matches!(e, Error::RailsFailed { .. }),
             }),
+            empty_metadata: None,
         }
     }
 }
