@@ -138,7 +138,11 @@ fn build_backend(kind: BackendKind, name: &str, cfg: &AgentConfig) -> Result<Bac
         BackendKind::Libfabric => {
             let fabric_cfg = cfg.effective_fabric_config();
             log::debug!("{name}: libfabric transport with {fabric_cfg:?}");
-            let t = local(kvxfer_libfabric::FabricTransport::new(&fabric_cfg)?, cfg);
+            #[allow(unused_mut)]
+            let mut ft = kvxfer_libfabric::FabricTransport::new(&fabric_cfg)?;
+            #[cfg(feature = "cuda")]
+            crate::vram::probe_fabric(&mut ft);
+            let t = local(ft, cfg);
             let deadline = Some(fabric_cfg.op_timeout).filter(|d| !d.is_zero());
             Ok(Backend::Fabric(boxed_engine(
                 name,
@@ -1004,6 +1008,29 @@ impl Agent {
             Backend::CudaIpc(_) => "cuda-ipc",
             #[allow(unreachable_patterns)]
             _ => "none",
+        })
+    }
+
+    /// Why VRAM takes the path [`vram_path`](Self::vram_path) names: for
+    /// UCX and libfabric, whether the library registers CUDA memory itself
+    /// (libfabric: whether the provider offers `FI_HMEM` and accepted a
+    /// probe registration), or what keeps VRAM on the staged path (no
+    /// CUDA driver, `KVXFER_UCX_NATIVE_VRAM=0`,
+    /// `KVXFER_LIBFABRIC_NATIVE_VRAM=0`, ...).
+    pub fn vram_reason(&self) -> Result<String, Error> {
+        let mut st = self.shared().lock();
+        let b = st.backend()?;
+        Ok(match *b {
+            #[cfg(all(feature = "ucx", feature = "cuda"))]
+            Backend::Ucx(ref e) => crate::vram::ucx_reason(local_of(e.transport()).inner()),
+            #[cfg(all(feature = "libfabric", feature = "cuda"))]
+            Backend::Fabric(ref e) => crate::vram::fabric_reason(local_of(e.transport()).inner()),
+            #[cfg(feature = "cuda")]
+            Backend::CudaIpc(_) => {
+                "CUDA_IPC maps the peer's VRAM with CUDA IPC handles".to_string()
+            }
+            #[allow(unreachable_patterns)]
+            _ => "this kvxfer is built without the cuda feature".to_string(),
         })
     }
 

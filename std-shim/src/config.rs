@@ -509,7 +509,9 @@ impl AgentConfig {
     /// [`transfer_timeout`](Self::transfer_timeout) applied when set. No
     /// deadline is an `op_timeout` of [`Duration::MAX`]. A provider left
     /// unset here is chosen by the transport (`KVXFER_LIBFABRIC_PROVIDER`,
-    /// else the first usable one).
+    /// else the first usable one). Without a configuration of its own
+    /// ([`fabric`](Self::fabric)), native VRAM (`FI_HMEM`,
+    /// [`FabricConfig::native_vram`]) is asked for where a CUDA driver is.
     #[cfg(feature = "libfabric")]
     pub fn effective_fabric_config(&self) -> FabricConfig {
         let mut c = self.fabric.clone().unwrap_or_default();
@@ -518,6 +520,11 @@ impl AgentConfig {
         }
         if let Some(t) = self.transfer_timeout {
             c.op_timeout = t.filter(|d| !d.is_zero()).unwrap_or(Duration::MAX);
+        }
+        // VRAM through the provider (FI_HMEM) where a CUDA driver is.
+        #[cfg(feature = "cuda")]
+        if self.fabric.is_none() {
+            c.native_vram = kvxfer_cuda::driver_present();
         }
         c
     }

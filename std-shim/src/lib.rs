@@ -44,6 +44,7 @@ mod note_auth;
 pub mod side_channel;
 pub mod sweep;
 pub mod tcp_baseline;
+mod vram;
 mod wake;
 
 pub use agent::{Agent, AgentEngine, WaitOutcome, XferRequest};

@@ -96,6 +96,7 @@
 #![deny(missing_docs)]
 
 mod fabric;
+mod hmem;
 mod transport;
 
 use std::time::Duration;
@@ -108,6 +109,10 @@ pub const BACKEND: &str = "LIBFABRIC";
 /// Environment variable naming the provider when
 /// [`FabricConfig::provider`] is `None`.
 pub const PROVIDER_ENV: &str = "KVXFER_LIBFABRIC_PROVIDER";
+
+/// Environment variable: `0` keeps VRAM off the provider even where it
+/// offers `FI_HMEM` with CUDA (VRAM is then staged above the transport).
+pub const NATIVE_VRAM_ENV: &str = "KVXFER_LIBFABRIC_NATIVE_VRAM";
 
 /// Providers tried, in this order, when none is named.
 pub const PROVIDER_PREFERENCE: [&str; 5] =
@@ -163,6 +168,11 @@ pub struct FabricConfig {
     /// out transfers that still reference it. Default 3 s. See the
     /// [crate documentation](crate#failure).
     pub cancel_timeout: Duration,
+    /// Ask the provider for `FI_HMEM` and register VRAM with it
+    /// (`FI_HMEM_CUDA`) once [`FabricTransport::probe_native_vram`]
+    /// succeeded; [`NATIVE_VRAM_ENV`]`=0` overrides it. Default `false`
+    /// (host memory only); the agent sets it where a CUDA driver is.
+    pub native_vram: bool,
 }
 
 impl Default for FabricConfig {
@@ -175,6 +185,7 @@ impl Default for FabricConfig {
             notification_buffers: 64,
             max_notification: 4096,
             cancel_timeout: Duration::from_secs(3),
+            native_vram: false,
         }
     }
 }

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvxfer_core::error::{bounded, Name};
-use kvxfer_core::mem::MemKinds;
 use kvxfer_core::wire::copy_into;
 use kvxfer_core::{
     Capabilities, Completion, Error, MemKind, PostStatus, Region, Segments, Token, Transport,
@@ -17,7 +16,7 @@ use kvxfer_core::{
 };
 use libfabric_sys as sys;
 
-use crate::fabric::{fi_error, strerror, Desc, Info, Shared};
+use crate::fabric::{fi_error, strerror, Desc, Shared};
 use crate::{provider_preference, FabricConfig, BACKEND, PROVIDER_ENV};
 
 const EAGAIN: i64 = -(sys::FI_EAGAIN as i64);
@@ -277,11 +276,13 @@ impl MsgBufs {
 
 /// The libfabric transport. See the [crate documentation](crate).
 pub struct FabricTransport {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     provider: String,
-    mr_mode: u32,
+    pub(crate) mr_mode: u32,
     prov_errno_is_errno: bool,
-    key_size: usize,
+    pub(crate) key_size: usize,
+    /// Where VRAM goes ([`crate::hmem`]).
+    pub(crate) hmem: crate::hmem::Hmem,
     max_msg: u64,
     address: Vec<u8>,
     config: FabricConfig,
@@ -369,8 +370,9 @@ impl FabricTransport {
         let tried = candidates(config);
         let mut last = 0i64;
         let mut info = None;
+        let mut hmem = crate::hmem::Hmem::new(config)?;
         for p in &tried {
-            match Info::get(p) {
+            match hmem.get_info(p) {
                 Ok(i) => {
                     info = Some(i);
                     break;
@@ -469,6 +471,7 @@ impl FabricTransport {
             mr_mode,
             prov_errno_is_errno,
             key_size,
+            hmem,
             max_msg: max_msg.max(1),
             address,
             config: config.clone(),
@@ -1232,7 +1235,7 @@ impl FabricTransport {
 }
 
 /// Registers `region` with `shared`'s domain, honouring `mr_mode`.
-fn register_raw(
+pub(crate) fn register_raw(
     shared: &Arc<Shared>,
     mr_mode: u32,
     key_size: usize,
@@ -1249,20 +1252,10 @@ fn register_raw(
         let requested = if prov_key { 0 } else { fresh_key(key_size) };
         let mut mr: *mut sys::fid_mr = ptr::null_mut();
         // SAFETY: the domain is open; [addr, addr+len) is memory of this
-        // process that the caller keeps alive while registered.
-        let ret = unsafe {
-            sys::kvxfer_fi_mr_reg(
-                shared.domain,
-                region.addr as *const c_void,
-                len,
-                access,
-                0,
-                requested,
-                0,
-                &mut mr,
-                ptr::null_mut(),
-            )
-        } as i64;
+        // process (VRAM for a VRAM region) that the caller keeps alive
+        // while registered.
+        let ret =
+            unsafe { crate::hmem::mr_reg(shared.domain, &region, len, access, requested, &mut mr) };
         if ret == ENOKEY && !prov_key && attempts < 16 {
             attempts += 1;
             continue;
@@ -1270,7 +1263,12 @@ fn register_raw(
         if ret != 0 {
             return Err(fi_error(
                 ret,
-                &format!("fi_mr_reg of {:#x}+{}", region.addr, region.len),
+                &format!(
+                    "{} of {:#x}+{}",
+                    crate::hmem::reg_call(&region),
+                    region.addr,
+                    region.len
+                ),
             ));
         }
         break mr;
@@ -1333,7 +1331,7 @@ impl Transport for FabricTransport {
 
     fn capabilities(&self) -> Capabilities {
         let mut c = Capabilities::default();
-        c.mem_kinds = MemKinds::DRAM;
+        c.mem_kinds = self.hmem.mem_kinds();
         c.max_segments = 0;
         c.max_notification = self.config.max_notification.min(u32::MAX as usize) as u32;
         c.can_cancel = false;
@@ -1342,7 +1340,7 @@ impl Transport for FabricTransport {
     }
 
     fn register(&mut self, region: &Region) -> Result<FabricReg, Error> {
-        if region.kind != MemKind::Dram {
+        if region.kind != MemKind::Dram && !self.hmem.native() {
             return Err(Error::UnsupportedMemKind {
                 backend: BACKEND,
                 kind: region.kind,
