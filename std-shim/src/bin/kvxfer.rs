@@ -146,7 +146,7 @@ enum Cmd {
 enum Mem {
     /// Host memory.
     Dram,
-    /// GPU memory (kvxfer built with --features cuda).
+    /// GPU memory (the cuda feature, on by default, and a CUDA driver).
     Vram,
 }
 
