@@ -148,6 +148,8 @@ impl FabricPeer {
 pub struct FabricRemoteKey {
     key: u64,
     virt_addr: bool,
+    /// The kind of the peer's region (VRAM only with `FI_HMEM`).
+    kind: MemKind,
 }
 
 /// What a libfabric operation context belongs to.
@@ -1556,7 +1558,16 @@ impl Transport for FabricTransport {
         Ok(FabricRemoteKey {
             key: u64::from_le_bytes(k),
             virt_addr: key[8] & KEY_FLAG_VIRT_ADDR != 0,
+            kind: region.kind,
         })
+    }
+
+    fn local_kind(&self, reg: &FabricReg) -> MemKind {
+        reg.region.kind
+    }
+
+    fn remote_kind(&self, key: &FabricRemoteKey) -> MemKind {
+        key.kind
     }
 
     fn release_key(&mut self, _key: FabricRemoteKey) {}
