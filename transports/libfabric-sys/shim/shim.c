@@ -70,6 +70,9 @@ int kvxfer_fi_mr_reg_cuda(struct fid_domain *domain, const void *buf, size_t len
 	attr.requested_key = requested_key;
 	attr.iface = FI_HMEM_CUDA;
 	attr.device.cuda = device;
+	/* Not FI_HMEM_DEVICE_ONLY: with it, libfabric 2.1's shm moves VRAM by
+	 * CUDA IPC and reports RMA complete before the copy has landed (a
+	 * 100-byte READ read zeros; 64 MiB "completed" at 12,000 GB/s). */
 	return fi_mr_regattr(domain, &attr, 0, mr);
 }
 uint64_t kvxfer_fi_mr_key(struct fid_mr *mr) { return fi_mr_key(mr); }
