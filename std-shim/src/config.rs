@@ -265,7 +265,8 @@ pub struct AgentConfig {
 }
 
 /// Table sizes of an agent by default, fit for an engine with a KV cache of
-/// many layers and blocks: about 65 MiB of tables, written once at
+/// many layers and blocks: about 65 MiB of tables (70 MiB for CUDA_IPC,
+/// whose remote keys are larger), written once at
 /// [`Agent::new`](crate::Agent::new) (`Capacities::bytes` computes it for
 /// any sizes).
 ///
@@ -549,7 +550,7 @@ mod tests {
     fn unsupported(value: &str) -> Error {
         Error::UnsupportedBackend {
             value: kvxfer_core::error::bounded(value),
-            supported: "UCX, LIBFABRIC",
+            supported: BUILT_IN,
         }
     }
 
