@@ -203,6 +203,9 @@ pub struct XferSlot {
     /// Posts of this slot so far (wrapping); the current post's token
     /// carries it.
     pub(crate) posts: u16,
+    /// When the engine next gives up on the post in flight, if it has a
+    /// deadline.
+    pub(crate) expires: Option<crate::time::Instant>,
     /// Next free slot while this one is free.
     pub(crate) next_free: u32,
 }
@@ -221,6 +224,7 @@ impl XferSlot {
         note: NIL,
         telemetry: crate::engine::XferTelemetry::EMPTY,
         posts: 0,
+        expires: None,
         next_free: NIL,
     };
 }
@@ -362,7 +366,7 @@ impl Capacities {
 
 impl Capacities {
     /// Checks the sizes the engine can index: regions, peers and transfers
-    /// at most 65,535 each; otherwise [`Error::InvalidCapacity`].
+    /// at most 65,535 each; otherwise [`Error::InvalidCapacity`](crate::Error::InvalidCapacity).
     pub fn check(&self) -> Result<(), crate::Error> {
         let max = u16::MAX as u32;
         for (setting, value) in [

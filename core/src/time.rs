@@ -1,5 +1,7 @@
 //! Time as the caller gives it. The core never reads a clock.
 
+use core::time::Duration;
+
 /// A point in time, in nanoseconds since an arbitrary epoch chosen by the caller
 /// (the std shim uses a process-wide monotonic start).
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -20,5 +22,13 @@ impl Instant {
     /// Nanoseconds from `earlier` to `self`, zero if `earlier` is later.
     pub const fn saturating_nanos_since(self, earlier: Instant) -> u64 {
         self.nanos.saturating_sub(earlier.nanos)
+    }
+
+    /// `self` plus `d`, saturating at the largest instant.
+    pub fn saturating_add(self, d: Duration) -> Self {
+        let d = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        Instant {
+            nanos: self.nanos.saturating_add(d),
+        }
     }
 }

@@ -443,52 +443,6 @@ pub fn pointer_info(addr: u64) -> Result<PointerInfo, Error> {
     })
 }
 
-/// A new non-blocking stream in `ctx` (left current); the caller destroys it
-/// with `cuStreamDestroy`.
-pub fn create_stream(ctx: &Context) -> Result<sys::CUstream, Error> {
-    ctx.bind()?;
-    let mut stream = std::ptr::null_mut();
-    // SAFETY: the context is current; `stream` is a valid out-parameter.
-    check(
-        unsafe {
-            sys::cuStreamCreate(
-                &mut stream,
-                sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
-            )
-        },
-        "cuStreamCreate",
-    )?;
-    Ok(stream)
-}
-
-/// A new event without timing in `ctx` (left current); the caller
-/// destroys it with `cuEventDestroy`.
-pub fn create_event(ctx: &Context) -> Result<sys::CUevent, Error> {
-    ctx.bind()?;
-    let mut ev = std::ptr::null_mut();
-    // SAFETY: the context is current; `ev` is a valid out-parameter.
-    check(
-        unsafe { sys::cuEventCreate(&mut ev, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32) },
-        "cuEventCreate",
-    )?;
-    Ok(ev)
-}
-
-/// Waits until all work queued on `stream` ends.
-///
-/// # Safety
-///
-/// `stream` must be a live (not destroyed) stream created in `ctx`.
-pub(crate) unsafe fn synchronize_stream(ctx: &Context, stream: sys::CUstream) -> Result<(), Error> {
-    ctx.bind()?;
-    // SAFETY: the caller guarantees `stream` is a live stream of `ctx`,
-    // which is now current.
-    check(
-        unsafe { sys::cuStreamSynchronize(stream) },
-        "cuStreamSynchronize",
-    )
-}
-
 /// The allocation holding `addr`: `(base, size)` from `cuMemGetAddressRange`.
 pub fn address_range(addr: u64) -> Result<(u64, u64), Error> {
     init()?;

@@ -23,13 +23,21 @@
 // Every function returns kvxfer-core's `Error`, the type the `Transport`
 // contract uses; it is large by design (bounded texts, no allocation).
 #![allow(clippy::result_large_err)]
+// `unsafe` only in the modules that call the driver or the OS.
+#![deny(unsafe_code)]
 
+#[allow(unsafe_code)]
 pub mod driver;
 pub mod ipc;
+#[allow(unsafe_code)]
 pub mod memory;
 pub mod notify;
+#[allow(unsafe_code)]
+mod os;
 pub mod staged;
 pub mod staging_wire;
+#[allow(unsafe_code)]
+mod stream;
 pub mod wire;
 
 pub use driver::{

@@ -111,13 +111,31 @@ macro_rules! on_engine {
     };
 }
 
-/// A new engine over `transport`, with tables sized from `cfg`.
+/// Runs `$body` with `$e` bound to the backend's engine (`&`).
+macro_rules! on_engine_ref {
+    ($backend:expr, $e:ident => $body:expr) => {
+        match *$backend {
+            #[cfg(feature = "ucx")]
+            Backend::Ucx(ref $e) => $body,
+            #[cfg(feature = "libfabric")]
+            Backend::Fabric(ref $e) => $body,
+            #[cfg(feature = "cuda")]
+            Backend::CudaIpc(ref $e) => $body,
+        }
+    };
+}
+
+/// A new engine over `transport`, with tables sized from `cfg` and
+/// per-transfer deadline `deadline`.
 fn boxed_engine<T: kvxfer_core::Transport>(
     name: &str,
     transport: T,
     cfg: &AgentConfig,
+    deadline: Option<Duration>,
 ) -> Result<Box<AgentEngine<T>>, Error> {
-    let config = EngineConfig::default().with_segments_per_xfer(cfg.segments_per_xfer);
+    let config = EngineConfig::default()
+        .with_segments_per_xfer(cfg.segments_per_xfer)
+        .with_deadline(deadline);
     let storage = Storage::owned(&cfg.capacities);
     Ok(Box::new(Engine::new(name, transport, config, storage)?))
 }
@@ -125,14 +143,15 @@ fn boxed_engine<T: kvxfer_core::Transport>(
 /// Builds the transport and engine for `kind`.
 fn build_backend(kind: BackendKind, name: &str, cfg: &AgentConfig) -> Result<Backend, Error> {
     cfg.capacities.check()?;
+    let deadline = cfg.effective_transfer_timeout()?;
     match kind {
         #[cfg(feature = "ucx")]
         BackendKind::Ucx => {
             let uc = cfg.effective_ucx_config()?;
             log::debug!("{name}: UCX transport with {uc:?}");
             let t = local(kvxfer_ucx::UcxTransport::new(&uc)?, cfg);
-            let t = staged(t, uc.op_timeout);
-            Ok(Backend::Ucx(boxed_engine(name, t, cfg)?))
+            let t = staged(t, deadline);
+            Ok(Backend::Ucx(boxed_engine(name, t, cfg, deadline)?))
         }
         #[cfg(feature = "libfabric")]
         BackendKind::Libfabric => {
@@ -143,17 +162,17 @@ fn build_backend(kind: BackendKind, name: &str, cfg: &AgentConfig) -> Result<Bac
             #[cfg(feature = "cuda")]
             crate::vram::probe_fabric(&mut ft);
             let t = local(ft, cfg);
-            let deadline = Some(fabric_cfg.op_timeout).filter(|d| !d.is_zero());
             Ok(Backend::Fabric(boxed_engine(
                 name,
                 staged(t, deadline),
                 cfg,
+                deadline,
             )?))
         }
         #[cfg(feature = "cuda")]
         BackendKind::CudaIpc => {
             let t = kvxfer_cuda::CudaIpcTransport::new()?;
-            Ok(Backend::CudaIpc(boxed_engine(name, t, cfg)?))
+            Ok(Backend::CudaIpc(boxed_engine(name, t, cfg, deadline)?))
         }
         #[allow(unreachable_patterns)]
         other => Err(Error::UnsupportedBackend {
@@ -226,6 +245,13 @@ impl State {
             #[allow(unreachable_patterns)]
             _ => 0,
         }
+    }
+
+    /// How long the progress thread may sleep before the engine has a
+    /// deadline to enforce ([`Engine::poll_timeout`]); `None`: no limit.
+    fn poll_timeout(&self) -> Option<Duration> {
+        let at = on_engine_ref!(self.backend.as_ref()?, e => e.poll_timeout())?;
+        Some(Duration::from_nanos(at.saturating_nanos_since(now())))
     }
 
     /// Asks the transport whether the progress thread may sleep on its
@@ -536,17 +562,19 @@ fn progress_loop(shared: Arc<Shared>) {
             // Marked before the transport is armed, under the lock posts
             // take: a post after it sees the mark and wakes the thread; one
             // before it left work that keeps the transport from arming.
-            let wake = {
+            let (wake, limit) = {
                 let mut st = shared.lock();
                 shared.sleeping.store(true, Ordering::SeqCst);
-                st.arm()
+                (st.arm(), st.poll_timeout())
             };
             if !matches!(wake, kvxfer_core::Wake::Armed(_)) {
                 shared.sleeping.store(false, Ordering::SeqCst);
             }
             match wake {
                 kvxfer_core::Wake::Armed(fd) => {
-                    let woken = shared.waker.wait(fd, IDLE_WAIT);
+                    // Awake by the engine's next deadline, at the latest.
+                    let wait = limit.map_or(IDLE_WAIT, |l| l.min(IDLE_WAIT));
+                    let woken = shared.waker.wait(fd, wait);
                     shared.sleeping.store(false, Ordering::SeqCst);
                     if woken {
                         hot_until = StdInstant::now() + HOT_AFTER_WAKE;
@@ -555,6 +583,7 @@ fn progress_loop(shared: Arc<Shared>) {
                 kvxfer_core::Wake::Busy => std::thread::yield_now(),
                 kvxfer_core::Wake::Unsupported => {
                     let step = Duration::from_micros(u64::from(idle_rounds - 63).min(1000) * 10);
+                    let step = limit.map_or(step, |l| l.min(step));
                     std::thread::sleep(step.min(max_sleep));
                 }
             }
@@ -1355,7 +1384,7 @@ mod tests {
         };
         let cfg = AgentConfig::default().with_capacities(caps);
         let t = kvxfer_core::transport::loopback::Loopback::new(&MEM, 1);
-        let e = boxed_engine("sized", t, &cfg).unwrap();
+        let e = boxed_engine("sized", t, &cfg, None).unwrap();
         assert_eq!(*e.capacities(), caps);
     }
 

@@ -16,15 +16,13 @@
 //!
 //! The transport of the chosen backend is built from, field by field:
 //!
-//! 1. the backend-neutral settings of [`AgentConfig`] that are set:
-//!    [`transfer_timeout`](AgentConfig::transfer_timeout) (every backend)
-//!    and [`provider`](AgentConfig::provider) (libfabric);
+//! 1. the backend-neutral settings of [`AgentConfig`] that are set
+//!    ([`provider`](AgentConfig::provider) for libfabric);
 //! 2. the backend's own configuration when one is given
 //!    (`AgentConfig::ucx`, `AgentConfig::fabric`), taken as it is: the
 //!    environment is then not consulted for its fields;
 //! 3. otherwise the backend's defaults with its environment variables
-//!    applied: for UCX `UcxConfig::from_env` (`KVXFER_UCX_OP_TIMEOUT_MS`),
-//!    for libfabric
+//!    applied: for UCX `UcxConfig::from_env`, for libfabric
 //!    `FabricConfig::default()` (the provider then comes from
 //!    `KVXFER_LIBFABRIC_PROVIDER`).
 //!
@@ -32,6 +30,10 @@
 //! application that sets nothing keeps the environment's behaviour. See
 //! `AgentConfig::effective_ucx_config` and
 //! `AgentConfig::effective_fabric_config` for the result.
+//!
+//! The per-transfer deadline is the engine's, for every backend:
+//! [`AgentConfig::transfer_timeout`], else [`ENV_TRANSFER_TIMEOUT_MS`], else
+//! [`DEFAULT_TRANSFER_TIMEOUT`] ([`AgentConfig::effective_transfer_timeout`]).
 
 use std::fmt;
 use std::time::Duration;
@@ -50,6 +52,11 @@ pub const ENV_AUTH_KEY: &str = "KVXFER_AUTH_KEY";
 pub const ENV_KEEPALIVE_MS: &str = "KVXFER_KEEPALIVE_MS";
 /// Keepalive timeout by default ([`AgentConfig::keepalive`]).
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(2);
+/// Environment variable setting the per-transfer deadline in milliseconds
+/// (`0`: none) when [`AgentConfig::transfer_timeout`] is `None`.
+pub const ENV_TRANSFER_TIMEOUT_MS: &str = "KVXFER_TRANSFER_TIMEOUT_MS";
+/// Per-transfer deadline by default ([`AgentConfig::transfer_timeout`]).
+pub const DEFAULT_TRANSFER_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub use kvxfer_core::BackendKind;
 #[cfg(feature = "libfabric")]
@@ -224,17 +231,13 @@ pub struct AgentConfig {
     /// challenge-response in both directions). `None` reads
     /// `KVXFER_AUTH_KEY`; an empty key turns authentication off.
     pub auth_key: Option<Vec<u8>>,
-    /// Per-transfer deadline of whichever backend is chosen, from post to
-    /// completion: a transfer still in flight after it fails with
-    /// [`Error::TimedOut`]. `Some(Some(d))`: deadline `d`; `Some(None)`: no
-    /// deadline (a transfer to a peer that stopped may then never end; a
-    /// zero duration means the same); `None` (the default): the backend
-    /// decides — UCX takes `UcxConfig::op_timeout` of `ucx`, else
-    /// `KVXFER_UCX_OP_TIMEOUT_MS`, else 5 s; libfabric takes
-    /// `FabricConfig::op_timeout` of `fabric`, else 5 s.
-    /// When set, it wins over both the backend configuration and the
-    /// environment. Not used by CUDA_IPC, whose copies do not wait on a
-    /// peer.
+    /// Per-transfer deadline, from post to completion, kept by the engine
+    /// for every backend: a transfer still in flight after it fails with
+    /// [`Error::TimedOut`] and the transport abandons it. `Some(Some(d))`:
+    /// deadline `d`; `Some(None)`: no deadline (a transfer to a peer that
+    /// stopped may then never end; a zero duration means the same); `None`
+    /// (the default): [`ENV_TRANSFER_TIMEOUT_MS`], else
+    /// [`DEFAULT_TRANSFER_TIMEOUT`] (5 s).
     pub transfer_timeout: Option<Option<Duration>>,
     /// How long a peer served by the backend (not by cross-memory attach)
     /// may stay silent while transfers to it are in flight. Meanwhile the
@@ -251,15 +254,14 @@ pub struct AgentConfig {
     /// The UCX transport's full configuration (keepalive, close and cancel
     /// times, transports, …; peer-failure detection must stay on). `None` (the default):
     /// [`UcxConfig::from_env`]. When given, the environment is not
-    /// consulted for its fields; [`transfer_timeout`](Self::transfer_timeout),
-    /// when set, still replaces its `op_timeout`.
+    /// consulted for its fields.
     #[cfg(feature = "ucx")]
     pub ucx: Option<UcxConfig>,
-    /// The libfabric transport's full configuration (provider, transfer
-    /// timeout, queue sizes). `None` (the default): `FabricConfig::default()`.
-    /// [`provider`](Self::provider) and
-    /// [`transfer_timeout`](Self::transfer_timeout), when set, replace the
-    /// matching fields of it.
+    /// The libfabric transport's full configuration (provider, queue
+    /// sizes). `None` (the default): `FabricConfig::default()`.
+    /// [`provider`](Self::provider), when set, replaces its provider.
+    /// Deadlines are the engine's:
+    /// [`transfer_timeout`](Self::transfer_timeout).
     #[cfg(feature = "libfabric")]
     pub fabric: Option<FabricConfig>,
 }
@@ -424,8 +426,7 @@ impl AgentConfig {
 
     /// Sets [`transfer_timeout`](Self::transfer_timeout) to
     /// `Some(timeout)`: `Some(d)` is a deadline of `d` for every transfer,
-    /// `None` no deadline. Either wins over the backend configuration and
-    /// the environment.
+    /// `None` no deadline. Either wins over the environment.
     pub fn with_transfer_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.transfer_timeout = Some(timeout);
         self
@@ -460,6 +461,21 @@ impl AgentConfig {
         }
     }
 
+    /// The per-transfer deadline in effect: [`transfer_timeout`](Self::transfer_timeout)
+    /// when set, else [`ENV_TRANSFER_TIMEOUT_MS`], else
+    /// [`DEFAULT_TRANSFER_TIMEOUT`]; `None` (or zero) is no deadline. A
+    /// malformed variable is an error naming it and its value.
+    pub fn effective_transfer_timeout(&self) -> Result<Option<Duration>, Error> {
+        let t = match self.transfer_timeout {
+            Some(t) => t,
+            None => match std::env::var(ENV_TRANSFER_TIMEOUT_MS) {
+                Err(_) => Some(DEFAULT_TRANSFER_TIMEOUT),
+                Ok(v) => parse_transfer_timeout(&v)?,
+            },
+        };
+        Ok(t.filter(|d| !d.is_zero()))
+    }
+
     /// Sets [`ucx`](Self::ucx): the UCX transport is built from `config`
     /// instead of [`UcxConfig::from_env`].
     #[cfg(feature = "ucx")]
@@ -478,20 +494,15 @@ impl AgentConfig {
 
     /// The configuration the UCX transport of an agent with these settings
     /// is built with: [`ucx`](Self::ucx), else [`UcxConfig::from_env`]
-    /// (whose error, naming a malformed variable, is returned), with
-    /// [`transfer_timeout`](Self::transfer_timeout) applied when set. A
+    /// (whose error, naming a malformed variable, is returned). A
     /// configuration with `peer_failure_detection` off is an error naming
     /// it.
     #[cfg(feature = "ucx")]
     pub fn effective_ucx_config(&self) -> Result<UcxConfig, Error> {
-        let mut c = match &self.ucx {
+        let c = match &self.ucx {
             Some(c) => c.clone(),
             None => UcxConfig::from_env()?,
         };
-        if let Some(t) = self.transfer_timeout {
-            // The UCX transport reads zero as "no deadline" too.
-            c.op_timeout = t.filter(|d| !d.is_zero());
-        }
         if !c.peer_failure_detection {
             return Err(Error::backend(
                 "UCX",
@@ -506,21 +517,17 @@ impl AgentConfig {
 
     /// The configuration the libfabric transport of an agent with these
     /// settings is built with: [`fabric`](Self::fabric), else the
-    /// defaults, with [`provider`](Self::provider) and
-    /// [`transfer_timeout`](Self::transfer_timeout) applied when set. No
-    /// deadline is an `op_timeout` of [`Duration::MAX`]. A provider left
-    /// unset here is chosen by the transport (`KVXFER_LIBFABRIC_PROVIDER`,
-    /// else the first usable one). Without a configuration of its own
-    /// ([`fabric`](Self::fabric)), native VRAM (`FI_HMEM`,
-    /// [`FabricConfig::native_vram`]) is asked for where a CUDA driver is.
+    /// defaults, with [`provider`](Self::provider) applied when set. A
+    /// provider left unset here is chosen by the
+    /// transport (`KVXFER_LIBFABRIC_PROVIDER`, else the first usable one).
+    /// Without a configuration of its own ([`fabric`](Self::fabric)),
+    /// native VRAM (`FI_HMEM`, [`FabricConfig::native_vram`]) is asked for
+    /// where a CUDA driver is.
     #[cfg(feature = "libfabric")]
     pub fn effective_fabric_config(&self) -> FabricConfig {
         let mut c = self.fabric.clone().unwrap_or_default();
         if let Some(p) = &self.provider {
             c.provider = Some(p.clone());
-        }
-        if let Some(t) = self.transfer_timeout {
-            c.op_timeout = t.filter(|d| !d.is_zero()).unwrap_or(Duration::MAX);
         }
         // VRAM through the provider (FI_HMEM) where a CUDA driver is.
         #[cfg(feature = "cuda")]
@@ -540,6 +547,20 @@ impl AgentConfig {
                 .unwrap_or_default(),
         };
         (!key.is_empty()).then_some(key)
+    }
+}
+
+/// The deadline [`ENV_TRANSFER_TIMEOUT_MS`] asks for: milliseconds, `0`
+/// for none.
+fn parse_transfer_timeout(v: &str) -> Result<Option<Duration>, Error> {
+    match v.trim().parse::<u64>() {
+        Ok(0) => Ok(None),
+        Ok(ms) => Ok(Some(Duration::from_millis(ms))),
+        Err(_) => Err(Error::backend(
+            "kvxfer",
+            -1,
+            &format!("{ENV_TRANSFER_TIMEOUT_MS}={v:?}: expected milliseconds (0 for no deadline)"),
+        )),
     }
 }
 
@@ -650,34 +671,38 @@ mod tests {
         assert_eq!(c.transfer_timeout, None);
         assert_eq!(c.ucx, None);
         assert_eq!(c.fabric, None);
-        // Nothing set: libfabric's defaults, provider left to the transport.
+        // Nothing set: libfabric's defaults, provider left to the
+        // transport.
         assert_eq!(c.effective_fabric_config(), FabricConfig::default());
 
         let ms300 = Duration::from_millis(300);
         let c = AgentConfig::default().with_transfer_timeout(Some(ms300));
         assert_eq!(c.transfer_timeout, Some(Some(ms300)));
-        assert_eq!(c.effective_fabric_config().op_timeout, ms300);
+        assert_eq!(c.effective_transfer_timeout(), Ok(Some(ms300)));
+        // The deadline does not touch the transport's configuration.
+        assert_eq!(c.effective_fabric_config(), FabricConfig::default());
         assert_eq!(
             AgentConfig::default()
                 .with_transfer_timeout(None)
                 .transfer_timeout,
             Some(None)
         );
+        for none in [None, Some(Duration::ZERO)] {
+            let c = AgentConfig::default().with_transfer_timeout(none);
+            assert_eq!(c.effective_transfer_timeout(), Ok(None));
+        }
 
         // An explicit UCX configuration is used as given ...
         let mut uc = UcxConfig::default();
-        uc.op_timeout = Some(Duration::from_secs(9));
-        uc.cancel_timeout_ms = 123;
-        uc.close_timeout_ms = 45;
-        uc.keepalive_interval_ms = Some(250);
+        uc.cancel_timeout = Duration::from_millis(123);
+        uc.close_timeout = Duration::from_millis(45);
+        uc.keepalive_interval = Some(Duration::from_millis(250));
         let c = AgentConfig::default().with_ucx_config(uc.clone());
         assert_eq!(c.ucx.as_ref(), Some(&uc));
         assert_eq!(c.effective_ucx_config().unwrap(), uc);
-        // ... except for the deadline, when the neutral one is set.
+        // The deadline does not touch it.
         let c = c.with_transfer_timeout(Some(ms300));
-        let eff = c.effective_ucx_config().unwrap();
-        assert_eq!(eff.op_timeout, Some(ms300));
-        assert_eq!(eff.cancel_timeout_ms, 123);
+        assert_eq!(c.effective_ucx_config().unwrap(), uc);
         // Peer-failure detection off is refused, naming the setting.
         let mut off = uc.clone();
         off.peer_failure_detection = false;
@@ -690,16 +715,11 @@ mod tests {
             err.starts_with("UCX error -1: UcxConfig::peer_failure_detection = false:"),
             "{err}"
         );
-        for none in [None, Some(Duration::ZERO)] {
-            let c = c.clone().with_transfer_timeout(none);
-            assert_eq!(c.effective_ucx_config().unwrap().op_timeout, None);
-            assert_eq!(c.effective_fabric_config().op_timeout, Duration::MAX);
-        }
 
         // The same for libfabric, with the neutral provider on top.
         let fc = FabricConfig::default()
             .with_provider("shm")
-            .with_op_timeout(Duration::from_secs(2));
+            .with_cancel_timeout(Duration::from_secs(2));
         let c = AgentConfig::default().with_fabric_config(fc.clone());
         assert_eq!(c.fabric.as_ref(), Some(&fc));
         assert_eq!(c.effective_fabric_config(), fc);
@@ -708,7 +728,7 @@ mod tests {
             .with_transfer_timeout(Some(ms300))
             .effective_fabric_config();
         assert_eq!(eff.provider.as_deref(), Some("tcp;ofi_rxm"));
-        assert_eq!(eff.op_timeout, ms300);
+        assert_eq!(eff.cancel_timeout, Duration::from_secs(2));
         assert_eq!(eff.max_transfers, fc.max_transfers);
 
         let text = format!(
@@ -721,6 +741,25 @@ mod tests {
             text.contains("transfer_timeout: Some(Some(300ms))"),
             "{text}"
         );
-        assert!(text.contains("cancel_timeout_ms: 123"), "{text}");
+        assert!(text.contains("cancel_timeout: 123ms"), "{text}");
+    }
+
+    #[test]
+    fn transfer_timeout_spellings() {
+        assert_eq!(parse_transfer_timeout("0"), Ok(None));
+        assert_eq!(
+            parse_transfer_timeout(" 1500 "),
+            Ok(Some(Duration::from_millis(1500)))
+        );
+        for bad in ["", "-1", "5s", "1.5"] {
+            let text = parse_transfer_timeout(bad).unwrap_err().to_string();
+            assert_eq!(
+                text,
+                format!(
+                    "kvxfer error -1: {ENV_TRANSFER_TIMEOUT_MS}={bad:?}: expected milliseconds \
+                     (0 for no deadline)"
+                )
+            );
+        }
     }
 }

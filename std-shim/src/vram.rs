@@ -14,11 +14,12 @@ pub(crate) fn probe_fabric(t: &mut kvxfer_libfabric::FabricTransport) {
         return;
     }
     match kvxfer_cuda::DeviceBuffer::new(0, PROBE_LEN) {
-        // SAFETY: `buf` is VRAM of GPU 0 that this process allocated; it
-        // lives until the end of this arm, after the probe released it.
-        Ok(buf) => unsafe {
+        // `buf` is VRAM of GPU 0 that this process allocated; it lives
+        // until the end of this arm, after the probe closed its
+        // registration.
+        Ok(buf) => {
             t.probe_native_vram(buf.ptr(), buf.len(), buf.device());
-        },
+        }
         Err(e) => log::debug!("LIBFABRIC: no VRAM for the FI_HMEM probe: {e}"),
     }
 }

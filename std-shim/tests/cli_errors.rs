@@ -84,16 +84,12 @@ fn backend_not_built_in_says_how_to_build_it() {
 fn spawned_target_that_fails_to_start_is_named_with_its_error() {
     let (code, last) = last_line(
         &["bench"],
-        &[
-            ("KVXFER_BACKEND", "UCX"),
-            ("KVXFER_UCX_OP_TIMEOUT_MS", "abc"),
-        ],
+        &[("KVXFER_BACKEND", "UCX"), ("KVXFER_UCX_NATIVE_VRAM", "abc")],
     );
     assert_eq!(
         last,
         "kvxfer bench: FAILED: the target exited (exit status: 1) before serving: opening the \
-         transport: UCX error -1: KVXFER_UCX_OP_TIMEOUT_MS=\"abc\": expected milliseconds (0 \
-         for no deadline)"
+         transport: UCX error -1: KVXFER_UCX_NATIVE_VRAM=\"abc\": expected 0 or 1"
     );
     assert_eq!(code, 1);
 }

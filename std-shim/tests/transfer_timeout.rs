@@ -1,9 +1,9 @@
-//! `AgentConfig::with_transfer_timeout` reaches the transport: a WRITE to
-//! a target process that stops answering (SIGSTOP) fails with
+//! `AgentConfig::with_transfer_timeout` reaches the engine: a WRITE to a
+//! target process that stops answering (SIGSTOP) fails with
 //! `Error::TimedOut` within the configured deadline plus slack, over UCX
 //! and over libfabric's `tcp;ofi_rxm`. The target is this test binary
 //! re-run as a child. A second child checks the order of precedence
-//! between explicit settings and `KVXFER_UCX_OP_TIMEOUT_MS`.
+//! between explicit settings and `KVXFER_TRANSFER_TIMEOUT_MS`.
 #![cfg(all(feature = "ucx", feature = "libfabric"))]
 #![allow(clippy::result_large_err)]
 
@@ -12,7 +12,7 @@ use std::process::{ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use kvxfer::config::UcxConfig;
+use kvxfer::config::ENV_TRANSFER_TIMEOUT_MS;
 use kvxfer::{Agent, AgentConfig, Desc, Error, WaitOutcome, XferOp};
 
 mod common;
@@ -110,43 +110,44 @@ fn run_target() {
     agent.shutdown();
 }
 
-/// The `env` role, run with `KVXFER_UCX_OP_TIMEOUT_MS` set by the parent.
+/// The `env` role, run with [`ENV_TRANSFER_TIMEOUT_MS`] set by the parent.
 fn run_env_check() {
     watchdog();
     let ms300 = Some(DEADLINE);
-    let env = std::env::var("KVXFER_UCX_OP_TIMEOUT_MS").unwrap();
+    let env = std::env::var(ENV_TRANSFER_TIMEOUT_MS).unwrap();
     if env == "60000" {
         // Nothing set: the environment decides.
-        let c = AgentConfig::default().effective_ucx_config().unwrap();
-        assert_eq!(c.op_timeout, Some(Duration::from_secs(60)));
+        let c = AgentConfig::default();
+        assert_eq!(
+            c.effective_transfer_timeout(),
+            Ok(Some(Duration::from_secs(60)))
+        );
         // Explicit settings beat it.
         let c = AgentConfig::default().with_transfer_timeout(ms300);
-        assert_eq!(c.effective_ucx_config().unwrap().op_timeout, ms300);
-        let c = AgentConfig::default().with_ucx_config(UcxConfig::default());
-        assert_eq!(
-            c.effective_ucx_config().unwrap().op_timeout,
-            Some(Duration::from_secs(5))
-        );
+        assert_eq!(c.effective_transfer_timeout(), Ok(ms300));
+        let c = AgentConfig::default().with_transfer_timeout(None);
+        assert_eq!(c.effective_transfer_timeout(), Ok(None));
     } else {
         assert_eq!(env, "soon");
         // A malformed variable is an error naming it and its value, also
         // from Agent::new ...
-        let bad = |r: Result<(), Error>| match r {
-            Err(Error::Backend { backend, text, .. }) => {
-                assert_eq!(backend, "UCX");
-                assert!(text.contains("KVXFER_UCX_OP_TIMEOUT_MS"), "{text}");
-                assert!(text.contains("\"soon\""), "{text}");
-            }
-            other => panic!("expected a UCX backend error, got {other:?}"),
+        let text = format!(
+            "kvxfer error -1: {ENV_TRANSFER_TIMEOUT_MS}=\"soon\": expected milliseconds \
+             (0 for no deadline)"
+        );
+        let bad = |r: Result<(), Error>| {
+            assert_eq!(r.map_err(|e| e.to_string()), Err(text.clone()));
         };
-        bad(AgentConfig::default().effective_ucx_config().map(|_| ()));
+        bad(AgentConfig::default()
+            .effective_transfer_timeout()
+            .map(|_| ()));
         let ucx = AgentConfig::default()
             .with_backend("UCX")
             .with_listen(None)
             .with_progress_thread(false);
         bad(Agent::new("env-bad", ucx.clone()).map(|_| ()));
-        // ... unless an explicit UCX configuration leaves it unread.
-        let agent = Agent::new("env-explicit", ucx.with_ucx_config(UcxConfig::default())).unwrap();
+        // ... unless an explicit deadline leaves it unread.
+        let agent = Agent::new("env-explicit", ucx.with_transfer_timeout(ms300)).unwrap();
         agent.shutdown();
     }
     println!("TT env ok");
@@ -328,13 +329,13 @@ fn libfabric_tcp_write_to_stopped_target_times_out_at_transfer_timeout() {
 #[test]
 fn explicit_settings_beat_the_environment() {
     for value in ["60000", "soon"] {
-        let (mut child, stdin, rx) = spawn_child("env", &[("KVXFER_UCX_OP_TIMEOUT_MS", value)]);
+        let (mut child, stdin, rx) = spawn_child("env", &[(ENV_TRANSFER_TIMEOUT_MS, value)]);
         drop(stdin);
         let line = rx.recv_timeout(Duration::from_secs(30));
         assert_eq!(
             line.as_deref(),
             Ok("env ok"),
-            "KVXFER_UCX_OP_TIMEOUT_MS={value}: child failed"
+            "{ENV_TRANSFER_TIMEOUT_MS}={value}: child failed"
         );
         assert!(exited_ok(&mut child, Duration::from_secs(10)));
     }

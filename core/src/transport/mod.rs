@@ -411,13 +411,16 @@ pub trait Transport {
     fn cancel(&mut self, token: Token) -> Result<(), Error>;
 
     /// Gives up on the transfer `token` because its peer is unreachable
-    /// (the engine's [`fail_peer`](crate::Engine::fail_peer)). As
+    /// (the engine's [`fail_peer`](crate::Engine::fail_peer)) or its
+    /// [deadline](crate::EngineConfig::deadline) passed. As
     /// [`cancel`](Transport::cancel), with one difference: a transport that
     /// can stop the transfer only by dropping its connection to the peer
     /// may do so (later posts to that peer then fail until it is connected
     /// again), and may still report a completion for it, which the engine
     /// ignores. Memory the transfer used stays reported by
     /// [`in_use`](Transport::in_use) until the library has let go of it.
+    /// An error leaves the transfer in flight; the engine asks again later.
+    /// Transports keep no deadlines of their own: the engine owns them.
     /// By default, [`cancel`](Transport::cancel).
     fn abandon(&mut self, token: Token) -> Result<(), Error> {
         self.cancel(token)

@@ -11,14 +11,11 @@
 //! stays with the staging layer above it, and
 //! [`FabricTransport::vram_reason`] says why.
 
-use std::ffi::c_void;
-use std::ptr;
-
 use kvxfer_core::mem::MemKinds;
-use kvxfer_core::{Error, MemKind, Region, Transport};
+use kvxfer_core::Error;
 use libfabric_sys as sys;
 
-use crate::fabric::Info;
+use crate::fabric::{Info, MemoryRegion};
 use crate::{FabricConfig, FabricTransport, BACKEND, NATIVE_VRAM_ENV};
 
 /// Where VRAM of one transport goes, and why.
@@ -99,64 +96,6 @@ impl Hmem {
     }
 }
 
-/// The registration call [`mr_reg`] makes for `region`, for errors.
-pub(crate) fn reg_call(region: &Region) -> String {
-    if region.kind == MemKind::Vram {
-        format!("fi_mr_regattr (FI_HMEM_CUDA, GPU {})", region.dev)
-    } else {
-        "fi_mr_reg".to_string()
-    }
-}
-
-/// Registers `region` (host memory, or VRAM of device `region.dev` with
-/// `FI_HMEM_CUDA`) with `domain`, writing the new registration to `mr`.
-/// Returns libfabric's code.
-///
-/// # Safety
-/// `domain` is an open domain; `[region.addr, +len)` is memory of this
-/// process (VRAM for [`MemKind::Vram`]) that the caller keeps allocated
-/// while registered.
-pub(crate) unsafe fn mr_reg(
-    domain: *mut sys::fid_domain,
-    region: &Region,
-    len: usize,
-    access: u64,
-    requested_key: u64,
-    mr: &mut *mut sys::fid_mr,
-) -> i64 {
-    if region.kind == MemKind::Vram {
-        let dev = i32::try_from(region.dev).unwrap_or(i32::MAX);
-        // SAFETY: the caller's contract; the shim builds the fi_mr_attr
-        // (one iovec, FI_HMEM_CUDA, device `dev`) on its stack.
-        return unsafe {
-            sys::kvxfer_fi_mr_reg_cuda(
-                domain,
-                region.addr as *const c_void,
-                len,
-                access,
-                requested_key,
-                dev,
-                mr,
-            )
-        } as i64;
-    }
-    // SAFETY: the caller's contract.
-    unsafe {
-        sys::kvxfer_fi_mr_reg(
-            domain,
-            region.addr as *const c_void,
-            len,
-            access,
-            0,
-            requested_key,
-            0,
-            mr,
-            ptr::null_mut(),
-        )
-    }
-    .into()
-}
-
 impl FabricTransport {
     /// Whether this transport registers VRAM with the provider itself
     /// (`FI_HMEM_CUDA`, after a successful
@@ -182,35 +121,31 @@ impl FabricTransport {
 
     /// Decides whether VRAM is registered natively: where `FI_HMEM` was
     /// granted, registers `[addr, +len)`, VRAM of CUDA device `dev` (the
-    /// caller allocated it, a few KiB on GPU 0), and releases it again.
-    /// VRAM is native from then on only if the provider accepted it.
-    /// Returns [`native_vram`](Self::native_vram).
-    ///
-    /// # Safety
-    /// `[addr, +len)` is VRAM of device `dev` allocated by this process
-    /// that stays allocated for the duration of the call.
-    pub unsafe fn probe_native_vram(&mut self, addr: u64, len: u64, dev: u32) -> bool {
+    /// caller allocated it, a few KiB on GPU 0, and keeps it allocated for
+    /// the call, as for [`Transport::register`](kvxfer_core::Transport::register)),
+    /// and closes the registration again. VRAM is native from then on only
+    /// if the provider accepted it. Returns
+    /// [`native_vram`](Self::native_vram).
+    pub fn probe_native_vram(&mut self, addr: u64, len: u64, dev: u32) -> bool {
         if !self.offers_hmem() {
             return false;
         }
         self.hmem.native = false;
-        let region = Region {
-            addr,
-            len,
-            dev,
-            kind: MemKind::Vram,
-        };
         let access =
             (sys::FI_READ | sys::FI_WRITE | sys::FI_REMOTE_READ | sys::FI_REMOTE_WRITE) as u64;
-        match crate::transport::register_raw(
-            &self.shared,
+        let probe = MemoryRegion::register(
+            &self.fabric,
             self.mr_mode,
             self.key_size,
-            region,
+            addr,
+            len,
             access,
-        ) {
+            Some(dev),
+        );
+        match probe {
             Ok(reg) => {
-                self.deregister(reg);
+                // Closed here: nothing used it.
+                drop(reg);
                 self.hmem.native = true;
                 self.hmem.reason = format!(
                     "provider {} offers FI_HMEM and registered {len} bytes of GPU {dev} with \

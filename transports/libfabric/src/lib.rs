@@ -49,23 +49,27 @@
 //! The `sockets` provider is asked for manual progress too (data and
 //! control). Left to its own progress thread, it lost RMA WRITEs when the
 //! machine's cores were busy: some never completed, and their transfers
-//! ran into `op_timeout`.
+//! ran into their deadline.
 //!
 //! # Failure
 //!
 //! A transfer whose operations fail completes with the provider's error
 //! text; one towards a peer that died completes with
 //! [`Error::RemoteDisconnected`](kvxfer_core::Error::RemoteDisconnected),
-//! and the peer is given up on as after a timeout (below). A transfer not finished within
-//! [`FabricConfig::op_timeout`] completes with [`Error::TimedOut`](kvxfer_core::Error::TimedOut); its
-//! operations are cancelled with `fi_cancel` where the provider allows.
+//! and the peer is given up on as after an abandon (below).
+//!
+//! The transport keeps no deadline: the engine does, and gives up on a
+//! transfer past it with [`abandon`](kvxfer_core::Transport::abandon) (as
+//! it does for a peer it found unreachable). An abandoned transfer's
+//! operations are cancelled with `fi_cancel` where the provider allows, and
+//! their completions are dropped.
 //!
 //! `fi_cancel` does not stop RMA on most providers (`tcp;ofi_rxm` cancels
-//! receives only), so the operations of a timed-out transfer may still be
+//! receives only), so the operations of an abandoned transfer may still be
 //! with the provider, which would read a WRITE's source or write a READ's
 //! data when the peer resumes. Therefore:
 //!
-//! * The peer of a timed-out transfer is given up on at once: it is
+//! * The peer of an abandoned transfer is given up on at once: it is
 //!   removed from the address vector (`fi_av_remove`; over `tcp;ofi_rxm`
 //!   this closes the connection, and the provider reports every operation
 //!   on it as failed, because kvxfer sets `FI_AV_REMOVE_CLEANUP=1` at
@@ -77,7 +81,7 @@
 //!   and so do later posts and notifications to it, at once, until the
 //!   peer is disconnected and connected again.
 //! * [`deregister`](kvxfer_core::Transport::deregister) of a region that an
-//!   operation of a timed-out transfer still references progresses the
+//!   operation of an abandoned transfer still references progresses the
 //!   completion queue until the provider has reported every such operation
 //!   (errors included), for at most [`FabricConfig::cancel_timeout`]. When
 //!   it returns within that bound, the provider no longer touches the
@@ -94,14 +98,25 @@
 // allocation), so every fallible function here returns a large `Err`.
 #![allow(clippy::result_large_err)]
 #![deny(missing_docs)]
+#![deny(unsafe_code)]
 
+#[allow(unsafe_code)]
 mod fabric;
 mod hmem;
+mod mr;
+mod notify;
+mod peers;
+mod progress;
+#[cfg(test)]
+mod tests;
 mod transport;
+mod xfer;
 
 use std::time::Duration;
 
-pub use transport::{FabricPeer, FabricReg, FabricRemoteKey, FabricTransport};
+pub use mr::FabricReg;
+pub use peers::{FabricPeer, FabricRemoteKey};
+pub use transport::FabricTransport;
 
 /// The backend name: "LIBFABRIC".
 pub const BACKEND: &str = "LIBFABRIC";
@@ -151,21 +166,19 @@ pub struct FabricConfig {
     /// `KVXFER_LIBFABRIC_PROVIDER`, else the first usable one of
     /// [`provider_preference`].
     pub provider: Option<String>,
-    /// How long a posted transfer may take before it fails with
-    /// [`kvxfer_core::Error::TimedOut`]. Default 5 s.
-    pub op_timeout: Duration,
     /// Most transfers in flight at once. Default 1024.
     pub max_transfers: usize,
     /// Most libfabric operations in flight at once; further segments wait
     /// in the transport and are issued from `poll`. Default 4096.
     pub max_ops: usize,
-    /// Receive buffers kept posted for notifications. Default 64.
-    pub notification_buffers: usize,
+    /// Receive buffers kept posted for notifications: how many may arrive
+    /// before the engine takes them. Default 64.
+    pub notification_queue: usize,
     /// Longest notification in bytes. Default 4096.
     pub max_notification: usize,
     /// How long [`deregister`](kvxfer_core::Transport::deregister) of a
-    /// region waits for the provider to give back the operations of timed
-    /// out transfers that still reference it. Default 3 s. See the
+    /// region waits for the provider to give back the operations of
+    /// abandoned transfers that still reference it. Default 3 s. See the
     /// [crate documentation](crate#failure).
     pub cancel_timeout: Duration,
     /// Ask the provider for `FI_HMEM` and register VRAM with it
@@ -179,10 +192,9 @@ impl Default for FabricConfig {
     fn default() -> Self {
         FabricConfig {
             provider: None,
-            op_timeout: Duration::from_secs(5),
             max_transfers: 1024,
             max_ops: 4096,
-            notification_buffers: 64,
+            notification_queue: 64,
             max_notification: 4096,
             cancel_timeout: Duration::from_secs(3),
             native_vram: false,
@@ -194,12 +206,6 @@ impl FabricConfig {
     /// This configuration with provider `name`.
     pub fn with_provider(mut self, name: &str) -> Self {
         self.provider = Some(name.to_owned());
-        self
-    }
-
-    /// This configuration with transfer timeout `timeout`.
-    pub fn with_op_timeout(mut self, timeout: Duration) -> Self {
-        self.op_timeout = timeout;
         self
     }
 
@@ -225,10 +231,7 @@ pub fn usable_providers() -> Vec<String> {
 /// The version of the libfabric library loaded, `(major, minor)`, from
 /// `fi_version()`.
 pub fn version() -> (u32, u32) {
-    // SAFETY: fi_version takes no argument, has no precondition and only
-    // returns the library's version number.
-    let v = unsafe { libfabric_sys::fi_version() };
-    (v >> 16, v & 0xffff)
+    fabric::library_version()
 }
 
 /// Whether libfabric offers provider `name` with the capabilities kvxfer

@@ -16,48 +16,50 @@
 //!   copied on arrival into a bounded queue;
 //! * progress happens in [`Transport::poll`](kvxfer_core::Transport::poll)
 //!   through `ucp_worker_progress`;
-//! * a transfer still in flight after [`UcxConfig::op_timeout`] fails with
-//!   [`Error::TimedOut`](kvxfer_core::Error::TimedOut): UCX 1.13 does not
-//!   notice a cut link over `tcp` (the kernel keeps the data queued and
-//!   keepalive does not fire), so without a deadline such a transfer would
-//!   stay in flight for good. Its endpoint is then treated as failed (later
-//!   posts to the peer fail at once with
+//! * deadlines are the engine's (`EngineConfig::deadline`); the transport
+//!   reads no clock for them. [`abandon`](kvxfer_core::Transport::abandon)
+//!   cancels the transfer's requests and force-closes its endpoint without
+//!   waiting: UCX 1.13 does not notice a cut link over `tcp` (the kernel
+//!   keeps the data queued and keepalive does not fire), so only the close
+//!   ends such requests. Later posts to the peer then fail at once with
 //!   [`Error::RemoteDisconnected`](kvxfer_core::Error::RemoteDisconnected)
-//!   until it is connected again) and closed without waiting, which ends
-//!   its requests; memory registrations and remote keys those requests
-//!   use are released only once UCX has let go of them.
+//!   until it is connected again; memory registrations and remote keys the
+//!   requests use are released only once UCX has let go of them.
 //!
 //! UCX reads its usual `UCX_*` environment variables (for example
 //! `UCX_TLS=tcp`) when the transport is created; [`UcxConfig`] can override
 //! the transport list and the keepalive interval that bounds how long a dead
 //! peer goes unnoticed.
 //!
-//! Known limitation of UCX 1.13 over `tcp`, on the target side: a target
-//! process that is stalled while WRITEs to it sit in its socket, and whose
-//! initiator goes away meanwhile (exits, drops its transport, is killed),
-//! is aborted by UCX when it resumes (`Fatal: unexpected error: Endpoint
-//! timeout` from `ucp_put_handler`, which fails to acknowledge a WRITE on
-//! the broken connection). No call of kvxfer is on that path, so it cannot
-//! be caught here; the libfabric transport's targets survive the same
-//! test. The workspace README gives the reproduction, and the ignored test
-//! `stalled_target_survives_its_initiator_going_away` shows it.
+//! All `unsafe` is in one private module, `ffi` (RAII handles, callbacks,
+//! the calls on requests and endpoints); the state logic above it has none.
+//!
+//! A known limitation of UCX 1.13 over `tcp` (a stalled target aborted when
+//! its initiator goes away) is described in the workspace README, "Known
+//! limitation"; the ignored test `stalled_target_survives_its_initiator_going_away`
+//! shows it.
 #![deny(missing_docs)]
+// `unsafe` only where UCX is called or calls back; every block says why
+// it is sound (`// SAFETY:`).
+#![deny(unsafe_code)]
 // `kvxfer_core::Error` is the project's one error type: bounded and
 // allocation-free by design, so it is returned by value.
 #![allow(clippy::result_large_err)]
 
-mod inline;
+mod endpoint;
+// The FFI boundary: RAII handles, callbacks, calls on requests and
+// endpoints, and access to what callbacks write. The only `unsafe`.
+#[allow(unsafe_code)]
+mod ffi;
+mod ops;
+mod slot;
 mod status;
 mod transport;
 
 use std::time::Duration;
 
-pub use inline::{ACK_AM_ID, WRITE_AM_ID};
+pub use ffi::inline::{ACK_AM_ID, WRITE_AM_ID};
 pub use transport::{abandoned_transports, UcxPeer, UcxReg, UcxRemoteKey, UcxTransport};
-
-/// Environment variable that sets [`UcxConfig::op_timeout`] in
-/// [`UcxConfig::from_env`], in milliseconds (`0` turns the deadline off).
-pub const OP_TIMEOUT_ENV: &str = "KVXFER_UCX_OP_TIMEOUT_MS";
 
 /// Environment variable that sets [`UcxConfig::native_vram`] in
 /// [`UcxConfig::from_env`]: `0` keeps VRAM off UCX even where it has CUDA
@@ -66,24 +68,12 @@ pub const NATIVE_VRAM_ENV: &str = "KVXFER_UCX_NATIVE_VRAM";
 
 /// The version of the UCX library loaded, as UCX spells it (`"1.13.1"`).
 pub fn version() -> String {
-    // SAFETY: ucp_get_version_string takes no argument and returns a
-    // pointer to a static NUL-terminated string (or null, checked).
-    let p = unsafe { ucx_sys::ucp_get_version_string() };
-    if p.is_null() {
-        return String::from("unknown");
-    }
-    // SAFETY: non-null, NUL-terminated and static (see above).
-    unsafe { std::ffi::CStr::from_ptr(p) }
-        .to_string_lossy()
-        .into_owned()
+    ffi::version_string()
 }
 
 /// The version of the UCX library loaded, `(major, minor)`.
 pub fn version_number() -> (u32, u32) {
-    let (mut major, mut minor, mut release) = (0, 0, 0);
-    // SAFETY: ucp_get_version only writes the three numbers through the
-    // pointers, which point at live locals.
-    unsafe { ucx_sys::ucp_get_version(&mut major, &mut minor, &mut release) };
+    let (major, minor, _) = ffi::version_numbers();
     (major, minor)
 }
 
@@ -99,29 +89,15 @@ pub const NOTIFICATION_AM_ID: u32 = 0x6b76;
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct UcxConfig {
-    /// Per-transfer deadline, from post to completion: a transfer (data,
-    /// WRITE flush and notification) still in flight after this long
-    /// completes with [`Error::TimedOut`](kvxfer_core::Error::TimedOut).
-    /// Its requests are cancelled without waiting, and its endpoint is
-    /// treated as failed: the endpoint's other transfers fail with
-    /// [`Error::RemoteDisconnected`](kvxfer_core::Error::RemoteDisconnected),
-    /// later posts to the peer are refused with it until the peer is
-    /// connected again, and (with
-    /// [`peer_failure_detection`](Self::peer_failure_detection)) the
-    /// endpoint is force-closed at once. `None` or zero: no deadline (a
-    /// transfer over a cut `tcp` link then stays in flight until the link
-    /// comes back). Also set through [`OP_TIMEOUT_ENV`] with
-    /// [`UcxConfig::from_env`]. Default: 5 s.
-    pub op_timeout: Option<Duration>,
     /// UCX transport list (as `UCX_TLS`, e.g. `"tcp"` or `"shm,cma"`).
     /// `None` (the default) keeps `UCX_TLS` from the environment, else
     /// UCX's default (`all`).
     pub tls: Option<String>,
-    /// Interval of UCX's endpoint keepalive, in milliseconds, which bounds
-    /// how long a dead peer goes unnoticed (UCX's own default is 20 s).
-    /// Applied only when `UCX_KEEPALIVE_INTERVAL` is not set in the
-    /// environment; `None` keeps UCX's setting. Default: 1000.
-    pub keepalive_interval_ms: Option<u32>,
+    /// Interval of UCX's endpoint keepalive, which bounds how long a dead
+    /// peer goes unnoticed (UCX's own default is 20 s). Applied only when
+    /// `UCX_KEEPALIVE_INTERVAL` is not set in the environment; `None` keeps
+    /// UCX's setting. Default: 1 s.
+    pub keepalive_interval: Option<Duration>,
     /// Longest notification sent or accepted, in bytes (sent eagerly, so
     /// keep it small). Default: 4096.
     pub max_notification: u32,
@@ -131,9 +107,8 @@ pub struct UcxConfig {
     /// (the agent's `take_notifications` then fails with
     /// `NotificationsLost` naming the sender). Default: 1024.
     pub notification_queue: u32,
-    /// How long closing an endpoint may wait for its flush, in
-    /// milliseconds. Default: 1000.
-    pub close_timeout_ms: u32,
+    /// How long closing an endpoint may wait for its flush. Default: 1 s.
+    pub close_timeout: Duration,
     /// Create endpoints with UCX's peer error handling (the default), so
     /// that a dead peer fails its in-flight transfers within about the
     /// keepalive interval instead of hanging them. UCX then uses only
@@ -147,12 +122,12 @@ pub struct UcxConfig {
     /// (its peers on this host move by cross-memory attach instead).
     pub peer_failure_detection: bool,
     /// How long [`deregister`](kvxfer_core::Transport::deregister) waits
-    /// for the requests of cancelled or timed-out transfers to be released
-    /// by UCX before it force-closes their endpoints, in milliseconds.
+    /// for the requests of cancelled or abandoned transfers to be released
+    /// by UCX before it force-closes their endpoints.
     /// ([`cancel`](kvxfer_core::Transport::cancel) itself never waits: the
     /// cancelled requests are left to end in the background, and memory
-    /// they use stays registered until they have.) Default: 5000.
-    pub cancel_timeout_ms: u32,
+    /// they use stays registered until they have.) Default: 5 s.
+    pub cancel_timeout: Duration,
     /// Segment size of UCX's `tcp` transport in bytes, set as both
     /// `UCX_TCP_TX_SEG_SIZE` and `UCX_TCP_RX_SEG_SIZE` unless either is in
     /// the environment; `None` keeps UCX's (8 KiB send, 64 KiB receive).
@@ -177,14 +152,11 @@ pub struct UcxConfig {
 }
 
 impl UcxConfig {
-    /// The defaults, with [`op_timeout`](Self::op_timeout) from
-    /// [`OP_TIMEOUT_ENV`] when it is set. A value that is not a number of
-    /// milliseconds is an error naming it.
+    /// The defaults, with [`native_vram`](Self::native_vram) from
+    /// [`NATIVE_VRAM_ENV`] when it is set. A value other than `0` or `1` is
+    /// an error naming it.
     pub fn from_env() -> Result<UcxConfig, kvxfer_core::Error> {
         let mut cfg = UcxConfig::default();
-        if let Some(v) = std::env::var_os(OP_TIMEOUT_ENV) {
-            cfg.op_timeout = parse_op_timeout(&v.to_string_lossy())?;
-        }
         if let Some(v) = std::env::var_os(NATIVE_VRAM_ENV) {
             cfg.native_vram = match v.to_string_lossy().trim() {
                 "0" => false,
@@ -206,57 +178,15 @@ impl Default for UcxConfig {
     fn default() -> Self {
         UcxConfig {
             tls: None,
-            op_timeout: Some(Duration::from_secs(5)),
-            keepalive_interval_ms: Some(1000),
+            keepalive_interval: Some(Duration::from_secs(1)),
             max_notification: 4096,
             notification_queue: 1024,
-            close_timeout_ms: 1000,
-            cancel_timeout_ms: 5000,
+            close_timeout: Duration::from_secs(1),
+            cancel_timeout: Duration::from_secs(5),
             peer_failure_detection: true,
             tcp_seg_size: Some(64 << 10),
             inline_write_max: 8192,
             native_vram: true,
-        }
-    }
-}
-
-/// The deadline [`OP_TIMEOUT_ENV`] asks for: milliseconds, `0` for none.
-fn parse_op_timeout(v: &str) -> Result<Option<Duration>, kvxfer_core::Error> {
-    match v.trim().parse::<u64>() {
-        Ok(0) => Ok(None),
-        Ok(ms) => Ok(Some(Duration::from_millis(ms))),
-        Err(_) => Err(kvxfer_core::Error::backend(
-            BACKEND,
-            -1,
-            &format!("{OP_TIMEOUT_ENV}={v:?}: expected milliseconds (0 for no deadline)"),
-        )),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn op_timeout_spellings() {
-        assert_eq!(parse_op_timeout("0").unwrap(), None);
-        assert_eq!(
-            parse_op_timeout(" 1500 ").unwrap(),
-            Some(Duration::from_millis(1500))
-        );
-        assert_eq!(
-            UcxConfig::default().op_timeout,
-            Some(Duration::from_secs(5))
-        );
-        for bad in ["", "-1", "5s", "1.5"] {
-            match parse_op_timeout(bad) {
-                Err(kvxfer_core::Error::Backend { backend, text, .. }) => {
-                    assert_eq!(backend, "UCX");
-                    assert!(text.contains(OP_TIMEOUT_ENV), "{text}");
-                    assert!(text.contains(&format!("{bad:?}")), "{text}");
-                }
-                other => panic!("{bad:?} gave {other:?}"),
-            }
         }
     }
 }

@@ -1,24 +1,10 @@
 //! UCS status codes turned into kvxfer errors.
 
-use core::ffi::CStr;
-
 use kvxfer_core::Error;
 use ucx_sys as sys;
 
+pub(crate) use crate::ffi::status_text;
 use crate::BACKEND;
-
-/// UCX's own text for `status` (`ucs_status_string`).
-pub(crate) fn status_text(status: sys::ucs_status_t) -> &'static str {
-    // SAFETY: ucs_status_string accepts any status value and returns a
-    // pointer to a static, NUL-terminated string (or "Unknown error").
-    let ptr = unsafe { sys::ucs_status_string(status) };
-    if ptr.is_null() {
-        return "unknown UCS status";
-    }
-    // SAFETY: non-null, NUL-terminated, static storage (see above).
-    let s = unsafe { CStr::from_ptr(ptr) };
-    s.to_str().unwrap_or("non-UTF-8 UCS status text")
-}
 
 /// Whether `status` says the connection to the peer is gone.
 pub(crate) fn is_peer_failure(status: sys::ucs_status_t) -> bool {

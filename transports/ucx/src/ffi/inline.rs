@@ -84,6 +84,11 @@ impl Inline {
         });
     }
 
+    /// Small WRITEs from peers copied into place and refused.
+    pub(crate) fn served(&self) -> (u64, u64) {
+        (self.served, self.refused)
+    }
+
     /// Whether acknowledgements wait to be matched or sent.
     pub(crate) fn pending(&self) -> bool {
         !self.acks.is_empty() || !self.sending.is_empty()

@@ -1,23 +1,37 @@
-//! RAII wrappers over libfabric's objects.
+//! libfabric's objects and calls: the crate's only module with `unsafe`.
 //!
-//! [`Info`] owns an `fi_info` list. [`Shared`] owns the fabric, domain,
-//! completion queue, address vector and endpoint of one transport; memory
-//! registrations ([`crate::FabricReg`]) keep it alive through an [`Arc`], so
-//! a registration is always closed before the domain it belongs to, whatever
-//! order the owner drops things in.
+//! Each handle closes in `Drop` and owns what it belongs to: [`Info`] an
+//! `fi_info` list; [`Fabric`] its info; [`Domain`] its fabric; the
+//! completion queue, address vector and every [`MemoryRegion`] their
+//! domain (an [`Arc`]); the endpoint the queue and address vector bound to
+//! it. [`FabricObjects`] holds a transport's endpoint and domain.
 //!
-//! Close order: endpoint → address vector → completion queue → (memory
-//! registrations, through the `Arc`) → domain → fabric → info.
+//! Close order, whatever order the owner drops things in: endpoint →
+//! address vector → completion queue → (memory registrations, through the
+//! `Arc`) → domain → fabric → info.
+//!
+//! The rest of the crate calls libfabric only through the crate-private
+//! methods here. Their safety rests on two rules that the transport's
+//! state logic keeps, stated again where they matter: memory handed to an
+//! operation stays allocated and registered until its completion is read
+//! or the endpoint is closed, and every call on the domain is serialised
+//! (`FI_THREAD_DOMAIN`).
 
-use std::ffi::{c_void, CStr, CString};
+use std::ffi::{CStr, CString};
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kvxfer_core::Error;
 use libfabric_sys as sys;
 
 use crate::BACKEND;
+
+mod mr;
+mod ops;
+
+pub(crate) use mr::{MemoryRegion, MrDesc, MsgBufs};
+pub(crate) use ops::{CqBatch, OpContexts};
 
 /// libfabric's setting that makes `fi_av_remove` close the connection to
 /// the removed peer (`tcp;ofi_rxm` keeps it open otherwise, and with it
@@ -105,6 +119,14 @@ pub(crate) const MR_MODE_SUPPORTED: u32 = sys::FI_MR_LOCAL
 /// whose semantics kvxfer relies on.
 pub(crate) const FALLBACK_API_VERSION: u32 = sys::FI_VERSION(1, 9);
 
+/// The version of the libfabric library loaded, `(major, minor)`.
+pub(crate) fn library_version() -> (u32, u32) {
+    // SAFETY: fi_version takes no argument, has no precondition and only
+    // returns the library's version number.
+    let v = unsafe { sys::fi_version() };
+    (v >> 16, v & 0xffff)
+}
+
 /// The API version requested from `fi_getinfo`: the newest that both the
 /// headers kvxfer was built with and the library loaded offer.
 pub(crate) fn api_version() -> u32 {
@@ -138,6 +160,19 @@ pub(crate) fn progress(dom: &sys::fi_domain_attr) -> (sys::fi_progress, sys::fi_
     #[cfg(not(libfabric_v2))]
     let data = dom.data_progress;
     (data, dom.control_progress)
+}
+
+/// What kvxfer reads of a provider's attributes.
+#[derive(Copy, Clone, Debug)]
+pub(crate) struct ProviderAttrs {
+    /// The `mr_mode` bits the provider asks for.
+    pub(crate) mr_mode: u32,
+    /// Bytes of a memory key.
+    pub(crate) key_size: usize,
+    /// Longest message (and RMA operation).
+    pub(crate) max_msg: u64,
+    /// Transmit queue size.
+    pub(crate) tx_size: usize,
 }
 
 /// An owned `fi_info` list (freed with `fi_freeinfo`).
@@ -217,6 +252,23 @@ impl Info {
         self.0
     }
 
+    /// The attributes of the first entry kvxfer reads.
+    pub(crate) fn attrs(&self) -> ProviderAttrs {
+        // SAFETY: self.0 is the valid first entry of the list from
+        // fi_getinfo; its attribute structs are filled in by libfabric.
+        unsafe {
+            let d = &*(*self.0).domain_attr;
+            let e = &*(*self.0).ep_attr;
+            let t = &*(*self.0).tx_attr;
+            ProviderAttrs {
+                mr_mode: d.mr_mode as u32,
+                key_size: d.mr_key_size,
+                max_msg: e.max_msg_size as u64,
+                tx_size: t.size,
+            }
+        }
+    }
+
     /// The provider name of the first entry.
     pub(crate) fn provider(&self) -> String {
         // SAFETY: self.0 is a valid fi_info from fi_getinfo; fabric_attr and
@@ -258,21 +310,20 @@ unsafe fn close_fid(fid: *mut sys::fid, what: &str) {
     }
 }
 
-/// The libfabric objects of one transport.
-///
-/// The endpoint, address vector and completion queue may be closed early
-/// (when the transport is dropped while registrations are still alive);
-/// the domain and fabric live until the last registration is gone.
-pub(crate) struct Shared {
-    pub(crate) ep: AtomicPtr<sys::fid_ep>,
-    pub(crate) av: AtomicPtr<sys::fid_av>,
-    pub(crate) cq: AtomicPtr<sys::fid_cq>,
-    /// The completion queue's wait descriptor (`FI_WAIT_FD`), or -1 where
-    /// the provider offers none.
-    pub(crate) wait_fd: std::ffi::c_int,
-    pub(crate) domain: *mut sys::fid_domain,
-    fabric: *mut sys::fid_fabric,
-    pub(crate) info: Info,
+/// An open fabric (`fi_fabric`), with the `fi_info` list it was opened
+/// from, which it outlives no longer than needed: the list is freed after
+/// the fabric is closed (field order).
+pub(crate) struct Fabric {
+    raw: *mut sys::fid_fabric,
+    info: Info,
+}
+
+/// An open domain (`fi_domain`) of its [`Fabric`], kept open by every
+/// object of it (completion queue, address vector, endpoint, memory
+/// registrations) through an [`Arc`]: whatever order the owner drops them
+/// in, the domain is closed last, and the fabric after it.
+pub(crate) struct Domain {
+    raw: *mut sys::fid_domain,
     /// Registrations dropped (on any thread), to be closed by the owner of
     /// the transport ([`close_dropped_regs`](Self::close_dropped_regs)): a
     /// domain opened with `FI_THREAD_DOMAIN` takes no call concurrent with
@@ -281,138 +332,102 @@ pub(crate) struct Shared {
     /// Whether `dropped_regs` may hold anything, so that the transport's
     /// every poll need not take the lock.
     any_dropped: AtomicBool,
+    fabric: Arc<Fabric>,
+}
+
+/// A completion queue (`fi_cq_open`) of its [`Domain`].
+struct CompletionQueue {
+    raw: *mut sys::fid_cq,
+    /// Its wait descriptor (`FI_WAIT_FD`), or -1 where the provider offers
+    /// none.
+    wait_fd: std::ffi::c_int,
+    domain: Arc<Domain>,
+}
+
+/// An address vector (`fi_av_open`) of its [`Domain`].
+struct AddressVector {
+    raw: *mut sys::fid_av,
+    /// Keeps the domain open until the address vector is closed.
+    _domain: Arc<Domain>,
+}
+
+/// An enabled endpoint (`fi_endpoint`) and the completion queue and address
+/// vector bound to it, which it owns: the endpoint is closed first, then
+/// they are (field order), then, with the last reference, their domain.
+struct Endpoint {
+    raw: *mut sys::fid_ep,
+    av: AddressVector,
+    cq: CompletionQueue,
 }
 
 /// A memory registration handle that may cross threads on its way to
-/// [`Shared::close_dropped_regs`].
+/// [`Domain::close_dropped_regs`].
 struct MrPtr(*mut sys::fid_mr);
 // SAFETY: the pointer is only handed over, never used, until the owner of
 // the transport closes it.
 unsafe impl Send for MrPtr {}
 
-// SAFETY: the handles are plain pointers to libfabric objects opened with
-// FI_THREAD_DOMAIN. kvxfer serialises every call on them: the transport is
-// used through `&mut self` (the std shim holds it in a Mutex), and
-// registrations are created, used and dropped by the owner of the
-// transport. Closing happens once, in Drop, when no other reference exists.
-unsafe impl Send for Shared {}
-// SAFETY: see `Send`; shared references only read the pointers.
-unsafe impl Sync for Shared {}
+// SAFETY (for the five impls below): the handles are plain pointers to
+// libfabric objects opened with FI_THREAD_DOMAIN. kvxfer serialises every
+// call on them: the transport is used through `&mut self` (the std shim
+// holds it in a Mutex), and registrations are created, used and dropped by
+// the owner of the transport (a registration dropped elsewhere is only
+// queued, under a lock). Each is closed once, in Drop, when no other
+// reference exists; shared references only read the pointers.
+unsafe impl Send for Fabric {}
+// SAFETY: see above.
+unsafe impl Sync for Fabric {}
+// SAFETY: see above.
+unsafe impl Send for Domain {}
+// SAFETY: see above.
+unsafe impl Sync for Domain {}
+// SAFETY: see above; the endpoint, its queue and its address vector are
+// owned by one transport.
+unsafe impl Send for Endpoint {}
 
-impl Shared {
-    /// Opens fabric, domain, completion queue, address vector and endpoint
-    /// for the first entry of `info`, binds and enables the endpoint.
-    pub(crate) fn open(info: Info, cq_size: usize) -> Result<Arc<Shared>, Error> {
-        let fi = info.first();
-        let mut shared = Shared {
-            ep: AtomicPtr::new(ptr::null_mut()),
-            av: AtomicPtr::new(ptr::null_mut()),
-            cq: AtomicPtr::new(ptr::null_mut()),
-            wait_fd: -1,
-            domain: ptr::null_mut(),
-            fabric: ptr::null_mut(),
-            info,
-            dropped_regs: Mutex::new(Vec::new()),
-            any_dropped: AtomicBool::new(false),
-        };
-        // From here on, an early return drops `shared`, which closes what
-        // was opened so far, in order.
-        // SAFETY: fi is the valid first entry of the list owned by
-        // shared.info; fabric_attr is set by fi_getinfo.
-        let ret = unsafe {
-            sys::kvxfer_fi_fabric((*fi).fabric_attr, &mut shared.fabric, ptr::null_mut())
-        };
-        if ret != 0 {
-            return Err(fi_error(ret as i64, "fi_fabric"));
-        }
-        // SAFETY: fabric is open; fi is valid.
-        let ret = unsafe {
-            sys::kvxfer_fi_domain(shared.fabric, fi, &mut shared.domain, ptr::null_mut())
-        };
-        if ret != 0 {
-            return Err(fi_error(ret as i64, "fi_domain"));
-        }
-
-        // A wait descriptor lets an idle agent sleep until the provider
-        // has something; providers without one get a CQ without it.
-        let mut cq: *mut sys::fid_cq = ptr::null_mut();
-        let mut ret = 0;
-        for wait_obj in [sys::FI_WAIT_FD, sys::FI_WAIT_NONE] {
-            let mut cq_attr = sys::fi_cq_attr {
-                size: cq_size,
-                format: sys::FI_CQ_FORMAT_DATA,
-                wait_obj,
-                ..Default::default()
-            };
-            // SAFETY: domain is open; cq_attr is a valid attribute struct.
-            ret = unsafe {
-                sys::kvxfer_fi_cq_open(shared.domain, &mut cq_attr, &mut cq, ptr::null_mut())
-            };
-            if ret == 0 {
-                if wait_obj == sys::FI_WAIT_FD {
-                    let mut fd: std::ffi::c_int = -1;
-                    // SAFETY: cq was just opened with FI_WAIT_FD; fd is a
-                    // valid out pointer.
-                    if unsafe { sys::kvxfer_fi_cq_wait_fd(cq, &mut fd) } == 0 {
-                        shared.wait_fd = fd;
-                    }
-                }
-                break;
-            }
-        }
-        if ret != 0 {
-            return Err(fi_error(ret as i64, "fi_cq_open"));
-        }
-        shared.cq.store(cq, Ordering::Relaxed);
-
-        // SAFETY: domain_attr is set by fi_getinfo.
-        let preferred = unsafe { (*(*fi).domain_attr).av_type };
-        let mut av_attr = sys::fi_av_attr {
-            type_: if preferred == sys::FI_AV_UNSPEC {
-                sys::FI_AV_MAP
-            } else {
-                preferred
-            },
-            ..Default::default()
-        };
-        let mut av: *mut sys::fid_av = ptr::null_mut();
-        // SAFETY: domain is open; av_attr is valid.
-        let ret = unsafe {
-            sys::kvxfer_fi_av_open(shared.domain, &mut av_attr, &mut av, ptr::null_mut())
-        };
-        if ret != 0 {
-            return Err(fi_error(ret as i64, "fi_av_open"));
-        }
-        shared.av.store(av, Ordering::Relaxed);
-
-        let mut ep: *mut sys::fid_ep = ptr::null_mut();
-        // SAFETY: domain is open; fi is valid.
-        let ret = unsafe { sys::kvxfer_fi_endpoint(shared.domain, fi, &mut ep, ptr::null_mut()) };
-        if ret != 0 {
-            return Err(fi_error(ret as i64, "fi_endpoint"));
-        }
-        shared.ep.store(ep, Ordering::Relaxed);
-        // SAFETY: ep, cq and av are open objects of the same domain; a
-        // fid_cq / fid_av starts with its `struct fid`.
-        let ret = unsafe {
-            sys::kvxfer_fi_ep_bind(ep, &mut (*cq).fid, (sys::FI_TRANSMIT | sys::FI_RECV) as u64)
-        };
-        if ret != 0 {
-            return Err(fi_error(ret as i64, "fi_ep_bind(cq)"));
-        }
-        // SAFETY: as above.
-        let ret = unsafe { sys::kvxfer_fi_ep_bind(ep, &mut (*av).fid, 0) };
-        if ret != 0 {
-            return Err(fi_error(ret as i64, "fi_ep_bind(av)"));
-        }
-        // SAFETY: ep is open and bound.
-        let ret = unsafe { sys::kvxfer_fi_enable(ep) };
-        if ret != 0 {
-            return Err(fi_error(ret as i64, "fi_enable"));
-        }
-        Ok(Arc::new(shared))
+impl Drop for Fabric {
+    fn drop(&mut self) {
+        // SAFETY: every domain holds an Arc<Fabric>, so all are closed.
+        unsafe { close_fid(&mut (*self.raw).fid, "fabric") };
     }
+}
 
+impl Drop for Domain {
+    fn drop(&mut self) {
+        // Nobody else holds this value: every object of the domain is gone,
+        // and the registrations dropped are queued here.
+        self.close_dropped_regs();
+        // SAFETY: every object of the domain holds an Arc<Domain>, so all
+        // are closed; the fabric is closed after this (field).
+        unsafe { close_fid(&mut (*self.raw).fid, "domain") };
+    }
+}
+
+impl Drop for CompletionQueue {
+    fn drop(&mut self) {
+        // SAFETY: the endpoint bound to it is closed (Endpoint's Drop runs
+        // before its fields drop).
+        unsafe { close_fid(&mut (*self.raw).fid, "completion queue") };
+    }
+}
+
+impl Drop for AddressVector {
+    fn drop(&mut self) {
+        // SAFETY: as for the completion queue.
+        unsafe { close_fid(&mut (*self.raw).fid, "address vector") };
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        // SAFETY: the endpoint is open and closed once; outstanding
+        // operations are discarded, and libfabric touches no posted buffer
+        // afterwards.
+        unsafe { close_fid(&mut (*self.raw).fid, "endpoint") };
+    }
+}
+
+impl Domain {
     /// Hands a registration over to be closed by the owner of the
     /// transport (see `dropped_regs`).
     pub(crate) fn drop_reg(&self, mr: *mut sys::fid_mr) {
@@ -423,18 +438,9 @@ impl Shared {
         self.any_dropped.store(true, Ordering::Release);
     }
 
-    /// Registrations dropped but not closed yet.
-    #[cfg(test)]
-    pub(crate) fn dropped_regs(&self) -> usize {
-        self.dropped_regs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
-    }
-
     /// Closes the registrations dropped so far. Called by the owner of the
     /// transport, so never concurrently with its other calls.
-    pub(crate) fn close_dropped_regs(&self) {
+    fn close_dropped_regs(&self) {
         if !self.any_dropped.swap(false, Ordering::AcqRel) {
             return;
         }
@@ -442,63 +448,241 @@ impl Shared {
             std::mem::take(&mut *self.dropped_regs.lock().unwrap_or_else(|e| e.into_inner()));
         for MrPtr(mr) in regs {
             // SAFETY: mr is an open registration of this domain, handed
-            // over once by its FabricReg's Drop and closed only here.
+            // over once by its MemoryRegion's Drop and closed only here.
             unsafe { close_fid(&mut (*mr).fid, "memory registration") };
         }
     }
 
+    /// The raw domain, for registering memory.
+    pub(super) fn raw(&self) -> *mut sys::fid_domain {
+        self.raw
+    }
+}
+
+/// The libfabric objects of one transport: its endpoint (with the
+/// completion queue and address vector bound to it) and its domain. The
+/// endpoint may be closed early ([`close_endpoint`](Self::close_endpoint));
+/// the domain lives until the last registration of it is gone.
+pub(crate) struct FabricObjects {
+    endpoint: Option<Endpoint>,
+    domain: Arc<Domain>,
+}
+
+impl std::fmt::Debug for FabricObjects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FabricObjects")
+            .field("provider", &self.domain.fabric.info.provider())
+            .field("open", &self.endpoint.is_some())
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Domain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Domain")
+            .field("provider", &self.fabric.info.provider())
+            .finish()
+    }
+}
+
+/// Maps libfabric's return code of `what` to a result.
+fn ok(ret: std::ffi::c_int, what: &str) -> Result<(), Error> {
+    if ret != 0 {
+        return Err(fi_error(ret as i64, what));
+    }
+    Ok(())
+}
+
+impl FabricObjects {
+    /// Opens fabric, domain, completion queue, address vector and endpoint
+    /// for the first entry of `info`, binds and enables the endpoint. On
+    /// an error what was opened so far is closed, in order (Drop).
+    pub(crate) fn open(info: Info, cq_size: usize) -> Result<FabricObjects, Error> {
+        let fi = info.first();
+        let mut raw: *mut sys::fid_fabric = ptr::null_mut();
+        // SAFETY: fi is the valid first entry of the list `info` owns;
+        // fabric_attr is set by fi_getinfo.
+        ok(
+            unsafe { sys::kvxfer_fi_fabric((*fi).fabric_attr, &mut raw, ptr::null_mut()) },
+            "fi_fabric",
+        )?;
+        let fabric = Arc::new(Fabric { raw, info });
+
+        let mut raw: *mut sys::fid_domain = ptr::null_mut();
+        // SAFETY: the fabric is open; fi is valid (owned by `fabric`).
+        ok(
+            unsafe { sys::kvxfer_fi_domain(fabric.raw, fi, &mut raw, ptr::null_mut()) },
+            "fi_domain",
+        )?;
+        let domain = Arc::new(Domain {
+            raw,
+            dropped_regs: Mutex::new(Vec::new()),
+            any_dropped: AtomicBool::new(false),
+            fabric,
+        });
+
+        // A wait descriptor lets an idle agent sleep until the provider
+        // has something; providers without one get a CQ without it.
+        let mut cq = None;
+        let mut ret = 0;
+        for wait_obj in [sys::FI_WAIT_FD, sys::FI_WAIT_NONE] {
+            let mut cq_attr = sys::fi_cq_attr {
+                size: cq_size,
+                format: sys::FI_CQ_FORMAT_DATA,
+                wait_obj,
+                ..Default::default()
+            };
+            let mut raw: *mut sys::fid_cq = ptr::null_mut();
+            // SAFETY: the domain is open; cq_attr is a valid attribute struct.
+            ret = unsafe {
+                sys::kvxfer_fi_cq_open(domain.raw, &mut cq_attr, &mut raw, ptr::null_mut())
+            };
+            if ret == 0 {
+                let mut wait_fd: std::ffi::c_int = -1;
+                // SAFETY: raw was just opened with FI_WAIT_FD; wait_fd is a
+                // valid out pointer.
+                if wait_obj != sys::FI_WAIT_FD
+                    || unsafe { sys::kvxfer_fi_cq_wait_fd(raw, &mut wait_fd) } != 0
+                {
+                    wait_fd = -1;
+                }
+                cq = Some(CompletionQueue {
+                    raw,
+                    wait_fd,
+                    domain: domain.clone(),
+                });
+                break;
+            }
+        }
+        let Some(cq) = cq else {
+            return Err(fi_error(ret as i64, "fi_cq_open"));
+        };
+
+        let fi = domain.fabric.info.first();
+        // SAFETY: domain_attr is set by fi_getinfo.
+        let preferred = unsafe { (*(*fi).domain_attr).av_type };
+        let mut av_attr = sys::fi_av_attr {
+            type_: if preferred == sys::FI_AV_UNSPEC {
+                sys::FI_AV_MAP
+            } else {
+                preferred
+            },
+            ..Default::default()
+        };
+        let mut raw: *mut sys::fid_av = ptr::null_mut();
+        // SAFETY: the domain is open; av_attr is valid.
+        ok(
+            unsafe { sys::kvxfer_fi_av_open(domain.raw, &mut av_attr, &mut raw, ptr::null_mut()) },
+            "fi_av_open",
+        )?;
+        let av = AddressVector {
+            raw,
+            _domain: domain.clone(),
+        };
+
+        let mut raw: *mut sys::fid_ep = ptr::null_mut();
+        // SAFETY: the domain is open; fi is valid.
+        ok(
+            unsafe { sys::kvxfer_fi_endpoint(domain.raw, fi, &mut raw, ptr::null_mut()) },
+            "fi_endpoint",
+        )?;
+        let ep = Endpoint { raw, cq, av };
+        // SAFETY: ep, cq and av are open objects of the same domain; a
+        // fid_cq / fid_av starts with its `struct fid`.
+        ok(
+            unsafe {
+                sys::kvxfer_fi_ep_bind(
+                    ep.raw,
+                    &mut (*ep.cq.raw).fid,
+                    (sys::FI_TRANSMIT | sys::FI_RECV) as u64,
+                )
+            },
+            "fi_ep_bind(cq)",
+        )?;
+        // SAFETY: as above.
+        ok(
+            unsafe { sys::kvxfer_fi_ep_bind(ep.raw, &mut (*ep.av.raw).fid, 0) },
+            "fi_ep_bind(av)",
+        )?;
+        // SAFETY: ep is open and bound.
+        ok(unsafe { sys::kvxfer_fi_enable(ep.raw) }, "fi_enable")?;
+        Ok(FabricObjects {
+            endpoint: Some(ep),
+            domain,
+        })
+    }
+
+    /// The domain.
+    pub(crate) fn domain(&self) -> &Arc<Domain> {
+        &self.domain
+    }
+
+    /// Whether the endpoint is open.
+    pub(crate) fn is_open(&self) -> bool {
+        self.endpoint.is_some()
+    }
+
+    /// Registrations dropped but not closed yet.
+    #[cfg(test)]
+    pub(crate) fn dropped_regs(&self) -> usize {
+        self.domain
+            .dropped_regs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// Closes the registrations dropped so far.
+    pub(crate) fn close_dropped_regs(&self) {
+        self.domain.close_dropped_regs();
+    }
+
     /// The endpoint (null once closed).
-    pub(crate) fn ep(&self) -> *mut sys::fid_ep {
-        self.ep.load(Ordering::Relaxed)
+    fn ep(&self) -> *mut sys::fid_ep {
+        self.endpoint.as_ref().map_or(ptr::null_mut(), |e| e.raw)
     }
 
     /// The completion queue (null once closed).
-    pub(crate) fn cq(&self) -> *mut sys::fid_cq {
-        self.cq.load(Ordering::Relaxed)
+    fn cq(&self) -> *mut sys::fid_cq {
+        self.endpoint.as_ref().map_or(ptr::null_mut(), |e| e.cq.raw)
+    }
+
+    /// The address vector (null once closed).
+    fn av(&self) -> *mut sys::fid_av {
+        self.endpoint.as_ref().map_or(ptr::null_mut(), |e| e.av.raw)
+    }
+
+    /// The completion queue's wait descriptor, or -1 where there is none
+    /// (or the endpoint is closed).
+    pub(crate) fn wait_fd(&self) -> std::ffi::c_int {
+        self.endpoint.as_ref().map_or(-1, |e| e.cq.wait_fd)
     }
 
     /// Whether the caller may block on [`wait_fd`](Self::wait_fd) now
     /// (`fi_trywait`): false while the provider has work to be polled.
     pub(crate) fn try_wait(&self) -> bool {
-        let cq = self.cq();
-        if self.wait_fd < 0 || cq.is_null() {
+        let Some(ep) = &self.endpoint else {
+            return false;
+        };
+        if ep.cq.wait_fd < 0 {
             return false;
         }
-        // SAFETY: fabric and cq are open (cq checked above; the fabric
-        // outlives it); the caller owns the transport, so no other call
-        // on the domain runs meanwhile.
-        unsafe { sys::kvxfer_fi_trywait_cq(self.fabric, cq) == 0 }
+        // SAFETY: fabric and cq are open (the cq holds the domain, which
+        // holds the fabric); the caller owns the transport, so no other
+        // call on the domain runs meanwhile.
+        unsafe { sys::kvxfer_fi_trywait_cq(ep.cq.domain.fabric.raw, ep.cq.raw) == 0 }
     }
 
-    /// The address vector (null once closed).
-    pub(crate) fn av(&self) -> *mut sys::fid_av {
-        self.av.load(Ordering::Relaxed)
-    }
-
-    /// Closes the endpoint, then the address vector and completion queue.
+    /// Closes the endpoint, then its address vector and completion queue.
     /// Outstanding operations are discarded; libfabric touches no posted
     /// buffer afterwards. Idempotent.
-    pub(crate) fn close_endpoint(&self) {
-        let ep = self.ep.swap(ptr::null_mut(), Ordering::AcqRel);
-        if !ep.is_null() {
-            // SAFETY: ep was open and is no longer reachable through self.
-            unsafe { close_fid(&mut (*ep).fid, "endpoint") };
-        }
-        let av = self.av.swap(ptr::null_mut(), Ordering::AcqRel);
-        if !av.is_null() {
-            // SAFETY: av was open; the endpoint bound to it is closed.
-            unsafe { close_fid(&mut (*av).fid, "address vector") };
-        }
-        let cq = self.cq.swap(ptr::null_mut(), Ordering::AcqRel);
-        if !cq.is_null() {
-            // SAFETY: cq was open; the endpoint bound to it is closed.
-            unsafe { close_fid(&mut (*cq).fid, "completion queue") };
-        }
+    pub(crate) fn close_endpoint(&mut self) {
+        self.endpoint = None;
     }
 
     /// The endpoint as a `struct fid` pointer (for fi_getname, fi_cancel,
-    /// fi_mr_bind).
-    pub(crate) fn ep_fid(&self) -> *mut sys::fid {
+    /// fi_mr_bind); null once closed.
+    fn ep_fid(&self) -> *mut sys::fid {
         let ep = self.ep();
         if ep.is_null() {
             return ptr::null_mut();
@@ -508,34 +692,6 @@ impl Shared {
         unsafe { ptr::addr_of_mut!((*ep).fid) }
     }
 }
-
-impl Drop for Shared {
-    fn drop(&mut self) {
-        self.close_endpoint();
-        // Nobody else holds this value: the transport and every
-        // registration are gone.
-        self.close_dropped_regs();
-        if !self.domain.is_null() {
-            // SAFETY: every registration holds an Arc<Shared>, so none is
-            // left; the endpoint, AV and CQ are closed.
-            unsafe { close_fid(&mut (*self.domain).fid, "domain") };
-        }
-        if !self.fabric.is_null() {
-            // SAFETY: the domain is closed.
-            unsafe { close_fid(&mut (*self.fabric).fid, "fabric") };
-        }
-    }
-}
-
-/// A raw `void *` that may cross threads (a memory descriptor from
-/// `fi_mr_desc`, only ever passed back to libfabric).
-#[derive(Copy, Clone, Debug)]
-pub(crate) struct Desc(pub(crate) *mut c_void);
-// SAFETY: the descriptor is an opaque token that kvxfer never dereferences;
-// libfabric reads it only in calls that the transport serialises.
-unsafe impl Send for Desc {}
-// SAFETY: as above.
-unsafe impl Sync for Desc {}
 
 #[cfg(test)]
 mod tests {

@@ -1201,11 +1201,21 @@ fn stuck_pair<'l>(
     busy: &'l core::cell::Cell<u64>,
     cancels: bool,
 ) -> (Engine<'static, Stuck<'l>>, heapless::Vec<u8, 256>) {
+    stuck_pair_with(log, busy, cancels, test_config())
+}
+
+/// [`stuck_pair`], alice with `config`.
+fn stuck_pair_with<'l>(
+    log: &'l core::cell::RefCell<heapless::Vec<(&'static str, u64), 16>>,
+    busy: &'l core::cell::Cell<u64>,
+    cancels: bool,
+    config: EngineConfig,
+) -> (Engine<'static, Stuck<'l>>, heapless::Vec<u8, 256>) {
     let mut md = [0u8; 256];
     let mut bob = new_eng("bob", Stuck { log, busy, cancels }, test_config()).unwrap();
     bob.register(Region::dram(0x9000, 64)).unwrap();
     let n = bob.local_metadata(&mut md).unwrap();
-    let mut a = new_eng("alice", Stuck { log, busy, cancels }, test_config()).unwrap();
+    let mut a = new_eng("alice", Stuck { log, busy, cancels }, config).unwrap();
     a.register(Region::dram(0x1000, 64)).unwrap();
     a.register(Region::dram(0x2000, 64)).unwrap();
     a.load_remote(&md[..n]).unwrap();
@@ -1292,4 +1302,173 @@ fn a_failed_peer_keeps_transfers_its_transport_cannot_cancel() {
     assert_eq!(a.state(h), Ok(XferState::InProgress));
     assert_eq!(a.in_flight(), 1);
     assert_eq!(a.release(h), Err(Error::InProgress { handle: h }));
+}
+
+/// The deadline the tests below use: 5 ms.
+const DEADLINE: Duration = Duration::from_millis(5);
+const DEADLINE_NS: u64 = 5_000_000;
+
+fn deadline_config() -> EngineConfig {
+    test_config().with_deadline(Some(DEADLINE))
+}
+
+/// Alice over a fault injector with a 5 ms deadline, bob loaded into it.
+fn faulty_deadline(mem: &Mem) -> (FEng<'_>, Eng<'_>) {
+    let inner = FaultInjector::new(Loopback::new(mem, 1), FaultPlan::default());
+    let mut a = new_eng("alice", inner, deadline_config()).unwrap();
+    let mut b = new_eng("bob", Loopback::new(mem, 2), test_config()).unwrap();
+    connect(&mut a, &mut b, false);
+    (a, b)
+}
+
+#[test]
+fn a_transfer_times_out_at_its_deadline_not_before() {
+    let mem = Mem::new(BASE);
+    let (mut a, _b) = faulty_deadline(&mem);
+    let h = write8(&mut a, B, None).unwrap();
+    a.transport_mut().delay_next_completion(1000);
+    let t0 = 1_000;
+    assert_eq!(a.post(h, now(t0)), Ok(XferState::InProgress));
+    assert_eq!(a.poll_timeout(), Some(now(t0 + DEADLINE_NS)));
+    assert_eq!(a.poll(now(t0 + DEADLINE_NS - 1)), 0);
+    assert_eq!(a.state(h), Ok(XferState::InProgress));
+    assert_eq!(a.in_flight(), 1);
+    assert_eq!(a.poll(now(t0 + DEADLINE_NS)), 1);
+    assert_eq!(
+        a.state(h),
+        Ok(XferState::Failed(Error::TimedOut { after_ms: 5 }))
+    );
+    assert_eq!(
+        a.telemetry(h).unwrap().completed_at,
+        Some(now(t0 + DEADLINE_NS))
+    );
+    assert_eq!(a.in_flight(), 0);
+    assert_eq!(a.peer_activity("bob").unwrap().in_flight, 0);
+    assert_eq!(a.poll_timeout(), None);
+    // The transport was told to abandon it: its held completion is gone.
+    assert_eq!(a.transport().held(), 0);
+    // A timed-out transfer may be posted again, with a new deadline.
+    let t1 = t0 + DEADLINE_NS + 7;
+    assert_eq!(a.post(h, now(t1)), Ok(XferState::InProgress));
+    assert_eq!(a.poll_timeout(), Some(now(t1 + DEADLINE_NS)));
+    assert_eq!(a.poll(now(t1 + 1)), 1);
+    assert_eq!(a.state(h), Ok(XferState::Done));
+    assert_eq!(a.poll(now(t1 + 2 * DEADLINE_NS)), 0);
+    assert_eq!(a.state(h), Ok(XferState::Done));
+}
+
+#[test]
+fn a_completion_already_there_at_the_deadline_wins() {
+    let mem = Mem::new(BASE);
+    let (mut a, _b) = faulty_deadline(&mem);
+    let h = write8(&mut a, B, None).unwrap();
+    a.post(h, now(0)).unwrap();
+    assert_eq!(a.poll(now(DEADLINE_NS)), 1);
+    assert_eq!(a.state(h), Ok(XferState::Done));
+}
+
+#[test]
+fn a_completion_after_the_timeout_is_ignored() {
+    let mem = Mem::new(BASE);
+    let (mut a, _b) = faulty_deadline(&mem);
+    let h = write8(&mut a, B, None).unwrap();
+    a.transport_mut().delay_next_completion(1000);
+    a.post(h, now(0)).unwrap();
+    let token = current_token(&a, h);
+    assert_eq!(a.poll(now(DEADLINE_NS + 1_000_000)), 1);
+    let timed_out = Ok(XferState::Failed(Error::TimedOut { after_ms: 6 }));
+    assert_eq!(a.state(h), timed_out);
+    let ignored = a.ignored_completions();
+    a.transport_mut()
+        .inject_completion(Completion {
+            token,
+            result: Ok(()),
+        })
+        .unwrap();
+    assert_eq!(a.poll(now(DEADLINE_NS + 2_000_000)), 0);
+    assert_eq!(a.ignored_completions(), ignored + 1);
+    assert_eq!(a.state(h), timed_out);
+    assert_eq!(a.in_flight(), 0);
+}
+
+#[test]
+fn a_transfer_the_transport_cannot_abandon_yet_is_retried() {
+    let mem = Mem::new(BASE);
+    let (mut a, _b) = faulty_deadline(&mem);
+    let h = write8(&mut a, B, None).unwrap();
+    a.transport_mut().delay_next_completion(1000);
+    a.post(h, now(0)).unwrap();
+    a.transport_mut().set_cancel_unsupported(true);
+    assert_eq!(a.poll(now(DEADLINE_NS)), 0);
+    // Still in flight: its memory stays registered and busy.
+    assert_eq!(a.state(h), Ok(XferState::InProgress));
+    assert_eq!(a.in_flight(), 1);
+    assert!(a.deregister(A).is_err());
+    let retry = DEADLINE_NS + 1_000_000;
+    assert_eq!(a.poll_timeout(), Some(now(retry)));
+    a.transport_mut().set_cancel_unsupported(false);
+    assert_eq!(a.poll(now(retry - 1)), 0, "not retried before its time");
+    assert_eq!(a.state(h), Ok(XferState::InProgress));
+    assert_eq!(a.poll(now(retry)), 1);
+    assert_eq!(
+        a.state(h),
+        Ok(XferState::Failed(Error::TimedOut { after_ms: 6 }))
+    );
+    assert_eq!(a.poll_timeout(), None);
+    a.release(h).unwrap();
+    assert_eq!(a.deregister(A), Ok(Region::dram(A, LEN)));
+}
+
+#[test]
+fn poll_timeout_is_the_earliest_deadline_in_flight() {
+    let log = core::cell::RefCell::new(heapless::Vec::new());
+    let busy = core::cell::Cell::new(0);
+    let w = |a: &mut Engine<'static, Stuck<'_>>, at: u64| {
+        a.prepare(
+            XferOp::Write,
+            &[Desc::new(at, 8)],
+            &[Desc::new(0x9000, 8)],
+            "bob",
+            None,
+        )
+        .unwrap()
+    };
+    // No deadline configured: never a timeout, transfers stay in flight.
+    let (mut a, _) = stuck_pair(&log, &busy, true);
+    let h = w(&mut a, 0x1000);
+    a.post(h, now(0)).unwrap();
+    assert_eq!(a.poll_timeout(), None);
+    assert_eq!(a.poll(now(u64::MAX)), 0);
+    assert_eq!(a.state(h), Ok(XferState::InProgress));
+    drop(a);
+
+    let (mut a, _) = stuck_pair_with(&log, &busy, true, deadline_config());
+    assert_eq!(a.poll_timeout(), None, "nothing in flight");
+    let (h1, h2) = (w(&mut a, 0x1000), w(&mut a, 0x2000));
+    a.post(h2, now(20)).unwrap();
+    assert_eq!(a.poll_timeout(), Some(now(20 + DEADLINE_NS)));
+    a.post(h1, now(10)).unwrap();
+    assert_eq!(a.poll_timeout(), Some(now(10 + DEADLINE_NS)));
+    log.borrow_mut().clear();
+    assert_eq!(a.poll(now(15 + DEADLINE_NS)), 1);
+    assert_eq!(
+        a.state(h1),
+        Ok(XferState::Failed(Error::TimedOut { after_ms: 5 }))
+    );
+    assert_eq!(a.state(h2), Ok(XferState::InProgress));
+    assert_eq!(a.poll_timeout(), Some(now(20 + DEADLINE_NS)));
+    assert_eq!(log.borrow().iter().filter(|e| e.0 == "cancel").count(), 1);
+    // A peer declared failed first: its transfers fail as disconnected,
+    // and no deadline remains to wait for.
+    assert_eq!(a.fail_peer("bob", now(16 + DEADLINE_NS)), Ok(1));
+    assert_eq!(
+        a.state(h2),
+        Ok(XferState::Failed(Error::disconnected("bob")))
+    );
+    assert_eq!(a.poll_timeout(), None);
+    assert_eq!(a.poll(now(u64::MAX)), 0);
+    assert_eq!(
+        a.state(h2),
+        Ok(XferState::Failed(Error::disconnected("bob")))
+    );
 }
