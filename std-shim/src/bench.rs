@@ -1229,12 +1229,15 @@ fn measure(
     };
     let prep_ms = prep_started.elapsed().as_secs_f64() * 1e3;
     let path = match (opts.mem, agent.vram_path().step(prep_step)?) {
-        (MemKind::Vram, "native") => {
-            format!("{} with VRAM registered natively", agent.backend().name())
-        }
+        (MemKind::Vram, "native") => format!(
+            "{} with VRAM registered natively ({})",
+            agent.backend().name(),
+            agent.vram_reason().step(prep_step)?
+        ),
         (MemKind::Vram, "staged") => format!(
-            "{}, VRAM staged through pinned host memory",
-            agent.peer_path(&peer).step(prep_step)?
+            "{}, VRAM staged through pinned host memory ({})",
+            agent.peer_path(&peer).step(prep_step)?,
+            agent.vram_reason().step(prep_step)?
         ),
         _ => agent.peer_path(&peer).step(prep_step)?.to_string(),
     };

@@ -279,7 +279,8 @@ pub struct AgentConfig {
 }
 
 /// Table sizes of an agent by default, fit for an engine with a KV cache of
-/// many layers and blocks: about 65 MiB of tables, written once at
+/// many layers and blocks: about 65 MiB of tables (70 MiB for CUDA_IPC,
+/// whose remote keys are larger), written once at
 /// [`Agent::new`](crate::Agent::new) (`Capacities::bytes` computes it for
 /// any sizes).
 ///
@@ -553,11 +554,19 @@ impl AgentConfig {
     /// defaults, with [`provider`](Self::provider) applied when set. A
     /// provider left unset here is chosen by the
     /// transport (`KVXFER_LIBFABRIC_PROVIDER`, else the first usable one).
+    /// Without a configuration of its own ([`fabric`](Self::fabric)),
+    /// native VRAM (`FI_HMEM`, [`FabricConfig::native_vram`]) is asked for
+    /// where a CUDA driver is.
     #[cfg(feature = "libfabric")]
     pub fn effective_fabric_config(&self) -> FabricConfig {
         let mut c = self.fabric.clone().unwrap_or_default();
         if let Some(p) = &self.provider {
             c.provider = Some(p.clone());
+        }
+        // VRAM through the provider (FI_HMEM) where a CUDA driver is.
+        #[cfg(feature = "cuda")]
+        if self.fabric.is_none() {
+            c.native_vram = kvxfer_cuda::driver_present();
         }
         c
     }
@@ -596,7 +605,7 @@ mod tests {
     fn unsupported(value: &str) -> Error {
         Error::UnsupportedBackend {
             value: kvxfer_core::error::bounded(value),
-            supported: "UCX, LIBFABRIC",
+            supported: BUILT_IN,
         }
     }
 

@@ -51,6 +51,7 @@ mod rails;
 pub mod side_channel;
 pub mod sweep;
 pub mod tcp_baseline;
+mod vram;
 mod wake;
 
 pub use agent::{Agent, AgentEngine, WaitOutcome, XferRequest};

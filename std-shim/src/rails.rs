@@ -19,12 +19,19 @@ pub(crate) fn fabric_rails(
     use kvxfer_libfabric::FabricTransport;
     let names = cfg.effective_rails();
     let mut rails = Vec::new();
+    let open = |c: &kvxfer_libfabric::FabricConfig| -> Result<FabricTransport, Error> {
+        #[allow(unused_mut)]
+        let mut t = FabricTransport::new(c)?;
+        #[cfg(feature = "cuda")]
+        crate::vram::probe_fabric(&mut t);
+        Ok(t)
+    };
     if names.is_empty() {
-        rails.push((String::new(), FabricTransport::new(fabric)?));
+        rails.push((String::new(), open(fabric)?));
     }
     for iface in &names {
         let c = fabric.clone().with_interface(iface);
-        rails.push((iface.clone(), FabricTransport::new(&c)?));
+        rails.push((iface.clone(), open(&c)?));
     }
     if rails.len() > 1 {
         log::info!(

@@ -162,7 +162,7 @@ enum Cmd {
 enum Mem {
     /// Host memory.
     Dram,
-    /// GPU memory (kvxfer built with --features cuda).
+    /// GPU memory (the cuda feature, on by default, and a CUDA driver).
     Vram,
 }
 
@@ -309,9 +309,6 @@ fn info_libfabric() {
     let (major, minor) = kvxfer_libfabric::version();
     let usable = kvxfer_libfabric::usable_providers();
     println!("LIBFABRIC: built in; libfabric {major}.{minor}");
-    if cfg!(feature = "cuda") {
-        println!("  VRAM: staged through pinned host memory (FI_HMEM is not used yet)");
-    }
     if usable.is_empty() {
         println!(
             "  no provider offers FI_EP_RDM with FI_RMA here (Debian: apt-get install libfabric1; \
@@ -330,6 +327,14 @@ fn info_libfabric() {
         match kvxfer::Agent::new("kvxfer-info", cfg) {
             Ok(a) => {
                 println!("  {p}: usable (RDM + RMA), transport opens");
+                if cfg!(feature = "cuda") {
+                    let path = match a.vram_path() {
+                        Ok("native") => "native (FI_HMEM_CUDA)",
+                        _ => "staged through pinned host memory",
+                    };
+                    let why = a.vram_reason().unwrap_or_else(|e| e.to_string());
+                    println!("    VRAM: {path}: {why}");
+                }
                 a.shutdown();
             }
             Err(e) => println!("  {p}: offered, but the transport fails: {e}"),

@@ -183,12 +183,19 @@ impl Info {
     /// provider `prov` (libfabric's spelling, e.g. `tcp;ofi_rxm`). On
     /// failure returns libfabric's negative code.
     pub(crate) fn get(prov: &str) -> Result<Info, i64> {
-        Info::get_on(prov, None)
+        Info::get_with(prov, None, 0, 0)
     }
 
     /// As [`Info::get`], on the domain named `domain` only when given (for
-    /// the `tcp` and `verbs` providers, the network interface or device).
-    pub(crate) fn get_on(prov: &str, domain: Option<&str>) -> Result<Info, i64> {
+    /// the `tcp` and `verbs` providers, the network interface or device),
+    /// asking also for the capabilities `caps` (such as `FI_HMEM`) and
+    /// accepting the `mr_mode` bits `mr_mode`.
+    pub(crate) fn get_with(
+        prov: &str,
+        domain: Option<&str>,
+        caps: u64,
+        mr_mode: u32,
+    ) -> Result<Info, i64> {
         let prov_c = CString::new(prov).map_err(|_| -(sys::FI_EINVAL as i64))?;
         let domain_c = domain
             .map(CString::new)
@@ -204,11 +211,11 @@ impl Info {
         // fi_allocinfo above and are exclusively ours until fi_freeinfo. The
         // provider name is strdup'ed so that fi_freeinfo can free() it.
         unsafe {
-            (*hints).caps = CAPS;
+            (*hints).caps = CAPS | caps;
             (*hints).mode = sys::FI_CONTEXT | sys::FI_CONTEXT2;
             (*(*hints).ep_attr).type_ = sys::FI_EP_RDM;
             let dom = &mut *(*hints).domain_attr;
-            dom.mr_mode = MR_MODE_SUPPORTED as i32;
+            dom.mr_mode = (MR_MODE_SUPPORTED | mr_mode) as i32;
             dom.threading = sys::FI_THREAD_DOMAIN;
             if prov == "sockets" {
                 // kvxfer drives progress itself (every poll reads the
