@@ -21,6 +21,7 @@ pub mod desc;
 pub mod engine;
 pub mod error;
 pub mod mem;
+pub mod rails;
 pub mod registry;
 pub mod storage;
 pub mod time;

@@ -59,6 +59,7 @@ pub const ENV_TRANSFER_TIMEOUT_MS: &str = "KVXFER_TRANSFER_TIMEOUT_MS";
 /// Per-transfer deadline by default ([`AgentConfig::transfer_timeout`]).
 pub const DEFAULT_TRANSFER_TIMEOUT: Duration = Duration::from_secs(5);
 
+#[allow(unused_imports)] // empty without ucx and libfabric
 pub use crate::backends::settings::*;
 pub use crate::backends::{BackendKind, BUILT_IN};
 
@@ -233,10 +234,16 @@ pub struct AgentConfig {
     /// this address (`host:port`). `Some(None)`: no endpoint; `None` (the
     /// default): `KVXFER_METRICS_ADDR` if set, else no endpoint.
     pub metrics_addr: Option<Option<String>>,
+    /// Network interfaces to reach peers over, one rail each (libfabric:
+    /// one domain and endpoint per interface; see `kvxfer_rails`). `None`
+    /// (the default): `KVXFER_RAILS` (comma separated), else one endpoint
+    /// as the provider chooses.
+    pub rails: Option<Vec<String>>,
 }
 
 /// Table sizes of an agent by default, fit for an engine with a KV cache of
-/// many layers and blocks: about 65 MiB of tables, written once at
+/// many layers and blocks: about 65 MiB of tables (70 MiB for CUDA_IPC,
+/// whose remote keys are larger), written once at
 /// [`Agent::new`](crate::Agent::new) (`Capacities::bytes` computes it for
 /// any sizes).
 ///
@@ -288,6 +295,7 @@ impl Default for AgentConfig {
             backends: crate::backends::BackendConfigs::default(),
             metrics: None,
             metrics_addr: None,
+            rails: None,
         }
     }
 }
@@ -309,6 +317,7 @@ impl fmt::Debug for AgentConfig {
             .field("auth_key", &self.auth_key.as_ref().map(|_| "<set>"))
             .field("transfer_timeout", &self.transfer_timeout)
             .field("keepalive", &self.keepalive)
+            .field("rails", &self.rails)
             .field("backends", &self.backends)
             .field("metrics", &self.metrics)
             .field("metrics_addr", &self.metrics_addr);
@@ -442,6 +451,22 @@ impl AgentConfig {
         Ok(t.filter(|d| !d.is_zero()))
     }
 
+    /// The rails in effect: [`rails`](Self::rails), else `KVXFER_RAILS`;
+    /// empty for one endpoint as the provider chooses.
+    pub fn effective_rails(&self) -> Vec<String> {
+        match &self.rails {
+            Some(r) => r.clone(),
+            None => kvxfer_rails::rails_from_env().unwrap_or_default(),
+        }
+    }
+
+    /// This configuration over the network interfaces `names`, one rail
+    /// each (see [`rails`](Self::rails)).
+    pub fn with_rails(mut self, names: &[&str]) -> Self {
+        self.rails = Some(names.iter().map(|s| (*s).to_owned()).collect());
+        self
+    }
+
     /// The side-channel key in effect: the configured one, else
     /// `KVXFER_AUTH_KEY`; `None` when neither is set or it is empty.
     pub fn effective_auth_key(&self) -> Option<Vec<u8>> {
@@ -476,7 +501,7 @@ mod tests {
     fn unsupported(value: &str) -> Error {
         Error::UnsupportedBackend {
             value: kvxfer_core::error::bounded(value),
-            supported: "UCX, LIBFABRIC",
+            supported: BUILT_IN,
         }
     }
 

@@ -13,9 +13,10 @@
 //! HTTP (`KVXFER_METRICS_ADDR`).
 //!
 //! Cargo features: `ucx`, `libfabric`, `cli` (the `kvxfer` tool, see
-//! [`bench`](mod@bench)) by default; `cuda` (the CUDA_IPC backend and VRAM
-//! staged through pinned host memory) and `etcd` (discovery, `etcd`
-//! module) when asked for.
+//! [`bench`](mod@bench)) and `cuda` (the CUDA_IPC backend, VRAM registered
+//! by UCX or libfabric or staged through pinned host memory; the driver is
+//! loaded at run time) by default; `etcd` (discovery, `etcd` module) when
+//! asked for.
 #![deny(missing_docs)]
 // kvxfer's one error type is allocation-free (bounded strings), hence large.
 #![allow(clippy::result_large_err)]
@@ -31,15 +32,18 @@ pub mod backends;
 pub mod bench;
 pub mod clock;
 pub mod config;
+pub use kvxfer_rails::{RailState, RailStats};
 #[cfg(feature = "etcd")]
 pub mod etcd;
 mod keepalive;
 mod meter;
 pub mod metrics;
 mod note_auth;
+mod rails;
 pub mod side_channel;
 pub mod sweep;
 pub mod tcp_baseline;
+mod vram;
 mod wake;
 
 pub use agent::{Agent, AgentEngine, WaitOutcome, XferRequest};

@@ -270,3 +270,41 @@ fn info_reports_every_backend() {
     let at = |p: &str| lines.iter().position(|l| l.starts_with(p)).unwrap();
     assert!(at("UCX:") < at("LIBFABRIC:") && at("LIBFABRIC:") < at("CUDA_IPC:"));
 }
+
+/// CUDA support is in the default build; without a driver VRAM and
+/// CUDA_IPC are refused up front naming the cause, and `kvxfer info` says
+/// there is no GPU. With a driver, `kvxfer info` lists the GPUs.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_without_a_driver_says_so() {
+    let info = Command::new(KVXFER)
+        .arg("info")
+        .output()
+        .expect("kvxfer info");
+    let info = String::from_utf8_lossy(&info.stdout);
+    if kvxfer_cuda::driver_present() {
+        assert!(info.contains("\n  GPU 0: "), "{info}");
+        return;
+    }
+    assert!(
+        info.contains(
+            "CUDA: no driver (libcuda.so.1 not found): VRAM and CUDA_IPC need an NVIDIA GPU and \
+             its driver"
+        ),
+        "{info}"
+    );
+    let (code, last) = last_line(&["bench"], &[("KVXFER_BACKEND", "CUDA_IPC")]);
+    assert_eq!(
+        last,
+        "kvxfer bench: backend CUDA_IPC: no CUDA driver found (libcuda.so.1); it needs an \
+         NVIDIA GPU and its driver"
+    );
+    assert_eq!(code, 2);
+    let (code, last) = last_line(&["bench", "--mem", "vram"], &[]);
+    assert_eq!(
+        last,
+        "kvxfer bench: --mem vram: no CUDA driver found (libcuda.so.1); VRAM needs an NVIDIA GPU \
+         and its driver"
+    );
+    assert_eq!(code, 2);
+}

@@ -493,6 +493,28 @@ impl Agent {
         Ok(on_engine!(b, e => AgentTransport::vram_path(e.transport())))
     }
 
+    /// Why VRAM takes the path [`vram_path`](Self::vram_path) names: for
+    /// UCX and libfabric, whether the library registers CUDA memory itself
+    /// (libfabric: whether the provider offers `FI_HMEM` and accepted a
+    /// probe registration), or what keeps VRAM on the staged path (no
+    /// CUDA driver, `KVXFER_UCX_NATIVE_VRAM=0`,
+    /// `KVXFER_LIBFABRIC_NATIVE_VRAM=0`, ...).
+    pub fn vram_reason(&self) -> Result<String, Error> {
+        let mut st = self.inner().lock();
+        let b = st.backend()?;
+        Ok(on_engine!(b, e => AgentTransport::vram_reason(e.transport())))
+    }
+
+    /// Bytes, failures and state of each network rail; empty unless the
+    /// libfabric backend runs over several rails ([`AgentConfig::rails`]).
+    pub fn rail_stats(&self) -> Vec<kvxfer_rails::RailStats> {
+        let mut st = self.inner().lock();
+        match st.backend() {
+            Ok(b) => on_engine!(b, e => AgentTransport::rail_stats(e.transport())),
+            Err(_) => Vec::new(),
+        }
+    }
+
     /// The side-channel key in force ([`AgentConfig::effective_auth_key`]).
     #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     pub(crate) fn auth_key(&self) -> Option<Vec<u8>> {

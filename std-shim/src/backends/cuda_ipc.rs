@@ -73,5 +73,9 @@ mod imp {
         fn vram_path(&self) -> &'static str {
             "cuda-ipc"
         }
+
+        fn vram_reason(&self) -> String {
+            "CUDA_IPC maps the peer's VRAM with CUDA IPC handles".to_string()
+        }
     }
 }

@@ -1,5 +1,7 @@
-//! libfabric (OFI): [`kvxfer_libfabric`] under same-host cross-memory
-//! attach and, with the `cuda` feature, VRAM staging.
+//! libfabric (OFI): [`kvxfer_libfabric`] over one endpoint or one per
+//! network rail ([`kvxfer_rails`]), under same-host cross-memory attach
+//! and, with the `cuda` feature, VRAM staging where the provider does not
+//! register CUDA memory itself (`FI_HMEM`).
 
 use super::Descriptor;
 
@@ -13,6 +15,9 @@ pub(super) const DESCRIPTOR: Descriptor = Descriptor {
         "AgentConfig::with_provider",
         "AgentConfig::with_fabric_config",
         "KVXFER_LIBFABRIC_PROVIDER",
+        "KVXFER_LIBFABRIC_NATIVE_VRAM",
+        "AgentConfig::with_rails",
+        "KVXFER_RAILS",
         "FI_* (libfabric's own)",
     ],
 };
@@ -32,8 +37,12 @@ mod imp {
     };
     use crate::config::AgentConfig;
 
+    /// libfabric over one endpoint, or one per network rail
+    /// ([`AgentConfig::rails`]).
+    pub(crate) type FabricRails = kvxfer_rails::Rails<FabricTransport>;
+
     /// The transport the agent drives.
-    pub(crate) type Transport = HostMemory<FabricTransport>;
+    pub(crate) type Transport = HostMemory<FabricRails>;
     /// libfabric's own settings in an [`AgentConfig`].
     pub(crate) type Config = FabricConfig;
 
@@ -52,7 +61,8 @@ mod imp {
     ) -> Result<Transport, Error> {
         let fc = cfg.effective_fabric_config();
         log::debug!("{name}: libfabric transport with {fc:?}");
-        Ok(host_memory(FabricTransport::new(&fc)?, cfg, deadline))
+        let t = crate::rails::fabric_rails(name, &fc, cfg)?;
+        Ok(host_memory(t, cfg, deadline))
     }
 
     /// A provider (`provider`, else `KVXFER_LIBFABRIC_PROVIDER`) that
@@ -87,9 +97,6 @@ mod imp {
         let (major, minor) = kvxfer_libfabric::version();
         let usable = kvxfer_libfabric::usable_providers();
         let mut out = format!("LIBFABRIC: built in; libfabric {major}.{minor}\n");
-        if cfg!(feature = "cuda") {
-            out += "  VRAM: staged through pinned host memory (FI_HMEM is not used yet)\n";
-        }
         if usable.is_empty() {
             out += "  no provider offers FI_EP_RDM with FI_RMA here (Debian: apt-get install \
                     libfabric1; verbs/efa need their drivers; `fi_info -l` lists providers)\n";
@@ -106,9 +113,39 @@ mod imp {
             match crate::Agent::new("kvxfer-info", cfg) {
                 Ok(a) => {
                     out += &format!("  {p}: usable (RDM + RMA), transport opens\n");
+                    if cfg!(feature = "cuda") {
+                        let path = match a.vram_path() {
+                            Ok("native") => "native (FI_HMEM_CUDA)",
+                            _ => "staged through pinned host memory",
+                        };
+                        let why = a.vram_reason().unwrap_or_else(|e| e.to_string());
+                        out += &format!("    VRAM: {path}: {why}\n");
+                    }
                     a.shutdown();
                 }
                 Err(e) => out += &format!("  {p}: offered, but the transport fails: {e}\n"),
+            }
+        }
+        // KVXFER_RAILS: one endpoint per interface, each opened here.
+        let rails = AgentConfig::default().effective_rails();
+        if !rails.is_empty() {
+            let cfg = AgentConfig::default()
+                .with_backend("LIBFABRIC")
+                .with_listen(None);
+            match crate::Agent::new("kvxfer-info", cfg) {
+                Ok(a) => {
+                    for r in a.rail_stats() {
+                        out += &format!(
+                            "  rail {}: {}, {} bytes, {} failures\n",
+                            r.name,
+                            r.state.name(),
+                            r.bytes,
+                            r.failures
+                        );
+                    }
+                    a.shutdown();
+                }
+                Err(e) => out += &format!("  rails {}: {e}\n", rails.join(",")),
             }
         }
         out
@@ -133,6 +170,19 @@ mod imp {
         fn vram_path(&self) -> &'static str {
             host_memory_vram_path(self)
         }
+
+        #[cfg(feature = "cuda")]
+        fn vram_reason(&self) -> String {
+            match local_of(self).inner().rail(0) {
+                // Every rail is opened and probed alike: the first speaks for all.
+                Some(t) => crate::vram::fabric_reason(t),
+                None => "libfabric has no rail open".to_string(),
+            }
+        }
+
+        fn rail_stats(&self) -> Vec<kvxfer_rails::RailStats> {
+            crate::rails::stats(local_of(self).inner())
+        }
     }
 
     impl AgentConfig {
@@ -154,10 +204,19 @@ mod imp {
         /// else the defaults, with [`provider`](Self::provider) applied
         /// when set. A provider left unset here is chosen by the transport
         /// (`KVXFER_LIBFABRIC_PROVIDER`, else the first usable one).
+        /// Without a configuration of its own
+        /// ([`fabric_config`](Self::fabric_config)), native VRAM
+        /// (`FI_HMEM`, [`FabricConfig::native_vram`]) is asked for where a
+        /// CUDA driver is.
         pub fn effective_fabric_config(&self) -> FabricConfig {
             let mut c = self.backends.libfabric.clone().unwrap_or_default();
             if let Some(p) = &self.provider {
                 c.provider = Some(p.clone());
+            }
+            // VRAM through the provider (FI_HMEM) where a CUDA driver is.
+            #[cfg(feature = "cuda")]
+            if self.backends.libfabric.is_none() {
+                c.native_vram = kvxfer_cuda::driver_present();
             }
             c
         }
@@ -169,6 +228,8 @@ mod imp {
         fn descriptor_names_the_crates_settings() {
             let d = super::super::DESCRIPTOR;
             assert!(d.settings.contains(&kvxfer_libfabric::PROVIDER_ENV));
+            assert!(d.settings.contains(&kvxfer_libfabric::NATIVE_VRAM_ENV));
+            assert!(d.settings.contains(&kvxfer_rails::ENV_RAILS));
         }
     }
 }

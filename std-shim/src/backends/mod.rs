@@ -347,6 +347,18 @@ pub(crate) trait AgentTransport: Transport {
 
     /// How VRAM moves: see [`Agent::vram_path`](crate::Agent::vram_path).
     fn vram_path(&self) -> &'static str;
+
+    /// Why VRAM moves as [`vram_path`](Self::vram_path) says: see
+    /// [`Agent::vram_reason`](crate::Agent::vram_reason).
+    fn vram_reason(&self) -> String {
+        "this kvxfer is built without the cuda feature".to_string()
+    }
+
+    /// Bytes, failures and state of each network rail: see
+    /// [`Agent::rail_stats`](crate::Agent::rail_stats).
+    fn rail_stats(&self) -> Vec<kvxfer_rails::RailStats> {
+        Vec::new()
+    }
 }
 
 /// A new engine over `transport`, with tables sized from `cfg` and

@@ -132,6 +132,11 @@ mod imp {
         fn vram_path(&self) -> &'static str {
             host_memory_vram_path(self)
         }
+
+        #[cfg(feature = "cuda")]
+        fn vram_reason(&self) -> String {
+            crate::vram::ucx_reason(local_of(self).inner())
+        }
     }
 
     impl AgentConfig {

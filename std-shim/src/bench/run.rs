@@ -158,12 +158,15 @@ fn measure(
     };
     let prep_ms = prep_started.elapsed().as_secs_f64() * 1e3;
     let path = match (opts.mem, agent.vram_path().step(prep_step)?) {
-        (MemKind::Vram, "native") => {
-            format!("{} with VRAM registered natively", agent.backend().name())
-        }
+        (MemKind::Vram, "native") => format!(
+            "{} with VRAM registered natively ({})",
+            agent.backend().name(),
+            agent.vram_reason().step(prep_step)?
+        ),
         (MemKind::Vram, "staged") => format!(
-            "{}, VRAM staged through pinned host memory",
-            agent.peer_path(&peer).step(prep_step)?
+            "{}, VRAM staged through pinned host memory ({})",
+            agent.peer_path(&peer).step(prep_step)?,
+            agent.vram_reason().step(prep_step)?
         ),
         _ => agent.peer_path(&peer).step(prep_step)?.to_string(),
     };
@@ -305,10 +308,28 @@ fn measure(
     drop(discovery);
     drop(buf);
     let backend = agent.backend().name().to_string();
+    let rails = agent.rail_stats();
     agent.shutdown();
 
     lat.sort_unstable();
     let bytes = measured * total;
+    let path = if rails.is_empty() {
+        path
+    } else {
+        let each: Vec<String> = rails
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {} {} MiB {} failures",
+                    r.name,
+                    r.state.name(),
+                    r.bytes >> 20,
+                    r.failures
+                )
+            })
+            .collect();
+        format!("{path} over {} rails ({})", rails.len(), each.join(", "))
+    };
     Ok(BenchReport {
         backend,
         op: opts.op.name(),

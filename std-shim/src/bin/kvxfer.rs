@@ -34,6 +34,10 @@ enum Cmd {
         /// libfabric provider, e.g. "tcp;ofi_rxm" or "shm".
         #[arg(long)]
         provider: Option<String>,
+        /// Network interfaces to use as rails, comma separated (libfabric;
+        /// sets KVXFER_RAILS).
+        #[arg(long, value_name = "IF,IF,...")]
+        rails: Option<String>,
         /// Size of the served buffer (units B, KiB, MiB, GiB).
         #[arg(long, default_value = "64MiB", value_parser = bench::parse_size)]
         size: u64,
@@ -81,6 +85,10 @@ enum Cmd {
         /// libfabric provider, e.g. "tcp;ofi_rxm" or "shm".
         #[arg(long)]
         provider: Option<String>,
+        /// Network interfaces to use as rails, comma separated (libfabric;
+        /// sets KVXFER_RAILS).
+        #[arg(long, value_name = "IF,IF,...")]
+        rails: Option<String>,
         /// Direction.
         #[arg(long, value_enum, default_value = "write")]
         op: Op,
@@ -154,7 +162,7 @@ enum Cmd {
 enum Mem {
     /// Host memory.
     Dram,
-    /// GPU memory (kvxfer built with --features cuda).
+    /// GPU memory (the cuda feature, on by default, and a CUDA driver).
     Vram,
 }
 
@@ -378,6 +386,7 @@ fn main() -> ExitCode {
             listen,
             backend,
             provider,
+            rails,
             size,
             name,
             etcd,
@@ -387,6 +396,7 @@ fn main() -> ExitCode {
             device,
             metrics_addr,
         } => {
+            set_rails(rails.as_deref());
             let stop = Arc::new(AtomicBool::new(false));
             bench::stop_on_stdin_eof(Arc::clone(&stop));
             let opts = TargetOptions {
@@ -421,6 +431,7 @@ fn main() -> ExitCode {
             target_name,
             backend,
             provider,
+            rails,
             op,
             block_size,
             blocks,
@@ -439,6 +450,7 @@ fn main() -> ExitCode {
             out,
             metrics_addr,
         } => {
+            set_rails(rails.as_deref());
             let opts = BenchOptions {
                 peer,
                 etcd,
@@ -485,4 +497,17 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `--rails`: the interfaces for this process and a target it spawns.
+fn set_rails(rails: Option<&str>) {
+    if let Some(r) = rails {
+        // Set before any agent or thread of this process starts.
+        std::env::set_var(kvxfer_rails_env(), r);
+    }
+}
+
+/// The variable `--rails` sets.
+fn kvxfer_rails_env() -> &'static str {
+    "KVXFER_RAILS"
 }
