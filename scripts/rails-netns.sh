@@ -25,10 +25,10 @@ up)
         ip link set "kvrb$i" netns "$B"
         ip -n "$A" addr add "10.214.$i.1/24" dev "kvra$i"
         ip -n "$B" addr add "10.214.$i.2/24" dev "kvrb$i"
-        for end in "$A kvra$i" "$B kvrb$i"; do
-            set -- $end
-            ip -n "$1" link set "$2" up
-            tc -n "$1" qdisc add dev "$2" root tbf rate "$rate" burst 256kb latency 50ms
+        for end in "$A:kvra$i" "$B:kvrb$i"; do
+            ns=${end%%:*} dev=${end#*:}
+            ip -n "$ns" link set "$dev" up
+            tc -n "$ns" qdisc add dev "$dev" root tbf rate "$rate" burst 256kb latency 50ms
         done
     done
     ;;
