@@ -1,0 +1,135 @@
+//! Fences: after a rail fails, the peer closes its end of that rail's
+//! connection before a transfer to it completes (see the crate's "Stale
+//! WRITEs").
+
+use std::time::{Duration, Instant};
+
+use kvxfer_core::{Token, Transport};
+
+use crate::{RailState, Rails};
+
+/// Prefix of a fence request: "close your connection on rail R".
+const FENCE: &[u8; 4] = b"KVRF";
+/// Prefix of a fence acknowledgement.
+const FENCE_ACK: &[u8; 4] = b"KVRA";
+
+fn control(kind: &[u8; 4], rail: usize, seq: u64, agent: &str) -> Vec<u8> {
+    let mut m = kind.to_vec();
+    m.extend_from_slice(&(rail as u32).to_le_bytes());
+    m.extend_from_slice(&seq.to_le_bytes());
+    m.extend_from_slice(agent.as_bytes());
+    m
+}
+
+fn parse_control(m: &[u8]) -> Option<(&[u8], usize, u64, &str)> {
+    if m.len() < 16 || (&m[..4] != FENCE && &m[..4] != FENCE_ACK) {
+        return None;
+    }
+    let rail = u32::from_le_bytes(m[4..8].try_into().ok()?) as usize;
+    let seq = u64::from_le_bytes(m[8..16].try_into().ok()?);
+    Some((&m[..4], rail, seq, std::str::from_utf8(&m[16..]).ok()?))
+}
+impl<T: Transport> Rails<T> {
+    /// Sends `msg` to peer `id` on a working rail other than `avoid`, else
+    /// on `avoid` itself when it is reconnected.
+    fn send_control(&mut self, id: u64, avoid: usize, msg: &[u8]) -> bool {
+        let Some(p) = self.peers.get(&id) else {
+            return false;
+        };
+        let mut order: Vec<usize> = (0..self.rails.len())
+            .filter(|&r| r != avoid && self.usable(r, p))
+            .collect();
+        if self.rails[avoid].state != RailState::Down
+            && p.conns.get(avoid).is_some_and(|c| c.is_some())
+        {
+            order.push(avoid);
+        }
+        for r in order {
+            let conn = p.conns[r].as_ref().expect("connected");
+            if self.rails[r].t.send_notification(conn, msg).is_ok() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Sends the fences not yet sent, or not acknowledged within a second.
+    pub(crate) fn send_fences(&mut self) {
+        let now = Instant::now();
+        let mut todo = Vec::new();
+        for (&id, p) in &self.peers {
+            for (r, f) in p.fence.iter().enumerate() {
+                if let Some((seq, sent)) = *f {
+                    if sent.is_none_or_late(now) {
+                        todo.push((id, r, seq));
+                    }
+                }
+            }
+        }
+        for (id, r, seq) in todo {
+            let msg = control(FENCE, r, seq, &self.agent);
+            if self.send_control(id, r, &msg) {
+                if let Some(p) = self.peers.get_mut(&id) {
+                    p.fence[r] = Some((seq, Some(now)));
+                }
+            }
+        }
+    }
+
+    /// Handles a fence request or acknowledgement; false if `m` is neither.
+    pub(crate) fn on_control(&mut self, m: &[u8]) -> bool {
+        let Some((kind, r, seq, from)) = parse_control(m) else {
+            return false;
+        };
+        let Some((&id, _)) = self.peers.iter().find(|(_, p)| p.name == from) else {
+            return true;
+        };
+        if kind == FENCE {
+            // Close our connection on rail r (bytes still on their way over
+            // it are then refused), open a fresh one, acknowledge.
+            let p = self.peers.get_mut(&id).expect("found");
+            if r < p.conns.len() && p.served[r] < seq {
+                p.served[r] = seq;
+                if let Some(old) = p.conns[r].take() {
+                    self.rails[r].t.disconnect(old);
+                }
+                match self.rails[r].t.connect(&p.addrs[r]) {
+                    Ok(c) => p.conns[r] = Some(c),
+                    Err(e) => log::warn!("rails: reconnect rail {r} to {from}: {e}"),
+                }
+            }
+            let ack = control(FENCE_ACK, r, seq, &self.agent);
+            if !self.send_control(id, r, &ack) {
+                log::warn!("rails: no rail to acknowledge a fence of {from}");
+            }
+        } else {
+            let p = self.peers.get_mut(&id).expect("found");
+            if p.fence
+                .get(r)
+                .is_some_and(|f| f.is_some_and(|(s, _)| s == seq))
+            {
+                p.fence[r] = None;
+                let waiting: Vec<Token> = self
+                    .reqs
+                    .iter()
+                    .filter(|(_, q)| q.peer == id)
+                    .map(|(&t, _)| t)
+                    .collect();
+                for t in waiting {
+                    self.maybe_finish(t);
+                }
+            }
+        }
+        true
+    }
+}
+
+trait Late {
+    fn is_none_or_late(&self, now: Instant) -> bool;
+}
+
+impl Late for Option<Instant> {
+    fn is_none_or_late(&self, now: Instant) -> bool {
+        self.map_or(true, |t| now.duration_since(t) > Duration::from_secs(1))
+    }
+}
