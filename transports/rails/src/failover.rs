@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use kvxfer_core::{Token, Transport};
 
-use crate::{RailState, Rails};
+use crate::{Fence, RailState, Rails};
 
 impl<T: Transport> Rails<T> {
     /// Marks rail `r` down for `reason`: its posts in flight are abandoned
@@ -24,7 +24,11 @@ impl<T: Transport> Rails<T> {
         rail.last_error = reason.to_owned();
         for p in self.peers.values_mut() {
             if p.conns.get(r).is_some_and(|c| c.is_some()) && p.fence[r].is_none() {
-                p.fence[r] = Some((self.next_fence, None));
+                p.fence[r] = Some(Fence {
+                    seq: self.next_fence,
+                    asked: now,
+                    sent: None,
+                });
                 self.next_fence += 1;
             }
         }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use kvxfer_core::{Token, Transport};
 
-use crate::{RailState, Rails};
+use crate::{PeerRec, RailState, Rails};
 
 /// Prefix of a fence request: "close your connection on rail R".
 const FENCE: &[u8; 4] = b"KVRF";
@@ -59,9 +59,9 @@ impl<T: Transport> Rails<T> {
         let mut todo = Vec::new();
         for (&id, p) in &self.peers {
             for (r, f) in p.fence.iter().enumerate() {
-                if let Some((seq, sent)) = *f {
-                    if sent.is_none_or_late(now) {
-                        todo.push((id, r, seq));
+                if let Some(f) = f {
+                    if f.sent.is_none_or_late(now) {
+                        todo.push((id, r, f.seq));
                     }
                 }
             }
@@ -69,10 +69,46 @@ impl<T: Transport> Rails<T> {
         for (id, r, seq) in todo {
             let msg = control(FENCE, r, seq, &self.agent);
             if self.send_control(id, r, &msg) {
-                if let Some(p) = self.peers.get_mut(&id) {
-                    p.fence[r] = Some((seq, Some(now)));
+                if let Some(f) = self.peers.get_mut(&id).and_then(|p| p.fence[r].as_mut()) {
+                    f.sent = Some(now);
                 }
             }
+        }
+    }
+
+    /// Whether the fences asked of peer `p` have failed: no rail can carry
+    /// them to it (every rail to it down), or one is unacknowledged three
+    /// rail timeouts after it was asked (a dead or stalled peer; a live
+    /// one answers at once). Requests waiting for them then fail.
+    pub(crate) fn fence_failed(&self, p: &PeerRec<T>, now: Instant) -> bool {
+        let reachable = (0..self.rails.len()).any(|r| {
+            self.rails[r].state != RailState::Down && p.conns.get(r).is_some_and(|c| c.is_some())
+        });
+        let limit = self.cfg.rail_timeout * 3;
+        !reachable
+            || p.fence
+                .iter()
+                .flatten()
+                .any(|f| now.duration_since(f.asked) > limit)
+    }
+
+    /// Fails the requests waiting for fences that have failed.
+    pub(crate) fn check_fences(&mut self) {
+        if !self
+            .peers
+            .values()
+            .any(|p| p.fence.iter().any(Option::is_some))
+        {
+            return;
+        }
+        let waiting: Vec<Token> = self
+            .reqs
+            .iter()
+            .filter(|(_, q)| q.left == 0 && q.ghosts == 0)
+            .map(|(&t, _)| t)
+            .collect();
+        for t in waiting {
+            self.maybe_finish(t);
         }
     }
 
@@ -106,7 +142,7 @@ impl<T: Transport> Rails<T> {
             let p = self.peers.get_mut(&id).expect("found");
             if p.fence
                 .get(r)
-                .is_some_and(|f| f.is_some_and(|(s, _)| s == seq))
+                .is_some_and(|f| f.is_some_and(|f| f.seq == seq))
             {
                 p.fence[r] = None;
                 let waiting: Vec<Token> = self

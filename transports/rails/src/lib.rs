@@ -50,8 +50,12 @@
 //! only after its fence. Before that acknowledgement, the late bytes can
 //! only be the same bytes the transfer writes anyway (its source must not
 //! change while it is in flight), and no newer write of kvxfer to them
-//! exists. A transfer that fails because every rail failed leaves the
-//! remote bytes undefined, as any failed WRITE.
+//! exists. A fence fails when no rail can carry it to the peer (every
+//! rail to it down) or when it is not acknowledged within three rail
+//! timeouts (a dead or stalled peer); the transfers waiting for it then
+//! fail with [`Error::RailsFailed`], the rails with an unacknowledged
+//! fence marked so. A transfer that fails because every rail failed, or
+//! a fence did, leaves the remote bytes undefined, as any failed WRITE.
 //!
 //! With one rail, [`Rails`] only forwards: one inner post per transfer,
 //! no striping, no rail deadline, the inner transport's errors unchanged.
@@ -119,11 +123,21 @@ struct PeerRec<T: Transport> {
     addrs: Vec<Vec<u8>>,
     conns: Vec<Option<T::Peer>>,
     /// By rail: the fence asked of this peer after the rail failed, not
-    /// yet acknowledged (sequence number, when last sent).
-    fence: Vec<Option<(u64, Option<Instant>)>>,
+    /// yet acknowledged.
+    fence: Vec<Option<Fence>>,
     /// By rail: the newest fence this peer asked of us and we served.
     served: Vec<u64>,
 }
+/// A fence asked of a peer and not yet acknowledged.
+#[derive(Clone, Copy)]
+struct Fence {
+    seq: u64,
+    /// When the rail failed and the fence was asked.
+    asked: Instant,
+    /// When it was last sent.
+    sent: Option<Instant>,
+}
+
 struct Part<T: Transport> {
     local_addr: u64,
     remote_addr: u64,
@@ -235,6 +249,12 @@ impl<T: Transport> Rails<T> {
 
     /// "name: reason, ..." of the rails to peer `p`.
     fn reasons(&self, p: &PeerRec<T>) -> String {
+        self.reasons_with(p, false)
+    }
+
+    /// As [`reasons`](Self::reasons); with `fences`, a rail whose fence
+    /// the peer has not acknowledged says so.
+    fn reasons_with(&self, p: &PeerRec<T>, fences: bool) -> String {
         let mut s = String::new();
         for (i, r) in self.rails.iter().enumerate() {
             if i >= p.conns.len() {
@@ -251,6 +271,9 @@ impl<T: Transport> Rails<T> {
                 &r.last_error
             };
             let _ = write!(s, "{}: {why}", r.name);
+            if fences && p.fence.get(i).is_some_and(Option::is_some) {
+                s.push_str(" (no fence ack)");
+            }
         }
         s
     }

@@ -9,7 +9,9 @@ use crate::{Flight, RailState, Rails};
 
 impl<T: Transport> Rails<T> {
     /// Ends request `tok` if every part is done and no abandoned attempt
-    /// is outstanding: sends its notification, then reports it.
+    /// is outstanding: sends its notification, then reports it. While a
+    /// fence to its peer is not acknowledged it waits, or fails when the
+    /// fence has failed (see [`fence_failed`](Self::fence_failed)).
     pub(crate) fn maybe_finish(&mut self, tok: Token) {
         let Some(q) = self.reqs.get(&tok) else {
             return;
@@ -19,12 +21,21 @@ impl<T: Transport> Rails<T> {
         }
         // Bytes of abandoned WRITEs may still reach the peer over a
         // connection it has not closed yet: wait for its fences.
-        if self
-            .peers
-            .get(&q.peer)
-            .is_some_and(|p| p.fence.iter().any(Option::is_some))
-        {
-            return;
+        if let Some(p) = self.peers.get(&q.peer) {
+            if p.fence.iter().any(Option::is_some) {
+                if !self.fence_failed(p, Instant::now()) {
+                    return;
+                }
+                // Nothing of this request is in flight any more; the
+                // remote bytes are undefined, as after any failed WRITE.
+                let err = Error::rails_failed(&p.name, &self.reasons_with(p, true));
+                self.reqs.remove(&tok);
+                self.done.push_back(Completion {
+                    token: tok,
+                    result: Err(err),
+                });
+                return;
+            }
         }
         let q = self.reqs.remove(&tok).expect("present");
         let mut result = Ok(());

@@ -365,6 +365,7 @@ impl<T: Transport> Transport for Rails<T> {
         }
         self.check_rails();
         self.send_fences();
+        self.check_fences();
         self.pump();
         self.done.pop_front()
     }
