@@ -4,9 +4,13 @@
 
 use std::time::{Duration, Instant};
 
-use kvxfer_core::{Token, Transport};
+use kvxfer_core::{Error, Token, Transport};
 
 use crate::{PeerRec, RailState, Rails};
+
+/// Notifications kept for the caller at most; more are dropped and
+/// reported as [`Error::NotificationDropped`].
+const NOTES_MAX: usize = 4096;
 
 /// Prefix of a fence request: "close your connection on rail R".
 const FENCE: &[u8; 4] = b"KVRF";
@@ -110,6 +114,74 @@ impl<T: Transport> Rails<T> {
         for t in waiting {
             self.maybe_finish(t);
         }
+    }
+
+    /// Takes the notifications the rails received: fence requests and
+    /// acknowledgements are handled at once (a transfer waiting for an
+    /// acknowledgement must not depend on the caller taking
+    /// notifications), the others are kept for
+    /// [`poll_notification`](Transport::poll_notification).
+    pub(crate) fn take_notes(&mut self) {
+        if self.note_buf.is_empty() {
+            let cap = self
+                .rails
+                .iter()
+                .map(|r| r.t.capabilities().max_notification as usize)
+                .max()
+                .unwrap_or(0);
+            self.note_buf = vec![0u8; cap.max(4096)];
+        }
+        let mut buf = std::mem::take(&mut self.note_buf);
+        for r in 0..self.rails.len() {
+            while let Some(x) = self.rails[r].t.poll_notification(&mut buf) {
+                let keep = match &x {
+                    Ok(len) => *len,
+                    // Left queued in the rail: the caller's buffer decides.
+                    Err(Error::BufferTooSmall { .. }) => break,
+                    Err(Error::NotificationDropped { len, .. }) => *len as usize,
+                    Err(_) => 0,
+                };
+                let m = buf[..keep.min(buf.len())].to_vec();
+                if x.is_ok() && self.on_control(&m) {
+                    continue;
+                }
+                if self.notes.len() >= NOTES_MAX {
+                    self.notes_dropped += 1;
+                    continue;
+                }
+                self.notes.push_back((x, m));
+            }
+        }
+        self.note_buf = buf;
+    }
+
+    /// The next notification [`take_notes`](Self::take_notes) kept, copied
+    /// into `buf`.
+    pub(crate) fn next_note(&mut self, buf: &mut [u8]) -> Option<Result<usize, Error>> {
+        let Some((x, m)) = self.notes.front() else {
+            if self.notes_dropped > 0 {
+                let count = std::mem::take(&mut self.notes_dropped);
+                return Some(Err(Error::NotificationDropped { len: 0, count }));
+            }
+            return None;
+        };
+        if x.is_ok() && m.len() > buf.len() {
+            return Some(Err(Error::BufferTooSmall {
+                needed: m.len() as u64,
+                available: buf.len() as u64,
+            }));
+        }
+        let (x, m) = self.notes.pop_front().expect("present");
+        let n = m.len().min(buf.len());
+        buf[..n].copy_from_slice(&m[..n]);
+        Some(match x {
+            Ok(_) => Ok(n),
+            Err(Error::NotificationDropped { count, .. }) => Err(Error::NotificationDropped {
+                len: n as u64,
+                count,
+            }),
+            Err(e) => Err(e),
+        })
     }
 
     /// Handles a fence request or acknowledgement; false if `m` is neither.

@@ -54,8 +54,12 @@
 //! rail to it down) or when it is not acknowledged within three rail
 //! timeouts (a dead or stalled peer); the transfers waiting for it then
 //! fail with [`Error::RailsFailed`], the rails with an unacknowledged
-//! fence marked so. A transfer that fails because every rail failed, or
-//! a fence did, leaves the remote bytes undefined, as any failed WRITE.
+//! fence marked so. [`poll`](Transport::poll) handles fence requests and
+//! acknowledgements as they arrive (keeping other notifications for
+//! [`poll_notification`](Transport::poll_notification)), so a fence does
+//! not wait for the caller to take notifications. A transfer that fails
+//! because every rail failed, or a fence did, leaves the remote bytes
+//! undefined, as any failed WRITE.
 //!
 //! With one rail, [`Rails`] only forwards: one inner post per transfer,
 //! no striping, no rail deadline, the inner transport's errors unchanged.
@@ -81,7 +85,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvxfer_core::{Completion, Token, Transport, XferOp};
+use kvxfer_core::{Completion, Error, Token, Transport, XferOp};
 
 pub use config::{
     parse_size, rails_from_env, RailsConfig, ENV_RAILS, ENV_STRIPE, ENV_TIMEOUT_MS, ENV_WINDOW,
@@ -128,6 +132,7 @@ struct PeerRec<T: Transport> {
     /// By rail: the newest fence this peer asked of us and we served.
     served: Vec<u64>,
 }
+
 /// A fence asked of a peer and not yet acknowledged.
 #[derive(Clone, Copy)]
 struct Fence {
@@ -181,6 +186,14 @@ pub struct Rails<T: Transport> {
     done: VecDeque<Completion>,
     deferred: Vec<RailsReg<T>>,
     next_fence: u64,
+    /// Notifications [`poll`](Transport::poll) took from the rails (to
+    /// see fence requests and acknowledgements without waiting for the
+    /// caller), not yet taken by the caller: the result and the bytes.
+    notes: VecDeque<(Result<usize, Error>, Vec<u8>)>,
+    /// Notifications dropped because `notes` was full, not yet reported.
+    notes_dropped: u64,
+    /// The buffer notifications are taken into.
+    note_buf: Vec<u8>,
 }
 impl<T: Transport> Rails<T> {
     /// Rails named `names` (their interfaces), one inner transport each, for
@@ -219,6 +232,9 @@ impl<T: Transport> Rails<T> {
             done: VecDeque::new(),
             deferred: Vec::new(),
             next_fence: 1,
+            notes: VecDeque::new(),
+            notes_dropped: 0,
+            note_buf: Vec::new(),
         }
     }
     /// The inner transport of rail `i`.

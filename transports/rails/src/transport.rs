@@ -363,6 +363,7 @@ impl<T: Transport> Transport for Rails<T> {
                 self.on_inner(r, c);
             }
         }
+        self.take_notes();
         self.check_rails();
         self.send_fences();
         self.check_fences();
@@ -422,7 +423,11 @@ impl<T: Transport> Transport for Rails<T> {
         if self.single() {
             return self.rails[0].t.arm();
         }
-        if !self.done.is_empty() || !self.queue.is_empty() || !self.flights.is_empty() {
+        if !self.done.is_empty()
+            || !self.queue.is_empty()
+            || !self.flights.is_empty()
+            || !self.notes.is_empty()
+        {
             return Wake::Busy;
         }
         // Several descriptors cannot be slept on at once through this
@@ -431,6 +436,9 @@ impl<T: Transport> Transport for Rails<T> {
     }
 
     fn poll_notification(&mut self, buf: &mut [u8]) -> Option<Result<usize, Error>> {
+        if let Some(x) = self.next_note(buf) {
+            return Some(x);
+        }
         let n = self.rails.len();
         for k in 0..n {
             let r = (self.rr + k) % n;
