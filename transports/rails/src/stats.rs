@@ -1,0 +1,57 @@
+//! The state and counters of each rail.
+
+use kvxfer_core::Transport;
+
+use crate::Rails;
+
+/// Whether a rail carries transfers.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum RailState {
+    /// Working.
+    Up,
+    /// Failed; tried again after its back-off.
+    Down,
+    /// Reconnected after a failure; one part in flight decides.
+    Probing,
+}
+
+impl RailState {
+    /// "up", "down" or "probing".
+    pub fn name(self) -> &'static str {
+        match self {
+            RailState::Up => "up",
+            RailState::Down => "down",
+            RailState::Probing => "probing",
+        }
+    }
+}
+
+/// Counters of one rail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RailStats {
+    /// The rail's name (its interface).
+    pub name: String,
+    /// Its state now.
+    pub state: RailState,
+    /// Bytes of parts it completed.
+    pub bytes: u64,
+    /// Times it was marked down.
+    pub failures: u64,
+    /// Why it last failed ("" if never).
+    pub last_error: String,
+}
+impl<T: Transport> Rails<T> {
+    /// Counters and state of every rail, in order.
+    pub fn stats(&self) -> Vec<RailStats> {
+        self.rails
+            .iter()
+            .map(|r| RailStats {
+                name: r.name.clone(),
+                state: r.state,
+                bytes: r.bytes,
+                failures: r.failures,
+                last_error: r.last_error.clone(),
+            })
+            .collect()
+    }
+}
