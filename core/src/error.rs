@@ -303,7 +303,7 @@ pub enum Error {
     },
     /// The transport library failed.
     Backend {
-        /// Backend name ("UCX", "LIBFABRIC", "CUDA_IPC", …).
+        /// Backend name: its transport's [`Transport::name`](crate::Transport::name).
         backend: &'static str,
         /// The library's own status code.
         code: i64,
@@ -314,6 +314,15 @@ pub enum Error {
     RemoteDisconnected {
         /// The peer's name.
         peer: Name,
+    },
+    /// Every network rail to the peer failed (a transport striping over
+    /// several rails); no rail is left to carry the transfer.
+    RailsFailed {
+        /// The peer's name.
+        peer: Name,
+        /// Each rail tried and why it failed, comma separated (bounded to
+        /// [`TEXT_CAP`] bytes).
+        rails: Text,
     },
     /// The transfer was cancelled.
     Cancelled,
@@ -437,6 +446,15 @@ impl Error {
         }
     }
 
+    /// Every rail to `peer` failed; `rails` lists them with their reasons
+    /// (bounded to [`TEXT_CAP`] bytes).
+    pub fn rails_failed(peer: &str, rails: &str) -> Error {
+        Error::RailsFailed {
+            peer: bounded(peer),
+            rails: bounded(rails),
+        }
+    }
+
     /// A remote-disconnected error for `peer`.
     pub fn disconnected(peer: &str) -> Error {
         Error::RemoteDisconnected {
@@ -521,6 +539,9 @@ impl fmt::Display for Error {
             Error::Unsupported { backend, what } => write!(f, "backend {backend} does not support {what}"),
             Error::Backend { backend, code, text } => write!(f, "{backend} error {code}: {text}"),
             Error::RemoteDisconnected { peer } => write!(f, "remote agent {peer:?} disconnected"),
+            Error::RailsFailed { peer, rails } => {
+                write!(f, "peer {peer}: every rail failed ({rails})")
+            }
             Error::Cancelled => f.write_str("transfer cancelled"),
             Error::TimedOut { after_ms } => write!(f, "timed out after {after_ms} ms"),
             Error::BadMetadata(e) => write!(f, "bad metadata: {e}"),
@@ -581,7 +602,7 @@ impl Error {
     /// Every value [`Error::kind`] returns, indexed by
     /// [`Error::kind_index`]: a table of counters with one per kind (as the
     /// metrics of the std shim keep) is an array of `KINDS.len()`.
-    pub const KINDS: [&'static str; 32] = [
+    pub const KINDS: [&'static str; 33] = [
         "invalid_desc",
         "not_registered",
         "overlapping_registration",
@@ -614,6 +635,7 @@ impl Error {
         "notification_dropped",
         "notifications_lost",
         "notifications_refused",
+        "rails_failed",
     ];
 
     /// The kind of error, as a short `snake_case` name fit for a metric
@@ -662,6 +684,7 @@ impl Error {
             Error::NotificationDropped { .. } => 29,
             Error::NotificationsLost { .. } => 30,
             Error::NotificationsRefused { .. } => 31,
+            Error::RailsFailed { .. } => 32,
         }
     }
 }

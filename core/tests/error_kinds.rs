@@ -143,6 +143,7 @@ fn one_of_each() -> Vec<(Error, &'static str)> {
             },
             "notifications_refused",
         ),
+        (Error::rails_failed("p", "eth1: down"), "rails_failed"),
     ]
 }
 

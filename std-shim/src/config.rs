@@ -19,7 +19,8 @@
 //! 1. the backend-neutral settings of [`AgentConfig`] that are set
 //!    ([`provider`](AgentConfig::provider) for libfabric);
 //! 2. the backend's own configuration when one is given
-//!    (`AgentConfig::ucx`, `AgentConfig::fabric`), taken as it is: the
+//!    (`AgentConfig::with_ucx_config`, `AgentConfig::with_fabric_config`),
+//!    taken as it is: the
 //!    environment is then not consulted for its fields;
 //! 3. otherwise the backend's defaults with its environment variables
 //!    applied: for UCX `UcxConfig::from_env`, for libfabric
@@ -58,37 +59,9 @@ pub const ENV_TRANSFER_TIMEOUT_MS: &str = "KVXFER_TRANSFER_TIMEOUT_MS";
 /// Per-transfer deadline by default ([`AgentConfig::transfer_timeout`]).
 pub const DEFAULT_TRANSFER_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub use kvxfer_core::BackendKind;
-#[cfg(feature = "libfabric")]
-pub use kvxfer_libfabric::FabricConfig;
-#[cfg(feature = "ucx")]
-pub use kvxfer_ucx::UcxConfig;
-
-/// The backends built into this kvxfer (cargo features `ucx`, `libfabric`,
-/// `cuda`), comma separated, as named in [`Error::UnsupportedBackend`].
-pub const BUILT_IN: &str = match (
-    cfg!(feature = "ucx"),
-    cfg!(feature = "libfabric"),
-    cfg!(feature = "cuda"),
-) {
-    (true, true, true) => "UCX, LIBFABRIC, CUDA_IPC",
-    (true, true, false) => "UCX, LIBFABRIC",
-    (true, false, true) => "UCX, CUDA_IPC",
-    (true, false, false) => "UCX",
-    (false, true, true) => "LIBFABRIC, CUDA_IPC",
-    (false, true, false) => "LIBFABRIC",
-    (false, false, true) => "CUDA_IPC",
-    (false, false, false) => "none",
-};
-
-/// Whether this build of kvxfer contains `kind`.
-pub const fn is_built_in(kind: BackendKind) -> bool {
-    match kind {
-        BackendKind::Ucx => cfg!(feature = "ucx"),
-        BackendKind::Libfabric => cfg!(feature = "libfabric"),
-        BackendKind::CudaIpc => cfg!(feature = "cuda"),
-    }
-}
+#[allow(unused_imports)] // empty without ucx and libfabric
+pub use crate::backends::settings::*;
+pub use crate::backends::{BackendKind, BUILT_IN};
 
 /// Where the chosen backend's name came from; names the source in errors.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -99,7 +72,7 @@ pub enum BackendSource {
     EnvKvxfer,
     /// The `TRTLLM_NIXL_KVCACHE_BACKEND` variable.
     EnvTrtllm,
-    /// Nothing was set: the default, UCX.
+    /// Nothing was set: [`BackendKind::DEFAULT`], UCX.
     Default,
 }
 
@@ -134,14 +107,10 @@ pub fn select_backend(
     let (value, source) = sources
         .into_iter()
         .find_map(|(v, s)| v.filter(|v| !v.trim().is_empty()).map(|v| (v, s)))
-        .unwrap_or(("UCX", BackendSource::Default));
-    let unsupported = || Error::UnsupportedBackend {
-        value: kvxfer_core::error::bounded(value),
-        supported: BUILT_IN,
-    };
+        .unwrap_or((BackendKind::DEFAULT.name(), BackendSource::Default));
     match BackendKind::parse(value) {
-        Ok(kind) if is_built_in(kind) => Ok((kind, source)),
-        _ => Err(unsupported()),
+        Ok(kind) if kind.is_built_in() => Ok((kind, source)),
+        _ => Err(crate::backends::unsupported(value)),
     }
 }
 
@@ -251,19 +220,13 @@ pub struct AgentConfig {
     /// default) reads [`ENV_KEEPALIVE_MS`], else [`DEFAULT_KEEPALIVE`]
     /// (2 s).
     pub keepalive: Option<Duration>,
-    /// The UCX transport's full configuration (keepalive, close and cancel
-    /// times, transports, …; peer-failure detection must stay on). `None` (the default):
-    /// [`UcxConfig::from_env`]. When given, the environment is not
-    /// consulted for its fields.
-    #[cfg(feature = "ucx")]
-    pub ucx: Option<UcxConfig>,
-    /// The libfabric transport's full configuration (provider, queue
-    /// sizes). `None` (the default): `FabricConfig::default()`.
-    /// [`provider`](Self::provider), when set, replaces its provider.
+    /// Each backend's own configuration, set with its `with_*_config`
+    /// method (`with_ucx_config`, `with_fabric_config`). When given, the
+    /// environment is not consulted for its fields;
+    /// [`provider`](Self::provider), when set, replaces libfabric's.
     /// Deadlines are the engine's:
     /// [`transfer_timeout`](Self::transfer_timeout).
-    #[cfg(feature = "libfabric")]
-    pub fabric: Option<FabricConfig>,
+    pub(crate) backends: crate::backends::BackendConfigs,
     /// Record metrics ([`crate::metrics`]). `None` (the default): on,
     /// unless `KVXFER_METRICS=0`.
     pub metrics: Option<bool>,
@@ -271,10 +234,16 @@ pub struct AgentConfig {
     /// this address (`host:port`). `Some(None)`: no endpoint; `None` (the
     /// default): `KVXFER_METRICS_ADDR` if set, else no endpoint.
     pub metrics_addr: Option<Option<String>>,
+    /// Network interfaces to reach peers over, one rail each (libfabric:
+    /// one domain and endpoint per interface; see `kvxfer_rails`). `None`
+    /// (the default): `KVXFER_RAILS` (comma separated), else one endpoint
+    /// as the provider chooses.
+    pub rails: Option<Vec<String>>,
 }
 
 /// Table sizes of an agent by default, fit for an engine with a KV cache of
-/// many layers and blocks: about 65 MiB of tables, written once at
+/// many layers and blocks: about 65 MiB of tables (70 MiB for CUDA_IPC,
+/// whose remote keys are larger), written once at
 /// [`Agent::new`](crate::Agent::new) (`Capacities::bytes` computes it for
 /// any sizes).
 ///
@@ -323,12 +292,10 @@ impl Default for AgentConfig {
             auth_key: None,
             transfer_timeout: None,
             keepalive: None,
-            #[cfg(feature = "ucx")]
-            ucx: None,
-            #[cfg(feature = "libfabric")]
-            fabric: None,
+            backends: crate::backends::BackendConfigs::default(),
             metrics: None,
             metrics_addr: None,
+            rails: None,
         }
     }
 }
@@ -349,12 +316,10 @@ impl fmt::Debug for AgentConfig {
             .field("release_timeout", &self.release_timeout)
             .field("auth_key", &self.auth_key.as_ref().map(|_| "<set>"))
             .field("transfer_timeout", &self.transfer_timeout)
-            .field("keepalive", &self.keepalive);
-        #[cfg(feature = "ucx")]
-        d.field("ucx", &self.ucx);
-        #[cfg(feature = "libfabric")]
-        d.field("fabric", &self.fabric);
-        d.field("metrics", &self.metrics)
+            .field("keepalive", &self.keepalive)
+            .field("rails", &self.rails)
+            .field("backends", &self.backends)
+            .field("metrics", &self.metrics)
             .field("metrics_addr", &self.metrics_addr);
         d.finish()
     }
@@ -486,57 +451,20 @@ impl AgentConfig {
         Ok(t.filter(|d| !d.is_zero()))
     }
 
-    /// Sets [`ucx`](Self::ucx): the UCX transport is built from `config`
-    /// instead of [`UcxConfig::from_env`].
-    #[cfg(feature = "ucx")]
-    pub fn with_ucx_config(mut self, config: UcxConfig) -> Self {
-        self.ucx = Some(config);
-        self
-    }
-
-    /// Sets [`fabric`](Self::fabric): the libfabric transport is built from
-    /// `config` instead of `FabricConfig::default()`.
-    #[cfg(feature = "libfabric")]
-    pub fn with_fabric_config(mut self, config: FabricConfig) -> Self {
-        self.fabric = Some(config);
-        self
-    }
-
-    /// The configuration the UCX transport of an agent with these settings
-    /// is built with: [`ucx`](Self::ucx), else [`UcxConfig::from_env`]
-    /// (whose error, naming a malformed variable, is returned). A
-    /// configuration with `peer_failure_detection` off is an error naming
-    /// it.
-    #[cfg(feature = "ucx")]
-    pub fn effective_ucx_config(&self) -> Result<UcxConfig, Error> {
-        let c = match &self.ucx {
-            Some(c) => c.clone(),
-            None => UcxConfig::from_env()?,
-        };
-        if !c.peer_failure_detection {
-            return Err(Error::backend(
-                "UCX",
-                -1,
-                "UcxConfig::peer_failure_detection = false: transfers to a dead peer could \
-                 then never end and its endpoint could not be closed safely; the agent \
-                 needs it on (peers on this host move by cross-memory attach anyway)",
-            ));
+    /// The rails in effect: [`rails`](Self::rails), else `KVXFER_RAILS`;
+    /// empty for one endpoint as the provider chooses.
+    pub fn effective_rails(&self) -> Vec<String> {
+        match &self.rails {
+            Some(r) => r.clone(),
+            None => kvxfer_rails::rails_from_env().unwrap_or_default(),
         }
-        Ok(c)
     }
 
-    /// The configuration the libfabric transport of an agent with these
-    /// settings is built with: [`fabric`](Self::fabric), else the
-    /// defaults, with [`provider`](Self::provider) applied when set. A
-    /// provider left unset here is chosen by the
-    /// transport (`KVXFER_LIBFABRIC_PROVIDER`, else the first usable one).
-    #[cfg(feature = "libfabric")]
-    pub fn effective_fabric_config(&self) -> FabricConfig {
-        let mut c = self.fabric.clone().unwrap_or_default();
-        if let Some(p) = &self.provider {
-            c.provider = Some(p.clone());
-        }
-        c
+    /// This configuration over the network interfaces `names`, one rail
+    /// each (see [`rails`](Self::rails)).
+    pub fn with_rails(mut self, names: &[&str]) -> Self {
+        self.rails = Some(names.iter().map(|s| (*s).to_owned()).collect());
+        self
     }
 
     /// The side-channel key in effect: the configured one, else
@@ -573,7 +501,7 @@ mod tests {
     fn unsupported(value: &str) -> Error {
         Error::UnsupportedBackend {
             value: kvxfer_core::error::bounded(value),
-            supported: "UCX, LIBFABRIC",
+            supported: BUILT_IN,
         }
     }
 
@@ -671,10 +599,9 @@ mod tests {
     fn transport_settings_builder() {
         let c = AgentConfig::default();
         assert_eq!(c.transfer_timeout, None);
-        assert_eq!(c.ucx, None);
-        assert_eq!(c.fabric, None);
-        // Nothing set: libfabric's defaults, provider left to the
-        // transport.
+        assert_eq!(c.ucx_config(), None);
+        assert_eq!(c.fabric_config(), None);
+        // Nothing set: libfabric's defaults, provider left to the transport.
         assert_eq!(c.effective_fabric_config(), FabricConfig::default());
 
         let ms300 = Duration::from_millis(300);
@@ -700,7 +627,7 @@ mod tests {
         uc.close_timeout = Duration::from_millis(45);
         uc.keepalive_interval = Some(Duration::from_millis(250));
         let c = AgentConfig::default().with_ucx_config(uc.clone());
-        assert_eq!(c.ucx.as_ref(), Some(&uc));
+        assert_eq!(c.ucx_config(), Some(&uc));
         assert_eq!(c.effective_ucx_config().unwrap(), uc);
         // The deadline does not touch it.
         let c = c.with_transfer_timeout(Some(ms300));
@@ -723,7 +650,7 @@ mod tests {
             .with_provider("shm")
             .with_cancel_timeout(Duration::from_secs(2));
         let c = AgentConfig::default().with_fabric_config(fc.clone());
-        assert_eq!(c.fabric.as_ref(), Some(&fc));
+        assert_eq!(c.fabric_config(), Some(&fc));
         assert_eq!(c.effective_fabric_config(), fc);
         let eff = c
             .with_provider("tcp;ofi_rxm")

@@ -1,31 +1,22 @@
-//! kvxfer: move KV-cache blocks between inference-engine processes over UCX,
-//! libfabric or CUDA IPC.
+//! `kvxfer` (folder `std-shim/`): move KV-cache blocks between processes
+//! with one-sided RMA READ and WRITE.
 //!
-//! This crate is what applications depend on. It wraps the `no_std` core
-//! (`kvxfer-core`) and a transport into a thread-safe [`Agent`]:
+//! An [`Agent`] registers memory, exchanges metadata with peers through a
+//! small TCP [side channel](side_channel) and moves bytes with
+//! [`XferRequest`]s, over the backend chosen by [`AgentConfig`] or the
+//! environment (see [`config`]; the built-in backends are listed in
+//! [`backends`]). It wraps the `no_std` core (`kvxfer-core`), adding threads,
+//! sockets and the clock. Logging goes through the `log` facade.
 //!
-//! * backend selection from [`AgentConfig`] or the environment
-//!   (`KVXFER_BACKEND`, then TensorRT-LLM's `TRTLLM_NIXL_KVCACHE_BACKEND`,
-//!   then UCX), see [`config`];
-//! * metadata exchange through a small TCP [side channel](side_channel)
-//!   each agent serves, optionally authenticated with `KVXFER_AUTH_KEY`;
-//! * an optional progress thread, and blocking [`XferRequest::wait`] with a
-//!   timeout;
-//! * [metrics](mod@metrics) per agent, backend and peer, readable by the
-//!   application and served in Prometheus' text format over HTTP
-//!   (`KVXFER_METRICS_ADDR`);
-//! * the `kvxfer` command-line tool (`info`, `target`, `bench`), see
-//!   [`bench`](mod@bench), and its size sweeps with a chart, see
-//!   [`sweep`].
+//! Metrics per agent, backend and peer (see [`metrics`](mod@metrics)) are
+//! readable by the application and served in Prometheus' text format over
+//! HTTP (`KVXFER_METRICS_ADDR`).
 //!
-//! Logging goes through the `log` facade: nothing is printed unless the
-//! application installs a logger.
-//!
-//! Cargo features: `ucx` and `libfabric` (default) build those backends in;
-//! `cuda` (off by default) adds the CUDA_IPC backend and VRAM staged through
-//! pinned host memory for UCX and libfabric (see `kvxfer_cuda::Staged`);
-//! `cli` (default) builds the command-line tool; `etcd` (off by default)
-//! adds cluster discovery through etcd, see `etcd` (module).
+//! Cargo features: `ucx`, `libfabric`, `cli` (the `kvxfer` tool, see
+//! [`bench`](mod@bench)) and `cuda` (the CUDA_IPC backend, VRAM registered
+//! by UCX or libfabric or staged through pinned host memory; the driver is
+//! loaded at run time) by default; `etcd` (discovery, `etcd` module) when
+//! asked for.
 #![deny(missing_docs)]
 // kvxfer's one error type is allocation-free (bounded strings), hence large.
 #![allow(clippy::result_large_err)]
@@ -37,18 +28,22 @@
 )]
 
 mod agent;
+pub mod backends;
 pub mod bench;
 pub mod clock;
 pub mod config;
+pub use kvxfer_rails::{RailState, RailStats};
 #[cfg(feature = "etcd")]
 pub mod etcd;
 mod keepalive;
 mod meter;
 pub mod metrics;
 mod note_auth;
+mod rails;
 pub mod side_channel;
 pub mod sweep;
 pub mod tcp_baseline;
+mod vram;
 mod wake;
 
 pub use agent::{Agent, AgentEngine, WaitOutcome, XferRequest};

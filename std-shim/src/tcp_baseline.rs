@@ -168,9 +168,11 @@ mod tests {
     fn measures_a_ping_pong_and_a_stream() {
         let b = measure(4096, 200).unwrap();
         assert_eq!((b.request_bytes, b.requests), (4096, 200));
-        // Loopback on any machine: above 1 µs and below 10 ms a ping-pong,
-        // above 10 MB/s a stream.
-        assert!(b.p50_us > 1.0 && b.p50_us < 10_000.0, "{b:?}");
+        // Loopback on any machine: above 1 µs and below 35 ms a ping-pong
+        // (Nagle's algorithm with delayed ACKs, i.e. no TCP_NODELAY, gives
+        // 40 ms; a loaded 2-core machine gave up to 16 ms), above 10 MB/s a
+        // stream.
+        assert!(b.p50_us > 1.0 && b.p50_us < 35_000.0, "{b:?}");
         assert!(b.stream_gb_per_s > 0.01, "{b:?}");
     }
 }

@@ -146,6 +146,36 @@ fn unsupported_backend_is_refused() {
     );
 }
 
+/// Each built-in host-memory backend reports its name, its VRAM path and
+/// refuses a peer it does not know.
+#[test]
+#[cfg(feature = "libfabric")]
+fn backend_name_and_paths() {
+    for (asked, name) in [("ucx", "UCX"), ("LibFabric", "LIBFABRIC")] {
+        let cfg = AgentConfig::default()
+            .with_backend(asked)
+            .with_listen(None)
+            .with_provider("tcp;ofi_rxm");
+        let a = Agent::new("paths", cfg).unwrap();
+        assert_eq!(a.backend().name(), name);
+        assert_eq!(a.backend(), kvxfer::BackendKind::parse(name).unwrap());
+        let vram = a.vram_path().unwrap();
+        if cfg!(feature = "cuda") {
+            assert!(vram == "native" || vram == "staged", "{vram}");
+        } else {
+            assert_eq!(vram, "none");
+        }
+        assert_eq!(
+            a.peer_path("nobody"),
+            Err(Error::UnknownPeer {
+                peer: kvxfer_core::error::bounded("nobody")
+            })
+        );
+        a.shutdown();
+        assert_eq!(a.vram_path(), Err(Error::ShutDown));
+    }
+}
+
 #[test]
 fn calls_after_shutdown_fail_with_shut_down() {
     let agent = Agent::new("shut", AgentConfig::default().with_backend("UCX")).unwrap();

@@ -236,3 +236,75 @@ fn spawned_target_that_dies_is_named_with_its_exit() {
     );
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// `kvxfer info` reports every backend of the registry: those built in
+/// with their library's version, the others with how to build them in.
+#[test]
+fn info_reports_every_backend() {
+    let out = Command::new(KVXFER)
+        .arg("info")
+        .env("KVXFER_BACKEND", "libfabric")
+        .env_remove("TRTLLM_NIXL_KVCACHE_BACKEND")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kvxfer info");
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[1], "selected backend: LIBFABRIC (from KVXFER_BACKEND)",
+        "{text}"
+    );
+    let starting = |p: &str| lines.iter().filter(|l| l.starts_with(p)).count();
+    assert_eq!(starting("UCX: built in; libucp "), 1, "{text}");
+    assert_eq!(starting("LIBFABRIC: built in; libfabric "), 1, "{text}");
+    if cfg!(feature = "cuda") {
+        assert_eq!(starting("CUDA_IPC: built in; transport "), 1, "{text}");
+    } else {
+        assert!(
+            lines.contains(&"CUDA_IPC: not built in (build with --features cuda)"),
+            "{text}"
+        );
+    }
+    // In the registry's order.
+    let at = |p: &str| lines.iter().position(|l| l.starts_with(p)).unwrap();
+    assert!(at("UCX:") < at("LIBFABRIC:") && at("LIBFABRIC:") < at("CUDA_IPC:"));
+}
+
+/// CUDA support is in the default build; without a driver VRAM and
+/// CUDA_IPC are refused up front naming the cause, and `kvxfer info` says
+/// there is no GPU. With a driver, `kvxfer info` lists the GPUs.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_without_a_driver_says_so() {
+    let info = Command::new(KVXFER)
+        .arg("info")
+        .output()
+        .expect("kvxfer info");
+    let info = String::from_utf8_lossy(&info.stdout);
+    if kvxfer_cuda::driver_present() {
+        assert!(info.contains("\n  GPU 0: "), "{info}");
+        return;
+    }
+    assert!(
+        info.contains(
+            "CUDA: no driver (libcuda.so.1 not found): VRAM and CUDA_IPC need an NVIDIA GPU and \
+             its driver"
+        ),
+        "{info}"
+    );
+    let (code, last) = last_line(&["bench"], &[("KVXFER_BACKEND", "CUDA_IPC")]);
+    assert_eq!(
+        last,
+        "kvxfer bench: backend CUDA_IPC: no CUDA driver found (libcuda.so.1); it needs an \
+         NVIDIA GPU and its driver"
+    );
+    assert_eq!(code, 2);
+    let (code, last) = last_line(&["bench", "--mem", "vram"], &[]);
+    assert_eq!(
+        last,
+        "kvxfer bench: --mem vram: no CUDA driver found (libcuda.so.1); VRAM needs an NVIDIA GPU \
+         and its driver"
+    );
+    assert_eq!(code, 2);
+}

@@ -117,8 +117,9 @@ impl Mem {
     }
 }
 
-/// Suffix of a backend name in these tests: UCX registering VRAM itself.
-/// `"UCX"` alone stages VRAM, whatever UCX supports.
+/// Suffix of a backend name in these tests: UCX (or libfabric, through
+/// `FI_HMEM`) registering VRAM itself. `"UCX"` or `"LIBFABRIC"` alone
+/// stages VRAM, whatever the library supports.
 const NATIVE: &str = " native";
 
 /// The backend's name and whether its VRAM is native (see [`NATIVE`]).
@@ -147,6 +148,11 @@ fn config(backend: &str, provider: Option<&str>) -> AgentConfig {
         let mut u = kvxfer::config::UcxConfig::from_env().expect("UCX settings");
         u.native_vram = native;
         c = c.with_ucx_config(u);
+    }
+    if name == "LIBFABRIC" {
+        let mut f = kvxfer::config::FabricConfig::default();
+        f.native_vram = native;
+        c = c.with_fabric_config(f);
     }
     c
 }
@@ -1025,6 +1031,105 @@ fn vram_registration_checks_pointer_attributes() {
 #[ignore = "needs a GPU and a UCX with CUDA support"]
 fn ucx_native_vram_registration_checks_pointer_attributes() {
     registration_checks_pointer_attributes(UCX_NATIVE);
+}
+
+// VRAM that libfabric's provider registers itself (`FI_HMEM_CUDA`): they
+// need a libfabric whose provider offers FI_HMEM with CUDA (built with
+// CUDA; Debian's is not) and fail without one. `KVXFER_GPU_FABRIC_PROVIDER`
+// picks the provider (default `shm`).
+
+const FABRIC_NATIVE: &str = "LIBFABRIC native";
+
+fn hmem_provider() -> Option<String> {
+    Some(std::env::var("KVXFER_GPU_FABRIC_PROVIDER").unwrap_or_else(|_| "shm".to_string()))
+}
+
+#[test]
+#[ignore = "needs a GPU and a libfabric provider with FI_HMEM CUDA"]
+fn libfabric_native_trtllm_device_memory_100_bytes() {
+    let p = hmem_provider();
+    scenario(
+        FABRIC_NATIVE,
+        p.as_deref(),
+        MemKind::Vram,
+        MemKind::Vram,
+        100,
+        100,
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU and a libfabric provider with FI_HMEM CUDA"]
+fn libfabric_native_vram_to_vram_256_mib() {
+    let (p, n) = (hmem_provider(), 256 * MIB);
+    scenario(
+        FABRIC_NATIVE,
+        p.as_deref(),
+        MemKind::Vram,
+        MemKind::Vram,
+        n,
+        n,
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU and a libfabric provider with FI_HMEM CUDA"]
+fn libfabric_native_vram_to_vram_kv_shaped_128_x_16_kib() {
+    let p = hmem_provider();
+    let block = 16 << 10;
+    scenario(
+        FABRIC_NATIVE,
+        p.as_deref(),
+        MemKind::Vram,
+        MemKind::Vram,
+        KV_LEN,
+        block,
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU and a libfabric provider with FI_HMEM CUDA"]
+fn libfabric_native_vram_to_dram_64_mib() {
+    let (p, n) = (hmem_provider(), 64 * MIB);
+    scenario(
+        FABRIC_NATIVE,
+        p.as_deref(),
+        MemKind::Vram,
+        MemKind::Dram,
+        n,
+        n,
+    );
+}
+
+/// With a GPU but a libfabric whose provider has no CUDA support, native
+/// VRAM is asked for, refused, and VRAM is staged, with the reason given.
+#[test]
+#[ignore = "needs a GPU"]
+fn libfabric_without_hmem_stages_and_says_why() {
+    let a = Agent::new("gpu-hmem", config(FABRIC_NATIVE, TCP_RXM)).expect("agent");
+    let (path, why) = (a.vram_path().expect("path"), a.vram_reason().expect("why"));
+    if path == "native" {
+        assert!(
+            why.contains("registered 4096 bytes of GPU 0 with FI_HMEM_CUDA"),
+            "{why}"
+        );
+    } else {
+        assert_eq!(path, "staged");
+        assert!(
+            why.contains("does not offer FI_HMEM") || why.contains("refused VRAM (FI_HMEM_CUDA)"),
+            "{why}"
+        );
+    }
+    a.shutdown();
+    std::env::set_var("KVXFER_LIBFABRIC_NATIVE_VRAM", "0");
+    let a = Agent::new("gpu-hmem-off", config(FABRIC_NATIVE, TCP_RXM)).expect("agent");
+    std::env::remove_var("KVXFER_LIBFABRIC_NATIVE_VRAM");
+    assert_eq!(a.vram_path().expect("path"), "staged");
+    assert_eq!(
+        a.vram_reason().expect("why"),
+        "KVXFER_LIBFABRIC_NATIVE_VRAM=0"
+    );
+    a.shutdown();
 }
 
 /// Without a CUDA driver, CUDA_IPC and VRAM registration fail with a clear

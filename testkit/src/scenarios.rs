@@ -511,6 +511,7 @@ pub fn peer_death<B: Backend>(b: &B, module: &str) {
     let refused = |e: &Error| {
         matches!(e, Error::RemoteDisconnected { .. })
             || matches!(e, Error::Backend { backend, .. } if *backend == name)
+            || (death.error)(e)
     };
     let (mut target, mut ini) = pair(b, module, LEN);
     let src = memory(b, LEN, 8);

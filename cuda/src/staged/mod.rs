@@ -680,6 +680,16 @@ impl<T: Transport> Transport for Staged<T> {
                 buf[..n].copy_from_slice(&self.note_buf[..n]);
                 Some(Ok(n))
             }
+            // The inner transport left the start of the dropped message
+            // (it names the sender) in the buffer: hand it on.
+            Err(e @ Error::NotificationDropped { len, .. }) => {
+                let n = usize::try_from(len)
+                    .unwrap_or(usize::MAX)
+                    .min(buf.len())
+                    .min(self.note_buf.len());
+                buf[..n].copy_from_slice(&self.note_buf[..n]);
+                Some(Err(e))
+            }
             Err(e) => Some(Err(e)),
         }
     }

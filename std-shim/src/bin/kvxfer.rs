@@ -28,12 +28,16 @@ enum Cmd {
         /// Side-channel address to listen on.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
-        /// Backend (UCX, LIBFABRIC); default from KVXFER_BACKEND.
+        /// Backend name (`kvxfer info` lists them); default from KVXFER_BACKEND.
         #[arg(long)]
         backend: Option<String>,
         /// libfabric provider, e.g. "tcp;ofi_rxm" or "shm".
         #[arg(long)]
         provider: Option<String>,
+        /// Network interfaces to use as rails, comma separated (libfabric;
+        /// sets KVXFER_RAILS).
+        #[arg(long, value_name = "IF,IF,...")]
+        rails: Option<String>,
         /// Size of the served buffer (units B, KiB, MiB, GiB).
         #[arg(long, default_value = "64MiB", value_parser = bench::parse_size)]
         size: u64,
@@ -75,12 +79,16 @@ enum Cmd {
         /// Name of the target to find in etcd.
         #[arg(long, default_value = "kvxfer-target", requires = "etcd")]
         target_name: String,
-        /// Backend (UCX, LIBFABRIC); default from KVXFER_BACKEND.
+        /// Backend name (`kvxfer info` lists them); default from KVXFER_BACKEND.
         #[arg(long)]
         backend: Option<String>,
         /// libfabric provider, e.g. "tcp;ofi_rxm" or "shm".
         #[arg(long)]
         provider: Option<String>,
+        /// Network interfaces to use as rails, comma separated (libfabric;
+        /// sets KVXFER_RAILS).
+        #[arg(long, value_name = "IF,IF,...")]
+        rails: Option<String>,
         /// Direction.
         #[arg(long, value_enum, default_value = "write")]
         op: Op,
@@ -154,7 +162,7 @@ enum Cmd {
 enum Mem {
     /// Host memory.
     Dram,
-    /// GPU memory (kvxfer built with --features cuda).
+    /// GPU memory (the cuda feature, on by default, and a CUDA driver).
     Vram,
 }
 
@@ -182,32 +190,16 @@ fn info() -> ExitCode {
             Ok(_) => println!("selected backend: error: {e}"),
         },
     }
-    for kind in BackendKind::ALL {
-        if !kvxfer::config::is_built_in(kind) {
-            let how = match kind {
-                BackendKind::Ucx => "build with --features ucx (needs libucx-dev)",
-                BackendKind::Libfabric => "build with --features libfabric (needs libfabric-dev)",
-                _ => "build with --features cuda",
-            };
-            println!("{kind}: not built in ({how})");
-            continue;
-        }
-        match kind {
-            #[cfg(feature = "ucx")]
-            BackendKind::Ucx => info_ucx(),
-            #[cfg(feature = "libfabric")]
-            BackendKind::Libfabric => info_libfabric(),
-            _ => {
-                let cfg = kvxfer::AgentConfig::default()
-                    .with_backend(kind.name())
-                    .with_listen(None);
-                match kvxfer::Agent::new("kvxfer-info", cfg) {
-                    Ok(a) => {
-                        println!("{kind}: built in; transport opens");
-                        a.shutdown();
-                    }
-                    Err(e) => println!("{kind}: built in; transport fails: {e}"),
-                }
+    for &kind in BackendKind::ALL {
+        match kind.report() {
+            Some(report) => print!("{report}"),
+            None => {
+                let needs = kind.descriptor().needs;
+                println!(
+                    "{kind}: not built in (build with --features {}{})",
+                    kind.feature(),
+                    needs.map_or(String::new(), |n| format!(" (needs {n})"))
+                );
             }
         }
     }
@@ -246,87 +238,6 @@ fn info_same_host() {
         },
         kvxfer_local::ENV
     );
-}
-
-#[cfg(feature = "ucx")]
-fn info_ucx() {
-    println!("UCX: built in; libucp {}", kvxfer_ucx::version());
-    let t = kvxfer_ucx::UcxConfig::from_env()
-        .and_then(|c| kvxfer_ucx::UcxTransport::new(&c).map(|t| (c, t)));
-    match t {
-        Ok((cfg, t)) => {
-            let r = t.resources();
-            if r.is_empty() {
-                println!("  no UCX transport usable (check UCX_TLS; Debian: apt-get install libucx0)");
-            } else {
-                println!("  transports (after UCX_TLS): {}", r.join(", "));
-            }
-            println!(
-                "  peer failure detection: {} (UCX 1.13 then emulates RMA between processes \
-                 with tcp active messages; peers on this host move by cross-memory attach)",
-                if cfg.peer_failure_detection { "on" } else { "off" },
-            );
-            println!("  VRAM: {}", ucx_vram_path(&cfg, &t));
-        }
-        Err(e) => println!(
-            "  transport fails: {e}\n  (Debian: apt-get install libucx0 ucx-utils; `ucx_info -d` lists devices)"
-        ),
-    }
-}
-
-/// Which path VRAM takes over UCX, and why.
-#[cfg(feature = "ucx")]
-fn ucx_vram_path(cfg: &kvxfer_ucx::UcxConfig, t: &kvxfer_ucx::UcxTransport) -> String {
-    if !cfg!(feature = "cuda") {
-        return "none (this kvxfer is built without the cuda feature)".to_string();
-    }
-    if t.native_vram() {
-        return "native: this UCX supports CUDA memory and registers VRAM itself \
-                (cuda_ipc/cuda_copy on this host, GPUDirect RDMA across hosts where the NIC \
-                supports it)"
-            .to_string();
-    }
-    let why = if cfg.native_vram {
-        "this UCX has no CUDA support: built without CUDA, or its cuda module or the CUDA \
-         driver is missing; the README says how to get a CUDA-enabled UCX"
-            .to_string()
-    } else {
-        format!("{}=0", kvxfer_ucx::NATIVE_VRAM_ENV)
-    };
-    format!("staged through pinned host memory ({why})")
-}
-
-#[cfg(feature = "libfabric")]
-fn info_libfabric() {
-    let (major, minor) = kvxfer_libfabric::version();
-    let usable = kvxfer_libfabric::usable_providers();
-    println!("LIBFABRIC: built in; libfabric {major}.{minor}");
-    if cfg!(feature = "cuda") {
-        println!("  VRAM: staged through pinned host memory (FI_HMEM is not used yet)");
-    }
-    if usable.is_empty() {
-        println!(
-            "  no provider offers FI_EP_RDM with FI_RMA here (Debian: apt-get install libfabric1; \
-             verbs/efa need their drivers; `fi_info -l` lists providers)"
-        );
-    }
-    for &p in kvxfer_libfabric::provider_preference() {
-        if !usable.iter().any(|u| u == p) {
-            println!("  {p}: not offered here");
-            continue;
-        }
-        let cfg = kvxfer::AgentConfig::default()
-            .with_backend("LIBFABRIC")
-            .with_provider(p)
-            .with_listen(None);
-        match kvxfer::Agent::new("kvxfer-info", cfg) {
-            Ok(a) => {
-                println!("  {p}: usable (RDM + RMA), transport opens");
-                a.shutdown();
-            }
-            Err(e) => println!("  {p}: offered, but the transport fails: {e}"),
-        }
-    }
 }
 
 fn info_cuda() {
@@ -475,6 +386,7 @@ fn main() -> ExitCode {
             listen,
             backend,
             provider,
+            rails,
             size,
             name,
             etcd,
@@ -484,6 +396,7 @@ fn main() -> ExitCode {
             device,
             metrics_addr,
         } => {
+            set_rails(rails.as_deref());
             let stop = Arc::new(AtomicBool::new(false));
             bench::stop_on_stdin_eof(Arc::clone(&stop));
             let opts = TargetOptions {
@@ -518,6 +431,7 @@ fn main() -> ExitCode {
             target_name,
             backend,
             provider,
+            rails,
             op,
             block_size,
             blocks,
@@ -536,6 +450,7 @@ fn main() -> ExitCode {
             out,
             metrics_addr,
         } => {
+            set_rails(rails.as_deref());
             let opts = BenchOptions {
                 peer,
                 etcd,
@@ -582,4 +497,17 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `--rails`: the interfaces for this process and a target it spawns.
+fn set_rails(rails: Option<&str>) {
+    if let Some(r) = rails {
+        // Set before any agent or thread of this process starts.
+        std::env::set_var(kvxfer_rails_env(), r);
+    }
+}
+
+/// The variable `--rails` sets.
+fn kvxfer_rails_env() -> &'static str {
+    "KVXFER_RAILS"
 }

@@ -36,6 +36,14 @@ int kvxfer_fi_mr_reg(struct fid_domain *domain, const void *buf, size_t len, uin
                      void *context);
 int kvxfer_fi_mr_regattr(struct fid_domain *domain, const struct fi_mr_attr *attr, uint64_t flags,
                          struct fid_mr **mr);
+/*
+ * Registers [buf, buf+len) of CUDA device `device` (fi_mr_regattr with
+ * iface FI_HMEM_CUDA): the provider moves that VRAM itself. Fails with the
+ * provider's code where it has no CUDA support (built without it, or
+ * FI_HMEM not granted).
+ */
+int kvxfer_fi_mr_reg_cuda(struct fid_domain *domain, const void *buf, size_t len, uint64_t access,
+                          uint64_t requested_key, int device, struct fid_mr **mr);
 uint64_t kvxfer_fi_mr_key(struct fid_mr *mr);
 void *kvxfer_fi_mr_desc(struct fid_mr *mr);
 int kvxfer_fi_mr_bind(struct fid_mr *mr, struct fid *bfid, uint64_t flags);

@@ -102,6 +102,7 @@
 
 #[allow(unsafe_code)]
 mod fabric;
+mod hmem;
 mod mr;
 mod notify;
 mod peers;
@@ -123,6 +124,10 @@ pub const BACKEND: &str = "LIBFABRIC";
 /// Environment variable naming the provider when
 /// [`FabricConfig::provider`] is `None`.
 pub const PROVIDER_ENV: &str = "KVXFER_LIBFABRIC_PROVIDER";
+
+/// Environment variable: `0` keeps VRAM off the provider even where it
+/// offers `FI_HMEM` with CUDA (VRAM is then staged above the transport).
+pub const NATIVE_VRAM_ENV: &str = "KVXFER_LIBFABRIC_NATIVE_VRAM";
 
 /// Providers tried, in this order, when none is named.
 pub const PROVIDER_PREFERENCE: [&str; 5] =
@@ -176,6 +181,17 @@ pub struct FabricConfig {
     /// abandoned transfers that still reference it. Default 3 s. See the
     /// [crate documentation](crate#failure).
     pub cancel_timeout: Duration,
+    /// The network interface (libfabric domain) to open the endpoint on,
+    /// e.g. `eth1`; `None`: the provider's first. With `tcp;ofi_rxm` the
+    /// endpoint then takes that interface's IPv4 address, so its traffic
+    /// uses that interface's subnet (one rail of
+    /// [`kvxfer-rails`](https://docs.rs/kvxfer-rails)).
+    pub interface: Option<String>,
+    /// Ask the provider for `FI_HMEM` and register VRAM with it
+    /// (`FI_HMEM_CUDA`) once [`FabricTransport::probe_native_vram`]
+    /// succeeded; [`NATIVE_VRAM_ENV`]`=0` overrides it. Default `false`
+    /// (host memory only); the agent sets it where a CUDA driver is.
+    pub native_vram: bool,
 }
 
 impl Default for FabricConfig {
@@ -187,6 +203,8 @@ impl Default for FabricConfig {
             notification_queue: 64,
             max_notification: 4096,
             cancel_timeout: Duration::from_secs(3),
+            interface: None,
+            native_vram: false,
         }
     }
 }
@@ -195,6 +213,13 @@ impl FabricConfig {
     /// This configuration with provider `name`.
     pub fn with_provider(mut self, name: &str) -> Self {
         self.provider = Some(name.to_owned());
+        self
+    }
+
+    /// This configuration on network interface `name` (see
+    /// [`FabricConfig::interface`]).
+    pub fn with_interface(mut self, name: &str) -> Self {
+        self.interface = Some(name.to_owned());
         self
     }
 

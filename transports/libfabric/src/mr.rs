@@ -73,7 +73,7 @@ impl FabricTransport {
 
     /// [`Transport::register`](kvxfer_core::Transport::register).
     pub(crate) fn register_region(&mut self, region: &Region) -> Result<FabricReg, Error> {
-        if region.kind != MemKind::Dram {
+        if region.kind != MemKind::Dram && !self.hmem.native() {
             return Err(Error::UnsupportedMemKind {
                 backend: BACKEND,
                 kind: region.kind,
@@ -94,6 +94,7 @@ impl FabricTransport {
             region.addr,
             region.len,
             access,
+            (region.kind == MemKind::Vram).then_some(region.dev),
         )?;
         Ok(FabricReg {
             mr,

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 
 use kvxfer_core::error::{bounded, Name};
 use kvxfer_core::wire::copy_into;
-use kvxfer_core::{Error, Region};
+use kvxfer_core::{Error, MemKind, Region};
 use libfabric_sys as sys;
 
 use crate::fabric::{fi_error, strerror};
@@ -43,6 +43,8 @@ impl FabricPeer {
 pub struct FabricRemoteKey {
     pub(crate) key: u64,
     pub(crate) virt_addr: bool,
+    /// The kind of the peer's region (VRAM only with `FI_HMEM`).
+    pub(crate) kind: MemKind,
 }
 
 /// The transport address of an endpoint named `name` on `provider` that
@@ -85,6 +87,7 @@ pub(crate) fn unpack_key(region: &Region, key: &[u8]) -> Result<FabricRemoteKey,
     Ok(FabricRemoteKey {
         key: u64::from_le_bytes(k),
         virt_addr: key[8] & KEY_FLAG_VIRT_ADDR != 0,
+        kind: region.kind,
     })
 }
 

@@ -4,15 +4,15 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use kvxfer_core::mem::MemKinds;
 use kvxfer_core::wire::copy_into;
 use kvxfer_core::{
-    Capabilities, Completion, Error, PostStatus, Region, Segments, Token, Transport, XferOp,
+    Capabilities, Completion, Error, MemKind, PostStatus, Region, Segments, Token, Transport,
+    XferOp,
 };
 use kvxfer_transport_common::Graveyard;
 use libfabric_sys as sys;
 
-use crate::fabric::{strerror, CqBatch, FabricObjects, Info, MsgBufs, OpContexts};
+use crate::fabric::{strerror, CqBatch, FabricObjects, MsgBufs, OpContexts};
 use crate::notify::PendingSend;
 use crate::peers::{encode_address, FabricPeer, FabricRemoteKey};
 use crate::xfer::{OpKind, Xfer};
@@ -60,6 +60,8 @@ pub struct FabricTransport {
     pub(crate) mr_mode: u32,
     pub(crate) prov_errno_is_errno: bool,
     pub(crate) key_size: usize,
+    /// Where VRAM goes ([`crate::hmem`]).
+    pub(crate) hmem: crate::hmem::Hmem,
     pub(crate) max_msg: u64,
     pub(crate) address: Vec<u8>,
     pub(crate) config: FabricConfig,
@@ -146,8 +148,9 @@ impl FabricTransport {
         let tried = candidates(config);
         let mut last = 0i64;
         let mut info = None;
+        let mut hmem = crate::hmem::Hmem::new(config)?;
         for p in &tried {
-            match Info::get(p) {
+            match hmem.get_info(p, config.interface.as_deref()) {
                 Ok(i) => {
                     info = Some(i);
                     break;
@@ -163,8 +166,13 @@ impl FabricTransport {
                 BACKEND,
                 last,
                 &format!(
-                    "no usable provider (tried {}): {}",
+                    "no usable provider (tried {}{}): {}",
                     tried.join(", "),
+                    config
+                        .interface
+                        .as_deref()
+                        .map(|i| format!(" on interface {i}"))
+                        .unwrap_or_default(),
                     strerror(last)
                 ),
             ));
@@ -201,6 +209,7 @@ impl FabricTransport {
             mr_mode,
             prov_errno_is_errno,
             key_size,
+            hmem,
             max_msg: attrs.max_msg.max(1),
             address,
             config: config.clone(),
@@ -310,7 +319,7 @@ impl Transport for FabricTransport {
 
     fn capabilities(&self) -> Capabilities {
         let mut c = Capabilities::default();
-        c.mem_kinds = MemKinds::DRAM;
+        c.mem_kinds = self.hmem.mem_kinds();
         c.max_segments = 0;
         c.max_notification = self.config.max_notification.min(u32::MAX as usize) as u32;
         c.can_cancel = false;
@@ -356,6 +365,14 @@ impl Transport for FabricTransport {
     }
 
     fn release_key(&mut self, _key: FabricRemoteKey) {}
+
+    fn local_kind(&self, reg: &FabricReg) -> MemKind {
+        reg.region.kind
+    }
+
+    fn remote_kind(&self, key: &FabricRemoteKey) -> MemKind {
+        key.kind
+    }
 
     fn post(
         &mut self,

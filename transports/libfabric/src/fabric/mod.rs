@@ -183,7 +183,24 @@ impl Info {
     /// provider `prov` (libfabric's spelling, e.g. `tcp;ofi_rxm`). On
     /// failure returns libfabric's negative code.
     pub(crate) fn get(prov: &str) -> Result<Info, i64> {
+        Info::get_with(prov, None, 0, 0)
+    }
+
+    /// As [`Info::get`], on the domain named `domain` only when given (for
+    /// the `tcp` and `verbs` providers, the network interface or device),
+    /// asking also for the capabilities `caps` (such as `FI_HMEM`) and
+    /// accepting the `mr_mode` bits `mr_mode`.
+    pub(crate) fn get_with(
+        prov: &str,
+        domain: Option<&str>,
+        caps: u64,
+        mr_mode: u32,
+    ) -> Result<Info, i64> {
         let prov_c = CString::new(prov).map_err(|_| -(sys::FI_EINVAL as i64))?;
+        let domain_c = domain
+            .map(CString::new)
+            .transpose()
+            .map_err(|_| -(sys::FI_EINVAL as i64))?;
         // SAFETY: fi_allocinfo returns a zeroed fi_info with all attribute
         // structs allocated, or null (checked).
         let hints = unsafe { sys::kvxfer_fi_allocinfo() };
@@ -194,11 +211,11 @@ impl Info {
         // fi_allocinfo above and are exclusively ours until fi_freeinfo. The
         // provider name is strdup'ed so that fi_freeinfo can free() it.
         unsafe {
-            (*hints).caps = CAPS;
+            (*hints).caps = CAPS | caps;
             (*hints).mode = sys::FI_CONTEXT | sys::FI_CONTEXT2;
             (*(*hints).ep_attr).type_ = sys::FI_EP_RDM;
             let dom = &mut *(*hints).domain_attr;
-            dom.mr_mode = MR_MODE_SUPPORTED as i32;
+            dom.mr_mode = (MR_MODE_SUPPORTED | mr_mode) as i32;
             dom.threading = sys::FI_THREAD_DOMAIN;
             if prov == "sockets" {
                 // kvxfer drives progress itself (every poll reads the
@@ -211,6 +228,12 @@ impl Info {
                 set_progress(dom, sys::FI_PROGRESS_MANUAL, sys::FI_PROGRESS_MANUAL);
             }
             (*(*hints).fabric_attr).prov_name = libc::strdup(prov_c.as_ptr());
+            if domain_c.is_some() {
+                // An IPv4 address keeps the endpoint on its interface's
+                // subnet (the entry is picked by domain name below: rxm
+                // does not filter on a domain name in the hints).
+                (*hints).addr_format = sys::FI_SOCKADDR_IN;
+            }
         }
         let mut info: *mut sys::fi_info = ptr::null_mut();
         let mut ret = -(sys::FI_ENODATA as i32);
@@ -238,7 +261,36 @@ impl Info {
         if info.is_null() {
             return Err(-(sys::FI_ENODATA as i64));
         }
-        Ok(Info(info))
+        let Some(want) = domain_c else {
+            return Ok(Info(info));
+        };
+        // The tcp provider names its domains after interfaces: keep the
+        // first entry on `want`, alone.
+        let mut e = info;
+        let mut picked: *mut sys::fi_info = ptr::null_mut();
+        while !e.is_null() {
+            // SAFETY: e is an entry of the list fi_getinfo returned, which
+            // we own until fi_freeinfo below; domain_attr and its name are
+            // filled in by libfabric (null checked).
+            unsafe {
+                let d = (*e).domain_attr;
+                if !d.is_null()
+                    && !(*d).name.is_null()
+                    && CStr::from_ptr((*d).name) == want.as_c_str()
+                {
+                    picked = sys::fi_dupinfo(e);
+                    break;
+                }
+                e = (*e).next;
+            }
+        }
+        // SAFETY: info came from fi_getinfo and is freed once; `picked` is
+        // an independent copy (fi_dupinfo copies one entry, `next` null).
+        unsafe { sys::fi_freeinfo(info) };
+        if picked.is_null() {
+            return Err(-(sys::FI_ENODATA as i64));
+        }
+        Ok(Info(picked))
     }
 
     /// The first entry of the list.

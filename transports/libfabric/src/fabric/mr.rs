@@ -63,7 +63,9 @@ unsafe impl Sync for MemoryRegion {}
 
 impl MemoryRegion {
     /// Registers `[addr, addr+len)` with the domain of `objects` for
-    /// `access`, honouring `mr_mode` (requested keys, `FI_MR_ENDPOINT`).
+    /// `access`, honouring `mr_mode` (requested keys, `FI_MR_ENDPOINT`):
+    /// host memory, or VRAM of CUDA device `dev` (`fi_mr_regattr` with
+    /// `FI_HMEM_CUDA`, see [`crate::hmem`]).
     ///
     /// The caller keeps the memory allocated until the registration is
     /// closed (the transport's registrations: the application, through the
@@ -75,6 +77,7 @@ impl MemoryRegion {
         addr: u64,
         len: u64,
         access: u64,
+        dev: Option<u32>,
     ) -> Result<MemoryRegion, Error> {
         let prov_key = mr_mode & sys::FI_MR_PROV_KEY != 0;
         let ulen = usize::try_from(len).map_err(|_| Error::InvalidRegion { addr, len })?;
@@ -82,28 +85,49 @@ impl MemoryRegion {
         let mr = loop {
             let requested = if prov_key { 0 } else { fresh_key(key_size) };
             let mut mr: *mut sys::fid_mr = ptr::null_mut();
-            // SAFETY: the domain is open (held by objects); [addr,
-            // addr+len) is memory of this process that the caller keeps
-            // alive while registered.
-            let ret = unsafe {
-                sys::kvxfer_fi_mr_reg(
-                    objects.domain().raw(),
-                    addr as *const c_void,
-                    ulen,
-                    access,
-                    0,
-                    requested,
-                    0,
-                    &mut mr,
-                    ptr::null_mut(),
-                )
+            let ret = match dev {
+                // SAFETY: the domain is open (held by objects); [addr,
+                // addr+len) is VRAM of device `dev` that the caller keeps
+                // allocated while registered; the shim builds the
+                // fi_mr_attr (one iovec, FI_HMEM_CUDA) on its stack.
+                Some(dev) => unsafe {
+                    sys::kvxfer_fi_mr_reg_cuda(
+                        objects.domain().raw(),
+                        addr as *const c_void,
+                        ulen,
+                        access,
+                        requested,
+                        i32::try_from(dev).unwrap_or(i32::MAX),
+                        &mut mr,
+                    )
+                },
+                // SAFETY: the domain is open (held by objects); [addr,
+                // addr+len) is memory of this process that the caller
+                // keeps alive while registered.
+                None => unsafe {
+                    sys::kvxfer_fi_mr_reg(
+                        objects.domain().raw(),
+                        addr as *const c_void,
+                        ulen,
+                        access,
+                        0,
+                        requested,
+                        0,
+                        &mut mr,
+                        ptr::null_mut(),
+                    )
+                },
             } as i64;
             if ret == ENOKEY && !prov_key && attempts < 16 {
                 attempts += 1;
                 continue;
             }
             if ret != 0 {
-                return Err(fi_error(ret, &format!("fi_mr_reg of {addr:#x}+{len}")));
+                let call = match dev {
+                    Some(d) => format!("fi_mr_regattr (FI_HMEM_CUDA, GPU {d})"),
+                    None => "fi_mr_reg".to_string(),
+                };
+                return Err(fi_error(ret, &format!("{call} of {addr:#x}+{len}")));
             }
             break mr;
         };
@@ -188,6 +212,7 @@ impl MsgBufs {
             mem.as_ptr() as u64,
             (slot * count) as u64,
             access,
+            None,
         )?;
         Ok(MsgBufs {
             reg,

@@ -1,0 +1,60 @@
+//! Several network rails for the libfabric backend: one `FabricTransport`
+//! per interface of [`AgentConfig::rails`], under
+//! [`kvxfer_rails::Rails`].
+
+#[cfg(feature = "libfabric")]
+use kvxfer_core::Error;
+
+#[cfg(feature = "libfabric")]
+use crate::config::AgentConfig;
+
+/// libfabric over the rails of `cfg` (one endpoint per interface), or one
+/// endpoint as the provider chooses when none is named.
+#[cfg(feature = "libfabric")]
+pub(crate) fn fabric_rails(
+    name: &str,
+    fabric: &kvxfer_libfabric::FabricConfig,
+    cfg: &AgentConfig,
+) -> Result<kvxfer_rails::Rails<kvxfer_libfabric::FabricTransport>, Error> {
+    use kvxfer_libfabric::FabricTransport;
+    let names = cfg.effective_rails();
+    let mut rails = Vec::new();
+    let open = |c: &kvxfer_libfabric::FabricConfig| -> Result<FabricTransport, Error> {
+        #[allow(unused_mut)]
+        let mut t = FabricTransport::new(c)?;
+        #[cfg(feature = "cuda")]
+        crate::vram::probe_fabric(&mut t);
+        Ok(t)
+    };
+    if names.is_empty() {
+        rails.push((String::new(), open(fabric)?));
+    }
+    for iface in &names {
+        let c = fabric.clone().with_interface(iface);
+        rails.push((iface.clone(), open(&c)?));
+    }
+    if rails.len() > 1 {
+        log::info!(
+            "{name}: libfabric over {} rails: {}",
+            rails.len(),
+            names.join(", ")
+        );
+    }
+    Ok(kvxfer_rails::Rails::new(
+        name,
+        rails,
+        kvxfer_rails::RailsConfig::from_env(),
+    ))
+}
+
+/// The rails' counters; none for a single endpoint.
+#[cfg(feature = "libfabric")]
+pub(crate) fn stats<T: kvxfer_core::Transport>(
+    r: &kvxfer_rails::Rails<T>,
+) -> Vec<kvxfer_rails::RailStats> {
+    if r.len() > 1 {
+        r.stats()
+    } else {
+        Vec::new()
+    }
+}
