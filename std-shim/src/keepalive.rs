@@ -22,8 +22,8 @@ const PROBE_BUF: usize = 64;
 /// One peer's probe: a prepared READ, re-posted.
 struct Probe {
     handle: XferHandle,
-    /// When it was last posted.
-    sent_at: Instant,
+    /// When it was last posted (`None`: prepared, never posted).
+    sent_at: Option<Instant>,
     in_flight: bool,
 }
 
@@ -112,6 +112,13 @@ impl Keepalive {
         if activity.failed {
             return 0;
         }
+        // Prepared (buffer registered, READ built) the first time the peer
+        // is busy, so that the first probe, sent when the peer has been
+        // silent a while (a slow transfer, a loaded host), only posts and
+        // allocates nothing on the thread polling the transfers.
+        if !self.probes.contains_key(peer) {
+            self.prepare(e, peer);
+        }
         let silent_for = activity
             .heard_at
             .map_or(0, |t| now.saturating_nanos_since(t));
@@ -120,7 +127,7 @@ impl Keepalive {
                 // Silent for the timeout, with a probe out long enough to
                 // have had its answer.
                 if silent_for >= self.timeout_ns
-                    && now.saturating_nanos_since(p.sent_at) >= self.interval_ns
+                    && p.sent_at.map_or(0, |t| now.saturating_nanos_since(t)) >= self.interval_ns
                 {
                     log::warn!(
                         "{}: peer {peer:?} answered neither a keepalive probe nor a transfer for {} ms; failing its transfers",
@@ -131,7 +138,9 @@ impl Keepalive {
                 }
                 0
             }
-            Some(p) if now.saturating_nanos_since(p.sent_at) < self.interval_ns => 0,
+            Some(Probe {
+                sent_at: Some(t), ..
+            }) if now.saturating_nanos_since(*t) < self.interval_ns => 0,
             _ if silent_for < self.interval_ns => 0,
             _ => {
                 self.probe(e, peer, now);
@@ -142,29 +151,41 @@ impl Keepalive {
 
     /// Posts `peer`'s probe, preparing it first if needed.
     fn probe<T: Transport>(&mut self, e: &mut AgentEngine<T>, peer: &Name, now: Instant) {
-        if let Some(p) = self.probes.get_mut(peer) {
+        for _ in 0..2 {
+            if !self.probes.contains_key(peer) && !self.prepare(e, peer) {
+                return;
+            }
+            let Some(p) = self.probes.get_mut(peer) else {
+                return;
+            };
             match e.post(p.handle, now) {
                 Ok(state) => {
                     p.in_flight = state == XferState::InProgress;
-                    p.sent_at = now;
+                    p.sent_at = Some(now);
                     return;
                 }
-                // Reloaded or released: prepare it again below.
+                // Reloaded or released: prepare it again (once).
                 Err(_) => {
                     let _ = e.release(p.handle);
                     self.probes.remove(peer);
                 }
             }
         }
+    }
+
+    /// Prepares `peer`'s probe (not posted); whether it could.
+    fn prepare<T: Transport>(&mut self, e: &mut AgentEngine<T>, peer: &Name) -> bool {
         let Some(target) = e
             .remote_regions(peer)
             .ok()
             .and_then(|mut r| r.find(|r| r.kind == MemKind::Dram))
         else {
             // Nothing to read: no transfer of ours can reach it either.
-            return;
+            return false;
         };
-        let Some(buf) = self.buffer(e) else { return };
+        let Some(buf) = self.buffer(e) else {
+            return false;
+        };
         let prepared = e.prepare(
             XferOp::Read,
             &[Desc::new(buf, 1)],
@@ -172,22 +193,23 @@ impl Keepalive {
             peer,
             None,
         );
-        let handle = match prepared {
-            Ok(h) => h,
+        match prepared {
+            Ok(handle) => {
+                self.probes.insert(
+                    peer.clone(),
+                    Probe {
+                        handle,
+                        sent_at: None,
+                        in_flight: false,
+                    },
+                );
+                true
+            }
             Err(err) => {
                 log::debug!("{}: keepalive probe of {peer:?}: {err}", e.name());
-                return;
+                false
             }
-        };
-        let in_flight = matches!(e.post(handle, now), Ok(XferState::InProgress));
-        self.probes.insert(
-            peer.clone(),
-            Probe {
-                handle,
-                sent_at: now,
-                in_flight,
-            },
-        );
+        }
     }
 
     /// The probe buffer's address, registering it on first use.

@@ -13,6 +13,13 @@ use crate::ffi::UCS_OK;
 use crate::status::xfer_error;
 use crate::transport::UcxTransport;
 
+/// Free slots made with the transport (see `UcxTransport::reserve_slots`).
+pub(crate) const SPARE_SLOTS: usize = 4;
+/// Requests a new slot has room for.
+pub(crate) const SLOT_REQUESTS: usize = 16;
+/// Registrations a new slot has room for.
+pub(crate) const SLOT_REGS: usize = 4;
+
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Phase {
     /// Puts or gets in flight.
@@ -54,6 +61,40 @@ pub(crate) struct OpSlot {
 }
 
 impl UcxTransport {
+    /// Adds `n` free slots, each with room for [`SLOT_REQUESTS`] requests
+    /// and [`SLOT_REGS`] registrations. Made when the transport is built,
+    /// so that the first time a transfer runs beside another (a keepalive
+    /// probe or a notification next to a transfer) takes a ready slot
+    /// instead of allocating one.
+    pub(crate) fn reserve_slots(&mut self, n: usize) {
+        self.slots.reserve(n);
+        self.free_slots.reserve(n);
+        for _ in 0..n {
+            let index = self.new_slot();
+            self.free_slots.push(index);
+        }
+    }
+
+    /// Appends an empty slot to the table; returns its index.
+    fn new_slot(&mut self) -> u32 {
+        self.slots.push(Box::new(UnsafeCell::new(OpSlot {
+            token: Token(0),
+            op: XferOp::Read,
+            ep: u32::MAX,
+            phase: Phase::Data,
+            outstanding: 0,
+            status: UCS_OK,
+            requests: Vec::with_capacity(SLOT_REQUESTS),
+            note: Vec::new(),
+            has_note: false,
+            internal: false,
+            regs: Vec::with_capacity(SLOT_REGS),
+            awaiting_ack: false,
+            inline_hdr: [0; inline::WRITE_HDR],
+        })));
+        (self.slots.len() - 1) as u32
+    }
+
     pub(crate) fn alloc_slot(
         &mut self,
         token: Token,
@@ -63,24 +104,7 @@ impl UcxTransport {
     ) -> u32 {
         let index = match self.free_slots.pop() {
             Some(i) => i,
-            None => {
-                self.slots.push(Box::new(UnsafeCell::new(OpSlot {
-                    token,
-                    op,
-                    ep,
-                    phase: Phase::Data,
-                    outstanding: 0,
-                    status: UCS_OK,
-                    requests: Vec::with_capacity(16),
-                    note: Vec::new(),
-                    has_note: false,
-                    internal: false,
-                    regs: Vec::new(),
-                    awaiting_ack: false,
-                    inline_hdr: [0; inline::WRITE_HDR],
-                })));
-                (self.slots.len() - 1) as u32
-            }
+            None => self.new_slot(),
         };
         // A free slot has no request in flight, so no callback touches it.
         let slot = self.slot_mut(index);
@@ -102,9 +126,22 @@ impl UcxTransport {
         index
     }
 
+    /// Frees slot `index`. A slot whose lists hold less than those of the
+    /// slot freed last goes beneath it, so that the next post takes the
+    /// slot a transfer of its size already grew (a short transfer that ran
+    /// beside a long one does not hand the long one's next post a slot
+    /// whose lists must grow).
     pub(crate) fn free_slot(&mut self, index: u32) {
         self.release_requests(index);
         self.free_slots.push(index);
+        let n = self.free_slots.len();
+        if n >= 2 {
+            let room = |s: &OpSlot| (s.requests.capacity(), s.regs.capacity());
+            let (top, below) = (self.free_slots[n - 1], self.free_slots[n - 2]);
+            if room(self.slot(top)) < room(self.slot(below)) {
+                self.free_slots.swap(n - 1, n - 2);
+            }
+        }
     }
 
     /// Moves slot `index` through its phases as far as it can go without

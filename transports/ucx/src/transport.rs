@@ -189,6 +189,7 @@ impl UcxTransport {
             _not_sync: PhantomData,
         };
 
+        transport.reserve_slots(crate::slot::SPARE_SLOTS);
         install_handlers(&mut transport)?;
         // Hardware RMA (InfiniBand, RoCE) needs no help for small WRITEs.
         let rdma = transport
