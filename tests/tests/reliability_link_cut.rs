@@ -17,13 +17,12 @@
 
 mod reliability_common;
 
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use kvxfer::{Agent, WaitOutcome, XferOp, XferRequest, XferState};
 use reliability_common::{
-    config, is_root, pattern, read_all, run, Buf, Proc, Target, TargetSpec, ROLE, TAG,
+    config, ip, is_root, pattern, read_all, run, Buf, Proc, Target, TargetSpec, ROLE, TAG,
 };
 
 const ENTRY: &str = "child_entry";
@@ -45,22 +44,6 @@ fn child_entry() {
     if !reliability_common::maybe_run_target() && std::env::var(ROLE).as_deref() == Ok("initiator")
     {
         initiator();
-    }
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
     }
 }
 

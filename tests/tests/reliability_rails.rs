@@ -26,13 +26,14 @@
 
 mod reliability_common;
 
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kvxfer::{Agent, Desc, RailState, WaitOutcome, XferOp};
-use reliability_common::{config, is_root, pattern, Buf, Proc, Target, TargetSpec, ROLE, TAG};
+use reliability_common::{
+    cmd, config, ip, is_root, pattern, Buf, Proc, Target, TargetSpec, ROLE, TAG,
+};
 
 const ENTRY: &str = "child_entry";
 const LEN: usize = 64 << 20;
@@ -51,26 +52,6 @@ fn child_entry() {
     if !reliability_common::maybe_run_target() && std::env::var(ROLE).as_deref() == Ok("initiator")
     {
         initiator();
-    }
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    cmd("ip", args)
-}
-
-fn cmd(prog: &str, args: &[&str]) -> Result<(), String> {
-    let out = Command::new(prog)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{prog} {}: {e}", args.join(" ")))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{prog} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
     }
 }
 

@@ -409,6 +409,28 @@ pub fn open_fds_of(pid: &str) -> usize {
         .count()
 }
 
+/// Runs `prog args…` (`ip`, `tc`) and fails with its stderr.
+pub fn cmd(prog: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(prog)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{prog} {}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{prog} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// `ip args…` (see [`cmd`]).
+pub fn ip(args: &[&str]) -> Result<(), String> {
+    cmd("ip", args)
+}
+
 /// Whether this process runs as root (uid 0).
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
