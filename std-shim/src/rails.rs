@@ -1,11 +1,11 @@
-//! Several network rails for the libfabric backend: one `FabricTransport`
-//! per interface of [`AgentConfig::rails`], under
-//! [`kvxfer_rails::Rails`].
+//! Several network rails for the libfabric and UCX backends: one
+//! `FabricTransport` or `UcxTransport` per interface of
+//! [`AgentConfig::rails`], under [`kvxfer_rails::Rails`].
 
-#[cfg(feature = "libfabric")]
+#[cfg(any(feature = "libfabric", feature = "ucx"))]
 use kvxfer_core::Error;
 
-#[cfg(feature = "libfabric")]
+#[cfg(any(feature = "libfabric", feature = "ucx"))]
 use crate::config::AgentConfig;
 
 /// libfabric over the rails of `cfg` (one endpoint per interface), or one
@@ -47,8 +47,35 @@ pub(crate) fn fabric_rails(
     ))
 }
 
+/// UCX over the rails of `cfg`: one transport (its own UCP context and
+/// worker) per interface, each restricted to it (`UCX_NET_DEVICES` of its
+/// context, [`kvxfer_ucx::UcxConfig::net_devices`]).
+#[cfg(feature = "ucx")]
+pub(crate) fn ucx_rails(
+    name: &str,
+    ucx: &kvxfer_ucx::UcxConfig,
+    cfg: &AgentConfig,
+) -> Result<kvxfer_rails::Rails<kvxfer_ucx::UcxTransport>, Error> {
+    let names = cfg.effective_rails();
+    let mut rails = Vec::new();
+    for iface in &names {
+        let c = ucx.clone().with_net_devices(iface);
+        rails.push((iface.clone(), kvxfer_ucx::UcxTransport::new(&c)?));
+    }
+    log::info!(
+        "{name}: UCX over {} rails: {}",
+        rails.len(),
+        names.join(", ")
+    );
+    Ok(kvxfer_rails::Rails::new(
+        name,
+        rails,
+        kvxfer_rails::RailsConfig::from_env(),
+    ))
+}
+
 /// The rails' counters; none for a single endpoint.
-#[cfg(feature = "libfabric")]
+#[cfg(any(feature = "libfabric", feature = "ucx"))]
 pub(crate) fn stats<T: kvxfer_core::Transport>(
     r: &kvxfer_rails::Rails<T>,
 ) -> Vec<kvxfer_rails::RailStats> {

@@ -46,6 +46,8 @@ macro_rules! on_engine_arms {
                 #[cfg(feature = $f)]
                 $crate::backends::Engines::$v(ref mut $e) => $body,
             )*
+            #[cfg(feature = "ucx")]
+            $crate::backends::Engines::UcxRails(ref mut $e) => $body,
         }
     };
 }
@@ -153,6 +155,10 @@ macro_rules! declare {
                 #[cfg(feature = $f)]
                 $v(Box<AgentEngine<$m::Transport>>),
             )*
+            /// UCX over several network rails ([`AgentConfig::rails`]
+            /// naming more than one): one UCP context per rail.
+            #[cfg(feature = "ucx")]
+            UcxRails(Box<AgentEngine<ucx::RailsTransport>>),
         }
 
         /// Builds the transport and engine of `kind` from `cfg`.
@@ -163,6 +169,13 @@ macro_rules! declare {
         ) -> Result<Engines, Error> {
             cfg.capacities.check()?;
             let deadline = cfg.effective_transfer_timeout()?;
+            // UCX over several rails; one rail or none keeps the plain
+            // transport (no rails layer on its path).
+            #[cfg(feature = "ucx")]
+            if kind == BackendKind::Ucx && cfg.effective_rails().len() > 1 {
+                let t = ucx::build_rails(name, cfg, deadline)?;
+                return Ok(Engines::UcxRails(boxed_engine(name, t, cfg, deadline)?));
+            }
             match kind {
                 $(
                     #[cfg(feature = $f)]

@@ -12,6 +12,8 @@ pub(super) const DESCRIPTOR: Descriptor = Descriptor {
     settings: &[
         "AgentConfig::with_ucx_config",
         "KVXFER_UCX_NATIVE_VRAM",
+        "AgentConfig::with_rails",
+        "KVXFER_RAILS",
         "UCX_TLS and UCX's other variables",
     ],
 };
@@ -52,6 +54,23 @@ mod imp {
         let uc = cfg.effective_ucx_config()?;
         log::debug!("{name}: UCX transport with {uc:?}");
         Ok(host_memory(UcxTransport::new(&uc)?, cfg, deadline))
+    }
+
+    /// UCX over several network rails: one [`UcxTransport`] per rail.
+    pub(crate) type RailsTransport = HostMemory<kvxfer_rails::Rails<UcxTransport>>;
+
+    /// The transport of an agent named `name` whose `cfg` names more than
+    /// one rail ([`AgentConfig::rails`]): one UCP context and worker per
+    /// rail, each restricted to its interface, under [`kvxfer_rails::Rails`].
+    pub(crate) fn build_rails(
+        name: &str,
+        cfg: &AgentConfig,
+        deadline: Option<Duration>,
+    ) -> Result<RailsTransport, Error> {
+        let uc = cfg.effective_ucx_config()?;
+        log::debug!("{name}: UCX rails with {uc:?}");
+        let t = crate::rails::ucx_rails(name, &uc, cfg)?;
+        Ok(host_memory(t, cfg, deadline))
     }
 
     /// Nothing to check before an agent is made.
@@ -139,6 +158,47 @@ mod imp {
         }
     }
 
+    impl AgentTransport for RailsTransport {
+        /// `ucp_worker_progress` calls that did something on every rail,
+        /// transfers by cross-memory attach and staging requests served.
+        fn activity(&self) -> u64 {
+            let l = local_of(self);
+            let r = l.inner();
+            let mut n = l.cma_transfers().wrapping_add(staging_events(self));
+            for i in 0..r.len() {
+                if let Some(t) = r.rail(i) {
+                    n = n.wrapping_add(t.progress_events());
+                }
+            }
+            n
+        }
+
+        fn far_peers(&self) -> usize {
+            local_of(self).far_peers()
+        }
+
+        fn is_near(&self, peer: &Self::Peer) -> bool {
+            local_of(self).is_near(peer)
+        }
+
+        fn vram_path(&self) -> &'static str {
+            host_memory_vram_path(self)
+        }
+
+        #[cfg(feature = "cuda")]
+        fn vram_reason(&self) -> String {
+            match local_of(self).inner().rail(0) {
+                // Every rail is opened alike: the first speaks for all.
+                Some(t) => crate::vram::ucx_reason(t),
+                None => "UCX has no rail open".to_string(),
+            }
+        }
+
+        fn rail_stats(&self) -> Vec<kvxfer_rails::RailStats> {
+            crate::rails::stats(local_of(self).inner())
+        }
+    }
+
     impl AgentConfig {
         /// Sets UCX's own configuration: the UCX transport is built from
         /// `config` instead of [`UcxConfig::from_env`].
@@ -183,6 +243,7 @@ mod imp {
             let d = super::super::DESCRIPTOR;
             assert_eq!(d.name, kvxfer_ucx::BACKEND);
             assert!(d.settings.contains(&kvxfer_ucx::NATIVE_VRAM_ENV));
+            assert!(d.settings.contains(&kvxfer_rails::ENV_RAILS));
         }
     }
 }

@@ -93,6 +93,12 @@ pub struct UcxConfig {
     /// `None` (the default) keeps `UCX_TLS` from the environment, else
     /// UCX's default (`all`).
     pub tls: Option<String>,
+    /// Network devices this transport may use (as `UCX_NET_DEVICES`, e.g.
+    /// `"eth1"` for `tcp` or `"mlx5_0:1"`), set on this transport's own UCP
+    /// context so that several transports in one process can each use
+    /// their own device (one per network rail). `None` (the default) keeps
+    /// `UCX_NET_DEVICES` from the environment, else every device.
+    pub net_devices: Option<String>,
     /// Interval of UCX's endpoint keepalive, which bounds how long a dead
     /// peer goes unnoticed (UCX's own default is 20 s). Applied only when
     /// `UCX_KEEPALIVE_INTERVAL` is not set in the environment; `None` keeps
@@ -174,10 +180,20 @@ impl UcxConfig {
     }
 }
 
+impl UcxConfig {
+    /// This configuration restricted to the network devices `devices`
+    /// (see [`net_devices`](Self::net_devices)).
+    pub fn with_net_devices(mut self, devices: &str) -> UcxConfig {
+        self.net_devices = Some(devices.to_string());
+        self
+    }
+}
+
 impl Default for UcxConfig {
     fn default() -> Self {
         UcxConfig {
             tls: None,
+            net_devices: None,
             keepalive_interval: Some(Duration::from_secs(1)),
             max_notification: 4096,
             notification_queue: 1024,

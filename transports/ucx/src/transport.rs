@@ -136,6 +136,9 @@ impl UcxTransport {
         if let Some(tls) = &config.tls {
             config_modify(&ucp_config, "TLS", tls)?;
         }
+        if let Some(devices) = &config.net_devices {
+            config_modify(&ucp_config, "NET_DEVICES", devices)?;
+        }
         if let Some(seg) = config.tcp_seg_size {
             let tls = config.tls.clone().or_else(|| std::env::var("UCX_TLS").ok());
             if std::env::var_os("UCX_TCP_TX_SEG_SIZE").is_none()
