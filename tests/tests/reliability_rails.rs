@@ -118,14 +118,21 @@ impl Drop for Net {
     }
 }
 
-fn env(devs: &[String]) -> Vec<(&'static str, String)> {
+fn env(devs: &[String], backend: &str) -> Vec<(&'static str, String)> {
     vec![
         ("KVXFER_SAME_HOST_CMA", "0".to_string()),
         ("KVXFER_RAILS", devs.join(",")),
+        ("KVXFER_REL_BACKEND", backend.to_string()),
+        ("UCX_TLS", "tcp".to_string()),
     ]
 }
 
-fn rails_test(n: usize, mode: &str) {
+/// The libfabric provider the rails use with `backend`, if any.
+fn provider(backend: &str) -> Option<&'static str> {
+    (backend == "LIBFABRIC").then_some("tcp;ofi_rxm")
+}
+
+fn rails_test(n: usize, mode: &str, backend: &str) {
     assert!(
         is_root(),
         "needs root to create network namespaces (run as root, or leave this test out with \
@@ -133,19 +140,19 @@ fn rails_test(n: usize, mode: &str) {
     );
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let net = Net::new(n).unwrap_or_else(|e| panic!("cannot create network namespaces: {e}"));
-    let mut tenv = env(&net.dev[0]);
+    let mut tenv = env(&net.dev[0], backend);
     tenv.push(("KVXFER_REL_LISTEN", "10.216.1.1:0".to_string()));
     let target = Target::spawn(TargetSpec {
         entry: ENTRY,
         name: "rails-target",
-        backend: "LIBFABRIC",
-        provider: Some("tcp;ofi_rxm"),
+        backend,
+        provider: provider(backend),
         len: LEN,
         seed: 81,
         env: tenv,
         prefix: vec!["ip", "netns", "exec", &net.ns[0]],
     });
-    let mut ienv = env(&net.dev[1]);
+    let mut ienv = env(&net.dev[1], backend);
     ienv.extend([
         (ROLE, "initiator".to_string()),
         ("KVXFER_REL_TARGET", target.addr.clone()),
@@ -172,7 +179,7 @@ fn rails_test(n: usize, mode: &str) {
         net.ns[1]
     );
     let result = result.expect("initiator reported nothing");
-    println!("RESULT link_cut_rails {mode} {n} rails: {result}");
+    println!("RESULT link_cut_rails {backend} {mode} {n} rails: {result}");
     drop(target);
     drop(net);
 }
@@ -300,7 +307,8 @@ fn initiator() {
         .split(',')
         .map(str::to_owned)
         .collect();
-    let agent = Agent::new("rails-ini", config("LIBFABRIC", Some("tcp;ofi_rxm"))).expect("agent");
+    let backend = var("KVXFER_REL_BACKEND");
+    let agent = Agent::new("rails-ini", config(&backend, provider(&backend))).expect("agent");
     let n = agent.rail_stats().len();
     assert_eq!(n, devs_a.len(), "rails of the initiator");
     let mut s = Stream {
@@ -478,15 +486,20 @@ fn initiator() {
 
 #[test]
 fn link_cut_rails_failover_2() {
-    rails_test(2, "failover");
+    rails_test(2, "failover", "LIBFABRIC");
 }
 
 #[test]
 fn link_cut_rails_failover_4() {
-    rails_test(4, "failover");
+    rails_test(4, "failover", "LIBFABRIC");
 }
 
 #[test]
 fn link_cut_rails_all_down() {
-    rails_test(2, "all_down");
+    rails_test(2, "all_down", "LIBFABRIC");
+}
+
+#[test]
+fn link_cut_rails_ucx_all_down() {
+    rails_test(2, "all_down", "UCX");
 }
