@@ -433,6 +433,26 @@ pub(crate) fn host_memory<T: Transport>(
     t
 }
 
+/// The [`AgentTransport`] methods that every [`HostMemory`] transport
+/// answers from its same-host layer: `far_peers`, `is_near`, `vram_path`.
+macro_rules! host_memory_methods {
+    () => {
+        fn far_peers(&self) -> usize {
+            $crate::backends::local_of(self).far_peers()
+        }
+
+        fn is_near(&self, peer: &Self::Peer) -> bool {
+            $crate::backends::local_of(self).is_near(peer)
+        }
+
+        fn vram_path(&self) -> &'static str {
+            $crate::backends::host_memory_vram_path(self)
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use host_memory_methods;
+
 /// The same-host layer of a [`HostMemory`] transport.
 #[allow(dead_code)]
 pub(crate) fn local_of<T: Transport>(t: &HostMemory<T>) -> &Local<T> {

@@ -29,7 +29,7 @@ mod imp {
     use kvxfer_ucx::{UcxConfig, UcxTransport};
 
     use crate::backends::{
-        host_memory, host_memory_vram_path, local_of, staging_events, AgentTransport, HostMemory,
+        host_memory, local_of, staging_events, AgentTransport, HostMemory,
     };
     use crate::config::AgentConfig;
 
@@ -140,17 +140,7 @@ mod imp {
                 .wrapping_add(staging_events(self))
         }
 
-        fn far_peers(&self) -> usize {
-            local_of(self).far_peers()
-        }
-
-        fn is_near(&self, peer: &Self::Peer) -> bool {
-            local_of(self).is_near(peer)
-        }
-
-        fn vram_path(&self) -> &'static str {
-            host_memory_vram_path(self)
-        }
+        crate::backends::host_memory_methods!();
 
         #[cfg(feature = "cuda")]
         fn vram_reason(&self) -> String {
@@ -173,17 +163,7 @@ mod imp {
             n
         }
 
-        fn far_peers(&self) -> usize {
-            local_of(self).far_peers()
-        }
-
-        fn is_near(&self, peer: &Self::Peer) -> bool {
-            local_of(self).is_near(peer)
-        }
-
-        fn vram_path(&self) -> &'static str {
-            host_memory_vram_path(self)
-        }
+        crate::backends::host_memory_methods!();
 
         #[cfg(feature = "cuda")]
         fn vram_reason(&self) -> String {
