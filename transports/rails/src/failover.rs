@@ -94,7 +94,7 @@ impl<T: Transport> Rails<T> {
             // operation left in the inner transport.
             let mut ok = true;
             for p in self.peers.values_mut() {
-                let Some(addr) = p.addrs.get(r) else {
+                let Some(addr) = p.addrs.get(r).and_then(Option::as_ref) else {
                     continue;
                 };
                 if let Some(old) = p.conns.get_mut(r).and_then(Option::take) {

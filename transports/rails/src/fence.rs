@@ -193,21 +193,25 @@ impl<T: Transport> Rails<T> {
             return true;
         };
         if kind == FENCE {
-            // Close our connection on rail r (bytes still on their way over
-            // it are then refused), open a fresh one, acknowledge.
+            // Close our connection on the rail paired with the peer's rail
+            // r (bytes still on their way over it are then refused), open a
+            // fresh one, acknowledge (naming the peer's rail r).
             let p = self.peers.get_mut(&id).expect("found");
-            if r < p.conns.len() && p.served[r] < seq {
-                p.served[r] = seq;
-                if let Some(old) = p.conns[r].take() {
-                    self.rails[r].t.disconnect(old);
+            let mine = p.remote.iter().position(|&j| j == Some(r));
+            if let Some(l) = mine.filter(|&l| p.served[l] < seq) {
+                p.served[l] = seq;
+                if let Some(old) = p.conns[l].take() {
+                    self.rails[l].t.disconnect(old);
                 }
-                match self.rails[r].t.connect(&p.addrs[r]) {
-                    Ok(c) => p.conns[r] = Some(c),
-                    Err(e) => log::warn!("rails: reconnect rail {r} to {from}: {e}"),
+                if let Some(addr) = &p.addrs[l] {
+                    match self.rails[l].t.connect(addr) {
+                        Ok(c) => p.conns[l] = Some(c),
+                        Err(e) => log::warn!("rails: reconnect rail {l} to {from}: {e}"),
+                    }
                 }
             }
             let ack = control(FENCE_ACK, r, seq, &self.agent);
-            if !self.send_control(id, r, &ack) {
+            if !self.send_control(id, mine.unwrap_or(0), &ack) {
                 log::warn!("rails: no rail to acknowledge a fence of {from}");
             }
         } else {

@@ -76,6 +76,7 @@
 mod config;
 mod failover;
 mod fence;
+mod pair;
 mod stats;
 mod stripe;
 mod transport;
@@ -90,6 +91,7 @@ use kvxfer_core::{Completion, Error, Token, Transport, XferOp};
 pub use config::{
     parse_size, rails_from_env, RailsConfig, ENV_RAILS, ENV_STRIPE, ENV_TIMEOUT_MS, ENV_WINDOW,
 };
+pub use pair::{interface_nets, pair_rails, RailInfo, RailNet};
 pub use stats::{RailState, RailStats};
 
 /// A registration on every rail, by rail.
@@ -105,6 +107,8 @@ pub struct RailsPeer {
 
 struct Rail<T: Transport> {
     name: String,
+    /// The interface's networks, published in the address for pairing.
+    nets: Vec<RailNet>,
     t: T,
     state: RailState,
     bytes: u64,
@@ -124,7 +128,11 @@ struct Rail<T: Transport> {
 
 struct PeerRec<T: Transport> {
     name: String,
-    addrs: Vec<Vec<u8>>,
+    /// By local rail: the address of the peer's rail paired with it.
+    addrs: Vec<Option<Vec<u8>>>,
+    /// By local rail: the index of the peer's rail paired with it (in
+    /// the peer's address, its keys and its fences), if any.
+    remote: Vec<Option<usize>>,
     conns: Vec<Option<T::Peer>>,
     /// By rail: the fence asked of this peer after the rail failed, not
     /// yet acknowledged.
@@ -206,6 +214,11 @@ impl<T: Transport> Rails<T> {
             rails: rails
                 .into_iter()
                 .map(|(name, t)| Rail {
+                    nets: if name.is_empty() {
+                        Vec::new()
+                    } else {
+                        interface_nets(&name)
+                    },
                     name,
                     t,
                     state: RailState::Up,
@@ -237,6 +250,14 @@ impl<T: Transport> Rails<T> {
             note_buf: Vec::new(),
         }
     }
+    /// Sets the networks rail `i` publishes for pairing (found from its
+    /// interface by [`new`](Self::new)); before the address is taken.
+    pub fn set_nets(&mut self, i: usize, nets: Vec<RailNet>) {
+        if let Some(r) = self.rails.get_mut(i) {
+            r.nets = nets;
+        }
+    }
+
     /// The inner transport of rail `i`.
     pub fn rail(&self, i: usize) -> Option<&T> {
         self.rails.get(i).map(|r| &r.t)
@@ -275,6 +296,10 @@ impl<T: Transport> Rails<T> {
         for (i, r) in self.rails.iter().enumerate() {
             if i >= p.conns.len() {
                 break;
+            }
+            if !matches!(p.remote.get(i), Some(Some(_))) {
+                // Not paired with a rail of this peer.
+                continue;
             }
             if !s.is_empty() {
                 s.push_str(", ");

@@ -8,9 +8,65 @@ use kvxfer_core::{
     Transport, Wake, XferOp,
 };
 
+use crate::pair::{pair_rails, put_nets, take_nets, RailInfo};
 use crate::{Part, PeerRec, Rails, RailsKey, RailsPeer, RailsReg, Req};
 
-const MAGIC: &[u8; 4] = b"KVR1";
+/// Prefix of a rails address: the agent's name, then per rail its
+/// interface, its networks and its inner address.
+const MAGIC: &[u8; 4] = b"KVR2";
+/// Prefix of the rails address before networks were published: per rail
+/// only its interface and inner address (paired by position).
+const MAGIC_V1: &[u8; 4] = b"KVR1";
+
+/// A rail of a peer's rails address.
+struct PeerRail<'a> {
+    info: RailInfo,
+    addr: &'a [u8],
+}
+
+/// A peer's rails address: its agent name and rails.
+struct PeerAddr<'a> {
+    name: String,
+    rails: Vec<PeerRail<'a>>,
+}
+
+/// Reads a rails address; `Ok(None)` if `address` is not one (a single
+/// endpoint's inner address), `Err` (what is wrong) if it is broken.
+fn parse_address(address: &[u8]) -> Result<Option<PeerAddr<'_>>, &'static str> {
+    let (mut b, nets) = if let Some(b) = address.strip_prefix(&MAGIC[..]) {
+        (b, true)
+    } else if let Some(b) = address.strip_prefix(&MAGIC_V1[..]) {
+        (b, false)
+    } else {
+        return Ok(None);
+    };
+    const CUT: &str = "is truncated";
+    let name = take_bytes(&mut b).ok_or(CUT)?;
+    let name = String::from_utf8_lossy(name).into_owned();
+    if b.len() < 4 {
+        return Err(CUT);
+    }
+    let n = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+    b = &b[4..];
+    let mut rails = Vec::new();
+    for _ in 0..n {
+        let iface = take_bytes(&mut b).ok_or(CUT)?;
+        let nets = if nets {
+            take_nets(&mut b).ok_or(CUT)?
+        } else {
+            Vec::new()
+        };
+        let addr = take_bytes(&mut b).ok_or(CUT)?;
+        rails.push(PeerRail {
+            info: RailInfo::new(&String::from_utf8_lossy(iface), nets),
+            addr,
+        });
+    }
+    if rails.is_empty() {
+        return Err("has no rail");
+    }
+    Ok(Some(PeerAddr { name, rails }))
+}
 
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(&(b.len() as u32).to_le_bytes());
@@ -118,6 +174,7 @@ impl<T: Transport> Transport for Rails<T> {
         let mut buf = vec![0u8; 4096];
         for r in &self.rails {
             put_bytes(&mut v, r.name.as_bytes());
+            put_nets(&mut v, &r.nets);
             let n = r.t.local_address(&mut buf)?;
             put_bytes(&mut v, &buf[..n]);
         }
@@ -133,30 +190,59 @@ impl<T: Transport> Transport for Rails<T> {
                 &format!("rails: peer address of {} bytes {what}", address.len()),
             )
         };
-        let (name, addrs) = if self.single() {
-            (String::new(), vec![address.to_vec()])
-        } else {
-            let Some(mut b) = address.strip_prefix(&MAGIC[..]) else {
-                return Err(bad("is not a rails address (one rail on the peer?)"));
-            };
-            let name = take_bytes(&mut b).ok_or_else(|| bad("is truncated"))?;
-            let name = String::from_utf8_lossy(name).into_owned();
-            if b.len() < 4 {
-                return Err(bad("is truncated"));
+        let peer = parse_address(address).map_err(|e| bad(e))?;
+        let mut theirs = Vec::new();
+        let (name, addrs, remote) = match peer {
+            None if self.single() => (String::new(), vec![Some(address.to_vec())], vec![Some(0)]),
+            None => {
+                let ours: Vec<&str> = self.rails.iter().map(|r| r.name.as_str()).collect();
+                return Err(Error::backend(
+                    backend,
+                    -22,
+                    &format!(
+                        "rails: peer has one endpoint, we have rails {}: set KVXFER_RAILS there too",
+                        ours.join(",")
+                    ),
+                ));
             }
-            let n = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
-            b = &b[4..];
-            let mut addrs = Vec::new();
-            for _ in 0..n {
-                let _iface = take_bytes(&mut b).ok_or_else(|| bad("is truncated"))?;
-                let a = take_bytes(&mut b).ok_or_else(|| bad("is truncated"))?;
-                addrs.push(a.to_vec());
+            Some(p) if self.single() => {
+                let theirs: Vec<&str> = p.rails.iter().map(|r| r.info.name.as_str()).collect();
+                return Err(Error::backend(
+                    backend,
+                    -22,
+                    &format!(
+                        "rails: {} has rails {}, we one endpoint: set KVXFER_RAILS here too",
+                        p.name,
+                        theirs.join(",")
+                    ),
+                ));
             }
-            (name, addrs)
+            Some(p) => {
+                let ours: Vec<RailInfo> = self
+                    .rails
+                    .iter()
+                    .map(|r| RailInfo::new(&r.name, r.nets.clone()))
+                    .collect();
+                let infos: Vec<RailInfo> = p.rails.iter().map(|r| r.info.clone()).collect();
+                theirs = infos.iter().map(|r| r.name.clone()).collect();
+                let remote = pair_rails(&ours, &infos).map_err(|e| {
+                    log::warn!("rails: {} to {}: {e}", self.agent, p.name);
+                    Error::backend(backend, -22, &format!("rails to {}: {e}", p.name))
+                })?;
+                let addrs = remote
+                    .iter()
+                    .map(|j| j.map(|j| p.rails[j].addr.to_vec()))
+                    .collect();
+                (p.name, addrs, remote)
+            }
         };
         let mut conns = Vec::new();
         let mut first_err = None;
-        for (r, a) in addrs.iter().enumerate().take(self.rails.len()) {
+        for (r, a) in addrs.iter().enumerate() {
+            let Some(a) = a else {
+                conns.push(None);
+                continue;
+            };
             match self.rails[r].t.connect(a) {
                 Ok(c) => conns.push(Some(c)),
                 Err(e) => {
@@ -172,6 +258,14 @@ impl<T: Transport> Transport for Rails<T> {
         if !conns.iter().any(Option::is_some) {
             return Err(first_err.unwrap_or_else(|| bad("has no rail")));
         }
+        if !self.single() {
+            let used: Vec<String> = remote
+                .iter()
+                .enumerate()
+                .filter_map(|(l, j)| j.map(|j| format!("{}->{}", self.rails[l].name, theirs[j])))
+                .collect();
+            log::info!("rails: {} to {name} over {}", self.agent, used.join(", "));
+        }
         let id = self.next_peer;
         self.next_peer += 1;
         let n = conns.len();
@@ -180,6 +274,7 @@ impl<T: Transport> Transport for Rails<T> {
             PeerRec {
                 name,
                 addrs,
+                remote,
                 conns,
                 fence: vec![None; n],
                 served: vec![0; n],
@@ -207,36 +302,40 @@ impl<T: Transport> Transport for Rails<T> {
         let Some(p) = self.peers.get(&peer.id) else {
             return Err(Error::disconnected(""));
         };
+        // The peer's keys, by its rails.
         let mut b = key;
+        let mut packed = Vec::new();
+        while let Some(k) = take_bytes(&mut b) {
+            packed.push(k);
+        }
         let mut keys = Vec::with_capacity(self.rails.len());
         for r in 0..self.rails.len() {
-            let Some(packed) = take_bytes(&mut b) else {
-                for (i, k) in keys.into_iter().enumerate() {
-                    if let Some(k) = k {
-                        self.rails[i].t.release_key(k);
-                    }
-                }
-                return Err(Error::backend(
+            let (Some(j), Some(conn)) = (
+                p.remote.get(r).copied().flatten(),
+                p.conns.get(r).and_then(Option::as_ref),
+            ) else {
+                keys.push(None);
+                continue;
+            };
+            let unpacked = match packed.get(j) {
+                Some(k) => self.rails[r].t.unpack_key(conn, region, k),
+                None => Err(Error::backend(
                     self.name(),
                     -22,
-                    &format!("rails: key of {} bytes has no key for rail {r}", key.len()),
-                ));
+                    &format!("rails: key of {} bytes has no key for rail {j}", key.len()),
+                )),
             };
-            let k = match (Some(packed), p.conns.get(r).and_then(Option::as_ref)) {
-                (Some(k), Some(conn)) => match self.rails[r].t.unpack_key(conn, region, k) {
-                    Ok(k) => Some(k),
-                    Err(e) => {
-                        for (i, k) in keys.into_iter().enumerate() {
-                            if let Some(k) = k {
-                                self.rails[i].t.release_key(k);
-                            }
+            match unpacked {
+                Ok(k) => keys.push(Some(k)),
+                Err(e) => {
+                    for (i, k) in keys.into_iter().enumerate() {
+                        if let Some(k) = k {
+                            self.rails[i].t.release_key(k);
                         }
-                        return Err(e);
                     }
-                },
-                _ => None,
-            };
-            keys.push(k);
+                    return Err(e);
+                }
+            }
         }
         Ok(Arc::new(keys))
     }
