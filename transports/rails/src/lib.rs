@@ -64,11 +64,36 @@
 //! With one rail, [`Rails`] only forwards: one inner post per transfer,
 //! no striping, no rail deadline, the inner transport's errors unchanged.
 //!
-//! Rails of two agents are paired by position: rail *i* of one connects
-//! to rail *i* of the other (give both the same order, e.g. one subnet per
-//! position). Remote keys are kept across a rail's reconnection, which
-//! suits transports whose keys do not depend on the connection
-//! (libfabric).
+//! # Pairing
+//!
+//! The rails address publishes, per rail, its interface name and its
+//! networks (IPv4 from the interface's directly connected routes in
+//! `/proc/net/route`, global IPv6 addresses from `/proc/net/if_inet6`,
+//! each as address and prefix length; see [`interface_nets`]). When
+//! connecting, each local rail is paired with the first free rail of the
+//! peer on the same subnet, one to one ([`pair_rails`]); a rail without a
+//! partner is not used for that peer (its reasons and counters leave it
+//! out). So the two sides may list their rails in any order and have
+//! different counts: 2 rails against 4 use the 2 shared. Rails without
+//! known networks (`lo`) pair by position among themselves; when one side
+//! knows no network at all (only `lo`, or an address of an older
+//! version, which publishes none), all rails pair by position. No shared
+//! rail at all fails the connection, naming both sides' rails and
+//! networks (the whole list in the log). A
+//! fence names the asking side's rail; the peer closes the rail paired
+//! with it.
+//!
+//! Rails are used only between agents that both have them (several
+//! rails each): a multi-rail agent refuses a peer that publishes a single
+//! endpoint, and a single endpoint refuses a rails address, each with an
+//! error saying where to set `KVXFER_RAILS` ("rails on one side only:
+//! …"). Using one rail as a plain forward to such a peer is not done
+//! because the peer loads this agent's metadata too: its own transport
+//! (UCX without rails is not under [`Rails`] at all) would be handed a
+//! rails address and rails keys it cannot read.
+//!
+//! Remote keys are kept across a rail's reconnection, which suits
+//! transports whose keys do not depend on the connection (libfabric).
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 #![allow(clippy::result_large_err)]

@@ -99,11 +99,20 @@ pub(crate) fn describe(rails: &[RailInfo]) -> String {
 ///
 /// Rails with networks pair with the first free peer rail sharing one
 /// of them (the order of either list does not matter); rails without
-/// networks, on either side, pair with the peer's rails without
-/// networks by position among those. Fails, naming both sides' rails,
-/// when no rail pairs at all.
+/// networks pair with the peer's rails without networks by position
+/// among those. When one side knows no network at all (an address of an
+/// older version, rails on `lo` only), all pair by position. Fails,
+/// naming both sides' rails, when no rail pairs at all.
 pub fn pair_rails(local: &[RailInfo], peer: &[RailInfo]) -> Result<Vec<Option<usize>>, String> {
     let mut out = vec![None; local.len()];
+    let known = |rails: &[RailInfo]| rails.iter().any(|r| !r.nets.is_empty());
+    if !known(local) || !known(peer) {
+        // Nothing to match on one side (an older peer, or only `lo`).
+        for (l, o) in out.iter_mut().enumerate().take(peer.len()) {
+            *o = Some(l);
+        }
+        return Ok(out);
+    }
     let mut taken = vec![false; peer.len()];
     for (l, lr) in local.iter().enumerate() {
         if lr.nets.is_empty() {
@@ -121,7 +130,7 @@ pub fn pair_rails(local: &[RailInfo], peer: &[RailInfo]) -> Result<Vec<Option<us
     }
     if out.iter().all(Option::is_none) {
         return Err(format!(
-            "no rail shares a subnet (ours: {}; theirs: {})",
+            "no shared subnet (ours: {}; theirs: {})",
             describe(local),
             describe(peer)
         ));
@@ -325,6 +334,11 @@ mod tests {
         let a = vec![rail("lo", &[]), rail("a1", &["10.216.1.1/24"])];
         let b = vec![rail("b1", &["10.216.1.2/24"]), rail("lo", &[])];
         assert_eq!(pair_rails(&a, &b).unwrap(), vec![Some(1), Some(0)]);
+        // No network known on one side: all by position.
+        let a = side("a", &[1, 2, 3], 1);
+        let b = vec![rail("x", &[]), rail("y", &[])];
+        assert_eq!(pair_rails(&a, &b).unwrap(), vec![Some(0), Some(1), None]);
+        assert_eq!(pair_rails(&b, &a).unwrap(), vec![Some(0), Some(1)]);
     }
 
     #[test]
@@ -336,7 +350,7 @@ mod tests {
         ];
         assert_eq!(
             pair_rails(&a, &b).unwrap_err(),
-            "no rail shares a subnet (ours: a1 10.216.1.0/24, a2 10.216.2.0/24; theirs: b3 \
+            "no shared subnet (ours: a1 10.216.1.0/24, a2 10.216.2.0/24; theirs: b3 \
              10.216.3.0/24 fd00:3::/64, b4 10.216.4.0/24)"
         );
     }
@@ -376,5 +390,188 @@ mod tests {
             vec![net("10.216.1.0/16")]
         );
         assert_eq!(nets_from_proc("lo", route, inet6), vec![]);
+    }
+}
+
+/// [`Rails`](crate::Rails) connecting over in-memory loopback rails (each
+/// rail's identity is its loopback id, which its keys carry too).
+#[cfg(test)]
+mod connect_tests {
+    use kvxfer_core::transport::loopback::{Loopback, LoopbackMemory, LoopbackPeer};
+    use kvxfer_core::{Region, Segment, Segments, Token, Transport, XferOp};
+
+    use super::RailNet;
+    use crate::{Rails, RailsConfig};
+
+    const LEN: usize = 2 << 20;
+    const BASE: u64 = 0x10_0000;
+    static MEM: LoopbackMemory<{ 2 * LEN }> = LoopbackMemory::new(BASE);
+
+    type Lb = Loopback<'static, { 2 * LEN }>;
+
+    /// Rails `name`: per rail its interface, loopback id and network.
+    fn rails(name: &str, rails: &[(&str, u32, Option<&str>)]) -> Rails<Lb> {
+        let list = rails
+            .iter()
+            .map(|&(iface, id, _)| (iface.to_string(), Loopback::new(&MEM, id)))
+            .collect();
+        let mut r = Rails::new(name, list, RailsConfig::default());
+        for (i, &(_, _, net)) in rails.iter().enumerate() {
+            let nets = net
+                .map(|n| {
+                    let (a, p) = n.split_once('/').unwrap();
+                    vec![RailNet::new(a.parse().unwrap(), p.parse().unwrap())]
+                })
+                .unwrap_or_default();
+            r.set_nets(i, nets);
+        }
+        r
+    }
+
+    fn address<T: Transport>(t: &T) -> Vec<u8> {
+        let mut buf = vec![0u8; 4096];
+        let n = t.local_address(&mut buf).unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    /// The loopback peer of each local rail's connection to `peer`.
+    fn conns(r: &Rails<Lb>, peer: &crate::RailsPeer) -> Vec<Option<u32>> {
+        r.peers[&peer.id]
+            .conns
+            .iter()
+            .map(|c| c.as_ref().map(|c: &LoopbackPeer| c.id))
+            .collect()
+    }
+
+    fn four() -> Rails<Lb> {
+        rails(
+            "t",
+            &[
+                ("a1", 10, Some("10.216.1.1/24")),
+                ("a2", 11, Some("10.216.2.1/24")),
+                ("a3", 12, Some("10.216.3.1/24")),
+                ("a4", 13, Some("10.216.4.1/24")),
+            ],
+        )
+    }
+
+    /// Two rails in reversed order against four: the two shared subnets
+    /// pair (both ways), keys unpack on the paired rails (a loopback key
+    /// only unpacks on a connection to the rail that packed it), and a
+    /// striped WRITE moves byte-exact over both.
+    #[test]
+    fn two_reversed_against_four() {
+        let mut t = four();
+        let mut i = rails(
+            "i",
+            &[
+                ("b2", 21, Some("10.216.2.2/24")),
+                ("b1", 20, Some("10.216.1.2/24")),
+            ],
+        );
+        let tp = t.connect(&address(&i)).unwrap();
+        assert_eq!(conns(&t, &tp), vec![Some(20), Some(21), None, None]);
+        let ip = i.connect(&address(&t)).unwrap();
+        assert_eq!(conns(&i, &ip), vec![Some(11), Some(10)]);
+
+        let (src, dst) = (BASE, BASE + LEN as u64);
+        let data: Vec<u8> = (0..LEN).map(|k| (k * 7 + k / 4096) as u8).collect();
+        MEM.write(src, &data).unwrap();
+        let local = i.register(&Region::dram(src, LEN as u64)).unwrap();
+        let remote_reg = t.register(&Region::dram(dst, LEN as u64)).unwrap();
+        let mut key = vec![0u8; 4096];
+        let n = t.pack_key(&remote_reg, &mut key).unwrap();
+        let remote = i
+            .unpack_key(&ip, &Region::dram(dst, LEN as u64), &key[..n])
+            .unwrap();
+        let seg = [Segment {
+            local_addr: src,
+            remote_addr: dst,
+            len: LEN as u64,
+            local: &local,
+            remote: &remote,
+            remote_region_addr: dst,
+        }];
+        i.post(XferOp::Write, &ip, Segments::from(&seg[..]), None, Token(7))
+            .unwrap();
+        let done = loop {
+            if let Some(c) = i.poll() {
+                break c;
+            }
+        };
+        assert_eq!(done.token, Token(7));
+        done.result.unwrap();
+        let mut got = vec![0u8; LEN];
+        MEM.read(dst, &mut got).unwrap();
+        assert!(got == data, "the WRITE's bytes differ");
+        let stats = i.stats();
+        assert!(stats.iter().all(|r| r.bytes > 0), "{stats:?}");
+        assert_eq!(stats.iter().map(|r| r.bytes).sum::<u64>(), LEN as u64);
+    }
+
+    #[test]
+    fn nothing_shared_names_the_peer_and_both_sides() {
+        let mut t = rails("t", &[("a1", 30, Some("10.0.1.1/24")), ("a2", 31, None)]);
+        let i = rails(
+            "i",
+            &[
+                ("b3", 40, Some("10.0.3.2/24")),
+                ("b4", 41, Some("10.0.4.2/24")),
+            ],
+        );
+        let e = t.connect(&address(&i)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "LOOPBACK error -22: rails to i: no shared subnet (ours: a1 10.0.1.0/24, a2; \
+             theirs: b3 10.0.3.0/24, b4 10.0.4.0/24)"
+        );
+    }
+
+    #[test]
+    fn rails_and_a_single_endpoint_refuse_each_other() {
+        let mut t = four();
+        let mut one = rails("one", &[("", 50, None)]);
+        let e = t.connect(&address(&one)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "LOOPBACK error -22: rails on one side only: set KVXFER_RAILS on the peer too (ours: \
+             a1,a2,a3,a4)"
+        );
+        let e = one.connect(&address(&t)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "LOOPBACK error -22: rails on one side only: set KVXFER_RAILS here too (t: \
+             a1,a2,a3,a4)"
+        );
+    }
+
+    /// An address of the first version (no networks) pairs by position.
+    #[test]
+    fn first_version_address_pairs_by_position() {
+        let mut t = four();
+        let mut v = b"KVR1".to_vec();
+        let put = |v: &mut Vec<u8>, b: &[u8]| {
+            v.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            v.extend_from_slice(b);
+        };
+        put(&mut v, b"old");
+        v.extend_from_slice(&2u32.to_le_bytes());
+        for (iface, id) in [("x2", 61u32), ("x1", 60)] {
+            put(&mut v, iface.as_bytes());
+            put(&mut v, &id.to_le_bytes());
+        }
+        let p = t.connect(&v).unwrap();
+        // The local rails have networks, the old peer's none: position.
+        assert_eq!(conns(&t, &p), vec![Some(61), Some(60), None, None]);
+        v.truncate(v.len() - 2);
+        let e = t.connect(&v).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "LOOPBACK error -22: rails: peer address of {} bytes is truncated",
+                v.len()
+            )
+        );
     }
 }

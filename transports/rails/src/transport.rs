@@ -200,7 +200,7 @@ impl<T: Transport> Transport for Rails<T> {
                     backend,
                     -22,
                     &format!(
-                        "rails: peer has one endpoint, we have rails {}: set KVXFER_RAILS there too",
+                        "rails on one side only: set KVXFER_RAILS on the peer too (ours: {})",
                         ours.join(",")
                     ),
                 ));
@@ -211,7 +211,7 @@ impl<T: Transport> Transport for Rails<T> {
                     backend,
                     -22,
                     &format!(
-                        "rails: {} has rails {}, we one endpoint: set KVXFER_RAILS here too",
+                        "rails on one side only: set KVXFER_RAILS here too ({}: {})",
                         p.name,
                         theirs.join(",")
                     ),
