@@ -190,7 +190,7 @@ impl<T: Transport> Transport for Rails<T> {
                 &format!("rails: peer address of {} bytes {what}", address.len()),
             )
         };
-        let peer = parse_address(address).map_err(|e| bad(e))?;
+        let peer = parse_address(address).map_err(bad)?;
         let mut theirs = Vec::new();
         let (name, addrs, remote) = match peer {
             None if self.single() => (String::new(), vec![Some(address.to_vec())], vec![Some(0)]),
