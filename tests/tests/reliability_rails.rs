@@ -141,7 +141,23 @@ fn rails_test(n: usize, mode: &str, backend: &str) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let net = Net::new(n).unwrap_or_else(|e| panic!("cannot create network namespaces: {e}"));
     let mut tenv = env(&net.dev[0], backend);
-    tenv.push(("KVXFER_REL_LISTEN", "10.216.1.1:0".to_string()));
+    // The initiator's rails: all pairs, or for "pairing" the 4th and 2nd
+    // (the others' addresses removed on its side, so that only the
+    // subnets they share reach the target).
+    let ini_devs: Vec<String> = if mode == "pairing" {
+        for i in [0, 2] {
+            ip(&["-n", &net.ns[1], "addr", "flush", "dev", &net.dev[1][i]]).expect("ip addr flush");
+        }
+        vec![net.dev[1][3].clone(), net.dev[1][1].clone()]
+    } else {
+        net.dev[1].clone()
+    };
+    let listen = if mode == "pairing" {
+        "10.216.2.1:0"
+    } else {
+        "10.216.1.1:0"
+    };
+    tenv.push(("KVXFER_REL_LISTEN", listen.to_string()));
     let target = Target::spawn(TargetSpec {
         entry: ENTRY,
         name: "rails-target",
@@ -152,7 +168,7 @@ fn rails_test(n: usize, mode: &str, backend: &str) {
         env: tenv,
         prefix: vec!["ip", "netns", "exec", &net.ns[0]],
     });
-    let mut ienv = env(&net.dev[1], backend);
+    let mut ienv = env(&ini_devs, backend);
     ienv.extend([
         (ROLE, "initiator".to_string()),
         ("KVXFER_REL_TARGET", target.addr.clone()),
@@ -310,7 +326,9 @@ fn initiator() {
     let backend = var("KVXFER_REL_BACKEND");
     let agent = Agent::new("rails-ini", config(&backend, provider(&backend))).expect("agent");
     let n = agent.rail_stats().len();
-    assert_eq!(n, devs_a.len(), "rails of the initiator");
+    if mode != "pairing" {
+        assert_eq!(n, devs_a.len(), "rails of the initiator");
+    }
     let mut s = Stream {
         agent: &agent,
         src: [
@@ -333,6 +351,11 @@ fn initiator() {
         agent.connect(&var("KVXFER_REL_TARGET")).unwrap(),
         "rails-target"
     );
+    if mode == "pairing" {
+        pairing(&mut s, &ns_a, &devs_a);
+        agent.shutdown();
+        return;
+    }
     let link = |dev: &str, state: &str| {
         ip(&["-n", &ns_a, "link", "set", "dev", dev, state]).expect("ip link set");
     };
@@ -484,6 +507,75 @@ fn initiator() {
     agent.shutdown();
 }
 
+/// Bytes received and sent by interface `dev` of namespace `ns`.
+fn link_bytes(ns: &str, dev: &str) -> u64 {
+    ["rx_bytes", "tx_bytes"]
+        .iter()
+        .map(|f| {
+            let path = format!("/sys/class/net/{dev}/statistics/{f}");
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", ns, "cat", &path])
+                .output()
+                .expect("ip netns exec cat");
+            let text = String::from_utf8_lossy(&out.stdout);
+            text.trim()
+                .parse::<u64>()
+                .unwrap_or_else(|_| panic!("{path} in {ns}: {text:?}"))
+        })
+        .sum()
+}
+
+/// The "pairing" mode: the target has rails on pairs 1-4, the initiator
+/// on pairs 4 and 2 (in that order, pairs 1 and 3 without addresses on
+/// its side). Rounds compare byte for byte; both initiator rails carry
+/// bytes, the target's links of pairs 2 and 4 carry them and those of
+/// pairs 1 and 3 (which position pairing would have used) stay idle.
+fn pairing(s: &mut Stream<'_>, ns_a: &str, devs_a: &[String]) {
+    let agent = s.agent;
+    let stats = agent.rail_stats();
+    assert_eq!(stats.len(), 2, "{}", rail_line(agent));
+    let before: Vec<u64> = devs_a.iter().map(|d| link_bytes(ns_a, d)).collect();
+    let secs: Vec<f64> = (0..3).map(|_| s.round().expect("round")).collect();
+    let moved: Vec<u64> = devs_a
+        .iter()
+        .zip(&before)
+        .map(|(d, b)| link_bytes(ns_a, d) - b)
+        .collect();
+    let stats = agent.rail_stats();
+    println!(
+        "{TAG}64 MiB WRITE+READ over the 2 shared of 4 rails: {:.3} GB/s; target links moved \
+         {moved:?} bytes; rails: {}",
+        gbps(&secs),
+        rail_line(agent)
+    );
+    for r in &stats {
+        assert!(
+            r.bytes >= 32 << 20,
+            "rail {} carried {} bytes",
+            r.name,
+            r.bytes
+        );
+        assert_eq!(r.state, RailState::Up, "{}", rail_line(agent));
+    }
+    for (i, m) in moved.iter().enumerate() {
+        if i % 2 == 1 {
+            assert!(*m >= 32 << 20, "link {} moved {m} bytes", devs_a[i]);
+        } else {
+            assert!(*m < 1 << 20, "unshared link {} moved {m} bytes", devs_a[i]);
+        }
+    }
+}
+
+#[test]
+fn link_cut_rails_pairing_by_subnet() {
+    rails_test(4, "pairing", "LIBFABRIC");
+}
+
+#[test]
+fn link_cut_rails_ucx_pairing_by_subnet() {
+    rails_test(4, "pairing", "UCX");
+}
+
 #[test]
 fn link_cut_rails_failover_2() {
     rails_test(2, "failover", "LIBFABRIC");
@@ -502,4 +594,113 @@ fn link_cut_rails_all_down() {
 #[test]
 fn link_cut_rails_ucx_all_down() {
     rails_test(2, "all_down", "UCX");
+}
+
+/// A target on `lo` with `rails` (empty: a single endpoint), and this
+/// process as the initiator with `ours`: the connection is refused with
+/// `want` when only one side has rails; otherwise a 64 MiB round
+/// (WRITE, 128 small WRITEs, READ, small READs) compares byte for byte
+/// and the rails of ours that pair (by position on `lo`) carried bytes,
+/// the others none.
+fn lo_rails(backend: &str, rails: &[&str], ours: &[&str], want: Option<&str>) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let target = Target::spawn(TargetSpec {
+        entry: ENTRY,
+        name: "rails-target",
+        backend,
+        provider: provider(backend),
+        len: LEN,
+        seed: 81,
+        env: vec![
+            ("KVXFER_SAME_HOST_CMA", "0".to_string()),
+            ("KVXFER_RAILS", rails.join(",")),
+            ("UCX_TLS", "tcp".to_string()),
+            ("KVXFER_REL_LISTEN", "127.0.0.1:0".to_string()),
+        ],
+        prefix: vec![],
+    });
+    // The agent's environment is this process's: the rails are set in
+    // its configuration, cross-memory attach turned off.
+    std::env::set_var("KVXFER_SAME_HOST_CMA", "0");
+    std::env::set_var("UCX_TLS", "tcp");
+    let cfg = config(backend, provider(backend)).with_rails(ours);
+    let agent = Agent::new("rails-ini", cfg).expect("agent");
+    let r = agent.connect(&target.addr);
+    if let Some(want) = want {
+        let e = r.expect_err("one side without rails");
+        assert_eq!(e.to_string(), want);
+        agent.shutdown();
+        return;
+    }
+    assert_eq!(r.unwrap(), "rails-target");
+    let mut s = Stream {
+        agent: &agent,
+        src: [
+            Buf::from_vec(pattern(82, LEN)),
+            Buf::from_vec(pattern(83, LEN)),
+        ],
+        small: [
+            Buf::from_vec(pattern(84, BLOCKS * SMALL)),
+            Buf::from_vec(pattern(85, BLOCKS * SMALL)),
+        ],
+        dst: Buf::zeroed(LEN),
+        dst_small: Buf::zeroed(BLOCKS * SMALL),
+        target_buf: target.buf,
+        round: 0,
+    };
+    for b in s.src.iter().chain(&s.small).chain([&s.dst, &s.dst_small]) {
+        b.register(&agent);
+    }
+    s.round().expect("round");
+    let stats = agent.rail_stats();
+    assert_eq!(stats.len(), ours.len(), "{}", rail_line(&agent));
+    // On `lo` no network is known: the first rails pair by position.
+    let shared = ours.len().min(rails.len());
+    for (i, r) in stats.iter().enumerate() {
+        assert_eq!(r.bytes > 0, i < shared, "{}", rail_line(&agent));
+    }
+    println!(
+        "RESULT {backend} {ours:?} against {rails:?}: {}",
+        rail_line(&agent)
+    );
+    agent.shutdown();
+}
+
+#[test]
+fn rails_against_single_endpoint_refused() {
+    lo_rails(
+        "LIBFABRIC",
+        &[],
+        &["lo", "lo"],
+        Some(
+            "LIBFABRIC error -22: rails on one side only: the peer needs KVXFER_RAILS of 2+ \
+             interfaces (ours: lo,lo)",
+        ),
+    );
+    lo_rails(
+        "LIBFABRIC",
+        &["lo", "lo"],
+        &[],
+        Some(
+            "LIBFABRIC error -22: rails on one side only: set KVXFER_RAILS of 2+ interfaces \
+             here too (rails-target: lo,lo)",
+        ),
+    );
+    lo_rails(
+        "UCX",
+        &[],
+        &["lo", "lo"],
+        Some(
+            "UCX error -22: rails on one side only: the peer needs KVXFER_RAILS of 2+ \
+             interfaces (ours: lo,lo)",
+        ),
+    );
+}
+
+/// Three rails on `lo` against two (no networks known on `lo`: paired
+/// by position), byte-exact both ways round.
+#[test]
+fn rails_different_counts_on_lo() {
+    lo_rails("LIBFABRIC", &["lo", "lo", "lo"], &["lo", "lo"], None);
+    lo_rails("LIBFABRIC", &["lo", "lo"], &["lo", "lo", "lo"], None);
 }

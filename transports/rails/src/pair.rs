@@ -535,13 +535,13 @@ mod connect_tests {
         let e = t.connect(&address(&one)).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "LOOPBACK error -22: rails on one side only: set KVXFER_RAILS on the peer too (ours: \
+            "LOOPBACK error -22: rails on one side only: the peer needs KVXFER_RAILS of 2+ interfaces (ours: \
              a1,a2,a3,a4)"
         );
         let e = one.connect(&address(&t)).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "LOOPBACK error -22: rails on one side only: set KVXFER_RAILS here too (t: \
+            "LOOPBACK error -22: rails on one side only: set KVXFER_RAILS of 2+ interfaces here too (t: \
              a1,a2,a3,a4)"
         );
     }

@@ -200,7 +200,7 @@ impl<T: Transport> Transport for Rails<T> {
                     backend,
                     -22,
                     &format!(
-                        "rails on one side only: set KVXFER_RAILS on the peer too (ours: {})",
+                        "rails on one side only: the peer needs KVXFER_RAILS of 2+ interfaces (ours: {})",
                         ours.join(",")
                     ),
                 ));
@@ -211,7 +211,7 @@ impl<T: Transport> Transport for Rails<T> {
                     backend,
                     -22,
                     &format!(
-                        "rails on one side only: set KVXFER_RAILS here too ({}: {})",
+                        "rails on one side only: set KVXFER_RAILS of 2+ interfaces here too ({}: {})",
                         p.name,
                         theirs.join(",")
                     ),
