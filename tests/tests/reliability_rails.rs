@@ -20,8 +20,18 @@
 //!   `peer rails-target: every rail failed (…)` naming each rail and
 //!   its deadline, within 3 s.
 //!
+//! * `link_cut_rails_pairing_by_subnet` (libfabric) and
+//!   `link_cut_rails_ucx_pairing_by_subnet`: 4 pairs; the target has a
+//!   rail on each, the initiator on pairs 4 and 2, in that order (pairs 1
+//!   and 3 without addresses on its side, so a rail paired by position
+//!   could not reach the target). Three rounds compare; both initiator
+//!   rails carry bytes, the target's links of pairs 2 and 4 carry them
+//!   and those of pairs 1 and 3 stay idle.
+//!
 //! Needs root (network namespaces), like the link-cut test; `--skip
-//! link_cut` leaves these out with it.
+//! link_cut` leaves these out with it. `rails_different_counts_on_lo`
+//! (3 rails against 2 on `lo`, byte-exact) and
+//! `rails_against_single_endpoint_refused` run on `lo` without root.
 #![allow(clippy::result_large_err)]
 
 mod reliability_common;
