@@ -696,6 +696,14 @@ fn rails_against_single_endpoint_refused() {
              here too (rails-target: lo,lo)",
         ),
     );
+    // UCX without rails is a bare UCX endpoint: its UCX would abort on a
+    // rails address, which it refuses first.
+    lo_rails(
+        "UCX",
+        &["lo", "lo"],
+        &[],
+        Some("UCX error -5: rails on one side only: set KVXFER_RAILS of 2+ interfaces here too"),
+    );
     lo_rails(
         "UCX",
         &[],

@@ -85,12 +85,15 @@
 //!
 //! Rails are used only between agents that both have them (several
 //! rails each): a multi-rail agent refuses a peer that publishes a single
-//! endpoint, and a single endpoint refuses a rails address, each with an
-//! error saying where to set `KVXFER_RAILS` ("rails on one side only:
-//! …"). Using one rail as a plain forward to such a peer is not done
-//! because the peer loads this agent's metadata too: its own transport
-//! (UCX without rails is not under [`Rails`] at all) would be handed a
-//! rails address and rails keys it cannot read.
+//! endpoint, and a single endpoint refuses a rails address (a one-rail
+//! [`Rails`], and the UCX transport, which is used without [`Rails`]
+//! when there are no rails), each with an error saying where to set
+//! `KVXFER_RAILS` ("rails on one side only: …"). Using one rail as a
+//! plain forward to such a peer is not done: the peer loads this agent's
+//! metadata too, and its transport cannot read a rails address or rails
+//! keys (UCX 1.13 aborts the process on an address it does not know,
+//! hence its check); and a forward could not fence a failed rail (see
+//! "Stale WRITEs"), so it would lose what makes failover safe.
 //!
 //! Remote keys are kept across a rail's reconnection, which suits
 //! transports whose keys do not depend on the connection (libfabric).

@@ -166,6 +166,14 @@ impl Transport for UcxTransport {
         if address.is_empty() {
             return Err(self.foreign("empty worker address"));
         }
+        // A rails address (kvxfer-rails, `KVR` and a version): UCX would
+        // take its first byte for an address version it does not know and
+        // abort the process.
+        if address.starts_with(b"KVR") {
+            return Err(
+                self.foreign("rails on one side only: set KVXFER_RAILS of 2+ interfaces here too")
+            );
+        }
         let index = match self.create_ep(address) {
             Ok(index) => index,
             Err(st) => {
