@@ -79,7 +79,9 @@
 //! knows no network at all (only `lo`, or an address of an older
 //! version, which publishes none), all rails pair by position. No shared
 //! rail at all fails the connection, naming both sides' rails and
-//! networks (the whole list in the log). A
+//! networks (the whole list in the log); rails that reach each other
+//! only through a router (a subnet per host and rail) therefore do not
+//! pair. A
 //! fence names the asking side's rail; the peer closes the rail paired
 //! with it.
 //!
