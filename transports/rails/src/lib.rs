@@ -78,6 +78,7 @@ mod failover;
 mod fence;
 mod stats;
 mod stripe;
+mod topology;
 mod transport;
 
 use std::collections::{HashMap, VecDeque};
@@ -91,9 +92,38 @@ pub use config::{
     parse_size, rails_from_env, RailsConfig, ENV_RAILS, ENV_STRIPE, ENV_TIMEOUT_MS, ENV_WINDOW,
 };
 pub use stats::{RailState, RailStats};
+pub use topology::{
+    locate_unknown, nic_place, parse_rail_map, pci_place, sysfs_root, Locate, MemPlace, Place,
+    Topology, DEFAULT_SYSFS_ROOT, ENV_RAIL_MAP, ENV_SYSFS_ROOT,
+};
 
-/// A registration on every rail, by rail.
-pub type RailsReg<T> = Arc<Vec<<T as Transport>::LocalReg>>;
+/// A registration on every rail, by rail, with the rails preferred for
+/// its memory.
+pub type RailsReg<T> = Arc<Registration<T>>;
+
+/// A region registered on every rail (see [`RailsReg`]).
+pub struct Registration<T: Transport> {
+    regs: Vec<T::LocalReg>,
+    /// Bit *i*: rail *i* is preferred; 0: no preference.
+    prefer: u64,
+}
+
+impl<T: Transport> Registration<T> {
+    /// The rails preferred for this region's memory, as a mask (bit *i*:
+    /// rail *i*); 0 when every rail serves it alike.
+    pub fn preferred(&self) -> u64 {
+        self.prefer
+    }
+}
+
+impl<T: Transport> std::ops::Deref for Registration<T> {
+    type Target = [T::LocalReg];
+
+    /// The inner registrations, by rail.
+    fn deref(&self) -> &[T::LocalReg] {
+        &self.regs
+    }
+}
 /// A peer's key unpacked on every rail connected to it, by rail.
 pub type RailsKey<T> = Arc<Vec<Option<<T as Transport>::RemoteKey>>>;
 
@@ -194,6 +224,8 @@ pub struct Rails<T: Transport> {
     notes_dropped: u64,
     /// The buffer notifications are taken into.
     note_buf: Vec<u8>,
+    /// Where the rails and the memory sit; `None`: every rail alike.
+    topo: Option<Topology>,
 }
 impl<T: Transport> Rails<T> {
     /// Rails named `names` (their interfaces), one inner transport each, for
@@ -235,7 +267,43 @@ impl<T: Transport> Rails<T> {
             notes: VecDeque::new(),
             notes_dropped: 0,
             note_buf: Vec::new(),
+            topo: None,
         }
+    }
+
+    /// Prefers, for each region registered from now on, the rails closest
+    /// to its memory (see [`Topology`] and the crate documentation).
+    /// Ignored with one rail.
+    pub fn set_topology(&mut self, topo: Topology) {
+        self.topo = Some(topo);
+    }
+
+    /// Where each rail's NIC sits, by rail (unknown without a topology).
+    pub fn places(&self) -> Vec<Place> {
+        (0..self.rails.len())
+            .map(|r| {
+                self.topo
+                    .as_ref()
+                    .and_then(|t| t.nics.get(r).cloned())
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
+    /// The preferred rails (mask `prefer`, 0: none) that may carry a part
+    /// to peer `p` with its key `key` now; `None` when none may (or none
+    /// is preferred): then every usable rail may.
+    fn preferred_usable(&self, prefer: u64, p: &PeerRec<T>, key: &RailsKey<T>) -> Option<u64> {
+        let mut m = 0u64;
+        for r in 0..self.rails.len().min(64) {
+            if prefer & (1 << r) != 0
+                && self.usable(r, p)
+                && key.get(r).is_some_and(Option::is_some)
+            {
+                m |= 1 << r;
+            }
+        }
+        (m != 0).then_some(m)
     }
     /// The inner transport of rail `i`.
     pub fn rail(&self, i: usize) -> Option<&T> {

@@ -112,13 +112,20 @@ impl<T: Transport> Rails<T> {
                 self.fail_stranded();
                 continue;
             };
-            // The usable rail with room and the fewest bytes in flight.
+            // The usable rail with room and the fewest bytes in flight,
+            // among the preferred rails of the part's region if one of
+            // them is usable.
             let n = self.rails.len();
+            let part = &q.parts[first as usize];
+            let only = self.preferred_usable(part.local.preferred(), p, &part.remote);
             let mut best: Option<usize> = None;
             let mut any = false;
             for k in 0..n {
                 let r = (self.rr + k) % n;
-                if !self.usable(r, p) || q.parts[first as usize].remote[r].is_none() {
+                if !self.usable(r, p) || part.remote[r].is_none() {
+                    continue;
+                }
+                if only.is_some_and(|m| r >= 64 || m & (1 << r) == 0) {
                     continue;
                 }
                 any = true;

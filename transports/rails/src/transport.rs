@@ -8,7 +8,7 @@ use kvxfer_core::{
     Transport, Wake, XferOp,
 };
 
-use crate::{Part, PeerRec, Rails, RailsKey, RailsPeer, RailsReg, Req};
+use crate::{Part, PeerRec, Rails, RailsKey, RailsPeer, RailsReg, Registration, Req};
 
 const MAGIC: &[u8; 4] = b"KVR1";
 
@@ -64,6 +64,22 @@ impl<T: Transport> Transport for Rails<T> {
     }
 
     fn register(&mut self, region: &Region) -> Result<Self::LocalReg, Error> {
+        let prefer = match &self.topo {
+            Some(t) if !self.single() => {
+                let m = t.prefer(region);
+                let all = if self.rails.len() >= 64 {
+                    u64::MAX
+                } else {
+                    (1u64 << self.rails.len()) - 1
+                };
+                if m == all {
+                    0
+                } else {
+                    m
+                }
+            }
+            _ => 0,
+        };
         let mut regs = Vec::with_capacity(self.rails.len());
         for r in 0..self.rails.len() {
             match self.rails[r].t.register(region) {
@@ -76,13 +92,13 @@ impl<T: Transport> Transport for Rails<T> {
                 }
             }
         }
-        Ok(Arc::new(regs))
+        Ok(Arc::new(Registration { regs, prefer }))
     }
 
     fn deregister(&mut self, reg: Self::LocalReg) {
         match Arc::try_unwrap(reg) {
             Ok(regs) => {
-                for (r, x) in regs.into_iter().enumerate() {
+                for (r, x) in regs.regs.into_iter().enumerate() {
                     self.rails[r].t.deregister(x);
                 }
             }
@@ -301,6 +317,10 @@ impl<T: Transport> Transport for Rails<T> {
         let cfg = &self.cfg;
         let mut parts = Vec::new();
         for s in segments.iter() {
+            // Cut for the rails the segment's region will go over.
+            let up = self
+                .preferred_usable(s.local.preferred(), p, s.remote)
+                .map_or(up, |m| u64::from(m.count_ones()));
             let mut cut = |off: u64, len: u64| {
                 parts.push(Part {
                     local_addr: s.local_addr + off,
