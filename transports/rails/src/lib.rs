@@ -61,6 +61,21 @@
 //! because every rail failed, or a fence did, leaves the remote bytes
 //! undefined, as any failed WRITE.
 //!
+//! # Rail choice by topology
+//!
+//! Given a [`Topology`] ([`Rails::set_topology`]: where each rail's NIC
+//! sits, read from sysfs by [`Topology::read`], an explicit map parsed by
+//! [`parse_rail_map`], and a locator for a region's memory), [`Rails`]
+//! decides at [`register`](Transport::register) which rails a region
+//! prefers ([`kvxfer_core::rails::choose`]: the map, else the NUMA node of
+//! host memory, else the NICs sharing a GPU's PCIe switch, else all) and
+//! keeps that set in the registration ([`Registration::preferred`]). A
+//! part goes to the preferred rails that are usable (up or probing,
+//! connected, fence acknowledged), striped over them; only while none of
+//! them is does it go to the other rails. A part whose preferred rails
+//! are all busy waits for them rather than spilling over. At most the
+//! first 64 rails can be preferred; with one rail the topology is unused.
+//!
 //! With one rail, [`Rails`] only forwards: one inner post per transfer,
 //! no striping, no rail deadline, the inner transport's errors unchanged.
 //!
