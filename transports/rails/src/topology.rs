@@ -127,9 +127,13 @@ pub fn nic_place(root: &Path, iface: &str) -> Place {
 }
 
 /// Where the PCI device `bus_id` (`0000:19:00.0`, as CUDA's
-/// `cuDeviceGetPCIBusId` writes it, any case) sits, read under `root`.
+/// `cuDeviceGetPCIBusId` writes it, or with nvidia-smi's 8-digit domain
+/// `00000000:19:00.0`; any case) sits, read under `root`.
 pub fn pci_place(root: &Path, bus_id: &str) -> Place {
-    let id = bus_id.trim().to_ascii_lowercase();
+    let mut id = bus_id.trim().to_ascii_lowercase();
+    if id.len() == 16 && id.starts_with("0000") {
+        id.drain(..4);
+    }
     if !is_pci_addr(&id) {
         return Place::default();
     }
@@ -489,6 +493,11 @@ mod tests {
         assert_eq!(
             pci_place(&s.0, "0000:15:00.0"),
             pci_place(&s.0, "0000:15:00.0".to_uppercase().as_str())
+        );
+        // nvidia-smi's 8-digit domain.
+        assert_eq!(
+            pci_place(&s.0, "00000000:15:00.0"),
+            pci_place(&s.0, "0000:15:00.0")
         );
         assert_eq!(pci_place(&s.0, "0000:99:00.0"), Place::default());
         assert_eq!(pci_place(&s.0, "not-a-bus-id"), Place::default());
