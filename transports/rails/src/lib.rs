@@ -72,7 +72,8 @@
 //! keeps that set in the registration ([`Registration::preferred`]). A
 //! part goes to the preferred rails that are usable (up or probing,
 //! connected, fence acknowledged), striped over them; only while none of
-//! them is does it go to the other rails. A part whose preferred rails
+//! them is does it go to the other rails; the transfer's notification
+//! goes on a preferred rail too, where one is up. A part whose preferred rails
 //! are all busy waits for them rather than spilling over. At most the
 //! first 64 rails can be preferred; with one rail the topology is unused.
 //!

@@ -436,7 +436,7 @@ impl<T: Transport> Transport for Rails<T> {
             let conn = p.conns[0].as_ref().expect("one rail, connected");
             return self.rails[0].t.send_notification(conn, msg);
         }
-        self.notify_peer(peer.id, msg)
+        self.notify_peer(peer.id, msg, 0)
     }
 
     fn arm(&mut self) -> Wake {
