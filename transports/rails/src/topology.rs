@@ -252,7 +252,8 @@ impl Topology {
 }
 
 /// Parses an explicit rail map, `KEY=IF+IF,...` with `KEY` one of `numaN`
-/// (host memory of NUMA node N) or `gpuN` (VRAM of GPU N) and each `IF`
+/// (host memory of NUMA node N) or `gpuN` (VRAM of the GPU of CUDA
+/// ordinal N in this process, a region's `dev`) and each `IF`
 /// one of `rails` (the rails' interfaces, in order). Spaces around items
 /// are ignored; an empty map is no map. The error names the bad item.
 pub fn parse_rail_map(s: &str, rails: &[String]) -> Result<Vec<MapEntry>, String> {
