@@ -239,6 +239,14 @@ pub struct AgentConfig {
     /// (the default): `KVXFER_RAILS` (comma separated), else one endpoint
     /// as the provider chooses.
     pub rails: Option<Vec<String>>,
+    /// Explicit choice of rails by memory, `numa0=eth0+eth1,gpu3=eth2`
+    /// (see [`with_rail_map`](Self::with_rail_map)). `None` (the default):
+    /// `KVXFER_RAIL_MAP`, else the topology alone decides.
+    pub rail_map: Option<String>,
+    /// Where the rails' topology is read from instead of `/sys` (a tree
+    /// laid out as sysfs). `None` (the default): `KVXFER_SYSFS_ROOT`, else
+    /// `/sys`.
+    pub sysfs_root: Option<std::path::PathBuf>,
 }
 
 /// Table sizes of an agent by default, fit for an engine with a KV cache of
@@ -296,6 +304,8 @@ impl Default for AgentConfig {
             metrics: None,
             metrics_addr: None,
             rails: None,
+            rail_map: None,
+            sysfs_root: None,
         }
     }
 }
@@ -318,6 +328,8 @@ impl fmt::Debug for AgentConfig {
             .field("transfer_timeout", &self.transfer_timeout)
             .field("keepalive", &self.keepalive)
             .field("rails", &self.rails)
+            .field("rail_map", &self.rail_map)
+            .field("sysfs_root", &self.sysfs_root)
             .field("backends", &self.backends)
             .field("metrics", &self.metrics)
             .field("metrics_addr", &self.metrics_addr);
@@ -465,6 +477,42 @@ impl AgentConfig {
     pub fn with_rails(mut self, names: &[&str]) -> Self {
         self.rails = Some(names.iter().map(|s| (*s).to_owned()).collect());
         self
+    }
+
+    /// Sets [`rail_map`](Self::rail_map): with two or more rails, host
+    /// memory of NUMA node N (`numaN=IF+IF`) or VRAM of GPU N
+    /// (`gpuN=IF`) goes over the interfaces named, while one of them
+    /// works, whatever the topology says; other memory keeps the
+    /// topology's choice. Checked when the agent is made: an unknown
+    /// interface or key fails [`Agent::new`](crate::Agent::new) naming it.
+    pub fn with_rail_map(mut self, map: &str) -> Self {
+        self.rail_map = Some(map.to_owned());
+        self
+    }
+
+    /// Sets [`sysfs_root`](Self::sysfs_root).
+    pub fn with_sysfs_root(mut self, root: impl Into<std::path::PathBuf>) -> Self {
+        self.sysfs_root = Some(root.into());
+        self
+    }
+
+    /// The explicit rail map in effect over the rails `rails`:
+    /// [`rail_map`](Self::rail_map), else `KVXFER_RAIL_MAP`, else none.
+    /// An error names the source and the bad item, e.g.
+    /// `KVXFER_RAIL_MAP: unknown rail "eth9" (rails: eth0, eth1)`.
+    pub fn effective_rail_map(
+        &self,
+        rails: &[String],
+    ) -> Result<Vec<kvxfer_core::rails::MapEntry>, Error> {
+        let (src, v) = match &self.rail_map {
+            Some(m) => ("rail map", m.clone()),
+            None => match std::env::var(kvxfer_rails::ENV_RAIL_MAP) {
+                Ok(v) => (kvxfer_rails::ENV_RAIL_MAP, v),
+                Err(_) => return Ok(Vec::new()),
+            },
+        };
+        kvxfer_rails::parse_rail_map(&v, rails)
+            .map_err(|e| Error::backend("kvxfer", -1, &format!("{src}: {e}")))
     }
 
     /// The side-channel key in effect: the configured one, else
@@ -690,5 +738,52 @@ mod tests {
                 )
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod rail_map_tests {
+    use super::*;
+    use kvxfer_core::rails::{MapEntry, MapKey};
+
+    fn rails() -> Vec<String> {
+        ["eth0", "eth1", "eth2"].map(String::from).to_vec()
+    }
+
+    #[test]
+    fn rail_map_is_resolved_to_rail_indices() {
+        let c = AgentConfig::default().with_rail_map("numa0=eth2+eth1,gpu3=eth0");
+        let e = |key, rail| MapEntry { key, rail };
+        assert_eq!(
+            c.effective_rail_map(&rails()).unwrap(),
+            [
+                e(MapKey::Numa(0), 2),
+                e(MapKey::Numa(0), 1),
+                e(MapKey::Gpu(3), 0)
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_rail_maps_are_named_exactly() {
+        let err = |m: &str| {
+            AgentConfig::default()
+                .with_rail_map(m)
+                .effective_rail_map(&rails())
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err("numa0=eth0+eth9"),
+            "kvxfer error -1: rail map: unknown rail \"eth9\" (rails: eth0, eth1, eth2)"
+        );
+        assert_eq!(
+            err("socket1=eth0"),
+            "kvxfer error -1: rail map: bad key \"socket1\" (numaN or gpuN)"
+        );
+        assert_eq!(
+            err("gpu0:eth0"),
+            "kvxfer error -1: rail map: \"gpu0:eth0\" is not KEY=IF+IF"
+        );
     }
 }

@@ -39,6 +39,7 @@ mod keepalive;
 mod meter;
 pub mod metrics;
 mod note_auth;
+mod numa;
 mod rails;
 pub mod side_channel;
 pub mod sweep;

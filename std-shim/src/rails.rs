@@ -40,11 +40,11 @@ pub(crate) fn fabric_rails(
             names.join(", ")
         );
     }
-    Ok(kvxfer_rails::Rails::new(
-        name,
-        rails,
-        kvxfer_rails::RailsConfig::from_env(),
-    ))
+    with_topology(
+        kvxfer_rails::Rails::new(name, rails, kvxfer_rails::RailsConfig::from_env()),
+        &names,
+        cfg,
+    )
 }
 
 /// UCX over the rails of `cfg`: one transport (its own UCP context and
@@ -67,11 +67,63 @@ pub(crate) fn ucx_rails(
         rails.len(),
         names.join(", ")
     );
-    Ok(kvxfer_rails::Rails::new(
-        name,
-        rails,
-        kvxfer_rails::RailsConfig::from_env(),
-    ))
+    with_topology(
+        kvxfer_rails::Rails::new(name, rails, kvxfer_rails::RailsConfig::from_env()),
+        &names,
+        cfg,
+    )
+}
+
+/// `rails` over the interfaces `names`, preferring for each region the
+/// rails closest to its memory (sysfs under [`AgentConfig::sysfs_root`],
+/// the map of [`AgentConfig::rail_map`]); unchanged with one rail.
+#[cfg(any(feature = "libfabric", feature = "ucx"))]
+fn with_topology<T: kvxfer_core::Transport>(
+    mut rails: kvxfer_rails::Rails<T>,
+    names: &[String],
+    cfg: &AgentConfig,
+) -> Result<kvxfer_rails::Rails<T>, Error> {
+    if names.len() < 2 {
+        return Ok(rails);
+    }
+    let map = cfg.effective_rail_map(names)?;
+    let root = kvxfer_rails::sysfs_root(cfg.sysfs_root.as_deref());
+    let topo = kvxfer_rails::Topology::read(&root, names, map, locate);
+    for (n, p) in names.iter().zip(&topo.nics) {
+        log::debug!("rail {n}: {p}");
+    }
+    rails.set_topology(topo);
+    Ok(rails)
+}
+
+/// Where a region's memory sits: host memory's NUMA node from the kernel,
+/// a GPU's PCI bus id from the driver.
+#[cfg(any(feature = "libfabric", feature = "ucx"))]
+fn locate(region: &kvxfer_core::Region) -> kvxfer_rails::MemPlace {
+    use kvxfer_rails::MemPlace;
+    match region.kind {
+        kvxfer_core::MemKind::Dram => MemPlace::Host {
+            numa: crate::numa::node_of(region.addr),
+        },
+        kvxfer_core::MemKind::Vram => MemPlace::Gpu {
+            index: region.dev,
+            bus_id: gpu_bus_id(region.dev),
+        },
+    }
+}
+
+/// The PCI bus id of GPU `dev`, when the driver says.
+#[cfg(any(feature = "libfabric", feature = "ucx"))]
+fn gpu_bus_id(dev: u32) -> Option<String> {
+    #[cfg(feature = "cuda")]
+    {
+        kvxfer_cuda::device_info(dev).ok().map(|d| d.pci_bus_id)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = dev;
+        None
+    }
 }
 
 /// The rails' counters; none for a single endpoint.

@@ -378,3 +378,62 @@ fn side_channel_invalidation_forgets_the_peer() {
     assert_eq!(a.connect(&b_addr).unwrap(), "inv-b");
     assert!(b.has_remote("inv-a").unwrap());
 }
+
+#[test]
+fn bad_rail_maps_fail_the_agent_naming_the_value() {
+    // From the configuration, over libfabric and UCX rails.
+    for backend in ["LIBFABRIC", "UCX"] {
+        let cfg = |map: &str| {
+            AgentConfig::default()
+                .with_backend(backend)
+                .with_provider("tcp;ofi_rxm")
+                .with_listen(None)
+                .with_rails(&["lo", "lo"])
+                .with_rail_map(map)
+        };
+        let err = |map: &str| {
+            Agent::new("railmap", cfg(map))
+                .map(|a| a.shutdown())
+                .expect_err(map)
+                .to_string()
+        };
+        assert_eq!(
+            err("numa0=lo,gpu1=eth9"),
+            "kvxfer error -1: rail map: unknown rail \"eth9\" (rails: lo, lo)",
+            "{backend}"
+        );
+        assert_eq!(
+            err("node0=lo"),
+            "kvxfer error -1: rail map: bad key \"node0\" (numaN or gpuN)",
+            "{backend}"
+        );
+        // A good map makes an agent.
+        Agent::new("railmap", cfg("numa0=lo,gpu0=lo"))
+            .expect("good map")
+            .shutdown();
+    }
+    // From the environment.
+    let f = Fabric::libfabric("tcp;ofi_rxm");
+    let spawn = |map: &str| {
+        Peer::builder("railmap-env", &f)
+            .env("KVXFER_RAILS", Some("lo,lo"))
+            .env("KVXFER_RAIL_MAP", Some(map))
+            .try_spawn()
+    };
+    assert_eq!(
+        spawn("numa0").unwrap_err(),
+        debug_of(&Error::backend(
+            "kvxfer",
+            -1,
+            "KVXFER_RAIL_MAP: \"numa0\" is not KEY=IF+IF"
+        ))
+    );
+    assert_eq!(
+        spawn("numa0=lo+eth1").unwrap_err(),
+        debug_of(&Error::backend(
+            "kvxfer",
+            -1,
+            "KVXFER_RAIL_MAP: unknown rail \"eth1\" (rails: lo, lo)"
+        ))
+    );
+}

@@ -15,6 +15,12 @@
 //!   the survivors' rate (asserted loosely: below (N-1)/N + 0.25 of the
 //!   rate before, since a loaded machine can be CPU-bound rather than
 //!   link-bound) and speed up again once the rail is back up.
+//! * `link_cut_rails_pinned_by_map`: over 4 pairs, `KVXFER_RAIL_MAP`
+//!   pins the initiator's host memory (every NUMA node of this machine) to
+//!   the third and fourth rails: after three rounds (byte-exact) only
+//!   those two carried bytes, sharing them; with the fourth pair's link
+//!   down, the third carries everything (the first two still nothing);
+//!   once the link is up again the fourth carries again.
 //! * `link_cut_rails_all_down`: both links of two rails are set down in
 //!   the middle of the stream: the transfers in flight fail with
 //!   `peer rails-target: every rail failed (…)` naming each rail and
@@ -187,6 +193,16 @@ fn rails_test(n: usize, mode: &str, backend: &str) {
         ("KVXFER_REL_DEVS_A", net.dev[0].join(",")),
         ("KVXFER_REL_MODE", mode.to_string()),
     ]);
+    if mode == "pinned" {
+        // Host memory of every NUMA node here goes over the third and
+        // fourth rails.
+        let devs = &net.dev[1];
+        let map: Vec<String> = numa_nodes()
+            .iter()
+            .map(|n| format!("numa{n}={}+{}", devs[2], devs[3]))
+            .collect();
+        ienv.push(("KVXFER_RAIL_MAP", map.join(",")));
+    }
     if mode == "all_down" {
         // The rails give up after up to 1.5 s without a completion; the
         // agent's keepalive (2 s by default) would otherwise race them
@@ -324,6 +340,101 @@ fn rail_line(agent: &Agent) -> String {
         .join(", ")
 }
 
+/// The NUMA nodes of this machine (`nodeN` under
+/// `/sys/devices/system/node`).
+fn numa_nodes() -> Vec<u32> {
+    let mut v: Vec<u32> = std::fs::read_dir("/sys/devices/system/node")
+        .map(|d| {
+            d.filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix("node")?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    v.sort_unstable();
+    assert!(!v.is_empty(), "no NUMA node under /sys/devices/system/node");
+    v
+}
+
+/// Mode `pinned`: `KVXFER_RAIL_MAP` pins this host's memory to rails 3
+/// and 4 of 4. Every byte goes over those two; with the fourth cut, over
+/// the third alone; rails 1 and 2 carry nothing throughout.
+fn pinned(agent: &Agent, s: &mut Stream<'_>, link: &dyn Fn(&str, &str), devs_a: &[String]) {
+    let stats = agent.rail_stats();
+    assert_eq!(stats.len(), 4, "{}", rail_line(agent));
+    for r in &stats {
+        // veth pairs have no PCI device: their place is unknown.
+        assert_eq!(
+            r.place.to_string(),
+            "NUMA unknown, PCI unknown",
+            "rail {}",
+            r.name
+        );
+    }
+    let round_bytes = (2 * (LEN + BLOCKS * SMALL)) as u64;
+    // The rounds' bytes, plus the agent's one-byte keepalive READs (into
+    // its own host memory, so over the same rails).
+    let rounds = |n: u64, got: u64, line: &str| {
+        assert!(
+            (n * round_bytes..n * round_bytes + 4096).contains(&got),
+            "{n} rounds moved {got} bytes over the preferred rails: {line}"
+        );
+    };
+    let before: Vec<f64> = (0..3).map(|_| s.round().expect("round, pinned")).collect();
+    let stats = agent.rail_stats();
+    let line = rail_line(agent);
+    assert_eq!((stats[0].bytes, stats[1].bytes), (0, 0), "{line}");
+    rounds(3, stats[2].bytes + stats[3].bytes, &line);
+    // Both preferred rails share the striped 64 MiB transfers.
+    for r in [2, 3] {
+        assert!(stats[r].bytes >= 3 * round_bytes / 8, "{line}");
+    }
+    // Cut the fourth rail: the third carries everything.
+    let at_cut = [stats[2].bytes, stats[3].bytes];
+    link(&devs_a[3], "down");
+    let during: Vec<f64> = (0..3)
+        .map(|_| s.round().expect("round, fourth rail down"))
+        .collect();
+    let stats = agent.rail_stats();
+    let line = rail_line(agent);
+    assert_eq!((stats[0].bytes, stats[1].bytes), (0, 0), "{line}");
+    assert!(stats[3].failures >= 1, "{line}");
+    assert_ne!(stats[3].state, RailState::Up, "{line}");
+    let moved = [stats[2].bytes - at_cut[0], stats[3].bytes - at_cut[1]];
+    // At most the parts in flight when the link went down completed on
+    // the cut rail; the rest, and everything after, on the third.
+    assert!(moved[1] <= 16 << 20, "{line}");
+    rounds(3, moved[0] + moved[1], &line);
+    link(&devs_a[3], "up");
+    let up = Instant::now();
+    while agent.rail_stats()[3].state != RailState::Up {
+        assert!(
+            up.elapsed() < Duration::from_secs(20),
+            "rail not back within 20 s: {}",
+            rail_line(agent)
+        );
+        s.round().expect("round, fourth rail up again");
+    }
+    let back = agent.rail_stats()[3].bytes;
+    s.round().expect("round after recovery");
+    let stats = agent.rail_stats();
+    let line = rail_line(agent);
+    assert_eq!((stats[0].bytes, stats[1].bytes), (0, 0), "{line}");
+    assert!(stats[3].bytes > back, "{line}");
+    println!(
+        "{TAG}pinned to rails 3+4: {:.3} GB/s, {:.3} with rail 4 down (rail 4 moved {} bytes \
+         after the cut); rails: {line}",
+        gbps(&before),
+        gbps(&during),
+        moved[1]
+    );
+}
+
 /// The initiator role, in the second namespace.
 fn initiator() {
     let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} unset"));
@@ -369,6 +480,11 @@ fn initiator() {
     let link = |dev: &str, state: &str| {
         ip(&["-n", &ns_a, "link", "set", "dev", dev, state]).expect("ip link set");
     };
+    if mode == "pinned" {
+        pinned(&agent, &mut s, &link, &devs_a);
+        agent.shutdown();
+        return;
+    }
     let before: Vec<f64> = (0..3)
         .map(|_| s.round().expect("round before the cut"))
         .collect();
@@ -601,6 +717,11 @@ fn link_cut_rails_failover_2() {
 #[test]
 fn link_cut_rails_failover_4() {
     rails_test(4, "failover", "LIBFABRIC");
+}
+
+#[test]
+fn link_cut_rails_pinned_by_map() {
+    rails_test(4, "pinned", "LIBFABRIC");
 }
 
 #[test]

@@ -136,11 +136,12 @@ mod imp {
                 Ok(a) => {
                     for r in a.rail_stats() {
                         out += &format!(
-                            "  rail {}: {}, {} bytes, {} failures\n",
+                            "  rail {}: {}, {} bytes, {} failures, {}\n",
                             r.name,
                             r.state.name(),
                             r.bytes,
-                            r.failures
+                            r.failures,
+                            r.place
                         );
                     }
                     a.shutdown();

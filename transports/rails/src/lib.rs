@@ -61,6 +61,22 @@
 //! because every rail failed, or a fence did, leaves the remote bytes
 //! undefined, as any failed WRITE.
 //!
+//! # Rail choice by topology
+//!
+//! Given a [`Topology`] ([`Rails::set_topology`]: where each rail's NIC
+//! sits, read from sysfs by [`Topology::read`], an explicit map parsed by
+//! [`parse_rail_map`], and a locator for a region's memory), [`Rails`]
+//! decides at [`register`](Transport::register) which rails a region
+//! prefers ([`kvxfer_core::rails::choose`]: the map, else the NUMA node of
+//! host memory, else the NICs sharing a GPU's PCIe switch, else all) and
+//! keeps that set in the registration ([`Registration::preferred`]). A
+//! part goes to the preferred rails that are usable (up or probing,
+//! connected, fence acknowledged), striped over them; only while none of
+//! them is does it go to the other rails; the transfer's notification
+//! goes on a preferred rail too, where one is up. A part whose preferred rails
+//! are all busy waits for them rather than spilling over. At most the
+//! first 64 rails can be preferred; with one rail the topology is unused.
+//!
 //! With one rail, [`Rails`] only forwards: one inner post per transfer,
 //! no striping, no rail deadline, the inner transport's errors unchanged.
 //!
@@ -109,6 +125,7 @@ mod fence;
 mod pair;
 mod stats;
 mod stripe;
+mod topology;
 mod transport;
 
 use std::collections::{HashMap, VecDeque};
@@ -123,9 +140,38 @@ pub use config::{
 };
 pub use pair::{interface_nets, pair_rails, RailInfo, RailNet};
 pub use stats::{RailState, RailStats};
+pub use topology::{
+    locate_unknown, nic_place, parse_rail_map, pci_place, sysfs_root, Locate, MemPlace, Place,
+    Topology, DEFAULT_SYSFS_ROOT, ENV_RAIL_MAP, ENV_SYSFS_ROOT,
+};
 
-/// A registration on every rail, by rail.
-pub type RailsReg<T> = Arc<Vec<<T as Transport>::LocalReg>>;
+/// A registration on every rail, by rail, with the rails preferred for
+/// its memory.
+pub type RailsReg<T> = Arc<Registration<T>>;
+
+/// A region registered on every rail (see [`RailsReg`]).
+pub struct Registration<T: Transport> {
+    regs: Vec<T::LocalReg>,
+    /// Bit *i*: rail *i* is preferred; 0: no preference.
+    prefer: u64,
+}
+
+impl<T: Transport> Registration<T> {
+    /// The rails preferred for this region's memory, as a mask (bit *i*:
+    /// rail *i*); 0 when every rail serves it alike.
+    pub fn preferred(&self) -> u64 {
+        self.prefer
+    }
+}
+
+impl<T: Transport> std::ops::Deref for Registration<T> {
+    type Target = [T::LocalReg];
+
+    /// The inner registrations, by rail.
+    fn deref(&self) -> &[T::LocalReg] {
+        &self.regs
+    }
+}
 /// A peer's key unpacked on every rail connected to it, by rail.
 pub type RailsKey<T> = Arc<Vec<Option<<T as Transport>::RemoteKey>>>;
 
@@ -232,6 +278,8 @@ pub struct Rails<T: Transport> {
     notes_dropped: u64,
     /// The buffer notifications are taken into.
     note_buf: Vec<u8>,
+    /// Where the rails and the memory sit; `None`: every rail alike.
+    topo: Option<Topology>,
 }
 impl<T: Transport> Rails<T> {
     /// Rails named `names` (their interfaces), one inner transport each, for
@@ -278,6 +326,7 @@ impl<T: Transport> Rails<T> {
             notes: VecDeque::new(),
             notes_dropped: 0,
             note_buf: Vec::new(),
+            topo: None,
         }
     }
     /// Sets the networks rail `i` publishes for pairing (found from its
@@ -288,6 +337,41 @@ impl<T: Transport> Rails<T> {
         }
     }
 
+
+    /// Prefers, for each region registered from now on, the rails closest
+    /// to its memory (see [`Topology`] and the crate documentation).
+    /// Ignored with one rail.
+    pub fn set_topology(&mut self, topo: Topology) {
+        self.topo = Some(topo);
+    }
+
+    /// Where each rail's NIC sits, by rail (unknown without a topology).
+    pub fn places(&self) -> Vec<Place> {
+        (0..self.rails.len())
+            .map(|r| {
+                self.topo
+                    .as_ref()
+                    .and_then(|t| t.nics.get(r).cloned())
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
+    /// The preferred rails (mask `prefer`, 0: none) that may carry a part
+    /// to peer `p` with its key `key` now; `None` when none may (or none
+    /// is preferred): then every usable rail may.
+    fn preferred_usable(&self, prefer: u64, p: &PeerRec<T>, key: &RailsKey<T>) -> Option<u64> {
+        let mut m = 0u64;
+        for r in 0..self.rails.len().min(64) {
+            if prefer & (1 << r) != 0
+                && self.usable(r, p)
+                && key.get(r).is_some_and(Option::is_some)
+            {
+                m |= 1 << r;
+            }
+        }
+        (m != 0).then_some(m)
+    }
     /// The inner transport of rail `i`.
     pub fn rail(&self, i: usize) -> Option<&T> {
         self.rails.get(i).map(|r| &r.t)

@@ -2,7 +2,7 @@
 
 use kvxfer_core::Transport;
 
-use crate::Rails;
+use crate::{Place, Rails};
 
 /// Whether a rail carries transfers.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -39,18 +39,23 @@ pub struct RailStats {
     pub failures: u64,
     /// Why it last failed ("" if never).
     pub last_error: String,
+    /// Where its NIC sits (NUMA node, PCI path; unknown without a
+    /// topology or for a virtual interface).
+    pub place: Place,
 }
 impl<T: Transport> Rails<T> {
     /// Counters and state of every rail, in order.
     pub fn stats(&self) -> Vec<RailStats> {
         self.rails
             .iter()
-            .map(|r| RailStats {
+            .zip(self.places())
+            .map(|(r, place)| RailStats {
                 name: r.name.clone(),
                 state: r.state,
                 bytes: r.bytes,
                 failures: r.failures,
                 last_error: r.last_error.clone(),
+                place,
             })
             .collect()
     }

@@ -40,21 +40,24 @@ impl<T: Transport> Rails<T> {
         let q = self.reqs.remove(&tok).expect("present");
         let mut result = Ok(());
         if let Some(msg) = q.note.as_deref() {
-            result = self.notify_peer(q.peer, msg);
+            // On a rail the data took, where the region prefers some.
+            let prefer = q.parts.first().map_or(0, |p| p.local.preferred());
+            result = self.notify_peer(q.peer, msg, prefer);
         }
         self.done.push_back(Completion { token: tok, result });
     }
 
-    /// Sends `msg` to peer `id` on the first rail that takes it.
-    pub(crate) fn notify_peer(&mut self, id: u64, msg: &[u8]) -> Result<(), Error> {
+    /// Sends `msg` to peer `id` on the first rail that takes it: up rails
+    /// first, of them those in the mask `prefer` first.
+    pub(crate) fn notify_peer(&mut self, id: u64, msg: &[u8], prefer: u64) -> Result<(), Error> {
         let Some(p) = self.peers.get(&id) else {
             return Err(Error::disconnected(""));
         };
         let mut order: Vec<usize> = (0..self.rails.len())
             .filter(|&r| self.usable(r, p))
             .collect();
-        // Up rails first.
-        order.sort_by_key(|&r| self.rails[r].state != RailState::Up);
+        let preferred = |r: usize| r < 64 && prefer & (1 << r) != 0;
+        order.sort_by_key(|&r| (self.rails[r].state != RailState::Up, !preferred(r)));
         let mut last = None;
         for r in order {
             let conn = p.conns[r].as_ref().expect("usable");
@@ -112,13 +115,20 @@ impl<T: Transport> Rails<T> {
                 self.fail_stranded();
                 continue;
             };
-            // The usable rail with room and the fewest bytes in flight.
+            // The usable rail with room and the fewest bytes in flight,
+            // among the preferred rails of the part's region if one of
+            // them is usable.
             let n = self.rails.len();
+            let part = &q.parts[first as usize];
+            let only = self.preferred_usable(part.local.preferred(), p, &part.remote);
             let mut best: Option<usize> = None;
             let mut any = false;
             for k in 0..n {
                 let r = (self.rr + k) % n;
-                if !self.usable(r, p) || q.parts[first as usize].remote[r].is_none() {
+                if !self.usable(r, p) || part.remote[r].is_none() {
+                    continue;
+                }
+                if only.is_some_and(|m| r >= 64 || m & (1 << r) == 0) {
                     continue;
                 }
                 any = true;

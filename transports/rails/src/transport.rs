@@ -9,7 +9,7 @@ use kvxfer_core::{
 };
 
 use crate::pair::{pair_rails, put_nets, take_nets, RailInfo};
-use crate::{Part, PeerRec, Rails, RailsKey, RailsPeer, RailsReg, Req};
+use crate::{Part, PeerRec, Rails, RailsKey, RailsPeer, RailsReg, Registration, Req};
 
 /// Prefix of a rails address: the agent's name, then per rail its
 /// interface, its networks and its inner address.
@@ -120,6 +120,22 @@ impl<T: Transport> Transport for Rails<T> {
     }
 
     fn register(&mut self, region: &Region) -> Result<Self::LocalReg, Error> {
+        let prefer = match &self.topo {
+            Some(t) if !self.single() => {
+                let m = t.prefer(region);
+                let all = if self.rails.len() >= 64 {
+                    u64::MAX
+                } else {
+                    (1u64 << self.rails.len()) - 1
+                };
+                if m == all {
+                    0
+                } else {
+                    m
+                }
+            }
+            _ => 0,
+        };
         let mut regs = Vec::with_capacity(self.rails.len());
         for r in 0..self.rails.len() {
             match self.rails[r].t.register(region) {
@@ -132,13 +148,13 @@ impl<T: Transport> Transport for Rails<T> {
                 }
             }
         }
-        Ok(Arc::new(regs))
+        Ok(Arc::new(Registration { regs, prefer }))
     }
 
     fn deregister(&mut self, reg: Self::LocalReg) {
         match Arc::try_unwrap(reg) {
             Ok(regs) => {
-                for (r, x) in regs.into_iter().enumerate() {
+                for (r, x) in regs.regs.into_iter().enumerate() {
                     self.rails[r].t.deregister(x);
                 }
             }
@@ -400,6 +416,10 @@ impl<T: Transport> Transport for Rails<T> {
         let cfg = &self.cfg;
         let mut parts = Vec::new();
         for s in segments.iter() {
+            // Cut for the rails the segment's region will go over.
+            let up = self
+                .preferred_usable(s.local.preferred(), p, s.remote)
+                .map_or(up, |m| u64::from(m.count_ones()));
             let mut cut = |off: u64, len: u64| {
                 parts.push(Part {
                     local_addr: s.local_addr + off,
@@ -515,7 +535,7 @@ impl<T: Transport> Transport for Rails<T> {
             let conn = p.conns[0].as_ref().expect("one rail, connected");
             return self.rails[0].t.send_notification(conn, msg);
         }
-        self.notify_peer(peer.id, msg)
+        self.notify_peer(peer.id, msg, 0)
     }
 
     fn arm(&mut self) -> Wake {
