@@ -166,6 +166,18 @@ impl XferTelemetry {
     };
 }
 
+/// A transfer that ended, as [`Engine::poll_with`] and
+/// [`Engine::fail_peer_with`] hand it on.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Ended<'e> {
+    /// The transfer.
+    pub handle: XferHandle,
+    /// How it ended: [`XferState::Done`] or [`XferState::Failed`].
+    pub state: &'e XferState,
+    /// Its telemetry, `completed_at` set to when it ended.
+    pub telemetry: &'e XferTelemetry,
+}
+
 /// A received notification's origin and length (its bytes are in the
 /// caller's buffer).
 #[derive(Clone, Debug, PartialEq, Eq)]
