@@ -172,6 +172,7 @@ impl XferTelemetry {
 /// A transfer that ended, as [`Engine::poll_with`] and
 /// [`Engine::fail_peer_with`] hand it on.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Ended<'e> {
     /// The transfer.
     pub handle: XferHandle,
