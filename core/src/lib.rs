@@ -30,8 +30,8 @@ pub mod wire;
 
 pub use desc::{DescList, Strided};
 pub use engine::{
-    Engine, EngineConfig, Notification, PeerActivity, PreparedLocal, PreparedRemote, XferHandle,
-    XferState, XferTelemetry,
+    Ended, Engine, EngineConfig, Notification, PeerActivity, PreparedLocal, PreparedRemote,
+    XferHandle, XferState, XferTelemetry,
 };
 pub use error::{DescError, Error, MetaError, Side};
 pub use mem::{Desc, MemKind, Region};

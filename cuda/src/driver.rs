@@ -80,13 +80,22 @@ fn error_text(res: sys::CUresult) -> String {
 /// Turns a driver status into a result; `what` names the call and its
 /// arguments for the error text.
 pub fn check(res: sys::CUresult, what: &str) -> Result<(), Error> {
+    check_with(res, || what)
+}
+
+/// [`check`] for a hot path: `what` builds the error text's context only
+/// when the call failed, so a success formats nothing.
+pub fn check_with<S: core::fmt::Display>(
+    res: sys::CUresult,
+    what: impl FnOnce() -> S,
+) -> Result<(), Error> {
     if res == sys::CUresult::CUDA_SUCCESS {
         Ok(())
     } else {
         Err(Error::backend(
             BACKEND,
             res as i64,
-            &format!("{what}: {}", error_text(res)),
+            &format!("{}: {}", what(), error_text(res)),
         ))
     }
 }

@@ -138,15 +138,23 @@ fuzz_target!(|data: &[u8]| {
             3 => {
                 let before: Vec<XferState> =
                     live.iter().map(|(h, _)| a.state(*h).unwrap()).collect();
-                let finished = a.poll(now);
+                let mut ended = Vec::new();
+                let finished = a.poll_with(now, |e| ended.push((e.handle, e.state.clone())));
+                assert_eq!(ended.len(), finished);
                 let mut changed = 0;
                 for ((h, m), was) in live.iter_mut().zip(before) {
                     let s = a.state(*h).unwrap();
+                    let reported: Vec<_> = ended.iter().filter(|(e, _)| e == h).collect();
                     if s != was {
                         assert_eq!(was, XferState::InProgress);
                         assert!(matches!(s, XferState::Done | XferState::Failed(_)));
+                        // Handed on once, with the state it ended in.
+                        assert_eq!(reported.len(), 1);
+                        assert_eq!(reported[0].1, s);
                         *m = Model::Finished;
                         changed += 1;
+                    } else {
+                        assert!(reported.is_empty());
                     }
                 }
                 assert_eq!(changed, finished);

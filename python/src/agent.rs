@@ -135,14 +135,9 @@ impl Agent {
         auth_key: Option<Vec<u8>>,
         timeout: f64,
     ) -> PyResult<String> {
-        let timeout = secs(timeout, "timeout")?;
-        py.detach(|| {
-            let key = auth_key.or_else(|| AgentConfig::default().effective_auth_key());
-            let mut c = Client::connect(addr, key.as_deref(), timeout)?;
-            let blob = c.get_metadata()?;
-            self.inner.load_remote(&blob)
+        over_side_channel(py, addr, auth_key, timeout, |c| {
+            self.inner.load_remote(&c.get_metadata()?)
         })
-        .py_err()
     }
 
     /// Pushes this agent's metadata to the agent at `addr`; returns the
@@ -155,14 +150,9 @@ impl Agent {
         auth_key: Option<Vec<u8>>,
         timeout: f64,
     ) -> PyResult<String> {
-        let timeout = secs(timeout, "timeout")?;
-        py.detach(|| {
-            let key = auth_key.or_else(|| AgentConfig::default().effective_auth_key());
-            let ours = self.inner.local_metadata()?;
-            let mut c = Client::connect(addr, key.as_deref(), timeout)?;
-            c.push_metadata(&ours)
+        over_side_channel(py, addr, auth_key, timeout, |c| {
+            c.push_metadata(&self.inner.local_metadata()?)
         })
-        .py_err()
     }
 
     /// Asks the agent at `addr` to forget this agent's metadata.
@@ -174,13 +164,9 @@ impl Agent {
         auth_key: Option<Vec<u8>>,
         timeout: f64,
     ) -> PyResult<()> {
-        let timeout = secs(timeout, "timeout")?;
-        py.detach(|| {
-            let key = auth_key.or_else(|| AgentConfig::default().effective_auth_key());
-            let mut c = Client::connect(addr, key.as_deref(), timeout)?;
+        over_side_channel(py, addr, auth_key, timeout, |c| {
             c.invalidate(self.inner.name())
         })
-        .py_err()
     }
 
     /// Whether a peer of this name is loaded.
@@ -351,4 +337,24 @@ impl Agent {
             released: AtomicBool::new(false),
         }
     }
+}
+
+/// Connects to the side channel of the agent at `addr` and runs `f` over
+/// it, without the GIL: authenticated with `auth_key`, else with the
+/// key the environment sets ([`AgentConfig::effective_auth_key`]);
+/// `timeout` (seconds) bounds connecting and each exchange.
+fn over_side_channel<R: Send>(
+    py: Python<'_>,
+    addr: &str,
+    auth_key: Option<Vec<u8>>,
+    timeout: f64,
+    f: impl FnOnce(&mut Client) -> Result<R, Error> + Send,
+) -> PyResult<R> {
+    let timeout = secs(timeout, "timeout")?;
+    py.detach(|| {
+        let key = auth_key.or_else(|| AgentConfig::default().effective_auth_key());
+        let mut c = Client::connect(addr, key.as_deref(), timeout)?;
+        f(&mut c)
+    })
+    .py_err()
 }

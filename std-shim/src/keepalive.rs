@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use kvxfer_core::engine::XferHandle;
 use kvxfer_core::error::Name;
-use kvxfer_core::{Desc, Instant, MemKind, Region, Transport, XferOp, XferState};
+use kvxfer_core::{Desc, Ended, Instant, MemKind, Region, Transport, XferOp, XferState};
 
 use crate::agent::AgentEngine;
 
@@ -63,12 +63,15 @@ impl Keepalive {
     /// Checks the peers with transfers in flight: collects finished
     /// probes, posts new ones, and fails peers silent for the timeout.
     /// `near` tells peers served by cross-memory attach (watched by their
-    /// pidfds instead). Returns how many transfers failed.
+    /// pidfds instead). Each transfer failed is handed to `ended`
+    /// ([`Engine::fail_peer_with`](kvxfer_core::Engine::fail_peer_with)).
+    /// Returns how many transfers failed.
     pub(crate) fn check<T: Transport>(
         &mut self,
         e: &mut AgentEngine<T>,
         now: Instant,
         near: impl Fn(&AgentEngine<T>, &str) -> bool,
+        mut ended: impl FnMut(Ended<'_>),
     ) -> usize {
         if now < self.next_check {
             return 0;
@@ -94,7 +97,7 @@ impl Keepalive {
         let mut failed = 0;
         let busy = std::mem::take(&mut self.busy);
         for peer in &busy {
-            failed += self.check_peer(e, peer, now);
+            failed += self.check_peer(e, peer, now, &mut ended);
         }
         self.busy = busy;
         failed
@@ -105,6 +108,7 @@ impl Keepalive {
         e: &mut AgentEngine<T>,
         peer: &Name,
         now: Instant,
+        ended: &mut impl FnMut(Ended<'_>),
     ) -> usize {
         let Ok(activity) = e.peer_activity(peer) else {
             return 0;
@@ -134,7 +138,7 @@ impl Keepalive {
                         e.name(),
                         silent_for / 1_000_000
                     );
-                    return e.fail_peer(peer, now).unwrap_or(0);
+                    return e.fail_peer_with(peer, now, ended).unwrap_or(0);
                 }
                 0
             }

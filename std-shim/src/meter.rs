@@ -4,22 +4,24 @@
 //! anyway. What it needs on the hot path (post, poll, completion,
 //! notifications) is made beforehand: a peer's series when the peer is
 //! loaded, a transfer's tag (direction, peer, notification) when it is
-//! prepared, and the list of transfers in flight with room for the whole
-//! transfer table. Recording then only reads the engine's telemetry and
-//! adds to atomics: no allocation, no other lock.
+//! prepared, in a table as large as the engine's transfer table.
+//! Recording then only reads the engine's telemetry and adds to atomics:
+//! no allocation, no other lock.
 //!
-//! The engine reports how many transfers ended in a poll, not which; the
-//! meter keeps the transfers it saw posted and, after a poll in which
-//! some ended (or when fewer are in flight in the engine than in its
-//! list), looks up which and records them, under the same lock, before
-//! anything can re-post or release them. A re-post of a transfer whose
-//! end was not seen yet records that end first.
+//! The engine hands on each transfer that ended in a poll
+//! ([`Engine::poll_with`](kvxfer_core::Engine::poll_with)) or when the
+//! keepalive failed its peer
+//! ([`Engine::fail_peer_with`](kvxfer_core::Engine::fail_peer_with)), with
+//! its state and telemetry: the meter records it there, under the same
+//! lock, before anything can re-post or release it, at a cost per ended
+//! transfer and none per transfer still in flight. A re-post of a
+//! transfer whose end was not seen records that end first.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use kvxfer_core::{Error, Transport, XferHandle, XferOp, XferState, XferTelemetry};
+use kvxfer_core::{Ended, Error, Transport, XferHandle, XferOp, XferState, XferTelemetry};
 
 use crate::agent::AgentEngine;
 use crate::metrics::{direction, AgentMetrics, Op, PeerMetrics};
@@ -41,7 +43,6 @@ pub(crate) struct Meter {
     unknown: Arc<PeerMetrics>,
     by_name: HashMap<String, Arc<PeerMetrics>>,
     slots: Vec<Slot>,
-    pending: Vec<u32>,
 }
 
 impl Meter {
@@ -57,7 +58,6 @@ impl Meter {
             unknown,
             by_name: HashMap::new(),
             slots: vec![Slot::default(); n],
-            pending: Vec::with_capacity(n),
         }
     }
 
@@ -142,8 +142,6 @@ impl Meter {
                 peer.post_time[s.dir].observe(tel.post_nanos);
                 peer.in_flight.fetch_add(1, Ordering::Relaxed);
                 s.pending = true;
-                // Room for every slot was reserved: this never allocates.
-                self.pending.push(h.index);
             }
             Ok(_) => {}
             // A re-post while the transfer runs moves nothing and fails
@@ -175,46 +173,22 @@ impl Meter {
             }
         }
         s.pending = false;
-        if let Some(i) = self.pending.iter().position(|&p| p == h.index) {
-            self.pending.swap_remove(i);
-        }
     }
 
-    /// Records the transfers in flight that have ended since the last
-    /// call: looks when `finished` (the engine said some transfers ended)
-    /// or when fewer transfers are in flight in the engine than posted
-    /// ones in the meter's list (the engine's count also holds keepalive
-    /// probes, so this alone would miss some).
-    pub(crate) fn settle<T: Transport>(&mut self, e: &AgentEngine<T>, finished: bool) {
-        if !self.on || self.pending.is_empty() || (!finished && self.pending.len() <= e.in_flight())
-        {
+    /// The engine ended a transfer ([`Engine::poll_with`](kvxfer_core::Engine::poll_with),
+    /// [`Engine::fail_peer_with`](kvxfer_core::Engine::fail_peer_with)): one
+    /// the meter saw posted is recorded, once.
+    pub(crate) fn ended(&mut self, end: Ended<'_>) {
+        let Some(s) = self.slots.get_mut(end.handle.index as usize) else {
+            return;
+        };
+        if !s.pending || s.generation != end.handle.generation {
             return;
         }
-        let mut i = 0;
-        while i < self.pending.len() {
-            let index = self.pending[i];
-            let Some(s) = self.slots.get_mut(index as usize) else {
-                self.pending.swap_remove(i);
-                continue;
-            };
-            let h = XferHandle {
-                index,
-                generation: s.generation,
-            };
-            let state = e.state(h);
-            if matches!(state, Ok(XferState::InProgress)) {
-                i += 1;
-                continue;
-            }
-            if let Some(peer) = s.peer.as_ref() {
-                peer.in_flight.fetch_sub(1, Ordering::Relaxed);
-                if let Ok(state) = &state {
-                    let tel = e.telemetry(h).unwrap_or(XferTelemetry::EMPTY);
-                    record_end(peer, s, &tel, state);
-                }
-            }
-            s.pending = false;
-            self.pending.swap_remove(i);
+        s.pending = false;
+        if let Some(peer) = s.peer.as_ref() {
+            peer.in_flight.fetch_sub(1, Ordering::Relaxed);
+            record_end(peer, s, end.telemetry, end.state);
         }
     }
 
@@ -234,9 +208,6 @@ impl Meter {
             if let Some(peer) = s.peer.as_ref() {
                 peer.in_flight.fetch_sub(1, Ordering::Relaxed);
                 peer.failed(&Error::Cancelled);
-            }
-            if let Some(i) = self.pending.iter().position(|&p| p == h.index) {
-                self.pending.swap_remove(i);
             }
         }
         *s = Slot::default();

@@ -122,6 +122,11 @@ fn stopped_peer_fails_within_keepalive(backend: &str, provider: Option<&str>) {
         }
     }
     assert!(last <= bound, "{backend}: failed {last:?} after the stop");
+    // The metrics counted each of them failed once, none left in flight.
+    let snap = agent.metrics().snapshot();
+    let p = snap.peer(NAME).expect("the peer's series");
+    assert_eq!(p.failures, vec![("remote_disconnected", 8)], "{backend}");
+    assert_eq!(p.in_flight, 0, "{backend}");
     assert!(
         last >= KEEPALIVE - Duration::from_millis(200),
         "{backend}: failed after {last:?}, before the keepalive timeout"

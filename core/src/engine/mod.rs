@@ -7,10 +7,13 @@
 //! hands out an [`XferHandle`] (slot index + generation). [`Engine::post`]
 //! starts it: `Prepared → InProgress`, or straight to `Done` when the
 //! transport completes inline. [`Engine::poll`] drains the transport's
-//! completions: `InProgress → Done | Failed`. A `Done` or `Failed` transfer
-//! may be posted again; an `InProgress` one may not. [`Engine::release`]
-//! frees the slot and bumps its generation, so the old handle is stale and
-//! a late completion carrying the old token is ignored. Each post of a
+//! completions: `InProgress → Done | Failed`; [`Engine::poll_with`] also
+//! hands each transfer it ended to a visitor (an [`Ended`]), so that a
+//! caller learns which ended without looking at the ones still in flight.
+//! A `Done` or `Failed` transfer may be posted again; an `InProgress` one
+//! may not. [`Engine::release`] frees the slot and bumps its generation,
+//! so the old handle is stale and a late completion carrying the old
+//! token is ignored. Each post of a
 //! transfer gets a token of its own (slot, generation and post count), so a
 //! late or duplicate completion of an earlier post never finishes a re-post
 //! either; [`Engine::ignored_completions`] counts those dropped. Releasing an
@@ -164,6 +167,19 @@ impl XferTelemetry {
         post_nanos: 0,
         completed_at: None,
     };
+}
+
+/// A transfer that ended, as [`Engine::poll_with`] and
+/// [`Engine::fail_peer_with`] hand it on.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Ended<'e> {
+    /// The transfer.
+    pub handle: XferHandle,
+    /// How it ended: [`XferState::Done`] or [`XferState::Failed`].
+    pub state: &'e XferState,
+    /// Its telemetry, `completed_at` set to when it ended.
+    pub telemetry: &'e XferTelemetry,
 }
 
 /// A received notification's origin and length (its bytes are in the

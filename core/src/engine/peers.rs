@@ -189,7 +189,20 @@ impl<'a, T: Transport> Engine<'a, T> {
     /// transport cannot cancel stays in flight and ends as the transport
     /// reports it (its memory is never reported free before). Returns how
     /// many transfers failed.
+    ///
+    /// [`fail_peer_with`](Engine::fail_peer_with) also says which.
     pub fn fail_peer(&mut self, peer: &str, now: Instant) -> Result<usize, Error> {
+        self.fail_peer_with(peer, now, |_| {})
+    }
+
+    /// [`fail_peer`](Engine::fail_peer), handing each transfer it fails to
+    /// `ended` once, as [`poll_with`](Engine::poll_with) does.
+    pub fn fail_peer_with(
+        &mut self,
+        peer: &str,
+        now: Instant,
+        mut ended: impl FnMut(Ended<'_>),
+    ) -> Result<usize, Error> {
         let p = self.peer_index(peer)?;
         self.peers[p].failed = true;
         let mut failed = 0;
@@ -202,7 +215,10 @@ impl<'a, T: Transport> Engine<'a, T> {
                 peer: self.peers[p].name.clone(),
             };
             match self.give_up(i, error, now) {
-                Ok(()) => failed += 1,
+                Ok(()) => {
+                    failed += 1;
+                    ended(self.ended(i));
+                }
                 Err(e) => log::warn!("{}: {peer:?} is unreachable, but a transfer to it cannot be cancelled ({e}); it stays in flight", self.name),
             }
         }

@@ -1472,3 +1472,113 @@ fn poll_timeout_is_the_earliest_deadline_in_flight() {
         Ok(XferState::Failed(Error::disconnected("bob")))
     );
 }
+
+/// What [`Engine::poll_with`] or [`Engine::fail_peer_with`] handed on:
+/// handle, final state and when it ended, in order.
+type EndLog = heapless::Vec<(XferHandle, XferState, Option<Instant>), 8>;
+
+fn record(log: &mut EndLog) -> impl FnMut(Ended<'_>) + '_ {
+    |e| {
+        log.push((e.handle, e.state.clone(), e.telemetry.completed_at))
+            .expect("room for every transfer of the table");
+    }
+}
+
+#[test]
+fn poll_with_hands_on_each_ended_transfer_once() {
+    let mem = Mem::new(BASE);
+    let (mut a, _b) = faulty_deadline(&mem);
+    let err = Error::backend("LOOPBACK", -5, "injected");
+    let done = write8(&mut a, B, None).unwrap();
+    let failed = write8(&mut a, B + 8, None).unwrap();
+    let late = write8(&mut a, B + 16, None).unwrap();
+    let idle = write8(&mut a, B + 24, None).unwrap();
+    // The injector alters the next completion drained from the loopback,
+    // which completes in post order.
+    let mut log = EndLog::new();
+    a.post(late, now(0)).unwrap();
+    a.transport_mut().delay_next_completion(1000);
+    assert_eq!(a.poll_with(now(0), record(&mut log)), 0);
+    assert_eq!(log.as_slice(), []);
+    a.post(failed, now(0)).unwrap();
+    a.post(done, now(0)).unwrap();
+    a.transport_mut().fail_next_completion(err.clone());
+    assert_eq!(a.poll_with(now(1), record(&mut log)), 2);
+    assert_eq!(
+        log.as_slice(),
+        [
+            (failed, XferState::Failed(err), Some(now(1))),
+            (done, XferState::Done, Some(now(1))),
+        ]
+    );
+    // Nothing more ends before the deadline; nothing is handed on twice.
+    log.clear();
+    assert_eq!(a.poll_with(now(DEADLINE_NS - 1), record(&mut log)), 0);
+    assert_eq!(log.as_slice(), []);
+    assert_eq!(a.poll_with(now(DEADLINE_NS), record(&mut log)), 1);
+    let timed_out = XferState::Failed(Error::TimedOut { after_ms: 5 });
+    assert_eq!(
+        log.as_slice(),
+        [(late, timed_out.clone(), Some(now(DEADLINE_NS)))]
+    );
+    // A late completion of the timed-out post is ignored, not handed on.
+    log.clear();
+    let token = current_token(&a, late);
+    a.transport_mut()
+        .inject_completion(Completion {
+            token,
+            result: Ok(()),
+        })
+        .unwrap();
+    assert_eq!(a.poll_with(now(DEADLINE_NS + 1), record(&mut log)), 0);
+    assert_eq!(log.as_slice(), []);
+    assert_eq!(a.state(late), Ok(timed_out));
+    // Each post ends once: a re-post is handed on again when it ends, and
+    // the one never posted never is.
+    a.post(done, now(DEADLINE_NS + 2)).unwrap();
+    assert_eq!(a.poll_with(now(DEADLINE_NS + 3), record(&mut log)), 1);
+    assert_eq!(
+        log.as_slice(),
+        [(done, XferState::Done, Some(now(DEADLINE_NS + 3)))]
+    );
+    assert_eq!(a.state(idle), Ok(XferState::Prepared));
+    assert_eq!(a.in_flight(), 0);
+}
+
+#[test]
+fn fail_peer_with_hands_on_the_transfers_it_failed() {
+    let log = core::cell::RefCell::new(heapless::Vec::new());
+    let busy = core::cell::Cell::new(0);
+    let (mut a, _) = stuck_pair(&log, &busy, true);
+    let w = |a: &mut Engine<'static, Stuck<'_>>, at: u64| {
+        a.prepare(
+            XferOp::Write,
+            &[Desc::new(at, 8)],
+            &[Desc::new(0x9000, 8)],
+            "bob",
+            None,
+        )
+        .unwrap()
+    };
+    let (h1, h2, idle) = (w(&mut a, 0x1000), w(&mut a, 0x2000), w(&mut a, 0x1000));
+    a.post(h1, now(10)).unwrap();
+    a.post(h2, now(20)).unwrap();
+    let mut ended = EndLog::new();
+    assert_eq!(a.fail_peer_with("bob", now(30), record(&mut ended)), Ok(2));
+    let gone = XferState::Failed(Error::disconnected("bob"));
+    assert_eq!(
+        ended.as_slice(),
+        [(h1, gone.clone(), Some(now(30))), (h2, gone, Some(now(30))),]
+    );
+    assert_eq!(a.state(idle), Ok(XferState::Prepared));
+    // Failed once: failing the peer again or polling hands on nothing.
+    ended.clear();
+    assert_eq!(a.fail_peer_with("bob", now(40), record(&mut ended)), Ok(0));
+    assert_eq!(a.poll_with(now(50), record(&mut ended)), 0);
+    assert_eq!(ended.as_slice(), []);
+    assert_eq!(
+        a.fail_peer_with("carol", now(60), record(&mut ended)),
+        Err(Error::unknown_peer("carol"))
+    );
+    assert_eq!(ended.as_slice(), []);
+}

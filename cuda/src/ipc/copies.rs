@@ -8,7 +8,7 @@ use super::pool::CmaPool;
 use super::{
     CudaIpcTransport, InFlight, IpcPeer, IpcReg, IpcRemoteKey, Outgoing, MAX_NOTIFICATION,
 };
-use crate::driver::{check, BACKEND, INVALID_VALUE};
+use crate::driver::{check_with, BACKEND, INVALID_VALUE};
 
 impl CudaIpcTransport {
     /// Enqueues the asynchronous copies of `segments` (adding the devices
@@ -121,7 +121,7 @@ impl CudaIpcTransport {
                     .copy_peer(dst, dst_ctx, src, src_ctx, s.len as usize)
             }
         };
-        check(res, &what())?;
+        check_with(res, what)?;
         if !used.contains(&ldev) {
             used.push(ldev);
         }
@@ -151,15 +151,14 @@ impl CudaIpcTransport {
             XferOp::Write => state.stream.copy_htod(remote_ptr, host, len),
             XferOp::Read => state.stream.copy_dtoh(host, remote_ptr, len),
         };
-        check(
-            res,
-            &format!(
+        check_with(res, || {
+            format!(
                 "{} segment {i}: host {:#x}, device {remote_ptr:#x}, {} bytes",
                 op.name(),
                 s.local_addr,
                 s.len
-            ),
-        )?;
+            )
+        })?;
         if !used.contains(&rdev) {
             used.push(rdev);
         }

@@ -9,7 +9,7 @@ use kvxfer_core::{Error, XferOp};
 
 use super::cma::{cma_copy, Part};
 use super::{BOUNCE_CHUNK, BOUNCE_SLOTS, CMA_WORKERS};
-use crate::driver::{check, Context, BACKEND};
+use crate::driver::{check_with, Context, BACKEND};
 use crate::memory::PinnedBuffer;
 use crate::stream::{Event, Stream};
 
@@ -213,10 +213,9 @@ fn bounce_write(
             // other copy uses (its previous chunk was written out before it
             // left `pending`); the device range lies inside the local
             // registration.
-            check(
-                stream.copy_dtoh(host, vram + off, n as usize),
-                &format!("WRITE bounce: device {:#x} -> host, {n} bytes", vram + off),
-            )?;
+            check_with(stream.copy_dtoh(host, vram + off, n as usize), || {
+                format!("WRITE bounce: device {:#x} -> host, {n} bytes", vram + off)
+            })?;
             stream.record(&events[slot])?;
             pending.push_back((slot, off, n));
             off += n;
@@ -262,10 +261,9 @@ fn bounce_read(
         // The slot holds `n` bytes just read and is not reused before this
         // copy's event completed; the device range lies inside the local
         // registration.
-        check(
-            stream.copy_htod(vram + off, host, n as usize),
-            &format!("READ bounce: host -> device {:#x}, {n} bytes", vram + off),
-        )?;
+        check_with(stream.copy_htod(vram + off, host, n as usize), || {
+            format!("READ bounce: host -> device {:#x}, {n} bytes", vram + off)
+        })?;
         stream.record(&events[slot])?;
         busy[slot] = true;
         off += n;

@@ -143,17 +143,19 @@ impl State {
         if let Some(k) = keepalive.as_mut() {
             failed = on_engine!(backend, e => {
                 if AgentTransport::keepalive(e.transport()) {
-                    k.check(e, at, |e, p| {
-                        e.remote_peer(p).is_ok_and(|p| AgentTransport::is_near(e.transport(), p))
-                    })
+                    k.check(
+                        e,
+                        at,
+                        |e, p| e.remote_peer(p).is_ok_and(|p| AgentTransport::is_near(e.transport(), p)),
+                        |end| meter.ended(end),
+                    )
                 } else {
                     0
                 }
             });
         }
         on_engine!(backend, e => {
-            let n = e.poll(at) + failed;
-            meter.settle(e, n > 0);
+            let n = e.poll_with(at, |end| meter.ended(end)) + failed;
             if n > 0 && !orphans.is_empty() {
                 // Released requests the transport could not cancel: free
                 // their slots once they have ended.
