@@ -51,6 +51,13 @@
 //! machine's cores were busy: some never completed, and their transfers
 //! ran into their deadline.
 //!
+//! The `sockets` provider is also given one operation per peer at a time
+//! (RMA or notification; the others wait in the transport and are issued
+//! from `poll`). With more, a peer kept off the CPU could be left with
+//! part of a message header in its socket and a receive window that
+//! never reopened, a stall that no progress ends. Transfers over
+//! `sockets` therefore take a round trip per operation.
+//!
 //! # Failure
 //!
 //! A transfer whose operations fail completes with the provider's error

@@ -56,15 +56,20 @@ impl FabricTransport {
         Ok(())
     }
 
-    /// Sends `len` bytes of send buffer `buf` to `peer` with operation kind
-    /// `kind`. Returns `Ok(false)` when the provider asks to retry.
+    /// Sends `len` bytes of send buffer `buf` to `peer` (id `peer_id`) with
+    /// operation kind `kind`. Returns `Ok(false)` when the provider asks to
+    /// retry or the peer's window is full.
     pub(crate) fn try_send(
         &mut self,
         peer: sys::fi_addr_t,
+        peer_id: u64,
         buf: u32,
         len: usize,
         kind: OpKind,
     ) -> Result<bool, Error> {
+        if self.window_full(peer_id) {
+            return Ok(false);
+        }
         let Some(op) = self.alloc_op(kind) else {
             return Ok(false);
         };
@@ -79,6 +84,7 @@ impl FabricTransport {
             self.free_op(op);
             return Err(fi_error(ret, "fi_send (notification)"));
         }
+        self.window_take(op, peer_id);
         Ok(true)
     }
 
@@ -105,7 +111,7 @@ impl FabricTransport {
 
     pub(crate) fn flush_pending_sends(&mut self) {
         while let Some(p) = self.pending_sends.front() {
-            let (peer, buf, len, kind) = (p.peer, p.buf, p.len, p.op_kind());
+            let (peer, peer_id, buf, len, kind) = (p.peer, p.peer_id, p.buf, p.len, p.op_kind());
             if self.given_up.contains(&p.peer_id) {
                 log::warn!("LIBFABRIC: a queued notification is dropped: its peer was given up on");
                 if let Some(p) = self.pending_sends.pop_front() {
@@ -113,7 +119,7 @@ impl FabricTransport {
                 }
                 continue;
             }
-            match self.try_send(peer, buf, len, kind) {
+            match self.try_send(peer, peer_id, buf, len, kind) {
                 Ok(true) => {
                     self.pending_sends.pop_front();
                 }
@@ -151,7 +157,7 @@ impl FabricTransport {
         let sent = if self.queued_for(peer_id) {
             Ok(false)
         } else {
-            self.try_send(peer, buf, len, pending.op_kind())
+            self.try_send(peer, peer_id, buf, len, pending.op_kind())
         };
         match sent {
             Ok(sent) => {
@@ -196,7 +202,7 @@ impl FabricTransport {
         let sent = if queued {
             Ok(false)
         } else {
-            self.try_send(peer.addr, buf, msg.len(), pending.op_kind())
+            self.try_send(peer.addr, peer.id, buf, msg.len(), pending.op_kind())
         };
         match sent {
             Ok(true) => Ok(()),

@@ -342,3 +342,84 @@ mod setup {
         );
     }
 }
+
+mod sockets_window {
+    use std::time::{Duration, Instant};
+
+    use kvxfer_core::{PostStatus, Region, Segment, Segments, Token, Transport, XferOp};
+
+    use crate::{FabricConfig, FabricTransport};
+
+    /// Over `sockets`, a peer has one operation with the provider at a
+    /// time (see `PEER_WINDOW_SOCKETS`): of 16 WRITEs posted at once 15
+    /// wait in the transport, a notification sent meanwhile waits too,
+    /// and all are issued from `poll`, the WRITEs' bytes arriving whole.
+    #[test]
+    fn a_sockets_peer_has_one_operation_with_the_provider_at_a_time() {
+        const N: usize = 16;
+        const LEN: usize = 4096;
+        let cfg = FabricConfig::default().with_provider("sockets");
+        let mut t = FabricTransport::new(&cfg).expect("sockets transport");
+        let src: Vec<u8> = (0..N * LEN).map(|i| (i % 251) as u8).collect();
+        let mut dst = vec![0u8; N * LEN];
+        let src_region = Region::dram(src.as_ptr() as u64, src.len() as u64);
+        let dst_region = Region::dram(dst.as_mut_ptr() as u64, dst.len() as u64);
+        let src_reg = t.register(&src_region).expect("register source");
+        let dst_reg = t.register(&dst_region).expect("register target");
+        let address = t.address.clone();
+        let peer = t.connect(&address).expect("connect to itself");
+        let mut key = [0u8; 256];
+        let n = t.pack_key(&dst_reg, &mut key).expect("pack key");
+        let rkey = t
+            .unpack_key(&peer, &dst_region, &key[..n])
+            .expect("unpack key");
+        for i in 0..N {
+            let off = (i * LEN) as u64;
+            let seg = [Segment {
+                local_addr: src_region.addr + off,
+                remote_addr: dst_region.addr + off,
+                len: LEN as u64,
+                local: &src_reg,
+                remote: &rkey,
+                remote_region_addr: dst_region.addr,
+            }];
+            let st = t.post(
+                XferOp::Write,
+                &peer,
+                Segments::from(&seg[..]),
+                None,
+                Token(i as u64),
+            );
+            assert_eq!(st, Ok(PostStatus::InProgress));
+        }
+        assert_eq!(t.in_provider.get(&peer.id), Some(&1));
+        let waiting: usize = t
+            .active
+            .iter()
+            .filter(|&&s| t.xfers[s as usize].next == 0)
+            .count();
+        assert_eq!(waiting, N - 1, "WRITEs not yet given to the provider");
+        t.send_notification(&peer, b"after").expect("notification");
+        assert_eq!(t.pending_sends.len(), 1, "the notification waits");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut done = 0;
+        let mut notes = Vec::new();
+        let mut buf = [0u8; 64];
+        while done < N || notes.is_empty() {
+            assert!(Instant::now() < deadline, "{done} of {N} WRITEs done");
+            if let Some(c) = t.poll() {
+                assert_eq!(c.result, Ok(()), "{:?}", c.token);
+                done += 1;
+            }
+            assert!(t.in_provider.get(&peer.id).copied().unwrap_or(0) <= 1);
+            while let Some(r) = t.poll_notification(&mut buf) {
+                notes.push(buf[..r.expect("notification")].to_vec());
+            }
+        }
+        assert_eq!(notes, [b"after"]);
+        assert!(t.in_provider.is_empty(), "every operation counted back");
+        assert!(dst == src, "the target's bytes after {N} WRITEs");
+        t.deregister(src_reg);
+        t.deregister(dst_reg);
+    }
+}

@@ -1,7 +1,7 @@
 //! [`FabricTransport`]: its state, construction, and the [`Transport`]
 //! implementation, which hands each call to the module of its sub-machine.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use kvxfer_core::wire::copy_into;
@@ -20,6 +20,21 @@ use crate::{provider_preference, FabricConfig, FabricReg, BACKEND, PROVIDER_ENV}
 
 pub(crate) const EAGAIN: i64 = -(sys::FI_EAGAIN as i64);
 pub(crate) const EAVAIL: i64 = -(sys::FI_EAVAIL as i64);
+
+/// Operations the `sockets` provider is given per peer at once: one, so
+/// that a message is sent only once the peer has read the previous one.
+///
+/// libfabric 1.17's `sockets` provider reads a message header only once
+/// all of its 24 bytes are in the socket (`MSG_PEEK`). With many
+/// operations in flight to a peer kept off the CPU, the peer's receive
+/// window closed with part of a header (8 or 16 bytes) in its socket,
+/// and did not reopen when the peer had read everything before it: Linux
+/// still charged 99-310 KiB of a 134-311 KiB receive buffer for those
+/// bytes, less than one loopback segment (48 KiB) stayed free, and the
+/// sender, holding the rest, backed off its window probes; the operations
+/// never completed. With one operation per peer every header enters an
+/// empty receive queue.
+pub(crate) const PEER_WINDOW_SOCKETS: u32 = 1;
 
 /// Completion-queue entries read per `fi_cq_read`.
 pub(crate) const CQ_BATCH: usize = 64;
@@ -98,6 +113,13 @@ pub struct FabricTransport {
     /// operations; closed once those are reported, or after the endpoint
     /// in `Drop`.
     pub(crate) deferred: Graveyard<FabricReg>,
+    /// Most operations (RMA and sends) with the provider per peer, where
+    /// the provider needs a bound ([`PEER_WINDOW_SOCKETS`]).
+    pub(crate) peer_window: Option<u32>,
+    /// The peer id each operation counts against in `in_provider` (0: none).
+    pub(crate) op_peer: Vec<u64>,
+    /// Operations with the provider, by peer id, while `peer_window` is set.
+    pub(crate) in_provider: HashMap<u64, u32>,
 }
 
 impl std::fmt::Debug for FabricTransport {
@@ -232,7 +254,13 @@ impl FabricTransport {
             next_peer_id: 1,
             given_up: Vec::new(),
             deferred: Graveyard::new(),
+            peer_window: None,
+            op_peer: vec![0; nops],
+            in_provider: HashMap::new(),
         };
+        if t.provider == "sockets" {
+            t.peer_window = Some(PEER_WINDOW_SOCKETS);
+        }
         for b in 0..nrecv as u32 {
             let op = t
                 .alloc_op(OpKind::Recv { buf: b })

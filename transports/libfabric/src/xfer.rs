@@ -95,6 +95,31 @@ impl FabricTransport {
     pub(crate) fn free_op(&mut self, op: u32) {
         self.ops[op as usize] = OpKind::Free;
         self.free_ops.push(op);
+        let peer = std::mem::take(&mut self.op_peer[op as usize]);
+        if peer != 0 {
+            if let Some(n) = self.in_provider.get_mut(&peer) {
+                *n -= 1;
+                if *n == 0 {
+                    self.in_provider.remove(&peer);
+                }
+            }
+        }
+    }
+
+    /// Whether peer `peer_id` has as many operations with the provider as
+    /// it may (see [`PEER_WINDOW_SOCKETS`](crate::transport::PEER_WINDOW_SOCKETS)).
+    pub(crate) fn window_full(&self, peer_id: u64) -> bool {
+        self.peer_window
+            .is_some_and(|w| self.in_provider.get(&peer_id).copied().unwrap_or(0) >= w)
+    }
+
+    /// Counts operation `op`, just handed to the provider, against peer
+    /// `peer_id` until [`free_op`](Self::free_op).
+    pub(crate) fn window_take(&mut self, op: u32, peer_id: u64) {
+        if self.peer_window.is_some() {
+            self.op_peer[op as usize] = peer_id;
+            *self.in_provider.entry(peer_id).or_insert(0) += 1;
+        }
     }
 
     /// Issues the not yet issued segments of transfer `slot` until the
@@ -114,7 +139,10 @@ impl FabricTransport {
                 return Ok(());
             }
             let seg = x.segs[x.next];
-            let (peer, op_kind, gen) = (x.peer, x.op, x.gen);
+            let (peer, peer_id, op_kind, gen) = (x.peer, x.peer_id, x.op, x.gen);
+            if self.window_full(peer_id) {
+                return Ok(());
+            }
             let Some(op) = self.alloc_op(OpKind::Rma {
                 xfer: slot,
                 gen,
@@ -152,6 +180,7 @@ impl FabricTransport {
                 x.next = x.segs.len();
                 return Err(e);
             }
+            self.window_take(op, peer_id);
             let x = &mut self.xfers[slot as usize];
             x.outstanding += 1;
             x.next += 1;

@@ -224,7 +224,9 @@ impl Info {
                 // WRITEs were lost under CPU contention: of 300 WRITEs in
                 // flight, 19 to 178 never completed within 60 s in about
                 // one run in 40 when five runs shared two cores. With
-                // manual progress none was lost in 300 such runs.
+                // manual progress none was lost in 300 such runs, but the
+                // same stall came back at about one run in 80 (a receive
+                // window left shut: see PEER_WINDOW_SOCKETS, which ends it).
                 set_progress(dom, sys::FI_PROGRESS_MANUAL, sys::FI_PROGRESS_MANUAL);
             }
             (*(*hints).fabric_attr).prov_name = libc::strdup(prov_c.as_ptr());
