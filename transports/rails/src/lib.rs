@@ -337,7 +337,6 @@ impl<T: Transport> Rails<T> {
         }
     }
 
-
     /// Prefers, for each region registered from now on, the rails closest
     /// to its memory (see [`Topology`] and the crate documentation).
     /// Ignored with one rail.
