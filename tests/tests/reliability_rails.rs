@@ -503,3 +503,13 @@ fn link_cut_rails_all_down() {
 fn link_cut_rails_ucx_all_down() {
     rails_test(2, "all_down", "UCX");
 }
+
+#[test]
+fn link_cut_rails_ucx_failover_2() {
+    rails_test(2, "failover", "UCX");
+}
+
+#[test]
+fn link_cut_rails_ucx_failover_4() {
+    rails_test(4, "failover", "UCX");
+}

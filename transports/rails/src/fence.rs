@@ -142,7 +142,7 @@ impl<T: Transport> Rails<T> {
                     Err(_) => 0,
                 };
                 let m = buf[..keep.min(buf.len())].to_vec();
-                if x.is_ok() && self.on_control(&m) {
+                if x.is_ok() && self.on_control(&m, r) {
                     continue;
                 }
                 if self.notes.len() >= NOTES_MAX {
@@ -184,8 +184,9 @@ impl<T: Transport> Rails<T> {
         })
     }
 
-    /// Handles a fence request or acknowledgement; false if `m` is neither.
-    pub(crate) fn on_control(&mut self, m: &[u8]) -> bool {
+    /// Handles a fence request or acknowledgement that arrived on rail
+    /// `via`; false if `m` is neither.
+    pub(crate) fn on_control(&mut self, m: &[u8], via: usize) -> bool {
         let Some((kind, r, seq, from)) = parse_control(m) else {
             return false;
         };
@@ -198,16 +199,21 @@ impl<T: Transport> Rails<T> {
             let p = self.peers.get_mut(&id).expect("found");
             if r < p.conns.len() && p.served[r] < seq {
                 p.served[r] = seq;
-                if let Some(old) = p.conns[r].take() {
-                    self.rails[r].t.disconnect(old);
-                }
-                match self.rails[r].t.connect(&p.addrs[r]) {
-                    Ok(c) => p.conns[r] = Some(c),
-                    Err(e) => log::warn!("rails: reconnect rail {r} to {from}: {e}"),
+                if let Err(e) = self.reconnect(id, r) {
+                    log::warn!("rails: reconnect rail {r} to {from}: {e}");
                 }
             }
+            // First on the rail the request came by: it works from the
+            // peer to us, while another rail that looks up here may be the
+            // one whose link is cut (its failure not noticed yet, as the
+            // peer did). An acknowledgement lost anyway is asked again.
             let ack = control(FENCE_ACK, r, seq, &self.agent);
-            if !self.send_control(id, r, &ack) {
+            let p = self.peers.get(&id).expect("found");
+            let sent = via != r && self.usable(via, p) && {
+                let conn = p.conns[via].as_ref().expect("usable");
+                self.rails[via].t.send_notification(conn, &ack).is_ok()
+            };
+            if !sent && !self.send_control(id, r, &ack) {
                 log::warn!("rails: no rail to acknowledge a fence of {from}");
             }
         } else {

@@ -94,8 +94,29 @@ pub use stats::{RailState, RailStats};
 
 /// A registration on every rail, by rail.
 pub type RailsReg<T> = Arc<Vec<<T as Transport>::LocalReg>>;
-/// A peer's key unpacked on every rail connected to it, by rail.
-pub type RailsKey<T> = Arc<Vec<Option<<T as Transport>::RemoteKey>>>;
+/// A peer's key on every rail connected to it (see [`RailsKeys`]).
+pub type RailsKey<T> = Arc<RailsKeys<<T as Transport>::RemoteKey>>;
+
+/// A peer's remote key, as each rail's inner transport unpacked it
+/// (`K`), with the packed bytes to unpack it again on a rail's new
+/// connection (see the crate's "Remote keys").
+pub struct RailsKeys<K> {
+    id: u64,
+    /// The peer's region the key covers.
+    region: kvxfer_core::Region,
+    /// By rail: the key packed by the peer's inner transport.
+    packed: Vec<Vec<u8>>,
+    /// By rail: the key unpacked on the connection of that generation
+    /// (see `PeerRec::gen`), if the rail was connected.
+    keys: Vec<Option<(u64, K)>>,
+}
+
+impl<K> RailsKeys<K> {
+    /// The key of rail `r` as first unpacked, if that rail was connected.
+    fn first(&self, r: usize) -> Option<&K> {
+        self.keys.get(r)?.as_ref().map(|(_, k)| k)
+    }
+}
 
 /// A peer of [`Rails`]: an index into the transport's peer table.
 #[derive(Debug)]
@@ -131,6 +152,9 @@ struct PeerRec<T: Transport> {
     fence: Vec<Option<Fence>>,
     /// By rail: the newest fence this peer asked of us and we served.
     served: Vec<u64>,
+    /// By rail: the generation of the connection, counting its
+    /// reconnections; keys unpacked on an older one are unpacked again.
+    gen: Vec<u64>,
 }
 
 /// A fence asked of a peer and not yet acknowledged.
@@ -194,6 +218,10 @@ pub struct Rails<T: Transport> {
     notes_dropped: u64,
     /// The buffer notifications are taken into.
     note_buf: Vec<u8>,
+    /// Keys unpacked again after a rail reconnected, by (key id, rail):
+    /// the connection's generation and the key.
+    rekeys: HashMap<(u64, usize), (u64, T::RemoteKey)>,
+    next_key: u64,
 }
 impl<T: Transport> Rails<T> {
     /// Rails named `names` (their interfaces), one inner transport each, for
@@ -235,6 +263,8 @@ impl<T: Transport> Rails<T> {
             notes: VecDeque::new(),
             notes_dropped: 0,
             note_buf: Vec::new(),
+            rekeys: HashMap::new(),
+            next_key: 1,
         }
     }
     /// The inner transport of rail `i`.

@@ -8,7 +8,7 @@ use kvxfer_core::{
     Transport, Wake, XferOp,
 };
 
-use crate::{Part, PeerRec, Rails, RailsKey, RailsPeer, RailsReg, Req};
+use crate::{Part, PeerRec, Rails, RailsKey, RailsKeys, RailsPeer, RailsReg, Req};
 
 const MAGIC: &[u8; 4] = b"KVR1";
 
@@ -183,6 +183,7 @@ impl<T: Transport> Transport for Rails<T> {
                 conns,
                 fence: vec![None; n],
                 served: vec![0; n],
+                gen: vec![0; n],
             },
         );
         Ok(RailsPeer { id })
@@ -198,6 +199,16 @@ impl<T: Transport> Transport for Rails<T> {
         }
     }
 
+    fn reset(&mut self, peer: Self::Peer) {
+        if let Some(p) = self.peers.remove(&peer.id) {
+            for (r, c) in p.conns.into_iter().enumerate() {
+                if let Some(c) = c {
+                    self.rails[r].t.reset(c);
+                }
+            }
+        }
+    }
+
     fn unpack_key(
         &mut self,
         peer: &Self::Peer,
@@ -208,46 +219,67 @@ impl<T: Transport> Transport for Rails<T> {
             return Err(Error::disconnected(""));
         };
         let mut b = key;
+        let mut packed = Vec::with_capacity(self.rails.len());
         let mut keys = Vec::with_capacity(self.rails.len());
+        let mut failed = None;
         for r in 0..self.rails.len() {
-            let Some(packed) = take_bytes(&mut b) else {
-                for (i, k) in keys.into_iter().enumerate() {
-                    if let Some(k) = k {
-                        self.rails[i].t.release_key(k);
-                    }
-                }
-                return Err(Error::backend(
+            let Some(k) = take_bytes(&mut b) else {
+                failed = Some(Error::backend(
                     self.name(),
                     -22,
                     &format!("rails: key of {} bytes has no key for rail {r}", key.len()),
                 ));
+                break;
             };
-            let k = match (Some(packed), p.conns.get(r).and_then(Option::as_ref)) {
-                (Some(k), Some(conn)) => match self.rails[r].t.unpack_key(conn, region, k) {
-                    Ok(k) => Some(k),
-                    Err(e) => {
-                        for (i, k) in keys.into_iter().enumerate() {
-                            if let Some(k) = k {
-                                self.rails[i].t.release_key(k);
-                            }
-                        }
-                        return Err(e);
-                    }
-                },
-                _ => None,
+            packed.push(k.to_vec());
+            let Some(conn) = p.conns.get(r).and_then(Option::as_ref) else {
+                keys.push(None);
+                continue;
             };
-            keys.push(k);
+            match self.rails[r].t.unpack_key(conn, region, k) {
+                Ok(x) => keys.push(Some((p.gen[r], x))),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
         }
-        Ok(Arc::new(keys))
+        if let Some(e) = failed {
+            for (i, k) in keys.into_iter().enumerate() {
+                if let Some((_, k)) = k {
+                    self.rails[i].t.release_key(k);
+                }
+            }
+            return Err(e);
+        }
+        let id = self.next_key;
+        self.next_key += 1;
+        Ok(Arc::new(RailsKeys {
+            id,
+            region: *region,
+            packed,
+            keys,
+        }))
     }
 
     fn release_key(&mut self, key: Self::RemoteKey) {
         // Parts hold clones only while their transfer lives; the core
         // releases a key after its transfers ended.
         if let Ok(keys) = Arc::try_unwrap(key) {
-            for (r, k) in keys.into_iter().enumerate() {
-                if let Some(k) = k {
+            for (r, k) in keys.keys.into_iter().enumerate() {
+                if let Some((_, k)) = k {
                     self.rails[r].t.release_key(k);
+                }
+            }
+            let again: Vec<(u64, usize)> = self
+                .rekeys
+                .keys()
+                .filter(|k| k.0 == keys.id)
+                .copied()
+                .collect();
+            for k in again {
+                if let Some((_, x)) = self.rekeys.remove(&k) {
+                    self.rails[k.1].t.release_key(x);
                 }
             }
         }
@@ -258,8 +290,8 @@ impl<T: Transport> Transport for Rails<T> {
     }
 
     fn remote_kind(&self, key: &Self::RemoteKey) -> MemKind {
-        for (r, k) in key.iter().enumerate() {
-            if let Some(k) = k {
+        for r in 0..self.rails.len() {
+            if let Some(k) = key.first(r) {
                 return self.rails[r].t.remote_kind(k);
             }
         }
@@ -286,7 +318,7 @@ impl<T: Transport> Transport for Rails<T> {
                     remote_addr: s.remote_addr,
                     len: s.len,
                     local: &s.local[0],
-                    remote: s.remote[0].as_ref().expect("one rail, key unpacked"),
+                    remote: s.remote.first(0).expect("one rail, key unpacked"),
                     remote_region_addr: s.remote_region_addr,
                 })
                 .collect();
@@ -446,7 +478,7 @@ impl<T: Transport> Transport for Rails<T> {
                 if n > 1 {
                     if let Ok(len) = x {
                         let m = buf[..len].to_vec();
-                        if self.on_control(&m) {
+                        if self.on_control(&m, r) {
                             continue;
                         }
                     }
