@@ -59,11 +59,7 @@ pub(crate) fn ucx_rails(
     let names = cfg.effective_rails();
     let mut rails = Vec::new();
     for iface in &names {
-        let mut c = ucx.clone().with_net_devices(iface);
-        // A failed rail is reconnected while the others stream: UCX 1.13's
-        // blocking tcp connect would hold them all for seconds when the
-        // rail's link is down.
-        c.tcp_nonblocking_connect.get_or_insert(true);
+        let c = ucx.clone().with_net_devices(iface);
         rails.push((iface.clone(), kvxfer_ucx::UcxTransport::new(&c)?));
     }
     log::info!(

@@ -52,6 +52,25 @@ impl UcxTransport {
         Ok(())
     }
 
+    /// The devices of [`UcxConfig::net_devices`](crate::UcxConfig::net_devices)
+    /// when every one is a network interface whose link is down (its
+    /// `operstate` in `/sys/class/net` says `down` or `lowerlayerdown`);
+    /// `None` when one may work, or one is not an interface (an
+    /// InfiniBand port, say).
+    pub(crate) fn devices_without_link(&self) -> Option<String> {
+        let devices = self.config.net_devices.as_deref()?;
+        let mut names = Vec::new();
+        for dev in devices.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+            let path = format!("/sys/class/net/{dev}/operstate");
+            let state = std::fs::read_to_string(path).ok()?;
+            if !matches!(state.trim(), "down" | "lowerlayerdown") {
+                return None;
+            }
+            names.push(dev);
+        }
+        (!names.is_empty()).then(|| names.join(","))
+    }
+
     /// Looks up the endpoint of `peer`, refusing a failed one.
     pub(crate) fn live_ep(&self, peer: &UcxPeer) -> Result<u32, Error> {
         if peer.owner != self.owner {

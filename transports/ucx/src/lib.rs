@@ -141,17 +141,6 @@ pub struct UcxConfig {
     /// segment, each acknowledged by the target, so an 8 KiB segment caps
     /// a large WRITE at a few hundred MB/s. Default: 64 KiB.
     pub tcp_seg_size: Option<u32>,
-    /// Whether UCX's `tcp` transport connects without blocking (as
-    /// `UCX_TCP_CONN_NB`, applied unless that is in the environment);
-    /// `None` keeps UCX's setting (in 1.13: blocking). A blocking connect
-    /// holds [`connect`](kvxfer_core::Transport::connect) until the kernel
-    /// gives up on an unreachable address: about 3 s when the link is down
-    /// (neighbour resolution), the whole SYN timeout when it is cut
-    /// further away, with every transfer of the caller waiting. Rails turn
-    /// it on, since they reconnect a failed rail while the others stream
-    /// (a connect that fails later fails the endpoint, and the rail's
-    /// probe with it). Default: `None`.
-    pub tcp_nonblocking_connect: Option<bool>,
     /// Largest WRITE of one segment sent as one active message that the
     /// target copies into place and answers (one round trip instead of a
     /// put and an endpoint flush), in bytes; 0 turns it off. Used only
@@ -212,7 +201,6 @@ impl Default for UcxConfig {
             cancel_timeout: Duration::from_secs(5),
             peer_failure_detection: true,
             tcp_seg_size: Some(64 << 10),
-            tcp_nonblocking_connect: None,
             inline_write_max: 8192,
             native_vram: true,
         }

@@ -166,6 +166,16 @@ impl Transport for UcxTransport {
         if address.is_empty() {
             return Err(self.foreign("empty worker address"));
         }
+        if let Some(dev) = self.devices_without_link() {
+            // UCX 1.13's tcp connects blocking, inside ucp_ep_create: over
+            // an interface without link it would hold the caller until
+            // neighbour resolution gives up (about 3 s).
+            return Err(Error::backend(
+                BACKEND,
+                i64::from(sys::UCS_ERR_UNREACHABLE as sys::ucs_status_t),
+                &format!("network device {dev} has no link"),
+            ));
+        }
         let index = match self.create_ep(address) {
             Ok(index) => index,
             Err(st) => {

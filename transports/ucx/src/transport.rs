@@ -139,20 +139,14 @@ impl UcxTransport {
         if let Some(devices) = &config.net_devices {
             config_modify(&ucp_config, "NET_DEVICES", devices)?;
         }
-        let tls = config.tls.clone().or_else(|| std::env::var("UCX_TLS").ok());
-        let tcp = tls_include_tcp(tls.as_deref());
         if let Some(seg) = config.tcp_seg_size {
+            let tls = config.tls.clone().or_else(|| std::env::var("UCX_TLS").ok());
             if std::env::var_os("UCX_TCP_TX_SEG_SIZE").is_none()
                 && std::env::var_os("UCX_TCP_RX_SEG_SIZE").is_none()
-                && tcp
+                && tls_include_tcp(tls.as_deref())
             {
                 set_tcp_option(&ucp_config, "TX_SEG_SIZE", &seg.to_string())?;
                 set_tcp_option(&ucp_config, "RX_SEG_SIZE", &seg.to_string())?;
-            }
-        }
-        if let Some(nb) = config.tcp_nonblocking_connect {
-            if std::env::var_os("UCX_TCP_CONN_NB").is_none() && tcp {
-                set_tcp_option(&ucp_config, "CONN_NB", if nb { "y" } else { "n" })?;
             }
         }
         if let Some(interval) = config.keepalive_interval {
