@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use kvxfer_core::{Error, Token, Transport};
 
-use crate::{Fence, PeerRec, RailState, Rails};
+use crate::{Fence, RailState, Rails};
 
 impl<T: Transport> Rails<T> {
     /// Marks rail `r` down for `reason`: its posts in flight are abandoned
@@ -86,9 +86,6 @@ impl<T: Transport> Rails<T> {
             self.mark_down(r, &reason);
         }
         for r in 0..self.rails.len() {
-            if self.rails[r].state != RailState::Down && now >= self.rails[r].retry_at {
-                self.connect_missing(r, now);
-            }
             let rail = &self.rails[r];
             if rail.state != RailState::Down || rail.ghosts > 0 || now < rail.retry_at {
                 continue;
@@ -114,52 +111,31 @@ impl<T: Transport> Rails<T> {
         }
     }
 
-    /// Connects working rail `r` to the peers it is not connected to (its
-    /// connection failed when a fence of theirs had it reconnected while
-    /// its link was down here, or when they were connected); on failure
-    /// tries again after the rail's back-off.
-    fn connect_missing(&mut self, r: usize, now: Instant) {
-        let lacks = |p: &PeerRec<T>| r < p.conns.len() && r < p.addrs.len() && p.conns[r].is_none();
-        if !self.peers.values().any(lacks) {
-            return;
-        }
-        let missing: Vec<u64> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| lacks(p))
-            .map(|(&id, _)| id)
-            .collect();
-        let mut ok = true;
-        for id in missing {
-            if let Err(e) = self.reconnect(id, r) {
-                log::debug!("rails: rail {} still cannot reach a peer: {e}", self.rails[r].name);
-                ok = false;
-            }
-        }
-        let rail = &mut self.rails[r];
-        if ok {
-            rail.backoff = self.cfg.backoff_min;
-        } else {
-            rail.retry_at = now + rail.backoff;
-            rail.backoff = (rail.backoff * 2).min(self.cfg.backoff_max);
-        }
-    }
-
     /// Connects rail `r` to peer `id` anew, after resetting its old
     /// connection (nothing queued on it is delivered any more); keys
     /// unpacked on the old one are unpacked again when next used.
     pub(crate) fn reconnect(&mut self, id: u64, r: usize) -> Result<(), Error> {
-        let Some(p) = self.peers.get_mut(&id) else {
+        if !self.drop_conn(id, r) {
             return Ok(());
+        }
+        let p = self.peers.get_mut(&id).expect("present");
+        p.conns[r] = Some(self.rails[r].t.connect(&p.addrs[r])?);
+        Ok(())
+    }
+
+    /// Resets rail `r`'s connection to peer `id`, if any (nothing queued
+    /// on it is delivered any more); false when the peer has no such rail.
+    pub(crate) fn drop_conn(&mut self, id: u64, r: usize) -> bool {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return false;
         };
         if r >= p.conns.len() || r >= p.addrs.len() {
-            return Ok(());
+            return false;
         }
         if let Some(old) = p.conns[r].take() {
             self.rails[r].t.reset(old);
         }
         p.gen[r] += 1;
-        p.conns[r] = Some(self.rails[r].t.connect(&p.addrs[r])?);
-        Ok(())
+        true
     }
 }

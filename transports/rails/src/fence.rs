@@ -195,14 +195,26 @@ impl<T: Transport> Rails<T> {
         };
         if kind == FENCE {
             // Close our connection on rail r (bytes still on their way over
-            // it are then refused), open a fresh one, acknowledge.
+            // it are then refused) and acknowledge. A new one is opened
+            // once the peer is heard from over that rail (below): opened
+            // now, it would race the peer's own reconnection of the rail,
+            // which UCX 1.13's tcp did not survive (a crash in
+            // uct_tcp_iface_progress).
             let p = self.peers.get_mut(&id).expect("found");
             if r < p.conns.len() && p.served[r] < seq {
                 p.served[r] = seq;
-                if let Err(e) = self.reconnect(id, r) {
-                    log::warn!("rails: reconnect rail {r} to {from}: {e}");
-                }
+                self.drop_conn(id, r);
             }
+        }
+        // Heard from over rail `via`: the peer's connection on it works, so
+        // ours, closed by a fence (or never made), is opened again.
+        let lost = self.peers[&id].conns.get(via).is_some_and(Option::is_none);
+        if lost && !(kind == FENCE && via == r) {
+            if let Err(e) = self.reconnect(id, via) {
+                log::debug!("rails: reconnect rail {via} to {from}: {e}");
+            }
+        }
+        if kind == FENCE {
             // First on the rail the request came by: it works from the
             // peer to us, while another rail that looks up here may be the
             // one whose link is cut (its failure not noticed yet, as the

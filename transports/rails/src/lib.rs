@@ -43,7 +43,10 @@
 //! before this was handled). Therefore, when a rail fails, the peer is
 //! sent a *fence* over a working rail: it closes its end of that rail's
 //! connection (bytes that arrive there afterwards are refused with a TCP
-//! reset, never written) and acknowledges. A transfer to the peer
+//! reset, never written) and acknowledges, first over the rail the fence
+//! came by; it connects that rail again once it hears from the peer over
+//! it (a fence or an acknowledgement), not at once, which would race the
+//! peer's own reconnection. A transfer to the peer
 //! completes, and its notification is sent, only once every part is done,
 //! the inner transport has reported every abandoned attempt, **and** every
 //! fence to that peer is acknowledged; the failed rail carries data again
@@ -66,9 +69,36 @@
 //!
 //! Rails of two agents are paired by position: rail *i* of one connects
 //! to rail *i* of the other (give both the same order, e.g. one subnet per
-//! position). Remote keys are kept across a rail's reconnection, which
-//! suits transports whose keys do not depend on the connection
-//! (libfabric).
+//! position).
+//!
+//! # Inner transports
+//!
+//! What the rails need of the transport on each rail:
+//!
+//! * [`abandon`](Transport::abandon) reports the abandoned post (any
+//!   result) once the library no longer touches its memory: the rails
+//!   count such *ghosts*, and a transfer completes, and a failed rail is
+//!   reconnected, only once its ghosts are reported. libfabric reports at
+//!   once (its orphaned operations keep the memory reported in use); UCX
+//!   when its forced close has ended the requests.
+//! * [`reset`](Transport::reset) drops a connection without delivering
+//!   what is still queued on it: the rails reset a failed rail's
+//!   connection before connecting it anew, and the peer resets its end
+//!   when it serves a fence (a flushing close would wait for a dead link).
+//! * [`connect`](Transport::connect) must not block long: a failed rail is
+//!   reconnected from [`poll`](Transport::poll) while the others carry the
+//!   transfers (UCX refuses at once over a device without link).
+//!
+//! # Remote keys
+//!
+//! A key is unpacked on every rail connected to its peer, and keeps the
+//! bytes the peer packed: after a rail is connected anew (a failover, or a
+//! fence served), the key is unpacked again on the new connection when
+//! that rail next carries a part to it, since a transport's key may belong
+//! to the connection it was unpacked on (UCX's do, and go with it). The
+//! key of the old connection is released then, or with the key; the inner
+//! transport keeps what an abandoned attempt may still use until it let
+//! go of it.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 #![allow(clippy::result_large_err)]

@@ -151,8 +151,11 @@ impl UcxTransport {
         }
         if let Some(interval) = config.keepalive_interval {
             if std::env::var_os("UCX_KEEPALIVE_INTERVAL").is_none() {
-                let ms = interval.as_millis().max(1);
-                config_modify(&ucp_config, "KEEPALIVE_INTERVAL", &format!("{ms}ms"))?;
+                let value = match interval.as_millis() {
+                    0 => "inf".to_string(),
+                    ms => format!("{ms}ms"),
+                };
+                config_modify(&ucp_config, "KEEPALIVE_INTERVAL", &value)?;
             }
         }
 
