@@ -139,14 +139,20 @@ impl UcxTransport {
         if let Some(devices) = &config.net_devices {
             config_modify(&ucp_config, "NET_DEVICES", devices)?;
         }
+        let tls = config.tls.clone().or_else(|| std::env::var("UCX_TLS").ok());
+        let tcp = tls_include_tcp(tls.as_deref());
         if let Some(seg) = config.tcp_seg_size {
-            let tls = config.tls.clone().or_else(|| std::env::var("UCX_TLS").ok());
             if std::env::var_os("UCX_TCP_TX_SEG_SIZE").is_none()
                 && std::env::var_os("UCX_TCP_RX_SEG_SIZE").is_none()
-                && tls_include_tcp(tls.as_deref())
+                && tcp
             {
                 set_tcp_option(&ucp_config, "TX_SEG_SIZE", &seg.to_string())?;
                 set_tcp_option(&ucp_config, "RX_SEG_SIZE", &seg.to_string())?;
+            }
+        }
+        if let Some(n) = config.tcp_max_poll {
+            if std::env::var_os("UCX_TCP_MAX_POLL").is_none() && tcp {
+                set_tcp_option(&ucp_config, "MAX_POLL", &n.to_string())?;
             }
         }
         if let Some(interval) = config.keepalive_interval {
