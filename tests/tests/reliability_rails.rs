@@ -15,7 +15,10 @@
 //!   share of the bytes once back; the 64 MiB rounds slow down towards
 //!   the survivors' rate (asserted loosely: below (N-1)/N + 0.25 of the
 //!   rate before, since a loaded machine can be CPU-bound rather than
-//!   link-bound) and speed up again once the rail is back up.
+//!   link-bound) and speed up again once the rail is back up. Those two
+//!   are asserted only where the rate before exceeded 95 % of what the
+//!   surviving links carry (else the rounds were CPU-bound and a rail
+//!   more or less changes nothing); the RESULT line says which.
 //!   Over UCX the cut rail is marked down once (its reconnection is
 //!   refused while its interface has no link), and the rail deadline is
 //!   1 s (see `rails_test`).
@@ -46,6 +49,8 @@ const BLOCKS: usize = 128;
 /// Distance between the small blocks in the target buffer.
 const SPREAD: usize = LEN / BLOCKS;
 const RATE: &str = "1gbit";
+/// [`RATE`] in GB/s.
+const LINK_GBPS: f64 = 0.125;
 
 /// One test at a time: their bandwidth is compared.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -175,10 +180,9 @@ fn rails_test(n: usize, mode: &str, backend: &str) {
         // UCX over tcp emulates RMA with messages the target must serve
         // from its progress thread: on a loaded machine a descheduled
         // target silences every rail at once for hundreds of ms, and the
-        // default 500 ms rail deadline failed rails that were fine. Each
-        // such failover closes and reopens connections, which UCX 1.13
-        // survives less well than the cut itself (BENCHMARKS.md). The
-        // keepalive stays above three rail deadlines.
+        // default 500 ms rail deadline failed rails that were fine, and
+        // the bandwidth comparisons measured those failovers instead of
+        // the cut. The keepalive stays above three rail deadlines.
         ienv.push(("KVXFER_RAIL_TIMEOUT_MS", "1000".to_string()));
         ienv.push(("KVXFER_KEEPALIVE_MS", "4000".to_string()));
     }
@@ -472,14 +476,28 @@ fn initiator() {
     let share =
         (stats[cut_rail].bytes - bytes_back) as f64 / (3 * 2 * (LEN + BLOCKS * SMALL)) as f64;
     let (b, d, a) = (gbps(&before), gbps(&during), gbps(&after));
+    // A rail's loss shows in the rate only where the rounds before needed
+    // more than the surviving links carry; below that they were bound by
+    // the CPU (seen with UCX's emulated RMA over four rails, 0.30 GB/s of
+    // 0.50), and a rail more or less changes nothing.
+    let survivors = (n - 1) as f64 * LINK_GBPS;
+    let link_bound = b > 0.95 * survivors;
     println!(
         "{TAG}64 MiB WRITE+READ: {b:.3} GB/s before, {d:.3} with rail {} down \
          (round across the cut {first:.2} s), {a:.3} after; marked down {probes_failed} times (back-off probes included); rail back {recovered:?} \
          after link up ({between} rounds); cut rail moved {} bytes while down, {:.0}% of the last rounds' \
-         bytes after; rails: {}",
+         bytes after; {}; rails: {}",
         devs_a[cut_rail],
         moved_while_down,
         share * 100.0,
+        if link_bound {
+            "link-bound: drop and recovery asserted".to_string()
+        } else {
+            format!(
+                "CPU-bound (before not above the {survivors:.3} GB/s the surviving links \
+                 carry): drop and recovery not asserted"
+            )
+        },
         rail_line(&agent)
     );
     // While a 4 KiB-aligned part may have completed just as the link went
@@ -488,14 +506,16 @@ fn initiator() {
         moved_while_down <= 16 << 20,
         "cut rail moved {moved_while_down} bytes while down"
     );
-    assert!(
-        d < b * ((n - 1) as f64 / n as f64 + 0.25),
-        "bandwidth with one of {n} rails down {d:.3} GB/s, before {b:.3}"
-    );
-    assert!(
-        a > d * 1.05,
-        "bandwidth after the rail came back {a:.3} GB/s, while down {d:.3}"
-    );
+    if link_bound {
+        assert!(
+            d < b * ((n - 1) as f64 / n as f64 + 0.25),
+            "bandwidth with one of {n} rails down {d:.3} GB/s, before {b:.3}"
+        );
+        assert!(
+            a > d * 1.05,
+            "bandwidth after the rail came back {a:.3} GB/s, while down {d:.3}"
+        );
+    }
     assert!(
         share > 0.5 / n as f64,
         "the recovered rail carried {:.0}% of the bytes after recovery",
