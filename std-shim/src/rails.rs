@@ -67,9 +67,6 @@ pub(crate) fn ucx_rails(
         // ("ep_check reply") and crashed in that flurry in the failover
         // test (uct_tcp_iface_progress).
         c.keepalive_interval = Some(std::time::Duration::ZERO);
-        // A failover closes and opens a rail's connections; see
-        // `UcxConfig::tcp_max_poll`.
-        c.tcp_max_poll = Some(1);
         rails.push((iface.clone(), kvxfer_ucx::UcxTransport::new(&c)?));
     }
     log::info!(

@@ -154,14 +154,6 @@ pub struct UcxConfig {
     /// segment, each acknowledged by the target, so an 8 KiB segment caps
     /// a large WRITE at a few hundred MB/s. Default: 64 KiB.
     pub tcp_seg_size: Option<u32>,
-    /// Socket events UCX's `tcp` transport handles per wait (as
-    /// `UCX_TCP_MAX_POLL`, applied unless that is in the environment);
-    /// `None` keeps UCX's (16). In UCX 1.13, handling one event of a batch
-    /// can destroy an endpoint whose event comes later in the same batch
-    /// (connections of a peer closed and opened again: a rail's failover),
-    /// which then runs on freed memory; with 1 there is no later event.
-    /// Rails set 1. Default: `None`.
-    pub tcp_max_poll: Option<u32>,
     /// Largest WRITE of one segment sent as one active message that the
     /// target copies into place and answers (one round trip instead of a
     /// put and an endpoint flush), in bytes; 0 turns it off. Used only
@@ -222,7 +214,6 @@ impl Default for UcxConfig {
             cancel_timeout: Duration::from_secs(5),
             peer_failure_detection: true,
             tcp_seg_size: Some(64 << 10),
-            tcp_max_poll: None,
             inline_write_max: 8192,
             native_vram: true,
         }

@@ -150,11 +150,6 @@ impl UcxTransport {
                 set_tcp_option(&ucp_config, "RX_SEG_SIZE", &seg.to_string())?;
             }
         }
-        if let Some(n) = config.tcp_max_poll {
-            if std::env::var_os("UCX_TCP_MAX_POLL").is_none() && tcp {
-                set_tcp_option(&ucp_config, "MAX_POLL", &n.to_string())?;
-            }
-        }
         if let Some(interval) = config.keepalive_interval {
             if std::env::var_os("UCX_KEEPALIVE_INTERVAL").is_none() {
                 let value = match interval.as_millis() {
