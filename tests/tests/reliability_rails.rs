@@ -15,8 +15,10 @@
 //!   share of the bytes once back; the 64 MiB rounds slow down towards
 //!   the survivors' rate (asserted loosely: below (N-1)/N + 0.25 of the
 //!   rate before, since a loaded machine can be CPU-bound rather than
-//!   link-bound) and speed up again once the rail is back up. Those two
-//!   are asserted only where the rate before exceeded 95 % of what the
+//!   link-bound) and speed up again once the rail is back up, the mean
+//!   rate with the rail down against the fastest round before and after
+//!   (a loaded machine holds single rounds back). Those two are asserted
+//!   only where the fastest round before exceeded 95 % of what the
 //!   surviving links carry (else the rounds were CPU-bound and a rail
 //!   more or less changes nothing); the RESULT line says which.
 //!   Over UCX the cut rail is marked down once (its reconnection is
@@ -300,6 +302,12 @@ fn gbps(secs: &[f64]) -> f64 {
     (2 * LEN * secs.len()) as f64 / secs.iter().sum::<f64>() / 1e9
 }
 
+/// The rate of the fastest round: what the rails carried where nothing
+/// else on the machine held the rounds back.
+fn best_gbps(secs: &[f64]) -> f64 {
+    (2 * LEN) as f64 / secs.iter().copied().fold(f64::INFINITY, f64::min) / 1e9
+}
+
 fn rail_line(agent: &Agent) -> String {
     agent
         .rail_stats()
@@ -476,15 +484,21 @@ fn initiator() {
     let share =
         (stats[cut_rail].bytes - bytes_back) as f64 / (3 * 2 * (LEN + BLOCKS * SMALL)) as f64;
     let (b, d, a) = (gbps(&before), gbps(&during), gbps(&after));
-    // A rail's loss shows in the rate only where the rounds before needed
-    // more than the surviving links carry; below that they were bound by
-    // the CPU (seen with UCX's emulated RMA over four rails, 0.30 GB/s of
-    // 0.50), and a rail more or less changes nothing.
+    // Against the mean rate with the rail down, the fastest round before
+    // the cut and after the rail came back: a loaded machine holds single
+    // rounds back (at load 15-20 a four-rail round now and then ran at
+    // half the links' rate). A rail's loss shows in the rate only where
+    // the rounds before needed more than the surviving links carry; below
+    // that they were bound by the CPU (seen with UCX's emulated RMA over
+    // four rails, 0.30 GB/s of 0.50), and a rail more or less changes
+    // nothing.
+    let (b_best, a_best) = (best_gbps(&before), best_gbps(&after));
     let survivors = (n - 1) as f64 * LINK_GBPS;
-    let link_bound = b > 0.95 * survivors;
+    let link_bound = b_best > 0.95 * survivors;
     println!(
         "{TAG}64 MiB WRITE+READ: {b:.3} GB/s before, {d:.3} with rail {} down \
-         (round across the cut {first:.2} s), {a:.3} after; marked down {probes_failed} times (back-off probes included); rail back {recovered:?} \
+         (round across the cut {first:.2} s), {a:.3} after (fastest round {b_best:.3} before, \
+         {a_best:.3} after); marked down {probes_failed} times (back-off probes included); rail back {recovered:?} \
          after link up ({between} rounds); cut rail moved {} bytes while down, {:.0}% of the last rounds' \
          bytes after; {}; rails: {}",
         devs_a[cut_rail],
@@ -508,12 +522,14 @@ fn initiator() {
     );
     if link_bound {
         assert!(
-            d < b * ((n - 1) as f64 / n as f64 + 0.25),
-            "bandwidth with one of {n} rails down {d:.3} GB/s, before {b:.3}"
+            d < b_best * ((n - 1) as f64 / n as f64 + 0.25),
+            "bandwidth with one of {n} rails down {d:.3} GB/s, before {b:.3} (fastest round \
+             {b_best:.3})"
         );
         assert!(
-            a > d * 1.05,
-            "bandwidth after the rail came back {a:.3} GB/s, while down {d:.3}"
+            a_best > d * 1.05,
+            "bandwidth after the rail came back {a:.3} GB/s (fastest round {a_best:.3}), while \
+             down {d:.3}"
         );
     }
     assert!(
