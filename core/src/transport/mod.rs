@@ -363,6 +363,15 @@ pub trait Transport {
     /// Drops a connection. Transfers on it have completed or been cancelled.
     fn disconnect(&mut self, peer: Self::Peer);
 
+    /// Drops a connection at once, as [`disconnect`](Transport::disconnect)
+    /// but without first delivering what is still queued on it (a
+    /// connection whose link may be dead): what arrives on it afterwards is
+    /// refused, never written. Transfers on it have completed or been
+    /// abandoned. Default: [`disconnect`](Transport::disconnect).
+    fn reset(&mut self, peer: Self::Peer) {
+        self.disconnect(peer);
+    }
+
     /// Unpacks a key the peer packed for its region `region`.
     fn unpack_key(
         &mut self,

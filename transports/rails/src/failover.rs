@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use kvxfer_core::{Token, Transport};
+use kvxfer_core::{Error, Token, Transport};
 
 use crate::{Fence, RailState, Rails};
 
@@ -93,19 +93,11 @@ impl<T: Transport> Rails<T> {
             // Reconnect every peer on this rail; the old connections have no
             // operation left in the inner transport.
             let mut ok = true;
-            for p in self.peers.values_mut() {
-                let Some(addr) = p.addrs.get(r).and_then(Option::as_ref) else {
-                    continue;
-                };
-                if let Some(old) = p.conns.get_mut(r).and_then(Option::take) {
-                    self.rails[r].t.disconnect(old);
-                }
-                match self.rails[r].t.connect(addr) {
-                    Ok(c) => p.conns[r] = Some(c),
-                    Err(e) => {
-                        ok = false;
-                        self.rails[r].last_error = format!("reconnect: {e}");
-                    }
+            let ids: Vec<u64> = self.peers.keys().copied().collect();
+            for id in ids {
+                if let Err(e) = self.reconnect(id, r) {
+                    ok = false;
+                    self.rails[r].last_error = format!("reconnect: {e}");
                 }
             }
             let rail = &mut self.rails[r];
@@ -117,5 +109,37 @@ impl<T: Transport> Rails<T> {
                 rail.backoff = (rail.backoff * 2).min(self.cfg.backoff_max);
             }
         }
+    }
+
+    /// Connects rail `r` to peer `id` anew (to the address of the peer's
+    /// rail paired with it), after resetting its old connection (nothing
+    /// queued on it is delivered any more); keys unpacked on the old one
+    /// are unpacked again when next used. Nothing for a rail not paired
+    /// with one of the peer's.
+    pub(crate) fn reconnect(&mut self, id: u64, r: usize) -> Result<(), Error> {
+        if !self.drop_conn(id, r) {
+            return Ok(());
+        }
+        let p = self.peers.get_mut(&id).expect("present");
+        let addr = p.addrs[r].as_ref().expect("paired");
+        p.conns[r] = Some(self.rails[r].t.connect(addr)?);
+        Ok(())
+    }
+
+    /// Resets rail `r`'s connection to peer `id`, if any (nothing queued
+    /// on it is delivered any more); false when the peer has no such rail
+    /// or it is not paired with one of the peer's.
+    pub(crate) fn drop_conn(&mut self, id: u64, r: usize) -> bool {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return false;
+        };
+        if r >= p.conns.len() || p.addrs.get(r).map_or(true, Option::is_none) {
+            return false;
+        }
+        if let Some(old) = p.conns[r].take() {
+            self.rails[r].t.reset(old);
+        }
+        p.gen[r] += 1;
+        true
     }
 }

@@ -142,7 +142,7 @@ impl<T: Transport> Rails<T> {
                     Err(_) => 0,
                 };
                 let m = buf[..keep.min(buf.len())].to_vec();
-                if x.is_ok() && self.on_control(&m) {
+                if x.is_ok() && self.on_control(&m, r) {
                     continue;
                 }
                 if self.notes.len() >= NOTES_MAX {
@@ -184,34 +184,58 @@ impl<T: Transport> Rails<T> {
         })
     }
 
-    /// Handles a fence request or acknowledgement; false if `m` is neither.
-    pub(crate) fn on_control(&mut self, m: &[u8]) -> bool {
+    /// Handles a fence request or acknowledgement that arrived on rail
+    /// `via`; false if `m` is neither.
+    pub(crate) fn on_control(&mut self, m: &[u8], via: usize) -> bool {
         let Some((kind, r, seq, from)) = parse_control(m) else {
             return false;
         };
         let Some((&id, _)) = self.peers.iter().find(|(_, p)| p.name == from) else {
             return true;
         };
+        // A fence names the asking side's rail r: ours is the one paired
+        // with it (an acknowledgement names our own rail).
+        let mine = if kind == FENCE {
+            self.peers[&id].remote.iter().position(|&j| j == Some(r))
+        } else {
+            None
+        };
         if kind == FENCE {
-            // Close our connection on the rail paired with the peer's rail
-            // r (bytes still on their way over it are then refused), open a
-            // fresh one, acknowledge (naming the peer's rail r).
+            // Reset our connection on the rail paired with the peer's rail
+            // r (bytes still on their way over it are then refused) and
+            // acknowledge (naming the peer's rail r). A new one is opened
+            // once the peer is heard from over that rail (below): opened
+            // now, it would race the peer's own reconnection of the rail,
+            // which UCX 1.13's tcp did not survive (a crash in
+            // uct_tcp_iface_progress).
             let p = self.peers.get_mut(&id).expect("found");
-            let mine = p.remote.iter().position(|&j| j == Some(r));
             if let Some(l) = mine.filter(|&l| p.served[l] < seq) {
                 p.served[l] = seq;
-                if let Some(old) = p.conns[l].take() {
-                    self.rails[l].t.disconnect(old);
-                }
-                if let Some(addr) = &p.addrs[l] {
-                    match self.rails[l].t.connect(addr) {
-                        Ok(c) => p.conns[l] = Some(c),
-                        Err(e) => log::warn!("rails: reconnect rail {l} to {from}: {e}"),
-                    }
-                }
+                self.drop_conn(id, l);
             }
+        }
+        // Heard from over rail `via`: the peer's connection on it works, so
+        // ours, closed by a fence (or never made), is opened again; not the
+        // rail this fence closes, which the peer is reconnecting: ours
+        // opens when the peer is next heard from over it.
+        let lost = self.peers[&id].conns.get(via).is_some_and(Option::is_none);
+        if lost && !(kind == FENCE && mine == Some(via)) {
+            if let Err(e) = self.reconnect(id, via) {
+                log::debug!("rails: reconnect rail {via} to {from}: {e}");
+            }
+        }
+        if kind == FENCE {
+            // First on the rail the request came by: it works from the
+            // peer to us, while another rail that looks up here may be the
+            // one whose link is cut (its failure not noticed yet, as the
+            // peer did). An acknowledgement lost anyway is asked again.
             let ack = control(FENCE_ACK, r, seq, &self.agent);
-            if !self.send_control(id, mine.unwrap_or(0), &ack) {
+            let p = self.peers.get(&id).expect("found");
+            let sent = mine != Some(via) && self.usable(via, p) && {
+                let conn = p.conns[via].as_ref().expect("usable");
+                self.rails[via].t.send_notification(conn, &ack).is_ok()
+            };
+            if !sent && !self.send_control(id, mine.unwrap_or(0), &ack) {
                 log::warn!("rails: no rail to acknowledge a fence of {from}");
             }
         } else {

@@ -43,7 +43,10 @@
 //! before this was handled). Therefore, when a rail fails, the peer is
 //! sent a *fence* over a working rail: it closes its end of that rail's
 //! connection (bytes that arrive there afterwards are refused with a TCP
-//! reset, never written) and acknowledges. A transfer to the peer
+//! reset, never written) and acknowledges, first over the rail the fence
+//! came by; it connects that rail again once it hears from the peer over
+//! it (a fence or an acknowledgement), not at once, which would race the
+//! peer's own reconnection. A transfer to the peer
 //! completes, and its notification is sent, only once every part is done,
 //! the inner transport has reported every abandoned attempt, **and** every
 //! fence to that peer is acknowledged; the failed rail carries data again
@@ -97,9 +100,9 @@
 //! rail at all fails the connection, naming both sides' rails and
 //! networks (the whole list in the log); rails that reach each other
 //! only through a router (a subnet per host and rail) therefore do not
-//! pair. A
-//! fence names the asking side's rail; the peer closes the rail paired
-//! with it.
+//! pair. A fence names the asking side's rail; the peer resets its end
+//! of the rail paired with it, and names the asking side's rail back in
+//! the acknowledgement.
 //!
 //! Rails are used only between agents that both have them (several
 //! rails each): a multi-rail agent refuses a peer that publishes a single
@@ -113,8 +116,36 @@
 //! hence its check); and a forward could not fence a failed rail (see
 //! "Stale WRITEs"), so it would lose what makes failover safe.
 //!
-//! Remote keys are kept across a rail's reconnection, which suits
-//! transports whose keys do not depend on the connection (libfabric).
+//! # Inner transports
+//!
+//! What the rails need of the transport on each rail:
+//!
+//! * [`abandon`](Transport::abandon) reports the abandoned post (any
+//!   result) once the library no longer touches its memory: the rails
+//!   count such *ghosts*, and a transfer completes, and a failed rail is
+//!   reconnected, only once its ghosts are reported. libfabric reports at
+//!   once (its orphaned operations keep the memory reported in use); UCX
+//!   when its forced close has ended the requests.
+//! * [`reset`](Transport::reset) drops a connection without delivering
+//!   what is still queued on it: the rails reset a failed rail's
+//!   connection before connecting it anew, and the peer resets its end
+//!   when it serves a fence (a flushing close would wait for a dead link).
+//! * [`connect`](Transport::connect) must not block long: a failed rail is
+//!   reconnected from [`poll`](Transport::poll) while the others carry the
+//!   transfers (UCX refuses at once over a device without link).
+//!
+//! # Remote keys
+//!
+//! A key is unpacked on every rail connected to its peer, and keeps the
+//! bytes the peer packed (a rail's those of the peer's rail paired with
+//! it; a rail not paired has none, and carries nothing to that peer):
+//! after a rail is connected anew (a failover, or a
+//! fence served), the key is unpacked again on the new connection when
+//! that rail next carries a part to it, since a transport's key may belong
+//! to the connection it was unpacked on (UCX's do, and go with it). The
+//! key of the old connection is released then, or with the key; the inner
+//! transport keeps what an abandoned attempt may still use until it let
+//! go of it.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 #![allow(clippy::result_large_err)]
@@ -172,8 +203,37 @@ impl<T: Transport> std::ops::Deref for Registration<T> {
         &self.regs
     }
 }
-/// A peer's key unpacked on every rail connected to it, by rail.
-pub type RailsKey<T> = Arc<Vec<Option<<T as Transport>::RemoteKey>>>;
+/// A peer's key on every rail connected to it (see [`RailsKeys`]).
+pub type RailsKey<T> = Arc<RailsKeys<<T as Transport>::RemoteKey>>;
+
+/// A peer's remote key, as each rail's inner transport unpacked it
+/// (`K`), with the packed bytes to unpack it again on a rail's new
+/// connection (see the crate's "Remote keys").
+pub struct RailsKeys<K> {
+    id: u64,
+    /// The peer's region the key covers.
+    region: kvxfer_core::Region,
+    /// By local rail: the key the peer's inner transport packed on the
+    /// peer's rail paired with it (`PeerRec::remote`); `None` for a rail
+    /// not paired with one of the peer's.
+    packed: Vec<Option<Vec<u8>>>,
+    /// By rail: the key unpacked on the connection of that generation
+    /// (see `PeerRec::gen`), if the rail was connected.
+    keys: Vec<Option<(u64, K)>>,
+}
+
+impl<K> RailsKeys<K> {
+    /// Whether rail `r` has a key for the peer (paired with one of the
+    /// peer's rails, whose key the peer packed).
+    fn has(&self, r: usize) -> bool {
+        self.packed.get(r).is_some_and(Option::is_some)
+    }
+
+    /// The key of rail `r` as first unpacked, if that rail was connected.
+    fn first(&self, r: usize) -> Option<&K> {
+        self.keys.get(r)?.as_ref().map(|(_, k)| k)
+    }
+}
 
 /// A peer of [`Rails`]: an index into the transport's peer table.
 #[derive(Debug)]
@@ -215,6 +275,9 @@ struct PeerRec<T: Transport> {
     fence: Vec<Option<Fence>>,
     /// By rail: the newest fence this peer asked of us and we served.
     served: Vec<u64>,
+    /// By rail: the generation of the connection, counting its
+    /// reconnections; keys unpacked on an older one are unpacked again.
+    gen: Vec<u64>,
 }
 
 /// A fence asked of a peer and not yet acknowledged.
@@ -280,6 +343,10 @@ pub struct Rails<T: Transport> {
     note_buf: Vec<u8>,
     /// Where the rails and the memory sit; `None`: every rail alike.
     topo: Option<Topology>,
+    /// Keys unpacked again after a rail reconnected, by (key id, rail):
+    /// the connection's generation and the key.
+    rekeys: HashMap<(u64, usize), (u64, T::RemoteKey)>,
+    next_key: u64,
 }
 impl<T: Transport> Rails<T> {
     /// Rails named `names` (their interfaces), one inner transport each, for
@@ -327,6 +394,8 @@ impl<T: Transport> Rails<T> {
             notes_dropped: 0,
             note_buf: Vec::new(),
             topo: None,
+            rekeys: HashMap::new(),
+            next_key: 1,
         }
     }
     /// Sets the networks rail `i` publishes for pairing (found from its
@@ -362,10 +431,7 @@ impl<T: Transport> Rails<T> {
     fn preferred_usable(&self, prefer: u64, p: &PeerRec<T>, key: &RailsKey<T>) -> Option<u64> {
         let mut m = 0u64;
         for r in 0..self.rails.len().min(64) {
-            if prefer & (1 << r) != 0
-                && self.usable(r, p)
-                && key.get(r).is_some_and(Option::is_some)
-            {
+            if prefer & (1 << r) != 0 && self.usable(r, p) && key.has(r) {
                 m |= 1 << r;
             }
         }

@@ -125,7 +125,9 @@ impl<T: Transport> Rails<T> {
             let mut any = false;
             for k in 0..n {
                 let r = (self.rr + k) % n;
-                if !self.usable(r, p) || part.remote[r].is_none() {
+                // A usable rail is paired with one of the peer's rails; its
+                // key is unpacked on the connection when the part is issued.
+                if !self.usable(r, p) || !part.remote.has(r) {
                     continue;
                 }
                 if only.is_some_and(|m| r >= 64 || m & (1 << r) == 0) {
@@ -172,26 +174,83 @@ impl<T: Transport> Rails<T> {
         }
     }
 
+    /// Unpacks again, on rail `r`'s current connection, the keys of parts
+    /// `idx` of request `tok` that were unpacked on an older one (or not at
+    /// all, the rail not connected then).
+    fn fresh_keys(&mut self, r: usize, tok: Token, idx: &[u32]) -> Result<(), Error> {
+        let Rails {
+            rails,
+            reqs,
+            peers,
+            rekeys,
+            ..
+        } = self;
+        let q = &reqs[&tok];
+        let p = &peers[&q.peer];
+        let gen = p.gen[r];
+        let conn = p.conns[r].as_ref().expect("usable rail");
+        for &i in idx {
+            let key = &q.parts[i as usize].remote;
+            let current = |g: &u64| *g == gen;
+            if key.keys[r].as_ref().is_some_and(|(g, _)| current(g))
+                || rekeys.get(&(key.id, r)).is_some_and(|(g, _)| current(g))
+            {
+                continue;
+            }
+            let Some(packed) = key.packed[r].as_deref() else {
+                return Err(Error::backend(
+                    rails[r].t.name(),
+                    -22,
+                    "rails: no key for a rail not paired with the peer's",
+                ));
+            };
+            let k = rails[r].t.unpack_key(conn, &key.region, packed)?;
+            // The key of the old connection: the inner transport keeps what
+            // an abandoned attempt may still use until it let go of it.
+            if let Some((_, old)) = rekeys.insert((key.id, r), (gen, k)) {
+                rails[r].t.release_key(old);
+            }
+        }
+        Ok(())
+    }
+
     /// Posts parts `idx` of request `tok` on rail `r`.
     fn issue(&mut self, r: usize, tok: Token, idx: Vec<u32>, bytes: u64) {
+        if let Err(e) = self.fresh_keys(r, tok, &idx) {
+            for i in idx.into_iter().rev() {
+                self.queue.push_front((tok, i));
+            }
+            self.mark_down(r, &format!("unpacking a remote key: {e}"));
+            return;
+        }
         let itok = self.next_tok;
         self.next_tok += 1;
         let result = {
             let Rails {
-                rails, reqs, peers, ..
+                rails,
+                reqs,
+                peers,
+                rekeys,
+                ..
             } = self;
             let q = &reqs[&tok];
-            let conn = peers[&q.peer].conns[r].as_ref().expect("usable rail");
+            let p = &peers[&q.peer];
+            let gen = p.gen[r];
+            let conn = p.conns[r].as_ref().expect("usable rail");
             let segs: Vec<Segment<'_, T::LocalReg, T::RemoteKey>> = idx
                 .iter()
                 .map(|&i| {
                     let p = &q.parts[i as usize];
+                    let remote = match &p.remote.keys[r] {
+                        Some((g, k)) if *g == gen => k,
+                        _ => &rekeys[&(p.remote.id, r)].1,
+                    };
                     Segment {
                         local_addr: p.local_addr,
                         remote_addr: p.remote_addr,
                         len: p.len,
                         local: &p.local[r],
-                        remote: p.remote[r].as_ref().expect("checked key"),
+                        remote,
                         remote_region_addr: p.remote_region_addr,
                     }
                 })

@@ -9,7 +9,7 @@ use kvxfer_core::{
 };
 
 use crate::pair::{pair_rails, put_nets, take_nets, RailInfo};
-use crate::{Part, PeerRec, Rails, RailsKey, RailsPeer, RailsReg, Registration, Req};
+use crate::{Part, PeerRec, Rails, RailsKey, RailsKeys, RailsPeer, RailsReg, Registration, Req};
 
 /// Prefix of a rails address: the agent's name, then per rail its
 /// interface, its networks and its inner address.
@@ -294,6 +294,7 @@ impl<T: Transport> Transport for Rails<T> {
                 conns,
                 fence: vec![None; n],
                 served: vec![0; n],
+                gen: vec![0; n],
             },
         );
         Ok(RailsPeer { id })
@@ -304,6 +305,16 @@ impl<T: Transport> Transport for Rails<T> {
             for (r, c) in p.conns.into_iter().enumerate() {
                 if let Some(c) = c {
                     self.rails[r].t.disconnect(c);
+                }
+            }
+        }
+    }
+
+    fn reset(&mut self, peer: Self::Peer) {
+        if let Some(p) = self.peers.remove(&peer.id) {
+            for (r, c) in p.conns.into_iter().enumerate() {
+                if let Some(c) = c {
+                    self.rails[r].t.reset(c);
                 }
             }
         }
@@ -320,49 +331,78 @@ impl<T: Transport> Transport for Rails<T> {
         };
         // The peer's keys, by its rails.
         let mut b = key;
-        let mut packed = Vec::new();
+        let mut theirs = Vec::new();
         while let Some(k) = take_bytes(&mut b) {
-            packed.push(k);
+            theirs.push(k);
         }
+        // By local rail: the key of the peer's rail paired with it,
+        // unpacked now where the rail is connected.
+        let mut packed = Vec::with_capacity(self.rails.len());
         let mut keys = Vec::with_capacity(self.rails.len());
+        let mut failed = None;
         for r in 0..self.rails.len() {
-            let (Some(j), Some(conn)) = (
-                p.remote.get(r).copied().flatten(),
-                p.conns.get(r).and_then(Option::as_ref),
-            ) else {
+            let Some(j) = p.remote.get(r).copied().flatten() else {
+                packed.push(None);
                 keys.push(None);
                 continue;
             };
-            let unpacked = match packed.get(j) {
-                Some(k) => self.rails[r].t.unpack_key(conn, region, k),
-                None => Err(Error::backend(
+            let Some(k) = theirs.get(j) else {
+                failed = Some(Error::backend(
                     self.name(),
                     -22,
                     &format!("rails: key of {} bytes has no key for rail {j}", key.len()),
-                )),
+                ));
+                break;
             };
-            match unpacked {
-                Ok(k) => keys.push(Some(k)),
+            packed.push(Some(k.to_vec()));
+            let Some(conn) = p.conns.get(r).and_then(Option::as_ref) else {
+                keys.push(None);
+                continue;
+            };
+            match self.rails[r].t.unpack_key(conn, region, k) {
+                Ok(x) => keys.push(Some((p.gen[r], x))),
                 Err(e) => {
-                    for (i, k) in keys.into_iter().enumerate() {
-                        if let Some(k) = k {
-                            self.rails[i].t.release_key(k);
-                        }
-                    }
-                    return Err(e);
+                    failed = Some(e);
+                    break;
                 }
             }
         }
-        Ok(Arc::new(keys))
+        if let Some(e) = failed {
+            for (i, k) in keys.into_iter().enumerate() {
+                if let Some((_, k)) = k {
+                    self.rails[i].t.release_key(k);
+                }
+            }
+            return Err(e);
+        }
+        let id = self.next_key;
+        self.next_key += 1;
+        Ok(Arc::new(RailsKeys {
+            id,
+            region: *region,
+            packed,
+            keys,
+        }))
     }
 
     fn release_key(&mut self, key: Self::RemoteKey) {
         // Parts hold clones only while their transfer lives; the core
         // releases a key after its transfers ended.
         if let Ok(keys) = Arc::try_unwrap(key) {
-            for (r, k) in keys.into_iter().enumerate() {
-                if let Some(k) = k {
+            for (r, k) in keys.keys.into_iter().enumerate() {
+                if let Some((_, k)) = k {
                     self.rails[r].t.release_key(k);
+                }
+            }
+            let again: Vec<(u64, usize)> = self
+                .rekeys
+                .keys()
+                .filter(|k| k.0 == keys.id)
+                .copied()
+                .collect();
+            for k in again {
+                if let Some((_, x)) = self.rekeys.remove(&k) {
+                    self.rails[k.1].t.release_key(x);
                 }
             }
         }
@@ -373,8 +413,8 @@ impl<T: Transport> Transport for Rails<T> {
     }
 
     fn remote_kind(&self, key: &Self::RemoteKey) -> MemKind {
-        for (r, k) in key.iter().enumerate() {
-            if let Some(k) = k {
+        for r in 0..self.rails.len() {
+            if let Some(k) = key.first(r) {
                 return self.rails[r].t.remote_kind(k);
             }
         }
@@ -401,7 +441,7 @@ impl<T: Transport> Transport for Rails<T> {
                     remote_addr: s.remote_addr,
                     len: s.len,
                     local: &s.local[0],
-                    remote: s.remote[0].as_ref().expect("one rail, key unpacked"),
+                    remote: s.remote.first(0).expect("one rail, key unpacked"),
                     remote_region_addr: s.remote_region_addr,
                 })
                 .collect();
@@ -565,7 +605,7 @@ impl<T: Transport> Transport for Rails<T> {
                 if n > 1 {
                     if let Ok(len) = x {
                         let m = buf[..len].to_vec();
-                        if self.on_control(&m) {
+                        if self.on_control(&m, r) {
                             continue;
                         }
                     }

@@ -52,6 +52,25 @@ impl UcxTransport {
         Ok(())
     }
 
+    /// The devices of [`UcxConfig::net_devices`](crate::UcxConfig::net_devices)
+    /// when every one is a network interface whose link is down (its
+    /// `operstate` in `/sys/class/net` says `down` or `lowerlayerdown`);
+    /// `None` when one may work, or one is not an interface (an
+    /// InfiniBand port, say).
+    pub(crate) fn devices_without_link(&self) -> Option<String> {
+        let devices = self.config.net_devices.as_deref()?;
+        let mut names = Vec::new();
+        for dev in devices.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+            let path = format!("/sys/class/net/{dev}/operstate");
+            let state = std::fs::read_to_string(path).ok()?;
+            if !matches!(state.trim(), "down" | "lowerlayerdown") {
+                return None;
+            }
+            names.push(dev);
+        }
+        (!names.is_empty()).then(|| names.join(","))
+    }
+
     /// Looks up the endpoint of `peer`, refusing a failed one.
     pub(crate) fn live_ep(&self, peer: &UcxPeer) -> Result<u32, Error> {
         if peer.owner != self.owner {
@@ -95,7 +114,7 @@ impl UcxTransport {
             let index = self.zombies[i];
             if self.outstanding(index) == 0 {
                 self.zombies.swap_remove(i);
-                self.free_slot(index);
+                self.free_retired(index);
             } else {
                 i += 1;
             }
@@ -133,5 +152,61 @@ impl UcxTransport {
             self.progress_until(timeout, all_done);
         }
         self.reap();
+    }
+
+    /// Drops the endpoint of `peer`: its remote keys, then the endpoint,
+    /// closed with a flush, or with a forced close when `force` (see
+    /// `close_ep`).
+    pub(crate) fn drop_ep(&mut self, peer: UcxPeer, force: bool) {
+        if peer.owner != self.owner {
+            log::error!("UCX: disconnect: peer belongs to another transport; ignored");
+            return;
+        }
+        let Some(state) = self.eps.remove(peer.index) else {
+            return;
+        };
+        // Requests of cancelled or abandoned transfers still on this
+        // endpoint use its remote keys: a forced close ends them first.
+        let zombies = self.zombies_on(peer.index);
+        let state = if zombies {
+            self.close_ep(state, true);
+            self.reap();
+            None
+        } else {
+            Some(state)
+        };
+        let defer = zombies && self.zombies_on(peer.index);
+        // Remote keys unpacked on this endpoint go before the endpoint.
+        for key in self.keys.iter_mut().map(|(_, k)| k) {
+            if key.ep != peer.index {
+                continue;
+            }
+            if let Some(rkey) = key.rkey.take() {
+                if defer {
+                    self.deferred_rkeys.bury(rkey);
+                }
+                // Else destroyed here: no request uses it.
+            }
+        }
+        if defer {
+            // The index may go to a new endpoint: detach the zombies that
+            // outlived the close (they end with the worker at the latest).
+            for z in self.zombies.clone() {
+                let s = self.slot_mut(z);
+                if s.ep == peer.index {
+                    s.ep = u32::MAX;
+                }
+            }
+        }
+        if let Some(mut state) = state {
+            let s = state.get_mut();
+            let pending = s.ep.is_null() && !s.closing.is_null();
+            if pending {
+                // Force-closed by an abandon: finished from later polls.
+                self.closing.bury(state);
+            } else {
+                self.close_ep(state, force);
+            }
+        }
     }
 }

@@ -24,7 +24,20 @@
 //!   ends such requests. Later posts to the peer then fail at once with
 //!   [`Error::RemoteDisconnected`](kvxfer_core::Error::RemoteDisconnected)
 //!   until it is connected again; memory registrations and remote keys the
-//!   requests use are released only once UCX has let go of them.
+//!   requests use are released only once UCX has let go of them, and the
+//!   abandoned transfer is reported then, failed with
+//!   `RemoteDisconnected` (a cancelled one never is);
+//! * [`reset`](kvxfer_core::Transport::reset) force-closes an endpoint
+//!   (no flush, no wait for a dead link), where
+//!   [`disconnect`](kvxfer_core::Transport::disconnect) flushes it first;
+//! * UCX 1.13 connects `tcp` blocking, inside `ucp_ep_create`: over an
+//!   interface without link that takes until neighbour resolution gives up
+//!   (about 3 s), so [`connect`](kvxfer_core::Transport::connect) refuses
+//!   at once, naming the device, when every device of
+//!   [`UcxConfig::net_devices`] is a network interface whose link is down.
+//!   (A link cut further away still blocks the connect, up to the SYN
+//!   timeout; `UCX_TCP_CONN_NB=y` avoids that, but is left at UCX's
+//!   default here: UCX 1.13 crashed with it in the rails' failover test.)
 //!
 //! UCX reads its usual `UCX_*` environment variables (for example
 //! `UCX_TLS=tcp`) when the transport is created; [`UcxConfig`] can override
@@ -100,9 +113,9 @@ pub struct UcxConfig {
     /// `UCX_NET_DEVICES` from the environment, else every device.
     pub net_devices: Option<String>,
     /// Interval of UCX's endpoint keepalive, which bounds how long a dead
-    /// peer goes unnoticed (UCX's own default is 20 s). Applied only when
-    /// `UCX_KEEPALIVE_INTERVAL` is not set in the environment; `None` keeps
-    /// UCX's setting. Default: 1 s.
+    /// peer goes unnoticed (UCX's own default is 20 s); zero turns it off.
+    /// Applied only when `UCX_KEEPALIVE_INTERVAL` is not set in the
+    /// environment; `None` keeps UCX's setting. Default: 1 s.
     pub keepalive_interval: Option<Duration>,
     /// Longest notification sent or accepted, in bytes (sent eagerly, so
     /// keep it small). Default: 4096.

@@ -174,6 +174,16 @@ impl Transport for UcxTransport {
                 self.foreign("rails on one side only: set KVXFER_RAILS of 2+ interfaces here too")
             );
         }
+        if let Some(dev) = self.devices_without_link() {
+            // UCX 1.13's tcp connects blocking, inside ucp_ep_create: over
+            // an interface without link it would hold the caller until
+            // neighbour resolution gives up (about 3 s).
+            return Err(Error::backend(
+                BACKEND,
+                i64::from(sys::UCS_ERR_UNREACHABLE as sys::ucs_status_t),
+                &format!("network device {dev} has no link"),
+            ));
+        }
         let index = match self.create_ep(address) {
             Ok(index) => index,
             Err(st) => {
@@ -197,56 +207,16 @@ impl Transport for UcxTransport {
     }
 
     fn disconnect(&mut self, peer: UcxPeer) {
-        if peer.owner != self.owner {
-            log::error!("UCX: disconnect: peer belongs to another transport; ignored");
-            return;
-        }
-        let Some(state) = self.eps.remove(peer.index) else {
-            return;
-        };
-        // Requests of cancelled or abandoned transfers still on this
-        // endpoint use its remote keys: a forced close ends them first.
-        let zombies = self.zombies_on(peer.index);
-        let state = if zombies {
-            self.close_ep(state, true);
-            self.reap();
-            None
-        } else {
-            Some(state)
-        };
-        let defer = zombies && self.zombies_on(peer.index);
-        // Remote keys unpacked on this endpoint go before the endpoint.
-        for key in self.keys.iter_mut().map(|(_, k)| k) {
-            if key.ep != peer.index {
-                continue;
-            }
-            if let Some(rkey) = key.rkey.take() {
-                if defer {
-                    self.deferred_rkeys.bury(rkey);
-                }
-                // Else destroyed here: no request uses it.
-            }
-        }
-        if defer {
-            // The index may go to a new endpoint: detach the zombies that
-            // outlived the close (they end with the worker at the latest).
-            for z in self.zombies.clone() {
-                let s = self.slot_mut(z);
-                if s.ep == peer.index {
-                    s.ep = u32::MAX;
-                }
-            }
-        }
-        if let Some(mut state) = state {
-            let s = state.get_mut();
-            let pending = s.ep.is_null() && !s.closing.is_null();
-            if pending {
-                // Force-closed by an abandon: finished from later polls.
-                self.closing.bury(state);
-            } else {
-                self.close_ep(state, false);
-            }
-        }
+        self.drop_ep(peer, false);
+    }
+
+    /// Closes the endpoint with a forced close, which neither flushes nor
+    /// waits for the peer: UCX ends what is queued on it and closes its
+    /// connections, so that bytes still on their way over them are
+    /// refused (the fence of `kvxfer-rails` after a link was cut; a flush
+    /// there would wait the whole close timeout for a dead link).
+    fn reset(&mut self, peer: UcxPeer) {
+        self.drop_ep(peer, true);
     }
 
     fn unpack_key(
@@ -459,18 +429,33 @@ impl Transport for UcxTransport {
     /// Cancels the transfer and force-closes its endpoint, which ends
     /// every request UCX still holds on it (a peer that stopped answering
     /// may otherwise keep them, and their memory, for ever). Later posts
-    /// to the peer fail until it is connected again.
+    /// to the peer fail until it is connected again. Unlike a cancel, the
+    /// transfer is still reported, failed with
+    /// [`Error::RemoteDisconnected`], once UCX has released all its
+    /// requests (promptly: the forced close ends them), so that a caller
+    /// that must know when UCX let go of it (the rails of `kvxfer-rails`,
+    /// which complete a transfer only then) learns it; a completion
+    /// already queued is reported as it is.
     fn abandon(&mut self, token: Token) -> Result<(), Error> {
-        let ep = self.active.iter().find_map(|&i| {
-            let s = self.slot(i);
-            (s.token == token && !s.internal).then_some(s.ep)
-        });
-        self.cancel(token)?;
-        if let Some(ep) = ep {
-            self.force_close(ep, sys::UCS_ERR_ENDPOINT_TIMEOUT as sys::ucs_status_t);
-            self.progress();
-            self.reap();
+        if self.completions.iter().any(|c| c.token == token) {
+            return Ok(());
         }
+        let found = self.active.iter().position(|&i| {
+            let s = self.slot(i);
+            s.token == token && !s.internal
+        });
+        let Some(pos) = found else {
+            return Ok(());
+        };
+        let index = self.active.swap_remove(pos);
+        let ep = self.slot(index).ep;
+        self.slot_mut(index).report = true;
+        self.cancel_requests(index);
+        self.progress();
+        self.retire_slot(index);
+        self.force_close(ep, sys::UCS_ERR_ENDPOINT_TIMEOUT as sys::ucs_status_t);
+        self.progress();
+        self.reap();
         Ok(())
     }
 

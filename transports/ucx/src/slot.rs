@@ -58,6 +58,8 @@ pub(crate) struct OpSlot {
     pub(crate) awaiting_ack: bool,
     /// That message's header, kept until its send completes.
     pub(crate) inline_hdr: [u8; inline::WRITE_HDR],
+    /// Abandoned: reported as failed once UCX has released its requests.
+    pub(crate) report: bool,
 }
 
 impl UcxTransport {
@@ -91,6 +93,7 @@ impl UcxTransport {
             regs: Vec::with_capacity(SLOT_REGS),
             awaiting_ack: false,
             inline_hdr: [0; inline::WRITE_HDR],
+            report: false,
         })));
         (self.slots.len() - 1) as u32
     }
@@ -120,6 +123,7 @@ impl UcxTransport {
         slot.internal = false;
         slot.regs.clear();
         slot.awaiting_ack = false;
+        slot.report = false;
         if let Some(n) = note {
             slot.note.extend_from_slice(n);
         }
@@ -233,13 +237,29 @@ impl UcxTransport {
     }
 
     /// Turns slot `index` (already out of `active`) into a zombie if UCX
-    /// still holds requests of it, else frees it.
+    /// still holds requests of it, else frees it (see
+    /// [`free_retired`](Self::free_retired)).
     pub(crate) fn retire_slot(&mut self, index: u32) {
         if self.outstanding(index) == 0 {
-            self.free_slot(index);
+            self.free_retired(index);
         } else {
             self.zombies.push(index);
         }
+    }
+
+    /// Frees slot `index`, cancelled or abandoned, whose requests UCX has
+    /// all released; an abandoned transfer is reported now, failed with
+    /// [`Error::RemoteDisconnected`]: UCX no longer touches its memory.
+    pub(crate) fn free_retired(&mut self, index: u32) {
+        let s = self.slot(index);
+        if s.report {
+            let token = s.token;
+            self.completions.push_back(kvxfer_core::Completion {
+                token,
+                result: Err(Error::disconnected("")),
+            });
+        }
+        self.free_slot(index);
     }
 
     /// Whether a zombie slot still uses endpoint `ep_index`.

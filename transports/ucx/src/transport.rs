@@ -139,11 +139,12 @@ impl UcxTransport {
         if let Some(devices) = &config.net_devices {
             config_modify(&ucp_config, "NET_DEVICES", devices)?;
         }
+        let tls = config.tls.clone().or_else(|| std::env::var("UCX_TLS").ok());
+        let tcp = tls_include_tcp(tls.as_deref());
         if let Some(seg) = config.tcp_seg_size {
-            let tls = config.tls.clone().or_else(|| std::env::var("UCX_TLS").ok());
             if std::env::var_os("UCX_TCP_TX_SEG_SIZE").is_none()
                 && std::env::var_os("UCX_TCP_RX_SEG_SIZE").is_none()
-                && tls_include_tcp(tls.as_deref())
+                && tcp
             {
                 set_tcp_option(&ucp_config, "TX_SEG_SIZE", &seg.to_string())?;
                 set_tcp_option(&ucp_config, "RX_SEG_SIZE", &seg.to_string())?;
@@ -151,8 +152,11 @@ impl UcxTransport {
         }
         if let Some(interval) = config.keepalive_interval {
             if std::env::var_os("UCX_KEEPALIVE_INTERVAL").is_none() {
-                let ms = interval.as_millis().max(1);
-                config_modify(&ucp_config, "KEEPALIVE_INTERVAL", &format!("{ms}ms"))?;
+                let value = match interval.as_millis() {
+                    0 => "inf".to_string(),
+                    ms => format!("{ms}ms"),
+                };
+                config_modify(&ucp_config, "KEEPALIVE_INTERVAL", &value)?;
             }
         }
 
