@@ -127,27 +127,7 @@ mod imp {
             }
         }
         // KVXFER_RAILS: one endpoint per interface, each opened here.
-        let rails = AgentConfig::default().effective_rails();
-        if !rails.is_empty() {
-            let cfg = AgentConfig::default()
-                .with_backend("LIBFABRIC")
-                .with_listen(None);
-            match crate::Agent::new("kvxfer-info", cfg) {
-                Ok(a) => {
-                    for r in a.rail_stats() {
-                        out += &format!(
-                            "  rail {}: {}, {} bytes, {} failures\n",
-                            r.name,
-                            r.state.name(),
-                            r.bytes,
-                            r.failures
-                        );
-                    }
-                    a.shutdown();
-                }
-                Err(e) => out += &format!("  rails {}: {e}\n", rails.join(",")),
-            }
-        }
+        out += &crate::rails::report(kvxfer_libfabric::BACKEND);
         out
     }
 
@@ -172,6 +152,11 @@ mod imp {
 
         fn rail_stats(&self) -> Vec<kvxfer_rails::RailStats> {
             crate::rails::stats(local_of(self).inner())
+        }
+
+        /// The provider of each rail.
+        fn rail_devices(&self) -> Vec<String> {
+            crate::rails::devices(local_of(self).inner(), |t| t.provider_name().to_string())
         }
     }
 
