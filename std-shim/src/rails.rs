@@ -109,6 +109,14 @@ pub(crate) fn checked(backend: &'static str, cfg: &AgentConfig) -> Result<Vec<St
     Ok(names)
 }
 
+/// Before anything starts (`kvxfer bench`, `kvxfer target`): the rails
+/// `KVXFER_RAILS` names that are not here, as [`missing`] names them.
+#[cfg(any(feature = "libfabric", feature = "ucx"))]
+pub(crate) fn preflight() -> Result<(), String> {
+    let names = kvxfer_rails::rails_from_env().unwrap_or_default();
+    missing(&names).map_err(|why| format!("{}={}: {why}", kvxfer_rails::ENV_RAILS, names.join(",")))
+}
+
 /// Refuses, naming it, the first of `names` that is neither a network
 /// interface of this network namespace (`/proc/net/dev`) nor an RDMA
 /// device (`/sys/class/infiniband`, as `mlx5_0` or UCX's `mlx5_0:1`).

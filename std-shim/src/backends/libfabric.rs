@@ -65,9 +65,11 @@ mod imp {
         Ok(host_memory(t, cfg, deadline))
     }
 
-    /// A provider (`provider`, else `KVXFER_LIBFABRIC_PROVIDER`) that
-    /// libfabric does not offer here is refused, naming those it offers.
+    /// Rails (`KVXFER_RAILS`) that are not here are refused, named; a
+    /// provider (`provider`, else `KVXFER_LIBFABRIC_PROVIDER`) that
+    /// libfabric does not offer here, naming those it offers.
     pub(crate) fn preflight(provider: Option<&str>) -> Result<(), String> {
+        crate::rails::preflight()?;
         let (value, source) = match provider {
             Some(p) => (p.to_string(), "--provider"),
             None => match std::env::var(kvxfer_libfabric::PROVIDER_ENV) {

@@ -77,9 +77,9 @@ mod imp {
         Ok(host_memory(t, cfg, deadline))
     }
 
-    /// Nothing to check before an agent is made.
+    /// Rails (`KVXFER_RAILS`) that are not here are refused, named.
     pub(crate) fn preflight(_provider: Option<&str>) -> Result<(), String> {
-        Ok(())
+        crate::rails::preflight()
     }
 
     /// libucp's version, the UCX transports usable here and how VRAM moves.
