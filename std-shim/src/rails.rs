@@ -221,7 +221,7 @@ mod tests {
             state: RailState::Down,
             bytes: 4096,
             failures: 3,
-            last_error: "x".to_string(),
+            ..RailStats::default()
         };
         assert_eq!(
             super::rail_line(&r, Some("tcp/eth1")),

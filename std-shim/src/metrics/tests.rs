@@ -65,7 +65,7 @@ fn rails_are_read_at_each_snapshot_and_told_apart_by_index() {
             state,
             bytes,
             failures,
-            last_error: String::new(),
+            ..RailStats::default()
         };
         vec![
             rail(RailState::Up, read.load(Ordering::Relaxed), 0),
