@@ -119,8 +119,9 @@ pub(crate) fn preflight() -> Result<(), String> {
 
 /// Refuses, naming it, the first of `names` that is neither a network
 /// interface of this network namespace (`/proc/net/dev`) nor an RDMA
-/// device (`/sys/class/infiniband`, as `mlx5_0` or UCX's `mlx5_0:1`).
-/// Where the interfaces cannot be read, every name passes.
+/// device (`/sys/class/infiniband`): `mlx5_0`, or as UCX and libfabric
+/// name it, `mlx5_0:1` and `rdmap0s6-rdm`. Where the interfaces cannot be
+/// read, every name passes.
 #[cfg(any(feature = "libfabric", feature = "ucx"))]
 pub(crate) fn missing(names: &[String]) -> Result<(), String> {
     let Ok(dev) = std::fs::read_to_string("/proc/net/dev") else {
@@ -131,20 +132,29 @@ pub(crate) fn missing(names: &[String]) -> Result<(), String> {
         .filter_map(|l| l.split_once(':'))
         .map(|(name, _)| name.trim())
         .collect();
-    for n in names {
-        let rdma = n.split(':').next().unwrap_or(n);
-        let is_rdma = !rdma.is_empty()
-            && !rdma.contains('/')
-            && std::path::Path::new("/sys/class/infiniband")
-                .join(rdma)
-                .exists();
-        if !ifaces.contains(&n.as_str()) && !is_rdma {
-            return Err(format!(
-                "rail {n}: no such network interface or RDMA device here"
-            ));
-        }
+    let rdma: Vec<String> = std::fs::read_dir("/sys/class/infiniband")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    match names.iter().find(|n| !known(n, &ifaces, &rdma)) {
+        Some(n) => Err(format!(
+            "rail {n}: no such network interface or RDMA device here"
+        )),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// Whether `n` is one of the interfaces `ifaces`, or one of the RDMA
+/// devices `rdma` alone or with a port (`:1`) or endpoint type (`-rdm`).
+#[cfg(any(feature = "libfabric", feature = "ucx"))]
+fn known(n: &str, ifaces: &[&str], rdma: &[String]) -> bool {
+    ifaces.contains(&n)
+        || rdma.iter().any(|d| {
+            n.strip_prefix(d.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with([':', '-']))
+        })
 }
 
 /// One rail as `kvxfer info` lists it:
@@ -212,6 +222,24 @@ mod tests {
             Err("rail nosuch0: no such network interface or RDMA device here".to_string())
         );
         assert!(super::missing(&names(&["../lo"])).is_err());
+    }
+
+    #[test]
+    fn rdma_devices_pass_as_ucx_and_libfabric_name_them() {
+        let rdma = ["mlx5_0".to_string(), "rdmap0s6".to_string()];
+        let ifaces = ["lo", "eth0"];
+        for n in [
+            "eth0",
+            "mlx5_0",
+            "mlx5_0:1",
+            "rdmap0s6-rdm",
+            "rdmap0s6-dgrm",
+        ] {
+            assert!(super::known(n, &ifaces, &rdma), "{n}");
+        }
+        for n in ["eth1", "mlx5_01", "mlx5", "rdmap0s", ""] {
+            assert!(!super::known(n, &ifaces, &rdma), "{n}");
+        }
     }
 
     #[test]
