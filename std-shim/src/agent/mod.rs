@@ -119,9 +119,12 @@ impl Agent {
                 )
             })?,
         });
-        // The rails' counters, read at each scrape (not on the hot path).
-        let weak = Arc::downgrade(&inner);
-        rails.read_rails_from(move || weak.upgrade().map_or_else(Vec::new, |i| i.rail_stats()));
+        // The rails' counters, read at each scrape (not on the hot path);
+        // an agent without rails is not locked by scrapes.
+        if !inner.rail_stats().is_empty() {
+            let weak = Arc::downgrade(&inner);
+            rails.read_rails_from(move || weak.upgrade().map_or_else(Vec::new, |i| i.rail_stats()));
+        }
         let server = match &inner.cfg.listen {
             Some(listen) => {
                 let opts = side_channel::Options {
