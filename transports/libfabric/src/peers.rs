@@ -9,6 +9,7 @@ use kvxfer_core::{Error, MemKind, Region};
 use libfabric_sys as sys;
 
 use crate::fabric::{fi_error, strerror};
+use crate::xfer::OpKind;
 use crate::{FabricReg, FabricTransport, BACKEND};
 
 /// Length of a packed remote key: the 64-bit key and a flags byte.
@@ -92,10 +93,11 @@ pub(crate) fn unpack_key(region: &Region, key: &[u8]) -> Result<FabricRemoteKey,
 }
 
 impl FabricTransport {
-    /// Removes peer `id` at `addr` from the address vector after a
-    /// transfer to it was abandoned or once it is found gone: the provider then drops its connection and reports the
-    /// operations on it. Transfers and notifications to it fail until it
-    /// is connected again.
+    /// Gives up on peer `id` at `addr` after a transfer to it was
+    /// abandoned or once it is found gone: it is removed from the address
+    /// vector ([`remove_addr`](Self::remove_addr)), so that the provider
+    /// drops its connection and reports the operations on it. Transfers
+    /// and notifications to it fail until it is connected again.
     pub(crate) fn give_up(&mut self, addr: sys::fi_addr_t, id: u64, label: &str) {
         if self.given_up.contains(&id) {
             return;
@@ -103,12 +105,73 @@ impl FabricTransport {
         self.given_up.push(id);
         // addr came from fi_av_insert and was not removed yet (peer ids
         // are removed at most once, here or in disconnect).
+        if !self.remove_addr(addr, label) {
+            self.unremoved.push((addr, bounded(label)));
+        }
+    }
+
+    /// Removes `addr` from the address vector (`fi_av_remove`) if that is
+    /// safe now; returns whether it did. The caller removes each address
+    /// it inserted at most once.
+    ///
+    /// Over `ofi_rxm` (libfabric 1.17 to 2.x) the removal closes the
+    /// connection to `addr` (`FI_AV_REMOVE_CLEANUP`) without checking that
+    /// one is open: when rxm keeps a connection record without an endpoint
+    /// (after its connection request lost a simultaneous connect to the
+    /// peer's, until the peer's request arrives, or after opening the
+    /// connection failed, e.g. out of file descriptors), `fi_av_remove`
+    /// closes a NULL endpoint and the process dies with SIGSEGV. So the
+    /// removal is made only right after a 0-byte READ to `addr` was
+    /// accepted, which rxm does only on an established connection (no
+    /// other call reaches the provider in between: `FI_THREAD_DOMAIN`,
+    /// manual progress). Otherwise no operation of this transport is on a
+    /// connection to `addr` (rxm posts only on established ones, and
+    /// closing one reports its operations), and the READ has started a
+    /// connection attempt.
+    pub(crate) fn remove_addr(&mut self, addr: sys::fi_addr_t, label: &str) -> bool {
+        if self.rxm {
+            let Some(op) = self.alloc_op(OpKind::Probe) else {
+                return false;
+            };
+            let ret = self.fabric.probe(&self.send, addr, self.ctxs.ptr(op));
+            if ret != 0 {
+                self.free_op(op);
+                log::debug!(
+                    "LIBFABRIC: {label} not connected ({}); its removal from the address \
+                     vector waits",
+                    strerror(ret)
+                );
+                return false;
+            }
+            // The probe stays with the provider; the removal below reports
+            // it (op is freed on its completion).
+        }
         let ret = self.fabric.av_remove(addr);
         if ret != 0 {
-            log::warn!(
-                "LIBFABRIC: fi_av_remove({label}) of a peer given up on: {}",
-                strerror(ret as i64)
-            );
+            log::warn!("LIBFABRIC: fi_av_remove({label}): {}", strerror(ret as i64));
+        }
+        true
+    }
+
+    /// Retries the removals [`remove_addr`](Self::remove_addr) could not
+    /// make. One is dropped, the address left in the address vector
+    /// (libfabric hands its entry out again when the address is connected
+    /// again; the endpoint's close releases it), once no orphaned operation
+    /// went to that address: then nothing of this transport is left on a
+    /// connection to it.
+    pub(crate) fn retry_removals(&mut self) {
+        let mut i = 0;
+        while i < self.unremoved.len() {
+            let (addr, label) = self.unremoved[i].clone();
+            let needed = self
+                .ops
+                .iter()
+                .any(|k| matches!(*k, OpKind::Orphan { peer, .. } if peer == addr));
+            if !needed || self.remove_addr(addr, &label) {
+                self.unremoved.swap_remove(i);
+            } else {
+                i += 1;
+            }
         }
     }
 
@@ -213,13 +276,8 @@ impl FabricTransport {
         }
         // peer.addr came from fi_av_insert; the peer was not given up on
         // (checked above), so it is removed here for the first time.
-        let ret = self.fabric.av_remove(peer.addr);
-        if ret != 0 {
-            log::debug!(
-                "LIBFABRIC: fi_av_remove({}): {}",
-                peer.label,
-                strerror(ret as i64)
-            );
+        if !self.remove_addr(peer.addr, &peer.label) {
+            self.unremoved.push((peer.addr, peer.label));
         }
     }
 }

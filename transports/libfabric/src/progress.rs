@@ -25,19 +25,22 @@ impl FabricTransport {
                     self.on_completion(ctx, len, None);
                 }
                 if (n as usize) < self.cq_entries.capacity() {
-                    return;
+                    break;
                 }
             } else if n == EAVAIL {
                 let Some(err) = self.fabric.cq_readerr() else {
-                    return;
+                    break;
                 };
                 self.on_completion(err.ctx, err.len, Some((err.err, err.prov_errno, err.text)));
             } else {
                 if n != EAGAIN {
                     log::warn!("LIBFABRIC: fi_cq_read failed: {}", strerror(n));
                 }
-                return;
+                break;
             }
+        }
+        if !self.unremoved.is_empty() {
+            self.retry_removals();
         }
     }
 
@@ -100,6 +103,7 @@ impl FabricTransport {
         let kind = self.ops[op as usize];
         match kind {
             OpKind::Free => log::warn!("LIBFABRIC: completion for an unused context"),
+            OpKind::Probe => self.free_op(op),
             OpKind::Orphan { buf, .. } => {
                 self.free_op(op);
                 if let Some(buf) = buf {

@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use kvxfer_core::error::Name;
 use kvxfer_core::wire::copy_into;
 use kvxfer_core::{
     Capabilities, Completion, Error, MemKind, PostStatus, Region, Segments, Token, Transport,
@@ -94,6 +95,11 @@ pub struct FabricTransport {
     /// Peers given up on (after an abandon, or found gone): removed from the address
     /// vector, until `disconnect`.
     pub(crate) given_up: Vec<u64>,
+    /// Addresses whose removal from the address vector waits for their
+    /// connection ([`remove_addr`](Self::remove_addr)), with their labels.
+    pub(crate) unremoved: Vec<(sys::fi_addr_t, Name)>,
+    /// Whether the provider is `ofi_rxm` over a core provider.
+    pub(crate) rxm: bool,
     /// Registrations whose deregistration timed out waiting for orphaned
     /// operations; closed once those are reported, or after the endpoint
     /// in `Drop`.
@@ -203,6 +209,7 @@ impl FabricTransport {
         let send = MsgBufs::new(&fabric, mr_mode, key_size, slot, nsend)?;
         let nops = config.max_ops + nrecv + nsend;
         let prov_errno_is_errno = provider.contains("tcp") || provider.contains("sockets");
+        let rxm = provider.contains("ofi_rxm");
         let mut t = FabricTransport {
             fabric,
             provider,
@@ -231,6 +238,8 @@ impl FabricTransport {
             cq_entries: CqBatch::new(CQ_BATCH),
             next_peer_id: 1,
             given_up: Vec::new(),
+            unremoved: Vec::new(),
+            rxm,
             deferred: Graveyard::new(),
         };
         for b in 0..nrecv as u32 {
