@@ -76,7 +76,14 @@
 //!   process start, before `main` and any libfabric call, unless the
 //!   environment sets it already; with `FI_AV_REMOVE_CLEANUP=0` the
 //!   connection stays open, the deregistration wait below runs into its
-//!   bound, and the first transport logs a warning). Its other transfers fail with
+//!   bound, and the first transport logs a warning). Over `ofi_rxm` the
+//!   removal is made only on an established connection, which a 0-byte
+//!   READ to the peer shows: libfabric 1.17 to 2.x crash (SIGSEGV in
+//!   `fi_av_remove`) removing a peer whose connection record has no
+//!   endpoint, as after a lost simultaneous connect or a failed one. While
+//!   the READ is refused, the removal is retried as long as an abandoned
+//!   operation to the peer is outstanding, then left to the endpoint's
+//!   close. Its other transfers fail with
 //!   [`Error::RemoteDisconnected`](kvxfer_core::Error::RemoteDisconnected),
 //!   and so do later posts and notifications to it, at once, until the
 //!   peer is disconnected and connected again.

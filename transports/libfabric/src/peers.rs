@@ -124,10 +124,12 @@ impl FabricTransport {
     /// removal is made only right after a 0-byte READ to `addr` was
     /// accepted, which rxm does only on an established connection (no
     /// other call reaches the provider in between: `FI_THREAD_DOMAIN`,
-    /// manual progress). Otherwise no operation of this transport is on a
-    /// connection to `addr` (rxm posts only on established ones, and
-    /// closing one reports its operations), and the READ has started a
-    /// connection attempt.
+    /// manual progress). A refused READ means the connection is not
+    /// established (then no operation is on it: rxm posts only on
+    /// established ones, and closing one reports its operations; the READ
+    /// started a connection attempt) or rxm asks to retry (`FI_EAGAIN`,
+    /// its own messages queued): the caller retries the removal
+    /// ([`retry_removals`](Self::retry_removals)).
     pub(crate) fn remove_addr(&mut self, addr: sys::fi_addr_t, label: &str) -> bool {
         if self.rxm {
             let Some(op) = self.alloc_op(OpKind::Probe) else {
