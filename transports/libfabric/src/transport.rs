@@ -95,9 +95,11 @@ pub struct FabricTransport {
     /// Peers given up on (after an abandon, or found gone): removed from the address
     /// vector, until `disconnect`.
     pub(crate) given_up: Vec<u64>,
-    /// Addresses whose removal from the address vector waits for their
-    /// connection ([`remove_addr`](Self::remove_addr)), with their labels.
-    pub(crate) unremoved: Vec<(sys::fi_addr_t, Name)>,
+    /// Addresses to remove from the address vector once the completion
+    /// queue is empty ([`remove_addr`](Self::remove_addr)), with labels.
+    pub(crate) removals: Vec<(sys::fi_addr_t, Name)>,
+    /// Whether the completion queue is being read (`read_cq`).
+    pub(crate) in_read_cq: bool,
     /// Whether the provider is `ofi_rxm` over a core provider.
     pub(crate) rxm: bool,
     /// Registrations whose deregistration timed out waiting for orphaned
@@ -238,7 +240,8 @@ impl FabricTransport {
             cq_entries: CqBatch::new(CQ_BATCH),
             next_peer_id: 1,
             given_up: Vec::new(),
-            unremoved: Vec::new(),
+            removals: Vec::new(),
+            in_read_cq: false,
             rxm,
             deferred: Graveyard::new(),
         };

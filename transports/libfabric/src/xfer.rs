@@ -19,8 +19,9 @@ pub(crate) enum OpKind {
     Rma { xfer: u32, gen: u32, seg: u32 },
     /// The notification of transfer `xfer`, in send buffer `buf`.
     XferNotif { xfer: u32, gen: u32, buf: u32 },
-    /// A notification outside any transfer, in send buffer `buf`.
-    Notif { buf: u32 },
+    /// A notification outside any transfer, in send buffer `buf`, to
+    /// `peer`.
+    Notif { buf: u32, peer: sys::fi_addr_t },
     /// A receive into notification buffer `buf`.
     Recv { buf: u32 },
     /// The operation of a transfer that already ended (abandoned); its
@@ -34,10 +35,10 @@ pub(crate) enum OpKind {
         len: u64,
         peer: sys::fi_addr_t,
     },
-    /// The 0-byte READ that showed a connection established before its
-    /// peer's removal from the address vector (`remove_addr`); its
-    /// completion is dropped.
-    Probe,
+    /// The 0-byte READ to `peer` that showed its connection established
+    /// before its removal from the address vector (`process_removals`);
+    /// its completion is dropped.
+    Probe { peer: sys::fi_addr_t },
 }
 
 /// One libfabric operation of a segment.
