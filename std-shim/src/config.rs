@@ -235,9 +235,11 @@ pub struct AgentConfig {
     /// default): `KVXFER_METRICS_ADDR` if set, else no endpoint.
     pub metrics_addr: Option<Option<String>>,
     /// Network interfaces to reach peers over, one rail each (libfabric:
-    /// one domain and endpoint per interface; see `kvxfer_rails`). `None`
-    /// (the default): `KVXFER_RAILS` (comma separated), else one endpoint
-    /// as the provider chooses.
+    /// one domain and endpoint per interface; UCX: one UCP context kept to
+    /// it; see `kvxfer_rails`). Each must be a network interface or RDMA
+    /// device of this host, else [`Agent::new`](crate::Agent::new) fails
+    /// naming it. `None` (the default): `KVXFER_RAILS` (comma separated),
+    /// else one endpoint as the provider chooses.
     pub rails: Option<Vec<String>>,
     /// Explicit choice of rails by memory, `numa0=eth0+eth1,gpu3=eth2`
     /// (see [`with_rail_map`](Self::with_rail_map)). `None` (the default):

@@ -202,3 +202,27 @@ fn calls_after_shutdown_fail_with_shut_down() {
     // The side channel is gone.
     assert!(std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err());
 }
+
+/// A rail that is no interface of this host fails `Agent::new` naming it,
+/// over several rails or one, UCX and libfabric alike.
+#[test]
+fn missing_rail_is_named() {
+    let mut backends = vec!["UCX"];
+    if cfg!(feature = "libfabric") {
+        backends.push("LIBFABRIC");
+    }
+    for backend in backends {
+        for rails in [&["lo", "nosuch0"][..], &["nosuch0"]] {
+            let cfg = AgentConfig::default()
+                .with_backend(backend)
+                .with_listen(None)
+                .with_rails(rails);
+            let e = Agent::new("missing-rail", cfg).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("{backend} error -1: rail nosuch0: no such network interface or RDMA device here"),
+                "{rails:?}"
+            );
+        }
+    }
+}

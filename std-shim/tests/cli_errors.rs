@@ -310,3 +310,89 @@ fn cuda_without_a_driver_says_so() {
     );
     assert_eq!(code, 2);
 }
+
+/// `kvxfer info` with `KVXFER_RAILS=rails`: the lines on rails under each
+/// of UCX and LIBFABRIC.
+fn rail_lines(rails: &str) -> [Vec<String>; 2] {
+    let out = Command::new(KVXFER)
+        .arg("info")
+        .env("KVXFER_RAILS", rails)
+        .env("KVXFER_LIBFABRIC_PROVIDER", "tcp;ofi_rxm")
+        .env_remove("UCX_TLS")
+        .env_remove("UCX_NET_DEVICES")
+        .env_remove("KVXFER_BACKEND")
+        .env_remove("TRTLLM_NIXL_KVCACHE_BACKEND")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kvxfer info");
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let section = |name: &str| -> Vec<String> {
+        text.lines()
+            .skip_while(|l| !l.starts_with(name))
+            .skip(1)
+            .take_while(|l| l.starts_with("  "))
+            .filter(|l| l.starts_with("  rail"))
+            .map(str::to_string)
+            .collect()
+    };
+    [section("UCX: "), section("LIBFABRIC: ")]
+}
+
+/// `kvxfer info` opens the rails `KVXFER_RAILS` names over UCX and over
+/// libfabric and lists each with its state, counters and what it runs on.
+#[test]
+fn info_lists_each_rail() {
+    let [ucx, fabric] = rail_lines("lo,lo");
+    assert_eq!(
+        ucx,
+        ["  rail lo: up, 0 bytes, 0 failures, NUMA unknown, PCI unknown, via tcp/lo"; 2]
+    );
+    assert_eq!(
+        fabric,
+        ["  rail lo: up, 0 bytes, 0 failures, NUMA unknown, PCI unknown, via tcp;ofi_rxm"; 2]
+    );
+    let [ucx, fabric] = rail_lines("lo");
+    assert_eq!(ucx, ["  rail lo: the only rail (no striping or failover)"]);
+    assert_eq!(fabric, ucx);
+}
+
+/// A rail that names no interface of this host is refused, named.
+#[test]
+fn info_names_a_missing_rail() {
+    let want = ["  rail nosuch0: no such network interface or RDMA device here"];
+    for rails in ["lo,nosuch0", "nosuch0,lo"] {
+        let [ucx, fabric] = rail_lines(rails);
+        assert_eq!(ucx, want, "{rails}");
+        assert_eq!(fabric, want, "{rails}");
+    }
+}
+
+/// `kvxfer bench` and `kvxfer target` refuse a missing rail up front,
+/// over UCX and libfabric, naming it.
+#[test]
+fn missing_rail_is_refused_before_anything_starts() {
+    let why = "rail nosuch0: no such network interface or RDMA device here";
+    for backend in ["UCX", "LIBFABRIC"] {
+        let started = Instant::now();
+        let env = [("KVXFER_BACKEND", backend), ("KVXFER_RAILS", "lo,nosuch0")];
+        let (code, last) = last_line(&["bench"], &env);
+        assert_eq!(
+            last,
+            format!("kvxfer bench: KVXFER_RAILS=lo,nosuch0: {why}"),
+            "{backend}"
+        );
+        assert_eq!(code, 2);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let (code, last) = last_line(&["target"], &env);
+        assert_eq!(
+            last,
+            format!("kvxfer target: KVXFER_RAILS=lo,nosuch0: {why}"),
+            "{backend}"
+        );
+        assert_eq!(code, 2);
+        let (code, last) = last_line(&["bench", "--backend", backend, "--rails", "nosuch0"], &[]);
+        assert_eq!(last, format!("kvxfer bench: KVXFER_RAILS=nosuch0: {why}"));
+        assert_eq!(code, 2);
+    }
+}

@@ -40,9 +40,15 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// `kvxfer target` over `backend`, its metrics served on `metrics`; the
-/// address of its side channel.
-fn spawn_target(name: &str, backend: &str, size: &str, metrics: &str) -> (ChildGuard, String) {
+/// `kvxfer target` over `backend`, its metrics served on `metrics`, with
+/// `env` set; the address of its side channel.
+fn spawn_target(
+    name: &str,
+    backend: &str,
+    size: &str,
+    metrics: &str,
+    env: &[(&str, &str)],
+) -> (ChildGuard, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvxfer"));
     cmd.args([
         "target",
@@ -57,6 +63,8 @@ fn spawn_target(name: &str, backend: &str, size: &str, metrics: &str) -> (ChildG
     // Through the backend, not cross-memory attach.
     .env("KVXFER_SAME_HOST_CMA", "0")
     .env_remove("KVXFER_METRICS")
+    .env_remove("KVXFER_RAILS")
+    .envs(env.iter().copied())
     .stdin(Stdio::piped())
     .stdout(Stdio::piped())
     .stderr(Stdio::inherit());
@@ -200,8 +208,15 @@ impl Prometheus {
     /// Waits (up to 60 s) until every query yields its value; on time out
     /// fails naming each query with the value last seen.
     fn expect(&self, checks: &[(String, f64)]) {
+        self.expect_with(|| checks.to_vec());
+    }
+
+    /// As [`expect`](Self::expect), with the checks made anew by `make`
+    /// each round (values that may still change, read as they are now).
+    fn expect_with(&self, make: impl Fn() -> Vec<(String, f64)>) {
         let end = Instant::now() + Duration::from_secs(60);
         loop {
+            let checks = &make();
             let seen: Vec<Option<f64>> = checks.iter().map(|(q, _)| self.query(q)).collect();
             let ok = seen
                 .iter()
@@ -237,7 +252,7 @@ fn prometheus_sees_the_transfers(backend: &str) {
     let init_name = format!("prom-init-{lower}");
     let target_name = format!("prom-target-{lower}");
     let target_metrics = format!("127.0.0.1:{}", free_port());
-    let (_target, addr) = spawn_target(&target_name, backend, "1MiB", &target_metrics);
+    let (_target, addr) = spawn_target(&target_name, backend, "1MiB", &target_metrics, &[]);
     let agent = Agent::new(
         &init_name,
         initiator_config(backend).with_metrics_addr(Some("127.0.0.1:0")),
@@ -387,6 +402,131 @@ fn prometheus_scrapes_libfabric_transfers() {
     prometheus_sees_the_transfers("LIBFABRIC");
 }
 
+/// Bytes moved each way by [`prometheus_sees_the_rails`].
+const RAIL_LEN: u64 = 8 << 20;
+
+/// Real transfers over two rails on `lo` (both ends: this process through
+/// [`AgentConfig::with_rails`], the `kvxfer target` through
+/// `KVXFER_RAILS=lo,lo`), checked byte for byte; then Prometheus must
+/// report for each rail exactly the bytes, failures and state
+/// [`Agent::rail_stats`] reports, bytes that add up to at least what was
+/// moved.
+fn prometheus_sees_the_rails(backend: &str) {
+    let lower = backend.to_ascii_lowercase();
+    let init_name = format!("rails-init-{lower}");
+    let target_name = format!("rails-target-{lower}");
+    let target_metrics = format!("127.0.0.1:{}", free_port());
+    let (_target, addr) = spawn_target(
+        &target_name,
+        backend,
+        "8MiB",
+        &target_metrics,
+        &[("KVXFER_RAILS", "lo,lo")],
+    );
+    let agent = Agent::new(
+        &init_name,
+        initiator_config(backend)
+            .with_rails(&["lo", "lo"])
+            .with_metrics_addr(Some("127.0.0.1:0")),
+    )
+    .unwrap();
+    let init_metrics = agent.metrics_addr().expect("metrics endpoint").to_string();
+    let peer = agent.connect(&addr).unwrap();
+    assert_eq!(agent.peer_path(&peer).unwrap(), backend);
+    let region = ask(&agent, &peer, "bench:region", "bench:region ");
+    let raddr: u64 = region.split(' ').next().unwrap().parse().unwrap();
+
+    // One WRITE and one READ of 8 MiB: striped over both rails.
+    let mut buf = kvxfer_testkit::pattern(31, RAIL_LEN as usize);
+    let want = buf.clone();
+    let mut back = vec![0u8; RAIL_LEN as usize];
+    // SAFETY: both buffers outlive their registrations (the agent is shut
+    // down before they drop) and are read only after the transfers ended.
+    unsafe {
+        agent.register_slice(&mut buf).unwrap();
+        agent.register_slice(&mut back).unwrap();
+    }
+    for (op, local) in [(XferOp::Write, &buf), (XferOp::Read, &back)] {
+        let l = [Desc::new(local.as_ptr() as u64, RAIL_LEN)];
+        let r = [Desc::new(raddr, RAIL_LEN)];
+        let req = agent.submit(op, &l, &r, &peer, None).unwrap();
+        assert_eq!(req.wait(Duration::from_secs(30)), WaitOutcome::Done);
+    }
+    let sum = ask(
+        &agent,
+        &peer,
+        &format!("bench:sum {RAIL_LEN}"),
+        "bench:sum ",
+    );
+    assert_eq!(sum, format!("{:016x}", kvxfer::bench::checksum(&want)));
+    kvxfer_testkit::assert_same(&back, &want, "READ back over two rails");
+
+    // Under heavy load a rail may be marked down (no completion within
+    // KVXFER_RAIL_TIMEOUT_MS) and its parts moved on the other: what is
+    // checked is that the metrics say what the rails say, whatever it is.
+    let rails = agent.rail_stats();
+    assert_eq!(rails.len(), 2, "{rails:?}");
+    assert!(rails.iter().all(|r| r.name == "lo"), "{rails:?}");
+    let total: u64 = rails.iter().map(|r| r.bytes).sum();
+    assert!(
+        total >= 2 * RAIL_LEN,
+        "{total} < {}: {rails:?}",
+        2 * RAIL_LEN
+    );
+    let snap = agent.metrics().snapshot().rails;
+    assert_eq!(snap.iter().map(|r| r.bytes).sum::<u64>(), total);
+
+    let prom = Prometheus::start(
+        &format!("rails-{lower}"),
+        &[init_metrics.clone(), target_metrics.clone()],
+    );
+    let a = format!("agent=\"{init_name}\",backend=\"{backend}\"");
+    let t = format!("agent=\"{target_name}\",backend=\"{backend}\"");
+    prom.expect_with(|| {
+        let rails = agent.rail_stats();
+        let mut checks: Vec<(String, f64)> = vec![
+            (format!("up{{instance=\"{init_metrics}\"}}"), 1.0),
+            (format!("up{{instance=\"{target_metrics}\"}}"), 1.0),
+            (format!("sum(kvxfer_rail_bytes_total{{{a}}})"), total as f64),
+            (format!("count(kvxfer_rail_up{{{a}}})"), 2.0),
+            // The target's two rails (it posts nothing: they stay up).
+            (format!("sum(kvxfer_rail_up{{{t},rail=\"lo\"}})"), 2.0),
+            (
+                format!("count(kvxfer_rail_state{{{t},state=\"up\"}} == 1)"),
+                2.0,
+            ),
+        ];
+        for (i, r) in rails.iter().enumerate() {
+            let s = format!("{a},rail=\"lo\",index=\"{i}\"");
+            let is = |state: &str| f64::from(u8::from(r.state.name() == state));
+            checks.push((format!("kvxfer_rail_bytes_total{{{s}}}"), r.bytes as f64));
+            checks.push((
+                format!("kvxfer_rail_failures_total{{{s}}}"),
+                r.failures as f64,
+            ));
+            checks.push((format!("kvxfer_rail_up{{{s}}}"), is("up")));
+            for state in ["up", "down", "probing"] {
+                checks.push((
+                    format!("kvxfer_rail_state{{{s},state=\"{state}\"}}"),
+                    is(state),
+                ));
+            }
+        }
+        checks
+    });
+    agent.shutdown();
+}
+
+#[test]
+fn prometheus_scrapes_ucx_rails() {
+    prometheus_sees_the_rails("UCX");
+}
+
+#[test]
+fn prometheus_scrapes_libfabric_rails() {
+    prometheus_sees_the_rails("LIBFABRIC");
+}
+
 /// The endpoint answers `GET /metrics` in the text format and 404
 /// elsewhere; with recording off, the agent is not in it.
 #[test]
@@ -431,6 +571,7 @@ fn failures_are_counted_by_kind() {
         "UCX",
         "4MiB",
         &format!("127.0.0.1:{}", free_port()),
+        &[],
     );
     let agent = Agent::new(
         "fail-init",

@@ -34,6 +34,15 @@ impl AgentInner {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// See [`Agent::rail_stats`].
+    pub(super) fn rail_stats(&self) -> Vec<kvxfer_rails::RailStats> {
+        let mut st = self.lock();
+        match st.backend() {
+            Ok(b) => on_engine!(b, e => AgentTransport::rail_stats(e.transport())),
+            Err(_) => Vec::new(),
+        }
+    }
+
     pub(super) fn metadata(&self) -> Result<Vec<u8>, Error> {
         let mut st = self.lock();
         let b = st.backend()?;

@@ -90,6 +90,7 @@ impl Agent {
         let notif_buf = vec![0u8; cfg.capacities.notification_len as usize];
         let (meter, endpoint) = crate::meter::Meter::for_agent(name, kind.name(), &cfg)?;
         let metrics = (Arc::clone(meter.metrics()), endpoint);
+        let rails = Arc::clone(&metrics.0);
         let inner = Arc::new(AgentInner {
             name: name.to_string(),
             kind,
@@ -118,6 +119,12 @@ impl Agent {
                 )
             })?,
         });
+        // The rails' counters, read at each scrape (not on the hot path);
+        // an agent without rails is not locked by scrapes.
+        if !inner.rail_stats().is_empty() {
+            let weak = Arc::downgrade(&inner);
+            rails.read_rails_from(move || weak.upgrade().map_or_else(Vec::new, |i| i.rail_stats()));
+        }
         let server = match &inner.cfg.listen {
             Some(listen) => {
                 let opts = side_channel::Options {
@@ -506,11 +513,20 @@ impl Agent {
     }
 
     /// Bytes, failures and state of each network rail; empty unless the
-    /// libfabric backend runs over several rails ([`AgentConfig::rails`]).
+    /// UCX or libfabric backend runs over several rails
+    /// ([`AgentConfig::rails`]). Also in the metrics
+    /// ([`Snapshot::rails`](crate::metrics::Snapshot::rails)).
     pub fn rail_stats(&self) -> Vec<kvxfer_rails::RailStats> {
+        self.inner().rail_stats()
+    }
+
+    /// What each rail of [`rail_stats`](Self::rail_stats) runs on: UCX's
+    /// network transports (`tcp/eth1`), libfabric's provider.
+    #[cfg(any(feature = "libfabric", feature = "ucx"))]
+    pub(crate) fn rail_devices(&self) -> Vec<String> {
         let mut st = self.inner().lock();
         match st.backend() {
-            Ok(b) => on_engine!(b, e => AgentTransport::rail_stats(e.transport())),
+            Ok(b) => on_engine!(b, e => AgentTransport::rail_devices(e.transport())),
             Err(_) => Vec::new(),
         }
     }

@@ -65,9 +65,11 @@ mod imp {
         Ok(host_memory(t, cfg, deadline))
     }
 
-    /// A provider (`provider`, else `KVXFER_LIBFABRIC_PROVIDER`) that
-    /// libfabric does not offer here is refused, naming those it offers.
+    /// Rails (`KVXFER_RAILS`) that are not here are refused, named; a
+    /// provider (`provider`, else `KVXFER_LIBFABRIC_PROVIDER`) that
+    /// libfabric does not offer here, naming those it offers.
     pub(crate) fn preflight(provider: Option<&str>) -> Result<(), String> {
+        crate::rails::preflight()?;
         let (value, source) = match provider {
             Some(p) => (p.to_string(), "--provider"),
             None => match std::env::var(kvxfer_libfabric::PROVIDER_ENV) {
@@ -127,28 +129,7 @@ mod imp {
             }
         }
         // KVXFER_RAILS: one endpoint per interface, each opened here.
-        let rails = AgentConfig::default().effective_rails();
-        if !rails.is_empty() {
-            let cfg = AgentConfig::default()
-                .with_backend("LIBFABRIC")
-                .with_listen(None);
-            match crate::Agent::new("kvxfer-info", cfg) {
-                Ok(a) => {
-                    for r in a.rail_stats() {
-                        out += &format!(
-                            "  rail {}: {}, {} bytes, {} failures, {}\n",
-                            r.name,
-                            r.state.name(),
-                            r.bytes,
-                            r.failures,
-                            r.place
-                        );
-                    }
-                    a.shutdown();
-                }
-                Err(e) => out += &format!("  rails {}: {e}\n", rails.join(",")),
-            }
-        }
+        out += &crate::rails::report(kvxfer_libfabric::BACKEND);
         out
     }
 
@@ -173,6 +154,11 @@ mod imp {
 
         fn rail_stats(&self) -> Vec<kvxfer_rails::RailStats> {
             crate::rails::stats(local_of(self).inner())
+        }
+
+        /// The provider of each rail.
+        fn rail_devices(&self) -> Vec<String> {
+            crate::rails::devices(local_of(self).inner(), |t| t.provider_name().to_string())
         }
     }
 

@@ -372,6 +372,14 @@ pub(crate) trait AgentTransport: Transport {
     fn rail_stats(&self) -> Vec<kvxfer_rails::RailStats> {
         Vec::new()
     }
+
+    /// What each network rail runs on (UCX's network transports,
+    /// libfabric's provider), in the order of
+    /// [`rail_stats`](Self::rail_stats); none without rails.
+    #[cfg(any(feature = "libfabric", feature = "ucx"))]
+    fn rail_devices(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// A new engine over `transport`, with tables sized from `cfg` and

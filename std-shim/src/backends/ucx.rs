@@ -51,7 +51,11 @@ mod imp {
         cfg: &AgentConfig,
         deadline: Option<Duration>,
     ) -> Result<Transport, Error> {
-        let uc = cfg.effective_ucx_config()?;
+        let mut uc = cfg.effective_ucx_config()?;
+        // One rail: UCX kept to its interface, without the rails layer.
+        if let [one] = crate::rails::checked(kvxfer_ucx::BACKEND, cfg)?.as_slice() {
+            uc = uc.with_net_devices(one);
+        }
         log::debug!("{name}: UCX transport with {uc:?}");
         Ok(host_memory(UcxTransport::new(&uc)?, cfg, deadline))
     }
@@ -73,9 +77,9 @@ mod imp {
         Ok(host_memory(t, cfg, deadline))
     }
 
-    /// Nothing to check before an agent is made.
+    /// Rails (`KVXFER_RAILS`) that are not here are refused, named.
     pub(crate) fn preflight(_provider: Option<&str>) -> Result<(), String> {
-        Ok(())
+        crate::rails::preflight()
     }
 
     /// libucp's version, the UCX transports usable here and how VRAM moves.
@@ -105,7 +109,24 @@ mod imp {
                 );
             }
         }
+        // KVXFER_RAILS: one UCP context per interface, each opened here.
+        out += &crate::rails::report(kvxfer_ucx::BACKEND);
         out
+    }
+
+    /// The network transports `t` uses (`tcp/eth1`, `rc_mlx5/mlx5_0:1`):
+    /// its resources less shared memory and loopback, which every rail has.
+    fn network_resources(t: &UcxTransport) -> String {
+        let net: Vec<String> = t
+            .resources()
+            .into_iter()
+            .filter(|r| r.split_once('/').map_or(true, |(_, d)| !d.starts_with("memory")))
+            .collect();
+        if net.is_empty() {
+            "no network transport".to_string()
+        } else {
+            net.join(" ")
+        }
     }
 
     /// Which path VRAM takes over UCX, and why.
@@ -176,6 +197,11 @@ mod imp {
 
         fn rail_stats(&self) -> Vec<kvxfer_rails::RailStats> {
             crate::rails::stats(local_of(self).inner())
+        }
+
+        /// The network transports of each rail (UCX's `tl/dev`).
+        fn rail_devices(&self) -> Vec<String> {
+            crate::rails::devices(local_of(self).inner(), network_resources)
         }
     }
 

@@ -34,8 +34,8 @@ enum Cmd {
         /// libfabric provider, e.g. "tcp;ofi_rxm" or "shm".
         #[arg(long)]
         provider: Option<String>,
-        /// Network interfaces to use as rails, comma separated (libfabric;
-        /// sets KVXFER_RAILS).
+        /// Network interfaces to use as rails, comma separated (UCX or
+        /// libfabric; sets KVXFER_RAILS).
         #[arg(long, value_name = "IF,IF,...")]
         rails: Option<String>,
         /// Size of the served buffer (units B, KiB, MiB, GiB).
@@ -85,8 +85,8 @@ enum Cmd {
         /// libfabric provider, e.g. "tcp;ofi_rxm" or "shm".
         #[arg(long)]
         provider: Option<String>,
-        /// Network interfaces to use as rails, comma separated (libfabric;
-        /// sets KVXFER_RAILS).
+        /// Network interfaces to use as rails, comma separated (UCX or
+        /// libfabric; sets KVXFER_RAILS).
         #[arg(long, value_name = "IF,IF,...")]
         rails: Option<String>,
         /// Direction.

@@ -36,6 +36,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvxfer_core::{Error, XferOp};
+use kvxfer_rails::{RailState, RailStats};
 
 use crate::config::AgentConfig;
 
@@ -287,9 +288,13 @@ impl PeerSnapshot {
     }
 }
 
-/// The metrics of one agent: its errors by call and kind, and a
-/// [`PeerMetrics`] per peer it loaded.
-#[derive(Debug)]
+/// Reads the counters of an agent's network rails (its transport's own,
+/// under the agent's lock) when a snapshot is taken.
+type RailSource = Arc<dyn Fn() -> Vec<RailStats> + Send + Sync>;
+
+/// The metrics of one agent: its errors by call and kind, a
+/// [`PeerMetrics`] per peer it loaded and, read when a snapshot is taken,
+/// its network rails' counters.
 pub struct AgentMetrics {
     agent: String,
     backend: &'static str,
@@ -298,6 +303,17 @@ pub struct AgentMetrics {
     /// Every peer's series, index 0 the unknown peer's; grown (under this
     /// lock) only when a peer is loaded the first time.
     peers: Mutex<Vec<Arc<PeerMetrics>>>,
+    rails: Mutex<Option<RailSource>>,
+}
+
+impl std::fmt::Debug for AgentMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentMetrics")
+            .field("agent", &self.agent)
+            .field("backend", &self.backend)
+            .field("enabled", &self.enabled)
+            .finish_non_exhaustive()
+    }
 }
 
 impl AgentMetrics {
@@ -310,6 +326,7 @@ impl AgentMetrics {
             enabled,
             errors: std::array::from_fn(|_| counter_array()),
             peers: Mutex::new(vec![Arc::new(PeerMetrics::new(""))]),
+            rails: Mutex::new(None),
         });
         if enabled {
             let mut all = registry();
@@ -332,6 +349,26 @@ impl AgentMetrics {
     /// Whether this agent records (see [`AgentConfig::metrics`]).
     pub fn enabled(&self) -> bool {
         self.enabled
+    }
+
+    /// Reads the rails' counters with `source` at every snapshot (and
+    /// scrape) from now on: nothing is recorded as transfers run. `source`
+    /// must not need a lock held by whoever takes a snapshot.
+    pub(crate) fn read_rails_from(
+        &self,
+        source: impl Fn() -> Vec<RailStats> + Send + Sync + 'static,
+    ) {
+        *self.rails.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(source));
+    }
+
+    fn rails(&self) -> Vec<RailStats> {
+        // Called without this lock held: it may wait for the agent's.
+        let source = self
+            .rails
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        source.map_or_else(Vec::new, |read| read())
     }
 
     /// Counts an error `e` returned by `op`.
@@ -375,6 +412,7 @@ impl AgentMetrics {
             backend: self.backend,
             errors,
             peers: self.peers().iter().map(|p| p.snapshot()).collect(),
+            rails: self.rails(),
         }
     }
 
@@ -399,6 +437,10 @@ pub struct Snapshot {
     pub errors: Vec<(&'static str, &'static str, u64)>,
     /// Per peer, the unknown peer ("") first.
     pub peers: Vec<PeerSnapshot>,
+    /// The agent's network rails, in order, as
+    /// [`Agent::rail_stats`](crate::Agent::rail_stats) reports them;
+    /// empty without rails.
+    pub rails: Vec<RailStats>,
 }
 
 impl Snapshot {
@@ -635,6 +677,75 @@ fn encode_agents(agents: &[Snapshot], out: &mut String) {
     for a in agents {
         series(out, "kvxfer_peers", a, None);
         let _ = writeln!(out, "}} {}", a.peers.len().saturating_sub(1));
+    }
+    encode_rails(agents, out);
+}
+
+/// The states of a rail, as the `state` label of `kvxfer_rail_state`
+/// names them.
+pub const RAIL_STATES: [RailState; 3] = [RailState::Up, RailState::Down, RailState::Probing];
+
+/// Per-rail values: name, type, help, value.
+type RailField = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&RailStats) -> u64,
+);
+
+const RAIL_FIELDS: [RailField; 3] = [
+    (
+        "kvxfer_rail_bytes_total",
+        "counter",
+        "Bytes of the transfer parts the rail completed.",
+        |r| r.bytes,
+    ),
+    (
+        "kvxfer_rail_failures_total",
+        "counter",
+        "Times the rail was marked down.",
+        |r| r.failures,
+    ),
+    (
+        "kvxfer_rail_up",
+        "gauge",
+        "1 while the rail carries transfers (state up), else 0.",
+        |r| u64::from(r.state == RailState::Up),
+    ),
+];
+
+/// `name{agent="..",backend="..",rail="..",index=".."` of rail `i` — the
+/// caller closes it. `index` tells apart rails on one interface.
+fn rail_series(out: &mut String, name: &str, a: &Snapshot, i: usize, r: &RailStats) {
+    series(out, name, a, None);
+    out.push_str(",rail=\"");
+    label(out, &r.name);
+    let _ = write!(out, "\",index=\"{i}\"");
+}
+
+fn encode_rails(agents: &[Snapshot], out: &mut String) {
+    for (name, kind, help, get) in RAIL_FIELDS {
+        head(out, name, kind, help);
+        for a in agents {
+            for (i, r) in a.rails.iter().enumerate() {
+                rail_series(out, name, a, i, r);
+                let _ = writeln!(out, "}} {}", get(r));
+            }
+        }
+    }
+    head(
+        out,
+        "kvxfer_rail_state",
+        "gauge",
+        "1 for the rail's state (up, down or probing), 0 for the others.",
+    );
+    for a in agents {
+        for (i, r) in a.rails.iter().enumerate() {
+            for s in RAIL_STATES {
+                rail_series(out, "kvxfer_rail_state", a, i, r);
+                let _ = writeln!(out, ",state=\"{}\"}} {}", s.name(), u8::from(r.state == s));
+            }
+        }
     }
 }
 

@@ -51,3 +51,61 @@ fn encoding_escapes_labels_and_counts_cumulative_buckets() {
         );
     }
 }
+
+#[test]
+fn rails_are_read_at_each_snapshot_and_told_apart_by_index() {
+    let m = AgentMetrics::new("r", "LIBFABRIC", true);
+    assert!(m.snapshot().rails.is_empty());
+    assert!(!m.encode().contains("kvxfer_rail_bytes_total{"));
+    let bytes = Arc::new(AtomicU64::new(4096));
+    let read = Arc::clone(&bytes);
+    m.read_rails_from(move || {
+        let rail = |state, bytes, failures| RailStats {
+            name: "lo".to_string(),
+            state,
+            bytes,
+            failures,
+            ..RailStats::default()
+        };
+        vec![
+            rail(RailState::Up, read.load(Ordering::Relaxed), 0),
+            rail(RailState::Probing, 7, 2),
+        ]
+    });
+    bytes.store(1 << 20, Ordering::Relaxed);
+    let snap = m.snapshot();
+    assert_eq!(
+        snap.rails[0].bytes,
+        1 << 20,
+        "read when the snapshot is taken"
+    );
+    let text = m.encode();
+    let r0 = r#"agent="r",backend="LIBFABRIC",rail="lo",index="0""#;
+    let r1 = r#"agent="r",backend="LIBFABRIC",rail="lo",index="1""#;
+    for want in [
+        "# TYPE kvxfer_rail_bytes_total counter".to_string(),
+        "# TYPE kvxfer_rail_up gauge".to_string(),
+        format!("kvxfer_rail_bytes_total{{{r0}}} 1048576"),
+        format!("kvxfer_rail_bytes_total{{{r1}}} 7"),
+        format!("kvxfer_rail_failures_total{{{r0}}} 0"),
+        format!("kvxfer_rail_failures_total{{{r1}}} 2"),
+        format!("kvxfer_rail_up{{{r0}}} 1"),
+        format!("kvxfer_rail_up{{{r1}}} 0"),
+        format!("kvxfer_rail_state{{{r0},state=\"up\"}} 1"),
+        format!("kvxfer_rail_state{{{r0},state=\"probing\"}} 0"),
+        format!("kvxfer_rail_state{{{r1},state=\"up\"}} 0"),
+        format!("kvxfer_rail_state{{{r1},state=\"down\"}} 0"),
+        format!("kvxfer_rail_state{{{r1},state=\"probing\"}} 1"),
+    ] {
+        assert!(
+            text.lines().any(|l| l == want),
+            "missing {want:?} in\n{text}"
+        );
+    }
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("kvxfer_rail_state{"))
+            .count(),
+        2 * RAIL_STATES.len()
+    );
+}

@@ -83,7 +83,15 @@
 //!   process start, before `main` and any libfabric call, unless the
 //!   environment sets it already; with `FI_AV_REMOVE_CLEANUP=0` the
 //!   connection stays open, the deregistration wait below runs into its
-//!   bound, and the first transport logs a warning). Its other transfers fail with
+//!   bound, and the first transport logs a warning). Over `ofi_rxm` the
+//!   removal is made only on an established connection (libfabric 1.17 to
+//!   2.x crash, SIGSEGV in `fi_av_remove`, removing a peer whose
+//!   connection record has no endpoint, as after a lost simultaneous
+//!   connect or a failed one): with the completion queue empty, one that
+//!   still carries an operation of the transport or accepts a 0-byte
+//!   READ. A peer without one has no operation on a connection and stays
+//!   in the address vector until it is connected again or the endpoint
+//!   closes. Its other transfers fail with
 //!   [`Error::RemoteDisconnected`](kvxfer_core::Error::RemoteDisconnected),
 //!   and so do later posts and notifications to it, at once, until the
 //!   peer is disconnected and connected again.

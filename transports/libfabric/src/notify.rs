@@ -34,7 +34,10 @@ impl PendingSend {
                 gen,
                 buf: self.buf,
             },
-            None => OpKind::Notif { buf: self.buf },
+            None => OpKind::Notif {
+                buf: self.buf,
+                peer: self.peer,
+            },
         }
     }
 }

@@ -9,6 +9,7 @@ use kvxfer_core::{Error, MemKind, Region};
 use libfabric_sys as sys;
 
 use crate::fabric::{fi_error, strerror};
+use crate::xfer::OpKind;
 use crate::{FabricReg, FabricTransport, BACKEND};
 
 /// Length of a packed remote key: the 64-bit key and a flags byte.
@@ -92,10 +93,11 @@ pub(crate) fn unpack_key(region: &Region, key: &[u8]) -> Result<FabricRemoteKey,
 }
 
 impl FabricTransport {
-    /// Removes peer `id` at `addr` from the address vector after a
-    /// transfer to it was abandoned or once it is found gone: the provider then drops its connection and reports the
-    /// operations on it. Transfers and notifications to it fail until it
-    /// is connected again.
+    /// Gives up on peer `id` at `addr` after a transfer to it was
+    /// abandoned or once it is found gone: it is removed from the address
+    /// vector ([`remove_addr`](Self::remove_addr)), so that the provider
+    /// drops its connection and reports the operations on it. Transfers
+    /// and notifications to it fail until it is connected again.
     pub(crate) fn give_up(&mut self, addr: sys::fi_addr_t, id: u64, label: &str) {
         if self.given_up.contains(&id) {
             return;
@@ -103,13 +105,96 @@ impl FabricTransport {
         self.given_up.push(id);
         // addr came from fi_av_insert and was not removed yet (peer ids
         // are removed at most once, here or in disconnect).
+        self.remove_addr(addr, label);
+    }
+
+    /// Removes `addr` from the address vector (`fi_av_remove`), which
+    /// closes its connection. The caller removes each address it inserted
+    /// at most once.
+    ///
+    /// Over `ofi_rxm` the removal waits for the completion queue to be
+    /// empty: at once, or (called while the queue is read) once it is (see
+    /// [`process_removals`](Self::process_removals)).
+    pub(crate) fn remove_addr(&mut self, addr: sys::fi_addr_t, label: &str) {
+        if !self.rxm {
+            self.av_remove(addr, label);
+            return;
+        }
+        self.removals.push((addr, bounded(label)));
+        self.read_cq();
+    }
+
+    fn av_remove(&mut self, addr: sys::fi_addr_t, label: &str) {
         let ret = self.fabric.av_remove(addr);
         if ret != 0 {
-            log::warn!(
-                "LIBFABRIC: fi_av_remove({label}) of a peer given up on: {}",
-                strerror(ret as i64)
-            );
+            log::warn!("LIBFABRIC: fi_av_remove({label}): {}", strerror(ret as i64));
         }
+    }
+
+    /// Makes the removals [`remove_addr`](Self::remove_addr) asked for,
+    /// right after the completion queue was found empty.
+    ///
+    /// `ofi_rxm` (libfabric 1.17 to 2.x) closes the connection of a
+    /// removed address (`FI_AV_REMOVE_CLEANUP`) without checking that it
+    /// has an endpoint: when rxm keeps a connection record without one
+    /// (after its connection request lost a simultaneous connect to the
+    /// peer's, until the peer's request arrives, or after opening the
+    /// connection failed, e.g. out of file descriptors), `fi_av_remove`
+    /// closes a NULL endpoint and the process dies with SIGSEGV. So an
+    /// address is removed only on an established connection, which shows
+    /// by:
+    ///
+    /// * an operation of this transport to it not yet reported: rxm posts
+    ///   only on established connections, and closing one reports its
+    ///   operations at once, so with the queue empty the connection of an
+    ///   unreported operation is still open;
+    /// * else a 0-byte READ to it that rxm accepts, which it does only on
+    ///   an established connection (nothing reaches the provider between
+    ///   that and the removal: `FI_THREAD_DOMAIN`, manual progress).
+    ///
+    /// Otherwise no operation of this transport is on a connection to it
+    /// (the READ has started one), and the address stays in the address
+    /// vector: libfabric hands its entry out again when it is connected
+    /// again, and the endpoint's close releases it. Where rxm refuses the
+    /// READ on an established connection (its queues full of its own
+    /// messages), that connection stays open.
+    pub(crate) fn process_removals(&mut self) {
+        for (addr, label) in std::mem::take(&mut self.removals) {
+            if self.ops_to(addr) {
+                self.av_remove(addr, &label);
+                continue;
+            }
+            let Some(op) = self.alloc_op(OpKind::Probe { peer: addr }) else {
+                log::debug!("LIBFABRIC: no operation left to probe {label}; left connected");
+                continue;
+            };
+            let ret = self.fabric.probe(&self.send, addr, self.ctxs.ptr(op));
+            if ret != 0 {
+                self.free_op(op);
+                log::debug!(
+                    "LIBFABRIC: {label} not connected ({}); left in the address vector",
+                    strerror(ret)
+                );
+                continue;
+            }
+            // The probe stays with the provider until the removal reports
+            // it (its op is freed then).
+            self.av_remove(addr, &label);
+        }
+    }
+
+    /// Whether an operation of this transport to `addr` is not yet
+    /// reported.
+    fn ops_to(&self, addr: sys::fi_addr_t) -> bool {
+        self.ops.iter().any(|k| match *k {
+            OpKind::Orphan { peer, .. } | OpKind::Probe { peer } | OpKind::Notif { peer, .. } => {
+                peer == addr
+            }
+            OpKind::Rma { xfer, .. } | OpKind::XferNotif { xfer, .. } => {
+                self.xfers[xfer as usize].peer == addr
+            }
+            OpKind::Free | OpKind::Recv { .. } => false,
+        })
     }
 
     /// Whether a post or notification with a notification of
@@ -177,6 +262,12 @@ impl FabricTransport {
             .av_insert(name)
             .map_err(|code| fi_error(code, "fi_av_insert of the peer address"))?;
         let label = label.unwrap_or_else(|| format!("fi_addr {fi_addr}"));
+        // An address still in the address vector (its removal waits) is
+        // handed out again, with its connection: removing it now would
+        // close that connection under the new peer. The orphaned
+        // operations on it are reported when it closes (or with the
+        // endpoint); until then their memory stays in use.
+        self.removals.retain(|&(a, _)| a != fi_addr);
         let id = self.next_peer_id;
         self.next_peer_id += 1;
         Ok(FabricPeer {
@@ -213,13 +304,6 @@ impl FabricTransport {
         }
         // peer.addr came from fi_av_insert; the peer was not given up on
         // (checked above), so it is removed here for the first time.
-        let ret = self.fabric.av_remove(peer.addr);
-        if ret != 0 {
-            log::debug!(
-                "LIBFABRIC: fi_av_remove({}): {}",
-                peer.label,
-                strerror(ret as i64)
-            );
-        }
+        self.remove_addr(peer.addr, &peer.label);
     }
 }

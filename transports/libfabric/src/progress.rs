@@ -11,33 +11,50 @@ use crate::transport::{EAGAIN, EAVAIL};
 use crate::xfer::{OpKind, Xfer};
 use crate::{FabricTransport, BACKEND};
 
+/// Batches read at most to empty the completion queue before removals.
+const REMOVAL_DRAIN_ROUNDS: usize = 4096;
+
 impl FabricTransport {
-    /// Reads the completion queue until it is empty (bounded).
+    /// Reads the completion queue until it is empty (bounded), then makes
+    /// the removals from the address vector asked meanwhile
+    /// ([`process_removals`](Self::process_removals)).
     pub(crate) fn read_cq(&mut self) {
-        if !self.fabric.is_open() {
+        if !self.fabric.is_open() || self.in_read_cq {
             return;
         }
-        for _ in 0..64 {
+        self.in_read_cq = true;
+        // Removals need the queue empty: then every operation closed with
+        // its connection has been reported (see process_removals).
+        let mut drained = false;
+        let mut rounds = 0;
+        while rounds < 64 || (!self.removals.is_empty() && rounds < REMOVAL_DRAIN_ROUNDS) {
+            rounds += 1;
             let n = self.fabric.cq_read(&mut self.cq_entries);
             if n > 0 {
                 for i in 0..n as usize {
                     let (ctx, len) = self.cq_entries.entry(i);
                     self.on_completion(ctx, len, None);
                 }
-                if (n as usize) < self.cq_entries.capacity() {
-                    return;
+                if (n as usize) < self.cq_entries.capacity() && self.removals.is_empty() {
+                    break;
                 }
             } else if n == EAVAIL {
                 let Some(err) = self.fabric.cq_readerr() else {
-                    return;
+                    break;
                 };
                 self.on_completion(err.ctx, err.len, Some((err.err, err.prov_errno, err.text)));
             } else {
-                if n != EAGAIN {
+                if n == EAGAIN {
+                    drained = true;
+                } else {
                     log::warn!("LIBFABRIC: fi_cq_read failed: {}", strerror(n));
                 }
-                return;
+                break;
             }
+        }
+        self.in_read_cq = false;
+        if drained && !self.removals.is_empty() {
+            self.process_removals();
         }
     }
 
@@ -100,6 +117,7 @@ impl FabricTransport {
         let kind = self.ops[op as usize];
         match kind {
             OpKind::Free => log::warn!("LIBFABRIC: completion for an unused context"),
+            OpKind::Probe { .. } => self.free_op(op),
             OpKind::Orphan { buf, .. } => {
                 self.free_op(op);
                 if let Some(buf) = buf {
@@ -139,7 +157,7 @@ impl FabricTransport {
                     }
                 }
             }
-            OpKind::Notif { buf } => {
+            OpKind::Notif { buf, .. } => {
                 self.free_op(op);
                 self.free_sends.push(buf);
                 if let Some((_, _, text)) = error {

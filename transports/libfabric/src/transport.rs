@@ -4,6 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use kvxfer_core::error::Name;
 use kvxfer_core::wire::copy_into;
 use kvxfer_core::{
     Capabilities, Completion, Error, MemKind, PostStatus, Region, Segments, Token, Transport,
@@ -109,6 +110,13 @@ pub struct FabricTransport {
     /// Peers given up on (after an abandon, or found gone): removed from the address
     /// vector, until `disconnect`.
     pub(crate) given_up: Vec<u64>,
+    /// Addresses to remove from the address vector once the completion
+    /// queue is empty ([`remove_addr`](Self::remove_addr)), with labels.
+    pub(crate) removals: Vec<(sys::fi_addr_t, Name)>,
+    /// Whether the completion queue is being read (`read_cq`).
+    pub(crate) in_read_cq: bool,
+    /// Whether the provider is `ofi_rxm` over a core provider.
+    pub(crate) rxm: bool,
     /// Registrations whose deregistration timed out waiting for orphaned
     /// operations; closed once those are reported, or after the endpoint
     /// in `Drop`.
@@ -225,6 +233,7 @@ impl FabricTransport {
         let send = MsgBufs::new(&fabric, mr_mode, key_size, slot, nsend)?;
         let nops = config.max_ops + nrecv + nsend;
         let prov_errno_is_errno = provider.contains("tcp") || provider.contains("sockets");
+        let rxm = provider.contains("ofi_rxm");
         let mut t = FabricTransport {
             fabric,
             provider,
@@ -253,6 +262,9 @@ impl FabricTransport {
             cq_entries: CqBatch::new(CQ_BATCH),
             next_peer_id: 1,
             given_up: Vec::new(),
+            removals: Vec::new(),
+            in_read_cq: false,
+            rxm,
             deferred: Graveyard::new(),
             peer_window: None,
             op_peer: vec![0; nops],

@@ -19,20 +19,26 @@ pub(crate) enum OpKind {
     Rma { xfer: u32, gen: u32, seg: u32 },
     /// The notification of transfer `xfer`, in send buffer `buf`.
     XferNotif { xfer: u32, gen: u32, buf: u32 },
-    /// A notification outside any transfer, in send buffer `buf`.
-    Notif { buf: u32 },
+    /// A notification outside any transfer, in send buffer `buf`, to
+    /// `peer`.
+    Notif { buf: u32, peer: sys::fi_addr_t },
     /// A receive into notification buffer `buf`.
     Recv { buf: u32 },
     /// The operation of a transfer that already ended (abandoned); its
     /// completion is dropped, and the send buffer `buf` of an orphaned
     /// notification goes back to the pool with it. `local`/`len`: the
     /// application memory an orphaned RMA operation may still touch (`len`
-    /// 0 for a notification).
+    /// 0 for a notification). `peer`: the address it went to.
     Orphan {
         buf: Option<u32>,
         local: u64,
         len: u64,
+        peer: sys::fi_addr_t,
     },
+    /// The 0-byte READ to `peer` that showed its connection established
+    /// before its removal from the address vector (`process_removals`);
+    /// its completion is dropped.
+    Probe { peer: sys::fi_addr_t },
 }
 
 /// One libfabric operation of a segment.
@@ -219,7 +225,10 @@ impl FabricTransport {
     /// memory stays in use until the provider reports them), its peer is
     /// given up on, and it finishes with `error`.
     pub(crate) fn abandon_slot(&mut self, slot: u32, error: Error, why: &str) {
-        let gen = self.xfers[slot as usize].gen;
+        let (gen, peer) = {
+            let x = &self.xfers[slot as usize];
+            (x.gen, x.peer)
+        };
         for op in 0..self.ops.len() as u32 {
             // A notification's send buffer stays with the orphaned
             // operation; it is reused only after the completion, which
@@ -231,6 +240,7 @@ impl FabricTransport {
                         buf: Some(buf),
                         local: 0,
                         len: 0,
+                        peer,
                     }
                 }
                 OpKind::Rma { xfer, gen: g, seg } if xfer == slot && g == gen => {
@@ -239,6 +249,7 @@ impl FabricTransport {
                         buf: None,
                         local: s.local,
                         len: s.len,
+                        peer,
                     }
                 }
                 _ => continue,
@@ -263,7 +274,7 @@ impl FabricTransport {
             x.op.name(),
             x.peer_label
         );
-        let (peer, peer_id, label) = (x.peer, x.peer_id, x.peer_label.clone());
+        let (peer_id, label) = (x.peer_id, x.peer_label.clone());
         self.give_up(peer, peer_id, &label);
         let x = &mut self.xfers[slot as usize];
         x.outstanding = 0;

@@ -5,9 +5,10 @@ use kvxfer_core::Transport;
 use crate::{Place, Rails};
 
 /// Whether a rail carries transfers.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub enum RailState {
     /// Working.
+    #[default]
     Up,
     /// Failed; tried again after its back-off.
     Down,
@@ -27,7 +28,7 @@ impl RailState {
 }
 
 /// Counters of one rail.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RailStats {
     /// The rail's name (its interface).
     pub name: String,

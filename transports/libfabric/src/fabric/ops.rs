@@ -219,6 +219,25 @@ impl FabricObjects {
             as i64
     }
 
+    /// Posts a READ of 0 bytes from `peer` (remote address 0, key 0) into
+    /// buffer 0 of `bufs`, with context `ctx`: over `ofi_rxm`, the call
+    /// returns 0 only while its connection to `peer` is established (it
+    /// starts connecting and returns `-FI_EAGAIN` otherwise). No byte is
+    /// read or written; the peer's provider may answer it or close the
+    /// connection over the unknown key.
+    pub(crate) fn probe(&self, bufs: &MsgBufs, peer: sys::fi_addr_t, ctx: *mut c_void) -> i64 {
+        self.rma(
+            XferOp::Read,
+            bufs.ptr(0) as u64,
+            0,
+            bufs.desc(),
+            peer,
+            0,
+            0,
+            ctx,
+        )
+    }
+
     /// Posts an RMA WRITE (with `FI_DELIVERY_COMPLETE`) or READ of `len`
     /// bytes between local `local` (registered, descriptor `desc`) and the
     /// peer's `remote` under `key`.
