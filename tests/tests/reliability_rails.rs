@@ -521,23 +521,34 @@ fn initiator() {
         .map(|_| s.round().expect("round before the cut"))
         .collect();
     if mode == "all_down" {
-        // Cut every link while a 64 MiB WRITE is in flight.
-        let req = agent
-            .submit(
-                XferOp::Write,
-                &[s.src[0].desc(0, LEN)],
-                &[s.remote(0, LEN)],
-                "rails-target",
-                None,
-            )
-            .expect("post before the cut");
+        // Cut every link while 64 MiB WRITEs are in flight: four of them
+        // (about 1 s at the links' rate), so that the last is still
+        // moving when the links go down even if the machine is slow to
+        // run `ip`; the first ones may complete before the cut.
+        let reqs: Vec<_> = (0..4)
+            .map(|_| {
+                agent
+                    .submit(
+                        XferOp::Write,
+                        &[s.src[0].desc(0, LEN)],
+                        &[s.remote(0, LEN)],
+                        "rails-target",
+                        None,
+                    )
+                    .expect("post before the cut")
+            })
+            .collect();
         for d in &devs_a {
             link(d, "down");
         }
         let cut = Instant::now();
-        let e = match req.wait(Duration::from_secs(10)) {
+        let mut last = None;
+        for req in &reqs {
+            last = Some(req.wait(Duration::from_secs(10)));
+        }
+        let e = match last.expect("four WRITEs") {
             WaitOutcome::Failed(e) => e,
-            other => panic!("WRITE with every link down: {other:?}"),
+            other => panic!("last WRITE with every link down: {other:?}"),
         };
         let failed_after = cut.elapsed();
         // Each rail fails after 500 ms without a completion while the
@@ -546,18 +557,26 @@ fn initiator() {
         let devs_b = var("KVXFER_RAILS");
         let devs_b: Vec<&str> = devs_b.split(',').collect();
         let text = e.to_string();
-        let want = |ms: [u32; 2]| {
+        // A rail marked down whose reconnection was refused meanwhile
+        // (UCX refuses at once over a device without link) has no
+        // connection left: "not connected". At least one rail names the
+        // silence that found the cut.
+        let reason = ["silent for 500 ms", "silent for 1500 ms", "not connected"];
+        let want = |why: [&str; 2]| {
             format!(
-                "peer rails-target: every rail failed ({}: silent for {} ms, {}: silent for {} \
-                 ms)",
-                devs_b[0], ms[0], devs_b[1], ms[1]
+                "peer rails-target: every rail failed ({}: {}, {}: {})",
+                devs_b[0], why[0], devs_b[1], why[1]
             )
         };
-        let choices = [[500, 1500], [1500, 500], [1500, 1500], [500, 500]];
+        let choices: Vec<String> = reason
+            .iter()
+            .flat_map(|a| reason.iter().map(move |b| [*a, *b]))
+            .filter(|w| w.iter().any(|r| r.starts_with("silent")))
+            .map(want)
+            .collect();
         assert!(
-            choices.iter().any(|&c| text == want(c)),
-            "{text:?} is not one of {:?}",
-            choices.map(want)
+            choices.contains(&text),
+            "{text:?} is not one of {choices:?}"
         );
         assert!(
             failed_after < Duration::from_secs(3),
@@ -789,11 +808,13 @@ fn link_cut_rails_ucx_all_down() {
 }
 
 #[test]
+#[ignore = "UCX's tcp keeps a force-closed connection open: a failed rail's reconnection crashed UCX 1.13 in 6 of 44 runs and UCX 1.22 delivered stale WRITE bytes in 2 of 22 (transports/ucx docs)"]
 fn link_cut_rails_ucx_failover_2() {
     rails_test(2, "failover", "UCX");
 }
 
 #[test]
+#[ignore = "UCX's tcp keeps a force-closed connection open: a failed rail's reconnection crashed UCX 1.13 in 6 of 44 runs and UCX 1.22 delivered stale WRITE bytes in 2 of 22 (transports/ucx docs)"]
 fn link_cut_rails_ucx_failover_4() {
     rails_test(4, "failover", "UCX");
 }
