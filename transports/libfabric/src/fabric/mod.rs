@@ -19,7 +19,7 @@
 
 use std::ffi::{CStr, CString};
 use std::ptr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kvxfer_core::Error;
@@ -317,6 +317,42 @@ impl Info {
         }
     }
 
+    /// Gives the `shm` endpoint of the first entry a name of its own,
+    /// `kvxfer-<pid>-<ns>-<n>`, as its source address.
+    ///
+    /// shm names an endpoint (and the file of its region in `/dev/shm`)
+    /// after the process id, `<pid>:<uid>:<index>`, by default. A process
+    /// that died without removing its regions (SIGKILL, abort) left that
+    /// file behind, and a later process given the same id could not
+    /// create its region: `fi_enable` failed with `Device or resource
+    /// busy`. The time in the name keeps a reused process id apart.
+    fn set_shm_name(&mut self) -> Result<(), Error> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let name = format!(
+            "fi_shm://kvxfer-{}-{ns}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let name =
+            CString::new(name).map_err(|_| fi_error(-(sys::FI_EINVAL as i64), "shm name"))?;
+        // SAFETY: self.0 is the valid first entry of the list we own; its
+        // src_addr was malloc'ed by libfabric (or is null) and is freed by
+        // fi_freeinfo, so the replacement is malloc'ed too (strdup).
+        unsafe {
+            let addr = libc::strdup(name.as_ptr());
+            if addr.is_null() {
+                return Err(fi_error(-(sys::FI_ENOMEM as i64), "shm name"));
+            }
+            libc::free((*self.0).src_addr);
+            (*self.0).src_addr = addr.cast();
+            (*self.0).src_addrlen = name.as_bytes_with_nul().len();
+        }
+        Ok(())
+    }
+
     /// The provider name of the first entry.
     pub(crate) fn provider(&self) -> String {
         // SAFETY: self.0 is a valid fi_info from fi_getinfo; fabric_attr and
@@ -545,7 +581,10 @@ impl FabricObjects {
     /// Opens fabric, domain, completion queue, address vector and endpoint
     /// for the first entry of `info`, binds and enables the endpoint. On
     /// an error what was opened so far is closed, in order (Drop).
-    pub(crate) fn open(info: Info, cq_size: usize) -> Result<FabricObjects, Error> {
+    pub(crate) fn open(mut info: Info, cq_size: usize) -> Result<FabricObjects, Error> {
+        if info.provider() == "shm" {
+            info.set_shm_name()?;
+        }
         let fi = info.first();
         let mut raw: *mut sys::fid_fabric = ptr::null_mut();
         // SAFETY: fi is the valid first entry of the list `info` owns;
