@@ -13,10 +13,15 @@
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kvxfer_core::{PostStatus, Region, Segment, Segments, Token, Transport, XferOp};
 use kvxfer_libfabric::{provider_usable, FabricConfig, FabricTransport};
+
+/// Held by each test: the first looks for the files a transport adds to
+/// `/dev/shm`, which the second must not add to meanwhile.
+static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Removes the files it holds when dropped (also when the test fails).
 struct Stale(Vec<PathBuf>);
@@ -38,6 +43,7 @@ fn shm_files() -> HashSet<PathBuf> {
 
 #[test]
 fn shm_transfers_despite_regions_left_under_this_process_id() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     assert!(provider_usable("shm"), "libfabric offers shm here");
     let cfg = FabricConfig::default().with_provider("shm");
     let before = shm_files();
@@ -109,4 +115,29 @@ fn shm_transfers_despite_regions_left_under_this_process_id() {
     tx.deregister(src_reg);
     rx.deregister(dst_reg);
     tx.disconnect(peer);
+}
+
+/// Regions named by transports of dead processes are removed when a shm
+/// transport is created; those of live processes stay.
+#[test]
+fn regions_of_dead_processes_are_removed() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut child = std::process::Command::new("true")
+        .spawn()
+        .expect("spawn true");
+    let dead = child.id();
+    child.wait().expect("wait for true");
+    let dead_region = PathBuf::from(format!("/dev/shm/kvxfer-{dead}-1-0:0:0"));
+    let live_region = PathBuf::from(format!(
+        "/dev/shm/kvxfer-{}-1-999999:0:0",
+        std::process::id()
+    ));
+    let files = Stale(vec![dead_region.clone(), live_region.clone()]);
+    for p in &files.0 {
+        std::fs::write(p, [0u8; 64]).expect("region file");
+    }
+    let _t =
+        FabricTransport::new(&FabricConfig::default().with_provider("shm")).expect("shm transport");
+    assert!(!dead_region.exists(), "{dead_region:?} removed");
+    assert!(live_region.exists(), "{live_region:?} kept");
 }

@@ -328,6 +328,7 @@ impl Info {
     /// busy`. The time in the name keeps a reused process id apart.
     fn set_shm_name(&mut self) -> Result<(), Error> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
+        remove_dead_shm_regions();
         let ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
@@ -365,6 +366,33 @@ impl Info {
             CStr::from_ptr((*fa).prov_name)
                 .to_string_lossy()
                 .into_owned()
+        }
+    }
+}
+
+/// Removes the regions in `/dev/shm` that transports of processes no
+/// longer alive named (`kvxfer-<pid>-...`, see [`Info::set_shm_name`]):
+/// shm cannot reuse them, their names being unique. A process killed
+/// without cleanup leaves its regions; a region whose process id was
+/// reused since is left (it is only space).
+fn remove_dead_shm_regions() {
+    let Ok(dir) = std::fs::read_dir("/dev/shm") else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("kvxfer-"))
+            .and_then(|n| n.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && std::fs::remove_file(entry.path()).is_ok()
+        {
+            log::debug!("LIBFABRIC: removed {name:?} (shm region of a dead process)");
         }
     }
 }
