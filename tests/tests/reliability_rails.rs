@@ -258,6 +258,32 @@ struct Stream<'a> {
     round: usize,
 }
 
+impl<'a> Stream<'a> {
+    /// The initiator's buffers (two data patterns each), registered with
+    /// `agent`, against the target's buffer at `target_buf`.
+    fn new(agent: &'a Agent, target_buf: u64) -> Self {
+        let s = Stream {
+            agent,
+            src: [
+                Buf::from_vec(pattern(82, LEN)),
+                Buf::from_vec(pattern(83, LEN)),
+            ],
+            small: [
+                Buf::from_vec(pattern(84, BLOCKS * SMALL)),
+                Buf::from_vec(pattern(85, BLOCKS * SMALL)),
+            ],
+            dst: Buf::zeroed(LEN),
+            dst_small: Buf::zeroed(BLOCKS * SMALL),
+            target_buf,
+            round: 0,
+        };
+        for b in s.src.iter().chain(&s.small).chain([&s.dst, &s.dst_small]) {
+            b.register(agent);
+        }
+        s
+    }
+}
+
 impl Stream<'_> {
     fn remote(&self, off: usize, len: usize) -> Desc {
         Desc::new(self.target_buf + off as u64, len as u64)
@@ -477,24 +503,7 @@ fn initiator() {
     if mode != "pairing" {
         assert_eq!(n, devs_a.len(), "rails of the initiator");
     }
-    let mut s = Stream {
-        agent: &agent,
-        src: [
-            Buf::from_vec(pattern(82, LEN)),
-            Buf::from_vec(pattern(83, LEN)),
-        ],
-        small: [
-            Buf::from_vec(pattern(84, BLOCKS * SMALL)),
-            Buf::from_vec(pattern(85, BLOCKS * SMALL)),
-        ],
-        dst: Buf::zeroed(LEN),
-        dst_small: Buf::zeroed(BLOCKS * SMALL),
-        target_buf: var("KVXFER_REL_TARGET_BUF").parse().unwrap(),
-        round: 0,
-    };
-    for b in s.src.iter().chain(&s.small).chain([&s.dst, &s.dst_small]) {
-        b.register(&agent);
-    }
+    let mut s = Stream::new(&agent, var("KVXFER_REL_TARGET_BUF").parse().unwrap());
     assert_eq!(
         agent.connect(&var("KVXFER_REL_TARGET")).unwrap(),
         "rails-target"
@@ -856,24 +865,7 @@ fn lo_rails(backend: &str, rails: &[&str], ours: &[&str], want: Option<&str>) {
         return;
     }
     assert_eq!(r.unwrap(), "rails-target");
-    let mut s = Stream {
-        agent: &agent,
-        src: [
-            Buf::from_vec(pattern(82, LEN)),
-            Buf::from_vec(pattern(83, LEN)),
-        ],
-        small: [
-            Buf::from_vec(pattern(84, BLOCKS * SMALL)),
-            Buf::from_vec(pattern(85, BLOCKS * SMALL)),
-        ],
-        dst: Buf::zeroed(LEN),
-        dst_small: Buf::zeroed(BLOCKS * SMALL),
-        target_buf: target.buf,
-        round: 0,
-    };
-    for b in s.src.iter().chain(&s.small).chain([&s.dst, &s.dst_small]) {
-        b.register(&agent);
-    }
+    let mut s = Stream::new(&agent, target.buf);
     s.round().expect("round");
     let stats = agent.rail_stats();
     assert_eq!(stats.len(), ours.len(), "{}", rail_line(&agent));
