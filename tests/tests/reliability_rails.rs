@@ -380,15 +380,7 @@ fn rail_line(agent: &Agent) -> String {
     agent
         .rail_stats()
         .iter()
-        .map(|r| {
-            format!(
-                "{} {} {} MiB {} failures",
-                r.name,
-                r.state.name(),
-                r.bytes >> 20,
-                r.failures
-            )
-        })
+        .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ")
 }

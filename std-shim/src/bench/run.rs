@@ -316,18 +316,7 @@ fn measure(
     let path = if rails.is_empty() {
         path
     } else {
-        let each: Vec<String> = rails
-            .iter()
-            .map(|r| {
-                format!(
-                    "{} {} {} MiB {} failures",
-                    r.name,
-                    r.state.name(),
-                    r.bytes >> 20,
-                    r.failures
-                )
-            })
-            .collect();
+        let each: Vec<String> = rails.iter().map(ToString::to_string).collect();
         format!("{path} over {} rails ({})", rails.len(), each.join(", "))
     };
     Ok(BenchReport {

@@ -44,6 +44,21 @@ pub struct RailStats {
     /// topology or for a virtual interface).
     pub place: Place,
 }
+/// One line: `NAME STATE N MiB N failures` (as `kvxfer bench` reports
+/// the rails).
+impl std::fmt::Display for RailStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} {} MiB {} failures",
+            self.name,
+            self.state.name(),
+            self.bytes >> 20,
+            self.failures
+        )
+    }
+}
+
 impl<T: Transport> Rails<T> {
     /// Counters and state of every rail, in order.
     pub fn stats(&self) -> Vec<RailStats> {
@@ -59,5 +74,22 @@ impl<T: Transport> Rails<T> {
                 place,
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{RailState, RailStats};
+
+    #[test]
+    fn a_rail_in_one_line() {
+        let r = RailStats {
+            name: "eth1".into(),
+            state: RailState::Probing,
+            bytes: 3 << 20 | 5,
+            failures: 2,
+            ..RailStats::default()
+        };
+        assert_eq!(r.to_string(), "eth1 probing 3 MiB 2 failures");
     }
 }
