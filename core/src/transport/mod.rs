@@ -435,6 +435,28 @@ pub trait Transport {
         self.cancel(token)
     }
 
+    /// Whether a connection dropped by [`reset`](Transport::reset) may
+    /// still deliver bytes queued on it (UCX's `tcp` keeps such a socket
+    /// open until the peer closes its end): then only
+    /// [`renew`](Transport::renew) stops them. Default: false.
+    fn needs_renew(&self) -> bool {
+        false
+    }
+
+    /// Closes every connection of this transport, including those peers
+    /// opened to it, and starts again under a new
+    /// [`local_address`](Transport::local_address): nothing still queued
+    /// on the old connections, either way, is delivered afterwards.
+    /// Registrations and packed keys stay valid; every peer must have been
+    /// handed back before (and its keys with it), and peers must connect
+    /// to the new address. Default: [`Error::Unsupported`].
+    fn renew(&mut self) -> Result<(), Error> {
+        Err(Error::Unsupported {
+            backend: self.name(),
+            what: "renew",
+        })
+    }
+
     /// Sends a notification to `peer`, outside any transfer.
     fn send_notification(&mut self, peer: &Self::Peer, msg: &[u8]) -> Result<(), Error>;
 

@@ -65,6 +65,7 @@ mod endpoint;
 #[allow(unsafe_code)]
 mod ffi;
 mod ops;
+mod renew;
 mod slot;
 mod status;
 mod transport;

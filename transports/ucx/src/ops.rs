@@ -459,6 +459,18 @@ impl Transport for UcxTransport {
         Ok(())
     }
 
+    /// True: a reset endpoint's `tcp` connection stays open until the
+    /// peer closes its end (see [`renew`](kvxfer_core::Transport::renew)).
+    fn needs_renew(&self) -> bool {
+        true
+    }
+
+    /// Replaces the worker with a new one (new address) and destroys the
+    /// old, which closes every connection it had; registrations stay.
+    fn renew(&mut self) -> Result<(), Error> {
+        self.renew_worker()
+    }
+
     fn send_notification(&mut self, peer: &UcxPeer, msg: &[u8]) -> Result<(), Error> {
         let ep_index = self.live_ep(peer)?;
         self.check_note_len(msg)?;

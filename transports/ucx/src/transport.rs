@@ -115,6 +115,8 @@ pub struct UcxTransport {
     pub(crate) inline_max: u64,
     /// VRAM is registered with UCX itself (see [`UcxConfig::native_vram`]).
     pub(crate) cuda: bool,
+    /// Times the worker was renewed.
+    pub(crate) renewals: u64,
     pub(crate) _not_sync: PhantomData<Cell<()>>,
 }
 
@@ -193,6 +195,7 @@ impl UcxTransport {
             inline: Inline::new(),
             inline_max: 0,
             cuda,
+            renewals: 0,
             _not_sync: PhantomData,
         };
 
@@ -316,7 +319,7 @@ pub fn abandoned_transports() -> usize {
 /// How long a dropped transport keeps progressing its worker before
 /// destroying it, so wire-up replies queued on UCX's internal endpoints are
 /// sent (see `Drop`).
-const WORKER_DRAIN: Duration = Duration::from_millis(50);
+pub(crate) const WORKER_DRAIN: Duration = Duration::from_millis(50);
 
 impl Drop for UcxTransport {
     fn drop(&mut self) {

@@ -14,7 +14,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kvxfer_core::{DescError, Error, PostStatus, Region, Segment, Side, Token, Transport, XferOp};
-use kvxfer_testkit::{checksum, conformance_suite, hex, pattern, Backend, Expect, PeerDeath};
+use kvxfer_testkit::{
+    checksum, conformance_suite, hex, pattern, unhex, Backend, Expect, PeerDeath,
+};
 use kvxfer_ucx::{UcxConfig, UcxTransport};
 
 /// The transport settings for a transport list. UCX 1.13's shared-memory
@@ -56,13 +58,18 @@ impl Backend for Ucx {
         }
     }
 
-    /// `SMALL`: the one-message WRITEs served and refused.
+    /// `SMALL`: the one-message WRITEs served and refused; `RENEW`: renews
+    /// the worker, answers its new address (or the error).
     fn command(&self, t: &mut UcxTransport, args: &[&str]) -> Option<String> {
         match args {
             ["SMALL"] => {
                 let (served, refused) = t.small_writes_served();
                 Some(format!("SMALL {served} {refused}"))
             }
+            ["RENEW"] => Some(match t.renew() {
+                Ok(()) => format!("RENEW {}", hex(t.worker_address())),
+                Err(e) => format!("RENEW ERR {e}"),
+            }),
             _ => None,
         }
     }
@@ -255,6 +262,61 @@ fn small_writes_go_in_one_message_over_tcp() {
         target.cmd("HEX 0 64", "@HEX"),
         hex(&filled(64 << 10, 9)[..64])
     );
+    ini.close();
+    target.quit();
+}
+
+/// A renewed target has a new worker address and no old connection left:
+/// the initiator's WRITEs over its old endpoint fail and write nothing;
+/// connected to the new address, it writes byte for byte through the key
+/// packed before the renewal (registrations survive). A transport with an
+/// endpoint still open refuses to renew, saying so.
+#[test]
+fn renew_closes_every_old_connection() {
+    let mut target = Target::spawn(Some("tcp"), 64 << 10);
+    let mut ini = Initiator::new(Some("tcp"), &target);
+    write_100_checked(&mut ini, &mut target, 1, "before the renewal");
+    let err = ini.t.renew().expect_err("renew with an endpoint open");
+    assert_eq!(
+        err.to_string(),
+        "UCX error -15: renew: 1 connection(s) still open; hand them back first"
+    );
+    let old = target.addr.clone();
+    for round in 0..2u64 {
+        target.cmd("FILL 7", "@OK");
+        let answer = target.cmd("RENEW", "@RENEW");
+        let addr = unhex(&answer).unwrap_or_else(|| panic!("renew: {answer}"));
+        assert_ne!(addr, target.addr, "round {round}: a new address");
+        assert_ne!(addr, old, "round {round}: a new address");
+        // The old connection is gone at the target: nothing it carries is
+        // written any more.
+        let data = filled(32 << 10, 20 + round);
+        let reg = ini.register(&data);
+        let base = data.as_ptr() as u64;
+        let t0 = Instant::now();
+        let mut failed = 0;
+        for (off, len) in [(0u64, 100u64), (4096, 16384)] {
+            if ini
+                .run(XferOp::Write, reg, &target, &[(base + off, off, len)], None)
+                .is_err()
+            {
+                failed += 1;
+            }
+        }
+        assert_eq!(failed, 2, "round {round}: WRITEs over the old connection");
+        assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
+        assert_eq!(
+            target.cmd("SUM", "@SUM"),
+            format!("{:016x}", checksum(&filled(64 << 10, 7))),
+            "round {round}: the target's buffer is untouched"
+        );
+        target.addr = addr;
+        ini.reconnect(&target);
+        write_100_checked(&mut ini, &mut target, 30 + round, "after the renewal");
+        ini.run(XferOp::Write, reg, &target, &[(base, 4096, 16384)], None)
+            .expect("large WRITE after the renewal");
+        assert_eq!(target.cmd("HEX 4096 16384", "@HEX"), hex(&data[..16384]));
+    }
     ini.close();
     target.quit();
 }

@@ -188,6 +188,24 @@ impl Worker {
         Ok(())
     }
 
+    /// Removes the handler of active messages `id`: UCX drops such
+    /// messages from then on (with a warning).
+    pub(crate) fn clear_am_handler(&mut self, id: u32) {
+        let am = sys::ucp_am_handler_param_t {
+            field_mask: u64::from(
+                sys::UCP_AM_HANDLER_PARAM_FIELD_ID | sys::UCP_AM_HANDLER_PARAM_FIELD_CB,
+            ),
+            id,
+            cb: None,
+            ..Default::default()
+        };
+        // SAFETY: the worker is live; no handler means no argument to keep.
+        let st = unsafe { sys::ucp_worker_set_am_recv_handler(self.raw, &am) };
+        if st != UCS_OK {
+            log::debug!("UCX: clearing active-message handler {id}: status {st}");
+        }
+    }
+
     /// Arms the worker's wake-up descriptor: `Some(fd)` to sleep on, or
     /// `None` when there is work (or no descriptor).
     pub(crate) fn arm(&mut self) -> Result<std::ffi::c_int, bool> {

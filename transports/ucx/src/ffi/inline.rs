@@ -89,7 +89,12 @@ impl Inline {
         (self.served, self.refused)
     }
 
-    /// Whether acknowledgements wait to be matched or sent.
+    /// Whether acknowledgements are being sent.
+    pub(crate) fn sending(&self) -> bool {
+        !self.sending.is_empty()
+    }
+
+    /// Whether acknowledgements wait to be taken or to finish sending.
     pub(crate) fn pending(&self) -> bool {
         !self.acks.is_empty() || !self.sending.is_empty()
     }
