@@ -67,6 +67,9 @@ pub(crate) fn ucx_rails(
         // ("ep_check reply") and crashed in that flurry in the failover
         // test (uct_tcp_iface_progress).
         c.keepalive_interval = Some(std::time::Duration::ZERO);
+        // A fence renews the rail's worker, link or no link (kvxfer-rails,
+        // "Stale WRITEs").
+        c.spare_worker = true;
         rails.push((iface.clone(), kvxfer_ucx::UcxTransport::new(&c)?));
     }
     log::info!(

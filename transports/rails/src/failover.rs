@@ -28,6 +28,7 @@ impl<T: Transport> Rails<T> {
                     seq: self.next_fence,
                     asked: now,
                     sent: None,
+                    named: p.conn_to[r],
                 });
                 self.next_fence += 1;
             }
@@ -87,7 +88,8 @@ impl<T: Transport> Rails<T> {
         }
         for r in 0..self.rails.len() {
             let rail = &self.rails[r];
-            if rail.state != RailState::Down || rail.ghosts > 0 || now < rail.retry_at {
+            if rail.state != RailState::Down || rail.ghosts > 0 || rail.renew || now < rail.retry_at
+            {
                 continue;
             }
             // Reconnect every peer on this rail; the old connections have no
@@ -123,6 +125,7 @@ impl<T: Transport> Rails<T> {
         let p = self.peers.get_mut(&id).expect("present");
         let addr = p.addrs[r].as_ref().expect("paired");
         p.conns[r] = Some(self.rails[r].t.connect(addr)?);
+        p.conn_to[r] = crate::addr_hash(addr);
         Ok(())
     }
 

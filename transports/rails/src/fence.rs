@@ -13,25 +13,58 @@ use crate::{PeerRec, RailState, Rails};
 const NOTES_MAX: usize = 4096;
 
 /// Prefix of a fence request: "close your connection on rail R".
-const FENCE: &[u8; 4] = b"KVRF";
+const FENCE: &[u8; 4] = b"KVF2";
 /// Prefix of a fence acknowledgement.
-const FENCE_ACK: &[u8; 4] = b"KVRA";
+const FENCE_ACK: &[u8; 4] = b"KVA2";
 
-fn control(kind: &[u8; 4], rail: usize, seq: u64, agent: &str) -> Vec<u8> {
-    let mut m = kind.to_vec();
-    m.extend_from_slice(&(rail as u32).to_le_bytes());
-    m.extend_from_slice(&seq.to_le_bytes());
-    m.extend_from_slice(agent.as_bytes());
-    m
+/// A fence request or acknowledgement: its kind, the asking side's rail,
+/// its sequence number, the hash of the address the failed connection
+/// was made to (a request's; 0 in an acknowledgement), the sender's
+/// current address of its rail (the asking side's rail in a request,
+/// the rail paired with it in an acknowledgement; inner transports that
+/// renew change it) and the sender's agent name.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Control<'a> {
+    pub(crate) kind: [u8; 4],
+    pub(crate) rail: usize,
+    pub(crate) seq: u64,
+    pub(crate) named: u64,
+    pub(crate) addr: &'a [u8],
+    pub(crate) agent: &'a str,
 }
 
-fn parse_control(m: &[u8]) -> Option<(&[u8], usize, u64, &str)> {
-    if m.len() < 16 || (&m[..4] != FENCE && &m[..4] != FENCE_ACK) {
-        return None;
+impl Control<'_> {
+    /// Its bytes: kind, rail (u32), sequence (u64), named (u64), address
+    /// length (u32), address, agent name; little endian.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut m = self.kind.to_vec();
+        m.extend_from_slice(&(self.rail as u32).to_le_bytes());
+        m.extend_from_slice(&self.seq.to_le_bytes());
+        m.extend_from_slice(&self.named.to_le_bytes());
+        m.extend_from_slice(&(self.addr.len() as u32).to_le_bytes());
+        m.extend_from_slice(self.addr);
+        m.extend_from_slice(self.agent.as_bytes());
+        m
     }
-    let rail = u32::from_le_bytes(m[4..8].try_into().ok()?) as usize;
-    let seq = u64::from_le_bytes(m[8..16].try_into().ok()?);
-    Some((&m[..4], rail, seq, std::str::from_utf8(&m[16..]).ok()?))
+
+    /// Reads one; `None` if `m` is not a fence request or acknowledgement.
+    pub(crate) fn parse(m: &[u8]) -> Option<Control<'_>> {
+        if m.len() < 28 || (&m[..4] != FENCE && &m[..4] != FENCE_ACK) {
+            return None;
+        }
+        let u32_at = |i: usize| m[i..i + 4].try_into().ok().map(u32::from_le_bytes);
+        let u64_at = |i: usize| m[i..i + 8].try_into().ok().map(u64::from_le_bytes);
+        let len = u32_at(24)? as usize;
+        let addr = m.get(28..28usize.checked_add(len)?)?;
+        Some(Control {
+            kind: m[..4].try_into().ok()?,
+            rail: u32_at(4)? as usize,
+            seq: u64_at(8)?,
+            named: u64_at(16)?,
+            addr,
+            agent: std::str::from_utf8(&m[28 + len..]).ok()?,
+        })
+    }
 }
 impl<T: Transport> Rails<T> {
     /// Sends `msg` to peer `id` on a working rail other than `avoid`, else
@@ -71,7 +104,21 @@ impl<T: Transport> Rails<T> {
             }
         }
         for (id, r, seq) in todo {
-            let msg = control(FENCE, r, seq, &self.agent);
+            let named = self
+                .peers
+                .get(&id)
+                .and_then(|p| p.fence[r])
+                .map_or(0, |f| f.named);
+            let addr = self.inner_address(r);
+            let msg = Control {
+                kind: *FENCE,
+                rail: r,
+                seq,
+                named,
+                addr: &addr,
+                agent: &self.agent,
+            }
+            .encode();
             if self.send_control(id, r, &msg) {
                 if let Some(f) = self.peers.get_mut(&id).and_then(|p| p.fence[r].as_mut()) {
                     f.sent = Some(now);
@@ -184,34 +231,73 @@ impl<T: Transport> Rails<T> {
         })
     }
 
+    /// Rail `r`'s inner address now (empty if it cannot be read).
+    pub(crate) fn inner_address(&self, r: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; 4096];
+        match self.rails.get(r).map(|x| x.t.local_address(&mut buf)) {
+            Some(Ok(n)) => {
+                buf.truncate(n);
+                buf
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Takes `addr` as peer `id`'s address of the rail paired with our
+    /// rail `l` (it renewed that rail): connections made from now on go
+    /// there. An empty one is ignored.
+    fn learn_address(&mut self, id: u64, l: usize, addr: &[u8]) {
+        let Some(slot) = self.peers.get_mut(&id).and_then(|p| p.addrs.get_mut(l)) else {
+            return;
+        };
+        if let Some(old) = slot {
+            if !addr.is_empty() && old.as_slice() != addr {
+                log::info!(
+                    "rails: the peer's rail paired with {} has a new address",
+                    self.rails[l].name
+                );
+                *old = addr.to_vec();
+            }
+        }
+    }
+
     /// Handles a fence request or acknowledgement that arrived on rail
     /// `via`; false if `m` is neither.
     pub(crate) fn on_control(&mut self, m: &[u8], via: usize) -> bool {
-        let Some((kind, r, seq, from)) = parse_control(m) else {
+        let Some(c) = Control::parse(m) else {
             return false;
         };
-        let Some((&id, _)) = self.peers.iter().find(|(_, p)| p.name == from) else {
+        let Some((&id, _)) = self.peers.iter().find(|(_, p)| p.name == c.agent) else {
             return true;
         };
+        let (r, seq, fence) = (c.rail, c.seq, &c.kind == FENCE);
         // A fence names the asking side's rail r: ours is the one paired
         // with it (an acknowledgement names our own rail).
-        let mine = if kind == FENCE {
+        let mine = if fence {
             self.peers[&id].remote.iter().position(|&j| j == Some(r))
         } else {
-            None
+            Some(r).filter(|&r| r < self.rails.len())
         };
-        if kind == FENCE {
-            // Reset our connection on the rail paired with the peer's rail
-            // r (bytes still on their way over it are then refused) and
-            // acknowledge (naming the peer's rail r). A new one is opened
-            // once the peer is heard from over that rail (below): opened
-            // now, it would race the peer's own reconnection of the rail,
-            // which UCX 1.13's tcp did not survive (a crash in
-            // uct_tcp_iface_progress).
-            let p = self.peers.get_mut(&id).expect("found");
-            if let Some(l) = mine.filter(|&l| p.served[l] < seq) {
-                p.served[l] = seq;
-                self.drop_conn(id, l);
+        if let Some(l) = mine {
+            self.learn_address(id, l, c.addr);
+        }
+        // Acknowledged once our rail is renewed (see check_renewals).
+        let mut later = false;
+        if fence {
+            if let Some(l) = mine {
+                later = self.fence_renews(id, l, &c);
+                // Reset our connection on the rail paired with the peer's
+                // rail r (bytes still on their way over it are then
+                // refused) and acknowledge (naming the peer's rail r). A
+                // new one is opened once the peer is heard from over that
+                // rail (below): opened now, it would race the peer's own
+                // reconnection of the rail, which UCX 1.13's tcp did not
+                // survive (a crash in uct_tcp_iface_progress).
+                let p = self.peers.get_mut(&id).expect("found");
+                if !later && p.served[l] < seq {
+                    p.served[l] = seq;
+                    self.drop_conn(id, l);
+                }
             }
         }
         // Heard from over rail `via`: the peer's connection on it works, so
@@ -219,24 +305,14 @@ impl<T: Transport> Rails<T> {
         // rail this fence closes, which the peer is reconnecting: ours
         // opens when the peer is next heard from over it.
         let lost = self.peers[&id].conns.get(via).is_some_and(Option::is_none);
-        if lost && !(kind == FENCE && mine == Some(via)) {
+        if lost && !self.rails[via].renew && !(fence && mine == Some(via)) {
             if let Err(e) = self.reconnect(id, via) {
-                log::debug!("rails: reconnect rail {via} to {from}: {e}");
+                log::debug!("rails: reconnect rail {via} to {}: {e}", c.agent);
             }
         }
-        if kind == FENCE {
-            // First on the rail the request came by: it works from the
-            // peer to us, while another rail that looks up here may be the
-            // one whose link is cut (its failure not noticed yet, as the
-            // peer did). An acknowledgement lost anyway is asked again.
-            let ack = control(FENCE_ACK, r, seq, &self.agent);
-            let p = self.peers.get(&id).expect("found");
-            let sent = mine != Some(via) && self.usable(via, p) && {
-                let conn = p.conns[via].as_ref().expect("usable");
-                self.rails[via].t.send_notification(conn, &ack).is_ok()
-            };
-            if !sent && !self.send_control(id, mine.unwrap_or(0), &ack) {
-                log::warn!("rails: no rail to acknowledge a fence of {from}");
+        if fence {
+            if !later {
+                self.ack_fence(id, r, seq, mine, Some(via));
             }
         } else {
             let p = self.peers.get_mut(&id).expect("found");
@@ -258,6 +334,117 @@ impl<T: Transport> Rails<T> {
         }
         true
     }
+
+    /// Whether the fence `c` of peer `id`, for our rail `l`, waits for
+    /// that rail's renewal: its inner transport's reset leaves bytes
+    /// deliverable ([`Transport::needs_renew`]) and the fence names the
+    /// address the rail has now (a connection made to an address renewed
+    /// since is closed already). The rail then carries nothing more, its
+    /// parts in flight are abandoned (and issued again elsewhere), and
+    /// it is renewed once the inner transport has let go of them.
+    fn fence_renews(&mut self, id: u64, l: usize, c: &Control<'_>) -> bool {
+        if !self.rails[l].t.needs_renew() || c.named != crate::addr_hash(&self.inner_address(l)) {
+            return false;
+        }
+        let entry = (l, id, c.rail, c.seq);
+        if !self.renew_acks.contains(&entry) {
+            self.renew_acks.push(entry);
+        }
+        if !self.rails[l].renew {
+            self.rails[l].renew = true;
+            self.rails[l].renew_at = Instant::now();
+            if self.rails[l].posts > 0 {
+                self.mark_down(l, &format!("renewed for a fence of {}", c.agent));
+            }
+        }
+        true
+    }
+
+    /// Acknowledges fence `seq` of peer `id` for its rail `r` (ours:
+    /// `mine`), with our current address of that rail: first over `via`,
+    /// the rail the request came by (it works from the peer to us, while
+    /// another rail that looks up here may be the one whose link is cut,
+    /// its failure not noticed yet, as the peer did); else over any
+    /// working rail. An acknowledgement lost anyway is asked again.
+    fn ack_fence(&mut self, id: u64, r: usize, seq: u64, mine: Option<usize>, via: Option<usize>) {
+        let addr = mine.map(|l| self.inner_address(l)).unwrap_or_default();
+        let ack = Control {
+            kind: *FENCE_ACK,
+            rail: r,
+            seq,
+            named: 0,
+            addr: &addr,
+            agent: &self.agent,
+        }
+        .encode();
+        let Some(p) = self.peers.get(&id) else {
+            return;
+        };
+        let mut sent = false;
+        if let Some(via) = via.filter(|&v| mine != Some(v) && self.usable(v, p)) {
+            let conn = p.conns[via].as_ref().expect("usable");
+            sent = self.rails[via].t.send_notification(conn, &ack).is_ok();
+        }
+        if !sent && !self.send_control(id, mine.unwrap_or(0), &ack) {
+            log::warn!(
+                "rails: no rail to acknowledge a fence of {}",
+                self.peers[&id].name
+            );
+        }
+    }
+
+    /// Renews the rails whose renewal a fence asked for, once they carry
+    /// nothing (no part in flight, every abandoned one reported): every
+    /// connection on the rail is reset, the inner transport renewed, and
+    /// the fences acknowledged with the rail's new address. The other
+    /// peers are connected again at once (their addresses have not
+    /// changed) unless the rail is down, when its back-off does that; the
+    /// peers that asked, when they are next heard from over the rail.
+    pub(crate) fn check_renewals(&mut self) {
+        let now = Instant::now();
+        for l in 0..self.rails.len() {
+            let rail = &self.rails[l];
+            if !rail.renew || rail.posts > 0 || rail.ghosts > 0 || now < rail.renew_at {
+                continue;
+            }
+            let ids: Vec<u64> = self.peers.keys().copied().collect();
+            for &id in &ids {
+                self.drop_conn(id, l);
+            }
+            let rail = &mut self.rails[l];
+            if let Err(e) = rail.t.renew() {
+                log::warn!("rails: renewing rail {}: {e}", rail.name);
+                rail.last_error = format!("renew: {e}");
+                rail.renew_at = now + Duration::from_secs(1);
+                continue;
+            }
+            rail.renew = false;
+            rail.renewals += 1;
+            log::info!("rails: rail {} renewed", rail.name);
+            let (acks, rest): (Vec<_>, Vec<_>) = self.renew_acks.drain(..).partition(|a| a.0 == l);
+            self.renew_acks = rest;
+            for &(l, id, r, seq) in &acks {
+                if let Some(p) = self.peers.get_mut(&id) {
+                    p.served[l] = p.served[l].max(seq);
+                }
+                self.ack_fence(id, r, seq, Some(l), None);
+            }
+            if self.rails[l].state == RailState::Down {
+                continue;
+            }
+            for id in ids {
+                if acks.iter().any(|a| a.1 == id) {
+                    continue;
+                }
+                if let Err(e) = self.reconnect(id, l) {
+                    log::debug!(
+                        "rails: reconnect rail {} after renewal: {e}",
+                        self.rails[l].name
+                    );
+                }
+            }
+        }
+    }
 }
 
 trait Late {
@@ -267,5 +454,42 @@ trait Late {
 impl Late for Option<Instant> {
     fn is_none_or_late(&self, now: Instant) -> bool {
         self.map_or(true, |t| now.duration_since(t) > Duration::from_secs(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Control, FENCE, FENCE_ACK};
+
+    #[test]
+    fn control_messages_round_trip() {
+        let c = Control {
+            kind: *FENCE,
+            rail: 3,
+            seq: 42,
+            named: 0xdead_beef_0123,
+            addr: b"worker-address",
+            agent: "prefill-0",
+        };
+        let m = c.encode();
+        assert_eq!(Control::parse(&m), Some(c));
+        let ack = Control {
+            kind: *FENCE_ACK,
+            rail: 0,
+            seq: 1,
+            named: 0,
+            addr: b"",
+            agent: "d",
+        };
+        assert_eq!(Control::parse(&ack.encode()), Some(ack));
+        // Truncated, an address running past the end, another prefix.
+        assert_eq!(Control::parse(&m[..27]), None);
+        let mut long = m.clone();
+        long[24..28].copy_from_slice(&1000u32.to_le_bytes());
+        assert_eq!(Control::parse(&long), None);
+        let mut other = m.clone();
+        other[..4].copy_from_slice(b"KVRF");
+        assert_eq!(Control::parse(&other), None);
+        assert_eq!(Control::parse(b"hello, a user notification"), None);
     }
 }

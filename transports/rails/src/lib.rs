@@ -235,6 +235,17 @@ impl<K> RailsKeys<K> {
     }
 }
 
+/// A 64-bit FNV-1a hash of an inner address: what a fence names of the
+/// connection that failed (0 for none).
+fn addr_hash(addr: &[u8]) -> u64 {
+    if addr.is_empty() {
+        return 0;
+    }
+    addr.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
 /// A peer of [`Rails`]: an index into the transport's peer table.
 #[derive(Debug)]
 pub struct RailsPeer {
@@ -260,6 +271,13 @@ struct Rail<T: Transport> {
     progress: Instant,
     /// Last completion.
     done_at: Option<Instant>,
+    /// The inner transport is to be renewed (a peer's fence named its
+    /// current address; see "Stale WRITEs"): it carries nothing until then.
+    renew: bool,
+    /// When a failed renewal is tried again.
+    renew_at: Instant,
+    /// Times the inner transport was renewed.
+    renewals: u64,
 }
 
 struct PeerRec<T: Transport> {
@@ -278,6 +296,9 @@ struct PeerRec<T: Transport> {
     /// By rail: the generation of the connection, counting its
     /// reconnections; keys unpacked on an older one are unpacked again.
     gen: Vec<u64>,
+    /// By rail: a hash of the address the connection was made to (what
+    /// a fence names; see [`addr_hash`]).
+    conn_to: Vec<u64>,
 }
 
 /// A fence asked of a peer and not yet acknowledged.
@@ -288,6 +309,8 @@ struct Fence {
     asked: Instant,
     /// When it was last sent.
     sent: Option<Instant>,
+    /// The hash of the peer's address the failed connection was made to.
+    named: u64,
 }
 
 struct Part<T: Transport> {
@@ -347,6 +370,9 @@ pub struct Rails<T: Transport> {
     /// the connection's generation and the key.
     rekeys: HashMap<(u64, usize), (u64, T::RemoteKey)>,
     next_key: u64,
+    /// Fences waiting for a rail's renewal before they are acknowledged:
+    /// (our rail, peer, the peer's rail, sequence).
+    renew_acks: Vec<(usize, u64, usize, u64)>,
 }
 impl<T: Transport> Rails<T> {
     /// Rails named `names` (their interfaces), one inner transport each, for
@@ -377,6 +403,9 @@ impl<T: Transport> Rails<T> {
                     retry_at: now,
                     progress: now,
                     done_at: None,
+                    renew: false,
+                    renew_at: now,
+                    renewals: 0,
                 })
                 .collect(),
             cfg,
@@ -396,6 +425,7 @@ impl<T: Transport> Rails<T> {
             topo: None,
             rekeys: HashMap::new(),
             next_key: 1,
+            renew_acks: Vec::new(),
         }
     }
     /// Sets the networks rail `i` publishes for pairing (found from its
@@ -459,6 +489,7 @@ impl<T: Transport> Rails<T> {
     /// Whether rail `r` may carry parts to peer `p` with key `key` now.
     fn usable(&self, r: usize, p: &PeerRec<T>) -> bool {
         self.rails[r].state != RailState::Down
+            && !self.rails[r].renew
             && p.conns.get(r).is_some_and(|c| c.is_some())
             && p.fence.get(r).is_some_and(|f| f.is_none())
     }

@@ -40,6 +40,9 @@ pub struct RailStats {
     pub failures: u64,
     /// Why it last failed ("" if never).
     pub last_error: String,
+    /// Times its inner transport was renewed for a peer's fence (UCX; see
+    /// the crate's "Stale WRITEs").
+    pub renewals: u64,
     /// Where its NIC sits (NUMA node, PCI path; unknown without a
     /// topology or for a virtual interface).
     pub place: Place,
@@ -71,6 +74,7 @@ impl<T: Transport> Rails<T> {
                 bytes: r.bytes,
                 failures: r.failures,
                 last_error: r.last_error.clone(),
+                renewals: r.renewals,
                 place,
             })
             .collect()

@@ -285,6 +285,10 @@ impl<T: Transport> Transport for Rails<T> {
         let id = self.next_peer;
         self.next_peer += 1;
         let n = conns.len();
+        let conn_to = addrs
+            .iter()
+            .map(|a| a.as_deref().map_or(0, crate::addr_hash))
+            .collect();
         self.peers.insert(
             id,
             PeerRec {
@@ -295,6 +299,7 @@ impl<T: Transport> Transport for Rails<T> {
                 fence: vec![None; n],
                 served: vec![0; n],
                 gen: vec![0; n],
+                conn_to,
             },
         );
         Ok(RailsPeer { id })
@@ -523,6 +528,7 @@ impl<T: Transport> Transport for Rails<T> {
             }
         }
         self.take_notes();
+        self.check_renewals();
         self.check_rails();
         self.send_fences();
         self.check_fences();

@@ -169,6 +169,12 @@ pub struct UcxConfig {
     /// the transport registers host memory only. Also set through
     /// [`NATIVE_VRAM_ENV`] with [`UcxConfig::from_env`]. Default: `true`.
     pub native_vram: bool,
+    /// Keep a second worker ready for [`renew`](kvxfer_core::Transport::renew),
+    /// made with the transport (and again after each renewal, once that
+    /// succeeds), so that a renewal succeeds while the network device is
+    /// down: UCX cannot open a worker on it then. Set for each rail of
+    /// several interfaces. Default: `false`.
+    pub spare_worker: bool,
 }
 
 impl UcxConfig {
@@ -217,6 +223,7 @@ impl Default for UcxConfig {
             tcp_seg_size: Some(64 << 10),
             inline_write_max: 8192,
             native_vram: true,
+            spare_worker: false,
         }
     }
 }

@@ -184,6 +184,7 @@ impl Transport for UcxTransport {
                 &format!("network device {dev} has no link"),
             ));
         }
+        self.make_spare();
         let index = match self.create_ep(address) {
             Ok(index) => index,
             Err(st) => {

@@ -10,7 +10,6 @@
 //! and with them every socket; the context, and with it every memory
 //! registration and packed key, stays.
 
-use std::rc::Rc;
 use std::time::Instant;
 
 use kvxfer_core::Error;
@@ -74,9 +73,17 @@ impl UcxTransport {
         // Keys of the old endpoints go before the worker.
         self.deferred_rkeys.release_all();
         self.deferred_unmaps.release_all();
-        let ctx = Rc::clone(self.worker.context());
-        let fresh = Worker::new(&ctx)?;
-        let address = fresh.address()?;
+        let fresh = match self.spare.take() {
+            Some(w) => w,
+            None => Worker::new(self.worker.context())?,
+        };
+        let address = match fresh.address() {
+            Ok(a) => a,
+            Err(e) => {
+                self.spare = Some(fresh);
+                return Err(e);
+            }
+        };
         let mut old = std::mem::replace(&mut self.worker, fresh);
         // No small WRITE is answered from the old worker any more (an
         // answer would be a request of it); notifications still arrive
@@ -96,11 +103,25 @@ impl UcxTransport {
         self.address = address;
         install_handlers(self)?;
         self.renewals += 1;
+        self.make_spare();
         log::debug!(
             "UCX: worker renewed, address of {} bytes",
             self.address.len()
         );
         Ok(())
+    }
+
+    /// Makes the spare worker if [`UcxConfig::spare_worker`](crate::UcxConfig::spare_worker)
+    /// asks for one and there is none (it cannot be made while the
+    /// network device is down: tried again later).
+    pub(crate) fn make_spare(&mut self) {
+        if !self.config.spare_worker || self.spare.is_some() {
+            return;
+        }
+        match Worker::new(self.worker.context()) {
+            Ok(w) => self.spare = Some(w),
+            Err(e) => log::debug!("UCX: no spare worker now: {e}"),
+        }
     }
 
     /// How many times this transport was renewed.

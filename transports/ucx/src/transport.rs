@@ -117,6 +117,8 @@ pub struct UcxTransport {
     pub(crate) cuda: bool,
     /// Times the worker was renewed.
     pub(crate) renewals: u64,
+    /// The worker a renewal puts in place (see [`UcxConfig::spare_worker`]).
+    pub(crate) spare: Option<Worker>,
     pub(crate) _not_sync: PhantomData<Cell<()>>,
 }
 
@@ -196,10 +198,12 @@ impl UcxTransport {
             inline_max: 0,
             cuda,
             renewals: 0,
+            spare: None,
             _not_sync: PhantomData,
         };
 
         transport.reserve_slots(crate::slot::SPARE_SLOTS);
+        transport.make_spare();
         install_handlers(&mut transport)?;
         // Hardware RMA (InfiniBand, RoCE) needs no help for small WRITEs.
         let rdma = transport
