@@ -231,6 +231,9 @@ pub(crate) fn rail_line(r: &kvxfer_rails::RailStats, devices: Option<&str>) -> S
         r.failures,
         r.place
     );
+    if r.renewals > 0 {
+        line += &format!(", renewed {} times", r.renewals);
+    }
     if let Some(d) = devices {
         line += ", via ";
         line += d;
@@ -321,6 +324,11 @@ mod tests {
         assert_eq!(
             super::rail_line(&r, None),
             "  rail eth1: down, 4096 bytes, 3 failures, NUMA unknown, PCI unknown\n"
+        );
+        let renewed = RailStats { renewals: 2, ..r };
+        assert_eq!(
+            super::rail_line(&renewed, None),
+            "  rail eth1: down, 4096 bytes, 3 failures, NUMA unknown, PCI unknown, renewed 2 times\n"
         );
     }
 }

@@ -244,7 +244,30 @@ fn rails_test(n: usize, mode: &str, backend: &str) {
         "initiator in {}: {status:?} (killed after 150 s if None)",
         net.ns[1]
     );
-    let result = result.expect("initiator reported nothing");
+    let mut result = result.expect("initiator reported nothing");
+    let mut target = target;
+    if mode == "failover" {
+        // The target's cut rail: renewed for the initiator's fence over
+        // UCX (whose reset leaves the socket open), never over libfabric.
+        target.proc.send("rails");
+        let line = target
+            .proc
+            .line(Duration::from_secs(10))
+            .expect("the target's rails");
+        let cut = &net.dev[0][1];
+        let words: Vec<&str> = line.split_whitespace().skip(1).collect();
+        let renewals: u64 = words
+            .chunks(3)
+            .find(|w| w[0] == cut)
+            .and_then(|w| w.get(1)?.parse().ok())
+            .unwrap_or_else(|| panic!("no rail {cut} in {line:?}"));
+        if backend == "UCX" {
+            assert!(renewals >= 1, "{cut} was not renewed: {line}");
+        } else {
+            assert_eq!(renewals, 0, "{line}");
+        }
+        result.push_str(&format!("; the target's cut rail renewed {renewals} times"));
+    }
     println!("RESULT link_cut_rails {backend} {mode} {n} rails: {result}");
     drop(target);
     drop(net);

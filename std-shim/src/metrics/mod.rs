@@ -693,7 +693,7 @@ type RailField = (
     fn(&RailStats) -> u64,
 );
 
-const RAIL_FIELDS: [RailField; 3] = [
+const RAIL_FIELDS: [RailField; 4] = [
     (
         "kvxfer_rail_bytes_total",
         "counter",
@@ -705,6 +705,12 @@ const RAIL_FIELDS: [RailField; 3] = [
         "counter",
         "Times the rail was marked down.",
         |r| r.failures,
+    ),
+    (
+        "kvxfer_rail_renewals_total",
+        "counter",
+        "Times every connection of the rail was closed and its address renewed for a peer's fence (UCX).",
+        |r| r.renewals,
     ),
     (
         "kvxfer_rail_up",

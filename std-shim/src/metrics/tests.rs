@@ -69,7 +69,10 @@ fn rails_are_read_at_each_snapshot_and_told_apart_by_index() {
         };
         vec![
             rail(RailState::Up, read.load(Ordering::Relaxed), 0),
-            rail(RailState::Probing, 7, 2),
+            RailStats {
+                renewals: 1,
+                ..rail(RailState::Probing, 7, 2)
+            },
         ]
     });
     bytes.store(1 << 20, Ordering::Relaxed);
@@ -89,6 +92,8 @@ fn rails_are_read_at_each_snapshot_and_told_apart_by_index() {
         format!("kvxfer_rail_bytes_total{{{r1}}} 7"),
         format!("kvxfer_rail_failures_total{{{r0}}} 0"),
         format!("kvxfer_rail_failures_total{{{r1}}} 2"),
+        format!("kvxfer_rail_renewals_total{{{r0}}} 0"),
+        format!("kvxfer_rail_renewals_total{{{r1}}} 1"),
         format!("kvxfer_rail_up{{{r0}}} 1"),
         format!("kvxfer_rail_up{{{r1}}} 0"),
         format!("kvxfer_rail_state{{{r0},state=\"up\"}} 1"),

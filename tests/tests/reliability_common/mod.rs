@@ -149,16 +149,25 @@ pub fn maybe_run_target() -> bool {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::stdin().lock().lines() {
-            match line {
-                Ok(l) if l.trim() == "quit" => break,
-                Ok(_) => {}
-                Err(_) => break,
+            let Ok(l) = line else { break };
+            if l.trim() == "quit" || tx.send(l).is_err() {
+                break;
             }
         }
-        let _ = tx.send(());
     });
-    // Ends on `quit`, on EOF (parent gone) or after the lifetime.
-    let _ = rx.recv_timeout(CHILD_LIFETIME);
+    // Ends on `quit`, on EOF (parent gone) or after the lifetime; `rails`
+    // prints `rails NAME RENEWALS FAILURES…` of each rail.
+    let end = std::time::Instant::now() + CHILD_LIFETIME;
+    while let Ok(l) = rx.recv_timeout(end.saturating_duration_since(std::time::Instant::now())) {
+        if l.trim() == "rails" {
+            let stats: Vec<String> = agent
+                .rail_stats()
+                .iter()
+                .map(|r| format!("{} {} {}", r.name, r.renewals, r.failures))
+                .collect();
+            println!("{TAG}rails {}", stats.join(" "));
+        }
+    }
     agent.shutdown();
     drop(buf);
     true

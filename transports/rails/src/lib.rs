@@ -64,6 +64,26 @@
 //! because every rail failed, or a fence did, leaves the remote bytes
 //! undefined, as any failed WRITE.
 //!
+//! Closing one connection is not enough where the inner transport's
+//! [`reset`](Transport::reset) leaves its socket open
+//! ([`Transport::needs_renew`]: UCX's `tcp` keeps receiving on it until
+//! the peer's end closes). A fence therefore names (by a hash) the
+//! peer's address the failed connection was made to. When that is the
+//! rail's current address, the peer stops using the rail (its parts in
+//! flight are abandoned and issued again elsewhere), waits until the
+//! inner transport let go of them, [renews](Transport::renew) it (for
+//! UCX a new worker, ready beforehand since none can be opened on a
+//! device without link, in place of the old, whose destruction closes
+//! every socket it had) and only then acknowledges, with the rail's new
+//! address, which the asking side connects to from then on. A fence
+//! naming an older address is acknowledged at once: that connection was
+//! closed by the renewal. Every fence and acknowledgement carries its
+//! sender's address of the rail, so each side learns where the other's
+//! renewed rail is. A renewal closes the rail's connections to every
+//! peer; those peers see the rail fail, fail over, and reconnect to the
+//! new address (in flight on the rail, a notification can be lost then,
+//! as over any connection that fails).
+//!
 //! # Rail choice by topology
 //!
 //! Given a [`Topology`] ([`Rails::set_topology`]: where each rail's NIC

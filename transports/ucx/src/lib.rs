@@ -30,6 +30,11 @@
 //! * [`reset`](kvxfer_core::Transport::reset) force-closes an endpoint
 //!   (no flush, no wait for a dead link), where
 //!   [`disconnect`](kvxfer_core::Transport::disconnect) flushes it first;
+//!   neither closes UCX's `tcp` socket, which keeps receiving until the
+//!   peer closes its end, so [`renew`](kvxfer_core::Transport::renew)
+//!   replaces the worker (same context: registrations and packed keys
+//!   stay) and destroys the old one, which closes every socket it had
+//!   ([`UcxConfig::spare_worker`] keeps the new one ready);
 //! * UCX 1.13 connects `tcp` blocking, inside `ucp_ep_create`: over an
 //!   interface without link that takes until neighbour resolution gives up
 //!   (about 3 s), so [`connect`](kvxfer_core::Transport::connect) refuses
