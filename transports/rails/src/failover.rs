@@ -4,16 +4,19 @@ use std::time::Instant;
 
 use kvxfer_core::{Error, Token, Transport};
 
-use crate::{Fence, RailState, Rails};
+use crate::{Fence, Flight, RailState, Rails};
 
 impl<T: Transport> Rails<T> {
     /// Marks rail `r` down for `reason`: its posts in flight are abandoned
-    /// and their parts queued again.
+    /// and their parts queued again; every peer connected on it is asked
+    /// for a fence, naming the connection where posts to it were
+    /// abandoned (see the crate's "Stale WRITEs").
     pub(crate) fn mark_down(&mut self, r: usize, reason: &str) {
         let now = Instant::now();
         let rail = &mut self.rails[r];
         if rail.state != RailState::Down {
             rail.failures += 1;
+            rail.fresh = false;
             log::warn!(
                 "rails: rail {} down ({reason}); retried in {:?}",
                 rail.name,
@@ -22,23 +25,44 @@ impl<T: Transport> Rails<T> {
         }
         rail.state = RailState::Down;
         rail.last_error = reason.to_owned();
-        for p in self.peers.values_mut() {
-            if p.conns.get(r).is_some_and(|c| c.is_some()) && p.fence[r].is_none() {
-                p.fence[r] = Some(Fence {
-                    seq: self.next_fence,
-                    asked: now,
-                    sent: None,
-                    named: p.conn_to[r],
-                });
-                self.next_fence += 1;
-            }
-        }
         rail.retry_at = now + rail.backoff;
         rail.backoff = (rail.backoff * 2).min(self.cfg.backoff_max);
+        let ids: Vec<u64> = self.peers.keys().copied().collect();
+        for id in ids {
+            self.ask_fence(id, r, now);
+        }
+        self.abandon_where(r, |_| true);
+    }
+
+    /// Asks peer `id` for a fence of rail `r` if connected on it and none
+    /// is pending; it names the connection when posts to the peer are in
+    /// flight on it (about to be abandoned), else nothing (0).
+    fn ask_fence(&mut self, id: u64, r: usize, now: Instant) {
+        let busy = self
+            .flights
+            .iter()
+            .any(|(k, f)| k.0 == r && !f.ghost && f.peer == id);
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        if p.conns.get(r).is_some_and(|c| c.is_some()) && p.fence[r].is_none() {
+            p.fence[r] = Some(Fence {
+                seq: self.next_fence,
+                asked: now,
+                sent: None,
+                named: if busy { p.conn_to[r] } else { 0 },
+            });
+            self.next_fence += 1;
+        }
+    }
+
+    /// Abandons the posts in flight on rail `r` that `which` selects and
+    /// queues their parts again.
+    pub(crate) fn abandon_where(&mut self, r: usize, which: impl Fn(&Flight) -> bool) {
         let mine: Vec<u64> = self
             .flights
             .iter()
-            .filter(|(k, f)| k.0 == r && !f.ghost)
+            .filter(|(k, f)| k.0 == r && !f.ghost && which(f))
             .map(|(k, _)| k.1)
             .collect();
         for tok in mine {
@@ -60,6 +84,95 @@ impl<T: Transport> Rails<T> {
                 }
             }
         }
+    }
+
+    /// The connection of rail `r` to peer `id` failed with an error
+    /// (`reason`), the rail itself working: a peer that renewed its
+    /// rail, say. Only that connection fails over: its posts are
+    /// abandoned and issued again, the peer is asked for a fence, and it
+    /// is made again after its own back-off. A rail that is probing is
+    /// marked down instead.
+    pub(crate) fn conn_failed(&mut self, id: u64, r: usize, reason: &str) {
+        if self.rails[r].state == RailState::Probing {
+            self.mark_down(r, reason);
+            return;
+        }
+        let now = Instant::now();
+        let Some(p) = self.peers.get(&id) else {
+            self.abandon_where(r, |f| f.peer == id);
+            return;
+        };
+        if self.rails[r].state == RailState::Down || p.retry[r].is_some() {
+            self.abandon_where(r, |f| f.peer == id);
+            return;
+        }
+        let name = p.name.clone();
+        self.ask_fence(id, r, now);
+        let p = self.peers.get_mut(&id).expect("present");
+        let wait = p.backoff[r];
+        p.retry[r] = Some(now + wait);
+        p.backoff[r] = (wait * 2).min(self.cfg.backoff_max);
+        let rail = &mut self.rails[r];
+        rail.failures += 1;
+        rail.last_error = format!("to {name}: {reason}");
+        log::warn!(
+            "rails: rail {} to {name} failed ({reason}); reconnected in {wait:?}",
+            rail.name
+        );
+        self.abandon_where(r, |f| f.peer == id);
+    }
+
+    /// Reconnects the connections that failed on their own
+    /// ([`conn_failed`](Self::conn_failed)) once their back-off passed
+    /// and the inner transport reported every abandoned post on them.
+    fn retry_conns(&mut self, now: Instant) {
+        let due: Vec<(u64, usize)> = self
+            .peers
+            .iter()
+            .flat_map(|(&id, p)| {
+                p.retry
+                    .iter()
+                    .enumerate()
+                    .filter(move |(_, t)| t.is_some_and(|t| now >= t))
+                    .map(move |(r, _)| (id, r))
+            })
+            .collect();
+        for (id, r) in due {
+            let rail = &self.rails[r];
+            let ghosts = self
+                .flights
+                .iter()
+                .any(|(k, f)| k.0 == r && f.ghost && f.peer == id);
+            if rail.state == RailState::Down || rail.renew || ghosts {
+                continue;
+            }
+            let result = self.reconnect(id, r);
+            let p = self.peers.get_mut(&id).expect("present");
+            match result {
+                Ok(()) => p.retry[r] = None,
+                Err(e) => {
+                    let wait = p.backoff[r];
+                    p.retry[r] = Some(now + wait);
+                    p.backoff[r] = (wait * 2).min(self.cfg.backoff_max);
+                    self.rails[r].last_error = format!("reconnect: {e}");
+                }
+            }
+        }
+    }
+
+    /// Renews rail `r`'s inner transport: every connection on it is reset
+    /// first (see [`Transport::renew`]).
+    pub(crate) fn renew_rail(&mut self, r: usize) -> Result<(), Error> {
+        let ids: Vec<u64> = self.peers.keys().copied().collect();
+        for id in ids {
+            self.drop_conn(id, r);
+        }
+        let rail = &mut self.rails[r];
+        rail.t.renew()?;
+        rail.renewals += 1;
+        rail.fresh = true;
+        log::info!("rails: rail {} renewed", rail.name);
+        Ok(())
     }
 
     /// Marks down rails whose oldest part is overdue, and reconnects down
@@ -86,6 +199,7 @@ impl<T: Transport> Rails<T> {
             let reason = format!("silent for {} ms", limit.as_millis());
             self.mark_down(r, &reason);
         }
+        self.retry_conns(now);
         for r in 0..self.rails.len() {
             let rail = &self.rails[r];
             if rail.state != RailState::Down || rail.ghosts > 0 || rail.renew || now < rail.retry_at
@@ -93,7 +207,20 @@ impl<T: Transport> Rails<T> {
                 continue;
             }
             // Reconnect every peer on this rail; the old connections have no
-            // operation left in the inner transport.
+            // operation left in the inner transport. Where a reset leaves
+            // them open, from a renewed one, once per failure: the new
+            // connections are then never matched against the half-closed
+            // old ones (UCX 1.13's tcp crashed on that), and what the old
+            // ones still receive is refused.
+            if self.rails[r].t.needs_renew() && !self.rails[r].fresh {
+                if let Err(e) = self.renew_rail(r) {
+                    let rail = &mut self.rails[r];
+                    rail.last_error = format!("renew: {e}");
+                    rail.retry_at = now + rail.backoff;
+                    rail.backoff = (rail.backoff * 2).min(self.cfg.backoff_max);
+                    continue;
+                }
+            }
             let mut ok = true;
             let ids: Vec<u64> = self.peers.keys().copied().collect();
             for id in ids {
@@ -106,6 +233,9 @@ impl<T: Transport> Rails<T> {
             if ok {
                 log::info!("rails: probing rail {}", rail.name);
                 rail.state = RailState::Probing;
+                for p in self.peers.values_mut() {
+                    p.retry[r] = None;
+                }
             } else {
                 rail.retry_at = now + rail.backoff;
                 rail.backoff = (rail.backoff * 2).min(self.cfg.backoff_max);

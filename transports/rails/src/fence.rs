@@ -250,14 +250,29 @@ impl<T: Transport> Rails<T> {
         let Some(slot) = self.peers.get_mut(&id).and_then(|p| p.addrs.get_mut(l)) else {
             return;
         };
-        if let Some(old) = slot {
-            if !addr.is_empty() && old.as_slice() != addr {
-                log::info!(
-                    "rails: the peer's rail paired with {} has a new address",
-                    self.rails[l].name
-                );
-                *old = addr.to_vec();
-            }
+        let Some(old) = slot else {
+            return;
+        };
+        if addr.is_empty() || old.as_slice() == addr {
+            return;
+        }
+        log::info!(
+            "rails: the peer's rail paired with {} has a new address",
+            self.rails[l].name
+        );
+        *old = addr.to_vec();
+        // A connection to the old address leads to a closed worker: what
+        // is in flight on it is abandoned (no fence: nothing of it can
+        // land there any more) and it is made again to the new one.
+        let p = self.peers.get_mut(&id).expect("present");
+        let rail = &self.rails[l];
+        if p.conns[l].is_some()
+            && p.conn_to[l] != crate::addr_hash(addr)
+            && rail.state != RailState::Down
+            && !rail.renew
+        {
+            p.retry[l] = Some(Instant::now());
+            self.abandon_where(l, |f| f.peer == id);
         }
     }
 
@@ -408,19 +423,14 @@ impl<T: Transport> Rails<T> {
                 continue;
             }
             let ids: Vec<u64> = self.peers.keys().copied().collect();
-            for &id in &ids {
-                self.drop_conn(id, l);
-            }
-            let rail = &mut self.rails[l];
-            if let Err(e) = rail.t.renew() {
+            if let Err(e) = self.renew_rail(l) {
+                let rail = &mut self.rails[l];
                 log::warn!("rails: renewing rail {}: {e}", rail.name);
                 rail.last_error = format!("renew: {e}");
                 rail.renew_at = now + Duration::from_secs(1);
                 continue;
             }
-            rail.renew = false;
-            rail.renewals += 1;
-            log::info!("rails: rail {} renewed", rail.name);
+            self.rails[l].renew = false;
             let (acks, rest): (Vec<_>, Vec<_>) = self.renew_acks.drain(..).partition(|a| a.0 == l);
             self.renew_acks = rest;
             for &(l, id, r, seq) in &acks {

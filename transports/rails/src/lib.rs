@@ -19,15 +19,21 @@
 //! A busy rail without a completion for [`RailsConfig::rail_timeout`]
 //! (500 ms) while another rail completed something, or for three times as
 //! long when none did (every link down, or a stall of either process), or
-//! whose part fails, is marked down: its parts in flight are abandoned in
+//! whose probe fails, is marked down: its parts in flight are abandoned in
 //! the inner transport and issued again on the other rails. A down rail is
 //! tried again after a back-off (200 ms, doubling up to 5 s): once the
 //! inner transport has reported every abandoned part, the rail is
-//! connected to each peer anew and carries one part as a probe; when that
-//! completes, the rail is used as before. Only when every rail to a peer
-//! is down does a transfer fail, with [`Error::RailsFailed`] naming the
-//! peer and each rail's failure. The agent's keepalive should be longer
-//! than three rail timeouts, or it gives the peer up first.
+//! connected to each peer anew (from a renewed inner transport where a
+//! reset leaves connections open, see "Stale WRITEs") and carries one
+//! part as a probe; when that completes, the rail is used as before. A
+//! part that fails with an error on a rail that works fails over only
+//! its connection (that peer's parts on that rail, with a fence, and the
+//! connection made again after a back-off of its own): a peer that
+//! renewed its rail, or went away, does not take the rail from the
+//! others. Only when every rail to a peer is down does a transfer fail,
+//! with [`Error::RailsFailed`] naming the peer and each rail's failure.
+//! The agent's keepalive should be longer than three rail timeouts, or it
+//! gives the peer up first.
 //!
 //! [`Error::RailsFailed`]: kvxfer_core::Error::RailsFailed
 //!
@@ -63,6 +69,10 @@
 //! not wait for the caller to take notifications. A transfer that fails
 //! because every rail failed, or a fence did, leaves the remote bytes
 //! undefined, as any failed WRITE.
+//!
+//! A fence names the failed connection only where parts to that peer
+//! were abandoned on it (only their bytes can be late); for the other
+//! peers on a failed rail it asks for the reset alone.
 //!
 //! Closing one connection is not enough where the inner transport's
 //! [`reset`](Transport::reset) leaves its socket open
@@ -115,8 +125,9 @@
 //! out). So the two sides may list their rails in any order and have
 //! different counts: 2 rails against 4 use the 2 shared. Rails without
 //! known networks (`lo`) pair by position among themselves; when one side
-//! knows no network at all (only `lo`, or an address of an older
-//! version, which publishes none), all rails pair by position. No shared
+//! knows no network at all (only `lo`), all rails pair by position. The
+//! addresses of older versions (`KVR1`, `KVR2`, whose fences differ) are
+//! refused, named. No shared
 //! rail at all fails the connection, naming both sides' rails and
 //! networks (the whole list in the log); rails that reach each other
 //! only through a router (a subnet per host and rail) therefore do not
@@ -298,6 +309,8 @@ struct Rail<T: Transport> {
     renew_at: Instant,
     /// Times the inner transport was renewed.
     renewals: u64,
+    /// Renewed since it was last marked down (see `check_rails`).
+    fresh: bool,
 }
 
 struct PeerRec<T: Transport> {
@@ -319,6 +332,11 @@ struct PeerRec<T: Transport> {
     /// By rail: a hash of the address the connection was made to (what
     /// a fence names; see [`addr_hash`]).
     conn_to: Vec<u64>,
+    /// By rail: the connection failed on its own (an error, the rail
+    /// itself working): when it is made again.
+    retry: Vec<Option<Instant>>,
+    /// By rail: the back-off of such a connection.
+    backoff: Vec<Duration>,
 }
 
 /// A fence asked of a peer and not yet acknowledged.
@@ -353,6 +371,8 @@ struct Req<T: Transport> {
 
 struct Flight {
     req: Token,
+    /// The peer it goes to.
+    peer: u64,
     parts: Vec<u32>,
     bytes: u64,
     ghost: bool,
@@ -426,6 +446,7 @@ impl<T: Transport> Rails<T> {
                     renew: false,
                     renew_at: now,
                     renewals: 0,
+                    fresh: true,
                 })
                 .collect(),
             cfg,
@@ -510,6 +531,7 @@ impl<T: Transport> Rails<T> {
     fn usable(&self, r: usize, p: &PeerRec<T>) -> bool {
         self.rails[r].state != RailState::Down
             && !self.rails[r].renew
+            && p.retry.get(r).is_some_and(Option::is_none)
             && p.conns.get(r).is_some_and(|c| c.is_some())
             && p.fence.get(r).is_some_and(|f| f.is_none())
     }

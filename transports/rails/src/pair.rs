@@ -546,24 +546,26 @@ mod connect_tests {
         );
     }
 
-    /// An address of the first version (no networks) pairs by position.
+    /// Addresses of older versions (`KVR1`: no networks; `KVR2`: other
+    /// fences) are refused, named.
     #[test]
-    fn first_version_address_pairs_by_position() {
+    fn older_addresses_are_refused() {
         let mut t = four();
-        let mut v = b"KVR1".to_vec();
-        let put = |v: &mut Vec<u8>, b: &[u8]| {
-            v.extend_from_slice(&(b.len() as u32).to_le_bytes());
-            v.extend_from_slice(b);
-        };
-        put(&mut v, b"old");
-        v.extend_from_slice(&2u32.to_le_bytes());
-        for (iface, id) in [("x2", 61u32), ("x1", 60)] {
-            put(&mut v, iface.as_bytes());
-            put(&mut v, &id.to_le_bytes());
+        for magic in [b"KVR1", b"KVR2"] {
+            let mut v = magic.to_vec();
+            v.extend_from_slice(&3u32.to_le_bytes());
+            v.extend_from_slice(b"old");
+            let e = t.connect(&v).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "LOOPBACK error -22: rails: peer address of {} bytes is of an older kvxfer \
+                     (other fences): upgrade it",
+                    v.len()
+                )
+            );
         }
-        let p = t.connect(&v).unwrap();
-        // The local rails have networks, the old peer's none: position.
-        assert_eq!(conns(&t, &p), vec![Some(61), Some(60), None, None]);
+        let mut v = address(&four());
         v.truncate(v.len() - 2);
         let e = t.connect(&v).unwrap_err();
         assert_eq!(

@@ -220,7 +220,8 @@ impl<T: Transport> Rails<T> {
             for i in idx.into_iter().rev() {
                 self.queue.push_front((tok, i));
             }
-            self.mark_down(r, &format!("unpacking a remote key: {e}"));
+            let peer = self.reqs[&tok].peer;
+            self.conn_failed(peer, r, &format!("unpacking a remote key: {e}"));
             return;
         }
         let itok = self.next_tok;
@@ -271,10 +272,12 @@ impl<T: Transport> Rails<T> {
                 }
                 rail.in_flight += bytes;
                 rail.posts += 1;
+                let peer = self.reqs[&tok].peer;
                 self.flights.insert(
                     (r, itok),
                     Flight {
                         req: tok,
+                        peer,
                         parts: idx,
                         bytes,
                         ghost: false,
@@ -285,7 +288,8 @@ impl<T: Transport> Rails<T> {
                 for i in idx.into_iter().rev() {
                     self.queue.push_front((tok, i));
                 }
-                self.mark_down(r, &e.to_string());
+                let peer = self.reqs[&tok].peer;
+                self.conn_failed(peer, r, &e.to_string());
             }
         }
     }
@@ -324,6 +328,9 @@ impl<T: Transport> Rails<T> {
                     rail.state = RailState::Up;
                     rail.backoff = self.cfg.backoff_min;
                 }
+                if let Some(p) = self.peers.get_mut(&f.peer) {
+                    p.backoff[r] = self.cfg.backoff_min;
+                }
                 self.part_done(f.req, f.parts.len());
             }
             Err(e) => {
@@ -332,7 +339,7 @@ impl<T: Transport> Rails<T> {
                         self.queue.push_front((f.req, i));
                     }
                 }
-                self.mark_down(r, &e.to_string());
+                self.conn_failed(f.peer, r, &e.to_string());
             }
         }
     }

@@ -13,10 +13,11 @@ use crate::{Part, PeerRec, Rails, RailsKey, RailsKeys, RailsPeer, RailsReg, Regi
 
 /// Prefix of a rails address: the agent's name, then per rail its
 /// interface, its networks and its inner address.
-const MAGIC: &[u8; 4] = b"KVR2";
-/// Prefix of the rails address before networks were published: per rail
-/// only its interface and inner address (paired by position).
-const MAGIC_V1: &[u8; 4] = b"KVR1";
+const MAGIC: &[u8; 4] = b"KVR3";
+/// Prefixes of the rails addresses of older versions, refused: their
+/// fences differ (`KVR1`: no networks; `KVR2`: fences that name no
+/// connection and carry no address).
+const OLDER: [&[u8; 4]; 2] = [b"KVR1", b"KVR2"];
 
 /// A rail of a peer's rails address.
 struct PeerRail<'a> {
@@ -33,11 +34,10 @@ struct PeerAddr<'a> {
 /// Reads a rails address; `Ok(None)` if `address` is not one (a single
 /// endpoint's inner address), `Err` (what is wrong) if it is broken.
 fn parse_address(address: &[u8]) -> Result<Option<PeerAddr<'_>>, &'static str> {
-    let (mut b, nets) = if let Some(b) = address.strip_prefix(&MAGIC[..]) {
-        (b, true)
-    } else if let Some(b) = address.strip_prefix(&MAGIC_V1[..]) {
-        (b, false)
-    } else {
+    if OLDER.iter().any(|m| address.starts_with(&m[..])) {
+        return Err("is of an older kvxfer (other fences): upgrade it");
+    }
+    let Some(mut b) = address.strip_prefix(&MAGIC[..]) else {
         return Ok(None);
     };
     const CUT: &str = "is truncated";
@@ -51,11 +51,7 @@ fn parse_address(address: &[u8]) -> Result<Option<PeerAddr<'_>>, &'static str> {
     let mut rails = Vec::new();
     for _ in 0..n {
         let iface = take_bytes(&mut b).ok_or(CUT)?;
-        let nets = if nets {
-            take_nets(&mut b).ok_or(CUT)?
-        } else {
-            Vec::new()
-        };
+        let nets = take_nets(&mut b).ok_or(CUT)?;
         let addr = take_bytes(&mut b).ok_or(CUT)?;
         rails.push(PeerRail {
             info: RailInfo::new(&String::from_utf8_lossy(iface), nets),
@@ -300,6 +296,8 @@ impl<T: Transport> Transport for Rails<T> {
                 served: vec![0; n],
                 gen: vec![0; n],
                 conn_to,
+                retry: vec![None; n],
+                backoff: vec![self.cfg.backoff_min; n],
             },
         );
         Ok(RailsPeer { id })
