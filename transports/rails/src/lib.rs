@@ -185,6 +185,8 @@ mod config;
 mod failover;
 mod fence;
 mod pair;
+#[cfg(test)]
+mod renew_tests;
 mod stats;
 mod stripe;
 mod topology;
