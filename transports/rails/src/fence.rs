@@ -22,25 +22,29 @@ const FENCE_ACK: &[u8; 4] = b"KVA2";
 /// was made to (a request's; 0 in an acknowledgement), the sender's
 /// current address of its rail (the asking side's rail in a request,
 /// the rail paired with it in an acknowledgement; inner transports that
-/// renew change it) and the sender's agent name.
+/// renew change it) with how often that rail was renewed (a late message
+/// with an older address is told apart), and the sender's agent name.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Control<'a> {
     pub(crate) kind: [u8; 4],
     pub(crate) rail: usize,
     pub(crate) seq: u64,
     pub(crate) named: u64,
+    pub(crate) renewals: u64,
     pub(crate) addr: &'a [u8],
     pub(crate) agent: &'a str,
 }
 
 impl Control<'_> {
-    /// Its bytes: kind, rail (u32), sequence (u64), named (u64), address
-    /// length (u32), address, agent name; little endian.
+    /// Its bytes: kind, rail (u32), sequence (u64), named (u64),
+    /// renewals (u64), address length (u32), address, agent name; little
+    /// endian.
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut m = self.kind.to_vec();
         m.extend_from_slice(&(self.rail as u32).to_le_bytes());
         m.extend_from_slice(&self.seq.to_le_bytes());
         m.extend_from_slice(&self.named.to_le_bytes());
+        m.extend_from_slice(&self.renewals.to_le_bytes());
         m.extend_from_slice(&(self.addr.len() as u32).to_le_bytes());
         m.extend_from_slice(self.addr);
         m.extend_from_slice(self.agent.as_bytes());
@@ -49,20 +53,21 @@ impl Control<'_> {
 
     /// Reads one; `None` if `m` is not a fence request or acknowledgement.
     pub(crate) fn parse(m: &[u8]) -> Option<Control<'_>> {
-        if m.len() < 28 || (&m[..4] != FENCE && &m[..4] != FENCE_ACK) {
+        if m.len() < 36 || (&m[..4] != FENCE && &m[..4] != FENCE_ACK) {
             return None;
         }
         let u32_at = |i: usize| m[i..i + 4].try_into().ok().map(u32::from_le_bytes);
         let u64_at = |i: usize| m[i..i + 8].try_into().ok().map(u64::from_le_bytes);
-        let len = u32_at(24)? as usize;
-        let addr = m.get(28..28usize.checked_add(len)?)?;
+        let len = u32_at(32)? as usize;
+        let addr = m.get(36..36usize.checked_add(len)?)?;
         Some(Control {
             kind: m[..4].try_into().ok()?,
             rail: u32_at(4)? as usize,
             seq: u64_at(8)?,
             named: u64_at(16)?,
+            renewals: u64_at(24)?,
             addr,
-            agent: std::str::from_utf8(&m[28 + len..]).ok()?,
+            agent: std::str::from_utf8(&m[36 + len..]).ok()?,
         })
     }
 }
@@ -115,6 +120,7 @@ impl<T: Transport> Rails<T> {
                 rail: r,
                 seq,
                 named,
+                renewals: self.rails[r].renewals,
                 addr: &addr,
                 agent: &self.agent,
             }
@@ -244,18 +250,26 @@ impl<T: Transport> Rails<T> {
     }
 
     /// Takes `addr` as peer `id`'s address of the rail paired with our
-    /// rail `l` (it renewed that rail): connections made from now on go
-    /// there. An empty one is ignored.
-    fn learn_address(&mut self, id: u64, l: usize, addr: &[u8]) {
-        let Some(slot) = self.peers.get_mut(&id).and_then(|p| p.addrs.get_mut(l)) else {
+    /// rail `l` after it renewed that rail `renewals` times: connections
+    /// made from now on go there. An empty one, or one older than the
+    /// address known, is ignored.
+    fn learn_address(&mut self, id: u64, l: usize, addr: &[u8], renewals: u64) {
+        let Some(p) = self.peers.get_mut(&id) else {
             return;
         };
-        let Some(old) = slot else {
+        if p.addr_renewals
+            .get(l)
+            .map_or(true, |&known| renewals < known)
+        {
+            return;
+        }
+        let Some(Some(old)) = p.addrs.get_mut(l) else {
             return;
         };
         if addr.is_empty() || old.as_slice() == addr {
             return;
         }
+        p.addr_renewals[l] = renewals;
         log::info!(
             "rails: the peer's rail paired with {} has a new address",
             self.rails[l].name
@@ -294,7 +308,7 @@ impl<T: Transport> Rails<T> {
             Some(r).filter(|&r| r < self.rails.len())
         };
         if let Some(l) = mine {
-            self.learn_address(id, l, c.addr);
+            self.learn_address(id, l, c.addr, c.renewals);
         }
         // Acknowledged once our rail is renewed (see check_renewals).
         let mut later = false;
@@ -388,6 +402,7 @@ impl<T: Transport> Rails<T> {
             rail: r,
             seq,
             named: 0,
+            renewals: mine.map_or(0, |l| self.rails[l].renewals),
             addr: &addr,
             agent: &self.agent,
         }
@@ -478,6 +493,7 @@ mod tests {
             rail: 3,
             seq: 42,
             named: 0xdead_beef_0123,
+            renewals: 2,
             addr: b"worker-address",
             agent: "prefill-0",
         };
@@ -488,14 +504,15 @@ mod tests {
             rail: 0,
             seq: 1,
             named: 0,
+            renewals: 0,
             addr: b"",
             agent: "d",
         };
         assert_eq!(Control::parse(&ack.encode()), Some(ack));
         // Truncated, an address running past the end, another prefix.
-        assert_eq!(Control::parse(&m[..27]), None);
+        assert_eq!(Control::parse(&m[..35]), None);
         let mut long = m.clone();
-        long[24..28].copy_from_slice(&1000u32.to_le_bytes());
+        long[32..36].copy_from_slice(&1000u32.to_le_bytes());
         assert_eq!(Control::parse(&long), None);
         let mut other = m.clone();
         other[..4].copy_from_slice(b"KVRF");

@@ -339,6 +339,9 @@ struct PeerRec<T: Transport> {
     retry: Vec<Option<Instant>>,
     /// By rail: the back-off of such a connection.
     backoff: Vec<Duration>,
+    /// By rail: how often the peer had renewed its rail paired with it
+    /// when it sent the address in `addrs` (0: the address it published).
+    addr_renewals: Vec<u64>,
 }
 
 /// A fence asked of a peer and not yet acknowledged.

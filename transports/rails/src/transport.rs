@@ -297,6 +297,7 @@ impl<T: Transport> Transport for Rails<T> {
                 gen: vec![0; n],
                 conn_to,
                 retry: vec![None; n],
+                addr_renewals: vec![0; n],
                 backoff: vec![self.cfg.backoff_min; n],
             },
         );
