@@ -703,13 +703,13 @@ const RAIL_FIELDS: [RailField; 4] = [
     (
         "kvxfer_rail_failures_total",
         "counter",
-        "Times the rail was marked down.",
+        "Times the rail was marked down, or one of its connections failed alone.",
         |r| r.failures,
     ),
     (
         "kvxfer_rail_renewals_total",
         "counter",
-        "Times every connection of the rail was closed and its address renewed for a peer's fence (UCX).",
+        "Times every connection of the rail was closed and its address renewed (UCX).",
         |r| r.renewals,
     ),
     (

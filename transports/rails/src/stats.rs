@@ -36,12 +36,14 @@ pub struct RailStats {
     pub state: RailState,
     /// Bytes of parts it completed.
     pub bytes: u64,
-    /// Times it was marked down.
+    /// Times it was marked down, or one of its connections failed alone
+    /// (a part failed with an error while the rail worked).
     pub failures: u64,
     /// Why it last failed ("" if never).
     pub last_error: String,
-    /// Times its inner transport was renewed for a peer's fence (UCX; see
-    /// the crate's "Stale WRITEs").
+    /// Times its inner transport was renewed, for a peer's fence or before
+    /// reconnecting after it was marked down (UCX; see the crate's "Stale
+    /// WRITEs").
     pub renewals: u64,
     /// Where its NIC sits (NUMA node, PCI path; unknown without a
     /// topology or for a virtual interface).
