@@ -18,13 +18,12 @@
 //! queued bytes went out within 0.1 s of its return, before any reload).
 //! A 64 MiB WRITE of pattern A is cut while being sent (asserted: it
 //! fails with `RemoteDisconnected` and its connection still has bytes to
-//! send); 4 s after the cut the bridge comes up, the
-//! peer is reloaded and a 64 MiB WRITE of pattern B over the same bytes
-//! completes; once the old connection has nothing left to send and the
-//! target's end nothing left to read, the range read back must equal B
-//! byte for byte (every differing range is reported with the pattern it
-//! equals). The RESULT lines give the old connection's states and queues
-//! over time.
+//! send); 4 s after the cut the bridge comes up, the peer is reloaded
+//! and a 64 MiB WRITE of pattern B over the same bytes completes; once
+//! the old connection has nothing left to send and the target's end
+//! nothing left to read, the range read back must equal B byte for byte
+//! (every differing range is reported with the pattern it equals). The
+//! RESULT lines give the old connection's states and queues over time.
 //!
 //! Needs root (network namespaces); without it the tests fail saying so
 //! (`--skip link_cut` leaves them out, as `scripts/test.sh` does, saying
@@ -160,6 +159,8 @@ struct Case {
     len: usize,
     /// Seed of its initial contents.
     seed: u64,
+    /// Whether the link goes through a bridge (see [`Net`]).
+    bridged: bool,
     /// `tc tbf` rate of the initiator's end of the link (`None`: unshaped).
     rate: Option<&'static str>,
     /// Test name in the RESULT line.
@@ -174,8 +175,8 @@ fn run_case(case: Case, backend: &str, provider: Option<&str>) {
         "needs root to create network namespaces (run as root, or leave this test out with \
          --skip link_cut)"
     );
-    let net = Net::new(case.rate.is_some())
-        .unwrap_or_else(|e| panic!("cannot create network namespaces: {e}"));
+    let net =
+        Net::new(case.bridged).unwrap_or_else(|e| panic!("cannot create network namespaces: {e}"));
     if let Some(rate) = case.rate {
         cmd(
             "tc",
@@ -257,6 +258,7 @@ fn link_cut(backend: &str, provider: Option<&str>) {
         target: "cut-target",
         len: LEN,
         seed: 61,
+        bridged: false,
         rate: None,
         what: "link_cut",
     };
@@ -806,6 +808,7 @@ fn late_bytes(backend: &str, provider: Option<&str>) {
         target: "late-target",
         len: LATE_LEN,
         seed: SEED_INIT,
+        bridged: true,
         rate: Some(LATE_RATE),
         what: "link_cut_late_bytes",
     };
