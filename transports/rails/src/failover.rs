@@ -12,6 +12,13 @@ impl<T: Transport> Rails<T> {
     /// for a fence, naming the connection where posts to it were
     /// abandoned (see the crate's "Stale WRITEs").
     pub(crate) fn mark_down(&mut self, r: usize, reason: &str) {
+        self.mark_down_for(r, reason, None);
+    }
+
+    /// As [`mark_down`](Self::mark_down), for the failure of a part to
+    /// peer `failed` (already out of the flights): its fence names the
+    /// connection too.
+    fn mark_down_for(&mut self, r: usize, reason: &str, failed: Option<u64>) {
         let now = Instant::now();
         let rail = &mut self.rails[r];
         if rail.state != RailState::Down {
@@ -29,19 +36,21 @@ impl<T: Transport> Rails<T> {
         rail.backoff = (rail.backoff * 2).min(self.cfg.backoff_max);
         let ids: Vec<u64> = self.peers.keys().copied().collect();
         for id in ids {
-            self.ask_fence(id, r, now);
+            self.ask_fence(id, r, now, failed == Some(id));
         }
         self.abandon_where(r, |_| true);
     }
 
     /// Asks peer `id` for a fence of rail `r` if connected on it and none
     /// is pending; it names the connection when posts to the peer are in
-    /// flight on it (about to be abandoned), else nothing (0).
-    fn ask_fence(&mut self, id: u64, r: usize, now: Instant) {
-        let busy = self
-            .flights
-            .iter()
-            .any(|(k, f)| k.0 == r && !f.ghost && f.peer == id);
+    /// flight on it (about to be abandoned) or `failed` (one just failed
+    /// on it), else nothing (0).
+    fn ask_fence(&mut self, id: u64, r: usize, now: Instant, failed: bool) {
+        let busy = failed
+            || self
+                .flights
+                .iter()
+                .any(|(k, f)| k.0 == r && !f.ghost && f.peer == id);
         let Some(p) = self.peers.get_mut(&id) else {
             return;
         };
@@ -94,10 +103,9 @@ impl<T: Transport> Rails<T> {
     /// marked down instead.
     pub(crate) fn conn_failed(&mut self, id: u64, r: usize, reason: &str) {
         if self.rails[r].state == RailState::Probing {
-            self.mark_down(r, reason);
+            self.mark_down_for(r, reason, Some(id));
             return;
         }
-        let now = Instant::now();
         let Some(p) = self.peers.get(&id) else {
             self.abandon_where(r, |f| f.peer == id);
             return;
@@ -106,11 +114,9 @@ impl<T: Transport> Rails<T> {
             self.abandon_where(r, |f| f.peer == id);
             return;
         }
-        let name = p.name.clone();
-        self.ask_fence(id, r, now);
+        let (name, wait) = (p.name.clone(), p.backoff[r]);
+        self.fail_conn(id, r, wait);
         let p = self.peers.get_mut(&id).expect("present");
-        let wait = p.backoff[r];
-        p.retry[r] = Some(now + wait);
         p.backoff[r] = (wait * 2).min(self.cfg.backoff_max);
         let rail = &mut self.rails[r];
         rail.failures += 1;
@@ -119,6 +125,18 @@ impl<T: Transport> Rails<T> {
             "rails: rail {} to {name} failed ({reason}); reconnected in {wait:?}",
             rail.name
         );
+    }
+
+    /// Fails over rail `r`'s connection to peer `id` alone: a fence naming
+    /// it is asked (any part of it may still land), its parts in flight
+    /// are abandoned and queued again, and it is made again after `wait`
+    /// (see [`retry_conns`](Self::retry_conns)).
+    pub(crate) fn fail_conn(&mut self, id: u64, r: usize, wait: std::time::Duration) {
+        let now = Instant::now();
+        self.ask_fence(id, r, now, true);
+        if let Some(p) = self.peers.get_mut(&id) {
+            p.retry[r] = Some(now + wait);
+        }
         self.abandon_where(r, |f| f.peer == id);
     }
 
@@ -149,7 +167,7 @@ impl<T: Transport> Rails<T> {
             let result = self.reconnect(id, r);
             let p = self.peers.get_mut(&id).expect("present");
             match result {
-                Ok(()) => p.retry[r] = None,
+                Ok(()) => self.hello(id, r),
                 Err(e) => {
                     let wait = p.backoff[r];
                     p.retry[r] = Some(now + wait);
@@ -256,6 +274,7 @@ impl<T: Transport> Rails<T> {
         let addr = p.addrs[r].as_ref().expect("paired");
         p.conns[r] = Some(self.rails[r].t.connect(addr)?);
         p.conn_to[r] = crate::addr_hash(addr);
+        p.retry[r] = None;
         Ok(())
     }
 

@@ -275,18 +275,17 @@ impl<T: Transport> Rails<T> {
             self.rails[l].name
         );
         *old = addr.to_vec();
-        // A connection to the old address leads to a closed worker: what
-        // is in flight on it is abandoned (no fence: nothing of it can
-        // land there any more) and it is made again to the new one.
-        let p = self.peers.get_mut(&id).expect("present");
+        // A connection to another address is made again to this one, at
+        // once; what is in flight on it is abandoned, with a fence naming
+        // it (acknowledged at once where that address was renewed since).
+        let p = &self.peers[&id];
         let rail = &self.rails[l];
         if p.conns[l].is_some()
             && p.conn_to[l] != crate::addr_hash(addr)
             && rail.state != RailState::Down
             && !rail.renew
         {
-            p.retry[l] = Some(Instant::now());
-            self.abandon_where(l, |f| f.peer == id);
+            self.fail_conn(id, l, Duration::ZERO);
         }
     }
 
@@ -325,7 +324,21 @@ impl<T: Transport> Rails<T> {
                 let p = self.peers.get_mut(&id).expect("found");
                 if !later && p.served[l] < seq {
                     p.served[l] = seq;
+                    // Our own parts to the peer on that connection go
+                    // with it: fenced and issued again, as after a failure.
+                    let busy = self
+                        .flights
+                        .iter()
+                        .any(|(k, f)| k.0 == l && !f.ghost && f.peer == id);
+                    if busy {
+                        self.fail_conn(id, l, self.cfg.backoff_min);
+                    }
                     self.drop_conn(id, l);
+                    // Over UCX, not before the peer is heard from over
+                    // it (see above): this end of it was not renewed.
+                    if !self.rails[l].t.needs_renew() {
+                        self.retry_later(id, l);
+                    }
                 }
             }
         }
@@ -387,6 +400,46 @@ impl<T: Transport> Rails<T> {
             }
         }
         true
+    }
+
+    /// Tells peer `id`, over rail `r` itself, that the rail works from us
+    /// to it, with our current address of it: an acknowledgement of no
+    /// fence (sequence 0). The peer then opens its end of the rail again
+    /// if a fence had closed it, and takes the address.
+    pub(crate) fn hello(&mut self, id: u64, r: usize) {
+        let Some(p) = self.peers.get(&id) else {
+            return;
+        };
+        let (Some(Some(conn)), Some(Some(j))) = (p.conns.get(r), p.remote.get(r)) else {
+            return;
+        };
+        let addr = self.inner_address(r);
+        let m = Control {
+            kind: *FENCE_ACK,
+            rail: *j,
+            seq: 0,
+            named: 0,
+            renewals: self.rails[r].renewals,
+            addr: &addr,
+            agent: &self.agent,
+        }
+        .encode();
+        if let Err(e) = self.rails[r].t.send_notification(conn, &m) {
+            log::debug!("rails: hello over {}: {e}", self.rails[r].name);
+        }
+    }
+
+    /// Makes rail `l`'s connection to peer `id`, closed for its fence, again
+    /// after the shortest back-off unless the peer is heard from over that
+    /// rail first (see [`on_control`](Self::on_control)), so that the rail
+    /// carries from us to it again even if it never sends over it.
+    fn retry_later(&mut self, id: u64, l: usize) {
+        let at = Instant::now() + self.cfg.backoff_min;
+        if let Some(p) = self.peers.get_mut(&id) {
+            if p.conns.get(l).is_some_and(Option::is_none) && p.retry[l].is_none() {
+                p.retry[l] = Some(at);
+            }
+        }
     }
 
     /// Acknowledges fence `seq` of peer `id` for its rail `r` (ours:
@@ -453,6 +506,7 @@ impl<T: Transport> Rails<T> {
                     p.served[l] = p.served[l].max(seq);
                 }
                 self.ack_fence(id, r, seq, Some(l), None);
+                self.retry_later(id, l);
             }
             if self.rails[l].state == RailState::Down {
                 continue;
@@ -461,11 +515,13 @@ impl<T: Transport> Rails<T> {
                 if acks.iter().any(|a| a.1 == id) {
                     continue;
                 }
-                if let Err(e) = self.reconnect(id, l) {
-                    log::debug!(
+                match self.reconnect(id, l) {
+                    // Tells the peer the new address over the rail itself.
+                    Ok(()) => self.hello(id, l),
+                    Err(e) => log::debug!(
                         "rails: reconnect rail {} after renewal: {e}",
                         self.rails[l].name
-                    );
+                    ),
                 }
             }
         }

@@ -282,8 +282,8 @@ impl Stream {
 /// which renews its second rail each time; J's connection
 /// to it then fails, and J fails over that connection alone: its second
 /// rail stays up and keeps carrying to U, U is not asked to renew, and J
-/// reconnects to T's new address. Every WRITE completes, and the bytes
-/// are in place.
+/// reconnects to T's new address; T's end of the renewed rail is connected
+/// to both again. Every WRITE completes, and the bytes are in place.
 #[test]
 fn a_renewal_fails_over_only_the_connections_to_it() {
     let mut t = agent("t", [10, 11]);
@@ -384,6 +384,12 @@ fn a_renewal_fails_over_only_the_connections_to_it() {
         "J's second rail kept carrying\n{what}"
     );
     assert!(!j_down, "J's rails were never marked down\n{what}");
+    // T's end of its renewed rail is connected to both again (to J at
+    // once, to I once I's probe got through and I said so over it), so
+    // that it carries from T too.
+    for (name, p) in [("I", &t.peers[&0]), ("J", &t.peers[&1])] {
+        assert!(p.conns[1].is_some(), "T's rail 2 to {name}\n{what}");
+    }
     for (src, dst) in [(buf(0), buf(2)), (buf(1), buf(3)), (buf(1), buf(4))] {
         let (mut a, mut b) = (vec![0u8; LEN], vec![0u8; LEN]);
         MEM.read(src, &mut a).unwrap();

@@ -327,6 +327,10 @@ impl<T: Transport> Rails<T> {
                     log::info!("rails: rail {} is up again", rail.name);
                     rail.state = RailState::Up;
                     rail.backoff = self.cfg.backoff_min;
+                    let ids: Vec<u64> = self.peers.keys().copied().collect();
+                    for id in ids {
+                        self.hello(id, r);
+                    }
                 }
                 if let Some(p) = self.peers.get_mut(&f.peer) {
                     p.backoff[r] = self.cfg.backoff_min;
