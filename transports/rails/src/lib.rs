@@ -51,8 +51,13 @@
 //! connection (bytes that arrive there afterwards are refused with a TCP
 //! reset, never written) and acknowledges, first over the rail the fence
 //! came by; it connects that rail again once it hears from the peer over
-//! it (a fence or an acknowledgement), not at once, which would race the
-//! peer's own reconnection. A transfer to the peer
+//! it (a fence, an acknowledgement, or the *hello* a side sends over a
+//! rail that works again: an acknowledgement of no fence, with its
+//! address), not at once, which would race the peer's own reconnection
+//! (over libfabric also after the shortest back-off; a side that renewed
+//! connects its other peers at once and says hello). Our own parts to
+//! that peer on the closed connection are fenced and issued again, as
+//! after a failure. A transfer to the peer
 //! completes, and its notification is sent, only once every part is done,
 //! the inner transport has reported every abandoned attempt, **and** every
 //! fence to that peer is acknowledged; the failed rail carries data again
