@@ -70,6 +70,10 @@ pub(crate) fn ucx_rails(
         // A fence renews the rail's worker, link or no link (kvxfer-rails,
         // "Stale WRITEs").
         c.spare_worker = true;
+        // A failed rail is reconnected from the agent's polls: a connect
+        // blocking until the SYN times out (a link cut beyond this host's
+        // interface) would stall every rail.
+        c.tcp_conn_nb = Some(true);
         rails.push((iface.clone(), kvxfer_ucx::UcxTransport::new(&c)?));
     }
     log::info!(

@@ -24,6 +24,12 @@
 //!   Over UCX the cut rail is marked down once (its reconnection is
 //!   refused while its interface has no link), and the rail deadline is
 //!   1 s (see `rails_test`).
+//! * `link_cut_rails_switch_2`, `link_cut_rails_ucx_switch_2`: as the
+//!   failover tests over 2 rails, but the second pair's ends are each
+//!   joined to a bridge in a third namespace, and the cut sets the bridge
+//!   down: both hosts keep their link, as behind a failed switch, so the
+//!   cut rail's reconnections and probes are tried (and fail) while it is
+//!   cut; over UCX the reconnection must not block (`tcp_conn_nb`).
 //! * `link_cut_rails_pinned_by_map`: over 4 pairs, `KVXFER_RAIL_MAP`
 //!   pins the initiator's host memory (every NUMA node of this machine) to
 //!   the third and fourth rails: after three rounds (byte-exact) only
@@ -85,17 +91,21 @@ fn child_entry() {
     }
 }
 
-/// Two namespaces joined by `n` shaped veth pairs; deleted on drop.
+/// Two namespaces joined by `n` shaped veth pairs; deleted on drop. With
+/// a switch, the second pair's ends are each joined to a bridge in a third
+/// namespace instead of to each other.
 struct Net {
     ns: [String; 2],
     /// Interfaces by side, pair by pair.
     dev: [Vec<String>; 2],
+    /// The namespace of the switch (its bridge is `kvsw`), if any.
+    switch: Option<String>,
 }
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 impl Net {
-    fn new(n: usize) -> Result<Net, String> {
+    fn new(n: usize, switch: bool) -> Result<Net, String> {
         let id = format!(
             "{}{}",
             std::process::id() % 100_000,
@@ -104,14 +114,31 @@ impl Net {
         let mut net = Net {
             ns: [format!("kvxq{id}a"), format!("kvxq{id}b")],
             dev: [Vec::new(), Vec::new()],
+            switch: switch.then(|| format!("kvxq{id}c")),
         };
-        for ns in &net.ns {
+        for ns in net.ns.iter().chain(net.switch.iter()) {
             ip(&["netns", "add", ns])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
+        if let Some(sw) = &net.switch {
+            ip(&["-n", sw, "link", "add", "kvsw", "type", "bridge"])?;
+            ip(&["-n", sw, "link", "set", "kvsw", "up"])?;
+        }
         for i in 1..=n {
             let (da, db) = (format!("kvq{id}a{i}"), format!("kvq{id}b{i}"));
-            ip(&["link", "add", &da, "type", "veth", "peer", "name", &db])?;
+            match net.switch.as_deref().filter(|_| i == 2) {
+                Some(sw) => {
+                    for (dev, port) in
+                        [(&da, format!("kvq{id}x{i}")), (&db, format!("kvq{id}y{i}"))]
+                    {
+                        ip(&["link", "add", dev, "type", "veth", "peer", "name", &port])?;
+                        ip(&["link", "set", &port, "netns", sw])?;
+                        ip(&["-n", sw, "link", "set", &port, "master", "kvsw"])?;
+                        ip(&["-n", sw, "link", "set", &port, "up"])?;
+                    }
+                }
+                None => ip(&["link", "add", &da, "type", "veth", "peer", "name", &db])?,
+            }
             for (side, dev, host) in [(0, &da, 1), (1, &db, 2)] {
                 let ns = &net.ns[side];
                 ip(&["link", "set", dev, "netns", ns])?;
@@ -142,7 +169,7 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
-        for ns in &self.ns {
+        for ns in self.ns.iter().chain(self.switch.iter()) {
             let _ = ip(&["netns", "del", ns]);
         }
     }
@@ -169,7 +196,8 @@ fn rails_test(n: usize, mode: &str, backend: &str) {
          --skip link_cut)"
     );
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let net = Net::new(n).unwrap_or_else(|e| panic!("cannot create network namespaces: {e}"));
+    let net = Net::new(n, mode == "switch")
+        .unwrap_or_else(|e| panic!("cannot create network namespaces: {e}"));
     let mut tenv = env(&net.dev[0], backend);
     // The initiator's rails: all pairs, or for "pairing" the 4th and 2nd
     // (the others' addresses removed on its side, so that only the
@@ -207,6 +235,9 @@ fn rails_test(n: usize, mode: &str, backend: &str) {
         ("KVXFER_REL_DEVS_A", net.dev[0].join(",")),
         ("KVXFER_REL_MODE", mode.to_string()),
     ]);
+    if let Some(sw) = &net.switch {
+        ienv.push(("KVXFER_REL_SWITCH", sw.clone()));
+    }
     if mode == "pinned" {
         // Host memory of every NUMA node here goes over the third and
         // fourth rails.
@@ -223,7 +254,7 @@ fn rails_test(n: usize, mode: &str, backend: &str) {
         // and fail the transfer as RemoteDisconnected first.
         ienv.push(("KVXFER_KEEPALIVE_MS", "5000".to_string()));
     }
-    if mode == "failover" && backend == "UCX" {
+    if matches!(mode, "failover" | "switch") && backend == "UCX" {
         // UCX over tcp emulates RMA with messages the target must serve
         // from its progress thread: on a loaded machine a descheduled
         // target silences every rail at once for hundreds of ms, and the
@@ -241,12 +272,12 @@ fn rails_test(n: usize, mode: &str, backend: &str) {
     }
     assert!(
         status.is_some_and(|s| s.success()),
-        "initiator in {}: {status:?} (killed after 150 s if None)",
+        "initiator in {}: {status:?} (killed after 150 s if None); it reported {result:?}",
         net.ns[1]
     );
     let mut result = result.expect("initiator reported nothing");
     let mut target = target;
-    if mode == "failover" {
+    if matches!(mode, "failover" | "switch") {
         // The target's cut rail: renewed for the initiator's fence over
         // UCX (whose reset leaves the socket open), never over libfabric.
         target.proc.send("rails");
@@ -531,15 +562,19 @@ fn initiator() {
         agent.shutdown();
         return;
     }
-    let link = |dev: &str, state: &str| {
-        ip(&["-n", &ns_a, "link", "set", "dev", dev, state]).expect("ip link set");
+    // A link: the target's interface; with a switch, the bridge between
+    // the second pair's ends (both keep their link).
+    let switch = std::env::var("KVXFER_REL_SWITCH").ok();
+    let link = |dev: &str, state: &str| match &switch {
+        Some(sw) => ip(&["-n", sw, "link", "set", "dev", "kvsw", state]).expect("ip link set kvsw"),
+        None => ip(&["-n", &ns_a, "link", "set", "dev", dev, state]).expect("ip link set"),
     };
     if mode == "pinned" {
         pinned(&agent, &mut s, &link, &devs_a);
         agent.shutdown();
         return;
     }
-    if mode == "failover" {
+    if matches!(mode.as_str(), "failover" | "switch") {
         // Not measured: the first round also opens the rails' connections
         // (UCX wires each up on first use) and touches the pages first.
         s.round().expect("warm-up round");
@@ -842,6 +877,16 @@ fn link_cut_rails_ucx_failover_2() {
 #[test]
 fn link_cut_rails_ucx_failover_4() {
     rails_test(4, "failover", "UCX");
+}
+
+#[test]
+fn link_cut_rails_switch_2() {
+    rails_test(2, "switch", "LIBFABRIC");
+}
+
+#[test]
+fn link_cut_rails_ucx_switch_2() {
+    rails_test(2, "switch", "UCX");
 }
 
 /// A target on `lo` with `rails` (empty: a single endpoint), and this

@@ -269,6 +269,7 @@ impl<T: Transport> Rails<T> {
         if addr.is_empty() || old.as_slice() == addr {
             return;
         }
+        let newer = renewals > p.addr_renewals[l];
         p.addr_renewals[l] = renewals;
         log::info!(
             "rails: the peer's rail paired with {} has a new address",
@@ -276,16 +277,23 @@ impl<T: Transport> Rails<T> {
         );
         *old = addr.to_vec();
         // A connection to another address is made again to this one, at
-        // once; what is in flight on it is abandoned, with a fence naming
-        // it (acknowledged at once where that address was renewed since).
-        let p = &self.peers[&id];
+        // once; what is in flight on it is abandoned. Where the peer
+        // renewed the rail since (a higher count), the old address's
+        // worker is gone and nothing of it can land; else with a fence
+        // naming it (the address may be the older one).
+        let p = self.peers.get_mut(&id).expect("present");
         let rail = &self.rails[l];
         if p.conns[l].is_some()
             && p.conn_to[l] != crate::addr_hash(addr)
             && rail.state != RailState::Down
             && !rail.renew
         {
-            self.fail_conn(id, l, Duration::ZERO);
+            if newer {
+                p.retry[l] = Some(Instant::now());
+                self.abandon_where(l, |f| f.peer == id);
+            } else {
+                self.fail_conn(id, l, Duration::ZERO);
+            }
         }
     }
 

@@ -40,9 +40,10 @@
 //!   (about 3 s), so [`connect`](kvxfer_core::Transport::connect) refuses
 //!   at once, naming the device, when every device of
 //!   [`UcxConfig::net_devices`] is a network interface whose link is down.
-//!   (A link cut further away still blocks the connect, up to the SYN
-//!   timeout; `UCX_TCP_CONN_NB=y` avoids that, but is left at UCX's
-//!   default here: UCX 1.13 crashed with it in the rails' failover test.)
+//!   A link cut further away (a switch) would still block the connect,
+//!   up to the SYN timeout: [`UcxConfig::tcp_conn_nb`] connects without
+//!   blocking instead (set for the rails of several interfaces, whose
+//!   reconnections run while the other rails carry the transfers).
 //!
 //! UCX reads its usual `UCX_*` environment variables (for example
 //! `UCX_TLS=tcp`) when the transport is created; [`UcxConfig`] can override
@@ -180,6 +181,13 @@ pub struct UcxConfig {
     /// down: UCX cannot open a worker on it then. Set for each rail of
     /// several interfaces. Default: `false`.
     pub spare_worker: bool,
+    /// Connect UCX's `tcp` without blocking (`UCX_TCP_CONN_NB`, applied
+    /// only when that is not in the environment): `ucp_ep_create` then
+    /// returns before the connection is made, instead of holding the
+    /// caller until it is, or until the SYN times out where a link is cut
+    /// beyond this host's interface. `None` keeps UCX's setting (`n`).
+    /// Set for each rail of several interfaces. Default: `None`.
+    pub tcp_conn_nb: Option<bool>,
 }
 
 impl UcxConfig {
@@ -229,6 +237,7 @@ impl Default for UcxConfig {
             inline_write_max: 8192,
             native_vram: true,
             spare_worker: false,
+            tcp_conn_nb: None,
         }
     }
 }

@@ -154,6 +154,11 @@ impl UcxTransport {
                 set_tcp_option(&ucp_config, "RX_SEG_SIZE", &seg.to_string())?;
             }
         }
+        if let Some(nb) = config.tcp_conn_nb {
+            if std::env::var_os("UCX_TCP_CONN_NB").is_none() && tcp {
+                set_tcp_option(&ucp_config, "CONN_NB", if nb { "y" } else { "n" })?;
+            }
+        }
         if let Some(interval) = config.keepalive_interval {
             if std::env::var_os("UCX_KEEPALIVE_INTERVAL").is_none() {
                 let value = match interval.as_millis() {
