@@ -168,7 +168,9 @@
 //!   when it serves a fence (a flushing close would wait for a dead link).
 //! * [`connect`](Transport::connect) must not block long: a failed rail is
 //!   reconnected from [`poll`](Transport::poll) while the others carry the
-//!   transfers (UCX refuses at once over a device without link).
+//!   transfers (UCX refuses at once over a device without link, and its
+//!   rails connect `tcp` without blocking, `UcxConfig::tcp_conn_nb`, for
+//!   a link cut further away).
 //!
 //! # Remote keys
 //!
