@@ -257,20 +257,22 @@ impl<T: Transport> Rails<T> {
         let Some(p) = self.peers.get_mut(&id) else {
             return;
         };
-        if p.addr_renewals
-            .get(l)
-            .map_or(true, |&known| renewals < known)
-        {
+        let Some(&known) = p.addr_renewals.get(l) else {
+            return;
+        };
+        if renewals < known || addr.is_empty() {
             return;
         }
+        // The highest count seen, also with an address already known: a
+        // late message with an older one is then told apart.
+        p.addr_renewals[l] = renewals;
         let Some(Some(old)) = p.addrs.get_mut(l) else {
             return;
         };
-        if addr.is_empty() || old.as_slice() == addr {
+        if old.as_slice() == addr {
             return;
         }
-        let newer = renewals > p.addr_renewals[l];
-        p.addr_renewals[l] = renewals;
+        let newer = renewals > known;
         log::info!(
             "rails: the peer's rail paired with {} has a new address",
             self.rails[l].name
